@@ -1,0 +1,51 @@
+"""The `kvprobe` command. Each stage's subcommands live in their own module here.
+
+Exit codes: 0 success, 2 bad input (one line naming the offending field or file),
+1 internal failure. The library never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import layout
+from .common import UsageError
+
+# every subcommand module defines register(subparsers); add new ones here
+SUBCOMMAND_MODULES = (layout,)
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvprobe",
+        description="Measure KV-cache leakage in block-masked (Memento) transformers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"kvprobe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvprobe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

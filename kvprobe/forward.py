@@ -1,0 +1,94 @@
+"""Run a Hugging Face causal LM under a memento mask, safely.
+
+Transformers passes a 4D `attention_mask` straight to the attention implementation.
+That is what we want, with two traps (SPEC section 2): `eager` adds a *boolean* mask
+as +1/0 (causality lost), and the flash-attention implementations ignore custom 4D
+masks altogether. `masked_forward` therefore builds an additive float mask in the
+model's dtype for `eager`/`sdpa`, a FlexAttention `BlockMask` for `flex_attention`,
+and refuses anything else with a message naming the implementations that work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .layout import Layout, SpecialTokens, parse_batch
+from .masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
+
+__all__ = ["DENSE_MASK_IMPLEMENTATIONS", "UnsupportedAttentionError", "masked_forward", "memento_inputs"]
+
+# attention implementations that honour an additive float (B, 1, T, T) mask
+DENSE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+FLEX_IMPLEMENTATIONS = ("flex_attention",)
+
+
+class UnsupportedAttentionError(ValueError):
+    """The model's attention implementation would ignore or mis-read a memento mask."""
+
+
+def attention_implementation(model: Any) -> str:
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS:
+        raise UnsupportedAttentionError(
+            f"attention implementation {impl!r} ignores custom 4D masks; load the model with "
+            "attn_implementation='sdpa' (or 'eager'; 'flex_attention' for long sequences on GPU)"
+        )
+    return impl
+
+
+def position_ids_for(attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding safe). (B, T)"""
+    if attention_mask is None:
+        return torch.arange(shape[1], device=device).expand(shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def memento_inputs(
+    model: Any,
+    input_ids: torch.Tensor,
+    layouts: Sequence[Layout],
+    config: MaskConfig = MaskConfig(),
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """The `attention_mask` and `position_ids` keyword arguments for a memento-masked forward.
+
+    input_ids: (B, T). Returns a float (B, 1, T, T) mask in the model's dtype (or a
+    FlexAttention BlockMask) and (B, T) position ids.
+    """
+    impl = attention_implementation(model)
+    T = input_ids.shape[1]
+    device = input_ids.device
+    if impl in FLEX_IMPLEMENTATIONS:
+        mask: Any = flex_block_mask(layouts, T, config, device=device)
+    else:
+        mask = additive_mask(allow_matrix(layouts, T, config), dtype=model.dtype).to(device)
+    return {"attention_mask": mask, "position_ids": position_ids_for(attention_mask, input_ids.shape, device)}
+
+
+def masked_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    special: SpecialTokens | None = None,
+    layouts: Sequence[Layout] | None = None,
+    config: MaskConfig = MaskConfig(),
+    attention_mask: torch.Tensor | None = None,
+    allow_unfinished: bool = False,
+    **forward_kwargs: Any,
+) -> Any:
+    """Forward `model` on input_ids (B, T) under the memento mask; returns the model's output.
+
+    Give either parsed `layouts` or the `special` token ids to parse them from.
+    `attention_mask` (B, T) marks real tokens of a padded batch. Extra keyword
+    arguments (use_cache, output_hidden_states, ...) go to the model.
+    """
+    if layouts is None:
+        if special is None:
+            raise ValueError("masked_forward needs either layouts or special token ids")
+        layouts = parse_batch(input_ids, special, attention_mask, allow_unfinished=allow_unfinished)
+    if len(layouts) != input_ids.shape[0]:
+        raise ValueError(f"{len(layouts)} layouts for a batch of {input_ids.shape[0]} rows")
+    kwargs = memento_inputs(model, input_ids, layouts, config, attention_mask)
+    return model(input_ids=input_ids, **kwargs, **forward_kwargs)

@@ -1,0 +1,178 @@
+"""Memento attention masks (SPEC section 2), dense and as a FlexAttention `mask_mod`.
+
+Base rule: query q may attend key j iff j <= q, except that a key in content(i) is
+hidden from every query q > SE_i, where SE_i is the position of block i's
+<|summary_end|>. `keep_last_n_blocks` = -1 disables hiding, 0 hides every completed
+block, N > 0 keeps the N most recently completed blocks (as seen from q) visible.
+`mask_delimiters` hides <|block_start|>/<|block_end|> together with the content.
+Restart mode: tokens of M_i (<|summary_start|> .. <|summary_end|>) may not attend
+content(j) (plus delimiters if hidden) for any j <= i.
+
+Both the dense builder and the FlexAttention `mask_mod` evaluate one predicate,
+`_allowed`, on per-token lookup tables, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .layout import Layout
+
+__all__ = [
+    "MaskConfig",
+    "MaskTables",
+    "additive_mask",
+    "allow_matrix",
+    "flex_block_mask",
+    "flex_mask_mod",
+    "mask_tables",
+]
+
+_NEVER = torch.iinfo(torch.int32).max  # summary_end of a block that is not completed
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which memento mask to build.
+
+    keep_last_n_blocks: -1 plain causal, 0 hide every completed block, N keep N most recent.
+    mask_delimiters: hide <|block_start|> and <|block_end|> with the content (Phi-4 style).
+    restart_mode: memento tokens cannot see any block up to their own (paper's ablation).
+    """
+
+    keep_last_n_blocks: int = 0
+    mask_delimiters: bool = False
+    restart_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_last_n_blocks, int) or self.keep_last_n_blocks < -1:
+            raise ValueError(f"keep_last_n_blocks must be an integer >= -1, got {self.keep_last_n_blocks!r}")
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. 'memento', 'restart-delims-hidden', 'causal'."""
+        if self.keep_last_n_blocks == -1 and not self.restart_mode:
+            return "causal"
+        base = "restart" if self.restart_mode else "memento"
+        if self.keep_last_n_blocks > 0:
+            base += f"-keep{self.keep_last_n_blocks}"
+        return base + ("-delims-hidden" if self.mask_delimiters else "")
+
+
+@dataclass(frozen=True)
+class MaskTables:
+    """Per-token lookup tables that define the mask of a padded batch.
+
+    hide_block:   (B, T) int   block whose hideable set holds the token, else -1
+    memento_of:   (B, T) int   block whose memento span (SS..SE) holds the token, else -1
+    n_completed:  (B, T) int   blocks with SE < q, i.e. completed as seen from query q
+    valid:        (B, T) bool  real (non-padding) token
+    """
+
+    hide_block: torch.Tensor
+    memento_of: torch.Tensor
+    n_completed: torch.Tensor
+    valid: torch.Tensor
+    config: MaskConfig
+
+    def to(self, device: torch.device | str) -> "MaskTables":
+        return MaskTables(
+            self.hide_block.to(device),
+            self.memento_of.to(device),
+            self.n_completed.to(device),
+            self.valid.to(device),
+            self.config,
+        )
+
+
+def mask_tables(
+    layouts: Sequence[Layout], length: int, config: MaskConfig, device: torch.device | str = "cpu"
+) -> MaskTables:
+    """Build the lookup tables for a batch of layouts padded to `length` tokens."""
+    B = len(layouts)
+    hide_block = torch.full((B, length), -1, dtype=torch.int32)
+    memento_of = torch.full((B, length), -1, dtype=torch.int32)
+    valid = torch.zeros((B, length), dtype=torch.bool)
+    max_blocks = max((lay.n_blocks for lay in layouts), default=0)
+    summary_end = torch.full((B, max(max_blocks, 1)), _NEVER, dtype=torch.int32)
+    for b, lay in enumerate(layouts):
+        if lay.stop > length:
+            raise ValueError(f"layout {b} reaches position {lay.stop}, beyond the batch length {length}")
+        valid[b, lay.offset : lay.stop] = True
+        for blk in lay.blocks:
+            hide_block[b, blk.content.start : blk.content.stop] = blk.index
+            if config.mask_delimiters:
+                hide_block[b, list(blk.delimiters)] = blk.index
+            if blk.memento:
+                memento_of[b, blk.memento.start : blk.memento.stop] = blk.index
+            if blk.summary_end is not None:
+                summary_end[b, blk.index] = blk.summary_end
+    q = torch.arange(length, dtype=torch.int32)
+    n_completed = (summary_end[:, None, :] < q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
+    return MaskTables(hide_block, memento_of, n_completed, valid, config).to(device)
+
+
+def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The mask predicate on index tensors that broadcast together (dense) or are 0-d (flex)."""
+    cfg = t.config
+    blk = t.hide_block[b, k]
+    hideable = blk >= 0
+    allowed = (k <= q) & t.valid[b, k]
+    if cfg.keep_last_n_blocks >= 0:
+        # completed blocks are 0..n_completed(q)-1; the last N of them stay visible
+        allowed = allowed & ~(hideable & (blk < t.n_completed[b, q] - cfg.keep_last_n_blocks))
+    if cfg.restart_mode:
+        mem = t.memento_of[b, q]
+        allowed = allowed & ~(hideable & (mem >= 0) & (blk <= mem))
+    # a padding query attends to itself only, so no softmax row is empty
+    return allowed | ((q == k) & ~t.valid[b, q])
+
+
+def allow_matrix(layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig()) -> torch.Tensor:
+    """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T)."""
+    t = mask_tables(layouts, length, config)
+    b = torch.arange(len(layouts))[:, None, None]
+    q = torch.arange(length)[None, :, None]
+    k = torch.arange(length)[None, None, :]
+    return _allowed(t, b, q, k)[:, None]  # (B, 1, T, T)
+
+
+def additive_mask(allow: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive float mask from a boolean allow-matrix: 0 where allowed, dtype min elsewhere.
+
+    This is the form every attention implementation reads the same way (SPEC pitfall:
+    `eager` adds a boolean mask as +1/0).
+    """
+    if allow.dtype != torch.bool:
+        raise TypeError(f"additive_mask takes a boolean allow-matrix, got {allow.dtype}")
+    mask = torch.zeros(allow.shape, dtype=dtype, device=allow.device)
+    return mask.masked_fill_(~allow, torch.finfo(dtype).min)
+
+
+def flex_mask_mod(
+    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu"
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` with the same semantics as `allow_matrix`."""
+    t = mask_tables(layouts, length, config, device)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return _allowed(t, b, q_idx, kv_idx)
+
+    return mask_mod
+
+
+def flex_block_mask(
+    layouts: Sequence[Layout],
+    length: int,
+    config: MaskConfig = MaskConfig(),
+    device: torch.device | str = "cpu",
+    block_size: int = 128,
+):
+    """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = flex_mask_mod(layouts, length, config, device)
+    return create_block_mask(mod, len(layouts), None, length, length, device=device, BLOCK_SIZE=block_size)
