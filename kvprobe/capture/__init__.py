@@ -1,0 +1,23 @@
+"""Capture: KV states of chosen positions and layers, through one interface and three
+backends (transformers, TransformerLens, nnsight), into an HDF5 store."""
+
+from .backends import get_backend
+from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
+from .sites import gather_positions, parse_site, site_name
+from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
+
+__all__ = [
+    "CapturePlan",
+    "CaptureSpec",
+    "SampleBatch",
+    "SampleSource",
+    "gather_positions",
+    "get_backend",
+    "model_dims",
+    "model_identity",
+    "parse_site",
+    "plan_capture",
+    "run_capture",
+    "site_name",
+    "site_positions",
+]

@@ -1,0 +1,49 @@
+"""The table of capture backends. Every backend module has the same two functions:
+
+    prepare(hf_model) -> wrapped            # whatever the framework runs
+    capture_kv(wrapped, input_ids, *, attention_mask, position_ids, layers, positions)
+        -> {layer: (K, V)}, each (B, n_kv, P, d_head), K post-RoPE as the cache holds it
+
+Backends whose package is an optional extra are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable
+
+__all__ = ["BACKEND_EXTRAS", "get_backend"]
+
+
+def _transformers() -> ModuleType:
+    from . import hf
+
+    return hf
+
+
+def _lens() -> ModuleType:
+    from . import lens
+
+    return lens
+
+
+def _nnsight() -> ModuleType:
+    from . import nnsight
+
+    return nnsight
+
+
+_LOADERS: dict[str, Callable[[], ModuleType]] = {"transformers": _transformers, "lens": _lens, "nnsight": _nnsight}
+BACKEND_EXTRAS = {"transformers": None, "lens": "lens", "nnsight": "nnsight"}
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module called `name`; a clear error if unknown or its extra is missing."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown capture backend {name!r}; choose one of {sorted(_LOADERS)}")
+    try:
+        return _LOADERS[name]()
+    except ImportError as e:
+        raise ValueError(
+            f"capture backend {name!r} needs the '{BACKEND_EXTRAS[name]}' extra: pip install 'kvprobe[{BACKEND_EXTRAS[name]}]' ({e})"
+        ) from None

@@ -1,0 +1,285 @@
+"""Run a capture: validate, estimate the size, then stream shards into an HDF5 store.
+
+    plan = plan_capture(model, source, spec)        # validates; no files touched
+    print(plan.summary())                            # the dry run
+    run_capture(model, source, spec, "out/store")    # writes, resumable
+
+Everything that can be checked is checked before the store directory is created, so
+bad input never leaves a partial store. A crash leaves whole shards only; calling
+again with `mode="resume"` continues from the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..forward import memento_inputs
+from ..store import FeatureKey, StoreWriter
+from .backends import get_backend
+from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
+
+__all__ = ["CapturePlan", "model_dims", "model_identity", "plan_capture", "pool_sites", "run_capture"]
+
+
+def model_dims(model: Any) -> tuple[int, int, int]:
+    """(n_layers, n_kv_heads, d_head) from a Hugging Face config."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return cfg.num_hidden_layers, n_kv, d_head
+
+
+def model_identity(model: Any, name: str | None = None) -> dict[str, Any]:
+    """Name, class, parameter count and a SHA-256 over every parameter's bytes."""
+    h = hashlib.sha256()
+    n_params = 0
+    for pname, tensor in sorted(model.state_dict().items()):
+        h.update(pname.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        n_params += t.numel()
+    return {
+        "name": name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "class": type(model).__name__,
+        "n_params": n_params,
+        "param_hash": h.hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def _versions(backend: str) -> dict[str, str]:
+    names = ["kvprobe", "torch", "transformers", "h5py", "numpy"]
+    names += {"lens": ["transformer-lens"], "nnsight": ["nnsight"]}.get(backend, [])
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """A validated capture: what it writes and how big it will be."""
+
+    spec: CaptureSpec
+    n_samples: int
+    n_layers_model: int
+    n_kv: int
+    d_head: int
+    keys: tuple[FeatureKey, ...]
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.spec.kinds) * self.n_kv * self.d_head
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_samples / self.spec.shard_size)
+
+    def estimate_bytes(self) -> int:
+        """Uncompressed bytes of features (samples x layers x positions x heads x dims x dtype)."""
+        itemsize = np.dtype(self.spec.dtype).itemsize
+        per_sample = 0
+        for key in self.keys:
+            tokens = self.spec.max_tokens if key.pooling == "tokens" else 1
+            per_sample += len(self.spec.layers) * tokens * self.feature_dim * itemsize
+        return self.n_samples * per_sample
+
+    def summary(self) -> str:
+        s = self.spec
+        gb = self.estimate_bytes() / 1e9
+        return "\n".join(
+            [
+                f"samples        {self.n_samples} in {self.n_shards} shard(s) of {s.shard_size}",
+                f"layers         {list(s.layers)} of {self.n_layers_model}",
+                f"sites          {list(s.sites)} at offsets {list(s.offsets)} from target block {s.target_block}",
+                f"pooling        {list(s.pooling)}" + (f" (max_tokens {s.max_tokens})" if "tokens" in s.pooling else ""),
+                f"per position   {'+'.join(s.kinds).upper()} x {self.n_kv} KV heads x {self.d_head} dims = {self.feature_dim} values, {s.dtype}",
+                f"mask           {s.mask.name} {s.mask}",
+                f"backend        {s.backend}",
+                f"expected size  {self.estimate_bytes():,} bytes ({gb:.3f} GB) before compression",
+            ]
+        )
+
+
+def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
+    for row, layout in enumerate(batch.layouts):
+        for site in spec.sites:
+            for offset in spec.offsets:
+                try:
+                    site_positions(layout, site, spec.target_block + offset)
+                except ValueError as e:
+                    raise ValueError(
+                        f"sample {int(batch.index[row])}: {site} at offset {offset:+d} "
+                        f"(target block {spec.target_block}): {e}"
+                    ) from None
+
+
+def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> CapturePlan:
+    """Validate the spec against the model and the source (first batch); no files touched."""
+    n_layers, n_kv, d_head = model_dims(model)
+    bad = [l for l in spec.layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    if source.n_samples < 1:
+        raise ValueError("the sample source is empty")
+    get_backend(spec.backend)  # fails now if the backend's package is missing
+    _check_batch(source.samples(0, min(source.n_samples, spec.batch_size)), spec)
+    keys = tuple(FeatureKey(s, o, p) for s in spec.sites for o in spec.offsets for p in spec.pooling)
+    return CapturePlan(spec, source.n_samples, n_layers, n_kv, d_head, keys)
+
+
+def pool_sites(
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    segments: list[list[list[int]]],
+    spec: CaptureSpec,
+    keys: tuple[FeatureKey, ...],
+) -> dict[FeatureKey, np.ndarray]:
+    """Pool captured states into features.
+
+    kv: layer -> (K, V), each (B, n_kv, P, d_head), P positions per row laid out as the
+    concatenation of that row's segments; segments[row][s] lists the positions of segment
+    s = (site, offset) in spec order. Returns key -> (B, n_layers, D) or (B, n_layers, max_tokens, D).
+    """
+    B = len(segments)
+    S = len(segments[0])
+    per_layer = []
+    for layer in spec.layers:
+        parts = [kv[layer][0] if k == "k" else kv[layer][1] for k in spec.kinds]
+        X = torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1).float()  # (B, P, D)
+        per_layer.append(X)
+    X = torch.stack(per_layer, dim=1)  # (B, n_layers, P, D)
+    mean_w = torch.zeros(B, S, X.shape[2])
+    last = torch.zeros(B, S, dtype=torch.long)
+    tok_idx = torch.zeros(B, S, spec.max_tokens, dtype=torch.long)
+    tok_ok = torch.zeros(B, S, spec.max_tokens, dtype=torch.bool)
+    for b, segs in enumerate(segments):
+        start = 0
+        for s, seg in enumerate(segs):
+            n = len(seg)
+            mean_w[b, s, start : start + n] = 1.0 / n
+            last[b, s] = start + n - 1
+            m = min(n, spec.max_tokens)
+            tok_idx[b, s, :m] = torch.arange(start, start + m)
+            tok_ok[b, s, :m] = True
+            start += n
+    L, D = X.shape[1], X.shape[3]
+
+    def take(idx: torch.Tensor) -> torch.Tensor:  # idx (B, n) positions -> (B, L, n, D)
+        return X.gather(2, idx[:, None, :, None].expand(B, L, idx.shape[1], D))
+
+    pooled = {
+        "mean": lambda: torch.einsum("bsp,blpd->bsld", mean_w, X),  # (B, S, L, D)
+        "last": lambda: take(last).transpose(1, 2),  # (B, S, L, D)
+        "tokens": lambda: take(tok_idx.flatten(1)).view(B, L, S, spec.max_tokens, D).permute(0, 2, 1, 3, 4)
+        * tok_ok[:, :, None, :, None],  # (B, S, L, max_tokens, D), zeros past a site's end
+    }
+    results: dict[str, torch.Tensor] = {p: pooled[p]() for p in spec.pooling}
+    out = {}
+    seg_names = [(site, off) for site in spec.sites for off in spec.offsets]
+    for key in keys:
+        s = seg_names.index((key.site, key.offset))
+        out[key] = results[key.pooling][:, s].numpy().astype(spec.dtype)
+    return out
+
+
+def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureSpec, keys) -> dict:
+    segments = [
+        [site_positions(lay, site, spec.target_block + off) for site in spec.sites for off in spec.offsets]
+        for lay in batch.layouts
+    ]
+    flat = [[p for seg in segs for p in seg] for segs in segments]
+    P = max(len(f) for f in flat)
+    positions = torch.tensor([f + [f[-1]] * (P - len(f)) for f in flat], dtype=torch.long)  # (B, P)
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    am = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+    kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am)
+    kv = capture(wrapped, input_ids, layers=spec.layers, positions=positions.to(device), **kwargs)
+    kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
+    return pool_sites(kv, segments, spec, keys)
+
+
+def _layout_table(batch: SampleBatch, n_blocks: int) -> np.ndarray:
+    table = np.full((len(batch.layouts), n_blocks, 5), -1, dtype=np.int32)
+    for r, lay in enumerate(batch.layouts):
+        for b in lay.blocks[:n_blocks]:
+            vals = [b.start, b.end, b.summary_start, b.summary_end, b.stop]
+            table[r, b.index] = [-1 if v is None else v for v in vals]
+    return table
+
+
+def run_capture(
+    model: Any,
+    source: SampleSource,
+    spec: CaptureSpec,
+    out: str | Path,
+    *,
+    mode: str = "create",
+    model_name: str | None = None,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> Path:
+    """Capture `source` through `model` into the store at `out`; returns the store path.
+
+    mode: 'create' (refuse an existing store), 'resume' (continue the same config),
+    'overwrite'. Writes shard by shard; memory stays flat in the number of samples.
+    """
+    plan = plan_capture(model, source, spec)
+    backend = get_backend(spec.backend)
+    meta = {
+        "capture": spec.to_dict(),
+        "model": model_identity(model, model_name),
+        "source": source.describe(),
+        "dims": {"n_layers": plan.n_layers_model, "n_kv_heads": plan.n_kv, "d_head": plan.d_head,
+                 "feature_dim": plan.feature_dim, "kinds_order": list(spec.kinds)},
+        "versions": _versions(spec.backend),
+        "expected_bytes": plan.estimate_bytes(),
+    }
+    writer = StoreWriter(out, meta, mode=mode)
+    wrapped = backend.prepare(model)
+    done = writer.done_shards()
+    n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)
+    bar = tqdm(total=plan.n_samples, unit="sample", desc="capture", disable=not progress)
+    bar.update(sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in done if i < plan.n_shards))
+    with torch.inference_mode():
+        for shard in range(plan.n_shards):
+            if shard in done:
+                continue
+            lo, hi = shard * spec.shard_size, min((shard + 1) * spec.shard_size, plan.n_samples)
+            feats: dict[FeatureKey, list[np.ndarray]] = {k: [] for k in plan.keys}
+            meta_rows: dict[str, list] = {"index": [], "passcode": [], "labels": [], "layout": []}
+            for start in range(lo, hi, spec.batch_size):
+                batch = source.samples(start, min(start + spec.batch_size, hi))
+                _check_batch(batch, spec)
+                for k, arr in _capture_batch(model, wrapped, backend.capture_kv, batch, spec, plan.keys).items():
+                    feats[k].append(arr)
+                meta_rows["index"].append(batch.index)
+                meta_rows["passcode"].extend(batch.passcodes)
+                meta_rows["labels"].append(batch.labels.astype(np.int8))
+                meta_rows["layout"].append(_layout_table(batch, n_blocks))
+                bar.update(len(batch.index))
+            samples = {
+                "index": np.concatenate(meta_rows["index"]).astype(np.int64),
+                "passcode": np.array(meta_rows["passcode"], dtype=object),
+                "labels": np.concatenate(meta_rows["labels"]),
+                "layout": np.concatenate(meta_rows["layout"]),
+            }
+            writer.write_shard(shard, samples, {k: np.concatenate(v) for k, v in feats.items()})
+            if on_shard is not None:
+                on_shard(shard)
+    bar.close()
+    writer.finalize(plan.n_shards)
+    return Path(out)

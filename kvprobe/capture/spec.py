@@ -1,0 +1,129 @@
+"""What to capture: the capture spec, the samples it runs on, and where positions come from.
+
+A capture runs a `SampleSource` (deterministic batches of token ids with passcodes and
+parsed layouts) through a model under a memento mask and keeps, per layer, the KV
+states at chosen *sites*:
+
+    memento    the memento text tokens of block target+offset
+    block_end  the <|block_end|> delimiter of block target+offset
+
+Offsets follow SPEC section 3: -1 causal control (M_1), 0 direct (M_2), +1, +2, ...
+masked. Each site's tokens are pooled ('mean', 'last') or kept ('tokens', padded to
+`max_tokens`). Keys and values are concatenated per token: D = len(kinds) * n_kv * d_head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..layout import Layout, SpecialTokens
+from ..masks import MaskConfig
+
+__all__ = ["SITES", "POOLINGS", "BACKENDS", "CaptureSpec", "SampleBatch", "SampleSource", "site_positions"]
+
+SITES = ("memento", "block_end")
+POOLINGS = ("mean", "last", "tokens")
+BACKENDS = ("transformers", "lens", "nnsight")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Everything that decides what a capture writes. Stored in full with the data."""
+
+    layers: tuple[int, ...]
+    offsets: tuple[int, ...] = (-1, 0, 1, 2)
+    target_block: int = 1  # 0-based: block 1 is the paper's T_2
+    sites: tuple[str, ...] = ("memento",)
+    kinds: tuple[str, ...] = ("k", "v")
+    pooling: tuple[str, ...] = ("mean",)
+    max_tokens: int = 16  # tokens kept per site with pooling 'tokens'
+    dtype: str = "float16"
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    batch_size: int = 64
+    shard_size: int = 1024
+    backend: str = "transformers"
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "offsets", "sites", "kinds", "pooling"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.mask, dict):
+            object.__setattr__(self, "mask", MaskConfig(**self.mask))
+        _check(len(self.layers) > 0 and len(set(self.layers)) == len(self.layers), "layers", self.layers,
+               "a non-empty list of distinct layer indices")
+        _check(len(self.offsets) > 0 and len(set(self.offsets)) == len(self.offsets), "offsets", self.offsets,
+               "a non-empty list of distinct offsets")
+        _check(self.target_block >= 0, "target_block", self.target_block, ">= 0")
+        _check(set(self.sites) <= set(SITES) and self.sites, "sites", self.sites, f"a subset of {SITES}")
+        _check(set(self.kinds) <= {"k", "v"} and self.kinds, "kinds", self.kinds, "a subset of ('k', 'v')")
+        _check(set(self.pooling) <= set(POOLINGS) and self.pooling, "pooling", self.pooling, f"a subset of {POOLINGS}")
+        _check(self.dtype in STORAGE_DTYPES, "dtype", self.dtype, f"one of {STORAGE_DTYPES}")
+        _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        for name in ("max_tokens", "batch_size", "shard_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CaptureSpec":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"capture spec: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def _check(ok: Any, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"capture spec field '{name}' = {value!r}: expected {expected}")
+
+
+@dataclass
+class SampleBatch:
+    """A batch of samples: token ids with their passcodes and parsed layouts.
+
+    index (n,) global sample ids; input_ids (n, T); attention_mask (n, T) or None;
+    passcodes: n strings; labels (n, L) class indices; layouts: n parsed layouts.
+    """
+
+    index: np.ndarray
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    passcodes: list[str]
+    labels: np.ndarray
+    layouts: list[Layout]
+
+
+class SampleSource(Protocol):
+    """Deterministic samples for a capture: `samples(start, stop)` always returns the same
+    batch for the same range. `describe()` identifies the source in the store's config."""
+
+    n_samples: int
+    special: SpecialTokens
+
+    def samples(self, start: int, stop: int) -> SampleBatch: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def site_positions(layout: Layout, site: str, block: int) -> list[int]:
+    """Positions of `site` for block index `block` in one layout; raises ValueError if absent."""
+    if not 0 <= block < layout.n_blocks:
+        raise ValueError(f"block {block} does not exist: the sequence has {layout.n_blocks} blocks (0..{layout.n_blocks - 1})")
+    b = layout.blocks[block]
+    if site == "memento":
+        if not b.completed:
+            raise ValueError(f"block {block} has no finished memento")
+        if len(b.memento_text) == 0:
+            raise ValueError(f"the memento of block {block} is empty")
+        return list(b.memento_text)
+    if site == "block_end":
+        if b.end is None:
+            raise ValueError(f"block {block} has no <|block_end|>")
+        return [b.end]
+    raise ValueError(f"unknown site {site!r}; expected one of {SITES}")

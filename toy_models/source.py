@@ -1,0 +1,92 @@
+"""Passcode samples on the toy task, as a `kvprobe.capture.SampleSource`.
+
+Injection on the toy: the target block's five digits *are* the passcode, and every
+memento is recomputed, so each sequence is a valid task sequence. Samples are made
+in fixed chunks seeded by (seed, chunk), so any range of samples is the same however
+a capture batches or shards it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvprobe.capture import SampleBatch
+from kvprobe.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+
+from .data import N_BLOCKS, N_DIGITS, generate, layout
+from .vocab import SPECIAL
+
+__all__ = ["ToyPasscodeSource"]
+
+CHUNK = 1024
+
+
+@lru_cache(maxsize=4)
+def _chunk(seed: int, passcode_seed: int, chunk: int, target_block: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    seeds = np.random.SeedSequence([seed, chunk]).generate_state(1)
+    code_seed = np.random.SeedSequence([passcode_seed, chunk, 1]).generate_state(1)
+    passcodes = sample_passcodes(CHUNK, seed=int(code_seed[0]))
+    labels = passcode_labels(passcodes)  # (CHUNK, 5)
+    batch = generate(CHUNK, seed=int(seeds[0]), block_digits={target_block: labels})
+    return batch.input_ids, tuple(passcodes)
+
+
+@dataclass
+class ToyPasscodeSource:
+    """`n_samples` toy sequences whose block `target_block` holds a random 5-digit passcode.
+
+    `seed` draws the other blocks' digits; `passcode_seed` (default: `seed`) draws the
+    passcodes, so two sources that differ only in it differ only in the target block.
+    """
+
+    n_samples: int
+    seed: int = 0
+    target_block: int = 1
+    passcode_seed: int | None = None
+    special: Any = field(default=SPECIAL, init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if not 0 <= self.target_block < N_BLOCKS:
+            raise ValueError(f"target_block must be in 0..{N_BLOCKS - 1}, got {self.target_block}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "toy",
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "passcode_seed": self._passcode_seed,
+            "target_block": self.target_block,
+            "passcode": {"length": N_DIGITS, "alphabet": PasscodeSpec().alphabet},
+        }
+
+    @property
+    def _passcode_seed(self) -> int:
+        return self.seed if self.passcode_seed is None else self.passcode_seed
+
+    def samples(self, start: int, stop: int) -> SampleBatch:
+        """Samples start..stop-1: ids (n, 122), passcodes, labels (n, 5), layouts."""
+        if not 0 <= start < stop <= self.n_samples:
+            raise ValueError(f"sample range {start}..{stop} outside 0..{self.n_samples}")
+        ids, codes = [], []
+        for chunk in range(start // CHUNK, (stop - 1) // CHUNK + 1):
+            chunk_ids, chunk_codes = _chunk(self.seed, self._passcode_seed, chunk, self.target_block)
+            lo = max(start, chunk * CHUNK) - chunk * CHUNK
+            hi = min(stop, (chunk + 1) * CHUNK) - chunk * CHUNK
+            ids.append(chunk_ids[lo:hi])
+            codes.extend(chunk_codes[lo:hi])
+        lay = layout()
+        return SampleBatch(
+            index=np.arange(start, stop, dtype=np.int64),
+            input_ids=torch.cat(ids),
+            attention_mask=None,
+            passcodes=codes,
+            labels=passcode_labels(codes),
+            layouts=[lay] * (stop - start),
+        )
