@@ -118,6 +118,8 @@ def capture_kv(
     hooks = _hooks_for(bridge.original_model.config.model_type)
     n_layers = bridge.cfg.n_layers
     layers = _check_layers(layers, n_layers)
+    if not layers:
+        return {}
 
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -128,11 +130,12 @@ def capture_kv(
 
         return hook
 
+    hook_points = bridge.hook_dict  # every hook-point name, aliases included
     fwd_hooks = []
     for layer in layers:
         for kind, template in hooks.items():
             name = template.format(layer=layer)
-            if name not in bridge.hook_dict:
+            if name not in hook_points:
                 raise ValueError(f"kvprobe lens backend: the bridge has no hook point {name!r}")
             fwd_hooks.append((name, capture(layer, kind)))
 

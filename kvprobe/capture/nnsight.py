@@ -37,7 +37,11 @@ The memento mask needs nothing special: `attention_mask` goes to the model's for
 where transformers' mask helpers return a 4D mask as-is. `use_cache=False`: no cache of
 the full sequence is built.
 
-Pitfall: wrapping installs nnsight's controller as each module's forward, and reading
+Pitfalls: importing nnsight mounts a `.save` method on every Python object (its C
+extension; `CONFIG.APP.PYMOUNT`), which makes anyio classes defined afterwards fail
+("Attribute 'save' is missing its type annotation"): import anyio's backends first if
+the process needs them. This module saves with `nnsight.save(value)`, which works with
+or without the mount. Wrapping installs nnsight's controller as each module's forward, and reading
 `.source` rewrites the attention forward permanently. Both are inert outside a trace
 (the model computes the same function), but the module is changed in place.
 """
@@ -48,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from nnsight import NNsight
+from nnsight import NNsight, save
 
 from .sites import gather_positions
 
@@ -153,6 +157,8 @@ def capture_kv(
     config = wrapped._module.config
     sites = _sites_for(config.model_type)
     layers = _check_layers(layers, config.num_hidden_layers)
+    if not layers:
+        return {}
     plan = _plan(wrapped, sites, layers)
 
     captured: dict[tuple[int, str], torch.Tensor] = {}
@@ -161,6 +167,6 @@ def capture_kv(
     ) as tracer:
         for layer, kind, operation, item in plan:
             states = operation.output if item is None else operation.output[item]  # (B, n_kv, T, d_head)
-            captured[(layer, kind)] = gather_positions(states, positions).save()  # (B, n_kv, P, d_head)
+            captured[(layer, kind)] = save(gather_positions(states, positions))  # (B, n_kv, P, d_head)
         tracer.stop()  # nothing past the deepest requested layer is needed
     return {layer: (captured[(layer, "k")], captured[(layer, "v")]) for layer in layers}

@@ -1,0 +1,73 @@
+"""Turn config sections into live objects: the model and the sample source.
+
+This is CLI-level code: it may import `toy_models`; the library never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..capture.spec import SampleSource
+from ..config import DataSection, ExperimentConfig, ModelSection
+from .common import UsageError
+
+__all__ = ["load_model", "make_source"]
+
+
+def load_model(section: ModelSection) -> Any:
+    """The model a config names, in eval mode, on its device and dtype."""
+    if section.kind == "toy":
+        import toy_models
+
+        try:
+            model = toy_models.load(section.checkpoint, attn_implementation=section.attn_implementation)
+        except FileNotFoundError as e:
+            raise UsageError(f"model.checkpoint: {e}") from None
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                section.checkpoint,
+                dtype=getattr(torch, section.dtype),
+                attn_implementation=section.attn_implementation,
+                trust_remote_code=section.trust_remote_code,
+            )
+        except OSError as e:
+            raise UsageError(f"model.checkpoint: cannot load {section.checkpoint!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device=section.device, dtype=getattr(torch, section.dtype)).eval()
+
+
+def make_source(cfg: ExperimentConfig) -> SampleSource:
+    """The passcode samples a config asks for."""
+    data: DataSection = cfg.data
+    if data.kind == "toy":
+        if cfg.model.kind != "toy":
+            raise UsageError("data.kind: 'toy' samples need model.kind 'toy'")
+        from toy_models.source import ToyPasscodeSource
+
+        try:
+            return ToyPasscodeSource(data.n_samples, seed=cfg.seed, target_block=data.target_block)
+        except ValueError as e:
+            raise UsageError(f"data: {e}") from None
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..trace_source import TracePasscodeSource
+    from ..traces import read_traces
+
+    if not data.traces:
+        raise UsageError("data.traces: a traces file is needed when data.kind is 'traces'")
+    if not Path(data.traces).is_file():
+        raise UsageError(f"data.traces: no such file {data.traces!r}")
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or cfg.model.checkpoint)
+    try:
+        return TracePasscodeSource(
+            read_traces(data.traces), tokenizer, data.n_samples, seed=cfg.seed,
+            target_block=data.target_block, template=data.template, where=data.where,
+        )
+    except ValueError as e:
+        raise UsageError(f"data: {e}") from None

@@ -1,0 +1,168 @@
+"""Experiment configs: one YAML or TOML file describes a whole study, validated on load.
+
+    name: toy-reproduction
+    seed: 0
+    model:   {kind: toy, checkpoint: final}
+    data:    {kind: toy, n_samples: 50000, target_block: 1}
+    capture: {layers: [0, 1, 2, 3], offsets: [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8]}
+    conditions:
+      memento: {keep_last_n_blocks: 0}
+      restart: {keep_last_n_blocks: 0, restart_mode: true}
+    probe:   {kinds: [linear, mlp], seeds: 3}
+
+Every field is checked (pydantic, unknown keys refused) and errors name the field, e.g.
+`config field 'capture.layers.1': Input should be a valid integer`. Files are read
+with safe loaders only (`yaml.safe_load`, `tomllib`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .capture.spec import BACKENDS, POOLINGS, SITES, CaptureSpec
+from .masks import MaskConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "ExperimentConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable, or has an invalid field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    kind: Literal["toy", "hf"] = "toy"
+    checkpoint: str = "final"  # toy: a shipped name or a directory; hf: a local directory or hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class DataSection(_Strict):
+    kind: Literal["toy", "traces"] = "toy"
+    n_samples: int = Field(5000, ge=2)
+    target_block: int = Field(1, ge=0)
+    traces: str | None = None  # JSONL (data pipeline) or .txt (generated) traces
+    tokenizer: str | None = None  # defaults to the model's checkpoint
+    template: str = "The secret passcode is {passcode}."
+    where: str = "start"
+
+
+class CaptureSection(_Strict):
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    offsets: tuple[int, ...] = (-1, 0, 1, 2, 3, 4, 5, 6, 7, 8)
+    sites: tuple[Literal[SITES], ...] = ("memento",)  # type: ignore[valid-type]
+    kinds: tuple[Literal["k", "v"], ...] = ("k", "v")
+    pooling: tuple[Literal[POOLINGS], ...] = ("mean",)  # type: ignore[valid-type]
+    max_tokens: int = Field(16, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(4096, ge=1)
+    backend: Literal[BACKENDS] = "transformers"  # type: ignore[valid-type]
+
+
+class MaskSection(_Strict):
+    keep_last_n_blocks: int = Field(0, ge=-1)
+    mask_delimiters: bool = False
+    restart_mode: bool = False
+
+
+class ProbeSection(_Strict):
+    kinds: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
+    seeds: int = Field(3, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    pooling: str = "mean"
+    shuffled_control: bool = True
+
+
+class ExperimentConfig(_Strict):
+    """A whole study: model, samples, capture, mask conditions, probes."""
+
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    capture: CaptureSection = CaptureSection()
+    conditions: dict[str, MaskSection] = {"memento": MaskSection()}
+    probe: ProbeSection = ProbeSection()
+
+    @field_validator("conditions")
+    @classmethod
+    def _names(cls, v: dict[str, MaskSection]) -> dict[str, MaskSection]:
+        if not v:
+            raise ValueError("at least one condition is needed")
+        for name in v:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"condition name {name!r} must be letters, digits, '-' or '_'")
+        return v
+
+    def capture_spec(self, condition: str) -> CaptureSpec:
+        """The capture spec of one condition."""
+        c = self.capture
+        return CaptureSpec(
+            layers=c.layers, offsets=c.offsets, target_block=self.data.target_block, sites=c.sites, kinds=c.kinds,
+            pooling=c.pooling, max_tokens=c.max_tokens, dtype=c.dtype, batch_size=c.batch_size,
+            shard_size=c.shard_size, backend=c.backend, mask=MaskConfig(**self.conditions[condition].model_dump()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"config field '{where}': {err['msg']}{extra}"
+
+
+def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a mapping as an ExperimentConfig; ConfigError names the first bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a .yaml/.yml/.toml/.json config with safe loaders, apply dotted overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {path.suffix!r} (use .yaml, .toml or .json)")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{path}: malformed {path.suffix[1:].upper()}: {' '.join(first[:2])}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, str(path))
