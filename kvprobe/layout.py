@@ -192,6 +192,7 @@ def parse_layout(
     cur: dict[str, int | None] = {}
     first_block: int | None = None
     think_end: int | None = None
+    seen_think = False
 
     def fail(pos: int, problem: str) -> LayoutError:
         return LayoutError(f"position {pos + offset}: {problem}")
@@ -204,16 +205,19 @@ def parse_layout(
         if name is None:
             continue
         p = pos + offset
+        if state == _ANSWER:
+            raise fail(pos, "second </think>" if tok == s.think_end else f"{name} after </think>")
         if tok == s.think:
             if state != _PROMPT or first_block is not None:
                 raise fail(pos, "<think> after the prompt")
+            if seen_think:
+                raise fail(pos, "second <think>")
+            seen_think = True
         elif tok == s.block_start:
             if state == _IN_BLOCK:
                 raise fail(pos, f"nested <|block_start|>: block opened at position {cur['start']} is not closed")
             if state in (_AFTER_BLOCK, _IN_SUMMARY):
                 raise fail(pos, f"<|block_start|> before the memento of block {len(blocks)} is finished")
-            if state == _ANSWER:
-                raise fail(pos, "<|block_start|> after </think>")
             if first_block is None:
                 first_block = pos
             cur = {"start": p, "end": None, "summary_start": None, "summary_end": None}
@@ -239,8 +243,6 @@ def parse_layout(
         elif tok == s.think_end:
             if state in (_IN_BLOCK, _AFTER_BLOCK, _IN_SUMMARY):
                 raise fail(pos, f"</think> while block {len(blocks)} (opened at position {cur['start']}) is unfinished")
-            if state == _ANSWER:
-                raise fail(pos, "second </think>")
             think_end = p
             state = _ANSWER
 

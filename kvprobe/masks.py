@@ -57,7 +57,9 @@ class MaskConfig:
         if self.keep_last_n_blocks == -1 and not self.restart_mode:
             return "causal"
         base = "restart" if self.restart_mode else "memento"
-        if self.keep_last_n_blocks > 0:
+        if self.keep_last_n_blocks == -1:
+            base += "-keepall"
+        elif self.keep_last_n_blocks > 0:
             base += f"-keep{self.keep_last_n_blocks}"
         return base + ("-delims-hidden" if self.mask_delimiters else "")
 
@@ -120,7 +122,7 @@ def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
     cfg = t.config
     blk = t.hide_block[b, k]
     hideable = blk >= 0
-    allowed = (k <= q) & t.valid[b, k]
+    allowed = (k <= q) & t.valid[b, k] & t.valid[b, q]
     if cfg.keep_last_n_blocks >= 0:
         # completed blocks are 0..n_completed(q)-1; the last N of them stay visible
         allowed = allowed & ~(hideable & (blk < t.n_completed[b, q] - cfg.keep_last_n_blocks))

@@ -44,7 +44,7 @@ def render(text: str, config: MaskConfig) -> str:
               "<|summary_start|>": "SS", "<|summary_end|>": "SE"}
     short = [abbrev.get(w, w[:3]) for w in words]
     for q, row in enumerate(allow):
-        lines.append(f"{q:3d} {short[q]:>3} " + "".join("#" if a else "." for a in row.tolist()))
+        lines.append(f"{q:3d} {short[q]:>4} " + "".join("#" if a else "." for a in row.tolist()))
     return "\n".join(lines)
 
 

@@ -1,0 +1,276 @@
+"""kvprobe.masks against a brute-force reference written from SPEC section 2."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+from kvprobe.layout import parse_batch, parse_layout
+from kvprobe.masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask, flex_mask_mod
+from models import SPECIAL, decode, encode
+from reference_mask import reference_allow_batch
+from strategies import padded_batches
+
+KEEPS = (-1, 0, 1, 2, 3)
+ALL_CONFIGS = [MaskConfig(k, d, r) for k, d, r in itertools.product(KEEPS, (False, True), (False, True))]
+
+
+def config_id(cfg: MaskConfig) -> str:
+    delims = "Hidden" if cfg.mask_delimiters else "Visible"
+    return f"keep{cfg.keep_last_n_blocks}-delims{delims}-restart{int(cfg.restart_mode)}"
+
+
+def reference(layouts, T, cfg: MaskConfig) -> torch.Tensor:
+    return reference_allow_batch(layouts, T, cfg.keep_last_n_blocks, cfg.mask_delimiters, cfg.restart_mode)
+
+
+def describe_mismatch(got: torch.Tensor, want: torch.Tensor, input_ids: torch.Tensor) -> str:
+    b, _, q, k = (got != want).nonzero()[0].tolist()
+    return (
+        f"row {b}: {decode(input_ids[b])}\n"
+        f"first mismatch at query {q}, key {k}: allow_matrix={bool(got[b, 0, q, k])}, "
+        f"reference={bool(want[b, 0, q, k])}"
+    )
+
+
+def assert_mask_equal(got, want, input_ids, attention_mask=None):
+    """Equal masks; with attention_mask (B, T), only the rows of real queries are compared
+    (a padding query's row is unspecified: nothing real ever reads its output)."""
+    assert got.shape == want.shape and got.dtype == torch.bool
+    if attention_mask is not None:
+        padding_query = ~attention_mask.bool()[:, None, :, None]
+        got, want = got & ~padding_query, want & ~padding_query
+    if not torch.equal(got, want):
+        pytest.fail(describe_mismatch(got, want, input_ids))
+
+
+# --------------------------------------------------------------------------- a hand-computed example
+
+#          0 1  2 3 4  5  6 7  8  9 10 11 12 13 14
+EXAMPLE = "p BS a b BE SS m SE BS c BE SS n SE q"
+T_EX = 15
+
+
+def expected_from_hidden(hidden: dict[int, set[int]]) -> torch.Tensor:
+    """Causal (T_EX x T_EX) matrix with hidden[q] removed from row q."""
+    allow = torch.ones(T_EX, T_EX, dtype=torch.bool).tril()
+    for q, keys in hidden.items():
+        for k in keys:
+            allow[q, k] = False
+    return allow[None, None]
+
+
+def rows(qs, keys) -> dict[int, set[int]]:
+    return {q: set(keys) for q in qs}
+
+
+HAND_COMPUTED = [
+    # plain memento mask: block 0's content hidden after SE_0 = 7, block 1's after SE_1 = 13
+    (MaskConfig(0), {**rows(range(8, 14), {2, 3}), 14: {2, 3, 9}}),
+    # delimiters hidden with the content
+    (MaskConfig(0, True), {**rows(range(8, 14), {1, 2, 3, 4}), 14: {1, 2, 3, 4, 8, 9, 10}}),
+    # keep 1: only block 0 is hidden, and only once block 1 is completed too
+    (MaskConfig(1), {14: {2, 3}}),
+    (MaskConfig(2), {}),
+    (MaskConfig(-1), {}),
+    # restart: memento tokens lose every block up to their own, as well as the base rule
+    (MaskConfig(0, False, True), {**rows(range(5, 8), {2, 3}), **rows(range(8, 11), {2, 3}),
+                                  **rows(range(11, 14), {2, 3, 9}), 14: {2, 3, 9}}),
+    (MaskConfig(0, True, True), {**rows(range(5, 8), {1, 2, 3, 4}), **rows(range(8, 11), {1, 2, 3, 4}),
+                                 **rows(range(11, 14), {1, 2, 3, 4, 8, 9, 10}), 14: {1, 2, 3, 4, 8, 9, 10}}),
+    # restart with masking otherwise off: only memento rows lose anything
+    (MaskConfig(-1, False, True), {**rows(range(5, 8), {2, 3}), **rows(range(11, 14), {2, 3, 9})}),
+    # restart with keep 1: M_1 still loses block 0, which the base rule alone would keep
+    (MaskConfig(1, False, True), {**rows(range(5, 8), {2, 3}), **rows(range(11, 14), {2, 3, 9}), 14: {2, 3}}),
+]
+
+
+@pytest.mark.parametrize("cfg, hidden", HAND_COMPUTED, ids=[config_id(c) for c, _ in HAND_COMPUTED])
+def test_hand_computed_example(cfg, hidden):
+    lay = parse_layout(encode(EXAMPLE), SPECIAL)
+    want = expected_from_hidden(hidden)
+    ids = torch.tensor([encode(EXAMPLE)])
+    # the reference is checked too: it is only as good as its agreement with hand computation
+    assert_mask_equal(reference([lay], T_EX, cfg), want, ids)
+    assert_mask_equal(allow_matrix([lay], T_EX, cfg), want, ids)
+
+
+def test_fillers_between_block_end_and_summary_are_never_hidden():
+    #        0  1 2  3 4  5 6  7 8
+    text = "BS a BE f SS m SE g h"
+    lay = parse_layout(encode(text), SPECIAL)
+    allow = allow_matrix([lay], 9, MaskConfig(0, True, True))[0, 0]
+    assert allow[8].tolist() == [False, False, False, True, True, True, True, True, True]
+    # restart: the memento cannot see the block, but the filler (not part of M_0) can
+    assert allow[4, :5].tolist() == [False, False, False, True, True]
+    assert allow[3, :4].tolist() == [True, True, True, True]
+
+
+def test_unfinished_block_is_never_hidden_by_the_base_rule():
+    #        0  1 2  3  4  5 6  7 8  9
+    text = "BS a BE SS SE BS b BE SS m"
+    lay = parse_layout(encode(text), SPECIAL, allow_unfinished=True)
+    allow = allow_matrix([lay], 10, MaskConfig(0))[0, 0]
+    assert allow[9].tolist() == [True, False, True, True, True, True, True, True, True, True]
+    restart = allow_matrix([lay], 10, MaskConfig(0, False, True))[0, 0]
+    assert restart[9].tolist() == [True, False, True, True, True, True, False, True, True, True]
+
+
+# --------------------------------------------------------------------------- property: every option
+
+
+@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=config_id)
+@settings(max_examples=25, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True))
+def test_allow_matrix_matches_reference(cfg, batch):
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    T = batch.input_ids.shape[1]
+    assert_mask_equal(allow_matrix(layouts, T, cfg), reference(layouts, T, cfg), batch.input_ids, batch.attention_mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True), cfg=st.sampled_from(ALL_CONFIGS))
+def test_flex_mask_mod_evaluated_densely_equals_allow_matrix(batch, cfg):
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    B, T = batch.input_ids.shape
+    dense = create_mask(flex_mask_mod(layouts, T, cfg), B, 1, T, T, device="cpu")
+    assert_mask_equal(dense, allow_matrix(layouts, T, cfg), batch.input_ids)
+
+
+@pytest.mark.parametrize("cfg", [MaskConfig(0), MaskConfig(1, True, True)], ids=config_id)
+def test_flex_block_mask_attention_equals_dense_attention(cfg):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    ids = torch.tensor([encode("p q " + EXAMPLE + " </think> A"), encode("_ _ _ " + EXAMPLE + " r")])
+    mask = (ids != 0).long()
+    layouts = parse_batch(ids, SPECIAL, mask)
+    B, T = ids.shape
+    block_mask = flex_block_mask(layouts, T, cfg, block_size=8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, 2, T, 8, generator=gen) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        out = flex_attention(q, k, v, block_mask=block_mask)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allow_matrix(layouts, T, cfg))
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- structural properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True), cfg=st.sampled_from(ALL_CONFIGS))
+def test_diagonal_allowed_for_real_tokens_and_padding_isolated(batch, cfg):
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    B, T = batch.input_ids.shape
+    allow = allow_matrix(layouts, T, cfg)[:, 0]
+    real = batch.attention_mask.bool()
+    assert allow.diagonal(dim1=1, dim2=2).all()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert not (allow & ~causal).any(), "a key after its query is allowed"
+    for b in range(B):
+        # real queries never see padding keys; a padding query sees no padding key but its own
+        # (its row is not empty, so softmax stays finite; what real keys it sees is unspecified)
+        assert not allow[b][real[b]][:, ~real[b]].any()
+        pad_rows_on_pad_keys = allow[b][~real[b]][:, ~real[b]]
+        n_pad = int((~real[b]).sum())
+        assert torch.equal(pad_rows_on_pad_keys, torch.eye(n_pad, dtype=torch.bool))
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True))
+def test_keep_minus_one_without_restart_is_plain_causal(batch):
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    B, T = batch.input_ids.shape
+    allow = allow_matrix(layouts, T, MaskConfig(-1, True, False))[:, 0]
+    real = batch.attention_mask.bool()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for b in range(B):
+        want = causal & real[b][None, :] & real[b][:, None]
+        assert torch.equal(allow[b][real[b]], want[real[b]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True), delims=st.booleans(), restart=st.booleans())
+def test_keeping_more_blocks_never_hides_more(batch, delims, restart):
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    T = batch.input_ids.shape[1]
+    masks = [allow_matrix(layouts, T, MaskConfig(k, delims, restart)) for k in (0, 1, 2, 3)]
+    for fewer, more in zip(masks, masks[1:]):
+        assert not (fewer & ~more).any()
+    # and hiding delimiters too never shows more
+    if delims:
+        for k in (0, 1, 2, 3):
+            assert not (masks[k] & ~allow_matrix(layouts, T, MaskConfig(k, False, restart))).any()
+
+
+def test_summary_prompt_and_answer_keys_never_hidden():
+    text = "p <think> " + EXAMPLE + " </think> A B"
+    lay = parse_layout(encode(text), SPECIAL)
+    T = lay.length
+    never_hidden = set(lay.prompt) | set(lay.answer) | {lay.think_end}
+    for b in lay.blocks:
+        never_hidden |= set(b.memento)
+    for cfg in ALL_CONFIGS:
+        allow = allow_matrix([lay], T, cfg)[0, 0]
+        for k in never_hidden:
+            assert allow[k:, k].all(), f"{config_id(cfg)}: key {k} hidden from some later query"
+
+
+# --------------------------------------------------------------------------- additive mask and config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_additive_mask_is_zero_or_dtype_min(dtype):
+    lay = parse_layout(encode(EXAMPLE), SPECIAL)
+    allow = allow_matrix([lay], T_EX, MaskConfig(0, True, True))
+    mask = additive_mask(allow, dtype)
+    assert mask.dtype == dtype and mask.shape == allow.shape
+    assert torch.equal(mask[allow], torch.zeros(int(allow.sum()), dtype=dtype))
+    assert (mask[~allow] == torch.finfo(dtype).min).all()
+    assert (~allow).any()
+
+
+def test_additive_mask_refuses_non_boolean_input():
+    with pytest.raises(TypeError, match="bool"):
+        additive_mask(torch.ones(1, 1, 2, 2), torch.float32)
+
+
+def test_mask_config_validation_and_names():
+    with pytest.raises(ValueError, match="keep_last_n_blocks"):
+        MaskConfig(-2)
+    assert MaskConfig(-1).name == "causal"
+    assert MaskConfig(0).name == "memento"
+    assert MaskConfig(0, True, True).name == "restart-delims-hidden"
+    assert len({c.name for c in ALL_CONFIGS if c.keep_last_n_blocks >= 0}) == 16
+
+
+def test_layout_longer_than_the_batch_is_refused():
+    lay = parse_layout(encode(EXAMPLE), SPECIAL)
+    with pytest.raises(ValueError, match="beyond"):
+        allow_matrix([lay], T_EX - 1, MaskConfig(0))
+
+
+def test_mask_config_names_are_distinct_for_distinct_masks():
+    configs = [MaskConfig(k, d, r) for k in (-1, 0, 1, 2) for d in (False, True) for r in (False, True)]
+    # keep=-1 without restart is plain causal whatever mask_delimiters says: one name
+    distinct = {c for c in configs if not (c.keep_last_n_blocks == -1 and not c.restart_mode and c.mask_delimiters)}
+    assert len({c.name for c in distinct}) == len(distinct)
+
+
+def test_padding_query_attends_only_itself():
+    from models import SPECIAL
+
+    from kvprobe.layout import parse_batch
+
+    ids = torch.tensor([[7, 8, 0, 0]])
+    layouts = parse_batch(ids, SPECIAL, torch.tensor([[1, 1, 0, 0]]))
+    allow = allow_matrix(layouts, 4)[0, 0]
+    assert allow[2].tolist() == [False, False, True, False]
+    assert allow[3].tolist() == [False, False, False, True]
