@@ -60,7 +60,7 @@ class DataSection(_Strict):
     traces: str | None = None  # JSONL (data pipeline) or .txt (generated) traces
     tokenizer: str | None = None  # defaults to the model's checkpoint
     template: str = "The secret passcode is {passcode}."
-    where: str = "start"
+    where: str | int = "start"  # start, end, middle, or a sentence index
 
 
 class CaptureSection(_Strict):

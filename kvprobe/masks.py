@@ -135,11 +135,17 @@ def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
 
 def allow_matrix(layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig()) -> torch.Tensor:
     """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T)."""
-    t = mask_tables(layouts, length, config)
-    b = torch.arange(len(layouts))[:, None, None]
+    # rows that share a layout share a mask: build each distinct one once
+    distinct = list(dict.fromkeys(layouts))
+    t = mask_tables(distinct, length, config)
+    b = torch.arange(len(distinct))[:, None, None]
     q = torch.arange(length)[None, :, None]
     k = torch.arange(length)[None, None, :]
-    return _allowed(t, b, q, k)[:, None]  # (B, 1, T, T)
+    masks = _allowed(t, b, q, k)[:, None]  # (U, 1, T, T)
+    if len(distinct) == len(layouts):
+        return masks
+    row = {lay: i for i, lay in enumerate(distinct)}
+    return masks[torch.tensor([row[lay] for lay in layouts])]  # (B, 1, T, T)
 
 
 def additive_mask(allow: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -126,6 +126,7 @@ class StoreWriter:
         samples: dict[str, np.ndarray],
         features: dict[FeatureKey, np.ndarray],
         compression: str = "gzip",
+        compression_opts: int | None = 1,
     ) -> Path:
         """Write one shard atomically.
 
@@ -148,7 +149,8 @@ class StoreWriter:
                 if len(arr) != n:
                     raise ValueError(f"{key.path} has {len(arr)} rows, expected {n}")
                 chunks = (min(n, 256), 1) + arr.shape[2:]  # one layer of a few hundred samples
-                f.create_dataset(key.path, data=arr, chunks=chunks, compression=compression, shuffle=True)
+                f.create_dataset(key.path, data=arr, chunks=chunks, compression=compression,
+                                 compression_opts=compression_opts if compression == "gzip" else None, shuffle=True)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, final)

@@ -136,6 +136,9 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
     if source.n_samples < 1:
         raise ValueError("the sample source is empty")
     get_backend(spec.backend)  # fails now if the backend's package is missing
+    check = getattr(source, "check", None)
+    if callable(check):  # sources that can check every sample up front do so
+        check(spec.offsets, spec.sites)
     _check_batch(source.samples(0, min(source.n_samples, spec.batch_size)), spec)
     keys = tuple(FeatureKey(s, o, p) for s in spec.sites for o in spec.offsets for p in spec.pooling)
     return CapturePlan(spec, source.n_samples, n_layers, n_kv, d_head, keys)

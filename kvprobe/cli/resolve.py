@@ -57,7 +57,7 @@ def make_source(cfg: ExperimentConfig) -> SampleSource:
     from transformers import AutoTokenizer
 
     from ..trace_source import TracePasscodeSource
-    from ..traces import read_traces
+    from ..traces import read_generated, read_jsonl
 
     if not data.traces:
         raise UsageError("data.traces: a traces file is needed when data.kind is 'traces'")
@@ -65,9 +65,11 @@ def make_source(cfg: ExperimentConfig) -> SampleSource:
         raise UsageError(f"data.traces: no such file {data.traces!r}")
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or cfg.model.checkpoint)
     try:
+        path = Path(data.traces)
+        traces = read_jsonl(path) if path.suffix == ".jsonl" else [read_generated(path)]
         return TracePasscodeSource(
-            read_traces(data.traces), tokenizer, data.n_samples, seed=cfg.seed,
-            target_block=data.target_block, template=data.template, where=data.where,
+            traces, tokenizer, data.n_samples, seed=cfg.seed,
+            target_block=data.target_block, template=data.template, where=data.where, offsets=cfg.capture.offsets,
         )
     except ValueError as e:
         raise UsageError(f"data: {e}") from None

@@ -1,0 +1,147 @@
+"""Passcode samples on real traces, as a `kvprobe.capture.SampleSource`.
+
+Sample i is trace ``i % len(traces)`` with a passcode injected into its target block
+(kvprobe.inject). Passcodes come in fixed chunks seeded by (seed, chunk), so any range of
+samples is the same however a capture batches or shards it, and two sources that differ
+only in `seed` differ only in their passcodes. Batches are right-padded with the
+tokenizer's pad token (else its eos token) and carry an attention mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .capture.spec import SITES, SampleBatch, site_positions
+from .inject import DEFAULT_TEMPLATE, inject_and_tokenize
+from .layout import Layout, SpecialTokens
+from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from .traces import Trace, TraceError, render, tokenize_trace
+
+__all__ = ["TracePasscodeSource"]
+
+CHUNK = 1024
+
+
+@lru_cache(maxsize=16)
+def _passcode_chunk(seed: int, chunk: int, spec: PasscodeSpec) -> tuple[str, ...]:
+    chunk_seed = np.random.SeedSequence([seed, chunk]).generate_state(1)
+    return tuple(sample_passcodes(CHUNK, seed=int(chunk_seed[0]), spec=spec))
+
+
+@dataclass
+class TracePasscodeSource:
+    """`n_samples` passcode samples over `traces`, tokenized with `tokenizer` (fast, with markers).
+
+    target_block is 0-based (1 is the paper's T_2). All traces are tokenized and checked
+    up front: each must have the target block and take an injection at `where`; with
+    `offsets`, each must also have the blocks target+offset (see `check`).
+    """
+
+    traces: Sequence[Trace]
+    tokenizer: Any
+    n_samples: int
+    seed: int = 0
+    target_block: int = 1
+    passcode_spec: PasscodeSpec = field(default_factory=PasscodeSpec)
+    where: str | int = "start"
+    template: str = DEFAULT_TEMPLATE
+    offsets: tuple[int, ...] | None = None
+    special: SpecialTokens = field(init=False)
+    pad_id: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if not self.traces:
+            raise ValueError("no traces")
+        self.traces = list(self.traces)
+        ids = [t.trace_id for t in self.traces]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate trace id(s) {dup}")
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
+        self.pad_id = int(pad)
+        self._base: list[tuple[torch.Tensor, Layout]] = []
+        probe_code = self.passcode_spec.alphabet[0] * self.passcode_spec.length
+        for t in self.traces:
+            base = tokenize_trace(t, self.tokenizer, self.special)
+            # fails now, naming the trace, if the target block is missing or the injection cannot verify
+            inject_and_tokenize(t, self.target_block, probe_code, self.tokenizer, self.special,
+                                template=self.template, where=self.where, base=base)
+            self._base.append(base)
+        if self.offsets is not None:
+            self.check(self.offsets)
+
+    def check(self, offsets: Sequence[int], sites: Sequence[str] = SITES) -> None:
+        """Raise ValueError naming the first trace without a site at target_block + offset."""
+        for t, (_, lay) in zip(self.traces, self._base):
+            for off in offsets:
+                for site in sites:
+                    try:
+                        site_positions(lay, site, self.target_block + off)
+                    except ValueError as e:
+                        where = f"{site} at offset {off:+d} from target block {self.target_block}"
+                        raise TraceError(f"trace {t.trace_id!r}: {where}: {e}") from None
+
+    def passcodes(self, start: int, stop: int) -> list[str]:
+        """The passcodes of samples start..stop-1."""
+        out: list[str] = []
+        for chunk in range(start // CHUNK, (stop - 1) // CHUNK + 1):
+            codes = _passcode_chunk(self.seed, chunk, self.passcode_spec)
+            lo, hi = max(start, chunk * CHUNK) - chunk * CHUNK, min(stop, (chunk + 1) * CHUNK) - chunk * CHUNK
+            out.extend(codes[lo:hi])
+        return out
+
+    def samples(self, start: int, stop: int) -> SampleBatch:
+        """Samples start..stop-1: ids (n, T) right-padded, attention_mask (n, T), passcodes, labels (n, L), layouts."""
+        if not 0 <= start < stop <= self.n_samples:
+            raise ValueError(f"sample range {start}..{stop} outside 0..{self.n_samples}")
+        codes = self.passcodes(start, stop)
+        rows = []
+        for i, code in zip(range(start, stop), codes):
+            k = i % len(self.traces)
+            rows.append(inject_and_tokenize(self.traces[k], self.target_block, code, self.tokenizer, self.special,
+                                            template=self.template, where=self.where, base=self._base[k]))
+        T = max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (n, T)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r.input_ids)] = r.input_ids
+            attention_mask[b, : len(r.input_ids)] = 1
+        return SampleBatch(
+            index=np.arange(start, stop, dtype=np.int64),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            passcodes=codes,
+            labels=passcode_labels(codes, self.passcode_spec),
+            layouts=[r.layout for r in rows],  # right padding: offset 0, positions index the padded row
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies these samples: tokenizer, traces (ids and text hashes), seed, injection."""
+        ids = "\n".join(t.trace_id for t in self.traces)
+        texts = "\x00".join(render(t) for t in self.traces)
+        tok = self.tokenizer
+        return {
+            "kind": "traces",
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "target_block": self.target_block,
+            "where": self.where,
+            "template": self.template,
+            "passcode": {"length": self.passcode_spec.length, "alphabet": self.passcode_spec.alphabet},
+            "tokenizer": {"name": getattr(tok, "name_or_path", "") or "", "class": type(tok).__name__,
+                          "vocab_size": len(tok), "pad_id": self.pad_id},
+            "traces": {"n": len(self.traces), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+                       "text_sha256": hashlib.sha256(texts.encode()).hexdigest()},
+        }

@@ -1,0 +1,442 @@
+"""Real reasoning traces: read them, render them in the Memento token format, tokenize them.
+
+Two input formats (SPEC section 6, docs/traces.md):
+
+    read_jsonl(path)                 the Memento data pipeline's JSONL, one record a line
+    from_generated_text(text, id)    text as a served Memento model emits it
+
+Both give a `Trace`: prompt, block contents, mementos, answer. `render` writes a trace
+in the token format of SPEC section 1 with this whitespace (the Qwen3 convention):
+
+    {prompt}\\n<think>\\n
+    <|block_start|>{T_1}<|block_end|>\\n<|summary_start|>{M_1}<|summary_end|>\\n
+    \\n
+    <|block_start|>{T_2}<|block_end|>\\n<|summary_start|>{M_2}<|summary_end|>\\n
+    </think>\\n\\n{answer}
+
+Block and memento text touch their markers (no padding spaces). `tokenize_trace` turns a
+trace into token ids and a parsed `Layout`; the tokenizer must already hold the six
+marker tokens (`add_memento_tokens` adds them, explicitly, and initialises the model's
+new embedding rows).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
+
+__all__ = [
+    "ANSWER_KEYS",
+    "PROMPT_KEYS",
+    "RELATED_WORDS",
+    "Trace",
+    "TraceError",
+    "add_memento_tokens",
+    "encode_text",
+    "from_generated_text",
+    "from_pipeline_record",
+    "read_generated",
+    "read_jsonl",
+    "render",
+    "render_with_spans",
+    "tokenize_trace",
+]
+
+# record keys that may hold the problem text / the text after </think>, first match wins
+PROMPT_KEYS = ("problem", "question", "prompt")
+ANSWER_KEYS = ("think_suffix", "answer")
+
+BS, BE = SPECIAL_TOKEN_STRINGS["block_start"], SPECIAL_TOKEN_STRINGS["block_end"]
+SS, SE = SPECIAL_TOKEN_STRINGS["summary_start"], SPECIAL_TOKEN_STRINGS["summary_end"]
+THINK, THINK_END = SPECIAL_TOKEN_STRINGS["think"], SPECIAL_TOKEN_STRINGS["think_end"]
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in SPECIAL_TOKEN_STRINGS.values()))
+# end-of-turn tokens a served model may leave at the end of its answer
+_EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|end|>", "</s>")
+# words whose embeddings seed each new marker's embedding (add_memento_tokens)
+RELATED_WORDS = {
+    THINK: "think",
+    THINK_END: "end think",
+    BS: "block start",
+    BE: "block end",
+    SS: "summary start",
+    SE: "summary end",
+}
+
+
+class TraceError(ValueError):
+    """A trace (or its source record) is malformed."""
+
+
+@dataclass
+class Trace:
+    """One reasoning trace: prompt, thinking blocks with their mementos, answer.
+
+    `blocks[i]` is the text of T_i (content only, no markers); `summaries[i]` its memento
+    M_i. `answer` is the text after </think>, or None when the trace has no </think>.
+    """
+
+    trace_id: str
+    prompt: str
+    blocks: list[str]
+    summaries: list[str]
+    answer: str | None = None
+
+    def __post_init__(self) -> None:
+        tid = self.trace_id
+        if not isinstance(tid, str) or not tid:
+            raise TraceError(f"trace id must be a non-empty string, got {tid!r}")
+        if len(self.blocks) != len(self.summaries):
+            raise TraceError(f"trace {tid!r}: {len(self.blocks)} blocks but {len(self.summaries)} summaries")
+        fields = [("prompt", None, self.prompt), ("answer", None, self.answer)]
+        fields += [("block", i, t) for i, t in enumerate(self.blocks)]
+        fields += [("summary", i, t) for i, t in enumerate(self.summaries)]
+        for name, i, text in fields:
+            where = f"trace {tid!r}, {name}" + ("" if i is None else f" {i}")
+            if text is None and name == "answer":
+                continue
+            if not isinstance(text, str):
+                raise TraceError(f"{where}: expected a string, got {type(text).__name__}")
+            if i is not None and not text.strip():
+                raise TraceError(f"{where} is empty")
+            m = _MARKER_RE.search(text)
+            if m:
+                raise TraceError(f"{where} contains the marker {m.group()} at character {m.start()}")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _first_key(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for k in keys:
+        if record.get(k) is not None:
+            value = record[k]
+            if not isinstance(value, str):
+                raise TraceError(f"field '{k}' must be a string, got {type(value).__name__}")
+            return value.strip()
+    return None
+
+
+def from_pipeline_record(record: dict[str, Any]) -> Trace:
+    """A `Trace` from one record of the Memento data pipeline (pipeline_results.jsonl).
+
+    Needs `task_id`, `sentences` (strings), `blocks` ([first, last] inclusive sentence
+    indices, in order, no gaps) and `block_summaries` (one per block). The prompt is the
+    first of `problem`/`question`/`prompt`; the answer the first of `think_suffix`/`answer`.
+    Sentences before the first block join the prompt, those after the last the answer.
+    Sentences are stripped and joined with one space.
+    """
+    if not isinstance(record, dict):
+        raise TraceError(f"a pipeline record must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("task_id", "sentences", "blocks", "block_summaries") if k not in record]
+    if missing:
+        raise TraceError(f"missing field(s) {', '.join(missing)}")
+    tid = str(record["task_id"])
+    sents, pairs, summaries = record["sentences"], record["blocks"], record["block_summaries"]
+    if not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
+        raise TraceError(f"trace {tid!r}: field 'sentences' must be a list of strings")
+    if not isinstance(summaries, list) or not all(isinstance(s, str) for s in summaries):
+        raise TraceError(f"trace {tid!r}: field 'block_summaries' must be a list of strings")
+    if not isinstance(pairs, list):
+        raise TraceError(f"trace {tid!r}: field 'blocks' must be a list of [first, last] pairs")
+    if len(summaries) != len(pairs):
+        raise TraceError(f"trace {tid!r}: {len(pairs)} blocks but {len(summaries)} block_summaries")
+    n = len(sents)
+    prev_last = None
+    for i, pair in enumerate(pairs):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(type(v) is int for v in pair)
+        if not ok:
+            raise TraceError(f"trace {tid!r}: block {i} is {pair!r}, expected [first, last] integer sentence indices")
+        first, last = pair
+        if not 0 <= first <= last < n:
+            raise TraceError(f"trace {tid!r}: block {i} = [{first}, {last}] is not a range inside 0..{n - 1}")
+        if prev_last is not None and first != prev_last + 1:
+            what = "overlaps" if first <= prev_last else "leaves a gap after"
+            raise TraceError(f"trace {tid!r}: block {i} = [{first}, {last}] {what} block {i - 1} (ends at {prev_last})")
+        prev_last = last
+
+    def join(idx: range) -> str:
+        return " ".join(s.strip() for s in (sents[j] for j in idx) if s.strip())
+
+    try:
+        problem = _first_key(record, PROMPT_KEYS)
+        suffix = _first_key(record, ANSWER_KEYS)
+    except TraceError as e:
+        raise TraceError(f"trace {tid!r}: {e}") from None
+    pre = join(range(pairs[0][0])) if pairs else join(range(n))
+    post = join(range(pairs[-1][1] + 1, n)) if pairs else ""
+    prompt = "\n\n".join(t for t in (problem, pre) if t)
+    answer_parts = [t for t in (post, suffix) if t]
+    answer = "\n\n".join(answer_parts) if answer_parts else (suffix if suffix is not None else None)
+    blocks = [join(range(first, last + 1)) for first, last in pairs]
+    return Trace(tid, prompt, blocks, [s.strip() for s in summaries], answer)
+
+
+def read_jsonl(path: str | Path) -> list[Trace]:
+    """Every pipeline record of a JSONL file as a `Trace`; errors name the line. Blank lines are skipped."""
+    path = Path(path)
+    traces: list[Trace] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                trace = from_pipeline_record(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except TraceError as e:
+                raise TraceError(f"{path}:{lineno}: {e}") from None
+            if trace.trace_id in seen:
+                first = seen[trace.trace_id]
+                raise TraceError(f"{path}:{lineno}: trace id {trace.trace_id!r} already used on line {first}")
+            seen[trace.trace_id] = lineno
+            traces.append(trace)
+    if not traces:
+        raise TraceError(f"{path}: no records")
+    return traces
+
+
+def _strip_eos(text: str) -> str:
+    text = text.strip()
+    changed = True
+    while changed:
+        changed = False
+        for eos in _EOS_STRINGS:
+            if text.endswith(eos):
+                text, changed = text[: -len(eos)].rstrip(), True
+    return text
+
+
+def from_generated_text(text: str, trace_id: str, *, drop_unfinished: bool = False) -> Trace:
+    """Parse Memento-format text as a served model emits it (``skip_special_tokens: false``).
+
+    `prompt <think> (<|block_start|> T <|block_end|> <|summary_start|> M <|summary_end|>)*
+    </think> answer`. The prompt is the text before <think> (or before the first block if
+    there is no <think>); only whitespace may stand between a block, its memento and the
+    next block. Fields are stripped; end-of-turn tokens (<|im_end|>, ...) after the answer
+    are dropped. A trailing unfinished block (a truncated generation) is an error unless
+    ``drop_unfinished=True``; without </think> the answer is None.
+    """
+    blocks: list[str] = []
+    summaries: list[str] = []
+    prompt: str | None = None
+    answer: str | None = None
+    state, mark = "prompt", 0  # mark: where the text of the current region starts
+    block_text = ""
+
+    def fail(pos: int, problem: str) -> TraceError:
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return TraceError(f"trace {trace_id!r}, line {line}, column {col}: {problem}")
+
+    def only_space(stop: int, between: str) -> None:
+        gap = text[mark:stop]
+        if gap.strip():
+            raise fail(mark + len(gap) - len(gap.lstrip()), f"text {gap.strip()[:30]!r} {between}")
+
+    for m in _MARKER_RE.finditer(text):
+        tok, pos = m.group(), m.start()
+        if tok == THINK:
+            if state != "prompt":
+                raise fail(pos, "<think> after the prompt")
+            prompt, state = text[:pos], "think"
+        elif tok == BS:
+            if state == "prompt":
+                prompt = text[:pos]
+            elif state == "think":
+                only_space(pos, "between <think> and the first <|block_start|>")
+            elif state == "between":
+                only_space(pos, f"between the memento of block {len(blocks) - 1} and the next <|block_start|>")
+            else:
+                raise fail(pos, f"<|block_start|> while block {len(blocks)} is unfinished" if state != "answer"
+                           else "<|block_start|> after </think>")
+            state = "block"
+        elif tok == BE:
+            if state != "block":
+                raise fail(pos, "<|block_end|> with no open block")
+            block_text, state = text[mark:pos], "after_block"
+        elif tok == SS:
+            if state != "after_block":
+                raise fail(pos, "<|summary_start|> not preceded by <|block_end|>")
+            only_space(pos, f"between <|block_end|> and <|summary_start|> of block {len(blocks)}")
+            state = "summary"
+        elif tok == SE:
+            if state != "summary":
+                raise fail(pos, "<|summary_end|> with no open <|summary_start|>")
+            blocks.append(block_text.strip())
+            summaries.append(text[mark:pos].strip())
+            state = "between"
+        elif tok == THINK_END:
+            if state in ("block", "after_block", "summary"):
+                raise fail(pos, f"</think> while block {len(blocks)} is unfinished")
+            if state == "answer":
+                raise fail(pos, "second </think>")
+            if state == "prompt":
+                prompt = text[:pos]
+            elif state == "between":
+                only_space(pos, f"between the memento of block {len(blocks) - 1} and </think>")
+            else:
+                only_space(pos, "between <think> and </think>")
+            state = "answer"
+        mark = m.end()
+
+    if state in ("block", "after_block", "summary") and not drop_unfinished:
+        raise TraceError(
+            f"trace {trace_id!r}: block {len(blocks)} is unfinished at the end of the text "
+            "(pass drop_unfinished=True to drop it)"
+        )
+    if state == "answer":
+        answer = _strip_eos(text[mark:])
+    elif state == "between":
+        only_space(len(text), "after the last memento (no </think>)")
+    elif state == "think":
+        only_space(len(text), "after <think> (no block, no </think>)")
+    elif state == "prompt":
+        raise TraceError(f"trace {trace_id!r}: no Memento markers in the text")
+    return Trace(trace_id, (prompt or "").strip(), blocks, summaries, answer)
+
+
+def read_generated(path: str | Path, trace_id: str | None = None, **kw: Any) -> Trace:
+    """`from_generated_text` on a file; the trace id defaults to the file's stem."""
+    path = Path(path)
+    return from_generated_text(path.read_text(encoding="utf-8"), trace_id or path.stem, **kw)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_with_spans(trace: Trace) -> tuple[str, list[tuple[int, int]]]:
+    """`render(trace)` and the (start, stop) character span of each block's content in it."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+
+    def add(s: str) -> None:
+        nonlocal pos
+        parts.append(s)
+        pos += len(s)
+
+    if trace.prompt:
+        add(trace.prompt + "\n")
+    add(THINK + "\n")
+    for i, (content, summary) in enumerate(zip(trace.blocks, trace.summaries)):
+        if i:
+            add("\n")
+        add(BS)
+        spans.append((pos, pos + len(content)))
+        add(content + BE + "\n" + SS + summary + SE + "\n")
+    if trace.answer is not None:
+        add(THINK_END + ("\n\n" + trace.answer if trace.answer else ""))
+    return "".join(parts), spans
+
+
+def render(trace: Trace) -> str:
+    """The trace as text in the Memento token format (whitespace: see the module docstring)."""
+    return render_with_spans(trace)[0]
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def encode_text(text: str, tokenizer: Any, *, offsets: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids of `text` with the tokenizer's own special-token convention (Qwen3 adds no
+    BOS; tokenizers that need one add it). With `offsets`, also each token's character span."""
+    if offsets and not getattr(tokenizer, "is_fast", False):
+        raise TraceError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets are unavailable")
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=offsets)
+    return list(enc["input_ids"]), ([tuple(o) for o in enc["offset_mapping"]] if offsets else None)
+
+
+def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None = None) -> tuple[torch.Tensor, Layout]:
+    """Render, tokenize and parse one trace: input_ids (T,) int64 and its `Layout`.
+
+    `special` defaults to `SpecialTokens.from_tokenizer(tokenizer)`, which raises if the
+    markers are missing (add them with `add_memento_tokens`, never silently).
+    """
+    special = special or SpecialTokens.from_tokenizer(tokenizer)
+    ids, _ = encode_text(render(trace), tokenizer)
+    try:
+        layout = parse_layout(ids, special)
+    except LayoutError as e:
+        raise TraceError(f"trace {trace.trace_id!r}: rendered tokens are not valid Memento structure: {e}") from None
+    if layout.n_blocks != trace.n_blocks:
+        raise TraceError(
+            f"trace {trace.trace_id!r}: tokenized into {layout.n_blocks} blocks, expected {trace.n_blocks} "
+            "(are the markers single tokens in this tokenizer?)"
+        )
+    return torch.tensor(ids, dtype=torch.long), layout
+
+
+# ----------------------------------------------------------------------------- new tokens
+
+
+def add_memento_tokens(
+    tokenizer: Any,
+    model: Any = None,
+    *,
+    init: str = "mean",
+    noise: float = 0.01,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Add the Memento markers missing from `tokenizer` as special tokens; returns {text: id} of those added.
+
+    The four block/summary markers, and <think>/</think> if missing. With a `model`, its
+    embeddings are resized to cover the tokenizer (if needed) and each new marker's row
+    (input embedding and, if untied, output embedding) is set to
+    ``base + noise * std(existing rows) * N(0, 1)`` with a generator seeded by `seed`, where
+    base is, for ``init="mean"``, the mean of the rows of the tokens of related words
+    (``RELATED_WORDS``: "block start" for <|block_start|>, ...) and, for ``init="vocab_mean"``,
+    the mean of all existing rows. Other rows are not touched.
+    """
+    from tokenizers import AddedToken
+
+    if init not in ("mean", "vocab_mean"):
+        raise ValueError(f"init must be 'mean' or 'vocab_mean', got {init!r}")
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKEN_STRINGS.values() if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    added = {t: tokenizer.convert_tokens_to_ids(t) for t in missing}
+    if model is None:
+        return added
+
+    emb_in = model.get_input_embeddings()
+    old_rows = emb_in.weight.shape[0]
+    # rows to set: markers added now, and markers the old embedding matrix did not cover
+    new_ids = {t: i for t, i in ((t, tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKEN_STRINGS.values())
+               if t in added or i >= old_rows}
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(out.weight)
+
+    gen = torch.Generator().manual_seed(seed)
+    related: dict[str, list[int]] = {}
+    for text in new_ids:
+        ids = tokenizer(RELATED_WORDS[text], add_special_tokens=False)["input_ids"]
+        ids = [i for i in ids if i < old_rows and i not in tokenizer.all_special_ids]
+        if init == "mean" and not ids:
+            raise ValueError(f"cannot initialise {text}: the words {RELATED_WORDS[text]!r} give no usable tokens")
+        related[text] = ids
+    with torch.no_grad():
+        for W in matrices:  # (V, d)
+            old = W[:old_rows].float()
+            scale = old.std()
+            for text, idx in new_ids.items():
+                base = old[related[text]].mean(0) if init == "mean" else old.mean(0)  # (d,)
+                eps = torch.randn(W.shape[1], generator=gen)
+                W[idx] = (base + noise * scale * eps).to(W.dtype)
+    return added
