@@ -1,14 +1,16 @@
 """Synthetic toy sequences: 10 blocks of 5 random digits, each followed by its memento.
 
-One sequence is 112 tokens:
+One sequence is 122 tokens:
 
     <think>
     <|block_start|> d d d d d <|block_end|> <|summary_start|> s s s <|summary_end|>   x 10
     </think>
 
-Block i (0-based) starts at position 1 + 11*i. Its memento `s s s` is the zero-padded
+Block i (0-based) starts at position 1 + 12*i. Its memento `s s s` is the zero-padded
 3-digit cumulative sum of every block digit so far (blocks 0..i), at most 10*5*9 = 450.
 Every sequence shares this one layout, so one parsed `Layout` serves a whole batch.
+(Issue #3 quoted 112 tokens and blocks at 1 + 11*i; that arithmetic drops one token per
+block: the 12 tokens above are 4 markers + 5 digits + 3 memento digits.)
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ __all__ = [
 N_BLOCKS = 10
 N_DIGITS = 5  # digits per block
 MEMENTO_DIGITS = 3
-BLOCK_LEN = 1 + N_DIGITS + 1 + 1 + MEMENTO_DIGITS + 1  # 11 tokens: BS d*5 BE SS s*3 SE
-SEQ_LEN = 1 + N_BLOCKS * BLOCK_LEN + 1  # 112
+BLOCK_LEN = 1 + N_DIGITS + 1 + 1 + MEMENTO_DIGITS + 1  # 12 tokens: BS d*5 BE SS s*3 SE
+SEQ_LEN = 1 + N_BLOCKS * BLOCK_LEN + 1  # 122
 
 
 def block_start(i: int) -> int:
@@ -55,7 +57,7 @@ MEMENTO_POSITIONS = np.array(
 
 
 def _template() -> np.ndarray:
-    """The marker tokens of a sequence, with -1 where digits go. (112,)"""
+    """The marker tokens of a sequence, with -1 where digits go. (122,)"""
     t = np.full(SEQ_LEN, -1, dtype=np.int64)
     t[0] = SPECIAL.think
     t[-1] = SPECIAL.think_end
@@ -80,7 +82,7 @@ def layout() -> Layout:
 class ToyBatch:
     """A batch of toy sequences.
 
-    input_ids: (N, 112) int64 token ids
+    input_ids: (N, 122) int64 token ids
     digits:    (N, 10, 5) int64 block digits
     mementos:  (N, 10, 3) int64 memento digits (hundreds, tens, units of the running sum)
     """
@@ -118,7 +120,7 @@ def generate(n: int, seed: int, *, block_digits: dict[int, np.ndarray] | None = 
         digits[:, block] = forced
     running = digits.sum(-1).cumsum(-1)  # (N, 10), at most 450
     mementos = np.stack([running // 100, running // 10 % 10, running % 10], axis=-1)  # (N, 10, 3)
-    ids = np.broadcast_to(_TEMPLATE, (n, SEQ_LEN)).copy()  # (N, 112)
+    ids = np.broadcast_to(_TEMPLATE, (n, SEQ_LEN)).copy()  # (N, 122)
     ids[:, DIGIT_POSITIONS.ravel()] = digits.reshape(n, -1)
     ids[:, MEMENTO_POSITIONS.ravel()] = mementos.reshape(n, -1)
     return ToyBatch(torch.from_numpy(ids), torch.from_numpy(digits), torch.from_numpy(mementos))

@@ -1,0 +1,276 @@
+"""Fit a grid of probes in one call: every group x digit, batched in PyTorch.
+
+A "group" is one cell of the capture grid (layer x position site x offset x
+pooling); all groups hold features of the same samples. Inputs are arrays only:
+
+    X_train (G, N, D), X_val (G, M, D)   float features (numpy or torch)
+    y_train (N, K) or (G, N, K)          integer labels in [0, n_classes)
+    y_val   (M, K) or (G, M, K)
+
+Features are standardised per group and feature with the training split's mean
+and standard deviation only; the validation split never informs the probe.
+`fit_sklearn` fits the same linear probes one at a time with scikit-learn's
+`LogisticRegression`, as the reference the batched solver is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .linear import LinearConfig, LinearProbes, fit_linear_probes
+from .mlp import MLPConfig, fit_mlp_probes
+
+__all__ = ["ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn"]
+
+KINDS = ("linear", "mlp")
+
+
+@dataclass
+class Standardizer:
+    """Per-group, per-feature z-scoring with training statistics: mean, std (G, 1, D)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> "Standardizer":
+        """Statistics of training features x (G, N, D); constant features get std 1."""
+        std, mean = torch.std_mean(x, dim=1, keepdim=True, correction=0)
+        std = torch.where(std > 1e-6 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+        return cls(mean=mean, std=std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised copy of x (G, B, D)."""
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class ProbeFit:
+    """Probes fitted on one grid, with their validation predictions.
+
+    log_probs: validation log-probabilities (G, M, K, C), float32.
+    y_val: validation labels (G, M, K), int64 (broadcast over groups if given as (M, K)).
+    digit_accuracy: validation accuracy per group and digit (G, K).
+    accuracy: validation accuracy per group, mean over digits (G,).
+    train_accuracy: same on the training split (G,), to see overfitting.
+    n_steps: L-BFGS iterations (linear) or best epoch (mlp), per problem (G, K).
+    converged: gradient tolerance reached (linear) or early stopping triggered (mlp), (G, K).
+    probe, standardizer: the fitted module and its input scaling, for `predict_log_proba`.
+    """
+
+    kind: str
+    log_probs: np.ndarray
+    y_val: np.ndarray
+    digit_accuracy: np.ndarray
+    accuracy: np.ndarray
+    train_accuracy: np.ndarray
+    n_steps: np.ndarray
+    converged: np.ndarray
+    seed: int
+    config: Any
+    probe: nn.Module
+    standardizer: Standardizer
+
+    @torch.no_grad()
+    def predict_log_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Log-probabilities (G, B, K, C) of these probes on new features x (G, B, D)."""
+        ref = self.standardizer.mean
+        x = _as_features(x, "x", ref.device)
+        if x.shape[0] != ref.shape[0] or x.shape[2] != ref.shape[2]:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected ({ref.shape[0]}, B, {ref.shape[2]})")
+        return torch.log_softmax(self.probe(self.standardizer(x)), dim=-1).cpu().numpy()
+
+
+def _as_features(x: Any, name: str, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (G, N, D), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _as_labels(y: Any, name: str, n_groups: int, n_samples: int, n_classes: int, device: torch.device) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer labels, got dtype {y.dtype}")
+    if y.dim() == 2:
+        y = y.unsqueeze(0).expand(n_groups, -1, -1)
+    if y.dim() != 3 or y.shape[0] != n_groups or y.shape[1] != n_samples:
+        expected = f"({n_samples}, K) or ({n_groups}, {n_samples}, K)"
+        raise ValueError(f"{name} has shape {tuple(y.shape)}, expected {expected}")
+    if y.shape[2] < 1:
+        raise ValueError(f"{name} has no digits (K = 0)")
+    if bool((y < 0).any() or (y >= n_classes).any()):
+        raise ValueError(f"{name} has labels outside 0..{n_classes - 1}")
+    return y.to(device=device, dtype=torch.long).contiguous()
+
+
+def check_probe_inputs(
+    X_train: Any, y_train: Any, X_val: Any, y_val: Any, n_classes: int = 10, device: str | torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and convert a probe grid: returns X_train (G, N, D), y_train (G, N, K), X_val, y_val as tensors.
+
+    Raises ValueError naming the first problem (shape mismatch, non-integer or
+    out-of-range labels, NaN/inf features).
+    """
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    device = torch.device(device or "cpu")
+    xt = _as_features(X_train, "X_train", device)
+    xv = _as_features(X_val, "X_val", device)
+    G, N, D = xt.shape
+    if N < 2:
+        raise ValueError(f"X_train needs at least 2 samples, got {N}")
+    if xv.shape[0] != G or xv.shape[2] != D:
+        raise ValueError(f"X_val has shape {tuple(xv.shape)}, expected ({G}, M, {D}) to match X_train")
+    if xv.shape[1] < 1:
+        raise ValueError("X_val has no samples")
+    yt = _as_labels(y_train, "y_train", G, N, n_classes, device)
+    yv = _as_labels(y_val, "y_val", G, xv.shape[1], n_classes, device)
+    if yt.shape[2] != yv.shape[2]:
+        raise ValueError(f"y_train has {yt.shape[2]} digits but y_val has {yv.shape[2]}")
+    return xt, yt, xv, yv
+
+
+def _accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Accuracy (G, K) of log-probs / logits (G, N, K, C) against labels (G, N, K)."""
+    return (log_probs.argmax(dim=-1) == y).float().mean(dim=1)
+
+
+@torch.no_grad()
+def _predict(probe: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Log-probabilities (G, N, K, C) in sample chunks (bounds memory for wide MLPs)."""
+    parts = [torch.log_softmax(probe(x[:, i:i + chunk]), dim=-1) for i in range(0, x.shape[1], chunk)]
+    return torch.cat(parts, dim=1)
+
+
+def fit_probes(
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    kind: str = "linear",
+    *,
+    l2: float | None = None,
+    seed: int = 0,
+    config: LinearConfig | MLPConfig | None = None,
+    n_classes: int = 10,
+    device: str | torch.device | None = None,
+) -> ProbeFit:
+    """Fit one probe per group and digit, all in one batched computation, and score it on validation.
+
+    X_train (G, N, D), X_val (G, M, D): features, numpy or torch, cast to float32.
+    y_train (N, K) | (G, N, K), y_val (M, K) | (G, M, K): integer labels in [0, n_classes).
+    kind: "linear" (multinomial logistic regression, L-BFGS, matches scikit-learn)
+        or "mlp" (the paper's 512-256-128 MLP, Adam, early stopping).
+    l2: L2 strength on weights in the mean-loss objective; overrides config.l2.
+    seed: MLP initialisation, holdout and batch order (linear fits are seed-free).
+    device: where to compute ("cpu", "cuda", ...); results come back as numpy.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    default = LinearConfig() if kind == "linear" else MLPConfig()
+    config = default if config is None else config
+    if type(config) is not type(default):
+        raise ValueError(f"kind {kind!r} takes a {type(default).__name__}, got {type(config).__name__}")
+    if l2 is not None:
+        config = replace(config, l2=l2)
+    xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes, device)
+    scaler = Standardizer.fit(xt)
+    xt, xv = scaler(xt), scaler(xv)
+
+    if kind == "linear":
+        probe, info = fit_linear_probes(xt, yt, n_classes, config)
+        n_steps, converged = info.n_iter, info.converged
+    else:
+        probe, info = fit_mlp_probes(xt, yt, n_classes, config, seed)
+        K = yt.shape[2]
+        n_steps = info.best_epoch[:, None].expand(-1, K)
+        converged = info.stopped_early[:, None].expand(-1, K)
+
+    log_probs = _predict(probe, xv)  # (G, M, K, C)
+    digit_acc = _accuracy(log_probs, yv)
+    return ProbeFit(
+        kind=kind,
+        log_probs=log_probs.cpu().numpy(),
+        y_val=yv.cpu().numpy(),
+        digit_accuracy=digit_acc.cpu().numpy(),
+        accuracy=digit_acc.mean(dim=1).cpu().numpy(),
+        train_accuracy=_accuracy(_predict(probe, xt), yt).mean(dim=1).cpu().numpy(),
+        n_steps=n_steps.cpu().numpy(),
+        converged=converged.cpu().numpy(),
+        seed=seed,
+        config=config,
+        probe=probe,
+        standardizer=scaler,
+    )
+
+
+def fit_sklearn(
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    *,
+    l2: float = LinearConfig.l2,
+    max_iter: int = 1000,
+    tol: float = LinearConfig.tol,
+    n_classes: int = 10,
+) -> ProbeFit:
+    """The reference: the same linear probe grid, one `sklearn.linear_model.LogisticRegression` at a time.
+
+    Same inputs, standardisation and objective as `fit_probes(kind="linear")`;
+    C = 1 / (l2 * N). Slow by design (G * K separate fits). Needs every class
+    present in each digit's training labels (scikit-learn drops absent classes).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not l2 > 0:
+        raise ValueError(f"fit_sklearn needs l2 > 0, got {l2!r}")
+    xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes)
+    scaler = Standardizer.fit(xt)
+    xt_np, xv_np = scaler(xt).numpy(), scaler(xv).numpy()
+    yt_np, yv_np = yt.numpy(), yv.numpy()
+    G, N, D = xt_np.shape
+    K, M = yt_np.shape[2], xv_np.shape[1]
+
+    log_probs = np.empty((G, M, K, n_classes), dtype=np.float32)
+    train_pred = np.empty((G, N, K), dtype=np.int64)
+    weight = np.empty((G, D, K, n_classes), dtype=np.float32)
+    bias = np.empty((G, K, n_classes), dtype=np.float32)
+    n_steps = np.empty((G, K), dtype=np.int64)
+    for g in range(G):
+        for k in range(K):
+            present = np.unique(yt_np[g, :, k])
+            if len(present) != n_classes:
+                missing = sorted(set(range(n_classes)) - set(present.tolist()))
+                raise ValueError(f"fit_sklearn: y_train digit {k} of group {g} has no samples of class {missing[0]}")
+            clf = LogisticRegression(C=1.0 / (l2 * N), max_iter=max_iter, tol=tol)
+            clf.fit(xt_np[g], yt_np[g, :, k])
+            log_probs[g, :, k] = clf.predict_log_proba(xv_np[g])
+            train_pred[g, :, k] = clf.predict(xt_np[g])
+            weight[g, :, k] = clf.coef_.T
+            bias[g, k] = clf.intercept_
+            n_steps[g, k] = clf.n_iter_[0]
+
+    digit_acc = (log_probs.argmax(axis=-1) == yv_np).mean(axis=1)
+    return ProbeFit(
+        kind="sklearn",
+        log_probs=log_probs,
+        y_val=yv_np,
+        digit_accuracy=digit_acc,
+        accuracy=digit_acc.mean(axis=1),
+        train_accuracy=(train_pred == yt_np).mean(axis=(1, 2)),
+        n_steps=n_steps,
+        converged=n_steps < max_iter,
+        seed=0,
+        config=LinearConfig(l2=l2, max_iter=max_iter, tol=tol),
+        probe=LinearProbes(torch.from_numpy(weight), torch.from_numpy(bias)),
+        standardizer=scaler,
+    )

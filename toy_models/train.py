@@ -1,0 +1,237 @@
+"""Train the toy Memento transformer under memento attention (keep_last_n_blocks = 0).
+
+    from toy_models.train import TrainConfig, train
+    train(TrainConfig(steps=3000, out_dir="runs/toy"))
+
+A run directory holds train_config.json, training_log.jsonl (one line per evaluation:
+step, loss, task accuracy, wall time) and step_XXXXXX/ checkpoints. Training batches
+are drawn fresh every step from a seed derived from (config seed, step), so a run
+needs no dataset and resuming needs no data-loader state: after an interruption,
+`train(config, resume=True)` restarts from the last checkpoint and gives the same
+weights as a run that never stopped (on the same device).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
+
+from .checkpoint import TRAIN_STATE, save_checkpoint
+from .data import SEQ_LEN, generate
+from .model import build_model
+from .task import heldout_seed, memento_attention, task_accuracy, task_loss, train_seed
+
+__all__ = ["RunDirError", "TrainConfig", "latest_checkpoint", "make_optimizer", "train", "training_batch"]
+
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "training_log.jsonl"
+EVAL_SET = 0  # held-out set used for the accuracy logged during training
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, or holds a different run)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters and bookkeeping of one training run."""
+
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup: int = 200  # linear warmup steps, then cosine decay to 0 at `steps`
+    weight_decay: float = 0.1  # on matrices only, not on biases, LayerNorms or embeddings
+    grad_clip: float = 1.0
+    seed: int = 0  # model init and training batches
+    eval_every: int = 100
+    save_every: int = 500
+    eval_samples: int = 2000  # held-out sequences per logged evaluation
+    device: str = "cpu"
+    out_dir: str = "runs/toy"
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "save_every", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("warmup and weight_decay must be >= 0 and lr > 0")
+        if not 0 <= self.seed < 2**30:
+            raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that define the run's results (not where or how fast it runs)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
+
+
+def training_batch(config: TrainConfig, step: int) -> torch.Tensor:
+    """Input ids of the batch at `step` (0-based). (batch_size, T)"""
+    return generate(config.batch_size, train_seed(config.seed, step)).input_ids
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The run's checkpoint with the highest step that has a train state, else None."""
+    ckpts = sorted(p for p in Path(out_dir).glob("step_[0-9]*") if p.is_dir() and (p / TRAIN_STATE).is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only (not embeddings, biases or LayerNorms)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
+    """Check the run directory against the resume/overwrite flags; return a checkpoint to resume from."""
+    if resume and overwrite:
+        raise ValueError("pass resume or overwrite, not both")
+    out = Path(config.out_dir)
+    saved = out / CONFIG_FILE
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if not saved.is_file():
+                raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: refusing to delete it")
+            shutil.rmtree(out)
+        elif resume:
+            if not saved.is_file():
+                raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: not a toy training run")
+            before = json.loads(saved.read_text())
+            now = config.run_settings()
+            diff = sorted(k for k in now if before.get(k) != now[k])
+            if diff:
+                changes = ", ".join(f"{k}: {before.get(k)} -> {now[k]}" for k in diff)
+                raise RunDirError(f"cannot resume {out}: settings differ from the saved run ({changes})")
+            return latest_checkpoint(out)
+        else:
+            raise RunDirError(f"{out} already holds a run; resume it or overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(config.run_settings(), indent=2) + "\n")
+    return None
+
+
+def train(
+    config: TrainConfig, resume: bool = False, overwrite: bool = False, command: str | None = None
+) -> GPT2LMHeadModel:
+    """Train (or resume) a toy run into `config.out_dir`; return the final model in eval mode.
+
+    resume: continue from the run's last checkpoint (start afresh if it has none yet).
+    overwrite: delete an existing run directory first. Without either, an existing
+    non-empty run directory is refused. `command` is recorded in each checkpoint's
+    meta.json (default: this process's command line).
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for but CUDA is not available")
+    command = command or shlex.join(sys.argv)
+    ckpt = _prepare_run_dir(config, resume, overwrite)
+    out = Path(config.out_dir)
+
+    if ckpt is None:
+        model = build_model(config.seed)
+    else:
+        model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa")
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
+    start, wall_before = 0, 0.0
+    loss_sum, loss_n, accuracy, accuracy_step = 0.0, 0, None, None  # loss since the last log line
+    if ckpt is not None:
+        state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)  # RNG states stay on CPU
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        start, wall_before = state["step"], state["wall_time_s"]
+        loss_sum, loss_n = state["loss_sum"], state["loss_n"]
+        accuracy, accuracy_step = state["task_accuracy"], state["task_accuracy_step"]
+    log_path = out / LOG_FILE
+    if log_path.exists():  # drop lines written after the checkpoint we resume from
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # summed on device: no sync per step
+    attention = memento_attention(model)  # one (1, 1, T, T) mask shared by every batch
+    hardware = _hardware(device)
+    t0 = time.perf_counter() - wall_before
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="toy train", unit="step")
+    for step in bar:
+        ids = training_batch(config, step).to(device, non_blocking=True)  # (B, T)
+        loss = task_loss(model, ids, attention)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        loss_n += 1
+        done = step + 1
+        last = done == config.steps
+        if done % config.eval_every == 0 or last:
+            accuracy, accuracy_step = round(task_accuracy(model, config.eval_samples, heldout_seed(EVAL_SET)), 6), done
+            model.train()
+            record = {
+                "step": done,
+                "loss": round(loss_sum.item() / loss_n, 6),
+                "task_accuracy": accuracy,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": done * config.batch_size * SEQ_LEN,
+                "wall_time_s": round(time.perf_counter() - t0, 3),
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.4f}")
+            loss_sum.zero_()
+            loss_n = 0
+        if done % config.save_every == 0 or last:
+            wall = time.perf_counter() - t0
+            meta = {
+                "seed": config.seed,
+                "step": done,
+                "task_accuracy": accuracy,  # on held-out set 0, measured at task_accuracy_step
+                "task_accuracy_step": accuracy_step,
+                "eval_samples": config.eval_samples,
+                "wall_time_s": round(wall, 3),
+                "hardware": hardware,
+                "transformers": transformers.__version__,
+                "command": command,
+                "config": asdict(config),
+            }
+            state = {
+                "step": done,
+                "wall_time_s": wall,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "loss_sum": loss_sum.item(),
+                "loss_n": loss_n,
+                "task_accuracy": accuracy,
+                "task_accuracy_step": accuracy_step,
+            }
+            if device.type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(model, out / f"step_{done:06d}", meta, state)
+    bar.close()
+    return model.eval()
