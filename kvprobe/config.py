@@ -84,10 +84,29 @@ class MaskSection(_Strict):
 
 class ProbeSection(_Strict):
     kinds: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
-    seeds: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1)  # MLP initialisations; the convex linear probe is fitted once
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    pooling: str = "mean"
+    pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
     shuffled_control: bool = True
+    layers: tuple[int, ...] | None = None  # cells to probe; None: all captured
+    offsets: tuple[int, ...] | None = None
+    mlp_layers: tuple[int, ...] | None = None  # the MLP's cells, a subset to save time; None: same as above
+    mlp_offsets: tuple[int, ...] | None = None
+    n_boot: int = Field(2000, ge=100)
+
+
+class SweepSection(_Strict):
+    """Leakage across training checkpoints (toy): capture + linear probe per checkpoint."""
+
+    checkpoints: tuple[str, ...] = ()  # toy checkpoint names or dirs, in training order; empty: no sweep
+    n_samples: int = Field(10000, ge=100)
+    layers: tuple[int, ...] = (3,)
+    offsets: tuple[int, ...] = (-1, 0, 1)
+    task_samples: int = Field(2000, ge=100)
+
+
+class ReportSection(_Strict):
+    paper: Literal["toy", "none"] = "none"  # put the paper's numbers beside ours
 
 
 class ExperimentConfig(_Strict):
@@ -100,6 +119,8 @@ class ExperimentConfig(_Strict):
     capture: CaptureSection = CaptureSection()
     conditions: dict[str, MaskSection] = {"memento": MaskSection()}
     probe: ProbeSection = ProbeSection()
+    sweep: SweepSection = SweepSection()
+    report: ReportSection = ReportSection()
 
     @field_validator("conditions")
     @classmethod

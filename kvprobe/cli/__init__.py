@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import layout
+from . import capture, demo, layout, run, toy
 from .common import UsageError
 
 # every subcommand module defines register(subparsers); add new ones here
-SUBCOMMAND_MODULES = (layout,)
+SUBCOMMAND_MODULES = (demo, layout, toy, capture, run)
 
 __all__ = ["main"]
 
@@ -42,9 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"kvprobe: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("kvprobe: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # an internal failure: show where, exit 1
+        import traceback
+
+        traceback.print_exc()
+        print("kvprobe: internal error (the traceback above says where); please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="experiment config (.yaml, .toml or .json); default: built-in toy config")
+def add_config_args(p: argparse.ArgumentParser, with_config: bool = True) -> None:
+    if with_config:
+        p.add_argument("--config", help="experiment config (.yaml, .toml or .json); default: built-in toy config")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set data.n_samples=2000 (repeatable; YAML values)")
     g = p.add_mutually_exclusive_group()

@@ -1,0 +1,297 @@
+"""Leakage analysis: probe every (site, offset, layer) cell of a store, with controls.
+
+    grid = probe_store(KVStore("runs/toy/stores/memento"), "memento", ProbeSettings())
+    rows = grid.rows                        # one CellResult per (site, offset, layer, probe)
+    diffs = compare(grid, restart_grid)     # paired differences on the same validation passcodes
+
+The split is label-unique and a pure function of the passcodes and `split_seed`, so
+every condition captured from the same samples is scored on the same validation
+passcodes, and differences between conditions are paired.
+
+Offsets: -1 causal control (must be at chance), 0 direct, +1, +2, ... masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .passcodes import label_unique_split
+from .probes import fit_probes
+from .stats import (
+    binomial_pvalue,
+    bootstrap_ci,
+    digit_accuracy,
+    holm,
+    paired_bootstrap_ci,
+    per_sample_accuracy,
+    per_sample_bits,
+    shuffle_labels,
+    wilson_interval,
+)
+from .store import KVStore
+
+__all__ = [
+    "CellResult",
+    "DiffResult",
+    "GridResult",
+    "ProbeSettings",
+    "apply_holm",
+    "compare",
+    "condition_of",
+    "load_grid",
+    "merge_grids",
+    "probe_store",
+    "save_grid",
+]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How to probe a store.
+
+    kinds: probe families; seeds: MLP initialisations (the linear probe is convex and
+    fitted once); shuffled_control: also fit each probe on permuted training labels;
+    max_group_bytes: feature memory per batched fit (cells are fitted in groups).
+    """
+
+    kinds: tuple[str, ...] = ("linear", "mlp")
+    seeds: int = 3
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    pooling: str = "mean"
+    shuffled_control: bool = True
+    n_boot: int = 2000
+    layers: tuple[int, ...] | None = None  # None: every captured layer
+    offsets: tuple[int, ...] | None = None
+    sites: tuple[str, ...] | None = None
+    max_group_bytes: int = 1 << 30
+    device: str | None = None
+
+
+@dataclass
+class CellResult:
+    """One probe on one (condition, site, offset, layer) cell. Accuracies are fractions."""
+
+    condition: str
+    site: str
+    offset: int
+    layer: int
+    probe: str
+    accuracy: float  # mean over seeds
+    accuracy_std: float  # over seeds (0 for one fit)
+    accuracy_seeds: list[float]
+    digit_accuracy: list[float]
+    ci_low: float  # 95% bootstrap over validation passcodes
+    ci_high: float
+    wilson_low: float
+    wilson_high: float
+    bits: float  # log2(10) - validation cross-entropy in bits, per digit
+    bits_low: float
+    bits_high: float
+    p_value: float  # one-sided exact binomial vs chance
+    shuffled_accuracy: float | None
+    selectivity: float | None
+    train_accuracy: float
+    n_train: int
+    n_val: int
+    p_holm: float = float("nan")  # filled by apply_holm over the whole report
+    significant: bool = False
+
+    @property
+    def condition_label(self) -> str:
+        return condition_of(self.offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["role"] = self.condition_label
+        return d
+
+
+@dataclass
+class DiffResult:
+    """Paired difference a - b of one cell between two conditions."""
+
+    a: str
+    b: str
+    site: str
+    offset: int
+    layer: int
+    probe: str
+    difference: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GridResult:
+    """All cells of one condition, plus per-sample scores for paired comparisons."""
+
+    condition: str
+    rows: list[CellResult]
+    val_index: np.ndarray  # sample ids of the validation split, (M,)
+    per_sample: dict[tuple[str, int, int, str], np.ndarray] = field(default_factory=dict)  # (M,) accuracy
+
+    def cell(self, site: str, offset: int, layer: int, probe: str) -> CellResult:
+        for r in self.rows:
+            if (r.site, r.offset, r.layer, r.probe) == (site, offset, layer, probe):
+                return r
+        raise KeyError((site, offset, layer, probe))
+
+
+def condition_of(offset: int) -> str:
+    """SPEC section 3's name for a memento offset."""
+    return "causal control" if offset < 0 else "direct" if offset == 0 else "masked"
+
+
+def _groups(cells: list[tuple[str, int, int]], n: int, d: int, budget: int) -> Iterable[list[tuple[str, int, int]]]:
+    per_cell = max(1, n * d * 4)
+    size = max(1, budget // per_cell)
+    for i in range(0, len(cells), size):
+        yield cells[i : i + size]
+
+
+def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True) -> GridResult:
+    """Fit every requested probe on every (site, offset, layer) cell of `store`."""
+    passcodes = store.passcodes
+    labels = store.labels  # (N, K)
+    is_val = label_unique_split(passcodes, settings.val_fraction, settings.split_seed)
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    y_tr, y_va = labels[tr], labels[va]
+    layers = list(settings.layers) if settings.layers is not None else store.layers
+    keys = [k for k in store.keys if k.pooling == settings.pooling]
+    if settings.offsets is not None:
+        keys = [k for k in keys if k.offset in settings.offsets]
+    if settings.sites is not None:
+        keys = [k for k in keys if k.site in settings.sites]
+    if not keys:
+        raise ValueError(f"store {store.path} has no features with pooling {settings.pooling!r} for the requested cells")
+    cells = [(k.site, k.offset, layer) for k in keys for layer in layers]
+    D = int(store.config["dims"]["feature_dim"])
+    rows: list[CellResult] = []
+    per_sample: dict[tuple[str, int, int, str], np.ndarray] = {}
+    n_fits = sum(settings.seeds if kind == "mlp" else 1 for kind in settings.kinds)
+    bar = tqdm(total=len(cells) * n_fits, desc=f"probe {condition}", unit="cell", disable=not progress)
+    for group in _groups(cells, len(labels), D, settings.max_group_bytes):
+        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])  # (G, N, D)
+        X_tr, X_va = X[:, tr], X[:, va]
+        del X
+        for kind in settings.kinds:
+            seeds = range(settings.seeds) if kind == "mlp" else range(1)
+            fits = []
+            for seed in seeds:
+                fits.append(fit_probes(X_tr, y_tr, X_va, y_va, kind, seed=seed, device=settings.device))
+                bar.update(len(group))
+            shuffled = None
+            if settings.shuffled_control:
+                shuffled = fit_probes(X_tr, shuffle_labels(y_tr, seed=1000), X_va, y_va, kind, seed=0,
+                                      device=settings.device).accuracy
+            # per-sample scores averaged over seeds: their mean is the mean seed accuracy
+            acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
+            bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
+            acc_ci = bootstrap_ci(acc_s, n_boot=settings.n_boot)
+            bits_ci = bootstrap_ci(bits_s, n_boot=settings.n_boot)
+            wilson = wilson_interval(acc_s.mean(-1), len(va))
+            digits = np.mean([digit_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, K)
+            p_values = binomial_pvalue(fits[0].log_probs, y_va)  # the pre-registered seed-0 probe
+            seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
+            for g, (site, offset, layer) in enumerate(group):
+                per_sample[(site, offset, layer, kind)] = acc_s[g]
+                rows.append(
+                    CellResult(
+                        condition=condition, site=site, offset=offset, layer=layer, probe=kind,
+                        accuracy=float(seed_acc[:, g].mean()),
+                        accuracy_std=float(seed_acc[:, g].std(ddof=1)) if len(fits) > 1 else 0.0,
+                        accuracy_seeds=[float(a) for a in seed_acc[:, g]],
+                        digit_accuracy=[float(a) for a in digits[g]],
+                        ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
+                        wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
+                        bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
+                        p_value=float(p_values[g]),
+                        shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
+                        selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
+                        train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
+                        n_train=len(tr), n_val=len(va),
+                    )
+                )
+    bar.close()
+    rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
+    return GridResult(condition, rows, store.sample_ids[va], per_sample)
+
+
+def apply_holm(rows: list[CellResult], alpha: float = 0.05) -> None:
+    """Holm-correct the p-values of every row of a report together (in place)."""
+    if not rows:
+        return
+    adjusted = holm([r.p_value for r in rows])
+    for r, p in zip(rows, adjusted):
+        r.p_holm = float(p)
+        r.significant = bool(p <= alpha)
+
+
+def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult]:
+    """Paired differences a - b of accuracy for every cell both grids have."""
+    if not np.array_equal(a.val_index, b.val_index):
+        raise ValueError(
+            f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation samples "
+            "(capture both from the same source and seed)"
+        )
+    out = []
+    for key, sa in a.per_sample.items():
+        if key not in b.per_sample:
+            continue
+        ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
+        site, offset, layer, probe = key
+        out.append(DiffResult(a.condition, b.condition, site, offset, layer, probe,
+                              float(ci.estimate), float(ci.low), float(ci.high)))
+    out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
+    return out
+
+
+def merge_grids(grids: list[GridResult]) -> GridResult:
+    """One grid from several probed with different settings on the same condition and split."""
+    first = grids[0]
+    for g in grids[1:]:
+        if g.condition != first.condition or not np.array_equal(g.val_index, first.val_index):
+            raise ValueError("merge_grids takes grids of one condition scored on one validation split")
+    rows = [r for g in grids for r in g.rows]
+    per_sample = {k: v for g in grids for k, v in g.per_sample.items()}
+    rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
+    return GridResult(first.condition, rows, first.val_index, per_sample)
+
+
+def save_grid(grid: GridResult, path: str | Path) -> None:
+    """Write a grid as path.json (rows) and path.npz (validation ids and per-sample scores)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"val_index": grid.val_index}
+    for (site, offset, layer, probe), v in grid.per_sample.items():
+        arrays[f"{site}|{offset}|{layer}|{probe}"] = v
+    np.savez_compressed(path.with_suffix(".npz.tmp.npz"), **arrays)
+    os.replace(path.with_suffix(".npz.tmp.npz"), path.with_suffix(".npz"))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"condition": grid.condition, "rows": [asdict(r) for r in grid.rows]}, indent=1))
+    os.replace(tmp, path.with_suffix(".json"))  # written last: its presence means the grid is whole
+
+
+def load_grid(path: str | Path) -> GridResult:
+    """Read a grid written by `save_grid`."""
+    path = Path(path)
+    data = json.loads(path.with_suffix(".json").read_text())
+    arrays = np.load(path.with_suffix(".npz"))
+    per_sample = {}
+    for name in arrays.files:
+        if name == "val_index":
+            continue
+        site, offset, layer, probe = name.split("|")
+        per_sample[(site, int(offset), int(layer), probe)] = arrays[name]
+    return GridResult(data["condition"], [CellResult(**r) for r in data["rows"]], arrays["val_index"], per_sample)

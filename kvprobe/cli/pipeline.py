@@ -1,0 +1,169 @@
+"""The experiment pipeline behind `kvprobe run`, `probe`, `report` and `demo`.
+
+An experiment directory holds every stage's output, so an interrupted run resumes
+at the first unfinished piece:
+
+    OUT/config.json            resolved config, seed, versions (written first)
+    OUT/stores/CONDITION/      KV stores (resumable shard by shard)
+    OUT/probes/CONDITION.json  probe results per cell (+ .npz per-sample scores)
+    OUT/sweep/sweep.json       leakage across training checkpoints (toy)
+    OUT/report/                results.json/csv, summary.md, figures (PNG + PDF)
+    OUT/timings.json           wall time of each stage
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..analysis import GridResult, ProbeSettings, apply_holm, compare, load_grid, merge_grids, probe_store, save_grid
+from ..config import ExperimentConfig
+from ..store import KVStore, StoreError
+from .capture import capture_all
+from .common import UsageError, record_timing, store_dir
+
+__all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep"]
+
+# pairs compared in the report, when both conditions were captured: (a, b) -> a - b
+COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
+
+
+def _settings(cfg: ExperimentConfig, kind: str) -> ProbeSettings:
+    p = cfg.probe
+    layers, offsets = p.layers, p.offsets
+    if kind == "mlp":
+        layers, offsets = p.mlp_layers or layers, p.mlp_offsets or offsets
+    return ProbeSettings(kinds=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
+                         pooling=p.pooling, shuffled_control=p.shuffled_control, n_boot=p.n_boot,
+                         layers=layers, offsets=offsets, device=cfg.model.device)
+
+
+def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
+    """Probe every condition's store; conditions already probed are read back."""
+    grids = {}
+    for cond in cfg.conditions:
+        path = out / "probes" / cond
+        if path.with_suffix(".json").is_file():
+            grids[cond] = load_grid(path)
+            continue
+        try:
+            store = KVStore(store_dir(out, cond))
+        except StoreError as e:
+            raise UsageError(f"{e} (run `kvprobe capture` first)") from None
+        with store:
+            try:
+                parts = [probe_store(store, cond, _settings(cfg, kind), progress=progress) for kind in cfg.probe.kinds]
+            except ValueError as e:
+                raise UsageError(f"probe: {e}") from None
+        grids[cond] = merge_grids(parts)
+        save_grid(grids[cond], path)
+    return grids
+
+
+def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Capture and linearly probe each sweep checkpoint; finished checkpoints are read back."""
+    if not cfg.sweep.checkpoints:
+        return []
+    if cfg.model.kind != "toy":
+        raise UsageError("sweep.checkpoints: the checkpoint sweep is for the toy model (model.kind: toy)")
+    import toy_models
+    from toy_models.task import task_accuracy
+
+    from ..capture import run_capture
+    from ..capture.spec import CaptureSpec
+    from toy_models.source import ToyPasscodeSource
+
+    sweep_dir = out / "sweep"
+    results_file = sweep_dir / "sweep.json"
+    done = {r["checkpoint"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
+    base = cfg.capture_spec(next(iter(cfg.conditions)))
+    spec = CaptureSpec(**{**base.to_dict(), "layers": list(cfg.sweep.layers), "offsets": list(cfg.sweep.offsets)})
+    settings = ProbeSettings(kinds=("linear",), val_fraction=cfg.probe.val_fraction, split_seed=cfg.seed,
+                             shuffled_control=False, n_boot=cfg.probe.n_boot)
+    rows = []
+    for name in cfg.sweep.checkpoints:
+        if name in done:
+            rows.append(done[name])
+            continue
+        try:
+            model = toy_models.load(name)
+        except FileNotFoundError as e:
+            raise UsageError(f"sweep.checkpoints: {e}") from None
+        meta = toy_models.read_meta(name)
+        source = ToyPasscodeSource(cfg.sweep.n_samples, seed=cfg.seed, target_block=cfg.data.target_block)
+        store_path = sweep_dir / name.replace("/", "_")
+        run_capture(model, source, spec, store_path, mode="resume" if store_path.exists() else "create",
+                    model_name=name, progress=progress)
+        with KVStore(store_path) as store:
+            grid = probe_store(store, name, settings, progress=False)
+        apply_holm(grid.rows)
+        row: dict[str, Any] = {"checkpoint": name, "step": meta.get("step"),
+                               "task_accuracy": task_accuracy(model, n=cfg.sweep.task_samples)}
+        for r in grid.rows:
+            tag = {-1: "control", 0: "direct", 1: "masked"}.get(r.offset, f"offset{r.offset:+d}")
+            if r.layer == max(cfg.sweep.layers):
+                row[f"{tag}_accuracy"] = r.accuracy
+                row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
+        row["layer"] = max(cfg.sweep.layers)
+        rows.append(row)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[dict]) -> list[Path]:
+    """Tables and figures from probe results; always rewritten (cheap)."""
+    from .. import report
+
+    rows = [r for g in grids.values() for r in g.rows]
+    apply_holm(rows)
+    diffs = []
+    for a, b in COMPARISONS:
+        if a in grids and b in grids:
+            diffs.extend(compare(grids[a], grids[b], n_boot=cfg.probe.n_boot))
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings}
+    paper = report.PAPER_TOY if cfg.report.paper == "toy" else None
+    return list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta).values())
+
+
+def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str = "memento") -> str:
+    """A compact text table: probe accuracy (%) by layer (rows) and offset (columns), per condition."""
+    lines = []
+    for cond, grid in grids.items():
+        cells = {(r.layer, r.offset): r for r in grid.rows if r.probe == probe and r.site == site}
+        if not cells:
+            continue
+        layers = sorted({k[0] for k in cells})
+        offsets = sorted({k[1] for k in cells})
+        lines.append(f"{cond}: {probe} probe accuracy (%), chance 10; * = significant after Holm")
+        lines.append("layer " + "".join(f"{o:>+8d}" for o in offsets))
+        for layer in layers:
+            vals = []
+            for o in offsets:
+                r = cells.get((layer, o))
+                vals.append(f"{100 * r.accuracy:7.1f}{'*' if r.significant else ' '}" if r else " " * 8)
+            lines.append(f"{layer:>5} " + "".join(vals))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: ExperimentConfig, out: Path, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
+    """Every stage in order: capture, probe, sweep, report. Returns the probe grids."""
+    t = time.perf_counter()
+    capture_all(cfg, out, mode="resume" if resume else "create", progress=progress)
+    record_timing(out, "capture", time.perf_counter() - t)
+    t = time.perf_counter()
+    grids = stage_probe(cfg, out, progress=progress)
+    record_timing(out, "probe", time.perf_counter() - t)
+    t = time.perf_counter()
+    sweep = stage_sweep(cfg, out, progress=progress)
+    if cfg.sweep.checkpoints:
+        record_timing(out, "sweep", time.perf_counter() - t)
+    t = time.perf_counter()
+    apply_holm([r for g in grids.values() for r in g.rows])
+    stage_report(cfg, out, grids, sweep)
+    record_timing(out, "report", time.perf_counter() - t)
+    return grids

@@ -1,0 +1,86 @@
+"""`kvprobe run`, `kvprobe probe`, `kvprobe report`: the experiment pipeline from a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..config import ExperimentConfig, parse_config
+from .capture import add_config_args
+from .common import UsageError, add_parser, experiment_config, prepare_out_dir, record_timing
+from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep
+
+__all__ = ["register"]
+
+
+def _existing_run(out: str) -> tuple[Path, ExperimentConfig]:
+    path = Path(out)
+    record = path / "config.json"
+    if not record.is_file():
+        raise UsageError(f"{path}: not a kvprobe run directory (no config.json); run `kvprobe capture` or `kvprobe run` first")
+    return path, parse_config(json.loads(record.read_text())["config"], str(record))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = experiment_config(args)
+    out = prepare_out_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite, stage="run")
+    grids = run_pipeline(cfg, out, resume=args.resume)
+    print(leakage_table(grids))
+    print(f"report: {out / 'report' / 'summary.md'}; figures: {out / 'report' / 'figures'}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    out, cfg = _existing_run(args.run_dir)
+    if args.redo:
+        for cond in cfg.conditions:
+            for suffix in (".json", ".npz"):
+                (out / "probes" / cond).with_suffix(suffix).unlink(missing_ok=True)
+    t = time.perf_counter()
+    grids = stage_probe(cfg, out)
+    record_timing(out, "probe", time.perf_counter() - t)
+    print(leakage_table(grids))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    out, cfg = _existing_run(args.run_dir)
+    missing = [c for c in cfg.conditions if not (out / "probes" / f"{c}.json").is_file()]
+    if missing:
+        raise UsageError(f"{out}: no probe results for condition(s) {', '.join(missing)} (run `kvprobe probe {out}`)")
+    grids = stage_probe(cfg, out, progress=False)  # reads the saved results
+    sweep = stage_sweep(cfg, out)
+    paths = stage_report(cfg, out, grids, sweep)
+    print(leakage_table(grids))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(
+        sub, "run", "run a whole experiment from a config: capture, probe, sweep, report (resumable)",
+        "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro\n"
+        "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro --resume   # after an interruption\n"
+        "  kvprobe run experiments/custom_study.toml --out runs/custom --set data.n_samples=2000",
+    )
+    p.add_argument("config", help="experiment config (.yaml, .toml or .json)")
+    p.add_argument("--out", required=True, help="experiment directory")
+    add_config_args(p, with_config=False)
+    p.set_defaults(func=_run)
+
+    p = add_parser(
+        sub, "probe", "train probes on the stores of a run directory and print the leakage table",
+        "  kvprobe probe runs/repro\n  kvprobe probe runs/repro --redo",
+    )
+    p.add_argument("run_dir", help="a directory made by `kvprobe capture` or `kvprobe run`")
+    p.add_argument("--redo", action="store_true", help="refit probes even where results exist")
+    p.set_defaults(func=_probe)
+
+    p = add_parser(
+        sub, "report", "write tables (JSON, CSV, Markdown) and figures (PNG, PDF) from probe results",
+        "  kvprobe report runs/repro",
+    )
+    p.add_argument("run_dir", help="a directory with probe results")
+    p.set_defaults(func=_report)
