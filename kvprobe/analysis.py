@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .passcodes import label_unique_split
-from .probes import fit_probes
+from .probes import LinearConfig, MLPConfig, fit_probes
 from .stats import (
     binomial_pvalue,
     bootstrap_ci,
@@ -73,6 +73,8 @@ class ProbeSettings:
     sites: tuple[str, ...] | None = None
     max_group_bytes: int = 1 << 30
     device: str | None = None
+    linear: LinearConfig = LinearConfig(tol=1e-3)
+    mlp: MLPConfig = MLPConfig()
 
 
 @dataclass
@@ -187,14 +189,15 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
         del X
         for kind in settings.kinds:
             seeds = range(settings.seeds) if kind == "mlp" else range(1)
+            config = settings.mlp if kind == "mlp" else settings.linear
             fits = []
             for seed in seeds:
-                fits.append(fit_probes(X_tr, y_tr, X_va, y_va, kind, seed=seed, device=settings.device))
+                fits.append(fit_probes(X_tr, y_tr, X_va, y_va, kind, seed=seed, device=settings.device, config=config))
                 bar.update(len(group))
             shuffled = None
             if settings.shuffled_control:
                 shuffled = fit_probes(X_tr, shuffle_labels(y_tr, seed=1000), X_va, y_va, kind, seed=0,
-                                      device=settings.device).accuracy
+                                      device=settings.device, config=config).accuracy
             # per-sample scores averaged over seeds: their mean is the mean seed accuracy
             acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
             bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)

@@ -93,6 +93,9 @@ class ProbeSection(_Strict):
     mlp_layers: tuple[int, ...] | None = None  # the MLP's cells, a subset to save time; None: same as above
     mlp_offsets: tuple[int, ...] | None = None
     n_boot: int = Field(2000, ge=100)
+    linear_l2: float = Field(1e-3, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
+    linear_tol: float = Field(1e-3, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)
+    mlp_max_epochs: int = Field(100, ge=1)
 
 
 class SweepSection(_Strict):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..analysis import GridResult, ProbeSettings, apply_holm, compare, load_grid, merge_grids, probe_store, save_grid
 from ..config import ExperimentConfig
+from ..probes import LinearConfig, MLPConfig
 from ..store import KVStore, StoreError
 from .capture import capture_all
 from .common import UsageError, record_timing, store_dir
@@ -37,7 +39,9 @@ def _settings(cfg: ExperimentConfig, kind: str) -> ProbeSettings:
         layers, offsets = p.mlp_layers or layers, p.mlp_offsets or offsets
     return ProbeSettings(kinds=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
                          pooling=p.pooling, shuffled_control=p.shuffled_control, n_boot=p.n_boot,
-                         layers=layers, offsets=offsets, device=cfg.model.device)
+                         layers=layers, offsets=offsets, device=cfg.model.device,
+                         linear=LinearConfig(l2=p.linear_l2, tol=p.linear_tol),
+                         mlp=MLPConfig(max_epochs=p.mlp_max_epochs))
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
@@ -80,15 +84,14 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
     done = {r["checkpoint"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
     base = cfg.capture_spec(next(iter(cfg.conditions)))
     spec = CaptureSpec(**{**base.to_dict(), "layers": list(cfg.sweep.layers), "offsets": list(cfg.sweep.offsets)})
-    settings = ProbeSettings(kinds=("linear",), val_fraction=cfg.probe.val_fraction, split_seed=cfg.seed,
-                             shuffled_control=False, n_boot=cfg.probe.n_boot)
+    settings = replace(_settings(cfg, "linear"), shuffled_control=False, layers=None, offsets=None)
     rows = []
     for name in cfg.sweep.checkpoints:
         if name in done:
             rows.append(done[name])
             continue
         try:
-            model = toy_models.load(name)
+            model = toy_models.load(name).to(cfg.model.device)
         except FileNotFoundError as e:
             raise UsageError(f"sweep.checkpoints: {e}") from None
         meta = toy_models.read_meta(name)
