@@ -87,11 +87,12 @@ class ProbeSection(_Strict):
     seeds: int = Field(3, ge=1)  # MLP initialisations; the convex linear probe is fitted once
     val_fraction: float = Field(0.2, gt=0, lt=1)
     pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
-    shuffled_control: bool = True
+    shuffled_control: bool | tuple[str, ...] = True  # True: every condition; or the conditions to control
     layers: tuple[int, ...] | None = None  # cells to probe; None: all captured
     offsets: tuple[int, ...] | None = None
     mlp_layers: tuple[int, ...] | None = None  # the MLP's cells, a subset to save time; None: same as above
     mlp_offsets: tuple[int, ...] | None = None
+    mlp_sites: tuple[Literal[SITES], ...] | None = None  # type: ignore[valid-type]
     n_boot: int = Field(2000, ge=100)
     linear_l2: float = Field(1e-3, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
     linear_tol: float = Field(1e-3, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)

@@ -32,14 +32,15 @@ __all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stag
 COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
 
 
-def _settings(cfg: ExperimentConfig, kind: str) -> ProbeSettings:
+def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeSettings:
     p = cfg.probe
-    layers, offsets = p.layers, p.offsets
+    layers, offsets, sites = p.layers, p.offsets, None
     if kind == "mlp":
-        layers, offsets = p.mlp_layers or layers, p.mlp_offsets or offsets
+        layers, offsets, sites = p.mlp_layers or layers, p.mlp_offsets or offsets, p.mlp_sites
+    shuffled = p.shuffled_control if isinstance(p.shuffled_control, bool) else condition in p.shuffled_control
     return ProbeSettings(kinds=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
-                         pooling=p.pooling, shuffled_control=p.shuffled_control, n_boot=p.n_boot,
-                         layers=layers, offsets=offsets, device=cfg.model.device,
+                         pooling=p.pooling, shuffled_control=shuffled, n_boot=p.n_boot,
+                         layers=layers, offsets=offsets, sites=sites, device=cfg.model.device,
                          linear=LinearConfig(l2=p.linear_l2, tol=p.linear_tol),
                          mlp=MLPConfig(max_epochs=p.mlp_max_epochs))
 
@@ -58,7 +59,7 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
             raise UsageError(f"{e} (run `kvprobe capture` first)") from None
         with store:
             try:
-                parts = [probe_store(store, cond, _settings(cfg, kind), progress=progress) for kind in cfg.probe.kinds]
+                parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress) for kind in cfg.probe.kinds]
             except ValueError as e:
                 raise UsageError(f"probe: {e}") from None
         grids[cond] = merge_grids(parts)
