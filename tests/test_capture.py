@@ -193,3 +193,21 @@ def test_restart_mode_capture_runs_and_differs_at_masked_offsets(model, tmp_path
     assert b.config["capture"]["mask"] == {"keep_last_n_blocks": 0, "mask_delimiters": True, "restart_mode": True}
     assert not np.allclose(a.features(3, 1), b.features(3, 1))
     assert not np.allclose(a.features(3, -1), b.features(3, -1))  # M_1 cannot see T_1 in restart mode
+
+
+@pytest.mark.parametrize("backend", ["lens", "nnsight"])
+def test_backends_write_the_same_store_on_the_shipped_toy(tmp_path, backend):
+    pytest.importorskip({"lens": "transformer_lens", "nnsight": "nnsight"}[backend])
+    import toy_models
+
+    spec = CaptureSpec(layers=(0, 1, 3), offsets=(-1, 0, 2), sites=("memento", "block_end"),
+                       pooling=("mean", "tokens"), max_tokens=3, dtype="float32", batch_size=32, shard_size=64)
+    ref = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), spec, tmp_path / "hf", progress=False))
+    other_spec = CaptureSpec(**{**spec.to_dict(), "backend": backend})
+    other = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), other_spec, tmp_path / backend,
+                                progress=False))
+    assert other.config["capture"]["backend"] == backend
+    for key in ref.keys:
+        for layer in ref.layers:
+            np.testing.assert_allclose(other.features(layer, key.offset, key.site, key.pooling),
+                                       ref.features(layer, key.offset, key.site, key.pooling), atol=1e-5)
