@@ -70,7 +70,7 @@ def _shard_name(index: int) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
@@ -80,12 +80,13 @@ class StoreWriter:
 
     `meta` is everything that identifies the store's contents (capture config, model
     identity, versions); it is written to config.json first. mode: 'create' refuses an
-    existing path, 'resume' continues a store whose meta matches, 'overwrite' deletes it.
+    existing path, 'resume' continues a store whose meta matches, 'overwrite' deletes it,
+    'join' creates the store or joins one with the same meta (processes sharing a capture).
     """
 
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any], *, mode: str = "create") -> None:
-        if mode not in ("create", "resume", "overwrite"):
-            raise ValueError(f"mode must be 'create', 'resume' or 'overwrite', got {mode!r}")
+        if mode not in ("create", "resume", "overwrite", "join"):
+            raise ValueError(f"mode must be 'create', 'resume', 'overwrite' or 'join', got {mode!r}")
         self.path = Path(path)
         self.meta = json.loads(json.dumps(meta))  # canonical JSON types
         config_file = self.path / CONFIG_FILE
@@ -94,7 +95,7 @@ class StoreWriter:
                 raise StoreError(f"{self.path} already exists (resume or overwrite it explicitly)")
             if mode == "overwrite":
                 shutil.rmtree(self.path)
-            elif not config_file.exists():
+            elif not config_file.exists() and mode != "join":
                 raise StoreError(f"{self.path} exists but is not a kvprobe store (no {CONFIG_FILE})")
             else:
                 self._check_same(json.loads(config_file.read_text()))
@@ -103,6 +104,8 @@ class StoreWriter:
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if not config_file.exists():
             _write_json_atomic(config_file, {"schema_version": SCHEMA_VERSION, **self.meta})
+        elif mode == "join":  # another process created it first
+            self._check_same(json.loads(config_file.read_text()))
 
     def _check_same(self, existing: dict[str, Any]) -> None:
         for key in ("model", "capture", "source"):
@@ -156,13 +159,17 @@ class StoreWriter:
         os.replace(tmp, final)
         return final
 
-    def finalize(self, n_shards: int, attrs: dict[str, Any] | None = None) -> Path:
-        """Join shards 0..n_shards-1 into the virtual-dataset index; the store is then complete."""
+    def finalize(self, n_shards: int, attrs: dict[str, Any] | None = None, tag: str = "") -> Path:
+        """Join shards 0..n_shards-1 into the virtual-dataset index; the store is then complete.
+
+        `tag` names this process's temporary file, so processes finalizing at once never
+        write the same file; the rename into place is atomic and their indexes identical.
+        """
         missing = sorted(set(range(n_shards)) - self.done_shards())
         if missing:
             raise StoreError(f"{self.path}: cannot finalize, shards {missing[:5]} are missing")
         shards = [self.shard_dir / _shard_name(i) for i in range(n_shards)]
-        index_tmp = self.path / (INDEX_FILE + ".tmp")
+        index_tmp = self.path / f"{INDEX_FILE}.{tag or os.getpid()}.tmp"
         with h5py.File(shards[0], "r") as f0:
             names: list[str] = []
             f0.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)

@@ -211,3 +211,24 @@ def test_backends_write_the_same_store_on_the_shipped_toy(tmp_path, backend):
         for layer in ref.layers:
             np.testing.assert_allclose(other.features(layer, key.offset, key.site, key.pooling),
                                        ref.features(layer, key.offset, key.site, key.pooling), atol=1e-5)
+
+
+def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
+    src = ToyPasscodeSource(300, seed=4)
+    spec = CaptureSpec(layers=(0, 2), offsets=(-1, 1), batch_size=50, shard_size=64)  # 5 shards
+    single = run_capture(model, src, spec, tmp_path / "one", progress=False)
+    shared = tmp_path / "ranks"
+    run_capture(model, src, spec, shared, progress=False, rank=1, world_size=2)  # shards 1, 3
+    assert not (shared / "kvstore.h5").exists()  # rank 0's shards are missing: no index yet
+    with pytest.raises(StoreError, match="incomplete store"):
+        KVStore(shared)
+    run_capture(model, src, spec, shared, progress=False, rank=0, world_size=2)  # shards 0, 2, 4; finalizes
+    fa, fb = _store_arrays(single), _store_arrays(shared)
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        np.testing.assert_array_equal(fa[name], fb[name])
+    with pytest.raises(StoreError, match="another capture"):
+        other = CaptureSpec(**{**spec.to_dict(), "layers": [0]})
+        run_capture(model, src, other, shared, progress=False, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        run_capture(model, src, spec, tmp_path / "bad", progress=False, rank=2, world_size=2)

@@ -234,12 +234,23 @@ def run_capture(
     model_name: str | None = None,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
     """Capture `source` through `model` into the store at `out`; returns the store path.
 
     mode: 'create' (refuse an existing store), 'resume' (continue the same config),
     'overwrite'. Writes shard by shard; memory stays flat in the number of samples.
+
+    Several processes (e.g. under torchrun) split a capture with `rank`/`world_size`:
+    rank r writes shards r, r + world_size, ...; each joins the same store directory
+    (same config required) and whichever finishes last writes the index. The result
+    is the same store a single process writes.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if world_size > 1 and mode == "create":
+        mode = "join"
     plan = plan_capture(model, source, spec)
     backend = get_backend(spec.backend)
     meta = {
@@ -256,10 +267,12 @@ def run_capture(
     done = writer.done_shards()
     n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)
     bar = tqdm(total=plan.n_samples, unit="sample", desc="capture", disable=not progress)
-    bar.update(sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in done if i < plan.n_shards))
+    mine = [i for i in range(plan.n_shards) if i % world_size == rank]
+    bar.total = sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in mine)
+    bar.update(sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in done if i in mine))
     with torch.inference_mode():
         for shard in range(plan.n_shards):
-            if shard in done:
+            if shard in done or shard % world_size != rank:
                 continue
             lo, hi = shard * spec.shard_size, min((shard + 1) * spec.shard_size, plan.n_samples)
             feats: dict[FeatureKey, list[np.ndarray]] = {k: [] for k in plan.keys}
@@ -284,5 +297,6 @@ def run_capture(
             if on_shard is not None:
                 on_shard(shard)
     bar.close()
-    writer.finalize(plan.n_shards)
+    if len(writer.done_shards() & set(range(plan.n_shards))) == plan.n_shards:
+        writer.finalize(plan.n_shards, tag=str(rank))
     return Path(out)

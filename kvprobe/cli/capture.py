@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 
 from ..capture import plan_capture, run_capture
@@ -12,7 +14,8 @@ from .common import UsageError, add_parser, experiment_config, prepare_out_dir, 
 from .resolve import load_model, make_source
 
 
-def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = False, progress: bool = True) -> list[Path]:
+def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = False, progress: bool = True,
+                rank: int = 0, world_size: int = 1) -> list[Path]:
     """Capture every condition of `cfg` under out/stores/; with dry_run only print the plans."""
     model = load_model(cfg.model)
     source = make_source(cfg)
@@ -40,7 +43,7 @@ def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = 
             continue
         try:
             run_capture(model, source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
-                        progress=progress)
+                        progress=progress, rank=rank, world_size=world_size)
         except StoreError as e:
             raise UsageError(str(e)) from None
         paths.append(path)
@@ -54,10 +57,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise UsageError("--out: an output directory is needed (or use --dry-run)")
-    out = prepare_out_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite, stage="capture")
-    capture_all(cfg, out, mode="resume" if args.resume else "create")
+    rank, world = args.rank, args.world_size
+    if not 0 <= rank < world:
+        raise UsageError(f"--rank {rank} is not in 0..{world - 1} (--world-size {world})")
+    # rank 0 prepares the directory; the others wait for it and join
+    joining = rank > 0
+    if joining:
+        _wait_for(Path(args.out) / "config.json")
+    out = prepare_out_dir(Path(args.out), cfg, resume=args.resume or joining, overwrite=args.overwrite and rank == 0,
+                          stage="capture")
+    capture_all(cfg, out, mode="resume" if args.resume else "create", rank=rank, world_size=world)
     print(f"stores written under {out / 'stores'}")
     return 0
+
+
+def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:
+    start = time.monotonic()
+    while not path.is_file():
+        if time.monotonic() - start > timeout_s:
+            raise UsageError(f"{path}: rank 0 did not prepare the output directory within {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,13 +84,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "capture",
         "capture memento KV states into HDF5 stores (one per mask condition)",
-        "  kvprobe capture --config experiments/toy_small.yaml --dry-run\n"
-        "  kvprobe capture --config experiments/toy_small.yaml --out runs/toy\n"
-        "  kvprobe capture --config experiments/toy_small.yaml --out runs/toy --set data.n_samples=2000 --resume",
+        "  kvprobe capture --config experiments/toy_reproduction.yaml --dry-run\n"
+        "  kvprobe capture --config experiments/toy_reproduction.yaml --out runs/toy\n"
+        "  kvprobe capture --config experiments/toy_reproduction.yaml --out runs/toy --set data.n_samples=2000 --resume\n"
+        "  torchrun --nproc-per-node 4 -m kvprobe capture --config experiments/qwen3_8b_memento.yaml --out runs/q8\n"
+        "      (each rank writes its own shards of one store; the last to finish writes the index)",
     )
     add_config_args(p)
     p.add_argument("--out", help="experiment directory; stores go to OUT/stores/CONDITION")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan and expected size only")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="this process's rank in a split capture (default: $RANK, as torchrun sets it, else 0)")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="number of processes splitting the capture (default: $WORLD_SIZE, else 1)")
     p.set_defaults(func=run)
 
 
