@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .capture.spec import BACKENDS, POOLINGS, SITES, CaptureSpec
 from .masks import MaskConfig
@@ -136,6 +136,25 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"condition name {name!r} must be letters, digits, '-' or '_'")
         return v
 
+    @model_validator(mode="after")
+    def _probe_cells_are_captured(self) -> "ExperimentConfig":
+        c, p = self.capture, self.probe
+
+        def check(field: str, wanted: tuple | None, have: tuple, what: str) -> None:
+            missing = [w for w in (wanted or ()) if w not in have]
+            if missing:
+                raise ValueError(f"config field '{field}': {missing} not in {what} {list(have)}")
+
+        check("probe.pooling", (p.pooling,), c.pooling, "capture.pooling")
+        check("probe.layers", p.layers, c.layers, "capture.layers")
+        check("probe.offsets", p.offsets, c.offsets, "capture.offsets")
+        check("probe.mlp_layers", p.mlp_layers, c.layers, "capture.layers")
+        check("probe.mlp_offsets", p.mlp_offsets, c.offsets, "capture.offsets")
+        check("probe.mlp_sites", p.mlp_sites, c.sites, "capture.sites")
+        if not isinstance(p.shuffled_control, bool):
+            check("probe.shuffled_control", p.shuffled_control, tuple(self.conditions), "conditions")
+        return self
+
     def capture_spec(self, condition: str) -> CaptureSpec:
         """The capture spec of one condition."""
         c = self.capture
@@ -151,8 +170,10 @@ class ExperimentConfig(_Strict):
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    if not err["loc"]:  # a check across fields names its fields itself
+        return err["msg"].removeprefix("Value error, ") + extra
+    where = ".".join(str(p) for p in err["loc"])
     return f"config field '{where}': {err['msg']}{extra}"
 
 

@@ -5,18 +5,34 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..capture import plan_capture, run_capture
+from ..capture import CapturePlan, plan_capture, run_capture
 from ..config import ConfigError, ExperimentConfig
 from ..store import StoreError
-from .common import UsageError, add_parser, experiment_config, prepare_out_dir, store_dir
+from .common import UsageError, add_parser, check_out_dir, experiment_config, prepare_out_dir, store_dir
 from .resolve import load_model, make_source
 
 
-def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = False, progress: bool = True,
-                rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Capture every condition of `cfg` under out/stores/; with dry_run only print the plans."""
+@dataclass
+class Plans:
+    """A validated capture: the model, the samples, and one plan per condition."""
+
+    model: Any
+    source: Any
+    plans: dict[str, CapturePlan]
+
+    def summary(self) -> str:
+        total = sum(p.estimate_bytes() for p in self.plans.values())
+        parts = [f"[{cond}]\n{plan.summary()}\n" for cond, plan in self.plans.items()]
+        parts.append(f"total expected size: {total:,} bytes ({total / 1e9:.3f} GB) for {len(self.plans)} condition(s)")
+        return "\n".join(parts)
+
+
+def plan_all(cfg: ExperimentConfig) -> Plans:
+    """Load the model and samples and validate every condition's capture; writes nothing."""
     model = load_model(cfg.model)
     source = make_source(cfg)
     plans = {}
@@ -25,14 +41,14 @@ def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = 
             plans[cond] = plan_capture(model, source, cfg.capture_spec(cond))
         except ValueError as e:
             raise UsageError(f"capture: {e}") from None
-    total = sum(p.estimate_bytes() for p in plans.values())
-    for cond, plan in plans.items():
-        print(f"[{cond}]\n{plan.summary()}\n")
-    print(f"total expected size: {total:,} bytes ({total / 1e9:.3f} GB) for {len(plans)} condition(s)")
-    if dry_run:
-        return []
+    return Plans(model, source, plans)
+
+
+def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, progress: bool = True,
+                rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Capture every condition of `cfg` under out/stores/ (complete stores are skipped on resume)."""
     paths = []
-    for cond, plan in plans.items():
+    for cond, plan in plans.plans.items():
         path = store_dir(out, cond)
         store_mode = mode
         if mode == "resume" and not path.exists():
@@ -42,7 +58,7 @@ def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = 
             paths.append(path)
             continue
         try:
-            run_capture(model, source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
+            run_capture(plans.model, plans.source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
                         progress=progress, rank=rank, world_size=world_size)
         except StoreError as e:
             raise UsageError(str(e)) from None
@@ -53,20 +69,24 @@ def capture_all(cfg: ExperimentConfig, out: Path, *, mode: str, dry_run: bool = 
 def run(args: argparse.Namespace) -> int:
     cfg = experiment_config(args)
     if args.dry_run:
-        capture_all(cfg, Path(args.out or "."), mode="create", dry_run=True)
+        print(plan_all(cfg).summary())
         return 0
     if not args.out:
         raise UsageError("--out: an output directory is needed (or use --dry-run)")
     rank, world = args.rank, args.world_size
     if not 0 <= rank < world:
         raise UsageError(f"--rank {rank} is not in 0..{world - 1} (--world-size {world})")
+    if rank == 0:
+        check_out_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite)
+    plans = plan_all(cfg)  # every input is checked before anything is written
+    print(plans.summary())
     # rank 0 prepares the directory; the others wait for it and join
     joining = rank > 0
     if joining:
         _wait_for(Path(args.out) / "config.json")
     out = prepare_out_dir(Path(args.out), cfg, resume=args.resume or joining, overwrite=args.overwrite and rank == 0,
                           stage="capture")
-    capture_all(cfg, out, mode="resume" if args.resume else "create", rank=rank, world_size=world)
+    capture_all(cfg, out, plans, mode="resume" if args.resume else "create", rank=rank, world_size=world)
     print(f"stores written under {out / 'stores'}")
     return 0
 
@@ -110,4 +130,4 @@ def add_config_args(p: argparse.ArgumentParser, with_config: bool = True) -> Non
     g.add_argument("--overwrite", action="store_true", help="delete OUT first")
 
 
-__all__ = ["add_config_args", "capture_all", "register", "ConfigError"]
+__all__ = ["Plans", "add_config_args", "capture_all", "plan_all", "register", "ConfigError"]

@@ -14,7 +14,7 @@ import yaml
 
 from ..config import ConfigError, ExperimentConfig, load_config, parse_config
 
-__all__ = ["UsageError", "add_parser", "experiment_config", "prepare_out_dir", "record_timing", "store_dir"]
+__all__ = ["UsageError", "add_parser", "check_out_dir", "experiment_config", "prepare_out_dir", "record_timing", "store_dir"]
 
 
 class UsageError(Exception):
@@ -70,18 +70,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool, stage: str) -> Path:
-    """Create (or reopen with resume) an experiment directory holding the resolved config.
-
-    Refuses an existing directory unless resume or overwrite is asked; a resume must
-    use the same config as the run it continues.
-    """
+def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing directory unless resume or overwrite is asked, and a resume
+    with another config than the run it continues. Touches nothing."""
     resolved = cfg.to_dict()
     record = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
+            return
+        if not resume:
             raise UsageError(f"{out}: output directory already exists (use --resume to continue it or --overwrite)")
         elif record.is_file():
             previous = json.loads(record.read_text())["config"]
@@ -91,6 +90,18 @@ def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite
                                  "use a new --out or --overwrite")
         else:
             raise UsageError(f"{out}: exists but holds no kvprobe run (no config.json)")
+
+
+def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool, stage: str) -> Path:
+    """Create (or reopen with resume) an experiment directory holding the resolved config.
+
+    Checks as `check_out_dir` does; with overwrite an existing directory is deleted.
+    """
+    check_out_dir(out, cfg, resume=resume, overwrite=overwrite)
+    resolved = cfg.to_dict()
+    record = out / "config.json"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not record.is_file():
         record.write_text(json.dumps({"config": resolved, "seed": cfg.seed, "versions": _versions(),

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from ..config import parse_config
-from .common import UsageError, add_parser, prepare_out_dir
-from .pipeline import leakage_table, run_pipeline
+from .common import UsageError, add_parser
+from .pipeline import leakage_table, run_pipeline, start_run
 
 __all__ = ["DEMO_CONFIG", "register"]
 
@@ -40,9 +40,9 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     if args.samples < 500:
         raise UsageError(f"--samples: at least 500 are needed for a meaningful probe, got {args.samples}")
-    out = prepare_out_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite, stage="demo")
     t = time.perf_counter()
-    grids = run_pipeline(cfg, out, resume=args.resume, progress=not args.quiet)
+    out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    grids = run_pipeline(cfg, out, plans, resume=args.resume, progress=not args.quiet)
     print()
     print(leakage_table(grids))
     print("Offsets: -1 causal control (M_1 precedes the passcode: must be at chance), 0 direct (M_2 saw it),")

@@ -23,10 +23,10 @@ from ..analysis import GridResult, ProbeSettings, apply_holm, compare, load_grid
 from ..config import ExperimentConfig
 from ..probes import LinearConfig, MLPConfig
 from ..store import KVStore, StoreError
-from .capture import capture_all
-from .common import UsageError, record_timing, store_dir
+from .capture import Plans, capture_all, plan_all
+from .common import UsageError, check_out_dir, prepare_out_dir, record_timing, store_dir
 
-__all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep"]
+__all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep", "start_run"]
 
 # pairs compared in the report, when both conditions were captured: (a, b) -> a - b
 COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
@@ -154,10 +154,18 @@ def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str
     return "\n".join(lines)
 
 
-def run_pipeline(cfg: ExperimentConfig, out: Path, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
+def start_run(cfg: ExperimentConfig, out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Plans]:
+    """Validate everything (output directory, model, samples, capture plans), then create OUT."""
+    check_out_dir(out, cfg, resume=resume, overwrite=overwrite)
+    plans = plan_all(cfg)
+    print(plans.summary())
+    return prepare_out_dir(out, cfg, resume=resume, overwrite=overwrite, stage="run"), plans
+
+
+def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
     """Every stage in order: capture, probe, sweep, report. Returns the probe grids."""
     t = time.perf_counter()
-    capture_all(cfg, out, mode="resume" if resume else "create", progress=progress)
+    capture_all(cfg, out, plans, mode="resume" if resume else "create", progress=progress)
     record_timing(out, "capture", time.perf_counter() - t)
     t = time.perf_counter()
     grids = stage_probe(cfg, out, progress=progress)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..config import ExperimentConfig, parse_config
 from .capture import add_config_args
-from .common import UsageError, add_parser, experiment_config, prepare_out_dir, record_timing
-from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep
+from .common import UsageError, add_parser, experiment_config, record_timing
+from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
 
 __all__ = ["register"]
 
@@ -25,8 +25,8 @@ def _existing_run(out: str) -> tuple[Path, ExperimentConfig]:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = experiment_config(args)
-    out = prepare_out_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite, stage="run")
-    grids = run_pipeline(cfg, out, resume=args.resume)
+    out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    grids = run_pipeline(cfg, out, plans, resume=args.resume)
     print(leakage_table(grids))
     print(f"report: {out / 'report' / 'summary.md'}; figures: {out / 'report' / 'figures'}")
     return 0

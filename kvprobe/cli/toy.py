@@ -66,7 +66,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    toy = sub.add_parser("toy", help="train or evaluate the toy Memento transformer", description=__doc__)
+    toy = add_parser(sub, "toy", "train or evaluate the toy Memento transformer",
+                     "  kvprobe toy eval final --samples 2000\n  kvprobe toy train --steps 6000 --device cuda --out runs/toy")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
 
     p = add_parser(
