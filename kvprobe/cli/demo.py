@@ -27,7 +27,7 @@ DEMO_CONFIG = {
         "restart": {"keep_last_n_blocks": 0, "restart_mode": True},
         "restart-hidden": {"keep_last_n_blocks": 0, "restart_mode": True, "mask_delimiters": True},
     },
-    "probe": {"kinds": ["linear"], "seeds": 1},
+    "probe": {"kinds": ["linear"], "seeds": 1, "shuffled_control": ["memento"]},
     "report": {"paper": "toy"},
 }
 
