@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import torch
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-from .sites import gather_positions
+from .sites import architecture_entry, check_layers, gather_positions
 
 __all__ = ["HOOKS", "capture_kv", "prepare"]
 
@@ -67,20 +67,7 @@ HOOKS: dict[str, dict[str, str]] = {
 
 
 def _hooks_for(model_type: str) -> dict[str, str]:
-    if model_type not in HOOKS:
-        raise ValueError(
-            f"kvprobe lens backend: no K/V hook table for architecture {model_type!r}; "
-            f"supported: {', '.join(sorted(HOOKS))}"
-        )
-    return HOOKS[model_type]
-
-
-def _check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    """Distinct layers in execution order; ValueError naming any layer out of range."""
-    for layer in layers:
-        if not 0 <= int(layer) < n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    return sorted({int(layer) for layer in layers})
+    return architecture_entry(HOOKS, model_type, "lens")
 
 
 def prepare(model: Any) -> Any:
@@ -117,7 +104,7 @@ def capture_kv(
         )
     hooks = _hooks_for(bridge.original_model.config.model_type)
     n_layers = bridge.cfg.n_layers
-    layers = _check_layers(layers, n_layers)
+    layers = check_layers(layers, n_layers)
     if not layers:
         return {}
 

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 import torch
 from nnsight import NNsight, save
 
-from .sites import gather_positions
+from .sites import architecture_entry, check_layers, gather_positions
 
 __all__ = ["SITES", "AttentionSites", "Read", "capture_kv", "prepare"]
 
@@ -95,20 +95,7 @@ SITES: dict[str, AttentionSites] = {
 
 
 def _sites_for(model_type: str) -> AttentionSites:
-    if model_type not in SITES:
-        raise ValueError(
-            f"kvprobe nnsight backend: no K/V site table for architecture {model_type!r}; "
-            f"supported: {', '.join(sorted(SITES))}"
-        )
-    return SITES[model_type]
-
-
-def _check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    """Distinct layers in execution order; ValueError naming any layer out of range."""
-    for layer in layers:
-        if not 0 <= int(layer) < n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    return sorted({int(layer) for layer in layers})
+    return architecture_entry(SITES, model_type, "nnsight")
 
 
 def prepare(model: Any) -> Any:
@@ -156,7 +143,7 @@ def capture_kv(
     """
     config = wrapped._module.config
     sites = _sites_for(config.model_type)
-    layers = _check_layers(layers, config.num_hidden_layers)
+    layers = check_layers(layers, config.num_hidden_layers)
     if not layers:
         return {}
     plan = _plan(wrapped, sites, layers)

@@ -12,10 +12,11 @@ Each backend module maps these names to where the values live in its framework.
 from __future__ import annotations
 
 import re
+from typing import Mapping, Sequence, TypeVar
 
 import torch
 
-__all__ = ["SITE_RE", "gather_positions", "parse_site", "site_name"]
+__all__ = ["SITE_RE", "architecture_entry", "check_layers", "gather_positions", "parse_site", "site_name"]
 
 SITE_RE = re.compile(r"^blocks\.(\d+)\.attn\.([kv])$")
 
@@ -43,3 +44,24 @@ def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     B, H, _, D = states.shape
     idx = positions.to(states.device)[:, None, :, None].expand(B, H, positions.shape[1], D)
     return states.gather(2, idx)
+
+
+def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
+    """Distinct layers in execution order; ValueError naming any layer out of range."""
+    for layer in layers:
+        if not 0 <= int(layer) < n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return sorted({int(layer) for layer in layers})
+
+
+T = TypeVar("T")
+
+
+def architecture_entry(table: Mapping[str, T], model_type: str, backend: str) -> T:
+    """The per-architecture entry of a backend's site table; ValueError naming the supported ones."""
+    if model_type not in table:
+        raise ValueError(
+            f"kvprobe {backend} backend: no K/V site table for architecture {model_type!r}; "
+            f"supported: {', '.join(sorted(table))}"
+        )
+    return table[model_type]
