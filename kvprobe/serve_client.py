@@ -595,10 +595,11 @@ def generate_traces(
         skipped = len(prompts) - len(todo)
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+        limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
         bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="generate", disable=not progress)
         written = parse_errors = 0
         failures: list[ServeError] = []
-        with httpx.Client(timeout=timeout, headers=headers, transport=transport) as client, \
+        with bar, httpx.Client(timeout=timeout, headers=headers, limits=limits, transport=transport) as client, \
                 ThreadPoolExecutor(max_workers=config.concurrency) as pool:
             queue = iter(todo)
             pending: dict[Future[Generation], Prompt] = {}
@@ -630,7 +631,6 @@ def generate_traces(
                     bar.set_postfix(parse_errors=parse_errors, refresh=False)
                     if not failures:
                         submit_next()
-        bar.close()
     finally:
         writer.close()
     if failures:

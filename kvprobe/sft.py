@@ -1,0 +1,414 @@
+"""Two-stage supervised fine-tuning of a Memento model on transformers' `Trainer`.
+
+The Memento paper trains in two stages on the same kind of data (traces in the token
+format of SPEC section 1):
+
+    stage 1  full causal attention: the model learns the format (blocks, mementos,
+             markers) while it can still see every block
+    stage 2  memento attention: completed blocks are hidden from later tokens, so the
+             model learns to reason forward from the mementos alone (SPEC section 2)
+
+Stage 1 runs with ``attn_implementation="flash_attention_2"`` when the ``flash_attn``
+package is installed and CUDA is present, else ``sdpa``; it gets a plain 2D padding
+mask. Stage 2 needs a custom 4D mask, which the flash-attention paths ignore, so it runs
+with ``sdpa`` (or ``eager`` if the model already uses it) and the collator supplies the
+dense additive memento mask from `kvprobe.forward.memento_inputs` plus position ids.
+
+`MementoCollator` turns `Trace` objects into a padded batch (right padding):
+
+    input_ids       (B, T) long     tokens of `render(trace)` (`tokenize_trace`), plus EOS
+    labels          (B, T) long     the input ids, -100 on the prompt and on padding
+    attention_mask  stage 1: (B, T) long, 1 on real tokens
+                    stage 2: (B, 1, T, T) float in the model's dtype, 0 where a query may
+                             attend a key under the memento mask, dtype-min elsewhere
+    position_ids    stage 2 only: (B, T) long, 0.. on each row
+
+Loss: every token from the first ``<|block_start|>`` on is a target: block contents,
+delimiters, mementos, ``</think>``, the answer and the EOS token. The prompt (the problem,
+any chat-template text, ``<think>``) is context only (``loss_on_prompt=True`` trains on it
+too). With a ``prompt_template`` (e.g. `QWEN3_CHAT_TEMPLATE`) the trace's prompt is
+wrapped in the chat format before rendering, so training matches what a served model
+sees; kvprobe's capture renders traces without a template.
+
+The dense mask costs B x T x T values per batch (2 bytes each in bf16: 0.5 GB per
+16K-token trace), and sdpa with a custom mask uses the memory-efficient kernel rather
+than flash attention. Long traces therefore want batch size 1 with gradient accumulation.
+
+Launch (one GPU, or DDP/FSDP through torchrun/accelerate; `Trainer` does the rest):
+
+    python -m kvprobe.sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft
+    torchrun --nproc-per-node 8 -m kvprobe.sft --model ... --traces ... --output-dir ...
+    accelerate launch --config_file fsdp.yaml -m kvprobe.sft --model ... --traces ... --output-dir ...
+
+See docs/real_models.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+
+from .forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
+from .layout import Layout, SpecialTokens, parse_layout
+from .masks import MaskConfig
+from .traces import Trace, TraceError, add_memento_tokens, read_jsonl, tokenize_trace
+
+__all__ = [
+    "QWEN3_CHAT_TEMPLATE",
+    "MementoCollator",
+    "StageResult",
+    "main",
+    "select_traces",
+    "stage_attn_implementation",
+    "train_stage",
+    "two_stage_sft",
+]
+
+# Qwen3's chat format for one user turn and the assistant's reply (no system prompt, as
+# the fork's memento_nosys.jinja); `render` adds the newline and <think> after it.
+QWEN3_CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant"
+
+IGNORE_INDEX = -100
+
+
+def stage_attn_implementation(stage: int, current: str | None = None) -> str:
+    """The attention implementation a stage trains with.
+
+    Stage 1: ``flash_attention_2`` when flash_attn is installed and CUDA is present,
+    else ``sdpa``. Stage 2: the model's `current` implementation if it reads a dense 4D
+    mask (``eager``/``sdpa``), else ``sdpa``.
+    """
+    _check_stage(stage)
+    if stage == 1:
+        return "flash_attention_2" if find_spec("flash_attn") is not None and torch.cuda.is_available() else "sdpa"
+    return current if current in DENSE_MASK_IMPLEMENTATIONS else "sdpa"
+
+
+def _check_stage(stage: int) -> None:
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 (causal attention) or 2 (memento attention), got {stage!r}")
+
+
+@dataclass
+class MementoCollator:
+    """Tokenize, pad and mask a batch of traces for one SFT stage (see the module docstring).
+
+    tokenizer:       a fast tokenizer holding the six Memento markers
+    stage:           1 (causal, 2D padding mask) or 2 (4D memento mask + position ids)
+    model:           the model being trained; stage 2 reads its dtype and attention
+                     implementation (must be eager or sdpa) to build the mask
+    mask:            the memento mask of stage 2 (default: hide every completed block)
+    max_length:      a longer trace raises ValueError (filter first with `select_traces`)
+    prompt_template: a format string with ``{prompt}`` wrapped around each trace's prompt
+    append_eos:      end each sequence with the tokenizer's EOS token (learn to stop)
+    loss_on_prompt:  also train on the prompt tokens
+    pad_to_multiple_of: round the padded length up (tensor-core friendly shapes)
+    """
+
+    tokenizer: Any
+    stage: int
+    model: Any = None
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    max_length: int | None = None
+    prompt_template: str | None = None
+    append_eos: bool = True
+    loss_on_prompt: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_stage(self.stage)
+        if self.stage == 2 and self.model is None:
+            raise ValueError("the stage-2 collator needs the model (its dtype and attention implementation)")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if self.append_eos and eos is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos_token_id")
+        self.eos_id: int | None = eos if self.append_eos else None
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
+
+    def prepare(self, trace: Trace) -> Trace:
+        """The trace as it is rendered for training (prompt wrapped in the template, if any)."""
+        if self.prompt_template is None:
+            return trace
+        prompt = self.prompt_template.format(prompt=trace.prompt)
+        return Trace(trace.trace_id, prompt, trace.blocks, trace.summaries, trace.answer)
+
+    def encode(self, trace: Trace) -> tuple[list[int], Layout]:
+        """Token ids of one trace (with EOS) and their layout; ValueError if longer than max_length."""
+        ids_t, layout = tokenize_trace(self.prepare(trace), self.tokenizer, self.special)
+        ids = ids_t.tolist()
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+            layout = parse_layout(ids, self.special)
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(f"trace {trace.trace_id!r} has {len(ids)} tokens, more than max_length="
+                             f"{self.max_length} (drop long traces first with select_traces)")
+        return ids, layout
+
+    def labels_for(self, ids: list[int], layout: Layout) -> list[int]:
+        """Targets of one unpadded row: the ids, with the prompt set to -100 unless loss_on_prompt."""
+        labels = list(ids)
+        if not self.loss_on_prompt:
+            for p in layout.prompt:
+                labels[p] = IGNORE_INDEX
+        return labels
+
+    def __call__(self, features: Sequence[Trace | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        traces = [f["trace"] if isinstance(f, Mapping) else f for f in features]
+        if not traces or not all(isinstance(t, Trace) for t in traces):
+            raise TypeError("MementoCollator takes a non-empty list of Trace (or {'trace': Trace}) features")
+        rows = [self.encode(t) for t in traces]
+        T = max(len(ids) for ids, _ in rows)
+        if self.pad_to_multiple_of:
+            T = math.ceil(T / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        B = len(rows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for b, (ids, layout) in enumerate(rows):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            labels[b, :n] = torch.tensor(self.labels_for(ids, layout))
+            attention_mask[b, :n] = 1
+        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
+        if self.stage == 1:
+            batch["attention_mask"] = attention_mask
+            return batch
+        # right padding: each row's layout (parsed at offset 0) indexes the padded row as is
+        batch.update(memento_inputs(self.model, input_ids, [lay for _, lay in rows], self.mask, attention_mask))
+        return batch
+
+
+def select_traces(traces: Sequence[Trace], collator: MementoCollator) -> tuple[list[Trace], list[str]]:
+    """Split traces into those that fit `collator.max_length` (and tokenize into valid
+    Memento structure) and the ids of those that do not."""
+    kept: list[Trace] = []
+    dropped: list[str] = []
+    for t in traces:
+        try:
+            collator.encode(t)
+        except (ValueError, TraceError):
+            dropped.append(t.trace_id)
+            continue
+        kept.append(t)
+    return kept, dropped
+
+
+@dataclass
+class StageResult:
+    """One finished stage: the losses logged, the trainer, which traces were used."""
+
+    stage: int
+    output_dir: Path
+    losses: list[float]  # training loss at each logging step
+    n_traces: int
+    dropped: list[str]  # ids of traces left out (too long for max_length)
+    trainer: Any
+    train_output: Any
+
+
+def _bf16_default() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def train_stage(
+    model: Any,
+    tokenizer: Any,
+    traces: Sequence[Trace],
+    stage: Literal[1, 2],
+    output_dir: str | Path,
+    *,
+    mask: MaskConfig = MaskConfig(),
+    max_length: int | None = None,
+    prompt_template: str | None = None,
+    append_eos: bool = True,
+    loss_on_prompt: bool = False,
+    learning_rate: float = 1e-5,
+    num_train_epochs: float = 1.0,
+    max_steps: int = -1,
+    per_device_train_batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    warmup_steps: float = 0.03,
+    lr_scheduler_type: str = "cosine",
+    weight_decay: float = 0.0,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    logging_steps: int = 10,
+    save: bool = True,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    callbacks: Sequence[Any] | None = None,
+    **training_args: Any,
+) -> StageResult:
+    """Fine-tune `model` on `traces` for one stage with transformers' `Trainer`.
+
+    Stage 1 switches the model to `stage_attn_implementation(1)` (flash-attention 2 when
+    available, else sdpa) and trains with plain causal attention; stage 2 switches it to
+    eager/sdpa and trains under `mask` (memento attention). `attn_implementation`
+    overrides the choice (stage 2 refuses one that ignores 4D masks). Traces longer than
+    `max_length` tokens are dropped (their ids are in the result). With `save`, the model
+    and tokenizer are written to `output_dir` at the end. bf16 defaults to on where CUDA
+    supports it. Any other keyword goes to `TrainingArguments` (fsdp, deepspeed,
+    save_strategy, ...). Under torchrun/accelerate every process calls this with the
+    same arguments; `Trainer` handles the distribution.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    _check_stage(stage)
+    current = getattr(model.config, "_attn_implementation", None)
+    impl = attn_implementation or stage_attn_implementation(stage, current)
+    if stage == 2 and impl not in DENSE_MASK_IMPLEMENTATIONS:
+        raise ValueError(f"stage 2 needs an attention implementation that reads a 4D mask "
+                         f"{DENSE_MASK_IMPLEMENTATIONS}, got {impl!r}")
+    if impl != current:
+        model.set_attn_implementation(impl)
+
+    collator = MementoCollator(tokenizer, stage, model if stage == 2 else None, mask, max_length,
+                               prompt_template, append_eos, loss_on_prompt)
+    kept, dropped = select_traces(traces, collator) if max_length is not None else (list(traces), [])
+    if not kept:
+        raise ValueError(f"no trace left to train on ({len(dropped)} dropped as longer than max_length={max_length})")
+
+    output_dir = Path(output_dir)
+    # transformers 5 renamed gradient checkpointing; use whichever name this version has
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    training_args.setdefault(ckpt, gradient_checkpointing)
+    training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=learning_rate,
+        num_train_epochs=num_train_epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type=lr_scheduler_type,
+        weight_decay=weight_decay,
+        bf16=_bf16_default() if bf16 is None else bf16,
+        logging_steps=logging_steps,
+        seed=seed,
+        report_to=training_args.pop("report_to", "none"),
+        save_strategy=training_args.pop("save_strategy", "no"),
+        remove_unused_columns=False,  # the features are Trace objects, not model columns
+        **training_args,
+    )
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache while training
+    try:
+        trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=kept,
+                          processing_class=tokenizer, callbacks=list(callbacks or []))
+        train_output = trainer.train()
+    finally:
+        model.config.use_cache = use_cache
+    if save:
+        trainer.save_model(str(output_dir))  # main process only; tokenizer via processing_class
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return StageResult(stage, output_dir, losses, len(kept), dropped, trainer, train_output)
+
+
+def two_stage_sft(
+    model: Any,
+    tokenizer: Any,
+    traces: Sequence[Trace],
+    output_dir: str | Path,
+    *,
+    traces_stage2: Sequence[Trace] | None = None,
+    mask: MaskConfig = MaskConfig(),
+    add_tokens: bool = True,
+    stage1: Mapping[str, Any] | None = None,
+    stage2: Mapping[str, Any] | None = None,
+    **common: Any,
+) -> tuple[StageResult, StageResult]:
+    """Stage 1 (causal) then stage 2 (memento attention) on the same model.
+
+    With `add_tokens`, the Memento markers missing from the tokenizer are added first and
+    their embeddings initialised (`kvprobe.traces.add_memento_tokens`). Stage 1 writes to
+    ``output_dir/stage1``, stage 2 to ``output_dir/stage2`` (the final model).
+    `traces_stage2` defaults to `traces`. `common` keywords go to both `train_stage`
+    calls, `stage1`/`stage2` to one (they win over `common`).
+    """
+    if add_tokens:
+        add_memento_tokens(tokenizer, model)
+    output_dir = Path(output_dir)
+    first = train_stage(model, tokenizer, traces, 1, output_dir / "stage1", mask=mask,
+                        **{**common, **(stage1 or {})})
+    second = train_stage(model, tokenizer, traces if traces_stage2 is None else traces_stage2, 2,
+                         output_dir / "stage2", mask=mask, **{**common, **(stage2 or {})})
+    return first, second
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _training_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kvprobe.sft``: load a checkpoint, add the markers, run stage 1, 2 or both."""
+    p = argparse.ArgumentParser(prog="python -m kvprobe.sft", description="Two-stage Memento SFT (Trainer).")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
+    p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.traces.read_jsonl)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
+    p.add_argument("--max-length", type=int, default=32768, help="drop longer traces")
+    p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
+                   help="wrap prompts in Qwen3's chat format (default) or not")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=1, help="per device")
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--keep-last-n-blocks", type=int, default=0)
+    p.add_argument("--mask-delimiters", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--training-arg", type=_training_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra TrainingArguments field (JSON value or string), repeatable")
+    args = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    first_stage = int(args.stages[0])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation=stage_attn_implementation(first_stage))
+    add_memento_tokens(tokenizer, model)
+    traces = read_jsonl(args.traces)
+    mask = MaskConfig(keep_last_n_blocks=args.keep_last_n_blocks, mask_delimiters=args.mask_delimiters)
+    common = dict(mask=mask, max_length=args.max_length,
+                  prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
+                  learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+                  per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                  gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, **dict(args.training_arg))
+    out = Path(args.output_dir)
+    for stage in map(int, args.stages):
+        result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
+                             **common)
+        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+        print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
+              f"final logged loss {last}, model in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
