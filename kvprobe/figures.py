@@ -175,7 +175,7 @@ def accuracy_by_layer(rows: Sequence[CellResult], *, condition: str | None = Non
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("probe accuracy (%)")
-    fig.suptitle(f"Probe accuracy by layer — condition {condition}, {site} site (95% intervals)")
+    fig.suptitle(f"Probe accuracy by layer\ncondition {condition}, {site} site (95% intervals)")
     handles, labels = _legend_handles(axes[0])
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
     return fig
@@ -210,7 +210,7 @@ def accuracy_by_distance(rows: Sequence[CellResult], *, condition: str | None = 
         ax.set_xlabel("block distance from target (offset)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("masked probe accuracy (%)")
-    fig.suptitle(f"Masked accuracy by distance — condition {condition}, {site} site (95% intervals)")
+    fig.suptitle(f"Masked accuracy by distance\ncondition {condition}, {site} site (95% intervals)")
     handles, labels = _legend_handles(axes[0])
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
     return fig
@@ -266,7 +266,7 @@ def accuracy_heatmap(rows: Sequence[CellResult], *, condition: str | None = None
                       label="Holm p ≤ 0.05 vs chance"),
                Line2D([], [], color="#dddddd", linestyle="none", marker="s", markersize=9, label="not measured")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle(f"Probe accuracy (%) by layer and offset — condition {condition}, {site} site")
+    fig.suptitle(f"Probe accuracy (%) by layer and offset\ncondition {condition}, {site} site")
     return fig
 
 

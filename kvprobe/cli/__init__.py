@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure KV-cache leakage in block-masked (Memento) transformers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMAND_MODULES:
         module.register(sub)
@@ -40,6 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"kvprobe: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
