@@ -27,7 +27,7 @@ from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
 from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
 
-__all__ = ["CapturePlan", "model_dims", "model_identity", "plan_capture", "pool_sites", "run_capture"]
+__all__ = ["CapturePlan", "PoolTables", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
 
 def model_dims(model: Any) -> tuple[int, int, int]:
@@ -115,7 +115,10 @@ class CapturePlan:
 
 
 def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
-    for row, layout in enumerate(batch.layouts):
+    first_row = {}
+    for row, layout in enumerate(batch.layouts):  # rows sharing a layout are checked once
+        first_row.setdefault(layout, row)
+    for layout, row in first_row.items():
         for site in spec.sites:
             for offset in spec.offsets:
                 try:
@@ -144,50 +147,78 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
     return CapturePlan(spec, source.n_samples, n_layers, n_kv, d_head, keys)
 
 
+@dataclass(frozen=True)
+class PoolTables:
+    """Where each row's sites sit among its gathered positions, and how to pool them.
+
+    positions (B, P): absolute positions to gather, the row's segments concatenated
+    (segment s = (site, offset) in spec order), padded by repeating the last one;
+    mean_w (B, S, P): averaging weights; last (B, S): index of each segment's last
+    token; tok_idx, tok_ok (B, S, max_tokens): the first max_tokens tokens of each.
+    """
+
+    positions: torch.Tensor
+    mean_w: torch.Tensor
+    last: torch.Tensor
+    tok_idx: torch.Tensor
+    tok_ok: torch.Tensor
+
+
+def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
+    """PoolTables for a batch; built once per distinct layout, then indexed by row."""
+    distinct = list(dict.fromkeys(layouts))
+    segments = [[site_positions(lay, site, spec.target_block + off) for site in spec.sites for off in spec.offsets]
+                for lay in distinct]
+    U, S, M = len(distinct), len(segments[0]), spec.max_tokens
+    P = max(sum(len(seg) for seg in segs) for segs in segments)
+    positions = torch.zeros(U, P, dtype=torch.long)
+    mean_w = torch.zeros(U, S, P)
+    last = torch.zeros(U, S, dtype=torch.long)
+    tok_idx = torch.zeros(U, S, M, dtype=torch.long)
+    tok_ok = torch.zeros(U, S, M, dtype=torch.bool)
+    for u, segs in enumerate(segments):
+        flat = [p for seg in segs for p in seg]
+        positions[u] = torch.tensor(flat + [flat[-1]] * (P - len(flat)))
+        start = 0
+        for s, seg in enumerate(segs):
+            n, m = len(seg), min(len(seg), M)
+            mean_w[u, s, start : start + n] = 1.0 / n
+            last[u, s] = start + n - 1
+            tok_idx[u, s, :m] = torch.arange(start, start + m)
+            tok_ok[u, s, :m] = True
+            start += n
+    row = {lay: u for u, lay in enumerate(distinct)}
+    idx = torch.tensor([row[lay] for lay in layouts])
+    return PoolTables(positions[idx], mean_w[idx], last[idx], tok_idx[idx], tok_ok[idx])
+
+
 def pool_sites(
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    segments: list[list[list[int]]],
+    tables: PoolTables,
     spec: CaptureSpec,
     keys: tuple[FeatureKey, ...],
 ) -> dict[FeatureKey, np.ndarray]:
     """Pool captured states into features.
 
-    kv: layer -> (K, V), each (B, n_kv, P, d_head), P positions per row laid out as the
-    concatenation of that row's segments; segments[row][s] lists the positions of segment
-    s = (site, offset) in spec order. Returns key -> (B, n_layers, D) or (B, n_layers, max_tokens, D).
+    kv: layer -> (K, V), each (B, n_kv, P, d_head) at `tables.positions`.
+    Returns key -> (B, n_layers, D) or (B, n_layers, max_tokens, D).
     """
-    B = len(segments)
-    S = len(segments[0])
     per_layer = []
     for layer in spec.layers:
         parts = [kv[layer][0] if k == "k" else kv[layer][1] for k in spec.kinds]
-        X = torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1).float()  # (B, P, D)
-        per_layer.append(X)
+        per_layer.append(torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1).float())  # (B, P, D)
     X = torch.stack(per_layer, dim=1)  # (B, n_layers, P, D)
-    mean_w = torch.zeros(B, S, X.shape[2])
-    last = torch.zeros(B, S, dtype=torch.long)
-    tok_idx = torch.zeros(B, S, spec.max_tokens, dtype=torch.long)
-    tok_ok = torch.zeros(B, S, spec.max_tokens, dtype=torch.bool)
-    for b, segs in enumerate(segments):
-        start = 0
-        for s, seg in enumerate(segs):
-            n = len(seg)
-            mean_w[b, s, start : start + n] = 1.0 / n
-            last[b, s] = start + n - 1
-            m = min(n, spec.max_tokens)
-            tok_idx[b, s, :m] = torch.arange(start, start + m)
-            tok_ok[b, s, :m] = True
-            start += n
-    L, D = X.shape[1], X.shape[3]
+    B, L, _, D = X.shape
+    S, M = tables.last.shape[1], spec.max_tokens
 
     def take(idx: torch.Tensor) -> torch.Tensor:  # idx (B, n) positions -> (B, L, n, D)
         return X.gather(2, idx[:, None, :, None].expand(B, L, idx.shape[1], D))
 
     pooled = {
-        "mean": lambda: torch.einsum("bsp,blpd->bsld", mean_w, X),  # (B, S, L, D)
-        "last": lambda: take(last).transpose(1, 2),  # (B, S, L, D)
-        "tokens": lambda: take(tok_idx.flatten(1)).view(B, L, S, spec.max_tokens, D).permute(0, 2, 1, 3, 4)
-        * tok_ok[:, :, None, :, None],  # (B, S, L, max_tokens, D), zeros past a site's end
+        "mean": lambda: torch.einsum("bsp,blpd->bsld", tables.mean_w, X),  # (B, S, L, D)
+        "last": lambda: take(tables.last).transpose(1, 2),  # (B, S, L, D)
+        "tokens": lambda: take(tables.tok_idx.flatten(1)).view(B, L, S, M, D).permute(0, 2, 1, 3, 4)
+        * tables.tok_ok[:, :, None, :, None],  # (B, S, L, max_tokens, D), zeros past a site's end
     }
     results: dict[str, torch.Tensor] = {p: pooled[p]() for p in spec.pooling}
     out = {}
@@ -199,29 +230,26 @@ def pool_sites(
 
 
 def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureSpec, keys) -> dict:
-    segments = [
-        [site_positions(lay, site, spec.target_block + off) for site in spec.sites for off in spec.offsets]
-        for lay in batch.layouts
-    ]
-    flat = [[p for seg in segs for p in seg] for segs in segments]
-    P = max(len(f) for f in flat)
-    positions = torch.tensor([f + [f[-1]] * (P - len(f)) for f in flat], dtype=torch.long)  # (B, P)
+    tables = pool_tables(batch.layouts, spec)
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     am = batch.attention_mask.to(device) if batch.attention_mask is not None else None
     kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am)
-    kv = capture(wrapped, input_ids, layers=spec.layers, positions=positions.to(device), **kwargs)
+    kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
     kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
-    return pool_sites(kv, segments, spec, keys)
+    return pool_sites(kv, tables, spec, keys)
 
 
 def _layout_table(batch: SampleBatch, n_blocks: int) -> np.ndarray:
-    table = np.full((len(batch.layouts), n_blocks, 5), -1, dtype=np.int32)
-    for r, lay in enumerate(batch.layouts):
+    """(n, n_blocks, 5) block positions per row; built once per distinct layout."""
+    distinct = list(dict.fromkeys(batch.layouts))
+    table = np.full((len(distinct), n_blocks, 5), -1, dtype=np.int32)
+    for u, lay in enumerate(distinct):
         for b in lay.blocks[:n_blocks]:
             vals = [b.start, b.end, b.summary_start, b.summary_end, b.stop]
-            table[r, b.index] = [-1 if v is None else v for v in vals]
-    return table
+            table[u, b.index] = [-1 if v is None else v for v in vals]
+    row = {lay: u for u, lay in enumerate(distinct)}
+    return table[[row[lay] for lay in batch.layouts]]
 
 
 def run_capture(
