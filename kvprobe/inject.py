@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .layout import Layout, LayoutError, SpecialTokens, parse_layout
-from .traces import Trace, TraceError, encode_text, render_with_spans, tokenize_trace
+from .layout import Layout, SpecialTokens
+from .traces import Trace, TraceError, encode_text, parse_trace_ids, render_with_spans, tokenize_trace
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -158,14 +158,7 @@ def inject_and_tokenize(
     b = a + len(passcode)  # passcode characters text[a:b]
     ids, offsets = encode_text(text, tokenizer, offsets=True)
     assert offsets is not None
-    try:
-        layout = parse_layout(ids, special)
-    except LayoutError as e:
-        raise TraceError(f"trace {tid!r}: injected tokens are not valid Memento structure: {e}") from None
-    if layout.n_blocks != trace.n_blocks:
-        raise TraceError(
-            f"trace {tid!r}: injection changed the number of blocks from {trace.n_blocks} to {layout.n_blocks}"
-        )
+    layout = parse_trace_ids(ids, special, trace, "injected tokens")
 
     positions = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
     if not positions or offsets[positions[0]][0] > a or offsets[positions[-1]][1] < b:

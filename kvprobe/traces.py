@@ -42,6 +42,7 @@ __all__ = [
     "encode_text",
     "from_generated_text",
     "from_pipeline_record",
+    "parse_trace_ids",
     "read_generated",
     "read_jsonl",
     "render",
@@ -358,6 +359,21 @@ def encode_text(text: str, tokenizer: Any, *, offsets: bool = False) -> tuple[li
     return list(enc["input_ids"]), ([tuple(o) for o in enc["offset_mapping"]] if offsets else None)
 
 
+def parse_trace_ids(ids: list[int], special: SpecialTokens, trace: Trace, what: str) -> Layout:
+    """Parse a trace's token ids; TraceError naming the trace if the structure is invalid
+    or the block count differs from the trace's (a marker split into several tokens)."""
+    try:
+        layout = parse_layout(ids, special)
+    except LayoutError as e:
+        raise TraceError(f"trace {trace.trace_id!r}: {what} are not valid Memento structure: {e}") from None
+    if layout.n_blocks != trace.n_blocks:
+        raise TraceError(
+            f"trace {trace.trace_id!r}: {what} hold {layout.n_blocks} blocks, expected {trace.n_blocks} "
+            "(are the markers single tokens in this tokenizer?)"
+        )
+    return layout
+
+
 def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None = None) -> tuple[torch.Tensor, Layout]:
     """Render, tokenize and parse one trace: input_ids (T,) int64 and its `Layout`.
 
@@ -366,15 +382,7 @@ def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None =
     """
     special = special or SpecialTokens.from_tokenizer(tokenizer)
     ids, _ = encode_text(render(trace), tokenizer)
-    try:
-        layout = parse_layout(ids, special)
-    except LayoutError as e:
-        raise TraceError(f"trace {trace.trace_id!r}: rendered tokens are not valid Memento structure: {e}") from None
-    if layout.n_blocks != trace.n_blocks:
-        raise TraceError(
-            f"trace {trace.trace_id!r}: tokenized into {layout.n_blocks} blocks, expected {trace.n_blocks} "
-            "(are the markers single tokens in this tokenizer?)"
-        )
+    layout = parse_trace_ids(ids, special, trace, "rendered tokens")
     return torch.tensor(ids, dtype=torch.long), layout
 
 
