@@ -101,7 +101,7 @@ def main() -> None:
     rows = [overhead("toy (GPT-2, 811K)", toy_models.load(), args.samples, args.repeats),
             overhead("tiny Qwen3 (GQA, RoPE, qk-norm)", tiny_qwen3(), args.samples, args.repeats)]
     print(f"capture overhead: {SPEC.to_dict()['layers']} layers x {len(SPEC.offsets)} offsets, K+V, mean, fp16, gzip")
-    print(f"| model | samples | bare forward (s) | capture (s) | ratio |\n|---|---|---|---|---|")
+    print("| model | samples | bare forward (s) | capture (s) | ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['samples']} | {r['bare_s']:.2f} | {r['capture_s']:.2f} | {r['ratio']:.3f} |")
     if not args.skip_memory:

@@ -57,7 +57,7 @@ def test_direct_far_above_masked(grids):
 
 def test_masked_leak_is_real_deeper_and_falls_with_distance(grids):
     g = grids["memento"]
-    last, first = g.cell("memento", 1, 3, "linear"), g.cell("memento", 1, 0, "linear")
+    last = g.cell("memento", 1, 3, "linear")
     assert last.significant and last.ci_low > 0.10
     deeper = paired_bootstrap_ci(g.per_sample[("memento", 1, 3, "linear")], g.per_sample[("memento", 1, 0, "linear")])
     assert deeper.low > 0, deeper  # the last layer carries more than the first
