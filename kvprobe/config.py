@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_config"]
+__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config", "parse_config"]
 
 
 class ConfigError(ValueError):
@@ -205,10 +205,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()
         raise ConfigError(f"{path}: malformed {path.suffix[1:].upper()}: {' '.join(first[:2])}") from None
+    return parse_config(apply_overrides(data, overrides), str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted fields ('data.n_samples': 2000) in a config mapping, in place; returns it."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return parse_config(data, str(path))
+    return data

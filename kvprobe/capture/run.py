@@ -16,7 +16,7 @@ import importlib.metadata as md
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
 from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
 
-__all__ = ["CapturePlan", "PoolTables", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
+__all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
 
 def model_dims(model: Any) -> tuple[int, int, int]:
@@ -57,9 +57,8 @@ def model_identity(model: Any, name: str | None = None) -> dict[str, Any]:
     }
 
 
-def _versions(backend: str) -> dict[str, str]:
-    names = ["kvprobe", "torch", "transformers", "h5py", "numpy"]
-    names += {"lens": ["transformer-lens"], "nnsight": ["nnsight"]}.get(backend, [])
+def package_versions(names: Sequence[str]) -> dict[str, str]:
+    """Installed version of each named distribution ('not installed' if absent)."""
     out = {}
     for n in names:
         try:
@@ -67,6 +66,11 @@ def _versions(backend: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             out[n] = "not installed"
     return out
+
+
+def _versions(backend: str) -> dict[str, str]:
+    extra = {"lens": ["transformer-lens"], "nnsight": ["nnsight"]}.get(backend, [])
+    return package_versions(["kvprobe", "torch", "transformers", "h5py", "numpy", *extra])
 
 
 @dataclass(frozen=True)

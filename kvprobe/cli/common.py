@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import shutil
 import time
@@ -12,7 +11,10 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig, load_config, parse_config
+from ..capture.run import package_versions
+from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
+
+RUN_PACKAGES = ("kvprobe", "torch", "transformers", "h5py", "numpy", "scikit-learn")
 
 __all__ = ["UsageError", "add_parser", "check_out_dir", "experiment_config", "prepare_out_dir", "record_timing", "store_dir"]
 
@@ -48,26 +50,9 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
     try:
         if getattr(args, "config", None):
             return load_config(args.config, overrides)
-        data: dict[str, Any] = {}
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return parse_config(data, "built-in config")
+        return parse_config(apply_overrides({}, overrides), "built-in config")
     except ConfigError as e:
         raise UsageError(str(e)) from None
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("kvprobe", "torch", "transformers", "h5py", "numpy", "scikit-learn"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool) -> None:
@@ -104,7 +89,7 @@ def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not record.is_file():
-        record.write_text(json.dumps({"config": resolved, "seed": cfg.seed, "versions": _versions(),
+        record.write_text(json.dumps({"config": resolved, "seed": cfg.seed, "versions": package_versions(RUN_PACKAGES),
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     return out
 
