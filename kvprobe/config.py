@@ -51,6 +51,21 @@ class ModelSection(_Strict):
     device: str = "cpu"
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     trust_remote_code: bool = False
+    # hf models larger than one GPU: spread the layers over the visible devices (accelerate);
+    # `device` is then ignored. max_memory caps each device, e.g. {"0": "70GiB", "cpu": "100GiB"}
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
+    max_memory: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _device_map_is_for_hf(self) -> "ModelSection":
+        if self.device_map is not None and self.kind != "hf":
+            raise ValueError("config field 'model.device_map': only hf models can be spread over devices")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("config field 'model.max_memory': needs model.device_map")
+        if self.device_map is not None and self.attn_implementation == "flex_attention":
+            raise ValueError("config field 'model.device_map': flex_attention's block mask lives on one device; "
+                             "use attn_implementation 'sdpa' with a device map")
+        return self
 
 
 class DataSection(_Strict):

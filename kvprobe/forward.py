@@ -17,7 +17,13 @@ import torch
 from .layout import Layout, SpecialTokens, parse_batch
 from .masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
 
-__all__ = ["DENSE_MASK_IMPLEMENTATIONS", "UnsupportedAttentionError", "masked_forward", "memento_inputs"]
+__all__ = [
+    "DENSE_MASK_IMPLEMENTATIONS",
+    "UnsupportedAttentionError",
+    "input_device",
+    "masked_forward",
+    "memento_inputs",
+]
 
 # attention implementations that honour an additive float (B, 1, T, T) mask
 DENSE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -36,6 +42,20 @@ def attention_implementation(model: Any) -> str:
             "attn_implementation='sdpa' (or 'eager'; 'flex_attention' for long sequences on GPU)"
         )
     return impl
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model's input ids go to: where its input embedding runs.
+
+    For a model dispatched over several devices (`from_pretrained(device_map=...)`),
+    that is the embedding's execution device, which accelerate records on the module's
+    hook (its weights may sit on "meta" when offloaded); otherwise the weight's device.
+    """
+    embedding = model.get_input_embeddings()
+    execution = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)
+    return embedding.weight.device
 
 
 def position_ids_for(attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .forward import DENSE_MASK_IMPLEMENTATIONS, UnsupportedAttentionError
+from .forward import DENSE_MASK_IMPLEMENTATIONS, UnsupportedAttentionError, input_device
 from .layout import Layout, LayoutError, SpecialTokens, parse_layout
 from .masks import MaskConfig, additive_mask, flex_mask_mod
 
@@ -114,7 +114,7 @@ class _CompactingRun:
         self.config = config
         self.base = replace(config, restart_mode=False)  # rows used while tokens are generated
         self.keep_logits = keep_logits
-        self.device = model.device
+        self.device = input_device(model)
         self.cache = DynamicCache(config=model.config)
         if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
             kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
@@ -156,10 +156,10 @@ class _CompactingRun:
         slots = [s for s, p in enumerate(self.kept) if p not in drop]
         if len(slots) == len(self.kept):
             return
-        index = torch.tensor(slots, device=self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+        index = torch.tensor(slots)
+        for layer in self.cache.layers:  # layers may sit on different devices under a device map
+            layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(-2, index.to(layer.values.device))
         self.kept = [self.kept[s] for s in slots]
 
     def record(self, logits: torch.Tensor) -> None:

@@ -178,9 +178,41 @@ def flex_block_mask(
     config: MaskConfig = MaskConfig(),
     device: torch.device | str = "cpu",
     block_size: int = 128,
+    chunk_rows: int = 2048,
 ):
-    """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch.
 
-    mod = flex_mask_mod(layouts, length, config, device)
-    return create_block_mask(mod, len(layouts), None, length, length, device=device, BLOCK_SIZE=block_size)
+    torch's `create_block_mask` evaluates the mask densely, (B, 1, T, T) plus int32
+    temporaries of the same size: about 10 GB at 32K tokens, the very cost flex is meant
+    to avoid. Here the predicate is evaluated `chunk_rows` query rows at a time and each
+    chunk is reduced at once to (block_size x block_size) tiles: a tile with every entry
+    allowed is "full" (no mask_mod call inside it), one with some allowed is "partial".
+    The result is what `create_block_mask` builds (tested), in O(chunk_rows x T) memory.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    t = mask_tables(layouts, length, config, device)
+    B, n = len(layouts), -(-length // block_size)  # tiles per side
+    rows_per_chunk = max(1, chunk_rows // block_size) * block_size
+    b = torch.arange(B, device=device)[:, None, None]
+    k = torch.arange(length, device=device)[None, None, :]
+    partial = torch.zeros(B, 1, n, n, dtype=torch.bool, device=device)
+    full = torch.zeros(B, 1, n, n, dtype=torch.bool, device=device)
+    for start in range(0, length, rows_per_chunk):
+        stop = min(start + rows_per_chunk, length)
+        q = torch.arange(start, stop, device=device)
+        allowed = _allowed(t, b, q[None, :, None], k[..., :stop])  # (B, rows, stop): keys after the rows are causal-masked
+        rows = -(-len(q) // block_size) * block_size
+        allowed = torch.nn.functional.pad(allowed, (0, n * block_size - stop, 0, rows - len(q)))  # False outside
+        tiled = allowed.view(B, rows // block_size, block_size, n, block_size)
+        some, every = tiled.any(dim=4).any(dim=2), tiled.all(dim=4).all(dim=2)  # (B, q tiles, n), no int copies
+        tiles = slice(start // block_size, start // block_size + rows // block_size)
+        full[:, 0, tiles] = every
+        partial[:, 0, tiles] = some & ~every
+
+    def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 1, n, n) -> count, column order
+        dense = tiles.to(torch.int32)
+        return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
+                                    mask_mod=flex_mask_mod(layouts, length, config, device), seq_lengths=(length, length))

@@ -659,6 +659,7 @@ def generate_offline(
     max_model_len: int = 32768,
     chunk_size: int = 256,
     llm_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[Generation]:
     """Generate traces with the fork's offline engine (``vllm.LLM`` with ``block_masking_config``).
 
@@ -694,7 +695,7 @@ def generate_offline(
             raise
         tokenizer = llm.get_tokenizer()
         results: list[Generation] = []
-        for start in tqdm(range(0, len(todo), chunk_size), desc="generate (vLLM)", unit="chunk"):
+        for start in tqdm(range(0, len(todo), chunk_size), desc="generate (vLLM)", unit="chunk", disable=not progress):
             chunk = todo[start : start + chunk_size]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
                                                    add_generation_prompt=True) if chat else p.text for p in chunk]

@@ -212,6 +212,8 @@ class StageResult:
     stage: int
     output_dir: Path
     losses: list[float]  # training loss at each logging step
+    world_size: int  # processes that trained together (torchrun / accelerate)
+    steps: int  # optimizer steps taken
     n_traces: int
     dropped: list[str]  # ids of traces left out (too long for max_length)
     trainer: Any
@@ -286,6 +288,11 @@ def train_stage(
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training_args.setdefault(ckpt, gradient_checkpointing)
     training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    # without CUDA, Trainer only runs distributed (DDP over gloo) when told it is on CPU;
+    # otherwise every torchrun process would train alone on the whole data set
+    training_args.setdefault("use_cpu", not torch.cuda.is_available())
+    # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
+    training_args.setdefault("ddp_find_unused_parameters", False)
     args = TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=learning_rate,
@@ -315,7 +322,8 @@ def train_stage(
     if save:
         trainer.save_model(str(output_dir))  # main process only; tokenizer via processing_class
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return StageResult(stage, output_dir, losses, len(kept), dropped, trainer, train_output)
+    return StageResult(stage, output_dir, losses, args.world_size, trainer.state.global_step, len(kept), dropped,
+                       trainer, train_output)
 
 
 def two_stage_sft(
@@ -405,8 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
                              **common)
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-        print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
-              f"final logged loss {last}, model in {result.output_dir}")
+        if result.trainer.is_world_process_zero():
+            print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
+                  f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
+                  f"model in {result.output_dir}")
     return 0
 
 

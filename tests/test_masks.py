@@ -274,3 +274,24 @@ def test_padding_query_attends_only_itself():
     allow = allow_matrix(layouts, 4)[0, 0]
     assert allow[2].tolist() == [False, False, True, False]
     assert allow[3].tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize("block_size, chunk_rows", [(8, 8), (8, 24), (16, 2048), (2, 2)])
+@pytest.mark.parametrize("cfg", [MaskConfig(0), MaskConfig(1, True, True), MaskConfig(-1)], ids=config_id)
+def test_flex_block_mask_equals_torch_create_block_mask(cfg, block_size, chunk_rows):
+    """The chunked block mask is torch's own (dense-evaluated) one: same partial and full tiles, same order."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = torch.tensor([encode("p q " + EXAMPLE + " </think> A"), encode("_ _ _ " + EXAMPLE + " r")])
+    layouts = parse_batch(ids, SPECIAL, (ids != 0).long())
+    B, T = ids.shape
+    assert T % block_size or block_size == 2  # a ragged last tile is covered
+    ours = flex_block_mask(layouts, T, cfg, block_size=block_size, chunk_rows=chunk_rows)
+    ref = create_block_mask(flex_mask_mod(layouts, T, cfg), B, None, T, T, device="cpu", BLOCK_SIZE=block_size)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    assert ours.seq_lengths == ref.seq_lengths == (T, T)
+    assert int(ours.kv_num_blocks.sum()) > 0
+    if block_size == 2:  # small tiles: some are entirely allowed, so "full" tiles are covered too
+        assert int(ours.full_kv_num_blocks.sum()) > 0

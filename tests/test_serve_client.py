@@ -9,6 +9,7 @@ tiny (or the sleep function is replaced) so every test takes well under a second
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import threading
@@ -405,3 +406,90 @@ def test_generate_offline_without_vllm_says_what_to_install(monkeypatch, tmp_pat
     with pytest.raises(ImportError, match=r"vLLM with the Memento block-masking overlay.*install_overlay\.sh"):
         generate_offline(prompts(1), "/no/model", tmp_path / "gen.jsonl")
     assert not (tmp_path / "gen.jsonl").exists()  # nothing touched before the check
+
+
+class FakeVLLM:
+    """A stand-in for the `vllm` module: `LLM` records how it was built and what it was asked
+    to generate, and answers each prompt with a canned Memento completion (prompts are
+    "Solve problem <pid>"). `overlay=False` behaves like stock vLLM, which lacks the
+    `block_masking_config` keyword."""
+
+    def __init__(self, overlay: bool = True, truncate: str | None = None) -> None:
+        self.built: list[dict] = []
+        self.calls: list[tuple[list[str], list[dict]]] = []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kw: Any) -> None:
+                self.kw = kw
+
+        class Tokenizer:
+            def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+                assert tokenize is False and add_generation_prompt is True
+                return f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+
+        class Completion:
+            def __init__(self, text: str, finish_reason: str) -> None:
+                self.text, self.finish_reason = text, finish_reason
+
+        class Output:
+            def __init__(self, completion: Completion) -> None:
+                self.outputs = [completion]
+
+        class LLM:
+            def __init__(self, model: str, **kw: Any) -> None:
+                if not overlay and "block_masking_config" in kw:
+                    raise TypeError("LLM.__init__() got an unexpected keyword argument 'block_masking_config'")
+                fake.built.append({"model": model, **kw})
+
+            def get_tokenizer(self) -> Tokenizer:
+                return Tokenizer()
+
+            def generate(self, texts: list[str], params: list[SamplingParams]) -> list[Output]:
+                fake.calls.append((texts, [p.kw for p in params]))
+                outs = []
+                for text in texts:
+                    pid = re.search(r"problem (p\d+)", text).group(1)
+                    if pid == truncate:  # cut off inside a block, as max_tokens does
+                        outs.append(Output(Completion("<think>\n<|block_start|>Step 0 of", "length")))
+                    else:
+                        outs.append(Output(Completion(memento_text(pid), "stop")))
+                return outs
+
+        self.module = type(sys)("vllm")
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+
+
+def test_generate_offline_through_the_engine_interface(monkeypatch, tmp_path):
+    fake = FakeVLLM(truncate="p3")
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    out = tmp_path / "gen.jsonl"
+    mask = MaskConfig(keep_last_n_blocks=1)
+    first = generate_offline(prompts(3), "/models/memento", out, mask=mask, chunk_size=2, seed=7, max_tokens=100,
+                             progress=False)
+    assert [g.prompt_id for g in first] == ["p0", "p1", "p2"] and all(g.trace is not None for g in first)
+    assert first[1].trace.summaries == ["memento 0 of p1", "memento 1 of p1"]
+    built = fake.built[0]
+    assert built["model"] == "/models/memento" and built["block_masking_config"] == block_masking_config(mask)
+    assert built["enable_prefix_caching"] is False  # the fork needs prefix caching off
+    assert [len(texts) for texts, _ in fake.calls] == [2, 1]  # chunks of 2
+    texts, params = fake.calls[0]
+    assert texts[0] == "<|im_start|>user\nSolve problem p0<|im_end|>\n<|im_start|>assistant\n"  # chat template
+    assert params[0]["seed"] == prompt_seed(7, "p0") and params[1]["seed"] == prompt_seed(7, "p1")
+    assert params[0]["skip_special_tokens"] is False and params[0]["max_tokens"] == 100
+    assert completed_ids(out) == {"p0", "p1", "p2"}
+
+    # a second call with more prompts generates only the new ones; a truncated one is recorded, not fatal
+    again = generate_offline(prompts(4), "/models/memento", out, mask=mask, chat=False, progress=False)
+    assert [g.prompt_id for g in again] == ["p3"]
+    assert again[0].trace is None and "finish_reason 'length'" in again[0].error
+    assert fake.calls[-1][0] == ["Solve problem p3"]  # chat=False sends the text verbatim
+    records = read_generations(out)
+    assert [g.prompt_id for g in records] == ["p0", "p1", "p2", "p3"]
+    assert read_generations(out)[0].trace == first[0].trace  # the file round-trips
+
+
+def test_generate_offline_with_stock_vllm_names_the_overlay(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", FakeVLLM(overlay=False).module)
+    with pytest.raises(ImportError, match="does not know block_masking_config: apply the Memento overlay"):
+        generate_offline(prompts(1), "/models/memento", tmp_path / "gen.jsonl")

@@ -7,6 +7,7 @@ checked against.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -19,6 +20,11 @@ __all__ = ["capture_kv", "prepare"]
 def prepare(model: Any) -> Any:
     """Nothing to wrap: the backend runs the Hugging Face model itself."""
     return model
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
@@ -37,7 +43,8 @@ def capture_kv(
     position_ids (B, T); positions (B, P) absolute positions per row.
     Returns {layer: (K, V)}, each (B, n_kv, P, d_head).
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # (B, T, vocab) logits are GBs at 32K tokens
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
     cache = out.past_key_values
     result = {}
     for layer in layers:

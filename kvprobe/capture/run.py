@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..forward import memento_inputs
+from ..forward import input_device, memento_inputs
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
 from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
@@ -39,11 +39,22 @@ def model_dims(model: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, n_kv, d_head
 
 
+def _offloaded(model: Any, name: str) -> torch.Tensor:
+    """A parameter that a device map offloaded (it sits on "meta"), read from accelerate's weights map."""
+    module, _, leaf = name.rpartition(".")
+    weights = getattr(getattr(model.get_submodule(module), "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise ValueError(f"parameter {name!r} has no data (meta device) and no offloaded copy to read")
+    return weights[leaf]
+
+
 def model_identity(model: Any, name: str | None = None) -> dict[str, Any]:
-    """Name, class, parameter count and a SHA-256 over every parameter's bytes."""
+    """Name, class, parameter count and a SHA-256 over every parameter's bytes (offloaded ones included)."""
     h = hashlib.sha256()
     n_params = 0
     for pname, tensor in sorted(model.state_dict().items()):
+        if tensor.device.type == "meta":
+            tensor = _offloaded(model, pname)
         h.update(pname.encode())
         t = tensor.detach().cpu().contiguous()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -235,7 +246,7 @@ def pool_sites(
 
 def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureSpec, keys) -> dict:
     tables = pool_tables(batch.layouts, spec)
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = batch.input_ids.to(device)
     am = batch.attention_mask.to(device) if batch.attention_mask is not None else None
     kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am)

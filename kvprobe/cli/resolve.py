@@ -5,7 +5,8 @@ This is CLI-level code: it may import `toy_models`; the library never does.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Mapping
 
 import torch
 
@@ -13,11 +14,21 @@ from ..capture.spec import SampleSource
 from ..config import DataSection, ExperimentConfig, ModelSection
 from .common import UsageError
 
-__all__ = ["load_model", "make_source"]
+__all__ = ["load_model", "make_source", "process_device"]
+
+
+def process_device(device: str, env: Mapping[str, str] = os.environ) -> str:
+    """The device this process uses: a bare "cuda" becomes "cuda:$LOCAL_RANK" under a
+    launcher (torchrun, accelerate) that starts several processes, so each rank has its GPU."""
+    if device == "cuda" and int(env.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
 
 
 def load_model(section: ModelSection) -> Any:
-    """The model a config names, in eval mode, on its device and dtype."""
+    """The model a config names, in eval mode, on its device and dtype (or spread by its device map)."""
+    if section.device.startswith("cuda") and not section.device_map and not torch.cuda.is_available():
+        raise UsageError(f"model.device {section.device!r}: CUDA is not available on this machine")
     if section.kind == "toy":
         import toy_models
 
@@ -28,16 +39,22 @@ def load_model(section: ModelSection) -> Any:
     else:
         from transformers import AutoModelForCausalLM
 
+        spread = {"device_map": section.device_map, "max_memory": section.max_memory} if section.device_map else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 section.checkpoint,
                 dtype=getattr(torch, section.dtype),
                 attn_implementation=section.attn_implementation,
                 trust_remote_code=section.trust_remote_code,
+                **spread,
             )
+        except ImportError as e:  # device maps need accelerate
+            raise UsageError(f"model: {str(e).splitlines()[0]}") from None
         except OSError as e:
             raise UsageError(f"model.checkpoint: cannot load {section.checkpoint!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device=section.device, dtype=getattr(torch, section.dtype)).eval()
+        if section.device_map:
+            return model.eval()
+    return model.to(device=process_device(section.device), dtype=getattr(torch, section.dtype)).eval()
 
 
 def make_source(cfg: ExperimentConfig) -> SampleSource:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,17 @@ def _existing_run(out: str) -> tuple[Path, ExperimentConfig]:
     return path, parse_config(json.loads(record.read_text())["config"], str(record))
 
 
+def _single_process(command: str) -> None:
+    """`run`, `probe` and `report` are one-process commands; under torchrun every rank would repeat them."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise UsageError(f"kvprobe {command} runs in one process, not under a launcher (WORLD_SIZE={world}): "
+                         "split the capture with `torchrun ... -m kvprobe capture`, then run `kvprobe probe` and "
+                         "`kvprobe report` once")
+
+
 def _run(args: argparse.Namespace) -> int:
+    _single_process("run")
     cfg = experiment_config(args)
     out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     grids = run_pipeline(cfg, out, plans, resume=args.resume)
@@ -33,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    _single_process("probe")
     out, cfg = _existing_run(args.run_dir)
     if args.redo:
         for cond in cfg.conditions:

@@ -1,0 +1,202 @@
+"""Long traces: the FlexAttention memento mask against the dense (B, 1, T, T) mask.
+
+For each trace length T, one synthetic Memento trace (blocks of `--block-len` tokens,
+each followed by a memento of `--memento-len`) is captured through `run_capture` with
+the model loaded as `sdpa` (dense additive mask) and as `flex_attention` (block-sparse
+BlockMask from the same predicate). Each (implementation, T) runs in its own
+subprocess so its peak memory is its own: peak resident set on CPU, peak allocated
+device memory on CUDA. Reported per run: the bare masked forward (the baseline, same
+process, logits of the last position only, as the capture asks for), the capture
+(forward + KV gather + pooling + HDF5 shard), their ratio, peak memory, and, where both
+implementations ran, the largest difference between their captured features.
+
+    python benchmarks/bench_long.py --device cpu --model tiny --lengths 1024 4096 16384 32768 --dense-max 8192
+    python benchmarks/bench_long.py --device cuda --model qwen3-8b --lengths 4096 16384 32768   # bf16, random weights
+
+The models are random (seeded) with real architectures: cost and memory depend on the
+shapes, not on the weights. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# (hidden, intermediate, layers, heads, kv heads, head dim, vocab)
+MODELS = {
+    "tiny": (256, 768, 2, 8, 2, 32, 512),
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
+    "qwen3-8b": (4096, 12288, 36, 32, 8, 128, 151936),
+}
+SPECIAL_IDS = dict(think=1, think_end=2, block_start=3, block_end=4, summary_start=5, summary_end=6)
+
+
+def build_model(name: str, impl: str, device: str, dtype: torch.dtype, max_len: int) -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hidden, inter, layers, heads, kv, head_dim, vocab = MODELS[name]
+    cfg = Qwen3Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, max_position_embeddings=max_len,
+                      tie_word_embeddings=False, attn_implementation=impl)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+class LongTraceSource:
+    """`n` identical-layout synthetic traces of `length` tokens with random content (seeded)."""
+
+    def __init__(self, n: int, length: int, block_len: int, memento_len: int, vocab: int) -> None:
+        from kvprobe.layout import SpecialTokens, parse_layout
+
+        self.n_samples, self.special = n, SpecialTokens(**SPECIAL_IDS)
+        rng = np.random.default_rng(0)
+        ordinary = lambda k: rng.integers(7, vocab, k).tolist()  # noqa: E731
+        ids = ordinary(32) + [1]
+        while len(ids) + block_len + memento_len + 6 < length:
+            ids += [3] + ordinary(block_len) + [4] + [5] + ordinary(memento_len) + [6]
+        ids += [2] + ordinary(length - len(ids) - 1)
+        self.ids = torch.tensor(ids)[None].repeat(n, 1)  # (n, T)
+        self.layout = parse_layout(ids, self.special)
+        self.labels = rng.integers(0, 10, (n, 6))
+
+    def samples(self, start: int, stop: int):
+        from kvprobe.capture import SampleBatch
+
+        k = stop - start
+        return SampleBatch(np.arange(start, stop), self.ids[start:stop], None,
+                           ["".join(map(str, r)) for r in self.labels[start:stop]], self.labels[start:stop],
+                           [self.layout] * k)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "bench-long", "length": int(self.ids.shape[1]), "n_blocks": self.layout.n_blocks}
+
+
+def one_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in the subprocess: one implementation at one length."""
+    from kvprobe.capture import CaptureSpec, run_capture
+    from kvprobe.forward import masked_forward
+
+    torch.set_num_threads(args.threads)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = build_model(args.model, args.impl, args.device, dtype, args.length)
+    block_len = max(8, min(args.block_len, (args.length - 40) // 6 - args.memento_len - 4))  # at least 5 blocks
+    source = LongTraceSource(args.samples, args.length, block_len, args.memento_len, MODELS[args.model][6])
+    n_layers = MODELS[args.model][2]
+    spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), target_block=1, batch_size=1,
+                       shard_size=args.samples, dtype="float32")
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    batch = source.samples(0, 1)
+
+    def bare() -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(args.samples):
+                b = source.samples(i, i + 1)
+                masked_forward(model, b.input_ids.to(args.device), layouts=b.layouts, config=spec.mask,
+                               logits_to_keep=1)
+        sync()
+        return time.perf_counter() - t
+
+    with torch.inference_mode():  # warm-up: compiles FlexAttention, fills allocator caches
+        masked_forward(model, batch.input_ids.to(args.device), layouts=batch.layouts, logits_to_keep=1)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = {"forward": [], "capture": []}
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(args.repeats):  # interleaved, best of
+            times["forward"].append(bare())
+            sync()
+            t = time.perf_counter()
+            path = run_capture(model, source, spec, Path(d) / f"s{r}", progress=False)
+            sync()
+            times["capture"].append(time.perf_counter() - t)
+        from kvprobe.store import KVStore
+
+        with KVStore(path) as store:
+            feats = {f"{layer}/{key.offset}": store.features(layer, key.offset) for key in store.keys
+                     for layer in store.layers}
+    np.savez(args.features_out, **feats)
+    peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"impl": args.impl, "length": args.length, "n_blocks": source.layout.n_blocks, "block_len": block_len,
+            "forward_s": min(times["forward"]) / args.samples, "capture_s": min(times["capture"]) / args.samples,
+            "peak_bytes": int(peak)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--dense-max", type=int, default=1 << 30, help="skip the dense mask above this length")
+    ap.add_argument("--block-len", type=int, default=480)
+    ap.add_argument("--memento-len", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=2, help="traces captured per timing")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="also write the rows here")
+    # internal: the subprocess
+    ap.add_argument("--impl", help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--features-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.impl:
+        print(json.dumps(one_run(args)))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for length in args.lengths:
+            feats = {}
+            for impl in ("sdpa", "flex_attention"):
+                if impl == "sdpa" and length > args.dense_max:
+                    continue
+                out = Path(d) / f"{impl}-{length}.npz"
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--length", str(length),
+                       "--features-out", str(out)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    row = {"impl": impl, "length": length, "error": done.stderr.strip().splitlines()[-1]}
+                else:
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    feats[impl] = np.load(out)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if len(feats) == 2:
+                a, b = feats["sdpa"], feats["flex_attention"]
+                diff = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
+                scale = max(float(np.abs(a[k]).max()) for k in a.files)
+                rows[-1]["max_abs_diff_vs_dense"] = diff
+                rows[-1]["max_abs_feature"] = scale
+                print(f"  T={length}: flex vs dense features, max |diff| {diff:.3g} (max |feature| {scale:.3g})")
+    print(f"\n{args.model} on {args.device} ({args.dtype}), {args.samples} trace(s) per timing, best of {args.repeats}\n")
+    print("| T | mask | forward (s/trace) | capture (s/trace) | capture / forward | peak memory (MB) | flex vs dense |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['length']:,} | {r['impl']} | failed: {r['error']} | | | | |")
+            continue
+        diff = f"max abs diff {r['max_abs_diff_vs_dense']:.2g}" if "max_abs_diff_vs_dense" in r else ""
+        print(f"| {r['length']:,} | {'dense' if r['impl'] == 'sdpa' else 'flex'} | {r['forward_s']:.3f} | "
+              f"{r['capture_s']:.3f} | {r['capture_s'] / r['forward_s']:.2f} | {r['peak_bytes'] / 2**20:,.0f} | {diff} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
