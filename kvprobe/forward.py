@@ -83,7 +83,7 @@ def memento_inputs(
     if impl in FLEX_IMPLEMENTATIONS:
         mask: Any = flex_block_mask(layouts, T, config, device=device)
     else:
-        mask = additive_mask(allow_matrix(layouts, T, config), dtype=model.dtype).to(device)
+        mask = additive_mask(allow_matrix(layouts, T, config, device=device), dtype=model.dtype)  # built in place
     return {"attention_mask": mask, "position_ids": position_ids_for(attention_mask, input_ids.shape, device)}
 
 

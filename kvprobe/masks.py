@@ -133,19 +133,21 @@ def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
     return allowed | ((q == k) & ~t.valid[b, q])
 
 
-def allow_matrix(layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig()) -> torch.Tensor:
-    """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T)."""
+def allow_matrix(
+    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T) on `device`."""
     # rows that share a layout share a mask: build each distinct one once
     distinct = list(dict.fromkeys(layouts))
-    t = mask_tables(distinct, length, config)
-    b = torch.arange(len(distinct))[:, None, None]
-    q = torch.arange(length)[None, :, None]
-    k = torch.arange(length)[None, None, :]
+    t = mask_tables(distinct, length, config, device)
+    b = torch.arange(len(distinct), device=device)[:, None, None]
+    q = torch.arange(length, device=device)[None, :, None]
+    k = torch.arange(length, device=device)[None, None, :]
     masks = _allowed(t, b, q, k)[:, None]  # (U, 1, T, T)
     if len(distinct) == len(layouts):
         return masks
     row = {lay: i for i, lay in enumerate(distinct)}
-    return masks[torch.tensor([row[lay] for lay in layouts])]  # (B, 1, T, T)
+    return masks[torch.tensor([row[lay] for lay in layouts], device=device)]  # (B, 1, T, T)
 
 
 def additive_mask(allow: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
