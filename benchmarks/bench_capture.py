@@ -10,6 +10,7 @@
 
     python benchmarks/bench_capture.py                # everything (a few minutes on 2 cores)
     python benchmarks/bench_capture.py --skip-memory
+    python benchmarks/bench_capture.py --skip-memory --models toy --compression gzip lzf none
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,14 +64,15 @@ def capture_time(model, source, spec: CaptureSpec) -> float:
         return time.perf_counter() - t
 
 
-def overhead(name: str, model, n: int, repeats: int) -> dict:
+def overhead(name: str, model, n: int, repeats: int, spec: CaptureSpec = SPEC) -> dict:
     source = ToyPasscodeSource(n, seed=0)
-    bare_forward(model, ToyPasscodeSource(256, seed=1), SPEC)  # warm up
+    bare_forward(model, ToyPasscodeSource(256, seed=1), spec)  # warm up
     bare, cap = [], []
     for _ in range(repeats):
-        bare.append(bare_forward(model, source, SPEC))
-        cap.append(capture_time(model, source, SPEC))
-    return {"model": name, "samples": n, "bare_s": min(bare), "capture_s": min(cap), "ratio": min(cap) / min(bare)}
+        bare.append(bare_forward(model, source, spec))
+        cap.append(capture_time(model, source, spec))
+    return {"model": name, "compression": spec.compression, "samples": n, "bare_s": min(bare), "capture_s": min(cap),
+            "ratio": min(cap) / min(bare)}
 
 
 MEMORY_CHILD = """
@@ -96,14 +99,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--models", nargs="+", choices=("toy", "qwen3"), default=["toy", "qwen3"])
+    ap.add_argument("--compression", nargs="+", choices=("gzip", "lzf", "none"), default=["gzip"])
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    rows = [overhead("toy (GPT-2, 811K)", toy_models.load(), args.samples, args.repeats),
-            overhead("tiny Qwen3 (GQA, RoPE, qk-norm)", tiny_qwen3(), args.samples, args.repeats)]
-    print(f"capture overhead: {SPEC.to_dict()['layers']} layers x {len(SPEC.offsets)} offsets, K+V, mean, fp16, gzip")
-    print("| model | samples | bare forward (s) | capture (s) | ratio |\n|---|---|---|---|---|")
+    torch.set_num_threads(args.threads)
+    models = {"toy": ("toy (GPT-2, 811K)", toy_models.load), "qwen3": ("tiny Qwen3 (GQA, RoPE, qk-norm)", tiny_qwen3)}
+    rows = [overhead(models[m][0], models[m][1](), args.samples, args.repeats, replace(SPEC, compression=c))
+            for m in args.models for c in args.compression]
+    print(f"capture overhead: {SPEC.to_dict()['layers']} layers x {len(SPEC.offsets)} offsets, K+V, mean, fp16")
+    print("| model | compression | samples | bare forward (s) | capture (s) | ratio |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['samples']} | {r['bare_s']:.2f} | {r['capture_s']:.2f} | {r['ratio']:.3f} |")
+        print(f"| {r['model']} | {r['compression']} | {r['samples']} | {r['bare_s']:.2f} | {r['capture_s']:.2f} | "
+              f"{r['ratio']:.3f} |")
     if not args.skip_memory:
         small, large = peak_memory_mb(5_000), peak_memory_mb(50_000)
         print("\npeak resident memory of a toy capture (own process)")

@@ -91,7 +91,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = build_model(args.model, args.impl, args.device, dtype, args.length)
-    block_len = max(8, min(args.block_len, (args.length - 40) // 6 - args.memento_len - 4))  # at least 5 blocks
+    block_len = max(8, min(args.block_len, (args.length - 40) // 6 - args.memento_len - 4))  # at least 6 blocks
     source = LongTraceSource(args.samples, args.length, block_len, args.memento_len, MODELS[args.model][6])
     n_layers = MODELS[args.model][2]
     spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), target_block=1, batch_size=1,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .capture.spec import BACKENDS, POOLINGS, SITES, CaptureSpec
+from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, SITES, CaptureSpec
 from .masks import MaskConfig
 
 if sys.version_info >= (3, 11):
@@ -52,7 +52,7 @@ class ModelSection(_Strict):
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     trust_remote_code: bool = False
     # hf models larger than one GPU: spread the layers over the visible devices (accelerate);
-    # `device` is then ignored. max_memory caps each device, e.g. {"0": "70GiB", "cpu": "100GiB"}
+    # `device` then places only the probes. max_memory caps each device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
     max_memory: dict[str, str] | None = None
 
@@ -89,6 +89,7 @@ class CaptureSection(_Strict):
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(4096, ge=1)
     backend: Literal[BACKENDS] = "transformers"  # type: ignore[valid-type]
+    compression: Literal[COMPRESSIONS] = "gzip"  # type: ignore[valid-type]  # gzip, lzf, or none (fastest)
 
 
 class MaskSection(_Strict):
@@ -176,7 +177,8 @@ class ExperimentConfig(_Strict):
         return CaptureSpec(
             layers=c.layers, offsets=c.offsets, target_block=self.data.target_block, sites=c.sites, kinds=c.kinds,
             pooling=c.pooling, max_tokens=c.max_tokens, dtype=c.dtype, batch_size=c.batch_size,
-            shard_size=c.shard_size, backend=c.backend, mask=MaskConfig(**self.conditions[condition].model_dump()),
+            shard_size=c.shard_size, backend=c.backend, compression=c.compression,
+            mask=MaskConfig(**self.conditions[condition].model_dump()),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -166,8 +166,10 @@ def flex_mask_mod(
     layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu"
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` with the same semantics as `allow_matrix`."""
-    t = mask_tables(layouts, length, config, device)
+    return _mask_mod(mask_tables(layouts, length, config, device))
 
+
+def _mask_mod(t: MaskTables) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return _allowed(t, b, q_idx, kv_idx)
 
@@ -190,6 +192,7 @@ def flex_block_mask(
     chunk is reduced at once to (block_size x block_size) tiles: a tile with every entry
     allowed is "full" (no mask_mod call inside it), one with some allowed is "partial".
     The result is what `create_block_mask` builds (tested), in O(chunk_rows x T) memory.
+    `chunk_rows` is rounded down to a multiple of `block_size` (at least one tile row).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -216,5 +219,5 @@ def flex_block_mask(
         dense = tiles.to(torch.int32)
         return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
 
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
-                                    mask_mod=flex_mask_mod(layouts, length, config, device), seq_lengths=(length, length))
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=_mask_mod(t),
+                                    seq_lengths=(length, length))

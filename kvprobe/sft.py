@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -288,9 +289,10 @@ def train_stage(
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training_args.setdefault(ckpt, gradient_checkpointing)
     training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    # without CUDA, Trainer only runs distributed (DDP over gloo) when told it is on CPU;
-    # otherwise every torchrun process would train alone on the whole data set
-    training_args.setdefault("use_cpu", not torch.cuda.is_available())
+    # launched as several processes without CUDA, Trainer only runs distributed (DDP over
+    # gloo) when told it is on CPU; otherwise every process trains alone on all the data
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        training_args.setdefault("use_cpu", True)
     # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
     training_args.setdefault("ddp_find_unused_parameters", False)
     args = TrainingArguments(

@@ -135,7 +135,13 @@ class StoreWriter:
 
         samples: 'index' (n,), 'passcode' (n,) str, 'labels' (n, L), 'layout' (n, n_blocks, 5).
         features: key -> (n, n_layers, D) or (n, n_layers, max_tokens, D).
+        compression: 'gzip' (at level `compression_opts`), 'lzf' or 'none', for the features.
         """
+        if compression not in ("gzip", "lzf", "none"):
+            raise ValueError(f"compression must be 'gzip', 'lzf' or 'none', got {compression!r}")
+        filters = {"compression": None if compression == "none" else compression,
+                   "compression_opts": compression_opts if compression == "gzip" else None,
+                   "shuffle": compression != "none"}
         n = len(samples["index"])
         final = self.shard_dir / _shard_name(index)
         tmp = final.with_suffix(".h5.tmp")
@@ -152,8 +158,7 @@ class StoreWriter:
                 if len(arr) != n:
                     raise ValueError(f"{key.path} has {len(arr)} rows, expected {n}")
                 chunks = (min(n, 256), 1) + arr.shape[2:]  # one layer of a few hundred samples
-                f.create_dataset(key.path, data=arr, chunks=chunks, compression=compression,
-                                 compression_opts=compression_opts if compression == "gzip" else None, shuffle=True)
+                f.create_dataset(key.path, data=arr, chunks=chunks, **filters)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, final)

@@ -173,6 +173,30 @@ def test_size_estimate_matches_the_file(model, tmp_path):
     assert 0.5 * plan.estimate_bytes() < size < 1.05 * plan.estimate_bytes() + 200_000
 
 
+def test_compression_choices_store_the_same_values(model, tmp_path):
+    """gzip, lzf and none are storage choices only: the same features, read back the same."""
+    from dataclasses import replace
+
+    src = ToyPasscodeSource(96, seed=5)
+    arrays, filters = {}, {}
+    for compression in ("gzip", "lzf", "none"):
+        out = run_capture(model, src, replace(SPEC, compression=compression, shard_size=48), tmp_path / compression,
+                          progress=False)
+        arrays[compression] = _store_arrays(out)
+        with h5py.File(out / "shards" / "shard_000000.h5", "r") as f:
+            d = f["features/memento/+1/mean"]
+            filters[compression] = (d.compression, d.shuffle)
+        with KVStore(out) as store:
+            assert store.config["capture"]["compression"] == compression
+    assert filters == {"gzip": ("gzip", True), "lzf": ("lzf", True), "none": (None, False)}
+    for compression in ("lzf", "none"):
+        assert arrays[compression].keys() == arrays["gzip"].keys()
+        for name, value in arrays["gzip"].items():
+            np.testing.assert_array_equal(arrays[compression][name], value, err_msg=name)
+    with pytest.raises(ValueError, match="compression"):
+        replace(SPEC, compression="zstd")
+
+
 def test_writer_refuses_existing_paths(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(StoreError, match="already exists"):

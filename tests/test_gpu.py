@@ -6,8 +6,8 @@
 - A bf16 capture on the GPU matches an fp32 capture on CPU to bf16 precision, and the
   probes read its store.
 - Compaction generation on CUDA equals the dense masked forward.
-- A model split over the GPU and the CPU by a device map captures what it captures on
-  one GPU.
+- A model dispatched by a device map (layers offloaded to CPU RAM; or split over two
+  GPUs where there are two) captures what it captures on one GPU.
 - Two-stage SFT runs on CUDA in bf16 (stage 2 under the memento mask).
 - vLLM's offline engine, when installed with the Memento overlay, writes trace records.
 
@@ -66,8 +66,12 @@ def test_flex_forward_equals_dense_forward_on_cuda(cfg):
             "_ _ _ _ _ _ _ p q <think> BS a b BE SS m SE BS c d e f BE SS n o SE </think> y"]
     ids = torch.tensor([encode(r) for r in rows], device="cuda")
     am = (ids != PAD_ID).long()
-    dense = masked_forward(tiny_qwen3("sdpa").cuda(), ids, special=SPECIAL, config=cfg, attention_mask=am)
-    flex = masked_forward(tiny_qwen3("flex_attention").cuda(), ids, special=SPECIAL, config=cfg, attention_mask=am)
+    models = {}
+    for impl in ("sdpa", "flex_attention"):  # head dim 16: compiled flex on CUDA refuses heads under 16 dims
+        models[impl] = trace_qwen3(64).cuda()
+        models[impl].set_attn_implementation(impl)
+    dense = masked_forward(models["sdpa"], ids, special=SPECIAL, config=cfg, attention_mask=am)
+    flex = masked_forward(models["flex_attention"], ids, special=SPECIAL, config=cfg, attention_mask=am)
     real = am.bool()
     torch.testing.assert_close(flex.logits[real], dense.logits[real], atol=1e-4, rtol=1e-4)
 
@@ -163,20 +167,41 @@ def test_compaction_generation_on_cuda_equals_the_dense_forward(cfg):
                                    rtol=1e-4)
 
 
-def test_device_map_over_gpu_and_cpu_captures_what_one_gpu_captures(tmp_path):
+def _device_map_capture_equals_one_gpu(tmp_path, device_map: dict, check) -> None:
     from accelerate import dispatch_model
 
     tok = build_tokenizer()
     source = TracePasscodeSource(read_jsonl(PIPELINE), tok, n_samples=8, offsets=SPEC.offsets)
     one = run_capture(trace_qwen3(len(tok)).cuda(), source, SPEC, tmp_path / "one", progress=False)
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-                  "model.norm": "cpu", "lm_head": "cpu"}
     split = dispatch_model(trace_qwen3(len(tok)), device_map=device_map)
-    assert split.model.layers[1].self_attn.k_proj.weight.device.type == "cpu"
+    check(split)
     two = run_capture(split, source, SPEC, tmp_path / "two", progress=False)
     ref, got = _store_arrays(one), _store_arrays(two)
     for key in ref:
         np.testing.assert_allclose(got[key], ref[key], atol=1e-4, rtol=1e-4)
+
+
+def test_device_map_with_layers_offloaded_to_cpu_ram_captures_what_one_gpu_captures(tmp_path):
+    """With a GPU present, accelerate treats "cpu" entries as offloaded: weights wait in CPU RAM
+    (on "meta" in the module) and are streamed to the GPU for each forward."""
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+
+    def check(model):
+        assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"
+
+    _device_map_capture_equals_one_gpu(tmp_path, device_map, check)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_device_map_over_two_gpus_captures_what_one_gpu_captures(tmp_path):
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+
+    def check(model):
+        assert model.model.layers[1].self_attn.k_proj.weight.device == torch.device("cuda", 1)
+
+    _device_map_capture_equals_one_gpu(tmp_path, device_map, check)
 
 
 def test_two_stage_sft_on_cuda_in_bf16(tmp_path):

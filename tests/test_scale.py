@@ -26,6 +26,7 @@ import yaml
 from accelerate import dispatch_model
 
 from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.cli import capture as cli_capture
 from kvprobe.cli import main
 from kvprobe.cli.resolve import process_device
 from kvprobe.config import ConfigError, parse_config
@@ -154,7 +155,7 @@ def _real_model_config(tmp_path: Path, checkpoint: Path, **model) -> Path:
     return path
 
 
-def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path, capsys):
+def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path, capsys, monkeypatch):
     """Pipeline records -> passcodes injected in text -> capture -> probes -> report, from the CLI."""
     out = tmp_path / "run"
     assert main(["--threads", "1", "run", str(_real_model_config(tmp_path, checkpoint)), "--out", str(out)]) == 0, \
@@ -169,10 +170,15 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
     grid = json.loads((out / "probes" / "memento.json").read_text())
     assert grid and (out / "report" / "summary.md").is_file()
 
-    # the same run with the model spread by accelerate (everything lands on this CPU) writes the same stores
+    # the same capture with the model spread by accelerate writes the same stores: a CPU budget
+    # of 300 KB leaves the decoder layers and the LM head offloaded to disk (weights on "meta")
     spread = tmp_path / "spread"
-    config = _real_model_config(tmp_path, checkpoint, device_map="auto")
+    config = _real_model_config(tmp_path, checkpoint, device_map="auto", max_memory={"cpu": "300KB"})
+    loaded, real_load = [], cli_capture.load_model
+    monkeypatch.setattr(cli_capture, "load_model", lambda section: loaded.append(real_load(section)) or loaded[-1])
     assert main(["--threads", "1", "capture", "--config", str(config), "--out", str(spread)]) == 0
+    offloaded = [n for n, p in loaded[0].named_parameters() if p.device.type == "meta"]
+    assert "lm_head.weight" in offloaded and any(n.startswith("model.layers.1.") for n in offloaded), offloaded
     for cond in ("memento", "restart-hidden"):
         _assert_same_store(out / "stores" / cond, spread / "stores" / cond)
 

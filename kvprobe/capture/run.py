@@ -336,7 +336,8 @@ def run_capture(
                 "labels": np.concatenate(meta_rows["labels"]),
                 "layout": np.concatenate(meta_rows["layout"]),
             }
-            writer.write_shard(shard, samples, {k: np.concatenate(v) for k, v in feats.items()})
+            writer.write_shard(shard, samples, {k: np.concatenate(v) for k, v in feats.items()},
+                               compression=spec.compression)
             if on_shard is not None:
                 on_shard(shard)
     bar.close()

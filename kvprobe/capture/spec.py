@@ -29,6 +29,7 @@ SITES = ("memento", "block_end")
 POOLINGS = ("mean", "last", "tokens")
 BACKENDS = ("transformers", "lens", "nnsight")
 STORAGE_DTYPES = ("float16", "float32")
+COMPRESSIONS = ("gzip", "lzf", "none")  # HDF5 filters for feature datasets (with byte shuffle)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class CaptureSpec:
     batch_size: int = 64
     shard_size: int = 1024
     backend: str = "transformers"
+    compression: str = "gzip"  # gzip (level 1, smallest), lzf (faster), none (fastest; KV bits barely compress)
 
     def __post_init__(self) -> None:
         for name in ("layers", "offsets", "sites", "kinds", "pooling"):
@@ -63,6 +65,7 @@ class CaptureSpec:
         _check(set(self.pooling) <= set(POOLINGS) and self.pooling, "pooling", self.pooling, f"a subset of {POOLINGS}")
         _check(self.dtype in STORAGE_DTYPES, "dtype", self.dtype, f"one of {STORAGE_DTYPES}")
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        _check(self.compression in COMPRESSIONS, "compression", self.compression, f"one of {COMPRESSIONS}")
         for name in ("max_tokens", "batch_size", "shard_size"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 

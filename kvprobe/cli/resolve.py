@@ -39,7 +39,9 @@ def load_model(section: ModelSection) -> Any:
     else:
         from transformers import AutoModelForCausalLM
 
-        spread = {"device_map": section.device_map, "max_memory": section.max_memory} if section.device_map else {}
+        # a copy: accelerate rewrites max_memory in place (sizes to ints)
+        spread = ({"device_map": section.device_map, "max_memory": dict(section.max_memory or {}) or None}
+                  if section.device_map else {})
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 section.checkpoint,

@@ -58,6 +58,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    _single_process("report")
     out, cfg = _existing_run(args.run_dir)
     missing = [c for c in cfg.conditions if not (out / "probes" / f"{c}.json").is_file()]
     if missing:
