@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config", "parse_config"]
+__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg", "load_config", "parse_config"]
 
 
 class ConfigError(ValueError):
@@ -223,6 +223,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         first = str(e).strip().splitlines()
         raise ConfigError(f"{path}: malformed {path.suffix[1:].upper()}: {' '.join(first[:2])}") from None
     return parse_config(apply_overrides(data, overrides), str(path))
+
+
+def key_value_arg(text: str) -> tuple[str, Any]:
+    """argparse type for KEY=VALUE options passed through to a library (TrainingArguments,
+    vllm.LLM): the value is read as JSON when it parses, else kept as a string."""
+    import argparse
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:

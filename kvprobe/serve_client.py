@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import httpx
 from tqdm.auto import tqdm
 
+from .config import key_value_arg
 from .masks import MaskConfig
 from .traces import Trace, TraceError, from_generated_text
 
@@ -749,6 +750,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--api-key", default=None)
     g.add_argument("--no-progress", action="store_true")
 
+    o = sub.add_parser("generate-offline", help="generate traces in-process with vLLM's offline engine (the fork)")
+    o.add_argument("--prompts", required=True, help="JSONL: prompt_id + prompt per line")
+    o.add_argument("--out", required=True, help="output JSONL (appended; existing prompt ids are skipped)")
+    o.add_argument("--model-path", required=True)
+    o.add_argument("--no-chat", action="store_true", help="send prompts verbatim (no chat template)")
+    o.add_argument("--max-tokens", type=int, default=ClientConfig.max_tokens)
+    o.add_argument("--temperature", type=float, default=ClientConfig.temperature)
+    o.add_argument("--top-p", type=float, default=ClientConfig.top_p)
+    o.add_argument("--top-k", type=int, default=ClientConfig.top_k)
+    o.add_argument("--seed", type=int, default=ClientConfig.seed)
+    o.add_argument("--max-model-len", type=int, default=32768)
+    o.add_argument("--chunk-size", type=int, default=256, help="prompts per engine call (and per append)")
+    o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
+    o.add_argument("--no-progress", action="store_true")
+    _add_mask_args(o)
+
     e = sub.add_parser("export", help="write the parsed traces as pipeline JSONL (for kvprobe capture)")
     e.add_argument("--generations", required=True)
     e.add_argument("--out", required=True)
@@ -771,6 +789,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = generate_traces(read_prompts(args.prompts), args.out, config, progress=not args.no_progress)
             print(f"{run.generated} generated ({run.parse_errors} with parse errors), {run.skipped} already "
                   f"present, {run.total} prompts; output {args.out}")
+        elif args.command == "generate-offline":
+            prompts = read_prompts(args.prompts)
+            new = generate_offline(prompts, args.model_path, args.out, mask=_mask_from_args(args),
+                                   chat=not args.no_chat, max_tokens=args.max_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                   max_model_len=args.max_model_len, chunk_size=args.chunk_size,
+                                   llm_kwargs=dict(args.llm_arg), progress=not args.no_progress)
+            errors = sum(g.trace is None for g in new)
+            print(f"{len(new)} generated ({errors} with parse errors), {len(prompts) - len(new)} already present, "
+                  f"{len(prompts)} prompts; output {args.out}")
         elif args.command == "export":
             n = export_pipeline_jsonl(args.generations, args.out, min_blocks=args.min_blocks,
                                       require_answer=args.require_answer)
@@ -781,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv_out = serve_command(args.model_path, _mask_from_args(args), port=args.port,
                                      max_model_len=args.max_model_len)
             print(shlex.join(argv_out))
-    except (ServeError, ValueError, OSError) as err:
+    except (ServeError, ValueError, OSError, ImportError) as err:
         print(f"serve_client: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -46,7 +46,6 @@ See docs/real_models.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -57,6 +56,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from .config import key_value_arg
 from .forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
 from .layout import Layout, SpecialTokens, parse_layout
 from .masks import MaskConfig
@@ -362,16 +362,6 @@ def two_stage_sft(
 # ----------------------------------------------------------------------------- command line
 
 
-def _training_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kvprobe.sft``: load a checkpoint, add the markers, run stage 1, 2 or both."""
     p = argparse.ArgumentParser(prog="python -m kvprobe.sft", description="Two-stage Memento SFT (Trainer).")
@@ -392,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-last-n-blocks", type=int, default=0)
     p.add_argument("--mask-delimiters", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--training-arg", type=_training_arg, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--training-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainingArguments field (JSON value or string), repeatable")
     args = p.parse_args(argv)
 
