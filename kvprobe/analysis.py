@@ -179,12 +179,15 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
         raise ValueError(f"store {store.path} has no features with pooling {settings.pooling!r} for the requested cells")
     cells = [(k.site, k.offset, layer) for k in keys for layer in layers]
     D = int(store.config["dims"]["feature_dim"])
+    if settings.pooling == "tokens":  # per-token features, concatenated (zeros past a site's end)
+        D *= int(store.config["capture"]["max_tokens"])
     rows: list[CellResult] = []
     per_sample: dict[tuple[str, int, int, str], np.ndarray] = {}
     n_fits = sum(settings.seeds if kind == "mlp" else 1 for kind in settings.kinds)
     bar = tqdm(total=len(cells) * n_fits, desc=f"probe {condition}", unit="cell", disable=not progress)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])  # (G, N, D)
+        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])
+        X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens': (G, N, max_tokens, d) flattened
         X_tr, X_va = X[:, tr], X[:, va]
         del X
         for kind in settings.kinds:

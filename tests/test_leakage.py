@@ -73,3 +73,17 @@ def test_restart_mode_removes_the_implicit_channel_at_the_direct_memento(grids):
     assert d.ci_low > 0, d
     # layer 0 KV depend on the token alone: no attention has happened, so no mask can matter
     assert diffs[("memento", 1, 0)].difference == 0.0
+
+
+def test_per_token_features_are_probed_concatenated(tmp_path):
+    """probe.pooling 'tokens': each sample's (max_tokens, D) features are flattened into one vector."""
+    spec = CaptureSpec(layers=(3,), offsets=(-1, 0), pooling=("mean", "tokens"), max_tokens=3, batch_size=500,
+                       shard_size=1000)
+    path = run_capture(toy_models.load("final"), ToyPasscodeSource(1000, seed=3), spec, tmp_path / "s", progress=False)
+    with KVStore(path) as store:
+        assert store.features(3, 0, pooling="tokens").shape == (1000, 3, 256)
+        settings = ProbeSettings(kinds=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
+        grid = probe_store(store, "memento", settings, progress=False)
+    direct, control = grid.cell("memento", 0, 3, "linear"), grid.cell("memento", -1, 3, "linear")
+    assert direct.ci_low > 0.2  # the direct memento reads the passcode from its three digit tokens
+    assert control.ci_low <= 0.10 <= control.ci_high
