@@ -723,6 +723,18 @@ def _mask_from_args(args: argparse.Namespace) -> MaskConfig:
                       restart_mode=args.restart_mode)
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` (served model) and `generate-offline` (vLLM in-process)."""
+    p.add_argument("--prompts", required=True, help="JSONL: prompt_id + prompt per line")
+    p.add_argument("--out", required=True, help="output JSONL (appended; existing prompt ids are skipped)")
+    p.add_argument("--max-tokens", type=int, default=ClientConfig.max_tokens)
+    p.add_argument("--temperature", type=float, default=ClientConfig.temperature)
+    p.add_argument("--top-p", type=float, default=ClientConfig.top_p)
+    p.add_argument("--top-k", type=int, default=ClientConfig.top_k)
+    p.add_argument("--seed", type=int, default=ClientConfig.seed)
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last-n-blocks", type=int, default=0, help="0 evicts every completed block (default)")
     p.add_argument("--mask-delimiters", action="store_true", help="evict the block delimiters too (Phi-4)")
@@ -735,36 +747,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate traces from a served Memento model (resumable)")
-    g.add_argument("--prompts", required=True, help="JSONL: prompt_id + prompt per line")
-    g.add_argument("--out", required=True, help="output JSONL (appended; existing prompt ids are skipped)")
+    _add_generation_args(g)
     g.add_argument("--base-url", default=ClientConfig.base_url)
     g.add_argument("--model", default=ClientConfig.model, help="the server's --served-model-name")
     g.add_argument("--endpoint", choices=("chat", "completions"), default=ClientConfig.endpoint)
-    g.add_argument("--max-tokens", type=int, default=ClientConfig.max_tokens)
-    g.add_argument("--temperature", type=float, default=ClientConfig.temperature)
-    g.add_argument("--top-p", type=float, default=ClientConfig.top_p)
-    g.add_argument("--top-k", type=int, default=ClientConfig.top_k)
-    g.add_argument("--seed", type=int, default=ClientConfig.seed)
     g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency)
     g.add_argument("--max-attempts", type=int, default=ClientConfig.max_attempts)
     g.add_argument("--api-key", default=None)
-    g.add_argument("--no-progress", action="store_true")
 
     o = sub.add_parser("generate-offline", help="generate traces in-process with vLLM's offline engine (the fork)")
-    o.add_argument("--prompts", required=True, help="JSONL: prompt_id + prompt per line")
-    o.add_argument("--out", required=True, help="output JSONL (appended; existing prompt ids are skipped)")
+    _add_generation_args(o)
     o.add_argument("--model-path", required=True)
     o.add_argument("--no-chat", action="store_true", help="send prompts verbatim (no chat template)")
-    o.add_argument("--max-tokens", type=int, default=ClientConfig.max_tokens)
-    o.add_argument("--temperature", type=float, default=ClientConfig.temperature)
-    o.add_argument("--top-p", type=float, default=ClientConfig.top_p)
-    o.add_argument("--top-k", type=int, default=ClientConfig.top_k)
-    o.add_argument("--seed", type=int, default=ClientConfig.seed)
     o.add_argument("--max-model-len", type=int, default=32768)
     o.add_argument("--chunk-size", type=int, default=256, help="prompts per engine call (and per append)")
     o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
-    o.add_argument("--no-progress", action="store_true")
     _add_mask_args(o)
 
     e = sub.add_parser("export", help="write the parsed traces as pipeline JSONL (for kvprobe capture)")

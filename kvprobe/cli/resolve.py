@@ -39,9 +39,10 @@ def load_model(section: ModelSection) -> Any:
     else:
         from transformers import AutoModelForCausalLM
 
-        # a copy: accelerate rewrites max_memory in place (sizes to ints)
-        spread = ({"device_map": section.device_map, "max_memory": dict(section.max_memory or {}) or None}
-                  if section.device_map else {})
+        spread: dict[str, Any] = {}
+        if section.device_map:  # max_memory copied: accelerate rewrites it in place (sizes to ints)
+            max_memory = dict(section.max_memory) if section.max_memory else None
+            spread = {"device_map": section.device_map, "max_memory": max_memory}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 section.checkpoint,
