@@ -11,17 +11,16 @@ including 32K-token sequences, is in test_gpu.py.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.forward import masked_forward
 from kvprobe.masks import MaskConfig
-from kvprobe.store import KVStore
 from kvprobe.trace_source import TracePasscodeSource
 from kvprobe.traces import read_jsonl
 from models import PAD_ID, SPECIAL, encode, tiny_qwen3
+from stores import assert_same_store
 from test_traces import PIPELINE, build_tokenizer
 from test_traces import tiny_qwen3 as trace_qwen3
 
@@ -78,9 +77,4 @@ def test_flex_capture_equals_the_dense_capture(tmp_path):
         model = trace_qwen3(len(tok))
         model.set_attn_implementation(impl)
         paths[impl] = run_capture(model, source, spec, tmp_path / impl, progress=False)
-    with KVStore(paths["sdpa"]) as dense, KVStore(paths["flex_attention"]) as flex:
-        assert dense.keys == flex.keys
-        for key in dense.keys:
-            for layer in dense.layers:
-                np.testing.assert_allclose(flex.features(layer, key.offset, key.site),
-                                           dense.features(layer, key.offset, key.site), atol=1e-5, rtol=1e-5)
+    assert_same_store(paths["sdpa"], paths["flex_attention"], atol=1e-5, rtol=1e-5)

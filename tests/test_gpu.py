@@ -32,6 +32,7 @@ from kvprobe.store import KVStore
 from kvprobe.trace_source import TracePasscodeSource
 from kvprobe.traces import read_jsonl
 from models import PAD_ID, SPECIAL, encode, tiny_qwen3
+from stores import assert_same_store, store_features
 from test_traces import PIPELINE, build_tokenizer
 from test_traces import tiny_qwen3 as trace_qwen3
 
@@ -49,11 +50,6 @@ def full_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def _store_arrays(path) -> dict[tuple, np.ndarray]:
-    with KVStore(path) as s:
-        return {(layer, k.site, k.offset): s.features(layer, k.offset, k.site) for k in s.keys for layer in s.layers}
 
 
 # ----------------------------------------------------------------------------- FlexAttention
@@ -130,7 +126,7 @@ def test_bf16_capture_on_cuda_matches_fp32_on_cpu_and_the_probes_read_it(tmp_pat
     cpu = run_capture(trace_qwen3(len(tok)), source, SPEC, tmp_path / "cpu", progress=False)
     gpu_model = trace_qwen3(len(tok)).to("cuda", torch.bfloat16)
     gpu = run_capture(gpu_model, source, SPEC, tmp_path / "gpu", progress=False)
-    ref, got = _store_arrays(cpu), _store_arrays(gpu)
+    ref, got = store_features(cpu), store_features(gpu)
     for key in ref:
         # bf16 keeps 8 mantissa bits; through RoPE at positions in the hundreds and two layers the
         # relative error is 2-7% (measured with bf16 on CPU); a wrong mask moves mementos by 30%+
@@ -176,9 +172,7 @@ def _device_map_capture_equals_one_gpu(tmp_path, device_map: dict, check) -> Non
     split = dispatch_model(trace_qwen3(len(tok)), device_map=device_map)
     check(split)
     two = run_capture(split, source, SPEC, tmp_path / "two", progress=False)
-    ref, got = _store_arrays(one), _store_arrays(two)
-    for key in ref:
-        np.testing.assert_allclose(got[key], ref[key], atol=1e-4, rtol=1e-4)
+    assert_same_store(one, two, atol=1e-4, rtol=1e-4)
 
 
 def test_device_map_with_layers_offloaded_to_cpu_ram_captures_what_one_gpu_captures(tmp_path):

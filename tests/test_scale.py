@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -37,6 +36,7 @@ from kvprobe.store import KVStore
 from kvprobe.trace_source import TracePasscodeSource
 from kvprobe.traces import read_jsonl
 from models import SPECIAL, encode
+from stores import assert_same_store
 from models import tiny_qwen3 as tiny_synthetic_qwen3
 from test_traces import PIPELINE, build_tokenizer, tiny_qwen3
 
@@ -55,21 +55,6 @@ def _dispatched(model, tmp_path: Path):
     return model
 
 
-def _assert_same_store(a: Path, b: Path, exact: bool = True) -> None:
-    with KVStore(a) as x, KVStore(b) as y:
-        assert x.passcodes == y.passcodes and len(x) == len(y)
-        np.testing.assert_array_equal(x.labels, y.labels)
-        assert x.keys == y.keys and x.layers == y.layers
-        for key in x.keys:
-            for layer in x.layers:
-                a, b = x.features(layer, key.offset, key.site, key.pooling), y.features(layer, key.offset, key.site,
-                                                                                         key.pooling)
-                if exact:
-                    np.testing.assert_array_equal(a, b)
-                else:
-                    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-
-
 # ----------------------------------------------------------------------------- device maps
 
 
@@ -80,7 +65,7 @@ def test_capture_through_a_device_map_equals_the_plain_model(tmp_path):
     model = _dispatched(tiny_qwen3(len(tok)), tmp_path)
     assert input_device(model) == torch.device("cpu")  # the embedding's execution device, not "meta"
     spread = run_capture(model, source, SPEC, tmp_path / "spread", progress=False)
-    _assert_same_store(plain, spread, exact=False)
+    assert_same_store(plain, spread, atol=1e-5)
     with KVStore(plain) as a, KVStore(spread) as b:  # offloaded weights are hashed from their offloaded copy
         assert a.config["model"]["param_hash"] == b.config["model"]["param_hash"]
         assert a.config["model"]["n_params"] == b.config["model"]["n_params"]
@@ -180,7 +165,7 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
     offloaded = [n for n, p in loaded[0].named_parameters() if p.device.type == "meta"]
     assert "lm_head.weight" in offloaded and any(n.startswith("model.layers.1.") for n in offloaded), offloaded
     for cond in ("memento", "restart-hidden"):
-        _assert_same_store(out / "stores" / cond, spread / "stores" / cond)
+        assert_same_store(out / "stores" / cond, spread / "stores" / cond)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -201,7 +186,7 @@ def test_torchrun_capture_equals_one_process(tmp_path):
     assert main(["--threads", "1", "capture", *overrides, "--out", str(tmp_path / "one")]) == 0
     shards = sorted(p.name for p in (tmp_path / "two" / "stores" / "memento" / "shards").iterdir())
     assert shards == [f"shard_{i:06d}.h5" for i in range(6)]
-    _assert_same_store(tmp_path / "one" / "stores" / "memento", tmp_path / "two" / "stores" / "memento")
+    assert_same_store(tmp_path / "one" / "stores" / "memento", tmp_path / "two" / "stores" / "memento")
 
 
 @pytest.mark.slow
