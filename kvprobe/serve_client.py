@@ -682,18 +682,18 @@ def generate_offline(
 
     prompts = list(prompts)
     _check_unique(prompts)
-    writer = _Writer(Path(output)) if output is not None else None
+    done = completed_ids(output) if output is not None else set()  # a cut-off last line does not count
+    todo = [p for p in prompts if p.prompt_id not in done]
     try:
-        done = completed_ids(output) if output is not None else set()
-        todo = [p for p in prompts if p.prompt_id not in done]
-        try:
-            llm = vllm.LLM(model=model_path, block_masking_config=block_masking_config(mask),
-                           max_model_len=max_model_len, enable_prefix_caching=False, **(llm_kwargs or {}))
-        except TypeError as e:
-            if "block_masking_config" in str(e):
-                raise ImportError("this vLLM does not know block_masking_config: apply the Memento overlay "
-                                  "(microsoft/memento, vllm/install_overlay.sh)") from e
-            raise
+        llm = vllm.LLM(model=model_path, block_masking_config=block_masking_config(mask),
+                       max_model_len=max_model_len, enable_prefix_caching=False, **(llm_kwargs or {}))
+    except TypeError as e:
+        if "block_masking_config" in str(e):
+            raise ImportError("this vLLM does not know block_masking_config: apply the Memento overlay "
+                              "(microsoft/memento, vllm/install_overlay.sh)") from e
+        raise
+    writer = _Writer(Path(output)) if output is not None else None  # opened once the engine is up
+    try:
         tokenizer = llm.get_tokenizer()
         results: list[Generation] = []
         for start in tqdm(range(0, len(todo), chunk_size), desc="generate (vLLM)", unit="chunk", disable=not progress):

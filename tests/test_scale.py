@@ -107,9 +107,11 @@ def test_cuda_device_without_cuda_is_a_usage_error(tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": {"kind": "toy", "device": "cuda"}}))
-    assert main(["capture", "--config", str(config), "--dry-run"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["kvprobe: error: model.device 'cuda': CUDA is not available on this machine"]
+    for how in (["--dry-run"], ["--out", str(tmp_path / "out")]):
+        assert main(["capture", "--config", str(config), *how]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["kvprobe: error: model.device 'cuda': CUDA is not available on this machine"]
+        assert not (tmp_path / "out").exists()  # refused before the output directory is made
 
 
 # ----------------------------------------------------------------------------- a checkpoint on disk, end to end

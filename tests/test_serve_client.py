@@ -492,4 +492,30 @@ def test_generate_offline_through_the_engine_interface(monkeypatch, tmp_path):
 def test_generate_offline_with_stock_vllm_names_the_overlay(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", FakeVLLM(overlay=False).module)
     with pytest.raises(ImportError, match="does not know block_masking_config: apply the Memento overlay"):
-        generate_offline(prompts(1), "/models/memento", tmp_path / "gen.jsonl")
+        generate_offline(prompts(1), "/models/memento", tmp_path / "out" / "gen.jsonl")
+    assert not (tmp_path / "out").exists()  # nothing written before the engine is up
+
+
+def test_generate_offline_command_line(monkeypatch, tmp_path, capsys):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt_id": p.prompt_id, "prompt": p.text}) + "\n" for p in prompts(3)))
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate-offline", "--prompts", str(prompts_file), "--out", str(out), "--model-path", "/models/memento",
+            "--restart-mode", "--chunk-size", "2", "--llm-arg", "gpu_memory_utilization=0.5",
+            "--llm-arg", "tokenizer_mode=auto", "--no-progress"]
+    assert main(argv) == 0
+    assert "3 generated (0 with parse errors), 0 already present, 3 prompts" in capsys.readouterr().out
+    built = fake.built[0]
+    assert built["gpu_memory_utilization"] == 0.5 and built["tokenizer_mode"] == "auto"  # JSON, else string
+    assert built["block_masking_config"]["restart_mode"] is True
+    assert [len(texts) for texts, _ in fake.calls] == [2, 1]
+    assert main(argv) == 0 and "0 generated (0 with parse errors), 3 already present" in capsys.readouterr().out
+    other = tmp_path / "other" / "gen.jsonl"
+    for module in (None, FakeVLLM(overlay=False).module):  # no vLLM; stock vLLM without the overlay
+        monkeypatch.setitem(sys.modules, "vllm", module)
+        assert main(argv[:3] + ["--out", str(other)] + argv[5:]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "install_overlay.sh" in err[0], err
+        assert not other.parent.exists()  # nothing written
