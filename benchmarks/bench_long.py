@@ -126,7 +126,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         from kvprobe.store import KVStore
 
         with KVStore(path) as store:
-            feats = {f"{layer}/{key.offset}": store.features(layer, key.offset) for key in store.keys
+            feats = {f"{layer}/{key.offset}": store.features(layer, key.offset, key.site, key.pooling) for key in store.keys
                      for layer in store.layers}
     np.savez(args.features_out, **feats)
     peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")

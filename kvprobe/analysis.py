@@ -3,6 +3,11 @@
     grid = probe_store(KVStore("runs/toy/stores/memento"), "memento", ProbeSettings())
     rows = grid.rows                        # one CellResult per (site, offset, layer, probe)
     diffs = compare(grid, restart_grid)     # paired differences on the same validation passcodes
+    curves = sensitivity_curves(store, "memento", settings, cells=[("memento", 1, 3)])  # accuracy vs L2
+
+The linear probe's L2 strength is chosen per cell on an inner label-unique split of the
+training passcodes (`ProbeSettings.linear_l2_grid`), then refitted on the whole training
+split; the validation split only scores. Each row carries the strength it used (`l2`).
 
 The split is label-unique and a pure function of the passcodes and `split_seed`, so
 every condition captured from the same samples is scored on the same validation
@@ -22,10 +27,22 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .passcodes import label_unique_split
-from .probes import LinearConfig, MLPConfig, fit_probes
+from .capture.spec import pooled_vectors
+from .passcodes import PasscodeSpec, allowed_codes, label_unique_split
+from .probes import (
+    DEFAULT_INNER_FRACTION,
+    DEFAULT_LINEAR_L2_GRID,
+    LinearConfig,
+    MLPConfig,
+    fit_at_strengths,
+    fit_probes,
+    normalise_grid,
+    select_strength,
+    strength_path,
+)
 from .stats import (
     binomial_pvalue,
+    constrained_pvalue,
     bootstrap_ci,
     digit_accuracy,
     holm,
@@ -42,6 +59,7 @@ __all__ = [
     "DiffResult",
     "GridResult",
     "ProbeSettings",
+    "SensitivityCurve",
     "apply_holm",
     "compare",
     "condition_of",
@@ -49,6 +67,7 @@ __all__ = [
     "merge_grids",
     "probe_store",
     "save_grid",
+    "sensitivity_curves",
 ]
 
 
@@ -59,13 +78,17 @@ class ProbeSettings:
     kinds: probe families; seeds: MLP initialisations (the linear probe is convex and
     fitted once); shuffled_control: also fit each probe on permuted training labels;
     max_group_bytes: feature memory per batched fit (cells are fitted in groups).
+    linear_l2_grid: L2 strengths the linear probe's strength is chosen from, per cell, on an inner
+    label-unique split (`inner_fraction` of the training passcodes); one value, or None
+    (= linear.l2), is a fixed strength. mlp_l2_grid: the same for the MLP's L2 (weight
+    decay); None keeps mlp.l2 (the MLP's epochs are always chosen by early stopping).
     """
 
     kinds: tuple[str, ...] = ("linear", "mlp")
     seeds: int = 3
     val_fraction: float = 0.2
     split_seed: int = 0
-    pooling: str = "mean"
+    pooling: str = "tail_mean"
     shuffled_control: bool = True
     n_boot: int = 2000
     layers: tuple[int, ...] | None = None  # None: every captured layer
@@ -75,6 +98,14 @@ class ProbeSettings:
     device: str | None = None
     linear: LinearConfig = LinearConfig(tol=1e-3)
     mlp: MLPConfig = MLPConfig()
+    linear_l2_grid: tuple[float, ...] | None = DEFAULT_LINEAR_L2_GRID
+    mlp_l2_grid: tuple[float, ...] | None = None
+    inner_fraction: float = DEFAULT_INNER_FRACTION
+
+    def strength_grid(self, kind: str) -> tuple[float, ...]:
+        """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
+        grid, config = (self.mlp_l2_grid, self.mlp) if kind == "mlp" else (self.linear_l2_grid, self.linear)
+        return normalise_grid(config.l2 if grid is None else grid)
 
 
 @dataclass
@@ -97,7 +128,7 @@ class CellResult:
     bits: float  # log2(10) - validation cross-entropy in bits, per digit
     bits_low: float
     bits_high: float
-    p_value: float  # one-sided exact binomial vs chance
+    p_value: float  # one-sided exact test vs chance (binomial; constrained passcodes: their exact null)
     shuffled_accuracy: float | None
     selectivity: float | None
     train_accuracy: float
@@ -105,6 +136,10 @@ class CellResult:
     n_val: int
     p_holm: float = float("nan")  # filled by apply_holm over the whole report
     significant: bool = False
+    l2: float | None = None  # L2 strength of the reported probe: chosen on the inner split, or fixed
+    l2_grid: list[float] | None = None  # the values it was chosen from (one value: fixed)
+    l2_inner_accuracy: list[float] | None = None  # inner-validation accuracy at each l2_grid value
+    chance: float = 0.1  # accuracy without features: 1/10, or the majority baseline of constrained passcodes
 
     @property
     def condition_label(self) -> str:
@@ -162,13 +197,8 @@ def _groups(cells: list[tuple[str, int, int]], n: int, d: int, budget: int) -> I
         yield cells[i : i + size]
 
 
-def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True) -> GridResult:
-    """Fit every requested probe on every (site, offset, layer) cell of `store`."""
-    passcodes = store.passcodes
-    labels = store.labels  # (N, K)
-    is_val = label_unique_split(passcodes, settings.val_fraction, settings.split_seed)
-    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    y_tr, y_va = labels[tr], labels[va]
+def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[tuple[str, int, int]], int]:
+    """The (site, offset, layer) cells `settings` asks for, and their feature width D."""
     layers = list(settings.layers) if settings.layers is not None else store.layers
     keys = [k for k in store.keys if k.pooling == settings.pooling]
     if settings.offsets is not None:
@@ -179,28 +209,65 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
         raise ValueError(f"store {store.path} has no features with pooling {settings.pooling!r} for the requested cells")
     cells = [(k.site, k.offset, layer) for k in keys for layer in layers]
     D = int(store.config["dims"]["feature_dim"])
-    if settings.pooling == "tokens":  # per-token features, concatenated (zeros past a site's end)
-        D *= int(store.config["capture"]["max_tokens"])
+    D *= pooled_vectors(settings.pooling, int(store.config["capture"].get("max_tokens", 1)))  # vectors concatenated
+    return cells, D
+
+
+def _splits(store: KVStore, settings: ProbeSettings,
+            need_inner: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Outer train / validation indices, and the inner validation mask over the training samples
+    (label-unique within the training passcodes) when a strength is to be chosen."""
+    passcodes = store.passcodes
+    is_val = label_unique_split(passcodes, settings.val_fraction, settings.split_seed)
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    inner = None
+    if need_inner:
+        inner = label_unique_split([passcodes[i] for i in tr], settings.inner_fraction, settings.split_seed)
+    return tr, va, inner
+
+
+def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True) -> GridResult:
+    """Fit every requested probe on every (site, offset, layer) cell of `store`.
+
+    A probe kind whose strength grid has several values gets its L2 chosen per cell on the inner
+    split of the training passcodes, is refitted on the whole training split at that value, and
+    is scored on the validation split (the shuffled-label control uses the same value).
+    """
+    labels = store.labels  # (N, K)
+    codes = PasscodeSpec.from_description(store.config.get("source", {}).get("passcode", {}))
+    chance = codes.chance()
+    cells, D = _plan(store, settings)
+    tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.kinds))
+    y_tr, y_va = labels[tr], labels[va]
     rows: list[CellResult] = []
     per_sample: dict[tuple[str, int, int, str], np.ndarray] = {}
     n_fits = sum(settings.seeds if kind == "mlp" else 1 for kind in settings.kinds)
     bar = tqdm(total=len(cells) * n_fits, desc=f"probe {condition}", unit="cell", disable=not progress)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
         X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])
-        X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens': (G, N, max_tokens, d) flattened
+        X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens', 'tail_mean': per-vector features flattened
         X_tr, X_va = X[:, tr], X[:, va]
         del X
         for kind in settings.kinds:
             seeds = range(settings.seeds) if kind == "mlp" else range(1)
             config = settings.mlp if kind == "mlp" else settings.linear
+            sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
+                                  config=config, device=settings.device)  # reads the training split only
+
+            def fit(y: np.ndarray, seed: int, warm: bool = False):
+                if sel.fixed:  # exactly the fixed-strength fit
+                    return fit_probes(X_tr, y, X_va, y_va, kind, l2=float(sel.grid[0]), seed=seed,
+                                      device=settings.device, config=config)
+                return fit_at_strengths(X_tr, y, X_va, y_va, sel.chosen, kind=kind, seed=seed, config=config,
+                                        device=settings.device, init=sel.warm_start if warm else None)
+
             fits = []
             for seed in seeds:
-                fits.append(fit_probes(X_tr, y_tr, X_va, y_va, kind, seed=seed, device=settings.device, config=config))
+                fits.append(fit(y_tr, seed, warm=True))
                 bar.update(len(group))
             shuffled = None
             if settings.shuffled_control:
-                shuffled = fit_probes(X_tr, shuffle_labels(y_tr, seed=1000), X_va, y_va, kind, seed=0,
-                                      device=settings.device, config=config).accuracy
+                shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
             # per-sample scores averaged over seeds: their mean is the mean seed accuracy
             acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
             bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
@@ -208,7 +275,9 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
             bits_ci = bootstrap_ci(bits_s, n_boot=settings.n_boot)
             wilson = wilson_interval(acc_s.mean(-1), len(va))
             digits = np.mean([digit_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, K)
-            p_values = binomial_pvalue(fits[0].log_probs, y_va)  # the pre-registered seed-0 probe
+            # the pre-registered seed-0 probe, against the passcodes' own null
+            p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
+                        else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
             seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
             for g, (site, offset, layer) in enumerate(group):
                 per_sample[(site, offset, layer, kind)] = acc_s[g]
@@ -222,16 +291,80 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                         ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
                         wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
                         bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
-                        p_value=float(p_values[g]),
+                        p_value=float(p_values[g]), chance=chance,
                         shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
                         selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
                         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
                         n_train=len(tr), n_val=len(va),
+                        l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.grid],
+                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]],
                     )
                 )
     bar.close()
     rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
     return GridResult(condition, rows, store.sample_ids[va], per_sample)
+
+
+@dataclass
+class SensitivityCurve:
+    """Accuracy of one cell's linear probe as a function of its L2 strength (lists over `l2`, ascending).
+
+    accuracy, ci_low, ci_high: outer validation accuracy and its 95% bootstrap interval,
+    probes fitted on the whole training split at each value (a diagnostic: nothing is chosen
+    on it). inner_accuracy: the selection criterion, inner validation accuracy; chosen: the
+    value selection picks from `l2` on the inner split.
+    """
+
+    condition: str
+    site: str
+    offset: int
+    layer: int
+    probe: str
+    l2: list[float]
+    accuracy: list[float]
+    ci_low: list[float]
+    ci_high: list[float]
+    inner_accuracy: list[float]
+    chosen: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sensitivity_curves(
+    store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *,
+    cells: Iterable[tuple[str, int, int]] | None = None, l2_values: Iterable[float] | None = None,
+) -> list[SensitivityCurve]:
+    """Linear-probe accuracy against L2 strength for `cells` ((site, offset, layer); None: every cell
+    `settings` selects), on the same outer and inner splits as `probe_store`. l2_values: the strengths
+    to draw (None: `settings.linear_l2_grid`). Two warm-started regularisation paths per group of
+    cells: one on the inner split (the selection criterion), one on the whole training split."""
+    values = normalise_grid(settings.strength_grid("linear") if l2_values is None else tuple(l2_values))
+    labels = store.labels
+    planned, D = _plan(store, settings)
+    cells = planned if cells is None else [(s, int(o), int(layer)) for s, o, layer in cells]
+    missing = [c for c in cells if c not in planned]
+    if missing:
+        raise ValueError(f"cells {missing} are not in store {store.path} with pooling {settings.pooling!r}")
+    tr, va, inner = _splits(store, settings, len(values) > 1)
+    y_tr, y_va = labels[tr], labels[va]
+    curves = []
+    for group in _groups(cells, len(labels), D, settings.max_group_bytes):
+        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])
+        X = X.reshape(len(group), len(labels), D)
+        X_tr, X_va = X[:, tr], X[:, va]
+        del X
+        sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device)
+        path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device)
+        cis = [bootstrap_ci(per_sample_accuracy(f.log_probs, y_va), n_boot=settings.n_boot) for f in path]
+        for g, (site, offset, layer) in enumerate(group):
+            curves.append(SensitivityCurve(
+                condition=condition, site=site, offset=offset, layer=layer, probe="linear",
+                l2=[float(v) for v in values], accuracy=[float(f.accuracy[g]) for f in path],
+                ci_low=[float(c.low[g]) for c in cis], ci_high=[float(c.high[g]) for c in cis],
+                inner_accuracy=[float(a) for a in sel.inner_accuracy[g]], chosen=float(sel.chosen[g]),
+            ))
+    return curves
 
 
 def apply_holm(rows: list[CellResult], alpha: float = 0.05) -> None:

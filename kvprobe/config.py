@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, SITES, CaptureSpec
 from .masks import MaskConfig
+from .probes.selection import DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +77,16 @@ class DataSection(_Strict):
     tokenizer: str | None = None  # defaults to the model's checkpoint
     template: str = "The secret passcode is {passcode}."
     where: str | int = "start"  # start, end, middle, or a sentence index
+    # toy only: passcodes with this digit sum (22: every memento text is the same whatever the
+    # passcode, so masked mementos read the KV channel alone; chance becomes the exact baseline)
+    digit_sum: int | None = Field(None, ge=0, le=45)
+    shared_background: bool = False  # toy only: the same digits outside the target block in every sample
+
+    @model_validator(mode="after")
+    def _text_controls_are_toy_only(self) -> "DataSection":
+        if self.kind != "toy" and (self.digit_sum is not None or self.shared_background):
+            raise ValueError("config fields 'data.digit_sum' and 'data.shared_background' are for data.kind 'toy'")
+        return self
 
 
 class CaptureSection(_Strict):
@@ -83,8 +94,8 @@ class CaptureSection(_Strict):
     offsets: tuple[int, ...] = (-1, 0, 1, 2, 3, 4, 5, 6, 7, 8)
     sites: tuple[Literal[SITES], ...] = ("memento",)  # type: ignore[valid-type]
     kinds: tuple[Literal["k", "v"], ...] = ("k", "v")
-    pooling: tuple[Literal[POOLINGS], ...] = ("mean",)  # type: ignore[valid-type]
-    max_tokens: int = Field(16, ge=1)
+    pooling: tuple[Literal[POOLINGS], ...] = ("tail_mean",)  # type: ignore[valid-type]
+    max_tokens: int = Field(4, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(4096, ge=1)
@@ -102,7 +113,7 @@ class ProbeSection(_Strict):
     kinds: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
     seeds: int = Field(3, ge=1)  # MLP initialisations; the convex linear probe is fitted once
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
+    pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]  # None: capture.pooling's first
     shuffled_control: bool | tuple[str, ...] = True  # True: every condition; or the conditions to control
     layers: tuple[int, ...] | None = None  # cells to probe; None: all captured
     offsets: tuple[int, ...] | None = None
@@ -113,6 +124,19 @@ class ProbeSection(_Strict):
     linear_l2: float = Field(1e-3, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
     linear_tol: float = Field(1e-3, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)
     mlp_max_epochs: int = Field(100, ge=1)
+    # probe strength chosen per cell on an inner label-unique split of the training passcodes;
+    # a one-value grid is a fixed strength. linear_l2 without linear_l2_grid means the grid [linear_l2].
+    linear_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] = Field(DEFAULT_LINEAR_L2_GRID, min_length=1)
+    mlp_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)  # None: fixed 1e-4
+    inner_fraction: float = Field(DEFAULT_INNER_FRACTION, gt=0, lt=1)  # share of training passcodes held out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_l2_is_a_one_value_grid(cls, data: Any) -> Any:
+        """linear_l2 alone fixes the strength; with linear_l2_grid present (a resolved config) the grid rules."""
+        if isinstance(data, dict) and "linear_l2" in data and "linear_l2_grid" not in data:
+            data = {**data, "linear_l2_grid": [data["linear_l2"]]}
+        return data
 
 
 class SweepSection(_Strict):
@@ -161,6 +185,9 @@ class ExperimentConfig(_Strict):
             if missing:
                 raise ValueError(f"config field '{field}': {missing} not in {what} {list(have)}")
 
+        if p.pooling is None:  # the probes read the capture's first pooling
+            object.__setattr__(self, "probe", p.model_copy(update={"pooling": c.pooling[0]}))
+            p = self.probe
         check("probe.pooling", (p.pooling,), c.pooling, "capture.pooling")
         check("probe.layers", p.layers, c.layers, "capture.layers")
         check("probe.offsets", p.offsets, c.offsets, "capture.offsets")

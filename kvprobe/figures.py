@@ -19,132 +19,52 @@ from matplotlib.axes import Axes
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from .report import (
     CHANCE,
     condition_order,
     offset_label,
-    primary_condition,
-    primary_site,
     probe_order,
     sweep_points,
 )
 
+from .plotting import (  # noqa: F401  (colours are part of this module's interface)
+    CHANCE_LABEL,
+    CONDITION_COLORS,
+    MASKED_COLOR,
+    PAIR_COLORS,
+    ROLE_STYLE,
+    TASK_COLOR,
+    _accuracy_ylim,
+    _chance_line,
+    _condition_color,
+    _dodge,
+    _integer_x,
+    _interval_series,
+    _layer_choice,
+    _legend_handles,
+    _new_figure,
+    _percent,
+    _resolve,
+    _select,
+)
+
 if TYPE_CHECKING:
-    from .analysis import CellResult, DiffResult
+    from .analysis import CellResult, DiffResult, SensitivityCurve
 
 __all__ = [
     "accuracy_by_distance",
     "accuracy_by_layer",
     "accuracy_heatmap",
     "condition_comparison",
+    "l2_selection",
+    "l2_sensitivity",
     "leakage_vs_training",
     "save_all",
 ]
 
-ROLE_STYLE: dict[int, tuple[str, str]] = {-1: ("#7f7f7f", "s"), 0: ("#1f77b4", "o"), 1: ("#d62728", "^")}
-CONDITION_COLORS = {"memento": "#d62728", "restart": "#ff7f0e", "restart-hidden": "#2ca02c"}
-PAIR_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-TASK_COLOR = "#1f77b4"
-MASKED_COLOR = "#d62728"
-CHANCE_LABEL = f"chance ({100 * CHANCE:.0f}%)"
-
 # PDF files carry a creation date unless told not to; without it the output is byte-stable.
 _SAVE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
-
-
-# ----------------------------------------------------------------- helpers
-
-def _select(rows: Sequence[CellResult], condition: str, site: str, probe: str | None = None) -> list[CellResult]:
-    return [r for r in rows if r.condition == condition and r.site == site and (probe is None or r.probe == probe)]
-
-
-def _resolve(rows: Sequence[CellResult], condition: str | None, site: str | None) -> tuple[str, str] | None:
-    condition = condition or primary_condition(rows)
-    site = site or primary_site(rows, condition)
-    if condition is None or site is None or not _select(rows, condition, site):
-        return None
-    return condition, site
-
-
-def _percent(items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Estimate, low and high of the 95% interval in % (rows: accuracy; diffs: difference)."""
-    est = np.array([100 * (r.accuracy if hasattr(r, "accuracy") else r.difference) for r in items])
-    lo = np.array([100 * r.ci_low for r in items])
-    hi = np.array([100 * r.ci_high for r in items])
-    return est, lo, hi
-
-
-DENSE_POINTS = 12
-"""Above this many x positions a series draws its interval as a band instead of error bars."""
-
-
-def _interval_series(ax: Axes, x: Sequence[float], items: Sequence[Any], *, label: str, color: Any,
-                     marker: str = "o", linestyle: str = "-", hollow: bool = False, shift: float = 0.0) -> None:
-    """One line with its 95% intervals: error bars (x shifted by `shift`) when sparse, a band when dense."""
-    est, lo, hi = _percent(items)
-    face = "white" if hollow else color
-    if len(x) > DENSE_POINTS:
-        ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
-        ax.plot(x, est, color=color, marker=marker, markersize=3.5, markerfacecolor=face, linestyle=linestyle,
-                label=label)
-        return
-    err = np.clip(np.stack([est - lo, hi - est]), 0, None)
-    ax.errorbar(np.asarray(x, dtype=float) + shift, est, yerr=err, color=color, marker=marker, markerfacecolor=face,
-                linestyle=linestyle, capsize=3, linewidth=1.5, label=label)
-
-
-def _chance_line(ax: Axes, label: bool = True) -> None:
-    ax.axhline(100 * CHANCE, color="black", linestyle="--", linewidth=1, label=CHANCE_LABEL if label else None,
-               zorder=1)
-
-
-def _accuracy_ylim(ax: Axes, highs: Sequence[float]) -> None:
-    top = max([100 * h for h in highs] + [100 * CHANCE])
-    ax.set_ylim(0, min(102.0, max(15.0, top * 1.08 + 2)))
-
-
-def _dodge(i: int, n: int, width: float = 0.3) -> float:
-    """x shift of series i of n so that error bars side by side do not overlap."""
-    return 0.0 if n <= 1 else (i - (n - 1) / 2) * width / (n - 1)
-
-
-def _condition_color(condition: str, conditions: Sequence[str]) -> str:
-    if condition in CONDITION_COLORS:
-        return CONDITION_COLORS[condition]
-    extra = [c for c in conditions if c not in CONDITION_COLORS]
-    return PAIR_COLORS[extra.index(condition) % len(PAIR_COLORS)]
-
-
-def _new_figure(n_panels: int, *, width: float = 5.0, height: float = 4.0, nrows: int = 1,
-                sharey: bool = True) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(width * n_panels + 0.8, height * nrows + 1.0), layout="constrained")
-    axes = fig.subplots(nrows, n_panels, squeeze=False, sharey="row" if sharey else False)
-    return fig, axes
-
-
-def _legend_handles(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:
-    """Legend entries of several panels, each label once, in first-seen order."""
-    handles, labels = [], []
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    return handles, labels
-
-
-def _integer_x(ax: Axes) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _layer_choice(layers: Sequence[int], limit: int = 6) -> list[int]:
-    """All layers when few; otherwise the first, middle and last for contrast."""
-    layers = sorted(layers)
-    if len(layers) <= limit:
-        return layers
-    return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
 
 
 # ----------------------------------------------------------------- figures
@@ -392,6 +312,101 @@ def _difference_row(axes: Sequence[Axes], pairs: Sequence[DiffResult], probes: S
                     title="a − b")
 
 
+# ----------------------------------------------------------------- probe strength
+
+def _strength_panel(ax: Axes, series: Sequence[tuple[str, Any, Sequence[float], Sequence[float] | None,
+                                                    Sequence[float] | None, float]]) -> list[float]:
+    """Lines of accuracy against L2 (log x): (label, color, l2, outer (est, lo, hi) or None, inner, chosen).
+    Outer validation solid with 95% bars, inner validation dashed; the chosen value circled. Returns the highs."""
+    highs: list[float] = []
+    for label, color, l2, outer, inner, chosen in series:
+        x = np.asarray(l2, dtype=float)
+        if outer is not None:
+            est, lo, hi = (100 * np.asarray(v, dtype=float) for v in outer)
+            ax.errorbar(x, est, yerr=np.clip(np.stack([est - lo, hi - est]), 0, None), color=color, marker="o",
+                        capsize=3, linewidth=1.5, label=f"{label}, validation")
+            highs += list(hi / 100)
+            at = est[int(np.argmin(np.abs(x - chosen)))]
+        if inner is not None:
+            y = 100 * np.asarray(inner, dtype=float)
+            ax.plot(x, y, color=color, marker="s", markersize=4, markerfacecolor="white", linestyle="--",
+                    linewidth=1.2, label=f"{label}, inner split" if outer is not None else label)
+            highs += list(y / 100)
+            if outer is None:
+                at = y[int(np.argmin(np.abs(x - chosen)))]
+        ax.plot([chosen], [at], marker="o", markersize=13, markerfacecolor="none", markeredgecolor=color,
+                markeredgewidth=1.5, linestyle="none")
+    ax.plot([], [], marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black", linestyle="none",
+            label="chosen (inner split)")
+    ax.set_xscale("log")
+    ax.set_xlabel("L2 strength (mean-loss scale)")
+    ax.grid(alpha=0.3)
+    _chance_line(ax)
+    return highs
+
+
+def _strength_legend(fig: Figure, axes: Sequence[Axes], ncols: int = 3) -> None:
+    handles, labels = _legend_handles(axes)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols), fontsize=8)
+
+
+def l2_sensitivity(curves: Sequence[SensitivityCurve]) -> Figure | None:
+    """Accuracy against the linear probe's L2 strength, one line per cell (`analysis.sensitivity_curves`):
+    validation accuracy of the refitted probes with 95% intervals, the inner-split criterion dashed,
+    and the value selection chose circled."""
+    if not curves:
+        return None
+    fig, axes = _new_figure(1, width=6.0, height=4.5)
+    ax = axes[0][0]
+    sites = len({c.site for c in curves}) > 1
+    series = [(f"{c.site + ' ' if sites else ''}{_role(c.offset)}, layer {c.layer}", PAIR_COLORS[i % len(PAIR_COLORS)],
+               c.l2, (c.accuracy, c.ci_low, c.ci_high), c.inner_accuracy, c.chosen) for i, c in enumerate(curves)]
+    _accuracy_ylim(ax, _strength_panel(ax, series))
+    ax.set_ylabel("probe accuracy (%)")
+    conditions = ", ".join(dict.fromkeys(c.condition for c in curves))
+    site = "" if sites else f", {curves[0].site} site"
+    fig.suptitle(f"Linear probe accuracy against L2 strength\ncondition {conditions}{site} (95% intervals)")
+    _strength_legend(fig, [ax], ncols=2)
+    return fig
+
+
+def _role(offset: int) -> str:
+    return "control −1" if offset < 0 else "direct" if offset == 0 else f"masked +{offset}"
+
+
+def l2_selection(rows: Sequence[CellResult], *, condition: str | None = None, site: str | None = None) -> Figure | None:
+    """Inner-split accuracy against L2 for the headline cells (last layer: causal control, direct, first
+    masked offset), one panel per probe whose strength was chosen; read from the rows, nothing refitted.
+    None when no row was chosen from a grid."""
+    resolved = _resolve(rows, condition, site)
+    if resolved is None:
+        return None
+    condition, site = resolved
+    cells = [r for r in _select(rows, condition, site) if r.l2_inner_accuracy and r.l2_grid and r.l2 is not None]
+    probes = probe_order(cells)
+    if not probes:
+        return None
+    fig, axes = _new_figure(len(probes), width=5.0, height=4.0)
+    highs: list[float] = []
+    for ax, probe in zip(axes[0], probes):
+        mine = [r for r in cells if r.probe == probe]
+        last = max(r.layer for r in mine)
+        masked = sorted(r.offset for r in mine if r.offset > 0)
+        wanted = [o for o in (-1, 0, masked[0] if masked else None) if o is not None]
+        shown = sorted((r for r in mine if r.layer == last and r.offset in wanted), key=lambda r: r.offset)
+        series = [(f"{_role(r.offset)}, layer {r.layer}", ROLE_STYLE[min(max(r.offset, -1), 1)][0], r.l2_grid, None,
+                   r.l2_inner_accuracy, r.l2) for r in shown]
+        highs += _strength_panel(ax, series)
+        ax.set_title(f"{probe} probe")
+    for ax in axes[0]:
+        _accuracy_ylim(ax, highs)
+    axes[0][0].set_ylabel("inner-split accuracy (%)")
+    fig.suptitle(f"Probe strength chosen on an inner split of the training passcodes\ncondition {condition}, "
+                 f"{site} site")
+    _strength_legend(fig, list(axes[0]))
+    return fig
+
+
 # ----------------------------------------------------------------- saving
 
 def save_figure(fig: Figure, path_stem: Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
@@ -417,7 +432,7 @@ def save_all(
     """Draw every figure the results allow and save each as PNG and PDF; returns the paths written.
 
     Files: accuracy_by_layer, accuracy_by_distance, accuracy_heatmap, condition_comparison,
-    leakage_vs_training (each .png and .pdf). A figure with nothing to draw is skipped.
+    leakage_vs_training, l2_selection (each .png and .pdf). A figure with nothing to draw is skipped.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,6 +442,7 @@ def save_all(
         "accuracy_heatmap": accuracy_heatmap(rows, condition=condition),
         "condition_comparison": condition_comparison(rows, diffs),
         "leakage_vs_training": leakage_vs_training(sweep),
+        "l2_selection": l2_selection(rows, condition=condition),
     }
     paths: list[Path] = []
     for name, fig in figures.items():

@@ -259,10 +259,40 @@ def _headline(rows: Sequence[CellResult], condition: str, site: str) -> str:
                 line.append(fmt_accuracy(r) if r else "—")
             body.append(line)
         out += ["", f"### {probe} probe", "", _table(["layer", *(offset_label(o) for o in offsets)], body)]
+        out += _strength_lines([r for r in cells if r.probe == probe], idx, layers, offsets)
     gap = _probe_gap_sentence(idx, condition, site, layers)
     if gap:
         out += ["", gap]
     return "\n".join(out)
+
+
+def fmt_l2(value: float | None) -> str:
+    """'1e-03' style for an L2 strength; '—' when unknown."""
+    return "—" if value is None or _isnan(value) else f"{value:.0e}"
+
+
+def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult], layers: Sequence[int],
+                    offsets: Sequence[int]) -> list[str]:
+    """How one probe's L2 strength was set: fixed (one sentence) or chosen per cell (a layer x offset table)."""
+    known = [r for r in cells if r.l2 is not None]
+    if not known:
+        return []
+    grids = {tuple(r.l2_grid or [r.l2]) for r in known}
+    if all(len(g) == 1 for g in grids):
+        return ["", f"L2 strength fixed at {', '.join(sorted({fmt_l2(r.l2) for r in known}))} (not chosen)."]
+    grid = sorted({v for g in grids for v in g})
+    edge = [r for r in known if r.l2_grid and len(r.l2_grid) > 1 and r.l2 == min(r.l2_grid)]
+    c, site, probe = known[0].condition, known[0].site, known[0].probe
+    cell = {(o, layer): idx.get((c, site, o, layer, probe)) for o in offsets for layer in layers}
+    body = [[str(layer), *(fmt_l2(cell[o, layer].l2) if cell[o, layer] else "—" for o in offsets)]
+            for layer in layers]
+    text = (f"L2 strength chosen per cell from {{{', '.join(fmt_l2(v) for v in grid)}}} on an inner label-unique split "
+            "of the training passcodes, then refitted on the whole training split; the validation passcodes above "
+            "played no part in the choice.")
+    if edge:
+        text += (f" {len(edge)} of {len(known)} cells chose the weakest value: a weaker one might score higher "
+                 "(extend the grid).")
+    return ["", text, "", _table(["layer (chosen L2)", *(offset_label(o) for o in offsets)], body)]
 
 
 def _probe_gap_sentence(idx: Mapping[_Key, CellResult], condition: str, site: str, layers: Sequence[int]) -> str:
@@ -375,11 +405,11 @@ def _controls_table(rows: Sequence[CellResult], condition: str, site: str) -> st
     out = []
     for probe in probe_order(cells):
         mine = sorted((r for r in cells if r.probe == probe), key=lambda r: (r.offset, r.layer))
-        body = [[offset_label(r.offset), str(r.layer), fmt_accuracy(r), _num(r.accuracy_std),
+        body = [[offset_label(r.offset), str(r.layer), fmt_accuracy(r), fmt_l2(r.l2), _num(r.accuracy_std),
                  _pct(r.shuffled_accuracy), _pp(r.selectivity),
                  f"{r.bits:.3f} [{r.bits_low:.3f}, {r.bits_high:.3f}]", _pct(r.train_accuracy)] for r in mine]
         out += ["", f"{probe} probe, condition `{condition}`, site `{site}`:", "",
-                _table(["offset", "layer", "accuracy [95%]", "seed sd (pp)", "shuffled-label accuracy",
+                _table(["offset", "layer", "accuracy [95%]", "L2", "seed sd (pp)", "shuffled-label accuracy",
                         "selectivity (pp)", "bits/digit [95%]", "train accuracy"], body)]
     return "\n".join(out)
 

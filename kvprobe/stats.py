@@ -35,6 +35,7 @@ __all__ = [
     "ProbeStats",
     "SeedSummary",
     "binomial_pvalue",
+    "constrained_pvalue",
     "bootstrap_ci",
     "digit_accuracy",
     "holm",
@@ -222,6 +223,34 @@ def binomial_pvalue(log_probs: Any, y: Any) -> np.ndarray:
     k = correct.sum(axis=(-2, -1))
     n = correct.shape[-2] * correct.shape[-1]
     return sps.binom.sf(k - 1, n, 1.0 / n_classes)
+
+
+def constrained_pvalue(log_probs: Any, y: Any, codes: Any) -> np.ndarray:
+    """Exact one-sided p-value that accuracy exceeds what passcodes drawn uniformly from
+    `codes` allow without features, (...). codes: (C, K) class indices of the allowed codes.
+
+    Under the null each validation label row is an independent uniform draw from `codes`,
+    independent of the predictions. Given sample m's predicted row, its number of
+    correct digits then has the exact distribution of matches against every allowed
+    code; the total over samples is the convolution of these M distributions, and the
+    p-value is its upper tail at the observed total. With `codes` = every code this is
+    `binomial_pvalue`; with a digit-sum constraint (digits dependent, chance above 1/C)
+    it is the test against the constrained baseline.
+    """
+    lp, y = _check(log_probs, y)
+    codes = np.asarray(codes)
+    pred = lp.argmax(axis=-1)  # (..., M, K)
+    observed = _correct(lp, y).sum(axis=(-2, -1))  # (...)
+    K = pred.shape[-1]
+    flat_pred = pred.reshape(-1, *pred.shape[-2:])  # (G, M, K)
+    out = np.empty(len(flat_pred))
+    for g, rows in enumerate(flat_pred):
+        total = np.ones(1)
+        for row in rows:  # matches of this prediction against every allowed code: (C,)
+            hist = np.bincount((codes == row).sum(axis=1), minlength=K + 1) / len(codes)
+            total = np.convolve(total, hist)
+        out[g] = total[int(observed.reshape(-1)[g]):].sum()
+    return np.minimum(out, 1.0).reshape(observed.shape)
 
 
 def holm(p_values: Any) -> np.ndarray:

@@ -36,7 +36,7 @@ __all__ = [
     "feature_path",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: site "memento" is the whole span <|summary_start|> .. <|summary_end|>
 CONFIG_FILE = "config.json"
 INDEX_FILE = "kvstore.h5"
 SHARD_DIR = "shards"
@@ -134,7 +134,8 @@ class StoreWriter:
         """Write one shard atomically.
 
         samples: 'index' (n,), 'passcode' (n,) str, 'labels' (n, L), 'layout' (n, n_blocks, 5).
-        features: key -> (n, n_layers, D) or (n, n_layers, max_tokens, D).
+        features: key -> (n, n_layers, D), (n, n_layers, max_tokens, D) for 'tokens' or
+        (n, n_layers, max_tokens + 1, D) for 'tail_mean'.
         compression: 'gzip' (at level `compression_opts`), 'lzf' or 'none', for the features.
         """
         if compression not in ("gzip", "lzf", "none"):
@@ -265,9 +266,10 @@ class KVStore:
         return self._file["samples/layout"][:]
 
     def features(
-        self, layer: int, offset: int, site: str = "memento", pooling: str = "mean", dtype: Any = np.float32
+        self, layer: int, offset: int, site: str = "memento", pooling: str = "tail_mean", dtype: Any = np.float32
     ) -> np.ndarray:
-        """Feature matrix of one layer: (N, D) for pooled keys, (N, max_tokens, D) for 'tokens'."""
+        """Feature matrix of one layer: (N, D) for 'mean' and 'last', (N, max_tokens, D) for
+        'tokens', (N, max_tokens + 1, D) for 'tail_mean' (the last tokens, then the mean)."""
         key = FeatureKey(site, offset, pooling)
         if key.path not in self._file:
             raise StoreError(f"{self.path}: no features for {key} (available: {', '.join(map(str, self.keys))})")

@@ -217,10 +217,12 @@ print(f"both modes:   T_3 sees T_2's <|block_end|> (pos {b1.end}): "
 # ## 3. The trained toy model
 #
 # The shipped checkpoint is a 4-layer GPT-2 (d_model 128, 4 heads) trained under the
-# memento mask to write the mementos; the loss is on the memento digits only. Training it
-# again takes 77 s on a GPU (about 2 hours on a laptop CPU):
-# `kvprobe toy train --steps 6000 --out runs/toy` (add `--device cuda` if you have one), and
-# `kvprobe toy eval` measures it. Task accuracy is how often the model's next-token guess
+# memento mask to write the mementos; the loss is on the memento digits only. Its weights
+# were first drawn the way PyTorch draws them (embeddings N(0, 1), linear layers
+# U(+-1/sqrt(fan_in))), which is what makes it the paper's toy: its mementos keep their
+# block (`docs/toy.md`, "What sets the leak"). Training it again takes about 20 minutes on
+# two CPU cores: `kvprobe --threads 1 toy train --out runs/toy`, and `kvprobe toy eval`
+# measures it. Task accuracy is how often the model's next-token guess
 # for a memento digit is right, on sequences it never saw in training (chance: 10%).
 
 # %%
@@ -250,9 +252,10 @@ print("model's mementos:  ", ["".join(map(str, m)) for m in predicted.tolist()])
 # | 0 | `M_2` | yes | direct |
 # | +1, +2 | `M_3`, `M_4` | no, `T_2` was already masked | masked: any signal came through the mementos |
 #
-# Each memento's three tokens are averaged into one vector: keys and values of 4 heads x
-# 32 dims = 256 numbers per layer. We use 1,500 samples to keep this fast; the paper uses
-# 50,000.
+# The features are kvprobe's default: the whole memento span, `<|summary_start|>`, the
+# three digits and `<|summary_end|>`, kept per token (the last 4 tokens and the span's
+# mean, which together determine all 5): 5 x (keys and values of 4 heads x 32 dims) =
+# 1,280 numbers per layer. We use 1,500 samples to keep this fast; the paper uses 50,000.
 
 # %%
 N_SAMPLES = 1500
@@ -272,6 +275,7 @@ print(f"captured in {time.perf_counter() - t:.1f} s into {store_path}")
 
 with KVStore(store_path) as store:
     print("features of M_3 at layer 3:", store.features(layer=3, offset=1).shape, "labels:", store.labels.shape)
+    # (1500, 5, 256): 5 vectors per sample, 256 K,V values each
 
 # %% [markdown]
 # ## 5. Probe
@@ -406,15 +410,16 @@ show(fig, "memento_vs_restart")
 # * **Direct:** restart mode costs the direct memento most of its signal. `M_2`'s keys and
 #   values hold far more about the passcode than its three digits of text: the hidden
 #   channel is real, and it sits exactly where the mask cannot reach it.
-# * **Masked:** at this small scale, memento and restart mode give about the same accuracy
-#   at +1 and +2; the paired differences straddle zero. So most of what a linear probe
-#   finds here two or three blocks later is the running sum written in the text. Whether
-#   the hidden channel carries beyond `M_2` takes more samples and a stronger probe to
-#   see.
+# * **Masked:** memento mode reads far more than the texts carry at +1 and still more at
+#   +2: the memento *text* accounts for only a few points above chance (restart mode), the
+#   rest reached `M_3` and `M_4` through the KV states of the mementos before them. This is
+#   the implicit channel of the paper, and on this toy it is the larger part of the leak.
+#   (The toy's initialisation matters here: the same model initialised the GPT-2 way,
+#   `toy_models.load("gpt2-init/final")`, leaks far less. Try it, and see `docs/toy.md`.)
 #
-# That is what the full runs are for. `kvprobe demo` runs the experiment with 4,000
-# samples, all 4 layers, offsets up to +8, the `<|block_end|>` delimiters and both
-# restart-mode controls, and writes a report. `kvprobe run experiments/toy_reproduction.yaml`
+# That is what the full runs are for. `kvprobe demo` runs the experiment with more
+# samples, all 4 layers, offsets up to +7 and both restart-mode controls, and writes a
+# report. `kvprobe run experiments/toy_reproduction.yaml`
 # reproduces the paper's toy experiment at 50,000 samples, with the paper's MLP probe,
 # shuffled-label controls and leakage across training checkpoints. `docs/teaching.md` has
 # exercises that start from this notebook.

@@ -39,7 +39,7 @@ def _store_arrays(path: Path) -> dict[str, np.ndarray]:
 def test_store_holds_cache_keys_at_memento_positions(model, tmp_path):
     src = ToyPasscodeSource(200, seed=3)
     spec = CaptureSpec(layers=(1, 3), offsets=(-1, 0, 2), pooling=("mean", "last", "tokens"), max_tokens=4,
-                       sites=("memento", "block_end"), dtype="float32", batch_size=50, shard_size=80)
+                       sites=("memento_text", "memento", "block_end"), dtype="float32", batch_size=50, shard_size=80)
     run_capture(model, src, spec, tmp_path / "s", progress=False)
     store = KVStore(tmp_path / "s")
     assert len(store) == 200 and store.layers == [1, 3]
@@ -58,11 +58,19 @@ def test_store_holds_cache_keys_at_memento_positions(model, tmp_path):
         for offset in (-1, 0, 2):
             blk = lay.blocks[1 + offset]
             pos = list(blk.memento_text)
-            np.testing.assert_allclose(store.features(layer, offset), kv[:, pos].mean(1).numpy(), atol=1e-5)
-            np.testing.assert_allclose(store.features(layer, offset, pooling="last"), kv[:, pos[-1]].numpy(), atol=1e-6)
-            toks = store.features(layer, offset, pooling="tokens")  # (N, 4, D): 3 tokens, then zeros
+            text = dict(site="memento_text")
+            np.testing.assert_allclose(store.features(layer, offset, pooling="mean", **text), kv[:, pos].mean(1).numpy(),
+                                       atol=1e-5)
+            np.testing.assert_allclose(store.features(layer, offset, pooling="last", **text), kv[:, pos[-1]].numpy(),
+                                       atol=1e-6)
+            toks = store.features(layer, offset, pooling="tokens", **text)  # (N, 4, D): 3 tokens, then zeros
             np.testing.assert_allclose(toks[:, :3], kv[:, pos].numpy(), atol=1e-6)
             assert not toks[:, 3].any()
+            span = list(blk.memento)  # site "memento": <|summary_start|> .. <|summary_end|>
+            np.testing.assert_allclose(store.features(layer, offset, pooling="mean"), kv[:, span].mean(1).numpy(),
+                                       atol=1e-5)
+            np.testing.assert_allclose(store.features(layer, offset, pooling="tokens"), kv[:, span[:4]].numpy(),
+                                       atol=1e-6)
             np.testing.assert_allclose(
                 store.features(layer, offset, site="block_end", pooling="last"), kv[:, blk.end].numpy(), atol=1e-6
             )
@@ -166,7 +174,7 @@ def test_size_estimate_matches_the_file(model, tmp_path):
     src = ToyPasscodeSource(512, seed=4)
     spec = CaptureSpec(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), batch_size=128, shard_size=256)
     plan = plan_capture(model, src, spec)
-    assert plan.estimate_bytes() == 512 * 4 * 10 * 256 * 2  # samples x layers x offsets x (K+V dims) x fp16
+    assert plan.estimate_bytes() == 512 * 4 * 10 * 5 * 256 * 2  # samples x layers x offsets x (4 tail + mean) x (K+V dims) x fp16
     out = run_capture(model, src, spec, tmp_path / "s", progress=False)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     # compression only shrinks; metadata and labels add a little
@@ -184,7 +192,7 @@ def test_compression_choices_store_the_same_values(model, tmp_path):
                           progress=False)
         arrays[compression] = _store_arrays(out)
         with h5py.File(out / "shards" / "shard_000000.h5", "r") as f:
-            d = f["features/memento/+1/mean"]
+            d = f["features/memento/+1/tail_mean"]
             filters[compression] = (d.compression, d.shuffle)
         with KVStore(out) as store:
             assert store.config["capture"]["compression"] == compression

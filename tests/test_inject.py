@@ -252,7 +252,7 @@ def test_capture_on_real_traces_and_causal_control(traces, tok, tmp_path):
         assert store.config["source"]["kind"] == "traces"
         for site in ("memento", "block_end"):
             for off in (-1, 0, 1):
-                assert store.features(0, off, site).shape == (12, D)
+                assert store.features(0, off, site).shape == (12, 5, D)  # tail_mean: 4 tokens + the mean
     for site in ("memento", "block_end"):
         for layer in (0, 1):
             # M_1 and the <|block_end|> of T_1 precede the target block: same positions, same tokens, same states

@@ -342,3 +342,50 @@ def test_figure_anatomy(grid, diffs):
     cells = [t.get_text() for t in heatmap.axes[1].texts]
     assert "26.2*" in cells and "10.0" in cells and len(cells) == len(LAYERS) * len(OFFSETS)
     assert heatmap.axes[-1].get_ylabel().startswith("probe accuracy (%)")  # the colour bar
+
+
+# ----------------------------------------------------------------- probe strength
+
+def _with_strengths(rows: list[CellResult]) -> list[CellResult]:
+    """Linear rows chose their L2 from a grid (the weakest at the last layer); MLP rows kept a fixed one."""
+    grid = [1e-4, 1e-3, 1e-2, 1e-1]
+    out = []
+    for r in rows:
+        if r.probe == "linear":
+            chosen = 1e-4 if r.layer == 3 else 1e-2
+            inner = [r.accuracy - 0.02 * abs(v - chosen) / 0.1 - (0.0 if v == chosen else 0.005) for v in grid]
+            out.append(dataclasses.replace(r, l2=chosen, l2_grid=grid, l2_inner_accuracy=inner))
+        else:
+            out.append(dataclasses.replace(r, l2=1e-4, l2_grid=[1e-4]))
+    return out
+
+
+def test_chosen_strength_in_every_output(tmp_path):
+    rows = _with_strengths(make_grid(conditions=("memento",), block_end=False))
+    paths = write_report(rows, [], tmp_path)
+    text = paths["summary.md"].read_text()
+    headline = text.split("## Headline")[1].split("\n## ")[0]
+    linear = headline.split("### linear probe")[1].split("### mlp probe")[0]
+    assert "L2 strength chosen per cell from {1e-04, 1e-03, 1e-02, 1e-01} on an inner label-unique split" in linear
+    assert "| layer (chosen L2) | causal control (−1) | direct (0) | masked +1 |" in linear
+    assert "| 3 | 1e-04 | 1e-04 |" in linear and "| 0 | 1e-02 | 1e-02 |" in linear
+    assert f"{len(LAYERS[-1:]) * len(OFFSETS)} of {len(LAYERS) * len(OFFSETS)} cells chose the weakest value" in linear
+    assert "L2 strength fixed at 1e-04 (not chosen)." in headline.split("### mlp probe")[1]
+    appendix = text.split("## Appendix")[1]
+    assert "| offset | layer | accuracy [95%] | L2 | seed sd (pp) |" in appendix
+    assert "| masked +1 | 3 | 25.7% [23.7, 27.7]* | 1e-04 |" in appendix
+    doc = json.loads(paths["results.json"].read_text())
+    first = next(d for d in doc["rows"] if d["probe"] == "linear" and d["layer"] == 0)
+    assert first["l2"] == 1e-2 and first["l2_grid"] == [1e-4, 1e-3, 1e-2, 1e-1] and len(first["l2_inner_accuracy"]) == 4
+    with paths["results.csv"].open() as f:
+        lines = list(csv.DictReader(f))
+    assert {float(line["l2"]) for line in lines} == {1e-4, 1e-2}
+    assert "l2_grid_3" in lines[0] and "l2_inner_accuracy_0" in lines[0]
+    assert paths["figures/l2_selection.png"].stat().st_size > 10_000
+    assert "![l2_selection](figures/l2_selection.png)" in text
+
+
+def test_rows_without_strength_render_as_before(grid):
+    text = render_summary(grid, [])
+    assert "L2 strength" not in text.split("## Appendix")[0]
+    assert "| masked +1 | 3 | 26.2% [24.2, 28.2]* | — |" in text.split("## Appendix")[1]

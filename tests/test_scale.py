@@ -153,7 +153,7 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
         with KVStore(out / "stores" / cond) as store:
             assert len(store) == 60 and store.config["source"]["kind"] == "traces"
             assert store.config["model"]["class"] == "Qwen3ForCausalLM"
-            assert store.features(1, 1, "memento").shape == (60, 2 * 2 * 16)
+            assert store.features(1, 1, "memento").shape == (60, 5, 2 * 2 * 16)  # tail_mean: 4 tokens + mean
     grid = json.loads((out / "probes" / "memento.json").read_text())
     assert grid and (out / "report" / "summary.md").is_file()
 

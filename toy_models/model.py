@@ -7,32 +7,104 @@ and runs must be deterministic.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from .data import SEQ_LEN
 from .vocab import SPECIAL, VOCAB_SIZE
 
-__all__ = ["N_PARAMS", "build_model", "toy_config"]
+__all__ = ["GPT2_INIT", "N_PARAMS", "PYTORCH_INIT", "InitScheme", "build_model", "init_weights", "toy_config"]
 
 N_PARAMS = 811_776
 
 
-def toy_config(attn_implementation: str | None = None) -> GPT2Config:
-    """4 layers, d_model 128, 4 heads, MLP 512, 128 learned positions, 16 tokens, tied embeddings."""
+@dataclass(frozen=True)
+class InitScheme:
+    """How the toy's weights are first drawn (LayerNorms are always 1 / 0).
+
+    embedding: token and position embeddings ~ N(0, embedding**2); "gpt2" = 0.02
+    linear:    attention and MLP weights. "gpt2": transformers' GPT-2 init, N(0, 0.02)
+               with the residual projections scaled by 1/sqrt(2 * n_layer), biases 0;
+               "pytorch": what torch.nn.Linear draws, U(+-1/sqrt(fan_in)) for weights
+               and biases; a number s: N(0, s**2), biases 0.
+
+    PyTorch's defaults (`PYTORCH_INIT`: embeddings N(0, 1), linear U(+-1/sqrt(fan_in)))
+    give the paper's toy pattern; GPT-2's (`GPT2_INIT`) give mementos that keep little
+    of their block (docs/toy.md, "What sets the leak").
+    """
+
+    embedding: float | str = 1.0
+    linear: float | str = "pytorch"
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "linear"):
+            v = getattr(self, name)
+            allowed = ("gpt2", "pytorch") if name == "linear" else ("gpt2",)
+            if isinstance(v, str) and v not in allowed or not isinstance(v, (str, int, float)) or (
+                not isinstance(v, str) and not (math.isfinite(v) and v > 0)
+            ):
+                raise ValueError(f"init {name} must be a positive number or one of {allowed}, got {v!r}")
+
+    def name(self) -> str:
+        return f"embed-{self.embedding}_linear-{self.linear}"
+
+
+GPT2_INIT = InitScheme(embedding="gpt2", linear="gpt2")
+PYTORCH_INIT = InitScheme(embedding=1.0, linear="pytorch")
+
+
+@torch.no_grad()
+def init_weights(model: GPT2LMHeadModel, scheme: InitScheme) -> GPT2LMHeadModel:
+    """Redraw `model`'s weights in place after transformers' GPT-2 init, as `scheme` says."""
+    if scheme.embedding != "gpt2":
+        for emb in (model.transformer.wte, model.transformer.wpe):
+            emb.weight.normal_(0.0, float(scheme.embedding))
+    if scheme.linear != "gpt2":
+        for module in model.modules():
+            if isinstance(module, Conv1D):  # weight (in, out)
+                if scheme.linear == "pytorch":
+                    bound = 1.0 / math.sqrt(module.weight.shape[0])
+                    module.weight.uniform_(-bound, bound)
+                    module.bias.uniform_(-bound, bound)
+                else:
+                    module.weight.normal_(0.0, float(scheme.linear))
+                    module.bias.zero_()
+    if not model.config.tie_word_embeddings and scheme.linear != "gpt2":
+        bound = 1.0 / math.sqrt(model.lm_head.weight.shape[1])  # an untied head is a Linear (out, in)
+        if scheme.linear == "pytorch":
+            model.lm_head.weight.uniform_(-bound, bound)
+        else:
+            model.lm_head.weight.normal_(0.0, float(scheme.linear))
+    return model
+
+
+def toy_config(
+    attn_implementation: str | None = None, *, tied: bool = True, n_embd: int = 128, n_layer: int = 4
+) -> GPT2Config:
+    """4 layers, d_model 128, 4 heads, MLP 512, 128 learned positions, 16 tokens, tied embeddings.
+
+    `tied=False` gives the output head its own weights; `n_embd` / `n_layer` change the
+    capacity (heads stay 32-dimensional, the MLP 4 * n_embd) for the capacity study.
+    """
     assert SEQ_LEN <= 128
+    if n_embd % 32:
+        raise ValueError(f"n_embd must be a multiple of 32 (heads of 32 dims), got {n_embd}")
     return GPT2Config(
         vocab_size=VOCAB_SIZE,
         n_positions=128,
-        n_embd=128,
-        n_layer=4,
-        n_head=4,
-        n_inner=512,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_embd // 32,
+        n_inner=4 * n_embd,
         activation_function="gelu_pytorch_tanh",  # = gelu_new, fused kernel (several x faster on CPU)
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=SPECIAL.think,
         eos_token_id=SPECIAL.think_end,
         pad_token_id=None,
@@ -40,8 +112,17 @@ def toy_config(attn_implementation: str | None = None) -> GPT2Config:
     )
 
 
-def build_model(seed: int, attn_implementation: str = "sdpa") -> GPT2LMHeadModel:
-    """A freshly initialised toy model; the same seed gives the same weights."""
+def build_model(
+    seed: int,
+    attn_implementation: str = "sdpa",
+    init: InitScheme = PYTORCH_INIT,
+    *,
+    tied: bool = True,
+    n_embd: int = 128,
+    n_layer: int = 4,
+) -> GPT2LMHeadModel:
+    """A freshly initialised toy model; the same seed and settings give the same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(toy_config(attn_implementation))
+        model = GPT2LMHeadModel(toy_config(attn_implementation, tied=tied, n_embd=n_embd, n_layer=n_layer))
+        return init_weights(model, init)

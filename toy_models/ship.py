@@ -3,9 +3,11 @@
     python -m toy_models.ship runs/toy            # writes toy_models/checkpoints/
 
 `final/` is the run's last checkpoint; `series/step_XXXXXX/` are the intermediate
-checkpoints that first reach evenly spaced task-accuracy targets from 75% to 95% (as
-logged during training), for the leakage-versus-training experiment.
-Each is re-evaluated on a fresh held-out set and copied without its optimizer state.
+checkpoints that first reach evenly spaced task-accuracy targets from 75% up to 95% (or
+up to the best accuracy the run logged before its end, if lower), for the
+leakage-versus-training experiment. Each is re-evaluated on a fresh held-out set and
+copied without its optimizer state; the run's training_log.jsonl and train_config.json
+are copied beside them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from .checkpoint import CHECKPOINT_DIR, META, TRAIN_STATE, load
 from .task import heldout_seed, task_accuracy
+from .train import CONFIG_FILE, LOG_FILE
 
 __all__ = ["SHIP_HELDOUT_SET", "select_series", "ship"]
 
@@ -40,8 +43,11 @@ def select_series(accuracies: list[float], n: int = 7, lo: float = 0.75, hi: flo
 
     Taking the first checkpoint at or above each target makes the series rise in both
     step and accuracy even where the logged accuracy wobbles from one evaluation to the next.
+    `hi` is capped at the best accuracy logged, so a run that stops short of it still
+    gives a series spanning what it reached.
     """
     chosen: list[int] = []
+    hi = min(hi, max(accuracies, default=hi))
     for target in np.linspace(lo, hi, n):
         first = next((i for i, a in enumerate(accuracies) if a >= target), None)
         if first is not None and first not in chosen:
@@ -78,6 +84,8 @@ def ship(run_dir: str | Path, dest: str | Path = CHECKPOINT_DIR, n: int = 7, dev
     metas = [_copy(ckpts[i][2], dest / "series" / ckpts[i][2].name, device, samples)
              for i in select_series([a for _, a, _ in earlier], n)]
     metas.append(_copy(last[2], dest / "final", device, samples))
+    for name in (LOG_FILE, CONFIG_FILE):
+        shutil.copyfile(run / name, dest / name)
     return metas
 
 

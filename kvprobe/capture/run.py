@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..forward import input_device, memento_inputs
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
-from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
+from .spec import POOLINGS, CaptureSpec, SampleBatch, SampleSource, pooled_vectors, site_positions
 
 __all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
@@ -108,7 +108,7 @@ class CapturePlan:
         itemsize = np.dtype(self.spec.dtype).itemsize
         per_sample = 0
         for key in self.keys:
-            tokens = self.spec.max_tokens if key.pooling == "tokens" else 1
+            tokens = pooled_vectors(key.pooling, self.spec.max_tokens)
             per_sample += len(self.spec.layers) * tokens * self.feature_dim * itemsize
         return self.n_samples * per_sample
 
@@ -120,13 +120,20 @@ class CapturePlan:
                 f"samples        {self.n_samples} in {self.n_shards} shard(s) of {s.shard_size}",
                 f"layers         {list(s.layers)} of {self.n_layers_model}",
                 f"sites          {list(s.sites)} at offsets {list(s.offsets)} from target block {s.target_block}",
-                f"pooling        {list(s.pooling)}" + (f" (max_tokens {s.max_tokens})" if "tokens" in s.pooling else ""),
+                f"pooling        {list(s.pooling)}" + (f" (max_tokens {s.max_tokens})" if {"tokens", "tail_mean"} & set(s.pooling) else ""),
                 f"per position   {'+'.join(s.kinds).upper()} x {self.n_kv} KV heads x {self.d_head} dims = {self.feature_dim} values, {s.dtype}",
                 f"mask           {s.mask.name} {s.mask}",
                 f"backend        {s.backend}",
                 f"expected size  {self.estimate_bytes():,} bytes ({gb:.3f} GB) before compression",
+                f"per pooling    {self.pooling_costs()}",
             ]
         )
+
+    def pooling_costs(self) -> str:
+        """What one site x offset x layer costs over all samples under each pooling choice."""
+        one = self.n_samples * self.feature_dim * np.dtype(self.spec.dtype).itemsize
+        costs = [f"{p} {pooled_vectors(p, self.spec.max_tokens) * one / 1e6:,.1f} MB" for p in POOLINGS]
+        return "; ".join(costs) + f" (one site x offset x layer, max_tokens {self.spec.max_tokens})"
 
 
 def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
@@ -169,7 +176,8 @@ class PoolTables:
     positions (B, P): absolute positions to gather, the row's segments concatenated
     (segment s = (site, offset) in spec order), padded by repeating the last one;
     mean_w (B, S, P): averaging weights; last (B, S): index of each segment's last
-    token; tok_idx, tok_ok (B, S, max_tokens): the first max_tokens tokens of each.
+    token; tok_idx, tok_ok (B, S, max_tokens): the first max_tokens tokens of each;
+    tail_idx, tail_ok (B, S, max_tokens): the last max_tokens, right-aligned.
     """
 
     positions: torch.Tensor
@@ -177,6 +185,8 @@ class PoolTables:
     last: torch.Tensor
     tok_idx: torch.Tensor
     tok_ok: torch.Tensor
+    tail_idx: torch.Tensor
+    tail_ok: torch.Tensor
 
 
 def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
@@ -191,6 +201,8 @@ def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
     last = torch.zeros(U, S, dtype=torch.long)
     tok_idx = torch.zeros(U, S, M, dtype=torch.long)
     tok_ok = torch.zeros(U, S, M, dtype=torch.bool)
+    tail_idx = torch.zeros(U, S, M, dtype=torch.long)
+    tail_ok = torch.zeros(U, S, M, dtype=torch.bool)
     for u, segs in enumerate(segments):
         flat = [p for seg in segs for p in seg]
         positions[u] = torch.tensor(flat + [flat[-1]] * (P - len(flat)))
@@ -201,10 +213,12 @@ def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
             last[u, s] = start + n - 1
             tok_idx[u, s, :m] = torch.arange(start, start + m)
             tok_ok[u, s, :m] = True
+            tail_idx[u, s, M - m :] = torch.arange(start + n - m, start + n)
+            tail_ok[u, s, M - m :] = True
             start += n
     row = {lay: u for u, lay in enumerate(distinct)}
     idx = torch.tensor([row[lay] for lay in layouts])
-    return PoolTables(positions[idx], mean_w[idx], last[idx], tok_idx[idx], tok_ok[idx])
+    return PoolTables(positions[idx], mean_w[idx], last[idx], tok_idx[idx], tok_ok[idx], tail_idx[idx], tail_ok[idx])
 
 
 def pool_sites(
@@ -216,7 +230,8 @@ def pool_sites(
     """Pool captured states into features.
 
     kv: layer -> (K, V), each (B, n_kv, P, d_head) at `tables.positions`.
-    Returns key -> (B, n_layers, D) or (B, n_layers, max_tokens, D).
+    Returns key -> (B, n_layers, D) for 'mean' and 'last', (B, n_layers, max_tokens, D)
+    for 'tokens', (B, n_layers, max_tokens + 1, D) for 'tail_mean'.
     """
     per_layer = []
     for layer in spec.layers:
@@ -229,11 +244,18 @@ def pool_sites(
     def take(idx: torch.Tensor) -> torch.Tensor:  # idx (B, n) positions -> (B, L, n, D)
         return X.gather(2, idx[:, None, :, None].expand(B, L, idx.shape[1], D))
 
+    def tokens(idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:  # (B, S, M) -> (B, S, L, M, D)
+        return take(idx.flatten(1)).view(B, L, S, M, D).permute(0, 2, 1, 3, 4) * ok[:, :, None, :, None]
+
+    def mean() -> torch.Tensor:
+        return torch.einsum("bsp,blpd->bsld", tables.mean_w, X)  # (B, S, L, D)
+
     pooled = {
-        "mean": lambda: torch.einsum("bsp,blpd->bsld", tables.mean_w, X),  # (B, S, L, D)
+        "mean": mean,
         "last": lambda: take(tables.last).transpose(1, 2),  # (B, S, L, D)
-        "tokens": lambda: take(tables.tok_idx.flatten(1)).view(B, L, S, M, D).permute(0, 2, 1, 3, 4)
-        * tables.tok_ok[:, :, None, :, None],  # (B, S, L, max_tokens, D), zeros past a site's end
+        "tokens": lambda: tokens(tables.tok_idx, tables.tok_ok),  # (B, S, L, M, D), zeros past a site's end
+        "tail_mean": lambda: torch.cat([tokens(tables.tail_idx, tables.tail_ok), mean()[:, :, :, None]], dim=3),
+        # (B, S, L, M + 1, D): the last M tokens (zeros in front of a shorter site), then the site mean
     }
     results: dict[str, torch.Tensor] = {p: pooled[p]() for p in spec.pooling}
     out = {}

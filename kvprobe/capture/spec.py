@@ -4,12 +4,19 @@ A capture runs a `SampleSource` (deterministic batches of token ids with passcod
 parsed layouts) through a model under a memento mask and keeps, per layer, the KV
 states at chosen *sites*:
 
-    memento    the memento text tokens of block target+offset
-    block_end  the <|block_end|> delimiter of block target+offset
+    memento       the whole memento span of block target+offset, <|summary_start|> ..
+                  <|summary_end|> inclusive (the default: the markers' KV carry the
+                  block too; on the toy, 5 tokens)
+    memento_text  only the memento text between the markers (on the toy, the 3 digits)
+    block_end     the <|block_end|> delimiter of block target+offset
 
 Offsets follow SPEC section 3: -1 causal control (M_1), 0 direct (M_2), +1, +2, ...
-masked. Each site's tokens are pooled ('mean', 'last') or kept ('tokens', padded to
-`max_tokens`). Keys and values are concatenated per token: D = len(kinds) * n_kv * d_head.
+masked. Each site's tokens are pooled ('mean', 'last'), kept ('tokens': the first
+`max_tokens`, zero-padded), or kept at bounded size ('tail_mean', the default: the last
+`max_tokens` tokens, zero-padded in front, then the site mean; with max_tokens 4 on the
+toy's 5-token span this is an invertible linear map of all 5 tokens, and on a real
+model's memento of hundreds of tokens it stays 5 vectors). Keys and values are
+concatenated per token: D = len(kinds) * n_kv * d_head per stored vector.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import torch
 from ..layout import Layout, SpecialTokens
 from ..masks import MaskConfig
 
-__all__ = ["SITES", "POOLINGS", "BACKENDS", "CaptureSpec", "SampleBatch", "SampleSource", "site_positions"]
+__all__ = ["SITES", "POOLINGS", "BACKENDS", "CaptureSpec", "SampleBatch", "SampleSource", "pooled_vectors",
+           "site_positions"]
 
-SITES = ("memento", "block_end")
-POOLINGS = ("mean", "last", "tokens")
+SITES = ("memento", "memento_text", "block_end")
+POOLINGS = ("tail_mean", "tokens", "mean", "last")
 BACKENDS = ("transformers", "lens", "nnsight")
 STORAGE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")  # HDF5 filters for feature datasets (with byte shuffle)
@@ -41,8 +49,8 @@ class CaptureSpec:
     target_block: int = 1  # 0-based: block 1 is the paper's T_2
     sites: tuple[str, ...] = ("memento",)
     kinds: tuple[str, ...] = ("k", "v")
-    pooling: tuple[str, ...] = ("mean",)
-    max_tokens: int = 16  # tokens kept per site with pooling 'tokens'
+    pooling: tuple[str, ...] = ("tail_mean",)
+    max_tokens: int = 4  # tokens kept per site with pooling 'tokens' (the first) or 'tail_mean' (the last)
     dtype: str = "float16"
     mask: MaskConfig = field(default_factory=MaskConfig)
     batch_size: int = 64
@@ -79,6 +87,11 @@ class CaptureSpec:
         if unknown:
             raise ValueError(f"capture spec: unknown field(s) {sorted(unknown)}")
         return cls(**d)
+
+
+def pooled_vectors(pooling: str, max_tokens: int) -> int:
+    """Vectors of D values that one site keeps per layer under `pooling`."""
+    return {"mean": 1, "last": 1, "tokens": max_tokens, "tail_mean": max_tokens + 1}[pooling]
 
 
 def _check(ok: Any, name: str, value: Any, expected: str) -> None:
@@ -119,12 +132,12 @@ def site_positions(layout: Layout, site: str, block: int) -> list[int]:
     if not 0 <= block < layout.n_blocks:
         raise ValueError(f"block {block} does not exist: the sequence has {layout.n_blocks} blocks (0..{layout.n_blocks - 1})")
     b = layout.blocks[block]
-    if site == "memento":
+    if site in ("memento", "memento_text"):
         if not b.completed:
             raise ValueError(f"block {block} has no finished memento")
         if len(b.memento_text) == 0:
             raise ValueError(f"the memento of block {block} is empty")
-        return list(b.memento_text)
+        return list(b.memento if site == "memento" else b.memento_text)
     if site == "block_end":
         if b.end is None:
             raise ValueError(f"block {block} has no <|block_end|>")

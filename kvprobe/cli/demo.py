@@ -15,13 +15,16 @@ from .pipeline import leakage_table, run_pipeline, start_run
 __all__ = ["DEMO_CONFIG", "register"]
 
 # The demo: memento mode and both restart-mode controls on the final toy checkpoint,
-# every layer and memento offset, memento tokens and <|block_end|> delimiters.
+# every layer, the memento offsets that tell the story (control, direct, masked +1, +2,
+# +4, +7), kvprobe's default features (the whole memento span). The fork's restart
+# (restart-hidden) is the text baseline; restart with delimiters visible beside it
+# shows the <|block_end|> channel.
 DEMO_CONFIG = {
     "name": "toy-demo",
     "seed": 0,
     "model": {"kind": "toy", "checkpoint": "final"},
     "data": {"kind": "toy", "n_samples": 4000, "target_block": 1},
-    "capture": {"layers": [0, 1, 2, 3], "offsets": [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8], "sites": ["memento", "block_end"]},
+    "capture": {"layers": [0, 1, 2, 3], "offsets": [-1, 0, 1, 2, 4, 7], "sites": ["memento"]},
     "conditions": {
         "memento": {"keep_last_n_blocks": 0},
         "restart": {"keep_last_n_blocks": 0, "restart_mode": True},

@@ -42,7 +42,8 @@ def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) ->
                          pooling=p.pooling, shuffled_control=shuffled, n_boot=p.n_boot,
                          layers=layers, offsets=offsets, sites=sites, device=cfg.model.device,
                          linear=LinearConfig(l2=p.linear_l2, tol=p.linear_tol),
-                         mlp=MLPConfig(max_epochs=p.mlp_max_epochs))
+                         mlp=MLPConfig(max_epochs=p.mlp_max_epochs), linear_l2_grid=p.linear_l2_grid,
+                         mlp_l2_grid=p.mlp_l2_grid, inner_fraction=p.inner_fraction)
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:

@@ -69,7 +69,8 @@ def make_source(cfg: ExperimentConfig) -> SampleSource:
         from toy_models.source import ToyPasscodeSource
 
         try:
-            return ToyPasscodeSource(data.n_samples, seed=cfg.seed, target_block=data.target_block)
+            return ToyPasscodeSource(data.n_samples, seed=cfg.seed, target_block=data.target_block,
+                                     digit_sum=data.digit_sum, shared_background=data.shared_background)
         except ValueError as e:
             raise UsageError(f"data: {e}") from None
     from pathlib import Path

@@ -11,24 +11,41 @@ from .common import UsageError, add_parser
 __all__ = ["register"]
 
 
+def _number_or_word(words: tuple[str, ...], kind: type = float):
+    """argparse type: a number, or one of `words` ('none' becomes None)."""
+
+    def parse(text: str):
+        if text.lower() in words:
+            return None if text.lower() == "none" else text.lower()
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(words)}, got {text!r}") from None
+
+    return parse
+
+
+# TrainConfig fields whose values are not plain ints or floats; every other field maps
+# to an option of its own type, with TrainConfig's default (one declaration).
+_OPTION_TYPES = {
+    "init_embedding": _number_or_word(("gpt2",)),
+    "init_linear": _number_or_word(("gpt2", "pytorch")),
+    "grad_clip": _number_or_word(("none",)),
+    "train_set": _number_or_word(("none",), int),
+    "schedule": str,
+    "device": str,
+}
+_NOT_OPTIONS = ("out_dir", "threads")  # --out, and the global --threads
+
+
 def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from toy_models.train import RunDirError, TrainConfig, train
 
     try:
-        config = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup=args.warmup,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-            eval_every=args.eval_every,
-            save_every=args.save_every,
-            eval_samples=args.eval_samples,
-            device=args.device,
-            out_dir=args.out,
-            threads=args.threads,
-        )
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _NOT_OPTIONS}
+        config = TrainConfig(**values, out_dir=args.out, threads=args.threads)
         command = shlex.join(["kvprobe", *sys.argv[1:]]) if sys.argv[1:2] == ["toy"] else None
         model = train(config, resume=args.resume, overwrite=args.overwrite, command=command)
     except (RunDirError, ValueError) as e:
@@ -41,6 +58,25 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{last}: step {meta.get('step')}, task accuracy {meta.get('task_accuracy')}, {meta.get('wall_time_s')} s")
     del model
     return 0
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, its default and help taken from the dataclass."""
+    from dataclasses import MISSING, fields
+
+    from toy_models.train import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        helptext = f"{f.metadata.get('help', f.name)} (default {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        else:
+            p.add_argument(flag, type=_OPTION_TYPES.get(f.name, type(default)), default=default, help=helptext,
+                           dest=f.name)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -78,17 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  kvprobe toy train --out runs/toy --resume\n"
         "  kvprobe toy train --steps 20 --batch-size 8 --out /tmp/toy --overwrite",
     )
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
-    p.add_argument("--batch-size", type=int, default=256, help="sequences per step (default 256)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before cosine decay (default 200)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="model init and training data seed (default 0)")
-    p.add_argument("--eval-every", type=int, default=100, help="log loss and task accuracy every N steps")
-    p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
-    p.add_argument("--eval-samples", type=int, default=2000, help="held-out sequences per evaluation")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_train_options(p)
     p.add_argument("--out", required=True, help="run directory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

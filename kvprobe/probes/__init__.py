@@ -2,14 +2,35 @@
 
 Probes read arrays, never models or files. `fit_probes` fits a whole grid of
 groups x digits in one batched PyTorch computation; `fit_sklearn` is the slow,
-one-at-a-time scikit-learn reference for the linear probe.
+one-at-a-time scikit-learn reference for the linear probe. `fit_selected` chooses
+the L2 strength per group on an inner label-unique split of the training data.
 """
 
 from .linear import LBFGSInfo, LinearConfig, LinearProbes, fit_linear_probes
 from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, label_unique_holdout
-from .trainer import ProbeFit, Standardizer, check_probe_inputs, fit_probes, fit_sklearn
+from .trainer import ProbeFit, Standardizer, check_probe_inputs, fit_probes, fit_sklearn, linear_in_raw_units
+from .selection import (
+    DEFAULT_INNER_FRACTION,
+    DEFAULT_LINEAR_L2_GRID,
+    StrengthSelection,
+    fit_at_strengths,
+    fit_selected,
+    inner_split,
+    normalise_grid,
+    select_strength,
+    strength_path,
+)
 
 __all__ = [
+    "DEFAULT_INNER_FRACTION",
+    "DEFAULT_LINEAR_L2_GRID",
+    "StrengthSelection",
+    "fit_at_strengths",
+    "fit_selected",
+    "inner_split",
+    "normalise_grid",
+    "select_strength",
+    "strength_path",
     "LBFGSInfo",
     "LinearConfig",
     "LinearProbes",
@@ -24,4 +45,5 @@ __all__ = [
     "fit_probes",
     "fit_sklearn",
     "label_unique_holdout",
+    "linear_in_raw_units",
 ]

@@ -22,6 +22,7 @@ runs into max_iter (reported as not converged).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,38 +89,40 @@ class _Objective:
     kernels vectorise far better than a 10-wide innermost one.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, l2: float):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, l2: float | torch.Tensor):
         G, N, D = x.shape
         ones = torch.ones(G, N, 1, dtype=x.dtype, device=x.device)
         self.x1 = torch.cat([x, ones], dim=2)  # (G, N, D+1)
         self.y = y.unsqueeze(2)  # (G, N, 1, K)
-        self.l2 = l2
+        self.l2 = l2  # a float, or one strength per problem (G, K)
         self.penalised = torch.ones(1, D + 1, 1, 1, dtype=x.dtype, device=x.device)
         self.penalised[:, D] = 0.0  # the bias row is not penalised
-        self._subset: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._subset: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, Any] | None = None
 
-    def _rows(self, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of the groups still being optimised (one copy per change)."""
+    def _rows(self, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Features, labels and L2 of the groups still being optimised (one copy per change)."""
         if groups is None or len(groups) == self.x1.shape[0]:
-            return self.x1, self.y
+            return self.x1, self.y, self.l2
         key = tuple(groups.tolist())
         if self._subset is None or self._subset[0] != key:
-            self._subset = (key, self.x1[groups], self.y[groups])
-        return self._subset[1], self._subset[2]
+            l2 = self.l2[groups] if isinstance(self.l2, torch.Tensor) else self.l2
+            self._subset = (key, self.x1[groups], self.y[groups], l2)
+        return self._subset[1], self._subset[2], self._subset[3]
 
     def __call__(self, theta: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Objective (g, K) and gradient (g, D+1, C, K) at theta (g, D+1, C, K) for `groups` (all if None)."""
-        x1, y = self._rows(groups)
+        x1, y, l2 = self._rows(groups)
         G, D1, C, K = theta.shape
         N = x1.shape[1]
         logits = torch.bmm(x1, theta.reshape(G, D1, C * K)).view(G, N, C, K)
         logp = torch.log_softmax(logits, dim=2)  # (G, N, C, K)
         ce = -logp.gather(2, y).squeeze(2).mean(dim=1)  # (G, K)
         w = theta * self.penalised
-        loss = ce + 0.5 * self.l2 * (w * w).sum(dim=(1, 2))
+        loss = ce + 0.5 * l2 * (w * w).sum(dim=(1, 2))
         minus_one = torch.full(y.shape, -1.0, dtype=logp.dtype, device=logp.device)
         dlogits = logp.exp_().scatter_add_(2, y, minus_one).div_(N)  # d mean CE / d logits
-        grad = torch.bmm(x1.transpose(1, 2), dlogits.view(G, N, C * K)).view(G, D1, C, K) + self.l2 * w
+        decay = l2 * w if not isinstance(l2, torch.Tensor) else _per_problem(l2) * w
+        grad = torch.bmm(x1.transpose(1, 2), dlogits.view(G, N, C * K)).view(G, D1, C, K) + decay
         return loss, grad
 
 
@@ -136,20 +139,43 @@ def _per_problem(v: torch.Tensor) -> torch.Tensor:
     return v[:, None, None, :]
 
 
+def _per_problem_l2(l2: Any, G: int, K: int, like: torch.Tensor) -> torch.Tensor:
+    """L2 strengths as a (G, K) tensor from a (G,) per-group or (G, K) per-problem array."""
+    t = torch.as_tensor(l2, dtype=like.dtype).to(like.device)
+    if t.dim() == 1 and t.shape[0] == G:
+        t = t[:, None].expand(G, K)
+    if tuple(t.shape) != (G, K):
+        raise ValueError(f"per-problem l2 must have shape ({G},) or ({G}, {K}), got {tuple(t.shape)}")
+    if not bool((t >= 0).all()):
+        raise ValueError("l2 must be >= 0")
+    return t.contiguous()
+
+
 def fit_linear_probes(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, config: LinearConfig
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, config: LinearConfig, *,
+    l2: Any = None, init: LinearProbes | None = None,
 ) -> tuple[LinearProbes, LBFGSInfo]:
     """Fit G x K multinomial logistic regressions by batched L-BFGS.
 
     x: standardised training features (G, N, D), float.
     y: integer labels (G, N, K) in [0, n_classes).
-    Returns the fitted probes and per-problem solver info. Starts from zero
-    weights, so the result does not depend on any seed.
+    l2: None for config.l2 everywhere, or one strength per group (G,) or per problem (G, K).
+    init: probes to start from (a warm start, e.g. the solution at a neighbouring l2);
+        None starts from zero weights, so the result depends on no seed. The optimum
+        is unique, so a warm start changes the answer only within the tolerance.
+    Returns the fitted probes and per-problem solver info.
     """
     G, N, D = x.shape
     K = y.shape[2]
-    f = _Objective(x, y, config.l2)
-    theta = torch.zeros(G, D + 1, n_classes, K, dtype=x.dtype, device=x.device)
+    f = _Objective(x, y, config.l2 if l2 is None else _per_problem_l2(l2, G, K, x))
+    if init is None:
+        theta = torch.zeros(G, D + 1, n_classes, K, dtype=x.dtype, device=x.device)
+    else:
+        if tuple(init.weight.shape) != (G, D, K, n_classes):
+            raise ValueError(f"init probes have shape {tuple(init.weight.shape)}, expected {(G, D, K, n_classes)}")
+        w0 = init.weight.detach().to(device=x.device, dtype=x.dtype).permute(0, 1, 3, 2)  # (G, D, C, K)
+        b0 = init.bias.detach().to(device=x.device, dtype=x.dtype).transpose(1, 2)[:, None]  # (G, 1, C, K)
+        theta = torch.cat([w0, b0], dim=1).contiguous()
     loss, grad = f(theta)
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, rho)
     gamma = 1.0 / grad.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)  # (G, K) first step: unit length

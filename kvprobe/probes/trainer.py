@@ -25,7 +25,7 @@ from torch import nn
 from .linear import LinearConfig, LinearProbes, fit_linear_probes
 from .mlp import MLPConfig, fit_mlp_probes
 
-__all__ = ["ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn"]
+__all__ = ["ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn", "linear_in_raw_units"]
 
 KINDS = ("linear", "mlp")
 
@@ -49,6 +49,22 @@ class Standardizer:
         return (x - self.mean) / self.std
 
 
+def linear_in_raw_units(probe: LinearProbes, scaler: Standardizer) -> LinearProbes:
+    """The same linear probes expressed on unstandardised features: x W_r + b_r = scaler(x) W + b."""
+    inv = 1.0 / scaler.std[:, 0]  # (G, D)
+    weight = probe.weight.detach() * inv[:, :, None, None]
+    bias = probe.bias.detach() - torch.einsum("gd,gdkc->gkc", scaler.mean[:, 0] * inv, probe.weight.detach())
+    return LinearProbes(weight, bias)
+
+
+def _linear_in_scaled_units(probe: LinearProbes, scaler: Standardizer) -> LinearProbes:
+    """Inverse of `linear_in_raw_units`: raw-feature probes expressed on scaler(x)."""
+    w = probe.weight.detach().to(scaler.std)
+    weight = w * scaler.std[:, 0, :, None, None]
+    bias = probe.bias.detach().to(scaler.std) + torch.einsum("gd,gdkc->gkc", scaler.mean[:, 0], w)
+    return LinearProbes(weight, bias)
+
+
 @dataclass
 class ProbeFit:
     """Probes fitted on one grid, with their validation predictions.
@@ -61,6 +77,7 @@ class ProbeFit:
     n_steps: L-BFGS iterations (linear) or best epoch (mlp), per problem (G, K).
     converged: gradient tolerance reached (linear) or early stopping triggered (mlp), (G, K).
     probe, standardizer: the fitted module and its input scaling, for `predict_log_proba`.
+    l2: the L2 strength each group was fitted with (G,).
     """
 
     kind: str
@@ -75,6 +92,7 @@ class ProbeFit:
     config: Any
     probe: nn.Module
     standardizer: Standardizer
+    l2: np.ndarray | None = None
 
     @torch.no_grad()
     def predict_log_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -157,11 +175,12 @@ def fit_probes(
     y_val: Any,
     kind: str = "linear",
     *,
-    l2: float | None = None,
+    l2: float | Any = None,
     seed: int = 0,
     config: LinearConfig | MLPConfig | None = None,
     n_classes: int = 10,
     device: str | torch.device | None = None,
+    init: LinearProbes | None = None,
 ) -> ProbeFit:
     """Fit one probe per group and digit, all in one batched computation, and score it on validation.
 
@@ -169,9 +188,13 @@ def fit_probes(
     y_train (N, K) | (G, N, K), y_val (M, K) | (G, M, K): integer labels in [0, n_classes).
     kind: "linear" (multinomial logistic regression, L-BFGS, matches scikit-learn)
         or "mlp" (the paper's 512-256-128 MLP, Adam, early stopping).
-    l2: L2 strength on weights in the mean-loss objective; overrides config.l2.
+    l2: L2 strength on weights in the mean-loss objective; overrides config.l2. The
+        linear probe also takes one strength per group, an array (G,).
     seed: MLP initialisation, holdout and batch order (linear fits are seed-free).
     device: where to compute ("cpu", "cuda", ...); results come back as numpy.
+    init: linear only, probes on the raw (unstandardised) features to warm-start the solver
+        from, e.g. `linear_in_raw_units(fit.probe, fit.standardizer)` of an earlier fit; the
+        function they compute is carried over exactly, whatever that fit's standardisation.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -179,14 +202,24 @@ def fit_probes(
     config = default if config is None else config
     if type(config) is not type(default):
         raise ValueError(f"kind {kind!r} takes a {type(default).__name__}, got {type(config).__name__}")
-    if l2 is not None:
-        config = replace(config, l2=l2)
+    per_group = None
+    if l2 is not None and np.ndim(l2) > 0:
+        if kind != "linear":
+            raise ValueError("one l2 per group is supported for the linear probe only")
+        per_group = np.asarray(l2, dtype=np.float64)
+    elif l2 is not None:
+        config = replace(config, l2=float(l2))
+    if init is not None and kind != "linear":
+        raise ValueError("init (a warm start) is supported for the linear probe only")
     xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes, device)
+    if per_group is not None and per_group.shape != (xt.shape[0],):
+        raise ValueError(f"l2 has shape {per_group.shape}, expected one value per group ({xt.shape[0]},)")
     scaler = Standardizer.fit(xt)
     xt, xv = scaler(xt), scaler(xv)
 
     if kind == "linear":
-        probe, info = fit_linear_probes(xt, yt, n_classes, config)
+        start = None if init is None else _linear_in_scaled_units(init, scaler)
+        probe, info = fit_linear_probes(xt, yt, n_classes, config, l2=per_group, init=start)
         n_steps, converged = info.n_iter, info.converged
     else:
         probe, info = fit_mlp_probes(xt, yt, n_classes, config, seed)
@@ -209,6 +242,7 @@ def fit_probes(
         config=config,
         probe=probe,
         standardizer=scaler,
+        l2=per_group if per_group is not None else np.full(xt.shape[0], config.l2),
     )
 
 
