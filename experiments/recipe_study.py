@@ -152,7 +152,8 @@ def write_figure(records: list[dict]) -> None:
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel(f"probe accuracy, layer {last} (%)")
     ax.set_title("What sets the toy's leak: one factor changed at a time")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 118)
+    ax.legend(loc="upper center", fontsize=8, ncols=4)
     fig.savefig(OUT / "recipe_study.png", dpi=130)
     plt.close(fig)
 

@@ -233,3 +233,19 @@ def test_config_fields_make_the_text_controlled_source():
     with pytest.raises(ConfigError, match="data.digit_sum"):
         parse_config({"model": {"kind": "hf", "checkpoint": "x"}, "data": {"kind": "traces", "traces": "t.jsonl",
                                                                          "digit_sum": 22}})
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
+    import json
+
+    from toy_models.train import RunDirError
+
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=2, save_every=2, eval_samples=4, out_dir=str(tmp_path / "r"))
+    train(cfg)
+    saved = tmp_path / "r" / "train_config.json"
+    settings = json.loads(saved.read_text())
+    del settings["n_layer"]  # a run written before the capacity fields existed
+    saved.write_text(json.dumps(settings))
+    train(cfg, resume=True)  # the missing setting is its default: the same run
+    with pytest.raises(RunDirError, match="n_layer"):
+        train(TrainConfig(**{**cfg.__dict__, "n_layer": 2}), resume=True)

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,9 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
                 raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: not a toy training run")
             before = json.loads(saved.read_text())
             now = config.run_settings()
-            diff = sorted(k for k in now if before.get(k) != now[k])
+            # a setting the saved run predates is taken at its default (what that run used)
+            defaults = {f.name: f.default for f in fields(TrainConfig)}
+            diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
             if diff:
                 changes = ", ".join(f"{k}: {before.get(k)} -> {now[k]}" for k in diff)
                 raise RunDirError(f"cannot resume {out}: settings differ from the saved run ({changes})")
