@@ -26,7 +26,7 @@ import torch
 
 import toy_models
 from kvprobe.masks import MaskConfig
-from toy_models.leakage import MEMENTO, Condition, measure_leakage
+from toy_models.leakage import MEMENTO, Condition, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 
 OUT = Path(__file__).resolve().parent / "results" / "paper_figures"
@@ -57,21 +57,16 @@ def measure(samples: int, seed: int) -> dict:
     model = toy_models.load("final")
     cells = []
     for r in measure_leakage(model, (MEMENTO,), (0, 1, 2, 3), tuple(range(-1, 8)), n_samples=samples, seed=seed):
-        cells.append({"figure": "fig13", **_cell(r)})
+        cells.append({"figure": "fig13", **cell_record(r)})
     for r in measure_leakage(model, (KEEP1,), (0, 1, 2, 3), tuple(range(-2, 8)), n_samples=samples, seed=seed,
                              target_block=2):
-        cells.append({"figure": "heatmap", **_cell(r)})
+        cells.append({"figure": "heatmap", **cell_record(r)})
     series = []
     for name in [*toy_models.checkpoint_names(), "final"]:
         ck = toy_models.load(name)
         (r,) = measure_leakage(ck, (MEMENTO,), (3,), (1,), n_samples=samples, seed=seed)
-        series.append({"checkpoint": name, "task_accuracy": task_accuracy(ck, 2000, heldout_seed(2)), **_cell(r)})
+        series.append({"checkpoint": name, "task_accuracy": task_accuracy(ck, 2000, heldout_seed(2)), **cell_record(r)})
     return {"samples": samples, "seed": seed, "model": "toy final", "cells": cells, "series": series}
-
-
-def _cell(r) -> dict:
-    return {"layer": r.layer, "offset": r.offset, "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
-            **({"l2": r.l2} if getattr(r, "l2", None) is not None else {})}
 
 
 def _find(cells: list[dict], figure: str, layer: int, offset: int) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 import toy_models
 from kvprobe.capture import CaptureSpec
-from toy_models.leakage import MEMENTO, measure_leakage
+from toy_models.leakage import MEMENTO, cell_record, measure_leakage
 
 # name -> (site, pooling, max_tokens, vectors kept per layer)
 VARIANTS = {
@@ -60,8 +60,7 @@ def main() -> None:
         for r in measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=args.samples, seed=args.seed,
                                  spec=spec):
             rows.append({"features": name, "site": site, "pooling": pooling, "max_tokens": k, "vectors": vectors,
-                         "dims": vectors * 256, "layer": r.layer, "offset": r.offset, "accuracy": r.accuracy,
-                         "ci_low": r.ci_low, "ci_high": r.ci_high, "l2": getattr(r, "l2", None)})
+                         "dims": vectors * 256, **cell_record(r)})
         print(name, " ".join(f"L{r['layer']}{r['offset']:+d}:{100 * r['accuracy']:.1f}" for r in rows[-6:]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"checkpoint": args.checkpoint, "samples": args.samples,
                                                        "rows": rows}, indent=1) + "\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from toy_models.model import build_model
-from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, measure_leakage
+from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 from toy_models.train import TrainConfig, train
 
@@ -78,9 +78,7 @@ def run_one(name: str, steps: int, samples: int, threads: int | None) -> dict:
         "train_config": config.run_settings(),
         "task_accuracy": accuracy,
         "samples": samples,
-        "cells": [{k: getattr(r, k) for k in ("condition", "layer", "offset", "accuracy", "ci_low", "ci_high",
-                                               "n_train", "n_val")} | ({"l2": r.l2} if hasattr(r, "l2") else {})
-                  for r in rows],
+        "cells": [cell_record(r, "n_train", "n_val") for r in rows],
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")

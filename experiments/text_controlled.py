@@ -28,7 +28,7 @@ import torch
 
 import toy_models
 from kvprobe.analysis import apply_holm
-from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL, measure_leakage
+from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL, cell_record, measure_leakage
 
 OUT = Path(__file__).resolve().parent / "results" / "text_controlled"
 CONDITIONS = (MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL)
@@ -50,10 +50,9 @@ def main() -> None:
         rows = measure_leakage(toy_models.load(args.checkpoint), CONDITIONS, LAYERS, OFFSETS,
                                n_samples=args.samples, seed=args.seed)
         apply_holm(rows)
-        keep = ("condition", "layer", "offset", "accuracy", "ci_low", "ci_high", "chance", "p_holm", "l2")
         (OUT / "results.json").write_text(json.dumps({
             "checkpoint": args.checkpoint, "samples": args.samples, "seed": args.seed,
-            "rows": [{k: getattr(r, k) for k in keep} for r in rows]}, indent=1) + "\n")
+            "rows": [cell_record(r, "p_holm") for r in rows]}, indent=1) + "\n")
     data = json.loads((OUT / "results.json").read_text())
     cells = [(l, o) for l in LAYERS for o in OFFSETS]
     lines = [f"# Text-controlled leakage on the toy `{data['checkpoint']}` ({data['samples']} passcodes per "

@@ -32,7 +32,7 @@ from kvprobe.store import KVStore
 
 from .source import ToyPasscodeSource
 
-__all__ = ["MEMENTO", "RESTART", "TEXT_CONTROLLED", "TEXT_IDENTICAL", "Condition", "measure_leakage"]
+__all__ = ["MEMENTO", "RESTART", "TEXT_CONTROLLED", "TEXT_IDENTICAL", "Condition", "cell_record", "measure_leakage"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,14 @@ RESTART = Condition("restart", MaskConfig(keep_last_n_blocks=0, mask_delimiters=
 TEXT_CONTROLLED = Condition("text-controlled", MaskConfig(keep_last_n_blocks=0), text_controlled=True)
 TEXT_IDENTICAL = Condition("text-identical", MaskConfig(keep_last_n_blocks=0), text_controlled=True,
                            shared_background=True)
+
+RECORD_FIELDS = ("condition", "layer", "offset", "accuracy", "ci_low", "ci_high", "chance", "l2")
+
+
+def cell_record(row: CellResult, *extra: str) -> dict:
+    """What the toy studies keep of a probed cell (plus any `extra` CellResult fields), for JSON."""
+    return {k: getattr(row, k) for k in (*RECORD_FIELDS, *extra)}
+
 
 STUDY_PROBE = ProbeSettings(kinds=("linear",), shuffled_control=False, n_boot=1000)
 
