@@ -220,8 +220,8 @@ print(f"both modes:   T_3 sees T_2's <|block_end|> (pos {b1.end}): "
 # memento mask to write the mementos; the loss is on the memento digits only. Its weights
 # were first drawn the way PyTorch draws them (embeddings N(0, 1), linear layers
 # U(+-1/sqrt(fan_in))), which is what makes it the paper's toy: its mementos keep their
-# block (`docs/toy.md`, "What sets the leak"). Training it again takes about 20 minutes on
-# two CPU cores: `kvprobe --threads 1 toy train --out runs/toy`, and `kvprobe toy eval`
+# block (`docs/toy.md`, "What sets the leak"). Training it again, bit for bit, takes about
+# 27 minutes on one CPU thread: `kvprobe --threads 1 toy train --out runs/toy`, and `kvprobe toy eval`
 # measures it. Task accuracy is how often the model's next-token guess
 # for a memento digit is right, on sequences it never saw in training (chance: 10%).
 

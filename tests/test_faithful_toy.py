@@ -249,3 +249,21 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
     train(cfg, resume=True)  # the missing setting is its default: the same run
     with pytest.raises(RunDirError, match="n_layer"):
         train(TrainConfig(**{**cfg.__dict__, "n_layer": 2}), resume=True)
+
+
+@pytest.mark.parametrize("bad", [-1, 46])
+def test_a_digit_sum_no_passcode_can_have_is_refused(bad):
+    with pytest.raises(ValueError, match="digit_sum must be in 0..45"):
+        PasscodeSpec(digit_sum=bad)
+
+
+@pytest.mark.parametrize("args, message", [(["--init-linear", "xavier"], "--init-linear"),
+                                           (["--schedule", "linear"], "schedule must be one of"),
+                                           (["--grad-clip", "0"], "grad_clip must be positive")])
+def test_toy_train_bad_recipe_options_exit_2_and_write_nothing(tmp_path, capsys, args, message):
+    from kvprobe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["toy", "train", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
