@@ -37,6 +37,10 @@ else:  # pragma: no cover
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg", "load_config", "parse_config"]
 
 
+# the channel pairs a report shows when both were captured: (a, b) -> a - b (SPEC section 5)
+STANDARD_COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
+
+
 class ConfigError(ValueError):
     """A config file is missing, unreadable, or has an invalid field."""
 
@@ -145,12 +149,26 @@ class SweepSection(_Strict):
     checkpoints: tuple[str, ...] = ()  # toy checkpoint names or dirs, in training order; empty: no sweep
     n_samples: int = Field(10000, ge=100)
     layers: tuple[int, ...] = (3,)
-    offsets: tuple[int, ...] = (-1, 0, 1)
+    offsets: tuple[int, ...] = (-1, 0, 1)  # the smallest positive one is the sweep's masked cell
     task_samples: int = Field(2000, ge=100)
+
+    @field_validator("offsets")
+    @classmethod
+    def _has_masked(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not any(o > 0 for o in v):
+            raise ValueError(f"the sweep follows masked leakage: give at least one offset > 0, got {list(v)}")
+        return v
+
+    def masked_offset(self) -> int:
+        """The masked offset whose accuracy the sweep follows (+1 unless it was left out)."""
+        return min(o for o in self.offsets if o > 0)
 
 
 class ReportSection(_Strict):
     paper: Literal["toy", "none"] = "none"  # put the paper's numbers beside ours
+    # paired differences (a, b) -> a - b; None: the standard pairs among the conditions, or
+    # else the first condition against each other one
+    comparisons: tuple[tuple[str, str], ...] | None = None
 
 
 class ExperimentConfig(_Strict):
@@ -196,7 +214,24 @@ class ExperimentConfig(_Strict):
         check("probe.mlp_sites", p.mlp_sites, c.sites, "capture.sites")
         if not isinstance(p.shuffled_control, bool):
             check("probe.shuffled_control", p.shuffled_control, tuple(self.conditions), "conditions")
+        for a, b in self.report.comparisons or ():
+            check("report.comparisons", (a, b), tuple(self.conditions), "conditions")
+            if a == b:
+                raise ValueError(f"config field 'report.comparisons': {[a, b]} compares a condition with itself")
         return self
+
+    def comparisons(self) -> tuple[tuple[str, str], ...]:
+        """The paired differences the report shows: report.comparisons, or the defaults.
+
+        Defaults: the standard channel pairs (memento - restart-hidden, memento - restart,
+        restart - restart-hidden) among the conditions captured; a config with none of
+        those compares its first condition with each other one.
+        """
+        if self.report.comparisons is not None:
+            return self.report.comparisons
+        names = tuple(self.conditions)
+        standard = tuple((a, b) for a, b in STANDARD_COMPARISONS if a in names and b in names)
+        return standard or tuple((names[0], b) for b in names[1:])
 
     def capture_spec(self, condition: str) -> CaptureSpec:
         """The capture spec of one condition."""

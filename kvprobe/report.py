@@ -142,8 +142,24 @@ def interval_verdict(low: float, high: float, reference: float = 0.0, name: str 
     return f"contains {name}"
 
 
-def chance_verdict(low: float, high: float) -> str:
-    return interval_verdict(low, high, CHANCE, "chance")
+def chance_verdict(low: float, high: float, chance: float = CHANCE) -> str:
+    return interval_verdict(low, high, chance, "chance")
+
+
+def chance_text(rows: Sequence[CellResult]) -> str:
+    """'10%', or each distinct chance level of `rows` (constrained passcodes have their own baseline)."""
+    levels = sorted({round(r.chance, 6) for r in rows}) or [CHANCE]
+    if levels == [CHANCE]:
+        return "10%"
+    parts = [f"{_pct(c)} ({', '.join(sorted({r.condition for r in rows if round(r.chance, 6) == c}))})"
+             for c in levels]
+    return "per condition: " + "; ".join(parts)
+
+
+def _common_chance(rows: Sequence[CellResult]) -> float:
+    """The chance level shared by `rows` (CHANCE if they differ or there are none)."""
+    levels = {round(r.chance, 6) for r in rows}
+    return rows[0].chance if len(levels) == 1 else CHANCE
 
 
 def verdict_counts(items: Sequence[tuple[str, float, float]], reference: float = 0.0, name: str = "0") -> str:
@@ -228,7 +244,7 @@ def _header(rows: Sequence[CellResult], diffs: Sequence[DiffResult], metadata: M
         f"- cells: {len(rows)}; paired differences: {len(diffs)}",
         "",
         "Accuracy is the mean over the five passcode digits on label-unique validation passcodes; "
-        "chance is 10%. Brackets hold the 95% bootstrap interval over validation passcodes.",
+        f"chance is {chance_text(rows)}. Brackets hold the 95% bootstrap interval over validation passcodes.",
     ]
     return "\n".join(lines)
 
@@ -357,13 +373,13 @@ def _causal_control(rows: Sequence[CellResult], condition: str, site: str) -> st
         out.append("No causal-control cells in this report: the leakage numbers lack their sanity check "
                    "(capture offset −1 to add it).")
         return "\n".join(out)
-    inside = [r for r in controls if r.ci_low <= CHANCE <= r.ci_high]
-    outside = [r for r in controls if not (r.ci_low <= CHANCE <= r.ci_high)]
-    sentence = (f"The 95% interval contains chance (10%) in {len(inside)} of {len(controls)} causal-control cells "
+    inside = [r for r in controls if r.ci_low <= r.chance <= r.ci_high]
+    outside = [r for r in controls if not (r.ci_low <= r.chance <= r.ci_high)]
+    sentence = (f"The 95% interval contains chance ({chance_text(controls)}) in {len(inside)} of {len(controls)} causal-control cells "
                 f"(all conditions, sites and probes).")
     if outside:
         listed = [f"{r.condition}/{r.site}/{r.probe} layer {r.layer}: {fmt_accuracy(r)}, "
-                  f"{chance_verdict(r.ci_low, r.ci_high)}" for r in outside]
+                  f"{chance_verdict(r.ci_low, r.ci_high, r.chance)}" for r in outside]
         sentence += (" It excludes chance in " + "; ".join(listed) +
                      ". A causal control away from chance means the probe or the split leaks labels: "
                      "check these before reading the masked cells.")
@@ -378,9 +394,9 @@ def _causal_control(rows: Sequence[CellResult], condition: str, site: str) -> st
                    key=lambda r: (probe_order(controls).index(r.probe), r.offset, r.layer))
     if shown:
         body = [[r.probe, str(r.layer), fmt_accuracy(r), f"[{_num(r.wilson_low)}, {_num(r.wilson_high)}]",
-                 "yes" if r.ci_low <= CHANCE <= r.ci_high else "no", _fmt_p(r.p_holm)] for r in shown]
+                 "yes" if r.ci_low <= r.chance <= r.ci_high else "no", _fmt_p(r.p_holm)] for r in shown]
         out += ["", f"Condition `{condition}`, site `{site}`:", "",
-                _table(["probe", "layer", "accuracy [95% bootstrap]", "Wilson 95%", "interval contains 10%",
+                _table(["probe", "layer", "accuracy [95% bootstrap]", "Wilson 95%", "interval contains chance",
                         "Holm p"], body)]
     return "\n".join(out)
 
@@ -419,7 +435,7 @@ def _controls(rows: Sequence[CellResult], condition: str, site: str) -> str:
            "### Shuffled labels, selectivity, information", ""]
     shuffled = [r for r in rows if r.shuffled_accuracy is not None]
     if shuffled:
-        beating = [r for r in shuffled if _wilson(r.shuffled_accuracy, max(r.n_val, 1))[0] > CHANCE]
+        beating = [r for r in shuffled if _wilson(r.shuffled_accuracy, max(r.n_val, 1))[0] > r.chance]
         worst = max(shuffled, key=lambda r: r.shuffled_accuracy)
         sentence = (f"Probes refitted on shuffled training labels: the Wilson 95% interval of shuffled-label accuracy "
                     f"contains or lies below chance in {len(shuffled) - len(beating)} of {len(shuffled)} cells; "
@@ -436,7 +452,7 @@ def _controls(rows: Sequence[CellResult], condition: str, site: str) -> str:
     masked = [r for r in rows if r.offset > 0]
     if masked:
         bits_pos = [r for r in masked if r.bits_low > 0]
-        hidden = [r for r in bits_pos if r.ci_low <= CHANCE]
+        hidden = [r for r in bits_pos if r.ci_low <= r.chance]
         out += ["", f"Information (log2 10 minus validation cross-entropy, bits per digit): the interval lies above "
                     f"0 bits in {len(bits_pos)} of {len(masked)} masked cells; in {len(hidden)} of those the "
                     "accuracy interval still contains chance (information that accuracy misses)."]
@@ -554,7 +570,7 @@ def _block_end_sentences(rows: Sequence[CellResult], offset: int) -> list[str]:
     for condition in condition_order(r.condition for r in cells):
         mine = sorted((r for r in cells if r.condition == condition), key=lambda r: (r.probe, r.layer))
         items = [(f"{r.probe} layer {r.layer}", r.ci_low, r.ci_high) for r in mine]
-        per.append(f"`{condition}`: {verdict_counts(items, CHANCE, 'chance')}")
+        per.append(f"`{condition}`: {verdict_counts(items, _common_chance(mine), 'chance')}")
     return ["", f"Delimiter channel read directly (`block_end` site, {offset_label(offset)}); where the 95% "
                 "intervals lie: " + "; ".join(per) + "."]
 
@@ -633,8 +649,10 @@ def _sweep_section(sweep: Sequence[Mapping[str, Any]], paper: Mapping[str, Any] 
         body.append(line)
     layers = {p.get("layer") for p in points}
     where = f" Accuracies are at layer {layers.pop()}." if len(layers) == 1 and None not in layers else ""
+    masked_offsets = {p.get("masked_offset", 1) for p in points}  # sweeps written before it was recorded: +1
+    which = "masked " + ", ".join(f"{o:+d}" for o in sorted(masked_offsets))
     out = ["## Leakage across training checkpoints", "",
-           f"One line per checkpoint; masked accuracy is the masked +1 probe with its 95% interval.{where}", "",
+           f"One line per checkpoint; masked accuracy is the {which} probe with its 95% interval.{where}", "",
            _table(header, body), "", sweep_sentence(points)]
     if paper and paper.get("sweep"):
         out += ["", f"Paper: {paper['sweep']}."]

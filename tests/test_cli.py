@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from kvprobe.cli import build_parser, main
-from kvprobe.config import ExperimentConfig, load_config, parse_config
+from kvprobe.config import ConfigError, ExperimentConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -204,6 +204,49 @@ def test_custom_study_toml_dry_run(capsys, tmp_path, monkeypatch):
     assert f"total expected size: {2 * per_condition:,} bytes" in out
     assert f"{2 * per_condition:,} bytes" in config.read_text()  # its comment tells the truth
     assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_study_reports_its_paired_difference(capsys, tmp_path):
+    """The custom study asks memento vs keep-last-1: its report answers with a paired difference."""
+    config = EXPERIMENTS / "custom_study.toml"
+    assert load_config(config).comparisons() == (("memento", "keep-last-1"),)
+    out = tmp_path / "custom"
+    code, _, err = cli(capsys, "run", config, "--out", out, "--set", "data.n_samples=300",
+                       "--set", "probe.n_boot=200", "--set", "probe.shuffled_control=false")
+    assert code == 0, err
+    diffs = (out / "report" / "diffs.csv").read_text().splitlines()
+    assert len(diffs) == 1 + 2 * 4  # header + layers x offsets, each memento - keep-last-1
+    summary = (out / "report" / "summary.md").read_text()
+    assert "**memento − keep-last-1**" in summary
+
+
+def test_comparisons_are_checked_and_default_sensibly():
+    base = dict(TINY, conditions={"memento": {}, "restart-hidden": {"restart_mode": True, "mask_delimiters": True},
+                                  "keep1": {"keep_last_n_blocks": 1}})
+    assert parse_config(base).comparisons() == (("memento", "restart-hidden"),)  # the standard pair only
+    chosen = parse_config(dict(base, report={"comparisons": [["keep1", "memento"]]}))
+    assert chosen.comparisons() == (("keep1", "memento"),)
+    with pytest.raises(ConfigError, match=r"report.comparisons.*'nope'.*not in conditions"):
+        parse_config(dict(base, report={"comparisons": [["memento", "nope"]]}))
+    with pytest.raises(ConfigError, match="compares a condition with itself"):
+        parse_config(dict(base, report={"comparisons": [["keep1", "keep1"]]}))
+
+
+def test_sweep_without_plus_one_follows_the_first_masked_offset(capsys, tmp_path):
+    """A sweep over two checkpoints whose offsets skip +1 reports masked +2, not a KeyError."""
+    config = write_config(tmp_path / "sweep.yaml", dict(TINY, sweep={
+        "checkpoints": ["series/step_000950", "final"], "n_samples": 300, "layers": [3], "offsets": [0, 2],
+        "task_samples": 100}))
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "run", config, "--out", out)
+    assert code == 0, err
+    points = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [p["checkpoint"] for p in points] == ["series/step_000950", "final"]
+    assert all(p["masked_offset"] == 2 and 0.1 < p["masked_accuracy"] < p["direct_accuracy"] for p in points)
+    summary = (out / "report" / "summary.md").read_text()
+    assert "masked accuracy is the masked +2 probe" in summary and "Across 2 checkpoints" in summary
+    with pytest.raises(ConfigError, match=r"sweep.offsets.*at least one offset > 0"):
+        parse_config(dict(TINY, sweep={"checkpoints": ["final"], "offsets": [-1, 0]}))
 
 
 # ----------------------------------------------------------------------------- capture, probe, report

@@ -389,3 +389,15 @@ def test_rows_without_strength_render_as_before(grid):
     text = render_summary(grid, [])
     assert "L2 strength" not in text.split("## Appendix")[0]
     assert "| masked +1 | 3 | 26.2% [24.2, 28.2]* | — |" in text.split("## Appendix")[1]
+
+
+def test_constrained_chance_is_each_cells_own(grid, diffs):
+    """Cells of a fixed-digit-sum store are judged against their own baseline, and the report says it."""
+    chance = 0.1117
+    rows = [dataclasses.replace(r, chance=chance, ci_low=0.104, ci_high=0.108) if r.offset < 0 else
+            dataclasses.replace(r, chance=chance) for r in grid]
+    text = render_summary(rows, diffs)
+    assert "chance is per condition: 11.2% (memento" in text
+    n_controls = sum(r.offset < 0 for r in grid)
+    # [10.4, 10.8] contains 10% but lies below the constrained baseline: no control contains chance
+    assert f"in 0 of {n_controls} causal-control cells" in text and "below chance" in text

@@ -161,6 +161,10 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
     if source.n_samples < 1:
         raise ValueError("the sample source is empty")
     get_backend(spec.backend)  # fails now if the backend's package is missing
+    injected = getattr(source, "target_block", None)  # the block the source puts the passcode in
+    if injected is not None and injected != spec.target_block:
+        raise ValueError(f"the source puts the passcode in block {injected} but the capture spec reads offsets "
+                         f"from target block {spec.target_block}: give both the same target_block")
     check = getattr(source, "check", None)
     if callable(check):  # sources that can check every sample up front do so
         check(spec.offsets, spec.sites)

@@ -117,7 +117,9 @@ class SampleBatch:
 
 class SampleSource(Protocol):
     """Deterministic samples for a capture: `samples(start, stop)` always returns the same
-    batch for the same range. `describe()` identifies the source in the store's config."""
+    batch for the same range. `describe()` identifies the source in the store's config.
+    A source with a `target_block` attribute (the block holding the passcode) must agree
+    with the capture spec's; `plan_capture` refuses a mismatch."""
 
     n_samples: int
     special: SpecialTokens

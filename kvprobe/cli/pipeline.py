@@ -28,9 +28,6 @@ from .common import UsageError, check_out_dir, prepare_out_dir, record_timing, s
 
 __all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep", "start_run"]
 
-# pairs compared in the report, when both conditions were captured: (a, b) -> a - b
-COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
-
 
 def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeSettings:
     p = cfg.probe
@@ -106,12 +103,13 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
         apply_holm(grid.rows)
         row: dict[str, Any] = {"checkpoint": name, "step": meta.get("step"),
                                "task_accuracy": task_accuracy(model, n=cfg.sweep.task_samples)}
+        masked = cfg.sweep.masked_offset()
         for r in grid.rows:
-            tag = {-1: "control", 0: "direct", 1: "masked"}.get(r.offset, f"offset{r.offset:+d}")
+            tag = {-1: "control", 0: "direct", masked: "masked"}.get(r.offset, f"offset{r.offset:+d}")
             if r.layer == max(cfg.sweep.layers):
                 row[f"{tag}_accuracy"] = r.accuracy
                 row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
-        row["layer"] = max(cfg.sweep.layers)
+        row["layer"], row["masked_offset"] = max(cfg.sweep.layers), masked
         rows.append(row)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(rows, indent=1))
@@ -125,7 +123,7 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
     rows = [r for g in grids.values() for r in g.rows]
     apply_holm(rows)
     diffs = []
-    for a, b in COMPARISONS:
+    for a, b in cfg.comparisons():
         if a in grids and b in grids:
             diffs.extend(compare(grids[a], grids[b], n_boot=cfg.probe.n_boot))
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
