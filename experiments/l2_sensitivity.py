@@ -20,7 +20,7 @@ import torch
 import toy_models
 from kvprobe.analysis import ProbeSettings, sensitivity_curves
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.figures import l2_sensitivity, save_figure
+from kvprobe.reporting.figures import l2_sensitivity, save_figure
 from kvprobe.store import KVStore
 from toy_models.source import ToyPasscodeSource
 

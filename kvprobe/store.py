@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -276,9 +276,3 @@ class KVStore:
         if layer not in self.layers:
             raise StoreError(f"{self.path}: layer {layer} was not captured (layers {self.layers})")
         return self._file[key.path][:, self.layers.index(layer)].astype(dtype)
-
-    def iter_features(self, **kw: Any) -> Iterator[tuple[int, FeatureKey, np.ndarray]]:
-        """Every (layer, key, matrix) in the store, one at a time."""
-        for key in self.keys:
-            for layer in self.layers:
-                yield layer, key, self.features(layer, key.offset, key.site, key.pooling, **kw)

@@ -45,7 +45,7 @@ import toy_models
 from kvprobe import figures
 from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
 from kvprobe.capture import CaptureSpec, plan_capture, run_capture
-from kvprobe.cli.pipeline import leakage_table
+from kvprobe.experiment import leakage_table
 from kvprobe.layout import parse_layout
 from kvprobe.masks import MaskConfig, allow_matrix
 from kvprobe.store import KVStore

@@ -157,7 +157,7 @@ def test_resume_refuses_another_model_or_config(model, tmp_path):
         ({"layers": (-1,)}, {}, "layer -1 out of range"),
         ({"offsets": (0, 9)}, {}, r"offset \+9 .*block 10 does not exist: the sequence has 10 blocks"),
         ({"offsets": (-2,)}, {}, r"offset -2 .*block -1 does not exist"),
-        ({"target_block": 10, "offsets": (0,)}, {}, "block 10 does not exist"),
+        ({"target_block": 9, "offsets": (1,)}, {"target_block": 9}, "block 10 does not exist"),
         ({"backend": "nope"}, {}, "capture spec field 'backend'"),
         ({"pooling": ("max",)}, {}, "capture spec field 'pooling'"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
@@ -125,6 +126,14 @@ def test_help_exits_0_and_shows_examples(capsys, command):
     assert "\nexamples:\n" in out
     examples = out.split("\nexamples:\n", 1)[1]
     assert f"kvprobe {' '.join(command)}" in examples, examples
+
+
+def test_version(capsys):
+    import kvprobe
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"kvprobe {kvprobe.__version__}"
+    assert kvprobe.__version__ == importlib.metadata.version("kvprobe")  # one version: the package's
 
 
 def test_top_level_help_lists_every_subcommand(capsys):

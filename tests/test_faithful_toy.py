@@ -224,7 +224,7 @@ def test_the_former_toy_is_kept_as_a_named_contrast():
 
 
 def test_config_fields_make_the_text_controlled_source():
-    from kvprobe.cli.resolve import make_source
+    from kvprobe.experiment import make_source
     from kvprobe.config import ConfigError, parse_config
 
     cfg = parse_config({"data": {"kind": "toy", "n_samples": 100, "digit_sum": 22, "shared_background": True}})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvprobe.analysis import CellResult, DiffResult, apply_holm
-from kvprobe.figures import (
+from kvprobe.reporting.figures import (
     accuracy_by_distance,
     accuracy_by_layer,
     accuracy_heatmap,
@@ -18,7 +18,7 @@ from kvprobe.figures import (
     leakage_vs_training,
     save_all,
 )
-from kvprobe.report import (
+from kvprobe.reporting import (
     PAPER_TOY,
     interval_verdict,
     render_summary,

@@ -25,9 +25,9 @@ import yaml
 from accelerate import dispatch_model
 
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.cli import capture as cli_capture
+from kvprobe.experiment import capture as experiment_capture
 from kvprobe.cli import main
-from kvprobe.cli.resolve import process_device
+from kvprobe.experiment import process_device
 from kvprobe.config import ConfigError, parse_config
 from kvprobe.forward import input_device
 from kvprobe.generate import generate_with_compaction
@@ -161,8 +161,8 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
     # of 300 KB leaves the decoder layers and the LM head offloaded to disk (weights on "meta")
     spread = tmp_path / "spread"
     config = _real_model_config(tmp_path, checkpoint, device_map="auto", max_memory={"cpu": "300KB"})
-    loaded, real_load = [], cli_capture.load_model
-    monkeypatch.setattr(cli_capture, "load_model", lambda section: loaded.append(real_load(section)) or loaded[-1])
+    loaded, real_load = [], experiment_capture.load_model
+    monkeypatch.setattr(experiment_capture, "load_model", lambda section: loaded.append(real_load(section)) or loaded[-1])
     assert main(["--threads", "1", "capture", "--config", str(config), "--out", str(spread)]) == 0
     offloaded = [n for n, p in loaded[0].named_parameters() if p.device.type == "meta"]
     assert "lm_head.weight" in offloaded and any(n.startswith("model.layers.1.") for n in offloaded), offloaded

@@ -3,7 +3,7 @@
     import toy_models
     model = toy_models.load()                       # final checkpoint, eval mode
     batch = toy_models.data.generate(1000, seed=1)  # (1000, 122) token ids + digits
-    toy_models.task.task_accuracy(model)            # >= 0.95 on held-out sequences
+    toy_models.task.task_accuracy(model)            # 0.86 on held-out sequences (the shipped `final`)
 
 See docs/toy.md for the task, the training run and how to reproduce it.
 """

@@ -3,7 +3,7 @@ backends (transformers, TransformerLens, nnsight), into an HDF5 store."""
 
 from .backends import get_backend
 from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
-from .sites import gather_positions, parse_site, site_name
+from .sites import gather_positions
 from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
 
 __all__ = [
@@ -15,9 +15,7 @@ __all__ = [
     "get_backend",
     "model_dims",
     "model_identity",
-    "parse_site",
     "plan_capture",
     "run_capture",
-    "site_name",
     "site_positions",
 ]

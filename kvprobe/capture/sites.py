@@ -1,39 +1,20 @@
-"""Canonical names of the values kvprobe captures, and shared tensor helpers.
+"""Shared capture helpers: position gathering, layer checks, per-architecture tables.
 
-Hook-point names follow TransformerLens conventions, one scheme for every backend:
-
-    blocks.{l}.attn.k   keys of layer l as the KV cache holds them: after any key norm
-                        and after RoPE; (B, n_kv_heads, T, d_head)
-    blocks.{l}.attn.v   values of layer l; (B, n_kv_heads, T, d_head)
-
-Each backend module maps these names to where the values live in its framework.
+What is read has one name everywhere (`CaptureSpec.kinds`): "k", the keys of a layer
+as the KV cache holds them (after any key norm and after RoPE), and "v", its values,
+each (B, n_kv_heads, T, d_head). Each backend's per-architecture table says where
+those live in its framework (docs/backends.md); kvprobe defines no hook-point names of
+its own (in TransformerLens's bridge `blocks.{l}.attn.k` is the pre-RoPE projection,
+not the cached key).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence, TypeVar
 
 import torch
 
-__all__ = ["SITE_RE", "architecture_entry", "check_layers", "gather_positions", "parse_site", "site_name"]
-
-SITE_RE = re.compile(r"^blocks\.(\d+)\.attn\.([kv])$")
-
-
-def site_name(layer: int, kind: str) -> str:
-    """'blocks.{layer}.attn.{kind}' for kind in 'k', 'v'."""
-    if kind not in ("k", "v"):
-        raise ValueError(f"site kind must be 'k' or 'v', got {kind!r}")
-    return f"blocks.{layer}.attn.{kind}"
-
-
-def parse_site(name: str) -> tuple[int, str]:
-    """'blocks.3.attn.k' -> (3, 'k')."""
-    m = SITE_RE.match(name)
-    if not m:
-        raise ValueError(f"not a kvprobe site name: {name!r} (expected 'blocks.{{l}}.attn.k' or '.v')")
-    return int(m.group(1)), m.group(2)
+__all__ = ["architecture_entry", "check_layers", "gather_positions"]
 
 
 def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure KV-cache leakage in block-masked (Memento) transformers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvprobe {__version__}")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

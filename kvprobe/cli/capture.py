@@ -5,65 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..capture import CapturePlan, plan_capture, run_capture
-from ..config import ConfigError, ExperimentConfig
-from ..store import StoreError
-from .common import UsageError, add_parser, check_out_dir, experiment_config, prepare_out_dir, store_dir
-from .resolve import load_model, make_source
-
-
-@dataclass
-class Plans:
-    """A validated capture: the model, the samples, and one plan per condition."""
-
-    model: Any
-    source: Any
-    plans: dict[str, CapturePlan]
-
-    def summary(self) -> str:
-        total = sum(p.estimate_bytes() for p in self.plans.values())
-        parts = [f"[{cond}]\n{plan.summary()}\n" for cond, plan in self.plans.items()]
-        parts.append(f"total expected size: {total:,} bytes ({total / 1e9:.3f} GB) for {len(self.plans)} condition(s)")
-        return "\n".join(parts)
-
-
-def plan_all(cfg: ExperimentConfig) -> Plans:
-    """Load the model and samples and validate every condition's capture; writes nothing."""
-    model = load_model(cfg.model)
-    source = make_source(cfg)
-    plans = {}
-    for cond in cfg.conditions:
-        try:
-            plans[cond] = plan_capture(model, source, cfg.capture_spec(cond))
-        except ValueError as e:
-            raise UsageError(f"capture: {e}") from None
-    return Plans(model, source, plans)
-
-
-def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, progress: bool = True,
-                rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Capture every condition of `cfg` under out/stores/ (complete stores are skipped on resume)."""
-    paths = []
-    for cond, plan in plans.plans.items():
-        path = store_dir(out, cond)
-        store_mode = mode
-        if mode == "resume" and not path.exists():
-            store_mode = "create"
-        if mode == "resume" and (path / "kvstore.h5").exists():
-            print(f"[{cond}] store complete, skipping")
-            paths.append(path)
-            continue
-        try:
-            run_capture(plans.model, plans.source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
-                        progress=progress, rank=rank, world_size=world_size)
-        except StoreError as e:
-            raise UsageError(str(e)) from None
-        paths.append(path)
-    return paths
+from ..config import ConfigError
+from ..experiment import capture_all, check_out_dir, plan_all, prepare_out_dir
+from .common import UsageError, add_parser, experiment_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,4 +76,4 @@ def add_config_args(p: argparse.ArgumentParser, with_config: bool = True) -> Non
     g.add_argument("--overwrite", action="store_true", help="delete OUT first")
 
 
-__all__ = ["Plans", "add_config_args", "capture_all", "plan_all", "register", "ConfigError"]
+__all__ = ["add_config_args", "register", "ConfigError"]

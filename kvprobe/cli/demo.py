@@ -10,7 +10,7 @@ import yaml
 
 from ..config import parse_config
 from .common import UsageError, add_parser
-from .pipeline import leakage_table, run_pipeline, start_run
+from ..experiment import leakage_table, run_pipeline, start_run
 
 __all__ = ["DEMO_CONFIG", "register"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..config import ExperimentConfig, parse_config
 from .capture import add_config_args
-from .common import UsageError, add_parser, experiment_config, record_timing
-from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
+from ..experiment import leakage_table, record_timing, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
+from .common import UsageError, add_parser, experiment_config
 
 __all__ = ["register"]
 

@@ -20,14 +20,6 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .report import (
-    CHANCE,
-    condition_order,
-    offset_label,
-    probe_order,
-    sweep_points,
-)
-
 from .plotting import (  # noqa: F401  (colours are part of this module's interface)
     CHANCE_LABEL,
     CONDITION_COLORS,
@@ -48,9 +40,16 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     _resolve,
     _select,
 )
+from .sweep import sweep_points
+from .words import (
+    CHANCE,
+    condition_order,
+    offset_label,
+    probe_order,
+)
 
 if TYPE_CHECKING:
-    from .analysis import CellResult, DiffResult, SensitivityCurve
+    from ..analysis import CellResult, DiffResult, SensitivityCurve
 
 __all__ = [
     "accuracy_by_distance",

@@ -13,10 +13,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .report import CHANCE, primary_condition, primary_site
+from .words import CHANCE, primary_condition, primary_site
 
 if TYPE_CHECKING:
-    from .analysis import CellResult
+    from ..analysis import CellResult
 
 ROLE_STYLE: dict[int, tuple[str, str]] = {-1: ("#7f7f7f", "s"), 0: ("#1f77b4", "o"), 1: ("#d62728", "^")}
 CONDITION_COLORS = {"memento": "#d62728", "restart": "#ff7f0e", "restart-hidden": "#2ca02c"}

@@ -1,14 +1,15 @@
-"""The experiment pipeline behind `kvprobe run`, `probe`, `report` and `demo`.
+"""The experiment pipeline: capture -> probe -> sweep -> report, from one config.
 
-An experiment directory holds every stage's output, so an interrupted run resumes
-at the first unfinished piece:
+`kvprobe run`, `probe`, `report` and `demo` are thin commands over these functions, and
+a study in Python calls them the same way:
 
-    OUT/config.json            resolved config, seed, versions (written first)
-    OUT/stores/CONDITION/      KV stores (resumable shard by shard)
-    OUT/probes/CONDITION.json  probe results per cell (+ .npz per-sample scores)
-    OUT/sweep/sweep.json       leakage across training checkpoints (toy)
-    OUT/report/                results.json/csv, summary.md, figures (PNG + PDF)
-    OUT/timings.json           wall time of each stage
+    cfg = load_config("experiments/toy_reproduction.yaml")
+    out, plans = start_run(cfg, Path("runs/repro"), resume=False, overwrite=False)
+    grids = run_pipeline(cfg, out, plans, resume=False)
+    print(leakage_table(grids))
+
+An experiment directory (`rundir`) holds every stage's output, so an interrupted run
+resumes at the first unfinished piece.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from ..config import ExperimentConfig
 from ..probes import LinearConfig, MLPConfig
 from ..store import KVStore, StoreError
 from .capture import Plans, capture_all, plan_all
-from .common import UsageError, check_out_dir, prepare_out_dir, record_timing, store_dir
+from .errors import ExperimentError
+from .kinds import model_kind
+from .resolve import load_model, make_source
+from .rundir import check_out_dir, prepare_out_dir, record_timing, store_dir
 
 __all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep", "start_run"]
 
@@ -54,12 +58,12 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
         try:
             store = KVStore(store_dir(out, cond))
         except StoreError as e:
-            raise UsageError(f"{e} (run `kvprobe capture` first)") from None
+            raise ExperimentError(f"{e} (run `kvprobe capture` first)") from None
         with store:
             try:
                 parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress) for kind in cfg.probe.kinds]
             except ValueError as e:
-                raise UsageError(f"probe: {e}") from None
+                raise ExperimentError(f"probe: {e}") from None
         grids[cond] = merge_grids(parts)
         save_grid(grids[cond], path)
     return grids
@@ -69,14 +73,12 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
     """Capture and linearly probe each sweep checkpoint; finished checkpoints are read back."""
     if not cfg.sweep.checkpoints:
         return []
-    if cfg.model.kind != "toy":
-        raise UsageError("sweep.checkpoints: the checkpoint sweep is for the toy model (model.kind: toy)")
-    import toy_models
-    from toy_models.task import task_accuracy
-
+    kind = model_kind(cfg.model.kind)
+    if kind.checkpoint_step is None or kind.task_accuracy is None or kind.make_source is None:
+        raise ExperimentError(f"sweep.checkpoints: model kind {kind.name!r} has no checkpoint series to sweep "
+                              "(the toy has: model.kind: toy)")
     from ..capture import run_capture
     from ..capture.spec import CaptureSpec
-    from toy_models.source import ToyPasscodeSource
 
     sweep_dir = out / "sweep"
     results_file = sweep_dir / "sweep.json"
@@ -90,19 +92,18 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
             rows.append(done[name])
             continue
         try:
-            model = toy_models.load(name).to(cfg.model.device)
-        except FileNotFoundError as e:
-            raise UsageError(f"sweep.checkpoints: {e}") from None
-        meta = toy_models.read_meta(name)
-        source = ToyPasscodeSource(cfg.sweep.n_samples, seed=cfg.seed, target_block=cfg.data.target_block)
+            model = load_model(cfg.model.model_copy(update={"checkpoint": name}))
+        except ExperimentError as e:
+            raise ExperimentError(f"sweep.checkpoints: {str(e).removeprefix('model.checkpoint: ')}") from None
+        source = make_source(cfg, cfg.sweep.n_samples)
         store_path = sweep_dir / name.replace("/", "_")
         run_capture(model, source, spec, store_path, mode="resume" if store_path.exists() else "create",
                     model_name=name, progress=progress)
         with KVStore(store_path) as store:
             grid = probe_store(store, name, settings, progress=False)
         apply_holm(grid.rows)
-        row: dict[str, Any] = {"checkpoint": name, "step": meta.get("step"),
-                               "task_accuracy": task_accuracy(model, n=cfg.sweep.task_samples)}
+        row: dict[str, Any] = {"checkpoint": name, "step": kind.checkpoint_step(name),
+                               "task_accuracy": kind.task_accuracy(model, cfg.sweep.task_samples)}
         masked = cfg.sweep.masked_offset()
         for r in grid.rows:
             tag = {-1: "control", 0: "direct", masked: "masked"}.get(r.offset, f"offset{r.offset:+d}")
@@ -118,7 +119,7 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
 
 def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[dict]) -> list[Path]:
     """Tables and figures from probe results; always rewritten (cheap)."""
-    from .. import report
+    from .. import reporting as report
 
     rows = [r for g in grids.values() for r in g.rows]
     apply_holm(rows)

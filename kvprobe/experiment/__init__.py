@@ -1,0 +1,37 @@
+"""The experiment layer: one config run through capture -> probe -> sweep -> report.
+
+`config` (in `kvprobe.config`) declares a study; `resolve` turns it into a model and
+samples through the model-kind table (`kinds`); `capture` plans and captures every
+condition; `pipeline` runs the stages; `rundir` keeps the experiment directory. The
+`kvprobe` command is a thin layer over this package, and a study in Python uses it the
+same way. Bad input raises `ExperimentError` (the command's exit code 2).
+"""
+
+from .capture import Plans, capture_all, plan_all
+from .errors import ExperimentError
+from .kinds import ModelKind, model_kind
+from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
+from .resolve import load_model, make_source, process_device
+from .rundir import check_out_dir, prepare_out_dir, record_timing, store_dir
+
+__all__ = [
+    "ExperimentError",
+    "ModelKind",
+    "Plans",
+    "capture_all",
+    "check_out_dir",
+    "leakage_table",
+    "load_model",
+    "make_source",
+    "model_kind",
+    "plan_all",
+    "prepare_out_dir",
+    "process_device",
+    "record_timing",
+    "run_pipeline",
+    "stage_probe",
+    "stage_report",
+    "stage_sweep",
+    "start_run",
+    "store_dir",
+]

@@ -1,0 +1,66 @@
+"""Plan and capture every condition of an experiment (all inputs are checked before anything is written)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..capture import CapturePlan, plan_capture, run_capture
+from ..config import ExperimentConfig
+from ..store import StoreError
+from .errors import ExperimentError
+from .resolve import load_model, make_source
+from .rundir import store_dir
+
+__all__ = ["Plans", "capture_all", "plan_all"]
+
+
+@dataclass
+class Plans:
+    """A validated capture: the model, the samples, and one plan per condition."""
+
+    model: Any
+    source: Any
+    plans: dict[str, CapturePlan]
+
+    def summary(self) -> str:
+        total = sum(p.estimate_bytes() for p in self.plans.values())
+        parts = [f"[{cond}]\n{plan.summary()}\n" for cond, plan in self.plans.items()]
+        parts.append(f"total expected size: {total:,} bytes ({total / 1e9:.3f} GB) for {len(self.plans)} condition(s)")
+        return "\n".join(parts)
+
+
+def plan_all(cfg: ExperimentConfig) -> Plans:
+    """Load the model and samples and validate every condition's capture; writes nothing."""
+    model = load_model(cfg.model)
+    source = make_source(cfg)
+    plans = {}
+    for cond in cfg.conditions:
+        try:
+            plans[cond] = plan_capture(model, source, cfg.capture_spec(cond))
+        except ValueError as e:
+            raise ExperimentError(f"capture: {e}") from None
+    return Plans(model, source, plans)
+
+
+def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, progress: bool = True,
+                rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Capture every condition of `cfg` under out/stores/ (complete stores are skipped on resume)."""
+    paths = []
+    for cond, plan in plans.plans.items():
+        path = store_dir(out, cond)
+        store_mode = mode
+        if mode == "resume" and not path.exists():
+            store_mode = "create"
+        if mode == "resume" and (path / "kvstore.h5").exists():
+            print(f"[{cond}] store complete, skipping")
+            paths.append(path)
+            continue
+        try:
+            run_capture(plans.model, plans.source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
+                        progress=progress, rank=rank, world_size=world_size)
+        except StoreError as e:
+            raise ExperimentError(str(e)) from None
+        paths.append(path)
+    return paths

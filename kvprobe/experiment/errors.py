@@ -1,0 +1,12 @@
+"""The one error an experiment raises for bad input."""
+
+from __future__ import annotations
+
+__all__ = ["ExperimentError"]
+
+
+class ExperimentError(ValueError):
+    """Bad input to an experiment (a config field, a file, a run directory), in one line.
+
+    The `kvprobe` command prints it and exits 2; library users catch it like any ValueError.
+    """

@@ -1,0 +1,79 @@
+"""Turn config sections into live objects: the model and the sample source.
+
+Models come from the kind table (`kinds.model_kind`): `hf` is built in, the toy is a
+plugin, so nothing here imports `toy_models`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..capture.spec import SampleSource
+from ..config import ExperimentConfig, ModelSection
+from .errors import ExperimentError
+from .kinds import model_kind
+
+__all__ = ["load_model", "make_source", "process_device"]
+
+
+def process_device(device: str, env: Mapping[str, str] = os.environ) -> str:
+    """The device this process uses: a bare "cuda" becomes "cuda:$LOCAL_RANK" under a
+    launcher (torchrun, accelerate) that starts several processes, so each rank has its GPU."""
+    if device == "cuda" and int(env.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
+
+
+def load_model(section: ModelSection) -> Any:
+    """The model a config names, in eval mode, on its device and dtype (or spread by its device map)."""
+    if section.device.startswith("cuda") and not section.device_map and not torch.cuda.is_available():
+        raise ExperimentError(f"model.device {section.device!r}: CUDA is not available on this machine")
+    kind = model_kind(section.kind)
+    try:
+        model = kind.load(section)
+    except FileNotFoundError as e:
+        raise ExperimentError(f"model.checkpoint: {e}") from None
+    except OSError as e:
+        raise ExperimentError(f"model.checkpoint: cannot load {section.checkpoint!r}: {str(e).splitlines()[0]}") from None
+    if section.device_map:
+        return model
+    return model.to(device=process_device(section.device), dtype=getattr(torch, section.dtype)).eval()
+
+
+def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSource:
+    """The passcode samples a config asks for (`n_samples` overrides data.n_samples, e.g. for a sweep)."""
+    data = cfg.data
+    n = data.n_samples if n_samples is None else n_samples
+    if data.kind != "traces":  # a kind's own samples: data.kind names a model kind
+        if cfg.model.kind != data.kind:
+            raise ExperimentError(f"data.kind: {data.kind!r} samples need model.kind {data.kind!r}")
+        kind = model_kind(data.kind)
+        if kind.make_source is None:
+            raise ExperimentError(f"data.kind: model kind {data.kind!r} makes no samples of its own; use traces")
+        try:
+            return kind.make_source(cfg, n)
+        except ValueError as e:
+            raise ExperimentError(f"data: {e}") from None
+    from transformers import AutoTokenizer
+
+    from ..trace_source import TracePasscodeSource
+    from ..traces import read_generated, read_jsonl
+
+    if not data.traces:
+        raise ExperimentError("data.traces: a traces file is needed when data.kind is 'traces'")
+    if not Path(data.traces).is_file():
+        raise ExperimentError(f"data.traces: no such file {data.traces!r}")
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or cfg.model.checkpoint)
+    try:
+        path = Path(data.traces)
+        traces = read_jsonl(path) if path.suffix == ".jsonl" else [read_generated(path)]
+        return TracePasscodeSource(
+            traces, tokenizer, n, seed=cfg.seed,
+            target_block=data.target_block, template=data.template, where=data.where, offsets=cfg.capture.offsets,
+        )
+    except ValueError as e:
+        raise ExperimentError(f"data: {e}") from None
