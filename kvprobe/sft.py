@@ -36,19 +36,17 @@ than flash attention. Long traces therefore want batch size 1 with gradient accu
 
 Launch (one GPU, or DDP/FSDP through torchrun/accelerate; `Trainer` does the rest):
 
-    python -m kvprobe.sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft
-    torchrun --nproc-per-node 8 -m kvprobe.sft --model ... --traces ... --output-dir ...
-    accelerate launch --config_file fsdp.yaml -m kvprobe.sft --model ... --traces ... --output-dir ...
+    kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft
+    torchrun --nproc-per-node 8 -m kvprobe sft --model ... --traces ... --output-dir ...
+    accelerate launch --config_file fsdp.yaml -m kvprobe sft --model ... --traces ... --output-dir ...
 
 See docs/real_models.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -56,17 +54,15 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .config import key_value_arg
 from .forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
 from .layout import Layout, SpecialTokens, parse_layout
 from .masks import MaskConfig
-from .traces import Trace, TraceError, add_memento_tokens, read_jsonl, tokenize_trace
+from .traces import Trace, TraceError, add_memento_tokens, tokenize_trace
 
 __all__ = [
     "QWEN3_CHAT_TEMPLATE",
     "MementoCollator",
     "StageResult",
-    "main",
     "select_traces",
     "stage_attn_implementation",
     "train_stage",
@@ -357,60 +353,3 @@ def two_stage_sft(
     second = train_stage(model, tokenizer, traces if traces_stage2 is None else traces_stage2, 2,
                          output_dir / "stage2", mask=mask, **{**common, **(stage2 or {})})
     return first, second
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvprobe.sft``: load a checkpoint, add the markers, run stage 1, 2 or both."""
-    p = argparse.ArgumentParser(prog="python -m kvprobe.sft", description="Two-stage Memento SFT (Trainer).")
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
-    p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.traces.read_jsonl)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
-    p.add_argument("--max-length", type=int, default=32768, help="drop longer traces")
-    p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
-                   help="wrap prompts in Qwen3's chat format (default) or not")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=1, help="per device")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--keep-last-n-blocks", type=int, default=0)
-    p.add_argument("--mask-delimiters", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--training-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra TrainingArguments field (JSON value or string), repeatable")
-    args = p.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    first_stage = int(args.stages[0])
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                 attn_implementation=stage_attn_implementation(first_stage))
-    add_memento_tokens(tokenizer, model)
-    traces = read_jsonl(args.traces)
-    mask = MaskConfig(keep_last_n_blocks=args.keep_last_n_blocks, mask_delimiters=args.mask_delimiters)
-    common = dict(mask=mask, max_length=args.max_length,
-                  prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
-                  learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
-                  per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                  gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, **dict(args.training_arg))
-    out = Path(args.output_dir)
-    for stage in map(int, args.stages):
-        result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
-                             **common)
-        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-        if result.trainer.is_world_process_zero():
-            print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
-                  f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
-                  f"model in {result.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -73,3 +73,9 @@ def test_library_never_imports_the_cli_or_the_toy():
     bad = {m: sorted(o for o in out if o.startswith("kvprobe.cli") or o == "toy_models")
            for m, out in import_graph().items() if not m.startswith("kvprobe.cli") and m not in entry}
     assert {m: o for m, o in bad.items() if o} == {}
+
+
+def test_no_library_file_over_500_lines():
+    long = {str(f.relative_to(ROOT.parent)): n for f in ROOT.rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}

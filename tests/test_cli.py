@@ -107,7 +107,8 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -
 # ----------------------------------------------------------------------------- --help
 
 ALL_SUBCOMMANDS = [("demo",), ("layout",), ("toy",), ("toy", "train"), ("toy", "eval"), ("capture",), ("run",),
-                   ("probe",), ("report",)]
+                   ("probe",), ("report",), ("serve",), ("generate",), ("generate-offline",), ("export-traces",),
+                   ("sft",)]
 
 
 def test_every_subcommand_is_covered():

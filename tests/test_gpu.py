@@ -217,7 +217,7 @@ def test_two_stage_sft_on_cuda_in_bf16(tmp_path):
 
 def test_vllm_offline_engine_writes_resumable_trace_records(tmp_path):
     pytest.importorskip("vllm", reason="vLLM with the Memento overlay is not installed")
-    from kvprobe.serve_client import Prompt, completed_ids, generate_offline
+    from kvprobe.serving import Prompt, completed_ids, generate_offline
 
     tok = build_tokenizer()
     ckpt = tmp_path / "ckpt"

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import pytest
 
 from kvprobe.masks import MaskConfig
-from kvprobe.serve_client import (
+from kvprobe.cli import main
+from kvprobe.serving import (
     ClientConfig,
     Generation,
     Prompt,
@@ -30,7 +31,6 @@ from kvprobe.serve_client import (
     export_pipeline_jsonl,
     generate_offline,
     generate_traces,
-    main,
     prompt_seed,
     read_generations,
     read_prompts,
@@ -391,11 +391,22 @@ def test_command_line(server, tmp_path, capsys):
     gen, traces = tmp_path / "gen.jsonl", tmp_path / "traces.jsonl"
     assert main(["generate", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(gen), "--base-url",
                  srv.base_url, "--no-progress", "--max-attempts", "2"]) == 0
-    assert main(["export", "--generations", str(gen), "--out", str(traces), "--min-blocks", "2"]) == 0
+    assert main(["export-traces", "--generations", str(gen), "--out", str(traces), "--min-blocks", "2"]) == 0
     assert [t.trace_id for t in read_jsonl(traces)] == ["p0", "p1"]
-    assert main(["serve-command", "--model-path", "/m", "--restart-mode"]) == 0
+    assert main(["serve", "--model-path", "/m", "--restart-mode", "--print"]) == 0
     assert '"restart_mode": true' in capsys.readouterr().out
     assert main(["generate", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(gen)]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_serve_without_vllm_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    import kvprobe.cli.serve as serve_cli
+
+    monkeypatch.setattr(serve_cli, "find_spec", lambda name: None)
+    assert main(["serve", "--model-path", "/m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vLLM is not installed" in err[0] and "--print" in err[0]
 
 
 # ----------------------------------------------------------------------------- offline vLLM

@@ -16,6 +16,7 @@ from test_traces import PIPELINE, build_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import kvprobe.sft as sft
+from kvprobe.cli import main as cli_main
 from kvprobe.forward import masked_forward
 from kvprobe.layout import SpecialTokens, parse_layout
 from kvprobe.masks import MaskConfig, allow_matrix
@@ -193,7 +194,7 @@ def test_command_line_with_gradient_checkpointing_and_length_filter(tok, tmp_pat
     ckpt = tmp_path / "ckpt"
     tiny_model(len(tok)).save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
-    code = sft.main(["--model", str(ckpt), "--traces", str(PIPELINE), "--output-dir", str(tmp_path / "out"),
+    code = cli_main(["sft", "--model", str(ckpt), "--traces", str(PIPELINE), "--output-dir", str(tmp_path / "out"),
                      "--dtype", "float32", "--max-steps", "2", "--grad-accum", "1", "--max-length", "1000",
                      "--gradient-checkpointing", "--training-arg", "disable_tqdm=true"])
     assert code == 0

@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import capture, demo, layout, run, toy
+from . import capture, demo, layout, run, serve, sft, toy
 from .common import UsageError
 
 # every subcommand module defines register(subparsers); add new ones here
-SUBCOMMAND_MODULES = (demo, layout, toy, capture, run)
+SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, serve, sft)
 
 __all__ = ["main"]
 

@@ -9,8 +9,9 @@ import yaml
 
 from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
 from ..experiment.errors import ExperimentError
+from ..masks import MaskConfig
 
-__all__ = ["UsageError", "add_parser", "experiment_config"]
+__all__ = ["UsageError", "add_mask_args", "add_parser", "experiment_config", "mask_from_args"]
 
 
 UsageError = ExperimentError
@@ -47,3 +48,22 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         return parse_config(apply_overrides({}, overrides), "built-in config")
     except ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+def add_mask_args(p: argparse.ArgumentParser, *, restart: bool = True) -> None:
+    """The mask flags every command shares, named as `MaskConfig`'s fields (SPEC section 2)."""
+    p.add_argument("--keep-last-n-blocks", type=int, default=0,
+                   help="-1 causal, 0 hide every completed block (default, the paper), N keep the last N visible")
+    p.add_argument("--mask-delimiters", action="store_true", help="hide the block delimiters with the content")
+    if restart:
+        p.add_argument("--restart-mode", action="store_true",
+                       help="restart mode: mementos see no block, only the earlier mementos (the ablation)")
+
+
+def mask_from_args(args: argparse.Namespace) -> MaskConfig:
+    """The MaskConfig the mask flags of `add_mask_args` ask for; bad values are bad input (exit 2)."""
+    try:
+        return MaskConfig(keep_last_n_blocks=args.keep_last_n_blocks, mask_delimiters=args.mask_delimiters,
+                          restart_mode=getattr(args, "restart_mode", False))
+    except ValueError as e:
+        raise UsageError(f"mask flags: {e}") from None

@@ -6,7 +6,7 @@ import argparse
 
 from ..layout import LayoutError, SpecialTokens, parse_layout
 from ..masks import MaskConfig, allow_matrix
-from .common import UsageError, add_parser
+from .common import UsageError, add_mask_args, add_parser, mask_from_args
 
 # a small example in the Memento token format; specials are written as their text
 EXAMPLE = (
@@ -51,7 +51,7 @@ def render(text: str, config: MaskConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.keep_last_n_blocks < -1:
         raise UsageError(f"--keep-last-n-blocks must be >= -1, got {args.keep_last_n_blocks}")
-    config = MaskConfig(args.keep_last_n_blocks, args.mask_delimiters, args.restart)
+    config = mask_from_args(args)
     print(render(args.sequence, config))
     return 0
 
@@ -65,7 +65,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  kvprobe layout --sequence '<think> <|block_start|> a <|block_end|> <|summary_start|> s <|summary_end|>'",
     )
     p.add_argument("--sequence", default=EXAMPLE, help="whitespace-separated tokens (specials as text)")
-    p.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 causal, 0 hide all completed blocks, N keep N")
-    p.add_argument("--mask-delimiters", action="store_true", help="hide block delimiters with the content")
-    p.add_argument("--restart", action="store_true", help="restart mode: mementos cannot see any block")
+    add_mask_args(p)
     p.set_defaults(func=run)

@@ -1,0 +1,139 @@
+"""`kvprobe serve`, `generate`, `generate-offline`, `export-traces`: traces from a Memento model.
+
+Thin commands over `kvprobe.serving` (docs/real_models.md): serve a checkpoint with the
+Memento vLLM fork, generate traces from the server (or in-process), and export the
+parsed traces as the pipeline JSONL that `kvprobe capture` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from importlib.util import find_spec
+from collections.abc import Callable
+from typing import Any
+
+from ..config import key_value_arg
+from ..serving import (
+    ClientConfig,
+    ServeError,
+    export_pipeline_jsonl,
+    generate_offline,
+    generate_traces,
+    read_prompts,
+    serve_command,
+)
+from .common import UsageError, add_mask_args, add_parser, mask_from_args
+
+__all__ = ["register"]
+
+
+def _bad_input(work: Callable[[], Any]) -> Any:
+    """Run `work`; a failed request, a bad file or a missing package is bad input (exit 2)."""
+    try:
+        return work()
+    except (ServeError, ValueError, OSError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    argv = _bad_input(lambda: serve_command(args.model_path, mask_from_args(args), port=args.port,
+                                            max_model_len=args.max_model_len))
+    if args.print:
+        print(shlex.join(argv))
+        return 0
+    if find_spec("vllm") is None:
+        raise UsageError("vLLM is not installed here: install the Memento vLLM fork (pip install 'kvprobe[gpu]' "
+                         "plus the overlay, docs/real_models.md) or use --print for the command")
+    os.execv(argv[0], argv)  # the fork's server takes over this process
+    return 0  # pragma: no cover (execv does not return)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = ClientConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, max_tokens=args.max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          concurrency=args.concurrency, max_attempts=args.max_attempts, api_key=args.api_key)
+    run = _bad_input(lambda: generate_traces(read_prompts(args.prompts), args.out, config,
+                                             progress=not args.no_progress))
+    print(f"{run.generated} generated ({run.parse_errors} with parse errors), {run.skipped} already "
+          f"present, {run.total} prompts; output {args.out}")
+    return 0
+
+
+def _generate_offline(args: argparse.Namespace) -> int:
+    prompts = _bad_input(lambda: read_prompts(args.prompts))
+    new = _bad_input(lambda: generate_offline(
+        prompts, args.model_path, args.out, mask=mask_from_args(args), chat=not args.no_chat,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, max_model_len=args.max_model_len, chunk_size=args.chunk_size,
+        llm_kwargs=dict(args.llm_arg), progress=not args.no_progress))
+    errors = sum(g.trace is None for g in new)
+    print(f"{len(new)} generated ({errors} with parse errors), {len(prompts) - len(new)} already present, "
+          f"{len(prompts)} prompts; output {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    n = _bad_input(lambda: export_pipeline_jsonl(args.generations, args.out, min_blocks=args.min_blocks,
+                                                 require_answer=args.require_answer))
+    print(f"{n} trace(s) written to {args.out}")
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` (served model) and `generate-offline` (vLLM in-process)."""
+    p.add_argument("--prompts", required=True, help="JSONL: prompt_id + prompt per line")
+    p.add_argument("--out", required=True, help="output JSONL (appended; existing prompt ids are skipped)")
+    p.add_argument("--max-tokens", type=int, default=ClientConfig.max_tokens)
+    p.add_argument("--temperature", type=float, default=ClientConfig.temperature)
+    p.add_argument("--top-p", type=float, default=ClientConfig.top_p)
+    p.add_argument("--top-k", type=int, default=ClientConfig.top_k)
+    p.add_argument("--seed", type=int, default=ClientConfig.seed)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = add_parser(sub, "serve", "serve a Memento checkpoint with the Memento vLLM fork under a mask",
+                   "  kvprobe serve --model-path /ckpt/memento-qwen3-8b --print\n"
+                   "  kvprobe serve --model-path /ckpt/memento-qwen3-8b --restart-mode --port 8011")
+    s.add_argument("--model-path", required=True)
+    s.add_argument("--port", type=int, default=8010)
+    s.add_argument("--max-model-len", type=int, default=32768)
+    s.add_argument("--print", action="store_true", help="print the server command instead of running it")
+    add_mask_args(s)
+    s.set_defaults(func=_serve)
+
+    g = add_parser(sub, "generate", "generate traces from a served Memento model (resumable)",
+                   "  kvprobe generate --prompts prompts.jsonl --out runs/gen/generations.jsonl \\\n"
+                   "      --base-url http://127.0.0.1:8010/v1 --model memento --max-tokens 32000 --concurrency 32")
+    _add_generation_args(g)
+    g.add_argument("--base-url", default=ClientConfig.base_url)
+    g.add_argument("--model", default=ClientConfig.model, help="the server's --served-model-name")
+    g.add_argument("--endpoint", choices=("chat", "completions"), default=ClientConfig.endpoint)
+    g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency)
+    g.add_argument("--max-attempts", type=int, default=ClientConfig.max_attempts)
+    g.add_argument("--api-key", default=None)
+    g.set_defaults(func=_generate)
+
+    o = add_parser(sub, "generate-offline", "generate traces in-process with vLLM's offline engine (the fork)",
+                   "  kvprobe generate-offline --prompts prompts.jsonl --out runs/gen/generations.jsonl \\\n"
+                   "      --model-path /ckpt/memento-qwen3-8b --max-tokens 32000 --llm-arg gpu_memory_utilization=0.9")
+    _add_generation_args(o)
+    o.add_argument("--model-path", required=True)
+    o.add_argument("--no-chat", action="store_true", help="send prompts verbatim (no chat template)")
+    o.add_argument("--max-model-len", type=int, default=32768)
+    o.add_argument("--chunk-size", type=int, default=256, help="prompts per engine call (and per append)")
+    o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
+    add_mask_args(o)
+    o.set_defaults(func=_generate_offline)
+
+    e = add_parser(sub, "export-traces", "write the parsed traces as pipeline JSONL (for kvprobe capture)",
+                   "  kvprobe export-traces --generations runs/gen/generations.jsonl --out runs/gen/traces.jsonl "
+                   "--min-blocks 4")
+    e.add_argument("--generations", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--min-blocks", type=int, default=1)
+    e.add_argument("--require-answer", action="store_true")
+    e.set_defaults(func=_export)

@@ -1,0 +1,75 @@
+"""`kvprobe sft`: the two-stage Memento SFT of a base or reasoning model (transformers' Trainer).
+
+A thin command over `kvprobe.sft` (docs/real_models.md): load a checkpoint, add the
+Memento markers, run stage 1 (full attention), stage 2 (memento attention) or both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import key_value_arg
+from .common import UsageError, add_mask_args, add_parser, mask_from_args
+
+__all__ = ["register"]
+
+
+def _sft(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..sft import QWEN3_CHAT_TEMPLATE, stage_attn_implementation, train_stage
+    from ..traces import TraceError, add_memento_tokens, read_jsonl
+
+    mask = mask_from_args(args)
+    first_stage = int(args.stages[0])
+    try:
+        traces = read_jsonl(args.traces)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                     attn_implementation=stage_attn_implementation(first_stage))
+    except (TraceError, OSError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    add_memento_tokens(tokenizer, model)
+    common = dict(mask=mask, max_length=args.max_length,
+                  prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
+                  learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+                  per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                  gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, **dict(args.training_arg))
+    out = Path(args.output_dir)
+    for stage in map(int, args.stages):
+        result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
+                             **common)
+        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+        if result.trainer.is_world_process_zero():
+            print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
+                  f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
+                  f"model in {result.output_dir}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "sft", "two-stage Memento SFT of a base or reasoning model (transformers' Trainer)",
+                   "  kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft\n"
+                   "  accelerate launch -m kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl "
+                   "--output-dir runs/sft --stages 2")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
+    p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.traces.read_jsonl)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
+    p.add_argument("--max-length", type=int, default=32768, help="drop longer traces")
+    p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
+                   help="wrap prompts in Qwen3's chat format (default) or not")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=1, help="per device")
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    add_mask_args(p, restart=False)  # restart mode is an inference-time ablation, not a training mask
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--training-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra TrainingArguments field (JSON value or string), repeatable")
+    p.set_defaults(func=_sft)

@@ -1,0 +1,280 @@
+"""Generate Memento traces from a served model over its OpenAI-compatible API: requests, retries, the run."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import httpx
+from tqdm.auto import tqdm
+
+from ..traces import Trace, TraceError, from_generated_text
+from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids
+
+# status codes worth another try: rate limiting and server-side failures
+_RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))
+
+
+class ServeError(RuntimeError):
+    """A request failed for good: retries exhausted, or a status that is not retried.
+
+    `prompt_id` names the prompt whose request failed.
+    """
+
+    def __init__(self, message: str, prompt_id: str | None = None) -> None:
+        super().__init__(message)
+        self.prompt_id = prompt_id
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach the server and how to sample.
+
+    base_url includes the API version prefix (OpenAI convention): ``http://host:8010/v1``.
+    top_k is a vLLM extension of the OpenAI API (left out of the request when None).
+    extra_body is merged into every request body last (it may override any field, e.g.
+    ``{"stop": [...]}``; overriding ``skip_special_tokens`` defeats the purpose).
+    backoff/max_backoff are seconds; jitter adds up to that fraction of each wait at random.
+    timeout is the read timeout of one request in seconds (long generations take minutes).
+    """
+
+    base_url: str = "http://127.0.0.1:8010/v1"
+    model: str = "memento"
+    endpoint: Literal["chat", "completions"] = "chat"
+    max_tokens: int = 16384
+    temperature: float = 0.6
+    top_p: float | None = 0.95
+    top_k: int | None = 20
+    seed: int | None = 0
+    concurrency: int = 8
+    max_attempts: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    jitter: float = 0.1
+    timeout: float = 3600.0
+    connect_timeout: float = 10.0
+    api_key: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ("chat", "completions"):
+            raise ValueError(f"endpoint must be 'chat' or 'completions', got {self.endpoint!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        for name in ("max_tokens", "concurrency", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
+            raise ValueError("backoff, max_backoff and jitter must be >= 0")
+
+    @property
+    def url(self) -> str:
+        path = "/chat/completions" if self.endpoint == "chat" else "/completions"
+        return self.base_url.rstrip("/") + path
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """What one `generate_traces` call did."""
+
+    total: int  # prompts given
+    skipped: int  # already in the output file before this call
+    generated: int  # written by this call
+    parse_errors: int  # of those, recorded with an error instead of a trace
+
+
+def prompt_seed(seed: int | None, prompt_id: str) -> int | None:
+    """The sampling seed of one prompt: a stable hash of (seed, prompt_id) in [0, 2**31)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31)
+
+
+def request_body(prompt: Prompt, config: ClientConfig) -> dict[str, Any]:
+    """The JSON body of the request for one prompt."""
+    body: dict[str, Any] = {"model": config.model}
+    if config.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        body["prompt"] = prompt.text
+    body.update(max_tokens=config.max_tokens, temperature=config.temperature, n=1, skip_special_tokens=False)
+    if config.top_p is not None:
+        body["top_p"] = config.top_p
+    if config.top_k is not None:
+        body["top_k"] = config.top_k
+    seed = prompt_seed(config.seed, prompt.prompt_id)
+    if seed is not None:
+        body["seed"] = seed
+    body.update(config.extra_body)
+    return body
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: not worth parsing, the backoff applies
+        return None
+
+
+def _post(
+    client: httpx.Client, prompt_id: str, body: dict[str, Any], config: ClientConfig, sleep: Callable[[float], None]
+) -> dict[str, Any]:
+    """POST with bounded retries; the decoded JSON answer, or ServeError naming the prompt."""
+    url = config.url
+    last = "no attempt made"
+    for attempt in range(1, config.max_attempts + 1):
+        wait_at_least = 0.0
+        try:
+            response = client.post(url, json=body)
+        except httpx.TransportError as e:
+            last = f"{type(e).__name__}: {e}"
+        else:
+            if 200 <= response.status_code < 300:
+                try:
+                    return response.json()
+                except ValueError:
+                    raise ServeError(
+                        f"prompt {prompt_id!r}: {url} answered HTTP {response.status_code} with a body that is "
+                        f"not JSON: {response.text[:200]!r}", prompt_id) from None
+            detail = response.text[:300].strip()
+            if response.status_code not in _RETRY_STATUS:
+                hint = " (does base_url end in /v1, and is the model name the server's?)" \
+                    if response.status_code == 404 else ""
+                raise ServeError(
+                    f"prompt {prompt_id!r}: {url} answered HTTP {response.status_code}, not retried{hint}: {detail}",
+                    prompt_id)
+            last = f"HTTP {response.status_code}: {detail}"
+            wait_at_least = _retry_after(response) or 0.0
+        if attempt == config.max_attempts:
+            break
+        delay = max(config.backoff * 2 ** (attempt - 1), wait_at_least)
+        delay = min(delay, config.max_backoff) * (1 + config.jitter * random.random())
+        sleep(delay)
+    raise ServeError(
+        f"prompt {prompt_id!r}: gave up on {url} after {config.max_attempts} attempt(s); last error: {last}",
+        prompt_id)
+
+
+def _completion_text(payload: dict[str, Any], config: ClientConfig, prompt_id: str) -> tuple[str, str | None, Any]:
+    """(text, finish_reason, usage) of an OpenAI-style completion answer.
+
+    Chat answers split by a reasoning parser (``reasoning_content`` or ``reasoning`` beside
+    ``content``) are joined back as ``<think>\\n{reasoning}\\n</think>\\n\\n{content}``.
+    """
+    try:
+        choice = payload["choices"][0]
+        if config.endpoint == "completions":
+            text = choice["text"]
+        else:
+            message = choice["message"]
+            text = message.get("content") or ""
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            if reasoning and "<think>" not in text:
+                text = f"<think>\n{reasoning}\n</think>\n\n{text}"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ServeError(f"prompt {prompt_id!r}: unexpected answer from {config.url}: {str(payload)[:300]}",
+                         prompt_id) from None
+    if not isinstance(text, str):
+        raise ServeError(f"prompt {prompt_id!r}: the answer's text is {type(text).__name__}, not a string", prompt_id)
+    return text, choice.get("finish_reason"), payload.get("usage")
+
+
+def parse_generation(prompt: Prompt, text: str, finish_reason: str | None = None, usage: Any = None) -> Generation:
+    """Parse a generated text into a `Generation`: the trace, or the parse error (never raises TraceError).
+
+    The trace's id is the prompt id and its prompt `Prompt.problem` (default: the text sent).
+    """
+    try:
+        parsed = from_generated_text(text, prompt.prompt_id)
+        trace = Trace(prompt.prompt_id, prompt.trace_prompt, parsed.blocks, parsed.summaries, parsed.answer)
+    except TraceError as e:
+        why = f" (finish_reason {finish_reason!r})" if finish_reason not in (None, "stop") else ""
+        return Generation(prompt.prompt_id, text, finish_reason, None, f"{e}{why}", usage)
+    return Generation(prompt.prompt_id, text, finish_reason, trace, None, usage)
+
+
+def _generate_one(client: httpx.Client, prompt: Prompt, config: ClientConfig,
+                  sleep: Callable[[float], None]) -> Generation:
+    payload = _post(client, prompt.prompt_id, request_body(prompt, config), config, sleep)
+    text, finish_reason, usage = _completion_text(payload, config, prompt.prompt_id)
+    return parse_generation(prompt, text, finish_reason, usage)
+
+
+def generate_traces(
+    prompts: Iterable[Prompt],
+    output: str | Path,
+    config: ClientConfig = ClientConfig(),
+    *,
+    progress: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+    transport: httpx.BaseTransport | None = None,
+) -> GenerationRun:
+    """Generate a trace for every prompt not yet in `output` (JSONL), `config.concurrency` at a time.
+
+    Appends one record per finished prompt (see the module docstring) and returns counts.
+    Raises `ServeError` (after writing whatever else finished) when a request fails for
+    good; run again to continue. `sleep` and `transport` are for tests.
+    """
+    prompts = list(prompts)
+    _check_unique(prompts)
+    output = Path(output)
+    writer = _Writer(output)  # repairs a cut-off last line before the ids are read
+    try:
+        done = completed_ids(output)
+        todo = [p for p in prompts if p.prompt_id not in done]
+        skipped = len(prompts) - len(todo)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+        limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+        bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="generate", disable=not progress)
+        written = parse_errors = 0
+        failures: list[ServeError] = []
+        with bar, httpx.Client(timeout=timeout, headers=headers, limits=limits, transport=transport) as client, \
+                ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+            queue = iter(todo)
+            pending: dict[Future[Generation], Prompt] = {}
+
+            def submit_next() -> None:
+                prompt = next(queue, None)
+                if prompt is not None:
+                    pending[pool.submit(_generate_one, client, prompt, config, sleep)] = prompt
+
+            for _ in range(config.concurrency):
+                submit_next()
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    prompt = pending.pop(future)
+                    try:
+                        generation = future.result()
+                    except ServeError as e:
+                        failures.append(e)
+                        continue
+                    except Exception as e:  # unexpected: still name the prompt
+                        failures.append(ServeError(f"prompt {prompt.prompt_id!r}: {type(e).__name__}: {e}",
+                                                   prompt.prompt_id))
+                        continue
+                    writer.write(generation)
+                    written += 1
+                    parse_errors += generation.error is not None
+                    bar.update(1)
+                    bar.set_postfix(parse_errors=parse_errors, refresh=False)
+                    if not failures:
+                        submit_next()
+    finally:
+        writer.close()
+    if failures:
+        first = failures[0]
+        more = f" ({len(failures) - 1} more request(s) failed too)" if len(failures) > 1 else ""
+        raise ServeError(f"{first}{more}; {written} new record(s) written to {output}, "
+                         f"run again to continue", first.prompt_id)
+    return GenerationRun(len(prompts), skipped, written, parse_errors)

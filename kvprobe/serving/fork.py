@@ -1,0 +1,81 @@
+"""The Memento vLLM fork's configuration: its --block-masking-config JSON and its server command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+from ..masks import MaskConfig
+
+
+def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = True, **extra: Any) -> dict[str, Any]:
+    """The vLLM fork's ``--block-masking-config`` for a kvprobe `MaskConfig`.
+
+    ========================  ======================================================
+    ``enable``                block masking on; False for plain causal attention
+                              (``keep_last_n_blocks = -1``)
+    ``keep_last_n_blocks``    as in MaskConfig: 0 evicts every completed block, N > 0
+                              keeps the N most recent, -1 disables eviction
+    ``mask_delimiters``       evict <|block_start|>/<|block_end|> with the content
+                              (false for Qwen3/OLMo3, true for Phi-3/Phi-4)
+    ``compact_on_summary_end``  evict when <|summary_end|> is produced (the Memento
+                              behaviour; keep True)
+    ``restart_mode``          after eviction, recompute the memento's KV without its
+                              block (the paper's ablation)
+    ========================  ======================================================
+
+    Other keys the fork knows (``require_assistant_section``, ``keep_last_block_for_answer``,
+    ``max_block_tokens``, ``debug``) pass through `extra`. The fork's restart mode
+    re-prefills the memento tokens only, which is kvprobe's restart mask with the same
+    ``mask_delimiters``. Restart mode without eviction (``keep_last_n_blocks = -1``) has no
+    equivalent in the fork and raises ValueError.
+    """
+    if mask.restart_mode and mask.keep_last_n_blocks == -1:
+        raise ValueError(
+            "restart mode with keep_last_n_blocks=-1 has no equivalent in the vLLM fork "
+            "(its restart mode works on evicted blocks); use keep_last_n_blocks >= 0"
+        )
+    config: dict[str, Any] = {
+        "enable": mask.keep_last_n_blocks != -1,
+        "keep_last_n_blocks": mask.keep_last_n_blocks,
+        "mask_delimiters": mask.mask_delimiters,
+        "compact_on_summary_end": compact_on_summary_end,
+        "restart_mode": mask.restart_mode,
+    }
+    config.update(extra)
+    return config
+
+
+def serve_command(
+    model_path: str,
+    mask: MaskConfig = MaskConfig(),
+    *,
+    served_model_name: str = "memento",
+    port: int = 8010,
+    max_model_len: int = 32768,
+    gpu_memory_utilization: float = 0.9,
+    chat_template: str | None = "chat_templates/memento_nosys.jinja",
+    extra_args: Sequence[str] = (),
+    **config_extra: Any,
+) -> list[str]:
+    """The argv that starts the fork's OpenAI-compatible server for `model_path` under `mask`.
+
+    Prefix caching is switched off: the fork requires it and does not do it itself.
+    `chat_template` is relative to the fork's ``vllm/`` directory (None to use the
+    checkpoint's own template). `config_extra` goes into the block-masking config.
+    """
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path),
+        "--served-model-name", served_model_name,
+        "--port", str(port),
+        "--max-model-len", str(max_model_len),
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
+        "--trust-remote-code",
+        "--no-enable-prefix-caching",
+    ]
+    if chat_template:
+        argv += ["--chat-template", chat_template]
+    argv += ["--block-masking-config", json.dumps(block_masking_config(mask, **config_extra))]
+    return argv + list(extra_args)

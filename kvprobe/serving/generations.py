@@ -1,0 +1,216 @@
+"""The generations file (one JSON line per finished prompt, resumable), prompts in, pipeline JSONL out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..traces import Trace, TraceError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to generate a trace for.
+
+    text:    what is sent: the user message (chat endpoint) or the whole prompt string
+             (completions endpoint, e.g. an already chat-templated prompt)
+    problem: the text recorded as the trace's prompt; defaults to `text`
+    """
+
+    prompt_id: str
+    text: str
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_id, str) or not self.prompt_id:
+            raise ValueError(f"prompt_id must be a non-empty string, got {self.prompt_id!r}")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError(f"prompt {self.prompt_id!r}: text must be a non-empty string")
+
+    @property
+    def trace_prompt(self) -> str:
+        return (self.problem if self.problem is not None else self.text).strip()
+
+
+@dataclass
+class Generation:
+    """One finished prompt: the raw text and either its parsed `Trace` or the parse error."""
+
+    prompt_id: str
+    text: str
+    finish_reason: str | None = None
+    trace: Trace | None = None
+    error: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.trace
+        return {
+            "prompt_id": self.prompt_id,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "trace": None if t is None else {
+                "trace_id": t.trace_id, "prompt": t.prompt, "blocks": t.blocks,
+                "summaries": t.summaries, "answer": t.answer,
+            },
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "Generation":
+        t = record.get("trace")
+        return cls(
+            prompt_id=record["prompt_id"],
+            text=record.get("text", ""),
+            finish_reason=record.get("finish_reason"),
+            trace=None if t is None else Trace(t["trace_id"], t["prompt"], list(t["blocks"]),
+                                               list(t["summaries"]), t.get("answer")),
+            error=record.get("error"),
+            usage=record.get("usage"),
+        )
+
+
+_PROMPT_ID_KEYS = ("prompt_id", "id", "task_id")
+
+
+_PROMPT_TEXT_KEYS = ("prompt", "problem", "question")
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a last line cut off by a crash (a file that does not end with a newline)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    with path.open("r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every complete line; a cut-off last line is ignored."""
+    with path.open(encoding="utf-8") as f:
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                return  # a write cut off by a crash: redone on the next run
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg}); fix or remove it") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt_id"), str):
+            raise ValueError(f"{path}:{lineno}: not a generation record (no string 'prompt_id')")
+        yield lineno, record
+
+
+def completed_ids(path: str | Path) -> set[str]:
+    """Prompt ids already in an output file (empty if the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    return {record["prompt_id"] for _, record in _records(path)}
+
+
+def read_generations(path: str | Path) -> list[Generation]:
+    """Every record of an output file of `generate_traces`, in file order."""
+    path = Path(path)
+    out: list[Generation] = []
+    for lineno, record in _records(path):
+        try:
+            out.append(Generation.from_json(record))
+        except (KeyError, TypeError, TraceError) as e:
+            raise ValueError(f"{path}:{lineno}: bad generation record: {e}") from None
+    return out
+
+
+def trace_to_pipeline_record(trace: Trace) -> dict[str, Any]:
+    """A Memento data-pipeline record (what `kvprobe.traces.read_jsonl` reads) holding `trace`.
+
+    Each block is one "sentence", so `read_jsonl` gives the same trace back.
+    """
+    record: dict[str, Any] = {
+        "task_id": trace.trace_id,
+        "problem": trace.prompt,
+        "sentences": list(trace.blocks),
+        "blocks": [[i, i] for i in range(trace.n_blocks)],
+        "block_summaries": list(trace.summaries),
+    }
+    if trace.answer is not None:
+        record["answer"] = trace.answer
+    return record
+
+
+def export_pipeline_jsonl(generations: str | Path, out: str | Path, *, min_blocks: int = 1,
+                          require_answer: bool = False) -> int:
+    """Write the parsed traces of an output file as pipeline JSONL for `kvprobe capture`.
+
+    Records with a parse error, fewer than `min_blocks` blocks, or (with `require_answer`)
+    no ``</think>`` are left out. Traces are written sorted by id, so the file (and the
+    capture's trace order) does not depend on the order in which requests finished.
+    Returns the number of traces written. For the leakage
+    experiment `min_blocks` must cover the target block plus the largest offset
+    (target block 1 and offsets up to +2 need 4 blocks).
+    """
+    kept = sorted((g.trace for g in read_generations(generations)
+                   if g.trace is not None and g.trace.n_blocks >= min_blocks
+                   and (g.trace.answer is not None or not require_answer)), key=lambda t: t.trace_id)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for trace in kept:
+            f.write(json.dumps(trace_to_pipeline_record(trace), ensure_ascii=False) + "\n")
+    return len(kept)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a JSONL file: an id (``prompt_id``, ``id`` or ``task_id``) and a text
+    (``prompt``, ``problem`` or ``question``) per line; an optional ``problem`` beside a
+    ``prompt`` becomes the recorded trace prompt."""
+    path = Path(path)
+    prompts: list[Prompt] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                pid = next(str(record[k]) for k in _PROMPT_ID_KEYS if record.get(k) is not None)
+                key = next(k for k in _PROMPT_TEXT_KEYS if isinstance(record.get(k), str))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            except (StopIteration, AttributeError):
+                raise ValueError(f"{path}:{lineno}: needs an id ({'/'.join(_PROMPT_ID_KEYS)}) and a text "
+                                 f"({'/'.join(_PROMPT_TEXT_KEYS)})") from None
+            problem = record.get("problem") if key == "prompt" else None
+            prompts.append(Prompt(pid, record[key], problem if isinstance(problem, str) else None))
+    return prompts
+
+
+def _check_unique(prompts: Sequence[Prompt]) -> None:
+    seen: set[str] = set()
+    for p in prompts:
+        if p.prompt_id in seen:
+            raise ValueError(f"prompt id {p.prompt_id!r} appears twice in the prompts")
+        seen.add(p.prompt_id)
+
+
+class _Writer:
+    """Appends generation records to the output file, one flushed line each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(path)
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, generation: Generation) -> None:
+        self.file.write(json.dumps(generation.to_json(), ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
