@@ -17,15 +17,16 @@ with safe loaders only (`yaml.safe_load`, `tomllib`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, SITES, CaptureSpec
+from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, SITES, STORAGE_DTYPES, CaptureSpec
 from .masks import MaskConfig
 from .probes.selection import DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID
 
@@ -93,24 +94,38 @@ class DataSection(_Strict):
         return self
 
 
-class CaptureSection(_Strict):
-    layers: tuple[int, ...] = (0, 1, 2, 3)
-    offsets: tuple[int, ...] = (-1, 0, 1, 2, 3, 4, 5, 6, 7, 8)
-    sites: tuple[Literal[SITES], ...] = ("memento",)  # type: ignore[valid-type]
-    kinds: tuple[Literal["k", "v"], ...] = ("k", "v")
-    pooling: tuple[Literal[POOLINGS], ...] = ("tail_mean",)  # type: ignore[valid-type]
-    max_tokens: int = Field(4, ge=1)
-    dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = Field(256, ge=1)
-    shard_size: int = Field(4096, ge=1)
-    backend: Literal[BACKENDS] = "transformers"  # type: ignore[valid-type]
-    compression: Literal[COMPRESSIONS] = "gzip"  # type: ignore[valid-type]  # gzip, lzf, or none (fastest)
+def section_from(spec: type, name: str, types: dict[str, Any], *, exclude: tuple[str, ...] = (),
+                 defaults: dict[str, Any] | None = None) -> type[BaseModel]:
+    """A config section declared once: the fields and defaults of the frozen dataclass `spec`.
+
+    `types` adds what pydantic checks per field, so a bad value names its config field (the
+    allowed values are the spec's own tuples); `exclude` drops fields another section fills
+    (the capture's mask and target block); `defaults` sets a default the spec does not have.
+    """
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        if f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        if default is dataclasses.MISSING:
+            raise TypeError(f"{spec.__name__}.{f.name} has no default: give one in `defaults`")
+        fields[f.name] = (types[f.name], default)
+    return create_model(name, __base__=_Strict, __module__=__name__, **fields)
 
 
-class MaskSection(_Strict):
-    keep_last_n_blocks: int = Field(0, ge=-1)
-    mask_delimiters: bool = False
-    restart_mode: bool = False
+_Positive = Annotated[int, Field(ge=1)]
+CaptureSection = section_from(
+    CaptureSpec, "CaptureSection",
+    {"layers": tuple[int, ...], "offsets": tuple[int, ...], "sites": tuple[Literal[SITES], ...],  # type: ignore[valid-type]
+     "kinds": tuple[Literal["k", "v"], ...], "pooling": tuple[Literal[POOLINGS], ...],  # type: ignore[valid-type]
+     "max_tokens": _Positive, "dtype": Literal[STORAGE_DTYPES], "batch_size": _Positive,  # type: ignore[valid-type]
+     "shard_size": _Positive, "backend": Literal[BACKENDS], "compression": Literal[COMPRESSIONS]},  # type: ignore[valid-type]
+    exclude=("target_block", "mask"),  # data.target_block and the conditions
+    defaults={"layers": (0, 1, 2, 3)},  # every layer of the toy (the spec's layers depend on the model)
+)
+MaskSection = section_from(
+    MaskConfig, "MaskSection",
+    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool, "restart_mode": bool})
 
 
 class ProbeSection(_Strict):
