@@ -59,8 +59,9 @@ def main() -> None:
         spec = CaptureSpec(layers=LAYERS, sites=(site,), pooling=(pooling,), max_tokens=k, batch_size=500)
         for r in measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=args.samples, seed=args.seed,
                                  spec=spec):
-            rows.append({"features": name, "site": site, "pooling": pooling, "max_tokens": k, "vectors": vectors,
-                         "dims": vectors * 256, **cell_record(r)})
+            assert (r.site, r.pooling) == (site, pooling)  # every probed cell says what it read
+            rows.append({"features": name, "max_tokens": k, "vectors": vectors, "dims": vectors * 256,
+                         **cell_record(r, "site", "pooling")})
         print(name, " ".join(f"L{r['layer']}{r['offset']:+d}:{100 * r['accuracy']:.1f}" for r in rows[-6:]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"checkpoint": args.checkpoint, "samples": args.samples,
                                                        "rows": rows}, indent=1) + "\n")

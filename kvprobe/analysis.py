@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .capture.spec import pooled_vectors
+from .masks import MaskConfig
 from .passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .probes import (
     DEFAULT_INNER_FRACTION,
@@ -140,6 +141,8 @@ class CellResult:
     l2_grid: list[float] | None = None  # the values it was chosen from (one value: fixed)
     l2_inner_accuracy: list[float] | None = None  # inner-validation accuracy at each l2_grid value
     chance: float = 0.1  # accuracy without features: 1/10, or the majority baseline of constrained passcodes
+    mask: str | None = None  # the canonical name of the store's mask (MaskConfig.name): what the condition is
+    pooling: str | None = None  # how the cell's tokens were pooled into features
 
     @property
     def condition_label(self) -> str:
@@ -164,6 +167,8 @@ class DiffResult:
     difference: float
     ci_low: float
     ci_high: float
+    a_mask: str | None = None  # MaskConfig.name of each condition: what the difference isolates
+    b_mask: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,6 +241,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     labels = store.labels  # (N, K)
     codes = PasscodeSpec.from_description(store.config.get("source", {}).get("passcode", {}))
     chance = codes.chance()
+    mask = MaskConfig(**store.config["capture"].get("mask", {})).name
     cells, D = _plan(store, settings)
     tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.kinds))
     y_tr, y_va = labels[tr], labels[va]
@@ -291,7 +297,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                         ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
                         wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
                         bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
-                        p_value=float(p_values[g]), chance=chance,
+                        p_value=float(p_values[g]), chance=chance, mask=mask, pooling=settings.pooling,
                         shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
                         selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
                         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
@@ -391,7 +397,8 @@ def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult
         ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
         site, offset, layer, probe = key
         out.append(DiffResult(a.condition, b.condition, site, offset, layer, probe,
-                              float(ci.estimate), float(ci.low), float(ci.high)))
+                              float(ci.estimate), float(ci.low), float(ci.high),
+                              a_mask=a.rows[0].mask if a.rows else None, b_mask=b.rows[0].mask if b.rows else None))
     out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
     return out
 

@@ -38,7 +38,7 @@ else:  # pragma: no cover
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg", "load_config", "parse_config"]
 
 
-# the channel pairs a report shows when both were captured: (a, b) -> a - b (SPEC section 5)
+# the channel pairs a report shows when both were captured, by mask name (MaskConfig.name): (a, b) -> a - b
 STANDARD_COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
 
 
@@ -238,14 +238,18 @@ class ExperimentConfig(_Strict):
     def comparisons(self) -> tuple[tuple[str, str], ...]:
         """The paired differences the report shows: report.comparisons, or the defaults.
 
-        Defaults: the standard channel pairs (memento - restart-hidden, memento - restart,
-        restart - restart-hidden) among the conditions captured; a config with none of
-        those compares its first condition with each other one.
+        Defaults, read from what each condition's mask is (MaskConfig.name), whatever the
+        conditions are called: the standard channel pairs (memento - restart-hidden,
+        memento - restart, restart - restart-hidden) among the conditions; a config with
+        none of those compares its first condition with each other one.
         """
         if self.report.comparisons is not None:
             return self.report.comparisons
         names = tuple(self.conditions)
-        standard = tuple((a, b) for a, b in STANDARD_COMPARISONS if a in names and b in names)
+        by_mask: dict[str, str] = {}
+        for name in names:
+            by_mask.setdefault(MaskConfig(**self.conditions[name].model_dump()).name, name)
+        standard = tuple((by_mask[a], by_mask[b]) for a, b in STANDARD_COMPARISONS if a in by_mask and b in by_mask)
         return standard or tuple((names[0], b) for b in names[1:])
 
     def capture_spec(self, condition: str) -> CaptureSpec:

@@ -53,7 +53,10 @@ class MaskConfig:
 
     @property
     def name(self) -> str:
-        """Short label, e.g. 'memento', 'restart-delims-hidden', 'causal'."""
+        """The mask's canonical name, the report's vocabulary: 'memento', 'restart', 'restart-hidden'
+        (restart with the delimiters hidden: the fork's restart), 'memento-keep1', 'causal', ...
+
+        The report reads a condition's meaning from this name, whatever the condition is called."""
         if self.keep_last_n_blocks == -1 and not self.restart_mode:
             return "causal"
         base = "restart" if self.restart_mode else "memento"
@@ -61,7 +64,7 @@ class MaskConfig:
             base += "-keepall"
         elif self.keep_last_n_blocks > 0:
             base += f"-keep{self.keep_last_n_blocks}"
-        return base + ("-delims-hidden" if self.mask_delimiters else "")
+        return base + ("-hidden" if self.mask_delimiters else "")
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def test_custom_study_reports_its_paired_difference(capsys, tmp_path):
     diffs = (out / "report" / "diffs.csv").read_text().splitlines()
     assert len(diffs) == 1 + 2 * 4  # header + layers x offsets, each memento - keep-last-1
     summary = (out / "report" / "summary.md").read_text()
-    assert "**memento − keep-last-1**" in summary
+    assert "**memento − keep-last-1** (masks memento − memento-keep1)" in summary  # masks read from the stores
 
 
 def test_comparisons_are_checked_and_default_sensibly():
@@ -236,6 +236,8 @@ def test_comparisons_are_checked_and_default_sensibly():
     assert parse_config(base).comparisons() == (("memento", "restart-hidden"),)  # the standard pair only
     chosen = parse_config(dict(base, report={"comparisons": [["keep1", "memento"]]}))
     assert chosen.comparisons() == (("keep1", "memento"),)
+    renamed = dict(TINY, conditions={"text-only": {"restart_mode": True, "mask_delimiters": True}, "paper": {}})
+    assert parse_config(renamed).comparisons() == (("paper", "text-only"),)  # by mask, whatever the names
     with pytest.raises(ConfigError, match=r"report.comparisons.*'nope'.*not in conditions"):
         parse_config(dict(base, report={"comparisons": [["memento", "nope"]]}))
     with pytest.raises(ConfigError, match="compares a condition with itself"):

@@ -247,7 +247,8 @@ def test_mask_config_validation_and_names():
         MaskConfig(-2)
     assert MaskConfig(-1).name == "causal"
     assert MaskConfig(0).name == "memento"
-    assert MaskConfig(0, True, True).name == "restart-delims-hidden"
+    assert MaskConfig(0, True, True).name == "restart-hidden"  # the report's word for the fork's restart
+    assert MaskConfig(1, mask_delimiters=True).name == "memento-keep1-hidden"
     assert len({c.name for c in ALL_CONFIGS if c.keep_last_n_blocks >= 0}) == 16
 
 

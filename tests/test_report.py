@@ -401,3 +401,21 @@ def test_constrained_chance_is_each_cells_own(grid, diffs):
     n_controls = sum(r.offset < 0 for r in grid)
     # [10.4, 10.8] contains 10% but lies below the constrained baseline: no control contains chance
     assert f"in 0 of {n_controls} causal-control cells" in text and "below chance" in text
+
+
+def test_a_conditions_meaning_comes_from_its_mask_not_its_name(grid, diffs):
+    """Conditions called 'paper' and 'text-only' are read as the memento and restart-hidden masks they are."""
+    names = {"memento": "paper", "restart": "kv-open", "restart-hidden": "text-only"}
+    rows = [dataclasses.replace(r, condition=names[r.condition], mask=r.condition) for r in grid]
+    renamed = [dataclasses.replace(d, a=names[d.a], b=names[d.b], a_mask=d.a, b_mask=d.b) for d in diffs]
+    text = render_summary(rows, renamed)
+    assert "- conditions: paper, kv-open, text-only;" in text  # ordered by mask, not alphabetically
+    assert "**paper − text-only** (masks memento − restart-hidden) (site `memento`) isolates the implicit KV " \
+           "channels in total" in text
+    assert "**kv-open − text-only** (masks restart − restart-hidden) (site `memento`) isolates the <|block_end|>" in text
+    headline = text.split("## Headline")[1].split("\n## ")[0]
+    assert "`paper`" in headline
+    # without masks (results saved before they were recorded) the names alone carry no meaning
+    bare = [dataclasses.replace(r, condition=names[r.condition]) for r in grid]
+    bare_diffs = [dataclasses.replace(d, a=names[d.a], b=names[d.b]) for d in diffs]
+    assert "no predefined interpretation" in render_summary(bare, bare_diffs)

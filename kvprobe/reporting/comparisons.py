@@ -24,6 +24,7 @@ from .words import (
 
 
 def _meaning(a: str, b: str, site: str) -> str:
+    """What a - b isolates, for the masks (MaskConfig.name) a and b."""
     if site != "memento":
         return (f"the difference between the two modes in the `{site}` token's own KV "
                 "(probes there read the delimiter channel directly)")
@@ -37,7 +38,7 @@ def _meaning(a: str, b: str, site: str) -> str:
 def _comparison_accuracy_table(rows: Sequence[CellResult], offset: int) -> str:
     cells = [r for r in rows if r.offset == offset]
     idx = _index(cells)
-    conditions = condition_order(r.condition for r in cells)
+    conditions = condition_order(cells)
     series = [(c, "memento") for c in conditions if any(r.condition == c and r.site == "memento" for r in cells)]
     other_sites = sorted({r.site for r in cells} - {"memento"})
     series += [(c, s) for s in other_sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
@@ -55,7 +56,7 @@ def _comparison_accuracy_table(rows: Sequence[CellResult], offset: int) -> str:
 
 def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
     out = ["## Condition comparison", ""]
-    conditions = condition_order(r.condition for r in rows)
+    conditions = condition_order(rows)
     sites = sorted({r.site for r in rows})
     if len(conditions) < 2 and sites == ["memento"] and not diffs:
         out.append(f"Only one condition (`{conditions[0] if conditions else '—'}`) and one site in this report: "
@@ -89,9 +90,10 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
         out += ["", f"### Paired differences at {offset_label(offset)}", "",
                 _table(["difference", "site", "probe", "layer", "a − b [95%]", "interval"], body)]
     out += ["", "### What the differences show", ""]
-    pairs = sorted({(d.a, d.b, d.site) for d in diffs}, key=lambda k: (k[2] != "memento", _pair_rank_ab(k[0], k[1]), k))
-    for (a, b, site) in pairs:
-        out.append(_pair_sentence(a, b, site, [d for d in diffs if (d.a, d.b, d.site) == (a, b, site)], offset))
+    pairs = {(d.a, d.b, d.site): _masks(d) for d in diffs}
+    for (a, b, site) in sorted(pairs, key=lambda k: (k[2] != "memento", _pair_rank_ab(*pairs[k]), k)):
+        out.append(_pair_sentence(a, b, site, [d for d in diffs if (d.a, d.b, d.site) == (a, b, site)], offset,
+                                  pairs[(a, b, site)]))
     return "\n".join(out)
 
 
@@ -100,11 +102,17 @@ def _pair_rank_ab(a: str, b: str) -> int:
     return order.index((a, b)) if (a, b) in order else len(order)
 
 
+def _masks(d: DiffResult) -> tuple[str, str]:
+    """The two masks a difference compares (the condition names for results saved before masks were recorded)."""
+    return d.a_mask or d.a, d.b_mask or d.b
+
+
 def _pair_rank(d: DiffResult) -> int:
-    return _pair_rank_ab(d.a, d.b)
+    return _pair_rank_ab(*_masks(d))
 
 
-def _pair_sentence(a: str, b: str, site: str, diffs: Sequence[DiffResult], offset: int) -> str:
+def _pair_sentence(a: str, b: str, site: str, diffs: Sequence[DiffResult], offset: int,
+                   masks: tuple[str, str]) -> str:
     """One bullet: what a - b isolates and where its intervals lie, at `offset` and over all offsets."""
     at = sorted((d for d in diffs if d.offset == offset), key=lambda d: (d.probe, d.layer))
     parts = []
@@ -115,7 +123,8 @@ def _pair_sentence(a: str, b: str, site: str, diffs: Sequence[DiffResult], offse
                      f"its interval {verdict_counts(items)}")
     items = [(f"{d.probe} {offset_label(d.offset)} layer {d.layer}", d.ci_low, d.ci_high) for d in diffs]
     parts.append(f"over all offsets: {verdict_counts(items)}")
-    return f"- **{a} − {b}** (site `{site}`) isolates {_meaning(a, b, site)}: " + "; ".join(parts) + "."
+    what = "" if masks == (a, b) else f" (masks {masks[0]} − {masks[1]})"
+    return f"- **{a} − {b}**{what} (site `{site}`) isolates {_meaning(*masks, site)}: " + "; ".join(parts) + "."
 
 
 def _block_end_sentences(rows: Sequence[CellResult], offset: int) -> list[str]:
@@ -124,7 +133,7 @@ def _block_end_sentences(rows: Sequence[CellResult], offset: int) -> list[str]:
     if not cells:
         return []
     per = []
-    for condition in condition_order(r.condition for r in cells):
+    for condition in condition_order(cells):
         mine = sorted((r for r in cells if r.condition == condition), key=lambda r: (r.probe, r.layer))
         items = [(f"{r.probe} layer {r.layer}", r.ci_low, r.ci_high) for r in mine]
         per.append(f"`{condition}`: {verdict_counts(items, _common_chance(mine), 'chance')}")

@@ -43,6 +43,7 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
 from .sweep import sweep_points
 from .words import (
     CHANCE,
+    condition_masks,
     condition_order,
     offset_label,
     probe_order,
@@ -239,7 +240,7 @@ def leakage_vs_training(sweep: Sequence[Mapping[str, Any]] | None) -> Figure | N
 
 
 def _comparison_series(cells: Sequence[CellResult]) -> list[tuple[str, str]]:
-    conditions = condition_order(r.condition for r in cells)
+    conditions = condition_order(cells)
     sites = ["memento"] + sorted({r.site for r in cells} - {"memento"})
     return [(c, s) for s in sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
 
@@ -263,7 +264,8 @@ def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult]
     probes = probe_order(cells)
     nrows = 2 if pairs else 1
     fig, axes = _new_figure(len(probes), height=3.8, nrows=nrows)
-    conditions = condition_order(r.condition for r in cells)
+    conditions = condition_order(cells)
+    masks = condition_masks(cells)
     for ax, probe in zip(axes[0], probes):
         for i, (condition, site) in enumerate(series):
             mine = sorted((r for r in cells if (r.condition, r.site, r.probe) == (condition, site, probe)),
@@ -271,7 +273,7 @@ def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult]
             if not mine:
                 continue
             hollow = site != "memento"
-            _interval_series(ax, [r.layer for r in mine], mine, color=_condition_color(condition, conditions),
+            _interval_series(ax, [r.layer for r in mine], mine, color=_condition_color(condition, conditions, masks),
                              marker="D" if hollow else "o", hollow=hollow, linestyle=":" if hollow else "-",
                              shift=_dodge(i, len(series)),
                              label=condition if site == "memento" else f"{condition}, {site} site")

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from ..analysis import CellResult
 
 ROLE_STYLE: dict[int, tuple[str, str]] = {-1: ("#7f7f7f", "s"), 0: ("#1f77b4", "o"), 1: ("#d62728", "^")}
-CONDITION_COLORS = {"memento": "#d62728", "restart": "#ff7f0e", "restart-hidden": "#2ca02c"}
+CONDITION_COLORS = {  # by mask name (MaskConfig.name)
+    "memento": "#d62728", "restart": "#ff7f0e", "restart-hidden": "#2ca02c"}
 PAIR_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 TASK_COLOR = "#1f77b4"
 MASKED_COLOR = "#d62728"
@@ -83,10 +84,12 @@ def _dodge(i: int, n: int, width: float = 0.3) -> float:
     return 0.0 if n <= 1 else (i - (n - 1) / 2) * width / (n - 1)
 
 
-def _condition_color(condition: str, conditions: Sequence[str]) -> str:
-    if condition in CONDITION_COLORS:
-        return CONDITION_COLORS[condition]
-    extra = [c for c in conditions if c not in CONDITION_COLORS]
+def _condition_color(condition: str, conditions: Sequence[str], masks: dict[str, str] | None = None) -> str:
+    """A condition's colour by what its mask is (memento red, restart orange, restart-hidden green)."""
+    mask = (masks or {}).get(condition, condition)
+    if mask in CONDITION_COLORS:
+        return CONDITION_COLORS[mask]
+    extra = [c for c in conditions if (masks or {}).get(c, c) not in CONDITION_COLORS]
     return PAIR_COLORS[extra.index(condition) % len(PAIR_COLORS)]
 
 

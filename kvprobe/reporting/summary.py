@@ -38,7 +38,7 @@ def _header(rows: Sequence[CellResult], diffs: Sequence[DiffResult], metadata: M
     for key, value in (metadata or {}).items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             lines.append(f"- {key}: {value}")
-    conditions = condition_order(r.condition for r in rows)
+    conditions = condition_order(rows)
     lines += [
         f"- conditions: {', '.join(conditions) or '—'}; sites: {', '.join(sorted({r.site for r in rows})) or '—'}; "
         f"probes: {', '.join(probe_order(rows)) or '—'}",

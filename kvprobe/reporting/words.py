@@ -17,7 +17,7 @@ CHANCE = 0.1
 
 
 CONDITION_ORDER = ("memento", "restart", "restart-hidden")
-"""Conditions in the order the report lists them; others follow alphabetically."""
+"""Masks (MaskConfig.name) in the order the report lists their conditions; others follow alphabetically."""
 
 
 # What the paired difference a - b isolates, for probes at the memento site (SPEC section 5).
@@ -31,16 +31,35 @@ DIFFERENCE_MEANINGS: dict[tuple[str, str], str] = {
 _Key = tuple[str, str, int, int, str]  # (condition, site, offset, layer, probe)
 
 
-def condition_order(conditions: Iterable[str]) -> list[str]:
-    """Distinct conditions: memento, restart, restart-hidden first, then the rest alphabetically."""
-    distinct = set(conditions)
-    known = [c for c in CONDITION_ORDER if c in distinct]
-    return known + sorted(distinct - set(known))
+def mask_of(row: CellResult) -> str:
+    """What a row's condition is: its store's mask name, or (results saved before masks were
+    recorded) the condition's own name."""
+    return row.mask or row.condition
+
+
+def condition_masks(rows: Iterable[CellResult]) -> dict[str, str]:
+    """Condition name -> canonical mask name (MaskConfig.name), for the conditions of `rows`."""
+    masks: dict[str, str] = {}
+    for r in rows:
+        masks.setdefault(r.condition, mask_of(r))
+    return masks
+
+
+def condition_order(rows: Iterable[CellResult]) -> list[str]:
+    """Distinct conditions of `rows`, ordered by what their masks are: memento, restart,
+    restart-hidden first (whatever the conditions are called), then the rest alphabetically."""
+    masks = condition_masks(rows)
+
+    def rank(c: str) -> tuple[int, str]:
+        m = masks[c]
+        return (CONDITION_ORDER.index(m) if m in CONDITION_ORDER else len(CONDITION_ORDER), c)
+
+    return sorted(masks, key=rank)
 
 
 def primary_condition(rows: Sequence[CellResult]) -> str | None:
-    """The condition the headline is about: "memento" when present, else the first listed."""
-    order = condition_order(r.condition for r in rows)
+    """The condition the headline is about: the memento-mask one when present, else the first listed."""
+    order = condition_order(rows)
     return order[0] if order else None
 
 
