@@ -3,7 +3,8 @@
     grid = probe_store(KVStore("runs/toy/stores/memento"), "memento", ProbeSettings())
     rows = grid.rows                        # one CellResult per (site, offset, layer, probe)
     diffs = compare(grid, restart_grid)     # paired differences on the same validation passcodes
-    curves = sensitivity_curves(store, "memento", settings, cells=[("memento", 1, 3)])  # accuracy vs L2
+    curves = sensitivity_curves(store, "memento", settings, cells=[Cell("memento", 1, 3)])  # accuracy vs L2
+    grid.cell(Cell("memento", 1, 3), "linear")  # one row; grid.per_sample[(cell, "linear")] its scores
 
 The linear probe's L2 strength is chosen per cell on an inner label-unique split of the
 training passcodes (`ProbeSettings.linear_l2_grid`), then refitted on the whole training
@@ -53,9 +54,10 @@ from .stats import (
     shuffle_labels,
     wilson_interval,
 )
-from .store import KVStore
+from .store import Cell, KVStore
 
 __all__ = [
+    "Cell",
     "CellResult",
     "DiffResult",
     "GridResult",
@@ -145,6 +147,11 @@ class CellResult:
     pooling: str | None = None  # how the cell's tokens were pooled into features
 
     @property
+    def cell(self) -> Cell:
+        """The grid cell this row probed (rows saved before pooling was recorded: the default pooling)."""
+        return Cell(self.site, self.offset, self.layer, self.pooling or Cell.pooling)
+
+    @property
     def condition_label(self) -> str:
         return condition_of(self.offset)
 
@@ -169,6 +176,7 @@ class DiffResult:
     ci_high: float
     a_mask: str | None = None  # MaskConfig.name of each condition: what the difference isolates
     b_mask: str | None = None
+    pooling: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,13 +189,14 @@ class GridResult:
     condition: str
     rows: list[CellResult]
     val_index: np.ndarray  # sample ids of the validation split, (M,)
-    per_sample: dict[tuple[str, int, int, str], np.ndarray] = field(default_factory=dict)  # (M,) accuracy
+    per_sample: dict[tuple[Cell, str], np.ndarray] = field(default_factory=dict)  # (cell, probe) -> (M,) accuracy
 
-    def cell(self, site: str, offset: int, layer: int, probe: str) -> CellResult:
+    def cell(self, cell: Cell, probe: str) -> CellResult:
+        """The row of `probe` on `cell`."""
         for r in self.rows:
-            if (r.site, r.offset, r.layer, r.probe) == (site, offset, layer, probe):
+            if (r.cell, r.probe) == (cell, probe):
                 return r
-        raise KeyError((site, offset, layer, probe))
+        raise KeyError((cell, probe))
 
 
 def condition_of(offset: int) -> str:
@@ -195,15 +204,15 @@ def condition_of(offset: int) -> str:
     return "causal control" if offset < 0 else "direct" if offset == 0 else "masked"
 
 
-def _groups(cells: list[tuple[str, int, int]], n: int, d: int, budget: int) -> Iterable[list[tuple[str, int, int]]]:
+def _groups(cells: list[Cell], n: int, d: int, budget: int) -> Iterable[list[Cell]]:
     per_cell = max(1, n * d * 4)
     size = max(1, budget // per_cell)
     for i in range(0, len(cells), size):
         yield cells[i : i + size]
 
 
-def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[tuple[str, int, int]], int]:
-    """The (site, offset, layer) cells `settings` asks for, and their feature width D."""
+def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[Cell], int]:
+    """The cells `settings` asks for (at its pooling), and their feature width D."""
     layers = list(settings.layers) if settings.layers is not None else store.layers
     keys = [k for k in store.keys if k.pooling == settings.pooling]
     if settings.offsets is not None:
@@ -212,7 +221,7 @@ def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[tuple[str, int,
         keys = [k for k in keys if k.site in settings.sites]
     if not keys:
         raise ValueError(f"store {store.path} has no features with pooling {settings.pooling!r} for the requested cells")
-    cells = [(k.site, k.offset, layer) for k in keys for layer in layers]
+    cells = [Cell(k.site, k.offset, layer, k.pooling) for k in keys for layer in layers]
     D = int(store.config["dims"]["feature_dim"])
     D *= pooled_vectors(settings.pooling, int(store.config["capture"].get("max_tokens", 1)))  # vectors concatenated
     return cells, D
@@ -246,11 +255,11 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.kinds))
     y_tr, y_va = labels[tr], labels[va]
     rows: list[CellResult] = []
-    per_sample: dict[tuple[str, int, int, str], np.ndarray] = {}
+    per_sample: dict[tuple[Cell, str], np.ndarray] = {}
     n_fits = sum(settings.seeds if kind == "mlp" else 1 for kind in settings.kinds)
     bar = tqdm(total=len(cells) * n_fits, desc=f"probe {condition}", unit="cell", disable=not progress)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])
+        X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
         X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens', 'tail_mean': per-vector features flattened
         X_tr, X_va = X[:, tr], X[:, va]
         del X
@@ -285,11 +294,11 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
             p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
                         else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
             seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
-            for g, (site, offset, layer) in enumerate(group):
-                per_sample[(site, offset, layer, kind)] = acc_s[g]
+            for g, cell in enumerate(group):
+                per_sample[(cell, kind)] = acc_s[g]
                 rows.append(
                     CellResult(
-                        condition=condition, site=site, offset=offset, layer=layer, probe=kind,
+                        condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind,
                         accuracy=float(seed_acc[:, g].mean()),
                         accuracy_std=float(seed_acc[:, g].std(ddof=1)) if len(fits) > 1 else 0.0,
                         accuracy_seeds=[float(a) for a in seed_acc[:, g]],
@@ -297,7 +306,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                         ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
                         wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
                         bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
-                        p_value=float(p_values[g]), chance=chance, mask=mask, pooling=settings.pooling,
+                        p_value=float(p_values[g]), chance=chance, mask=mask, pooling=cell.pooling,
                         shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
                         selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
                         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
@@ -332,6 +341,7 @@ class SensitivityCurve:
     ci_high: list[float]
     inner_accuracy: list[float]
     chosen: float
+    pooling: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -339,16 +349,16 @@ class SensitivityCurve:
 
 def sensitivity_curves(
     store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *,
-    cells: Iterable[tuple[str, int, int]] | None = None, l2_values: Iterable[float] | None = None,
+    cells: Iterable[Cell] | None = None, l2_values: Iterable[float] | None = None,
 ) -> list[SensitivityCurve]:
-    """Linear-probe accuracy against L2 strength for `cells` ((site, offset, layer); None: every cell
+    """Linear-probe accuracy against L2 strength for `cells` (None: every cell
     `settings` selects), on the same outer and inner splits as `probe_store`. l2_values: the strengths
     to draw (None: `settings.linear_l2_grid`). Two warm-started regularisation paths per group of
     cells: one on the inner split (the selection criterion), one on the whole training split."""
     values = normalise_grid(settings.strength_grid("linear") if l2_values is None else tuple(l2_values))
     labels = store.labels
     planned, D = _plan(store, settings)
-    cells = planned if cells is None else [(s, int(o), int(layer)) for s, o, layer in cells]
+    cells = planned if cells is None else list(cells)
     missing = [c for c in cells if c not in planned]
     if missing:
         raise ValueError(f"cells {missing} are not in store {store.path} with pooling {settings.pooling!r}")
@@ -356,16 +366,17 @@ def sensitivity_curves(
     y_tr, y_va = labels[tr], labels[va]
     curves = []
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X = np.stack([store.features(layer, offset, site, settings.pooling) for site, offset, layer in group])
+        X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
         X = X.reshape(len(group), len(labels), D)
         X_tr, X_va = X[:, tr], X[:, va]
         del X
         sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device)
         path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device)
         cis = [bootstrap_ci(per_sample_accuracy(f.log_probs, y_va), n_boot=settings.n_boot) for f in path]
-        for g, (site, offset, layer) in enumerate(group):
+        for g, cell in enumerate(group):
             curves.append(SensitivityCurve(
-                condition=condition, site=site, offset=offset, layer=layer, probe="linear",
+                condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe="linear",
+                pooling=cell.pooling,
                 l2=[float(v) for v in values], accuracy=[float(f.accuracy[g]) for f in path],
                 ci_low=[float(c.low[g]) for c in cis], ci_high=[float(c.high[g]) for c in cis],
                 inner_accuracy=[float(a) for a in sel.inner_accuracy[g]], chosen=float(sel.chosen[g]),
@@ -395,10 +406,11 @@ def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult
         if key not in b.per_sample:
             continue
         ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
-        site, offset, layer, probe = key
-        out.append(DiffResult(a.condition, b.condition, site, offset, layer, probe,
+        cell, probe = key
+        out.append(DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
                               float(ci.estimate), float(ci.low), float(ci.high),
-                              a_mask=a.rows[0].mask if a.rows else None, b_mask=b.rows[0].mask if b.rows else None))
+                              a_mask=a.rows[0].mask if a.rows else None, b_mask=b.rows[0].mask if b.rows else None,
+                              pooling=cell.pooling))
     out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
     return out
 
@@ -420,8 +432,8 @@ def save_grid(grid: GridResult, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"val_index": grid.val_index}
-    for (site, offset, layer, probe), v in grid.per_sample.items():
-        arrays[f"{site}|{offset}|{layer}|{probe}"] = v
+    for (cell, probe), v in grid.per_sample.items():
+        arrays[f"{cell.label}|{probe}"] = v
     np.savez_compressed(path.with_suffix(".npz.tmp.npz"), **arrays)
     os.replace(path.with_suffix(".npz.tmp.npz"), path.with_suffix(".npz"))
     tmp = path.with_suffix(".json.tmp")
@@ -434,10 +446,13 @@ def load_grid(path: str | Path) -> GridResult:
     path = Path(path)
     data = json.loads(path.with_suffix(".json").read_text())
     arrays = np.load(path.with_suffix(".npz"))
+    rows = [CellResult(**r) for r in data["rows"]]
     per_sample = {}
     for name in arrays.files:
         if name == "val_index":
             continue
-        site, offset, layer, probe = name.split("|")
-        per_sample[(site, int(offset), int(layer), probe)] = arrays[name]
-    return GridResult(data["condition"], [CellResult(**r) for r in data["rows"]], arrays["val_index"], per_sample)
+        *where, probe = name.split("|")
+        if len(where) == 3:  # written before cells named their pooling: the rows' pooling
+            where.append(next((r.cell.pooling for r in rows), Cell.pooling))
+        per_sample[(Cell.parse("|".join(where)), probe)] = arrays[name]
+    return GridResult(data["condition"], rows, arrays["val_index"], per_sample)

@@ -29,6 +29,7 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Cell",
     "FeatureKey",
     "KVStore",
     "StoreError",
@@ -58,6 +59,33 @@ class FeatureKey:
     @property
     def path(self) -> str:
         return feature_path(self.site, self.offset, self.pooling)
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One point of the leakage grid, named the same way everywhere (store, probes, results,
+    per-sample scores): the features of `site` at `offset` blocks from the target block, at
+    `layer`, pooled by `pooling`. A `FeatureKey` plus a layer."""
+
+    site: str
+    offset: int
+    layer: int
+    pooling: str = "tail_mean"
+
+    @property
+    def key(self) -> FeatureKey:
+        return FeatureKey(self.site, self.offset, self.pooling)
+
+    @property
+    def label(self) -> str:
+        """'memento|+1|3|tail_mean': the cell as one string (file keys)."""
+        return f"{self.site}|{self.offset:+d}|{self.layer}|{self.pooling}"
+
+    @classmethod
+    def parse(cls, label: str) -> "Cell":
+        """The inverse of `label`."""
+        site, offset, layer, pooling = label.split("|")
+        return cls(site, int(offset), int(layer), pooling)
 
 
 def feature_path(site: str, offset: int, pooling: str) -> str:

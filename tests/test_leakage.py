@@ -14,7 +14,7 @@ from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.masks import MaskConfig
 from kvprobe.stats import paired_bootstrap_ci, wilson_interval
-from kvprobe.store import KVStore
+from kvprobe.store import Cell, KVStore
 from toy_models.source import ToyPasscodeSource
 
 N = 3000
@@ -39,7 +39,7 @@ def grids(tmp_path_factory):
 def test_causal_control_is_at_chance(grids):
     for grid in grids.values():
         for layer in (0, 3):
-            r = grid.cell("memento", -1, layer, "linear")
+            r = grid.cell(Cell("memento", -1, layer), "linear")
             assert r.ci_low <= 0.105 and r.ci_high >= 0.095, r  # 0.5 pp slack for 16 intervals at 95%
             assert not r.significant
 
@@ -52,17 +52,17 @@ def test_shuffled_labels_are_at_chance(grids):
 
 def test_direct_far_above_masked(grids):
     g = grids["memento"]
-    direct, masked = g.cell("memento", 0, 3, "linear"), g.cell("memento", 1, 3, "linear")
+    direct, masked = g.cell(Cell("memento", 0, 3), "linear"), g.cell(Cell("memento", 1, 3), "linear")
     assert direct.ci_low > masked.ci_high + 0.05
 
 
 def test_masked_leak_is_real_deeper_and_falls_with_distance(grids):
     g = grids["memento"]
-    last = g.cell("memento", 1, 3, "linear")
+    last = g.cell(Cell("memento", 1, 3), "linear")
     assert last.significant and last.ci_low > 0.10
-    deeper = paired_bootstrap_ci(g.per_sample[("memento", 1, 3, "linear")], g.per_sample[("memento", 1, 0, "linear")])
+    deeper = paired_bootstrap_ci(g.per_sample[(Cell("memento", 1, 3), "linear")], g.per_sample[(Cell("memento", 1, 0), "linear")])
     assert deeper.low > 0, deeper  # the last layer carries more than the first
-    farther = paired_bootstrap_ci(g.per_sample[("memento", 1, 3, "linear")], g.per_sample[("memento", 7, 3, "linear")])
+    farther = paired_bootstrap_ci(g.per_sample[(Cell("memento", 1, 3), "linear")], g.per_sample[(Cell("memento", 7, 3), "linear")])
     assert farther.low > 0, farther  # +1 leaks more than +7
 
 
@@ -81,7 +81,7 @@ def test_the_implicit_channel_carries_the_block_past_the_mask(grids):
     # the direct memento most of the block (87% here at 3,000 passcodes; the paper's toy 98.5%)
     diffs = {(d.site, d.offset, d.layer): d for d in compare(grids["memento"], grids["restart-hidden"])}
     assert diffs[("memento", 1, 3)].ci_low > 0.03, diffs[("memento", 1, 3)]
-    assert grids["memento"].cell("memento", 0, 3, "linear").ci_low > 0.75
+    assert grids["memento"].cell(Cell("memento", 0, 3), "linear").ci_low > 0.75
 
 
 def test_per_token_features_are_probed_concatenated(tmp_path):
@@ -93,6 +93,6 @@ def test_per_token_features_are_probed_concatenated(tmp_path):
         assert store.features(3, 0, pooling="tokens").shape == (1000, 3, 256)
         settings = ProbeSettings(kinds=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
         grid = probe_store(store, "memento", settings, progress=False)
-    direct, control = grid.cell("memento", 0, 3, "linear"), grid.cell("memento", -1, 3, "linear")
+    direct, control = grid.cell(Cell("memento", 0, 3, "tokens"), "linear"), grid.cell(Cell("memento", -1, 3, "tokens"), "linear")
     assert direct.ci_low > 0.2  # the direct memento reads the passcode from its three digit tokens
     assert control.ci_low <= 0.10 <= control.ci_high

@@ -32,6 +32,7 @@ from kvprobe.probes import (
 )
 from kvprobe.probes.linear import fit_linear_probes
 from kvprobe.probes.trainer import linear_in_raw_units
+from kvprobe.store import Cell
 
 GRID = (1e-4, 1e-2, 1e-1)
 FAST = LinearConfig(tol=1e-4)
@@ -263,16 +264,16 @@ def test_probe_store_chooses_the_mlp_weight_decay(store):
 
 def test_sensitivity_curves_and_figures(store, tmp_path):
     grid = probe_store(store, "memento", SETTINGS, progress=False)
-    curves = sensitivity_curves(store, "memento", SETTINGS, cells=[("memento", 0, 1), ("memento", 1, 1)])
+    curves = sensitivity_curves(store, "memento", SETTINGS, cells=[Cell("memento", 0, 1, SETTINGS.pooling), Cell("memento", 1, 1, SETTINGS.pooling)])
     assert [(c.offset, c.layer) for c in curves] == [(0, 1), (1, 1)]
     for c in curves:
-        row = grid.cell("memento", c.offset, c.layer, "linear")
+        row = grid.cell(Cell("memento", c.offset, c.layer, c.pooling), "linear")
         assert c.l2 == list(GRID) and c.chosen == row.l2
         np.testing.assert_allclose(c.inner_accuracy, row.l2_inner_accuracy, atol=1e-9)
         assert row.accuracy == pytest.approx(c.accuracy[GRID.index(row.l2)], abs=0.01)
         assert all(lo <= a <= hi for a, lo, hi in zip(c.accuracy, c.ci_low, c.ci_high))
     with pytest.raises(ValueError, match="not in store"):
-        sensitivity_curves(store, "memento", SETTINGS, cells=[("memento", 5, 0)])
+        sensitivity_curves(store, "memento", SETTINGS, cells=[Cell("memento", 5, 0, SETTINGS.pooling)])
     for fig in (l2_sensitivity(curves), l2_selection(grid.rows)):
         assert fig is not None and fig._suptitle.get_text()
         assert any(ax.get_xscale() == "log" for ax in fig.axes)
