@@ -419,3 +419,17 @@ def test_a_conditions_meaning_comes_from_its_mask_not_its_name(grid, diffs):
     bare = [dataclasses.replace(r, condition=names[r.condition]) for r in grid]
     bare_diffs = [dataclasses.replace(d, a=names[d.a], b=names[d.b]) for d in diffs]
     assert "no predefined interpretation" in render_summary(bare, bare_diffs)
+
+
+def test_sweep_points_are_typed_and_round_trip():
+    from kvprobe.reporting import SweepPoint, sweep_points
+
+    raw = make_sweep()[::-1]  # out of order: sorted by step
+    points = sweep_points(raw)
+    assert [p.step for p in points] == [1000, 2000, 3000, 4000, 5000]
+    assert points[0].masked_offset == 1 and points[0].direct_accuracy == 0.9  # +1 when not recorded
+    extra = dict(raw[0], **{"offset+2_accuracy": 0.15})
+    assert SweepPoint.from_dict(extra).to_dict()["offset+2_accuracy"] == 0.15  # other cells kept
+    with pytest.raises(ValueError, match="lacks \\['masked_accuracy'\\]"):
+        SweepPoint.from_dict({"checkpoint": "c", "task_accuracy": 0.9})
+    assert sweep_sentence(points) == sweep_sentence(raw)  # typed points and their JSON read the same

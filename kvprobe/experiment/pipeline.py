@@ -23,6 +23,7 @@ from typing import Any
 from ..analysis import GridResult, ProbeSettings, apply_holm, compare, load_grid, merge_grids, probe_store, save_grid
 from ..config import ExperimentConfig
 from ..probes import LinearConfig, MLPConfig
+from ..reporting.sweep import SweepPoint
 from ..store import KVStore, StoreError
 from .capture import Plans, capture_all, plan_all
 from .errors import ExperimentError
@@ -69,7 +70,7 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
     return grids
 
 
-def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> list[dict[str, Any]]:
+def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> list[SweepPoint]:
     """Capture and linearly probe each sweep checkpoint; finished checkpoints are read back."""
     if not cfg.sweep.checkpoints:
         return []
@@ -82,7 +83,8 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
 
     sweep_dir = out / "sweep"
     results_file = sweep_dir / "sweep.json"
-    done = {r["checkpoint"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
+    done = {p.checkpoint: p for p in map(SweepPoint.from_dict, json.loads(results_file.read_text()))} \
+        if results_file.is_file() else {}
     base = cfg.capture_spec(next(iter(cfg.conditions)))
     spec = CaptureSpec(**{**base.to_dict(), "layers": list(cfg.sweep.layers), "offsets": list(cfg.sweep.offsets)})
     settings = replace(_settings(cfg, "linear"), shuffled_control=False, layers=None, offsets=None)
@@ -111,13 +113,13 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
                 row[f"{tag}_accuracy"] = r.accuracy
                 row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
         row["layer"], row["masked_offset"] = max(cfg.sweep.layers), masked
-        rows.append(row)
+        rows.append(SweepPoint.from_dict(row))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(rows, indent=1))
+        results_file.write_text(json.dumps([p.to_dict() for p in rows], indent=1))
     return rows
 
 
-def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[dict]) -> list[Path]:
+def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[SweepPoint]) -> list[Path]:
     """Tables and figures from probe results; always rewritten (cheap)."""
     from .. import reporting as report
 

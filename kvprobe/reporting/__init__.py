@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .figures import save_all
 from .paper import PAPER_QWEN3_8B, PAPER_QWEN3_32B, PAPER_TOY
 from .summary import render_summary
-from .sweep import sweep_points, sweep_sentence
+from .sweep import Sweep, SweepPoint, sweep_points, sweep_sentence
 from .tables import write_tables
 from .words import (
     CHANCE,
@@ -43,6 +43,7 @@ __all__ = [
     "PAPER_QWEN3_8B",
     "PAPER_QWEN3_32B",
     "PAPER_TOY",
+    "SweepPoint",
     "condition_order",
     "interval_verdict",
     "offset_label",
@@ -61,7 +62,7 @@ def write_report(
     diffs: list[DiffResult],
     out_dir: str | Path,
     *,
-    sweep: list[dict] | None = None,
+    sweep: Sweep | None = None,
     paper: dict | None = None,
     metadata: dict | None = None,
     condition: str | None = None,

@@ -9,7 +9,7 @@ is plotted in percent with 95% intervals and a dashed chance line at 10%.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     _resolve,
     _select,
 )
-from .sweep import sweep_points
+from .sweep import Sweep, sweep_points
 from .words import (
     CHANCE,
     condition_masks,
@@ -196,7 +196,7 @@ def _short_offset(offset: int) -> str:
     return "0\ndirect" if offset == 0 else f"+{offset}"
 
 
-def leakage_vs_training(sweep: Sequence[Mapping[str, Any]] | None) -> Figure | None:
+def leakage_vs_training(sweep: Sweep | None) -> Figure | None:
     """Masked probe accuracy (with its 95% band) and task accuracy across training checkpoints.
 
     Direct accuracy, when the sweep has it, stays in the tables: on the same axis it would
@@ -205,15 +205,15 @@ def leakage_vs_training(sweep: Sequence[Mapping[str, Any]] | None) -> Figure | N
     if not sweep:
         return None
     points = sweep_points(sweep)
-    by_step = all(p.get("step") is not None for p in points)
-    steps = np.array([float(p["step"]) if by_step else float(i) for i, p in enumerate(points)])
-    masked = np.array([100 * float(p["masked_accuracy"]) for p in points])
+    by_step = all(p.step is not None for p in points)
+    steps = np.array([float(p.step) if by_step else float(i) for i, p in enumerate(points)])
+    masked = np.array([100 * float(p.masked_accuracy) for p in points])
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
     highs = list(masked)
-    if all(p.get("masked_ci_low") is not None and p.get("masked_ci_high") is not None for p in points):
-        lo = np.array([100 * float(p["masked_ci_low"]) for p in points])
-        hi = np.array([100 * float(p["masked_ci_high"]) for p in points])
+    if all(p.masked_ci_low is not None and p.masked_ci_high is not None for p in points):
+        lo = np.array([100 * float(p.masked_ci_low) for p in points])
+        hi = np.array([100 * float(p.masked_ci_high) for p in points])
         ax.fill_between(steps, lo, hi, color=MASKED_COLOR, alpha=0.2, linewidth=0, label="masked 95% interval")
         highs += list(hi)
     ax.plot(steps, masked, color=MASKED_COLOR, marker="o", label="masked probe accuracy")
@@ -222,18 +222,18 @@ def leakage_vs_training(sweep: Sequence[Mapping[str, Any]] | None) -> Figure | N
     if by_step:
         ax.set_xlabel("training step")
     else:  # no steps recorded: checkpoints in the order given
-        ax.set_xticks(steps, [str(p.get("checkpoint", i)) for i, p in enumerate(points)])
+        ax.set_xticks(steps, [str(p.checkpoint) for i, p in enumerate(points)])
         ax.set_xlabel("checkpoint (training order)")
     ax.set_ylabel("masked probe accuracy (%)", color=MASKED_COLOR)
     ax.grid(alpha=0.3)
     twin = ax.twinx()
-    twin.plot(steps, [100 * float(p["task_accuracy"]) for p in points], color=TASK_COLOR, marker="s",
+    twin.plot(steps, [100 * float(p.task_accuracy) for p in points], color=TASK_COLOR, marker="s",
               linestyle="-.", label="task accuracy")
     twin.set_ylim(0, 102)
     twin.set_ylabel("task accuracy (%)", color=TASK_COLOR)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=9)
-    layers = {p.get("layer") for p in points}
+    layers = {p.layer for p in points}
     at = f" (masked +1, layer {layers.pop()})" if len(layers) == 1 and None not in layers else ""
     fig.suptitle(f"Leakage and task accuracy across training checkpoints{at}")
     return fig
@@ -423,7 +423,7 @@ def save_figure(fig: Figure, path_stem: Path, formats: Sequence[str] = ("png", "
 def save_all(
     rows: Sequence[CellResult],
     diffs: Sequence[DiffResult] | None,
-    sweep: Sequence[Mapping[str, Any]] | None,
+    sweep: Sweep | None,
     out_dir: str | Path,
     *,
     condition: str | None = None,

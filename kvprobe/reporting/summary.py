@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # reports read results; they need neither torch nor the probe
     from ..analysis import CellResult, DiffResult
 from .comparisons import _conditions
 from .paper import _paper_section
-from .sweep import _sweep_section
+from .sweep import Sweep, _sweep_section
 from .words import (
     _fmt_p,
     _index,
@@ -218,7 +218,7 @@ def render_summary(
     rows: Sequence[CellResult],
     diffs: Sequence[DiffResult] = (),
     *,
-    sweep: Sequence[Mapping[str, Any]] | None = None,
+    sweep: Sweep | None = None,
     paper: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     figures: Sequence[str] = (),

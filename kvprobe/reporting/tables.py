@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
 from .summary import render_summary
+from .sweep import Sweep, sweep_points
 from .words import CHANCE, interval_verdict
 
 REPORT_FORMAT = 1
@@ -85,7 +86,7 @@ def write_tables(
     diffs: list[DiffResult],
     out_dir: str | Path,
     *,
-    sweep: list[dict] | None = None,
+    sweep: Sweep | None = None,
     paper: dict | None = None,
     metadata: dict | None = None,
     figures: Sequence[str] = (),
@@ -100,6 +101,7 @@ def write_tables(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     row_dicts = [r.to_dict() for r in rows]
+    sweep_dicts = None if sweep is None else [p.to_dict() for p in sweep_points(sweep)]
     diff_dicts = [_diff_dict(d) for d in diffs]
     paths = {name: out / name for name in ("results.json", "results.csv", "diffs.csv", "summary.md")}
     document = {
@@ -110,7 +112,7 @@ def write_tables(
         "paper": paper,
         "rows": row_dicts,
         "diffs": diff_dicts,
-        "sweep": sweep,
+        "sweep": sweep_dicts,
     }
     paths["results.json"].write_text(json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n",
                                      encoding="utf-8")
@@ -120,7 +122,7 @@ def write_tables(
     _write_csv(paths["diffs.csv"], diff_dicts, diff_columns)
     if sweep is not None:
         paths["sweep.csv"] = out / "sweep.csv"
-        _write_csv(paths["sweep.csv"], [_flatten(s) for s in sweep], _row_columns(sweep))
+        _write_csv(paths["sweep.csv"], [_flatten(s) for s in sweep_dicts], _row_columns(sweep_dicts))
     paths["summary.md"].write_text(
         render_summary(rows, diffs, sweep=sweep, paper=paper, metadata=metadata, figures=figures, condition=condition),
         encoding="utf-8",
