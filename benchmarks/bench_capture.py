@@ -30,7 +30,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import toy_models
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.forward import masked_forward
+from kvprobe.memento.forward import masked_forward
 from toy_models.source import ToyPasscodeSource
 
 # the paper's setting on the toy: every layer, every memento offset, K+V, mean-pooled

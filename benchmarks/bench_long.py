@@ -58,7 +58,7 @@ class LongTraceSource:
     """`n` identical-layout synthetic traces of `length` tokens with random content (seeded)."""
 
     def __init__(self, n: int, length: int, block_len: int, memento_len: int, vocab: int) -> None:
-        from kvprobe.layout import SpecialTokens, parse_layout
+        from kvprobe.memento.layout import SpecialTokens, parse_layout
 
         self.n_samples, self.special = n, SpecialTokens(**SPECIAL_IDS)
         rng = np.random.default_rng(0)
@@ -86,7 +86,7 @@ class LongTraceSource:
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in the subprocess: one implementation at one length."""
     from kvprobe.capture import CaptureSpec, run_capture
-    from kvprobe.forward import masked_forward
+    from kvprobe.memento.forward import masked_forward
 
     torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]

@@ -296,7 +296,7 @@ def step_qwen3(sz: dict[str, Any], threads: int, save: Callable[..., None]) -> N
 
     import bench_long
     from kvprobe.capture import CaptureSpec, run_capture
-    from kvprobe.forward import masked_forward
+    from kvprobe.memento.forward import masked_forward
 
     device, dtype = sz["device"], getattr(torch, sz["dtype"])
     name, sync = sz["qwen3_model"], sync_for(sz["device"])
@@ -356,7 +356,7 @@ def step_toy(sz: dict[str, Any], threads: int, save: Callable[..., None]) -> Non
     import toy_models
     from kvprobe.analysis import ProbeSettings, probe_store
     from kvprobe.capture import CaptureSpec, run_capture
-    from kvprobe.forward import masked_forward
+    from kvprobe.memento.forward import masked_forward
     from kvprobe.probes.mlp import MLPConfig
     from kvprobe.store import KVStore
     from toy_models.source import ToyPasscodeSource

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import toy_models
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.masks import MaskConfig
 from toy_models.leakage import MEMENTO, Condition, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 

@@ -29,8 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .capture.spec import pooled_vectors
-from .masks import MaskConfig
-from .passcodes import PasscodeSpec, allowed_codes, label_unique_split
+from .memento.masks import MaskConfig
+from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .probes import (
     DEFAULT_INNER_FRACTION,
     DEFAULT_LINEAR_L2_GRID,

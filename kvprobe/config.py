@@ -26,8 +26,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, SITES, STORAGE_DTYPES, CaptureSpec
-from .masks import MaskConfig
+from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
+from .memento.sites import SITES
+from .memento.masks import MaskConfig
 from .probes.selection import DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID
 
 if sys.version_info >= (3, 11):

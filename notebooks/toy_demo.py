@@ -42,12 +42,12 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import toy_models
-from kvprobe import figures
+from kvprobe.reporting import figures
 from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
 from kvprobe.capture import CaptureSpec, plan_capture, run_capture
 from kvprobe.experiment import leakage_table
-from kvprobe.layout import parse_layout
-from kvprobe.masks import MaskConfig, allow_matrix
+from kvprobe.memento.layout import parse_layout
+from kvprobe.memento.masks import MaskConfig, allow_matrix
 from kvprobe.store import KVStore
 from toy_models.data import generate
 from toy_models.source import ToyPasscodeSource

@@ -20,7 +20,7 @@ import string
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
-from kvprobe.layout import SPECIAL_TOKEN_STRINGS, SpecialTokens
+from kvprobe.memento.layout import SPECIAL_TOKEN_STRINGS, SpecialTokens
 
 __all__ = [
     "FIRST_ORDINARY",

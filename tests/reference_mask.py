@@ -1,9 +1,9 @@
-"""A brute-force memento mask written directly from SPEC section 2, for testing kvprobe.masks.
+"""A brute-force memento mask written directly from SPEC section 2, for testing kvprobe.memento.masks.
 
 Deliberately naive: plain Python loops over every (query, key) pair, one rule at a time,
 in the words of the spec. It reads only the raw marker positions of a parsed `Layout`
 (block_start, block_end, summary_start, summary_end, offset, length) and recomputes every
-set itself; it uses nothing from kvprobe/masks.py (not even its MaskConfig: the options
+set itself; it uses nothing from kvprobe/memento/masks.py (not even its MaskConfig: the options
 are plain arguments).
 
 SPEC section 2, restated as this module applies it. SE_i is the position of block i's

@@ -79,3 +79,21 @@ def test_no_library_file_over_500_lines():
     long = {str(f.relative_to(ROOT.parent)): n for f in ROOT.rglob("*.py")
             if (n := len(f.read_text().splitlines())) > 500}
     assert long == {}
+
+
+# the pipeline, left to right: a module may import its own room and rooms to its left only
+PIPELINE = ("memento", "data", "store", "capture", "probes", "stats", "analysis", "reporting", "serving",
+            "training", "config", "experiment", "cli")
+
+
+def _room(module: str) -> int | None:
+    parts = module.split(".")
+    return PIPELINE.index(parts[1]) if len(parts) > 1 and parts[1] in PIPELINE else None
+
+
+def test_data_flows_one_way():
+    rooms = {m for m in import_graph() if m.count(".") >= 1}
+    assert {m.split(".")[1] for m in rooms} - {"__main__"} == set(PIPELINE)  # every room has its place
+    backwards = sorted(f"{m} -> {o}" for m, out in import_graph().items() for o in out
+                       if _room(m) is not None and o != "toy_models" and (_room(o) or 0) > _room(m))
+    assert backwards == []

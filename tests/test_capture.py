@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kvprobe.capture import CaptureSpec, plan_capture, run_capture
-from kvprobe.forward import masked_forward
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.forward import masked_forward
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore, StoreError, StoreWriter
 from toy_models.data import layout
 from toy_models.model import build_model

@@ -37,9 +37,9 @@ from transformers import (
 
 from kvprobe.capture import hf
 from kvprobe.capture.sites import gather_positions
-from kvprobe.forward import memento_inputs
-from kvprobe.layout import parse_batch
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.forward import memento_inputs
+from kvprobe.memento.layout import parse_batch
+from kvprobe.memento.masks import MaskConfig
 
 ATOL = 1e-5
 

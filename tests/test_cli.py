@@ -617,7 +617,7 @@ def test_qwen3_8b_config_validates_without_a_model(monkeypatch):
     assert all(0 <= layer < QWEN3_8B.num_hidden_layers for layer in cfg.capture.layers)
 
     # the traces exist and every trace has the blocks the offsets reach
-    from kvprobe.traces import read_jsonl
+    from kvprobe.data.traces import read_jsonl
 
     traces = read_jsonl(REPO / cfg.data.traces)
     need = cfg.data.target_block + max(cfg.capture.offsets) + 1

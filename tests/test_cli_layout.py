@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvprobe.cli import main
-from kvprobe.layout import SpecialTokens, parse_layout
-from kvprobe.masks import MaskConfig, allow_matrix
+from kvprobe.memento.layout import SpecialTokens, parse_layout
+from kvprobe.memento.masks import MaskConfig, allow_matrix
 
 # the CLI's own example (kvprobe/cli/layout.py EXAMPLE), written out here on purpose
 #          0 1 2       3               4 5 6 7             8                 9 10

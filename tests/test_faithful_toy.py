@@ -13,8 +13,8 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.forward import masked_forward
-from kvprobe.passcodes import PasscodeSpec, allowed_codes, sample_passcodes
+from kvprobe.memento.forward import masked_forward
+from kvprobe.data.passcodes import PasscodeSpec, allowed_codes, sample_passcodes
 from kvprobe.stats import binomial_pvalue, constrained_pvalue
 from kvprobe.store import KVStore
 from toy_models.data import MEMENTO_POSITIONS, layout

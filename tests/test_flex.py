@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.forward import masked_forward
-from kvprobe.masks import MaskConfig
-from kvprobe.trace_source import TracePasscodeSource
-from kvprobe.traces import read_jsonl
+from kvprobe.memento.forward import masked_forward
+from kvprobe.memento.masks import MaskConfig
+from kvprobe.data.trace_source import TracePasscodeSource
+from kvprobe.data.traces import read_jsonl
 from models import PAD_ID, SPECIAL, encode, tiny_qwen3
 from stores import assert_same_store
 from test_traces import PIPELINE, build_tokenizer

@@ -1,4 +1,4 @@
-"""kvprobe.forward.masked_forward on tiny random GPT-2 and Qwen3 models.
+"""kvprobe.memento.forward.masked_forward on tiny random GPT-2 and Qwen3 models.
 
 GPT-2: learned positions, multi-head attention. Qwen3: RoPE, q/k RMS norm, grouped-query
 attention (4 query heads, 2 KV heads). Both fp32 on CPU, random seeded weights.
@@ -13,9 +13,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvprobe.forward import UnsupportedAttentionError, masked_forward, memento_inputs
-from kvprobe.layout import parse_batch, parse_layout
-from kvprobe.masks import MaskConfig, additive_mask, allow_matrix
+from kvprobe.memento.forward import UnsupportedAttentionError, masked_forward, memento_inputs
+from kvprobe.memento.layout import parse_batch, parse_layout
+from kvprobe.memento.masks import MaskConfig, additive_mask, allow_matrix
 from models import ORDINARY_IDS, PAD_ID, SPECIAL, encode, tiny_gpt2, tiny_qwen3
 from strategies import memento_sequences, padded_batches
 

@@ -1,4 +1,4 @@
-"""kvprobe.generate: token-by-token generation with physical KV compaction against the
+"""kvprobe.memento.generate: token-by-token generation with physical KV compaction against the
 dense masked forward (the SPEC section 2 contract), on tiny random GPT-2 and Qwen3, fp32.
 
 The replayed sequence has four blocks; block contents have 3, 3, 2 and 2 tokens, so the
@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from kvprobe.forward import UnsupportedAttentionError, masked_forward
-from kvprobe.generate import GenerationResult, evictable_positions, generate_with_compaction
-from kvprobe.layout import LayoutError, parse_layout
-from kvprobe.masks import MaskConfig, allow_matrix
+from kvprobe.memento.forward import UnsupportedAttentionError, masked_forward
+from kvprobe.memento.generate import GenerationResult, evictable_positions, generate_with_compaction
+from kvprobe.memento.layout import LayoutError, parse_layout
+from kvprobe.memento.masks import MaskConfig, allow_matrix
 from models import PAD_ID, SPECIAL, VOCAB_SIZE, decode, encode, tiny_gpt2, tiny_qwen3
 from strategies import memento_sequences
 

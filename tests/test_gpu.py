@@ -24,13 +24,13 @@ import torch
 
 from kvprobe.analysis import ProbeSettings, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.forward import masked_forward
-from kvprobe.generate import generate_with_compaction
-from kvprobe.layout import parse_layout
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.forward import masked_forward
+from kvprobe.memento.generate import generate_with_compaction
+from kvprobe.memento.layout import parse_layout
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore
-from kvprobe.trace_source import TracePasscodeSource
-from kvprobe.traces import read_jsonl
+from kvprobe.data.trace_source import TracePasscodeSource
+from kvprobe.data.traces import read_jsonl
 from models import PAD_ID, SPECIAL, encode, tiny_qwen3
 from stores import assert_same_store, store_features
 from test_traces import PIPELINE, build_tokenizer
@@ -199,7 +199,7 @@ def test_device_map_over_two_gpus_captures_what_one_gpu_captures(tmp_path):
 
 
 def test_two_stage_sft_on_cuda_in_bf16(tmp_path):
-    from kvprobe.sft import two_stage_sft
+    from kvprobe.training.sft import two_stage_sft
 
     tok = build_tokenizer()
     model = trace_qwen3(len(tok)).cuda()

@@ -10,12 +10,12 @@ import torch
 from tokenizers import Tokenizer
 
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.inject import DEFAULT_TEMPLATE, inject_and_tokenize, inject_passcode, sentence_boundaries
-from kvprobe.layout import SpecialTokens, parse_batch
-from kvprobe.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from kvprobe.data.inject import DEFAULT_TEMPLATE, inject_and_tokenize, inject_passcode, sentence_boundaries
+from kvprobe.memento.layout import SpecialTokens, parse_batch
+from kvprobe.data.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
 from kvprobe.store import KVStore
-from kvprobe.trace_source import CHUNK, TracePasscodeSource
-from kvprobe.traces import Trace, TraceError, read_jsonl, tokenize_trace
+from kvprobe.data.trace_source import CHUNK, TracePasscodeSource
+from kvprobe.data.traces import Trace, TraceError, read_jsonl, tokenize_trace
 from test_traces import PIPELINE, build_tokenizer, tiny_qwen3
 
 

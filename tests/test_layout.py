@@ -1,4 +1,4 @@
-"""kvprobe.layout: parsing the Memento token structure (issue #2, "What must be true")."""
+"""kvprobe.memento.layout: parsing the Memento token structure (issue #2, "What must be true")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
-from kvprobe.layout import SPECIAL_TOKEN_STRINGS, LayoutError, SpecialTokens, parse_batch, parse_layout
+from kvprobe.memento.layout import SPECIAL_TOKEN_STRINGS, LayoutError, SpecialTokens, parse_batch, parse_layout
 from models import PAD_ID, SPECIAL, encode
 from strategies import memento_sequences, padded_batches
 

@@ -12,7 +12,7 @@ import pytest
 import toy_models
 from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.stats import paired_bootstrap_ci, wilson_interval
 from kvprobe.store import Cell, KVStore
 from toy_models.source import ToyPasscodeSource

@@ -1,4 +1,4 @@
-"""kvprobe.masks against a brute-force reference written from SPEC section 2."""
+"""kvprobe.memento.masks against a brute-force reference written from SPEC section 2."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
-from kvprobe.layout import parse_batch, parse_layout
-from kvprobe.masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask, flex_mask_mod
+from kvprobe.memento.layout import parse_batch, parse_layout
+from kvprobe.memento.masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask, flex_mask_mod
 from models import SPECIAL, decode, encode
 from reference_mask import reference_allow_batch
 from strategies import padded_batches
@@ -268,7 +268,7 @@ def test_mask_config_names_are_distinct_for_distinct_masks():
 def test_padding_query_attends_only_itself():
     from models import SPECIAL
 
-    from kvprobe.layout import parse_batch
+    from kvprobe.memento.layout import parse_batch
 
     ids = torch.tensor([[7, 8, 0, 0]])
     layouts = parse_batch(ids, SPECIAL, torch.tensor([[1, 1, 0, 0]]))

@@ -18,7 +18,7 @@ import torch
 from kvprobe.analysis import ProbeSettings, load_grid, probe_store, save_grid, sensitivity_curves
 from kvprobe.config import ConfigError, parse_config
 from kvprobe.reporting.figures import l2_selection, l2_sensitivity
-from kvprobe.passcodes import label_unique_split
+from kvprobe.data.passcodes import label_unique_split
 from kvprobe.probes import (
     DEFAULT_LINEAR_L2_GRID,
     LinearConfig,

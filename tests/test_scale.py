@@ -29,12 +29,12 @@ from kvprobe.experiment import capture as experiment_capture
 from kvprobe.cli import main
 from kvprobe.experiment import process_device
 from kvprobe.config import ConfigError, parse_config
-from kvprobe.forward import input_device
-from kvprobe.generate import generate_with_compaction
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.forward import input_device
+from kvprobe.memento.generate import generate_with_compaction
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore
-from kvprobe.trace_source import TracePasscodeSource
-from kvprobe.traces import read_jsonl
+from kvprobe.data.trace_source import TracePasscodeSource
+from kvprobe.data.traces import read_jsonl
 from models import SPECIAL, encode
 from stores import assert_same_store
 from models import tiny_qwen3 as tiny_synthetic_qwen3
@@ -194,7 +194,7 @@ def test_torchrun_capture_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_sft_is_data_parallel(checkpoint, tmp_path):
     """3 traces, batch 1 per process, one epoch: 2 processes take 2 steps (the data is split), one takes 3."""
-    args = ["-m", "kvprobe.sft", "--model", str(checkpoint), "--traces", str(PIPELINE), "--dtype", "float32",
+    args = ["-m", "kvprobe.training.sft", "--model", str(checkpoint), "--traces", str(PIPELINE), "--dtype", "float32",
             "--grad-accum", "1", "--chat-template", "none", "--training-arg", "disable_tqdm=true"]
     done = _torchrun(*args, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.cli import main
 from kvprobe.serving import (
     ClientConfig,
@@ -36,7 +36,7 @@ from kvprobe.serving import (
     read_prompts,
     serve_command,
 )
-from kvprobe.traces import from_generated_text, read_jsonl
+from kvprobe.data.traces import from_generated_text, read_jsonl
 
 DATA = Path(__file__).parent / "data"
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from test_traces import PIPELINE, build_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import kvprobe.sft as sft
+import kvprobe.training.sft as sft
 from kvprobe.cli import main as cli_main
-from kvprobe.forward import masked_forward
-from kvprobe.layout import SpecialTokens, parse_layout
-from kvprobe.masks import MaskConfig, allow_matrix
-from kvprobe.sft import (
+from kvprobe.memento.forward import masked_forward
+from kvprobe.memento.layout import SpecialTokens, parse_layout
+from kvprobe.memento.masks import MaskConfig, allow_matrix
+from kvprobe.training.sft import (
     QWEN3_CHAT_TEMPLATE,
     MementoCollator,
     select_traces,
@@ -28,7 +28,7 @@ from kvprobe.sft import (
     train_stage,
     two_stage_sft,
 )
-from kvprobe.traces import Trace, read_jsonl, tokenize_trace
+from kvprobe.data.traces import Trace, read_jsonl, tokenize_trace
 
 
 @pytest.fixture(scope="module")

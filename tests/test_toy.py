@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import toy_models
-from kvprobe.layout import SpecialTokens, parse_layout
+from kvprobe.memento.layout import SpecialTokens, parse_layout
 from toy_models import data
 from toy_models.checkpoint import resolve
 from toy_models.model import N_PARAMS, build_model, toy_config

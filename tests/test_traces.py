@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from kvprobe.layout import SPECIAL_TOKEN_STRINGS, LayoutError, SpecialTokens
-from kvprobe.traces import (
+from kvprobe.memento.layout import SPECIAL_TOKEN_STRINGS, LayoutError, SpecialTokens
+from kvprobe.data.traces import (
     RELATED_WORDS,
     Trace,
     TraceError,

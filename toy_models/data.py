@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvprobe.layout import Layout, parse_layout
+from kvprobe.memento.layout import Layout, parse_layout
 
 from .vocab import SPECIAL
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from kvprobe.analysis import CellResult, ProbeSettings, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore
 
 from .source import ToyPasscodeSource

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvprobe.capture import SampleBatch
-from kvprobe.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from kvprobe.data.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from kvprobe.data.samples import SampleBatch
 
 from .data import N_BLOCKS, N_DIGITS, generate, layout
 from .vocab import SPECIAL

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kvprobe.forward import memento_inputs
-from kvprobe.masks import MaskConfig
+from kvprobe.memento.forward import memento_inputs
+from kvprobe.memento.masks import MaskConfig
 
 from .data import MEMENTO_POSITIONS, SEQ_LEN, generate, layout
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from kvprobe.layout import SPECIAL_TOKEN_STRINGS, SpecialTokens
+from kvprobe.memento.layout import SPECIAL_TOKEN_STRINGS, SpecialTokens
 
 __all__ = ["DIGITS", "SPECIAL", "VOCAB", "VOCAB_SIZE", "build_tokenizer"]
 

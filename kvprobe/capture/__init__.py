@@ -1,10 +1,12 @@
 """Capture: KV states of chosen positions and layers, through one interface and three
 backends (transformers, TransformerLens, nnsight), into an HDF5 store."""
 
+from ..data.samples import SampleBatch, SampleSource
+from ..memento.sites import site_positions
 from .backends import get_backend
 from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
 from .sites import gather_positions
-from .spec import CaptureSpec, SampleBatch, SampleSource, site_positions
+from .spec import CaptureSpec
 
 __all__ = [
     "CapturePlan",

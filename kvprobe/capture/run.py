@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..forward import input_device, memento_inputs
+from ..data.samples import SampleBatch, SampleSource
+from ..memento.forward import input_device, memento_inputs
+from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
-from .spec import POOLINGS, CaptureSpec, SampleBatch, SampleSource, pooled_vectors, site_positions
+from .spec import POOLINGS, CaptureSpec, pooled_vectors
 
 __all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 

@@ -22,18 +22,13 @@ concatenated per token: D = len(kinds) * n_kv * d_head per stored vector.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import torch
+from ..memento.masks import MaskConfig
+from ..memento.sites import SITES
 
-from ..layout import Layout, SpecialTokens
-from ..masks import MaskConfig
+__all__ = ["POOLINGS", "BACKENDS", "CaptureSpec", "pooled_vectors"]
 
-__all__ = ["SITES", "POOLINGS", "BACKENDS", "CaptureSpec", "SampleBatch", "SampleSource", "pooled_vectors",
-           "site_positions"]
-
-SITES = ("memento", "memento_text", "block_end")
 POOLINGS = ("tail_mean", "tokens", "mean", "last")
 BACKENDS = ("transformers", "lens", "nnsight")
 STORAGE_DTYPES = ("float16", "float32")
@@ -99,49 +94,3 @@ def _check(ok: Any, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"capture spec field '{name}' = {value!r}: expected {expected}")
 
 
-@dataclass
-class SampleBatch:
-    """A batch of samples: token ids with their passcodes and parsed layouts.
-
-    index (n,) global sample ids; input_ids (n, T); attention_mask (n, T) or None;
-    passcodes: n strings; labels (n, L) class indices; layouts: n parsed layouts.
-    """
-
-    index: np.ndarray
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    passcodes: list[str]
-    labels: np.ndarray
-    layouts: list[Layout]
-
-
-class SampleSource(Protocol):
-    """Deterministic samples for a capture: `samples(start, stop)` always returns the same
-    batch for the same range. `describe()` identifies the source in the store's config.
-    A source with a `target_block` attribute (the block holding the passcode) must agree
-    with the capture spec's; `plan_capture` refuses a mismatch."""
-
-    n_samples: int
-    special: SpecialTokens
-
-    def samples(self, start: int, stop: int) -> SampleBatch: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-
-def site_positions(layout: Layout, site: str, block: int) -> list[int]:
-    """Positions of `site` for block index `block` in one layout; raises ValueError if absent."""
-    if not 0 <= block < layout.n_blocks:
-        raise ValueError(f"block {block} does not exist: the sequence has {layout.n_blocks} blocks (0..{layout.n_blocks - 1})")
-    b = layout.blocks[block]
-    if site in ("memento", "memento_text"):
-        if not b.completed:
-            raise ValueError(f"block {block} has no finished memento")
-        if len(b.memento_text) == 0:
-            raise ValueError(f"the memento of block {block} is empty")
-        return list(b.memento if site == "memento" else b.memento_text)
-    if site == "block_end":
-        if b.end is None:
-            raise ValueError(f"block {block} has no <|block_end|>")
-        return [b.end]
-    raise ValueError(f"unknown site {site!r}; expected one of {SITES}")

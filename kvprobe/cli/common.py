@@ -9,7 +9,7 @@ import yaml
 
 from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
 from ..experiment.errors import ExperimentError
-from ..masks import MaskConfig
+from ..memento.masks import MaskConfig
 
 __all__ = ["UsageError", "add_mask_args", "add_parser", "experiment_config", "mask_from_args"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..layout import LayoutError, SpecialTokens, parse_layout
-from ..masks import MaskConfig, allow_matrix
+from ..memento.layout import LayoutError, SpecialTokens, parse_layout
+from ..memento.masks import MaskConfig, allow_matrix
 from .common import UsageError, add_mask_args, add_parser, mask_from_args
 
 # a small example in the Memento token format; specials are written as their text

@@ -1,6 +1,6 @@
 """`kvprobe sft`: the two-stage Memento SFT of a base or reasoning model (transformers' Trainer).
 
-A thin command over `kvprobe.sft` (docs/real_models.md): load a checkpoint, add the
+A thin command over `kvprobe.training.sft` (docs/real_models.md): load a checkpoint, add the
 Memento markers, run stage 1 (full attention), stage 2 (memento attention) or both.
 """
 
@@ -19,8 +19,8 @@ def _sft(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..sft import QWEN3_CHAT_TEMPLATE, stage_attn_implementation, train_stage
-    from ..traces import TraceError, add_memento_tokens, read_jsonl
+    from ..training.sft import QWEN3_CHAT_TEMPLATE, stage_attn_implementation, train_stage
+    from ..data.traces import TraceError, add_memento_tokens, read_jsonl
 
     mask = mask_from_args(args)
     first_stage = int(args.stages[0])
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  accelerate launch -m kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl "
                    "--output-dir runs/sft --stages 2")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
-    p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.traces.read_jsonl)")
+    p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.data.traces.read_jsonl)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")

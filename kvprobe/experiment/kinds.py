@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .errors import ExperimentError
 
 if TYPE_CHECKING:
-    from ..capture.spec import SampleSource
+    from ..data.samples import SampleSource
     from ..config import ExperimentConfig, ModelSection
 
 __all__ = ["ENTRY_POINT_GROUP", "ModelKind", "model_kind"]

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..capture.spec import SampleSource
+from ..data.samples import SampleSource
 from ..config import ExperimentConfig, ModelSection
 from .errors import ExperimentError
 from .kinds import model_kind
@@ -60,8 +60,8 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
             raise ExperimentError(f"data: {e}") from None
     from transformers import AutoTokenizer
 
-    from ..trace_source import TracePasscodeSource
-    from ..traces import read_generated, read_jsonl
+    from ..data.trace_source import TracePasscodeSource
+    from ..data.traces import read_generated, read_jsonl
 
     if not data.traces:
         raise ExperimentError("data.traces: a traces file is needed when data.kind is 'traces'")

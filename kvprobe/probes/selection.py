@@ -100,7 +100,7 @@ def inner_split(y_train: Any, fraction: float = DEFAULT_INNER_FRACTION, seed: in
     """Boolean (N,), True for inner validation: about `fraction` of the distinct passcodes, label-unique.
 
     y_train: labels (N, K), or (G, N, K) when every group has the same labels.
-    Callers that hold the passcode strings can use `kvprobe.passcodes.label_unique_split` instead.
+    Callers that hold the passcode strings can use `kvprobe.data.passcodes.label_unique_split` instead.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"inner fraction must be in (0, 1), got {fraction!r}")

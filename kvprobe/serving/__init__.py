@@ -4,7 +4,7 @@ The Memento vLLM fork (`microsoft/memento`, directory `vllm/`: an overlay on sto
 vLLM 0.13) serves a Memento checkpoint behind an OpenAI-compatible API and evicts each
 block's KV entries once its memento is complete. This module talks to such a server over
 plain HTTP (``httpx``; the ``openai`` package is not needed) and turns the answers into
-`kvprobe.traces.Trace` records:
+`kvprobe.data.traces.Trace` records:
 
     prompts = read_prompts("prompts.jsonl")            # {"prompt_id": ..., "prompt": ...} per line
     cfg = ClientConfig(base_url="http://127.0.0.1:8010/v1", model="memento", seed=0)
@@ -34,7 +34,7 @@ Output (resumable)
          "usage": {...}, "trace": {"trace_id": "p1", "prompt": ..., "blocks": [...],
          "summaries": [...], "answer": ...}, "error": null}
 
-    The returned text is parsed with `kvprobe.traces.from_generated_text`. A text that is
+    The returned text is parsed with `kvprobe.data.traces.from_generated_text`. A text that is
     not a complete Memento trace (a truncated generation, broken structure) is recorded
     with ``"trace": null`` and the parse error in ``"error"``; it does not stop the run. The
     trace's prompt is the prompt's `Prompt.problem` text (the problem as you gave it), not
@@ -45,7 +45,7 @@ Output (resumable)
     per output file.
 
 `block_masking_config` builds the fork's ``--block-masking-config`` JSON from a
-`kvprobe.masks.MaskConfig`; `serve_command` the whole server command line.
+`kvprobe.memento.masks.MaskConfig`; `serve_command` the whole server command line.
 `generate_offline` runs the fork's offline ``vllm.LLM`` instead of a server (vLLM is
 imported only there). `kvprobe serve`, `kvprobe generate`, `kvprobe generate-offline` and
 `kvprobe export-traces` are the command line over the same functions. See docs/real_models.md.

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Literal
 import httpx
 from tqdm.auto import tqdm
 
-from ..traces import Trace, TraceError, from_generated_text
+from ..data.traces import Trace, TraceError, from_generated_text
 from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids
 
 # status codes worth another try: rate limiting and server-side failures

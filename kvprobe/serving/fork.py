@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from ..masks import MaskConfig
+from ..memento.masks import MaskConfig
 
 
 def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = True, **extra: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..traces import Trace, TraceError
+from ..data.traces import Trace, TraceError
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def read_generations(path: str | Path) -> list[Generation]:
 
 
 def trace_to_pipeline_record(trace: Trace) -> dict[str, Any]:
-    """A Memento data-pipeline record (what `kvprobe.traces.read_jsonl` reads) holding `trace`.
+    """A Memento data-pipeline record (what `kvprobe.data.traces.read_jsonl` reads) holding `trace`.
 
     Each block is one "sentence", so `read_jsonl` gives the same trace back.
     """

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from ..masks import MaskConfig
+from ..memento.masks import MaskConfig
 from .client import parse_generation, prompt_seed
 from .fork import block_masking_config
 from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids

@@ -1,6 +1,6 @@
 """A reference generator that physically compacts the KV cache, as a Memento server does.
 
-The dense path (`kvprobe.forward.masked_forward`) runs a whole sequence at once under a
+The dense path (`kvprobe.memento.forward.masked_forward`) runs a whole sequence at once under a
 memento mask. A serving engine instead generates token by token and, when a block's
 memento is complete, evicts that block's KV entries from the cache. SPEC section 2 makes
 the two paths a contract: they must give the same KV states and logits. This module is
@@ -10,7 +10,7 @@ LM with `eager` or `sdpa` attention:
 - every token keeps its original position id; positions never shift after an eviction,
   so the cache holds keys at non-contiguous positions (`GenerationResult.kept_positions`);
 - each forward gets an explicit additive float mask over exactly the keys in the cache,
-  rows taken from the same predicate as the dense mask (`kvprobe.masks`);
+  rows taken from the same predicate as the dense mask (`kvprobe.memento.masks`);
 - when `<|summary_end|>` is produced (or teacher-forced), every key that no later query
   may see under `MaskConfig` is dropped from every layer (index_select on the sequence
   axis): completed blocks' content (older than the `keep_last_n_blocks` most recent),
@@ -138,7 +138,7 @@ class _CompactingRun:
         stop = len(self.ids)
         queries = torch.arange(start, stop)  # (Q,)
         keys = torch.tensor(self.kept + list(range(start, stop)))  # (K + Q,), cache order
-        # the dense predicate evaluated on (query, key) index grids, as kvprobe.masks builds it
+        # the dense predicate evaluated on (query, key) index grids, as kvprobe.memento.masks builds it
         allowed = flex_mask_mod([layout], stop, config)(torch.tensor(0), None, queries[:, None], keys[None, :])
         mask = additive_mask(allowed[None, None], dtype=self.model.dtype).to(self.device)  # (1, 1, Q, K + Q)
         out = self.model(

@@ -12,7 +12,7 @@ Stage 1 runs with ``attn_implementation="flash_attention_2"`` when the ``flash_a
 package is installed and CUDA is present, else ``sdpa``; it gets a plain 2D padding
 mask. Stage 2 needs a custom 4D mask, which the flash-attention paths ignore, so it runs
 with ``sdpa`` (or ``eager`` if the model already uses it) and the collator supplies the
-dense additive memento mask from `kvprobe.forward.memento_inputs` plus position ids.
+dense additive memento mask from `kvprobe.memento.forward.memento_inputs` plus position ids.
 
 `MementoCollator` turns `Trace` objects into a padded batch (right padding):
 
@@ -54,10 +54,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
-from .layout import Layout, SpecialTokens, parse_layout
-from .masks import MaskConfig
-from .traces import Trace, TraceError, add_memento_tokens, tokenize_trace
+from ..memento.forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
+from ..memento.layout import Layout, SpecialTokens, parse_layout
+from ..memento.masks import MaskConfig
+from ..data.traces import Trace, TraceError, add_memento_tokens, tokenize_trace
 
 __all__ = [
     "QWEN3_CHAT_TEMPLATE",
@@ -340,7 +340,7 @@ def two_stage_sft(
     """Stage 1 (causal) then stage 2 (memento attention) on the same model.
 
     With `add_tokens`, the Memento markers missing from the tokenizer are added first and
-    their embeddings initialised (`kvprobe.traces.add_memento_tokens`). Stage 1 writes to
+    their embeddings initialised (`kvprobe.data.traces.add_memento_tokens`). Stage 1 writes to
     ``output_dir/stage1``, stage 2 to ``output_dir/stage2`` (the final model).
     `traces_stage2` defaults to `traces`. `common` keywords go to both `train_stage`
     calls, `stage1`/`stage2` to one (they win over `common`).

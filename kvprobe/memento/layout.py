@@ -70,7 +70,7 @@ class SpecialTokens:
         if missing:
             raise LayoutError(
                 f"special token(s) {', '.join(missing)} missing from the tokenizer "
-                "(add them first, e.g. kvprobe.traces.add_memento_tokens)"
+                "(add them first, e.g. kvprobe.data.traces.add_memento_tokens)"
             )
         return cls(**{field: vocab[text] for field, text in SPECIAL_TOKEN_STRINGS.items()})
 

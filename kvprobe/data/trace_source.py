@@ -1,7 +1,7 @@
 """Passcode samples on real traces, as a `kvprobe.capture.SampleSource`.
 
 Sample i is trace ``i % len(traces)`` with a passcode injected into its target block
-(kvprobe.inject). Passcodes come in fixed chunks seeded by (seed, chunk), so any range of
+(kvprobe.data.inject). Passcodes come in fixed chunks seeded by (seed, chunk), so any range of
 samples is the same however a capture batches or shards it, and two sources that differ
 only in `seed` differ only in their passcodes. Batches are right-padded with the
 tokenizer's pad token (else its eos token) and carry an attention mask.
@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .capture.spec import SITES, SampleBatch, site_positions
+from ..memento.sites import SITES, site_positions
+from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, inject_and_tokenize
-from .layout import Layout, SpecialTokens
+from ..memento.layout import Layout, SpecialTokens
 from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
 from .traces import Trace, TraceError, render, tokenize_trace
 

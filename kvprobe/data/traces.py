@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
+from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
 
 __all__ = [
     "ANSWER_KEYS",

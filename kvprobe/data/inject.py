@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .layout import Layout, SpecialTokens
+from ..memento.layout import Layout, SpecialTokens
 from .traces import Trace, TraceError, encode_text, parse_trace_ids, render_with_spans, tokenize_trace
 
 __all__ = [

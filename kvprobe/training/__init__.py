@@ -1,0 +1,1 @@
+"""Training Memento models: the two-stage SFT of `training.sft` (transformers' Trainer)."""
