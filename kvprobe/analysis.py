@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture.spec import pooled_vectors
 from .memento.masks import MaskConfig
+from .memento.sites import offset_role
 from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .probes import (
     DEFAULT_INNER_FRACTION,
@@ -65,7 +66,6 @@ __all__ = [
     "SensitivityCurve",
     "apply_holm",
     "compare",
-    "condition_of",
     "load_grid",
     "merge_grids",
     "probe_store",
@@ -152,12 +152,13 @@ class CellResult:
         return Cell(self.site, self.offset, self.layer, self.pooling or Cell.pooling)
 
     @property
-    def condition_label(self) -> str:
-        return condition_of(self.offset)
+    def role(self) -> str:
+        """The offset's role: 'causal control', 'direct' or 'masked'."""
+        return offset_role(self.offset)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["role"] = self.condition_label
+        d["role"] = self.role
         return d
 
 
@@ -197,11 +198,6 @@ class GridResult:
             if (r.cell, r.probe) == (cell, probe):
                 return r
         raise KeyError((cell, probe))
-
-
-def condition_of(offset: int) -> str:
-    """SPEC section 3's name for a memento offset."""
-    return "causal control" if offset < 0 else "direct" if offset == 0 else "masked"
 
 
 def _groups(cells: list[Cell], n: int, d: int, budget: int) -> Iterable[list[Cell]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .layout import Layout
 
-__all__ = ["SITES", "site_positions"]
+__all__ = ["SITES", "offset_role", "site_positions"]
 
 SITES = ("memento", "memento_text", "block_end")
 
@@ -30,3 +30,9 @@ def site_positions(layout: Layout, site: str, block: int) -> list[int]:
             raise ValueError(f"block {block} has no <|block_end|>")
         return [b.end]
     raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+
+
+def offset_role(offset: int) -> str:
+    """SPEC section 3's name for a memento at `offset` blocks from the target block: 'causal control'
+    (before it: must read chance), 'direct' (its own memento) or 'masked' (written after it was hidden)."""
+    return "causal control" if offset < 0 else "direct" if offset == 0 else "masked"

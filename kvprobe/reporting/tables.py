@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
+from ..memento.sites import offset_role
 from .summary import render_summary
 from .sweep import Sweep, sweep_points
 from .words import CHANCE, interval_verdict
@@ -76,7 +77,7 @@ def _jsonable(value: Any) -> Any:
 
 def _diff_dict(d: DiffResult) -> dict[str, Any]:
     out = d.to_dict()
-    out["role"] = "causal control" if d.offset < 0 else "direct" if d.offset == 0 else "masked"
+    out["role"] = offset_role(d.offset)
     out["interval"] = interval_verdict(d.ci_low, d.ci_high)
     return out
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..memento.sites import offset_role
 from ..stats import wilson_interval
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
@@ -77,10 +78,11 @@ def probe_order(rows: Iterable[CellResult]) -> list[str]:
 
 
 def offset_label(offset: int) -> str:
-    """SPEC section 3's name for an offset, with the offset: 'causal control (−1)', 'direct (0)', 'masked +2'."""
+    """`offset_role` with the offset: 'causal control (−1)', 'direct (0)', 'masked +2'."""
+    role = offset_role(offset)
     if offset < 0:
-        return f"causal control (−{-offset})"
-    return "direct (0)" if offset == 0 else f"masked +{offset}"
+        return f"{role} (−{-offset})"
+    return f"{role} (0)" if offset == 0 else f"{role} +{offset}"
 
 
 def interval_verdict(low: float, high: float, reference: float = 0.0, name: str = "0") -> str:
