@@ -20,6 +20,8 @@ from .masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
 __all__ = [
     "DENSE_MASK_IMPLEMENTATIONS",
     "UnsupportedAttentionError",
+    "attention_implementation",
+    "check_implementation",
     "input_device",
     "masked_forward",
     "memento_inputs",
@@ -34,14 +36,22 @@ class UnsupportedAttentionError(ValueError):
     """The model's attention implementation would ignore or mis-read a memento mask."""
 
 
-def attention_implementation(model: Any) -> str:
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS:
+def check_implementation(impl: str, allowed: tuple[str, ...] = DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS,
+                         who: str = "a memento mask needs a 4D mask") -> str:
+    """`impl` if it is in `allowed`, else UnsupportedAttentionError saying `who` needs what and why.
+    The one check every masked computation (forward, generation, SFT stage 2) makes."""
+    if impl not in allowed:
         raise UnsupportedAttentionError(
-            f"attention implementation {impl!r} ignores custom 4D masks; load the model with "
-            "attn_implementation='sdpa' (or 'eager'; 'flex_attention' for long sequences on GPU)"
+            f"{who}: attention implementation {impl!r} ignores custom 4D masks; load the model with "
+            f"attn_implementation in {allowed} ('sdpa' on CPU, 'flex_attention' for long sequences on GPU)"
         )
     return impl
+
+
+def attention_implementation(model: Any, allowed: tuple[str, ...] = DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS,
+                             who: str = "a memento mask needs a 4D mask") -> str:
+    """The model's attention implementation, checked by `check_implementation`."""
+    return check_implementation(getattr(model.config, "_attn_implementation", None) or "eager", allowed, who)
 
 
 def input_device(model: Any) -> torch.device:

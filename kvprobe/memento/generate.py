@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .forward import DENSE_MASK_IMPLEMENTATIONS, UnsupportedAttentionError, input_device
+from .forward import DENSE_MASK_IMPLEMENTATIONS, attention_implementation, input_device
 from .layout import Layout, LayoutError, SpecialTokens, parse_layout
 from .masks import MaskConfig, additive_mask, flex_mask_mod
 
@@ -249,12 +249,7 @@ def generate_with_compaction(
     Memento structure (a second <|block_start|> inside a block, say): the mask is only
     defined on valid structure. A forced token that breaks it raises LayoutError.
     """
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in DENSE_MASK_IMPLEMENTATIONS:
-        raise UnsupportedAttentionError(
-            f"generate_with_compaction builds dense float masks; attention implementation {impl!r} is not "
-            f"supported, load the model with attn_implementation in {DENSE_MASK_IMPLEMENTATIONS}"
-        )
+    attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
     if getattr(model.config, "sliding_window", None) is not None:
         raise ValueError("generate_with_compaction does not support sliding-window attention")
     prompt = _as_id_list(prompt_ids, "prompt_ids")

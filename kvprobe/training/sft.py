@@ -54,7 +54,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from ..memento.forward import DENSE_MASK_IMPLEMENTATIONS, memento_inputs
+from ..memento.forward import DENSE_MASK_IMPLEMENTATIONS, check_implementation, memento_inputs
 from ..memento.layout import Layout, SpecialTokens, parse_layout
 from ..memento.masks import MaskConfig
 from ..data.traces import Trace, TraceError, add_memento_tokens, tokenize_trace
@@ -267,9 +267,9 @@ def train_stage(
     _check_stage(stage)
     current = getattr(model.config, "_attn_implementation", None)
     impl = attn_implementation or stage_attn_implementation(stage, current)
-    if stage == 2 and impl not in DENSE_MASK_IMPLEMENTATIONS:
-        raise ValueError(f"stage 2 needs an attention implementation that reads a 4D mask "
-                         f"{DENSE_MASK_IMPLEMENTATIONS}, got {impl!r}")
+    if stage == 2:
+        check_implementation(impl, DENSE_MASK_IMPLEMENTATIONS, "stage 2 needs an attention implementation that "
+                                                               "reads a 4D mask")
     if impl != current:
         model.set_attn_implementation(impl)
 
