@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
 from .memento.sites import SITES
 from .memento.masks import MaskConfig
-from .probes.selection import DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID
+from .analysis import ProbeSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,26 +129,32 @@ MaskSection = section_from(
     {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool, "restart_mode": bool})
 
 
+_PROBE = ProbeSettings()  # the probe section's defaults are the Python defaults: one set
+
+
 class ProbeSection(_Strict):
-    kinds: tuple[Literal["linear", "mlp"], ...] = ("linear", "mlp")
-    seeds: int = Field(3, ge=1)  # MLP initialisations; the convex linear probe is fitted once
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """How to probe, as `kvprobe.analysis.ProbeSettings` (its defaults), plus what only a config
+    says: per-condition shuffled controls and the MLP's own cell subset."""
+
+    kinds: tuple[Literal["linear", "mlp"], ...] = _PROBE.kinds
+    seeds: int = Field(_PROBE.seeds, ge=1)  # MLP initialisations; the convex linear probe is fitted once
+    val_fraction: float = Field(_PROBE.val_fraction, gt=0, lt=1)
     pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]  # None: capture.pooling's first
-    shuffled_control: bool | tuple[str, ...] = True  # True: every condition; or the conditions to control
-    layers: tuple[int, ...] | None = None  # cells to probe; None: all captured
-    offsets: tuple[int, ...] | None = None
+    shuffled_control: bool | tuple[str, ...] = _PROBE.shuffled_control  # True: every condition; or the conditions
+    layers: tuple[int, ...] | None = _PROBE.layers  # cells to probe; None: all captured
+    offsets: tuple[int, ...] | None = _PROBE.offsets
     mlp_layers: tuple[int, ...] | None = None  # the MLP's cells, a subset to save time; None: same as above
     mlp_offsets: tuple[int, ...] | None = None
     mlp_sites: tuple[Literal[SITES], ...] | None = None  # type: ignore[valid-type]
-    n_boot: int = Field(2000, ge=100)
-    linear_l2: float = Field(1e-3, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
-    linear_tol: float = Field(1e-3, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)
-    mlp_max_epochs: int = Field(100, ge=1)
+    n_boot: int = Field(_PROBE.n_boot, ge=100)
+    linear_l2: float = Field(_PROBE.linear.l2, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
+    linear_tol: float = Field(_PROBE.linear.tol, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)
+    mlp_max_epochs: int = Field(_PROBE.mlp.max_epochs, ge=1)
     # probe strength chosen per cell on an inner label-unique split of the training passcodes;
     # a one-value grid is a fixed strength. linear_l2 without linear_l2_grid means the grid [linear_l2].
-    linear_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] = Field(DEFAULT_LINEAR_L2_GRID, min_length=1)
-    mlp_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)  # None: fixed 1e-4
-    inner_fraction: float = Field(DEFAULT_INNER_FRACTION, gt=0, lt=1)  # share of training passcodes held out
+    linear_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] = Field(_PROBE.linear_l2_grid, min_length=1)
+    mlp_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(_PROBE.mlp_l2_grid, min_length=1)
+    inner_fraction: float = Field(_PROBE.inner_fraction, gt=0, lt=1)  # share of training passcodes held out
 
     @model_validator(mode="before")
     @classmethod

@@ -230,6 +230,20 @@ def test_custom_study_reports_its_paired_difference(capsys, tmp_path):
     assert "**memento − keep-last-1** (masks memento − memento-keep1)" in summary  # masks read from the stores
 
 
+def test_config_defaults_are_the_python_defaults():
+    """One declaration, one set of defaults: a config that says nothing captures and probes as Python does."""
+    from dataclasses import replace
+
+    from kvprobe.analysis import ProbeSettings
+    from kvprobe.capture import CaptureSpec
+    from kvprobe.experiment.pipeline import _settings
+
+    cfg = parse_config({})
+    assert cfg.capture_spec("memento") == CaptureSpec(layers=(0, 1, 2, 3))
+    for kind in ("linear", "mlp"):
+        assert _settings(cfg, kind) == replace(ProbeSettings(), kinds=(kind,), device=cfg.model.device)
+
+
 def test_comparisons_are_checked_and_default_sensibly():
     base = dict(TINY, conditions={"memento": {}, "restart-hidden": {"restart_mode": True, "mask_delimiters": True},
                                   "keep1": {"keep_last_n_blocks": 1}})
