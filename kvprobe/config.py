@@ -121,7 +121,7 @@ CaptureSection = section_from(
      "kinds": tuple[Literal["k", "v"], ...], "pooling": tuple[Literal[POOLINGS], ...],  # type: ignore[valid-type]
      "max_tokens": _Positive, "dtype": Literal[STORAGE_DTYPES], "batch_size": _Positive,  # type: ignore[valid-type]
      "shard_size": _Positive, "backend": Literal[BACKENDS], "compression": Literal[COMPRESSIONS]},  # type: ignore[valid-type]
-    exclude=("target_block", "mask"),  # data.target_block and the conditions
+    exclude=("target_block", "mask"),  # the source holds the target block (data.target_block); the conditions the masks
     defaults={"layers": (0, 1, 2, 3)},  # every layer of the toy (the spec's layers depend on the model)
 )
 MaskSection = section_from(
@@ -263,7 +263,7 @@ class ExperimentConfig(_Strict):
         """The capture spec of one condition."""
         c = self.capture
         return CaptureSpec(
-            layers=c.layers, offsets=c.offsets, target_block=self.data.target_block, sites=c.sites, kinds=c.kinds,
+            layers=c.layers, offsets=c.offsets, sites=c.sites, kinds=c.kinds,
             pooling=c.pooling, max_tokens=c.max_tokens, dtype=c.dtype, batch_size=c.batch_size,
             shard_size=c.shard_size, backend=c.backend, compression=c.compression,
             mask=MaskConfig(**self.conditions[condition].model_dump()),

@@ -265,10 +265,14 @@ def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
         run_capture(model, src, spec, tmp_path / "bad", progress=False, rank=2, world_size=2)
 
 
-def test_plan_refuses_a_source_on_another_target_block(model, tmp_path):
-    """The source injects into block 3, the default spec reads offsets from block 1: refused, nothing written."""
+def test_the_target_block_is_the_sources(model, tmp_path):
+    """A spec without a target block reads the source's; a spec naming another is refused, nothing written."""
     source = ToyPasscodeSource(8, seed=0, target_block=3)
+    assert plan_capture(model, source, CaptureSpec(layers=(0,))).spec.target_block == 3
     with pytest.raises(ValueError, match="passcode in block 3 but the capture spec reads offsets from target block 1"):
-        run_capture(model, source, CaptureSpec(layers=(0,)), tmp_path / "store")
+        run_capture(model, source, CaptureSpec(layers=(0,), target_block=1), tmp_path / "store")
     assert not (tmp_path / "store").exists()
     plan_capture(model, source, CaptureSpec(layers=(0,), target_block=3))  # agreeing: accepted
+    path = run_capture(model, source, CaptureSpec(layers=(0,), offsets=(0,)), tmp_path / "s", progress=False)
+    with KVStore(path) as store:
+        assert store.config["capture"]["target_block"] == 3  # the store records the block it read

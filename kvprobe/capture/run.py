@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ from ..memento.forward import input_device, memento_inputs
 from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
-from .spec import POOLINGS, CaptureSpec, pooled_vectors
+from .spec import DEFAULT_TARGET_BLOCK, POOLINGS, CaptureSpec, pooled_vectors
 
 __all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
@@ -155,7 +155,11 @@ def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
 
 
 def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> CapturePlan:
-    """Validate the spec against the model and the source (first batch); no files touched."""
+    """Validate the spec against the model and the source (first batch); no files touched.
+
+    The target block is the source's: a spec without one (the default) takes it, and a spec
+    naming another is refused. The plan's spec has it filled in.
+    """
     n_layers, n_kv, d_head = model_dims(model)
     bad = [l for l in spec.layers if not 0 <= l < n_layers]
     if bad:
@@ -164,9 +168,12 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
         raise ValueError("the sample source is empty")
     get_backend(spec.backend)  # fails now if the backend's package is missing
     injected = getattr(source, "target_block", None)  # the block the source puts the passcode in
-    if injected is not None and injected != spec.target_block:
+    if spec.target_block is None:
+        spec = replace(spec, target_block=DEFAULT_TARGET_BLOCK if injected is None else injected)
+    elif injected is not None and injected != spec.target_block:
         raise ValueError(f"the source puts the passcode in block {injected} but the capture spec reads offsets "
-                         f"from target block {spec.target_block}: give both the same target_block")
+                         f"from target block {spec.target_block}: leave the spec's target_block unset (it "
+                         "follows the source) or give both the same")
     check = getattr(source, "check", None)
     if callable(check):  # sources that can check every sample up front do so
         check(spec.offsets, spec.sites)
@@ -323,6 +330,7 @@ def run_capture(
     if world_size > 1 and mode == "create":
         mode = "join"
     plan = plan_capture(model, source, spec)
+    spec = plan.spec  # with the source's target block
     backend = get_backend(spec.backend)
     meta = {
         "capture": spec.to_dict(),

@@ -27,7 +27,9 @@ from typing import Any
 from ..memento.masks import MaskConfig
 from ..memento.sites import SITES
 
-__all__ = ["POOLINGS", "BACKENDS", "CaptureSpec", "pooled_vectors"]
+__all__ = ["POOLINGS", "BACKENDS", "CaptureSpec", "DEFAULT_TARGET_BLOCK", "pooled_vectors"]
+
+DEFAULT_TARGET_BLOCK = 1  # for a source that does not say where its passcode is: the paper's T_2
 
 POOLINGS = ("tail_mean", "tokens", "mean", "last")
 BACKENDS = ("transformers", "lens", "nnsight")
@@ -41,7 +43,7 @@ class CaptureSpec:
 
     layers: tuple[int, ...]
     offsets: tuple[int, ...] = (-1, 0, 1, 2)
-    target_block: int = 1  # 0-based: block 1 is the paper's T_2
+    target_block: int | None = None  # 0-based (1 is the paper's T_2); None: the sample source's
     sites: tuple[str, ...] = ("memento",)
     kinds: tuple[str, ...] = ("k", "v")
     pooling: tuple[str, ...] = ("tail_mean",)
@@ -62,7 +64,7 @@ class CaptureSpec:
                "a non-empty list of distinct layer indices")
         _check(len(self.offsets) > 0 and len(set(self.offsets)) == len(self.offsets), "offsets", self.offsets,
                "a non-empty list of distinct offsets")
-        _check(self.target_block >= 0, "target_block", self.target_block, ">= 0")
+        _check(self.target_block is None or self.target_block >= 0, "target_block", self.target_block, ">= 0 or None")
         _check(set(self.sites) <= set(SITES) and self.sites, "sites", self.sites, f"a subset of {SITES}")
         _check(set(self.kinds) <= {"k", "v"} and self.kinds, "kinds", self.kinds, "a subset of ('k', 'v')")
         _check(set(self.pooling) <= set(POOLINGS) and self.pooling, "pooling", self.pooling, f"a subset of {POOLINGS}")
