@@ -68,7 +68,6 @@ def write_report(
     condition: str | None = None,
 ) -> dict[str, Path]:
     """Tables plus figures (under out_dir/figures), with the PNGs embedded in summary.md."""
-
     out = Path(out_dir)
     figure_paths = save_all(rows, diffs, sweep, out / "figures", condition=condition)
     pngs = [p.relative_to(out).as_posix() for p in figure_paths if p.suffix == ".png"]
