@@ -222,7 +222,8 @@ def test_custom_study_reports_its_paired_difference(capsys, tmp_path):
     assert load_config(config).comparisons() == (("memento", "keep-last-1"),)
     out = tmp_path / "custom"
     code, _, err = cli(capsys, "run", config, "--out", out, "--set", "data.n_samples=300",
-                       "--set", "probe.n_boot=200", "--set", "probe.shuffled_control=false")
+                       "--set", "probe.n_boot=200", "--set", "probe.shuffled_control=false",
+                       "--set", "probe.linear_l2_grid=[0.001]")  # a fixed strength: the pairing is what is tested
     assert code == 0, err
     diffs = (out / "report" / "diffs.csv").read_text().splitlines()
     assert len(diffs) == 1 + 2 * 4  # header + layers x offsets, each memento - keep-last-1
@@ -260,7 +261,8 @@ def test_comparisons_are_checked_and_default_sensibly():
 
 def test_sweep_without_plus_one_follows_the_first_masked_offset(capsys, tmp_path):
     """A sweep over two checkpoints whose offsets skip +1 reports masked +2, not a KeyError."""
-    config = write_config(tmp_path / "sweep.yaml", dict(TINY, sweep={
+    fixed = dict(TINY["probe"], linear_l2_grid=[1e-3])  # a fixed strength keeps it quick
+    config = write_config(tmp_path / "sweep.yaml", dict(TINY, probe=fixed, sweep={
         "checkpoints": ["series/step_000950", "final"], "n_samples": 300, "layers": [3], "offsets": [0, 2],
         "task_samples": 100}))
     out = tmp_path / "run"
