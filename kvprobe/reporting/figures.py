@@ -27,7 +27,9 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     PAIR_COLORS,
     ROLE_STYLE,
     TASK_COLOR,
+    _accuracy_panel,
     _accuracy_ylim,
+    _bottom_legend,
     _chance_line,
     _condition_color,
     _dodge,
@@ -88,16 +90,11 @@ def accuracy_by_layer(rows: Sequence[CellResult], *, condition: str | None = Non
                 continue
             _interval_series(ax, [r.layer for r in series], series, label=offset_label(offset), color=color,
                              marker=marker)
-        _chance_line(ax)
-        _accuracy_ylim(ax, [r.ci_high for r in cells])
         _integer_x(ax)
-        ax.set_title(f"{probe} probe")
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
+        _accuracy_panel(ax, [r.ci_high for r in cells], f"{probe} probe", "layer")
     axes[0][0].set_ylabel("probe accuracy (%)")
     fig.suptitle(f"Probe accuracy by layer\ncondition {condition}, {site} site (95% intervals)")
-    handles, labels = _legend_handles(axes[0])
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
+    _bottom_legend(fig, axes[0])
     return fig
 
 
@@ -123,16 +120,11 @@ def accuracy_by_distance(rows: Sequence[CellResult], *, condition: str | None = 
                 continue
             _interval_series(ax, [r.offset for r in series], series, label=f"layer {layer}", color=color,
                              shift=_dodge(i, len(shown)))
-        _chance_line(ax)
-        _accuracy_ylim(ax, [r.ci_high for r in cells])
         ax.set_xticks(offsets, [f"+{o}" for o in offsets])
-        ax.set_title(f"{probe} probe")
-        ax.set_xlabel("block distance from target (offset)")
-        ax.grid(alpha=0.3)
+        _accuracy_panel(ax, [r.ci_high for r in cells], f"{probe} probe", "block distance from target (offset)")
     axes[0][0].set_ylabel("masked probe accuracy (%)")
     fig.suptitle(f"Masked accuracy by distance\ncondition {condition}, {site} site (95% intervals)")
-    handles, labels = _legend_handles(axes[0])
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
+    _bottom_legend(fig, axes[0])
     return fig
 
 
@@ -346,11 +338,6 @@ def _strength_panel(ax: Axes, series: Sequence[tuple[str, Any, Sequence[float], 
     return highs
 
 
-def _strength_legend(fig: Figure, axes: Sequence[Axes], ncols: int = 3) -> None:
-    handles, labels = _legend_handles(axes)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols), fontsize=8)
-
-
 def l2_sensitivity(curves: Sequence[SensitivityCurve]) -> Figure | None:
     """Accuracy against the linear probe's L2 strength, one line per cell (`analysis.sensitivity_curves`):
     validation accuracy of the refitted probes with 95% intervals, the inner-split criterion dashed,
@@ -367,7 +354,7 @@ def l2_sensitivity(curves: Sequence[SensitivityCurve]) -> Figure | None:
     conditions = ", ".join(dict.fromkeys(c.condition for c in curves))
     site = "" if sites else f", {curves[0].site} site"
     fig.suptitle(f"Linear probe accuracy against L2 strength\ncondition {conditions}{site} (95% intervals)")
-    _strength_legend(fig, [ax], ncols=2)
+    _bottom_legend(fig, [ax], ncols=2, fontsize=8)
     return fig
 
 
@@ -404,7 +391,7 @@ def l2_selection(rows: Sequence[CellResult], *, condition: str | None = None, si
     axes[0][0].set_ylabel("inner-split accuracy (%)")
     fig.suptitle(f"Probe strength chosen on an inner split of the training passcodes\ncondition {condition}, "
                  f"{site} site")
-    _strength_legend(fig, list(axes[0]))
+    _bottom_legend(fig, list(axes[0]), ncols=3, fontsize=8)
     return fig
 
 

@@ -111,6 +111,21 @@ def _legend_handles(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:
     return handles, labels
 
 
+def _bottom_legend(fig: Figure, axes: Sequence[Axes], ncols: int = 5, **kw: Any) -> None:
+    """One legend for several panels (`_legend_handles`), centred below them."""
+    handles, labels = _legend_handles(axes)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols), **kw)
+
+
+def _accuracy_panel(ax: Axes, highs: Sequence[float], title: str, xlabel: str) -> None:
+    """Finish one accuracy panel: the chance line, a y range that fits `highs`, title, x label, grid."""
+    _chance_line(ax)
+    _accuracy_ylim(ax, highs)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
 def _integer_x(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
