@@ -530,3 +530,19 @@ def test_generate_offline_command_line(monkeypatch, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "install_overlay.sh" in err[0], err
         assert not other.parent.exists()  # nothing written
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--model-path", "/m", "--print"],
+    ["generate-offline", "--prompts", "p.jsonl", "--out", "OUT", "--model-path", "/m"],
+    ["sft", "--model", "/m", "--traces", "t.jsonl", "--output-dir", "OUT"],
+], ids=lambda a: a[0])
+def test_every_mask_flag_refuses_a_bad_keep_last_n_blocks(argv, tmp_path, capsys, monkeypatch):
+    """One check for the shared mask flags: one line naming the flag, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt_id": "p0", "prompt": "x"}) + "\n")
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv] + ["--keep-last-n-blocks", "-2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvprobe: error: --keep-last-n-blocks must be >= -1, got -2"]
+    assert not (tmp_path / "out").exists()

@@ -61,9 +61,8 @@ def add_mask_args(p: argparse.ArgumentParser, *, restart: bool = True) -> None:
 
 
 def mask_from_args(args: argparse.Namespace) -> MaskConfig:
-    """The MaskConfig the mask flags of `add_mask_args` ask for; bad values are bad input (exit 2)."""
-    try:
-        return MaskConfig(keep_last_n_blocks=args.keep_last_n_blocks, mask_delimiters=args.mask_delimiters,
-                          restart_mode=getattr(args, "restart_mode", False))
-    except ValueError as e:
-        raise UsageError(f"mask flags: {e}") from None
+    """The MaskConfig the mask flags of `add_mask_args` ask for; a bad value is bad input (exit 2)."""
+    if args.keep_last_n_blocks < -1:
+        raise UsageError(f"--keep-last-n-blocks must be >= -1, got {args.keep_last_n_blocks}")
+    return MaskConfig(keep_last_n_blocks=args.keep_last_n_blocks, mask_delimiters=args.mask_delimiters,
+                      restart_mode=getattr(args, "restart_mode", False))

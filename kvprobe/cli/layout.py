@@ -49,10 +49,7 @@ def render(text: str, config: MaskConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.keep_last_n_blocks < -1:
-        raise UsageError(f"--keep-last-n-blocks must be >= -1, got {args.keep_last_n_blocks}")
-    config = mask_from_args(args)
-    print(render(args.sequence, config))
+    print(render(args.sequence, mask_from_args(args)))
     return 0
 
 
