@@ -433,3 +433,17 @@ def test_sweep_points_are_typed_and_round_trip():
     with pytest.raises(ValueError, match="lacks \\['masked_accuracy'\\]"):
         SweepPoint.from_dict({"checkpoint": "c", "task_accuracy": 0.9})
     assert sweep_sentence(points) == sweep_sentence(raw)  # typed points and their JSON read the same
+
+
+def test_leakage_table_states_each_grids_own_chance(grid):
+    import numpy as np
+
+    from kvprobe.analysis import GridResult
+    from kvprobe.experiment import leakage_table
+
+    plain = [r for r in grid if r.condition == "memento" and r.probe == "linear" and r.site == "memento"]
+    fixed_sum = [dataclasses.replace(r, condition="text-controlled", chance=0.1117) for r in plain]
+    table = leakage_table({"memento": GridResult("memento", plain, np.arange(3)),
+                           "text-controlled": GridResult("text-controlled", fixed_sum, np.arange(3))})
+    assert "memento: linear probe accuracy (%), chance 10; " in table
+    assert "text-controlled: linear probe accuracy (%), chance 11.17; " in table

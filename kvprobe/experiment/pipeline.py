@@ -88,6 +88,8 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
     base = cfg.capture_spec(next(iter(cfg.conditions)))
     spec = CaptureSpec(**{**base.to_dict(), "layers": list(cfg.sweep.layers), "offsets": list(cfg.sweep.offsets)})
     settings = replace(_settings(cfg, "linear"), shuffled_control=False, layers=None, offsets=None)
+    source = make_source(cfg, cfg.sweep.n_samples)  # the same samples for every checkpoint
+    masked = cfg.sweep.masked_offset()
     rows = []
     for name in cfg.sweep.checkpoints:
         if name in done:
@@ -97,7 +99,6 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
             model = load_model(cfg.model.model_copy(update={"checkpoint": name}))
         except ExperimentError as e:
             raise ExperimentError(f"sweep.checkpoints: {str(e).removeprefix('model.checkpoint: ')}") from None
-        source = make_source(cfg, cfg.sweep.n_samples)
         store_path = sweep_dir / name.replace("/", "_")
         run_capture(model, source, spec, store_path, mode="resume" if store_path.exists() else "create",
                     model_name=name, progress=progress)
@@ -106,7 +107,6 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
         apply_holm(grid.rows)
         row: dict[str, Any] = {"checkpoint": name, "step": kind.checkpoint_step(name),
                                "task_accuracy": kind.task_accuracy(model, cfg.sweep.task_samples)}
-        masked = cfg.sweep.masked_offset()
         for r in grid.rows:
             tag = {-1: "control", 0: "direct", masked: "masked"}.get(r.offset, f"offset{r.offset:+d}")
             if r.layer == max(cfg.sweep.layers):
@@ -144,7 +144,8 @@ def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str
             continue
         layers = sorted({k[0] for k in cells})
         offsets = sorted({k[1] for k in cells})
-        lines.append(f"{cond}: {probe} probe accuracy (%), chance 10; * = significant after Holm")
+        chance = next(iter(cells.values())).chance  # 10%, or constrained passcodes' own baseline
+        lines.append(f"{cond}: {probe} probe accuracy (%), chance {100 * chance:.4g}; * = significant after Holm")
         lines.append("layer " + "".join(f"{o:>+8d}" for o in offsets))
         for layer in layers:
             vals = []
