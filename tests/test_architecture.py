@@ -97,3 +97,19 @@ def test_data_flows_one_way():
     backwards = sorted(f"{m} -> {o}" for m, out in import_graph().items() for o in out
                        if _room(m) is not None and o != "toy_models" and (_room(o) or 0) > _room(m))
     assert backwards == []
+
+
+def test_a_model_kind_that_is_not_installed_is_refused(monkeypatch):
+    """The toy is a plugin: without its entry point a config naming it gets one clear line."""
+    import pytest
+
+    from kvprobe.experiment import ExperimentError, kinds
+
+    assert kinds.model_kind("toy").name == "toy" and kinds.model_kind("hf") is kinds.HF
+    monkeypatch.setattr(kinds, "entry_points", lambda group: [])
+    kinds._plugins.cache_clear()
+    try:
+        with pytest.raises(ExperimentError, match=r"model.kind: no model kind 'toy' is installed \(known: hf\)"):
+            kinds.model_kind("toy")
+    finally:
+        kinds._plugins.cache_clear()

@@ -10,6 +10,7 @@ entry-point group `kvprobe.model_kinds` (the toy registers `toy` from
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable
@@ -68,11 +69,17 @@ def _load_hf(section: ModelSection) -> Any:
 HF = ModelKind("hf", load=_load_hf)
 
 
+@functools.cache
+def _plugins() -> dict[str, Any]:
+    """The installed entry points of `kvprobe.model_kinds`, by name (read once per process)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def model_kind(name: str) -> ModelKind:
     """The kind called `name`: built in, or registered under `kvprobe.model_kinds`."""
     if name == HF.name:
         return HF
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found = _plugins()
     if name not in found:
         known = sorted({HF.name, *found})
         raise ExperimentError(f"model.kind: no model kind {name!r} is installed (known: {', '.join(known)})")
