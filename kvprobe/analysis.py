@@ -29,9 +29,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .capture.spec import pooled_vectors
+from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .memento.masks import MaskConfig
 from .memento.sites import offset_role
-from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .probes import (
     DEFAULT_INNER_FRACTION,
     DEFAULT_LINEAR_L2_GRID,
@@ -45,8 +45,8 @@ from .probes import (
 )
 from .stats import (
     binomial_pvalue,
-    constrained_pvalue,
     bootstrap_ci,
+    constrained_pvalue,
     digit_accuracy,
     holm,
     paired_bootstrap_ci,

@@ -24,12 +24,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
-from .memento.sites import SITES
-from .memento.masks import MaskConfig
 from .analysis import ProbeSettings
+from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
+from .memento.masks import MaskConfig
+from .memento.sites import SITES
 
 if sys.version_info >= (3, 11):
     import tomllib

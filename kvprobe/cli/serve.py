@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from importlib.util import find_spec
 from collections.abc import Callable
+from importlib.util import find_spec
 from typing import Any
 
 from ..config import key_value_arg

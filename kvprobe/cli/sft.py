@@ -19,8 +19,12 @@ def _sft(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..training.sft import QWEN3_CHAT_TEMPLATE, stage_attn_implementation, train_stage
     from ..data.traces import TraceError, add_memento_tokens, read_jsonl
+    from ..training.sft import (
+        QWEN3_CHAT_TEMPLATE,
+        stage_attn_implementation,
+        train_stage,
+    )
 
     mask = mask_from_args(args)
     first_stage = int(args.stages[0])

@@ -10,7 +10,14 @@ same way. Bad input raises `ExperimentError` (the command's exit code 2).
 from .capture import Plans, capture_all, plan_all
 from .errors import ExperimentError
 from .kinds import ModelKind, model_kind
-from .pipeline import leakage_table, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
+from .pipeline import (
+    leakage_table,
+    run_pipeline,
+    stage_probe,
+    stage_report,
+    stage_sweep,
+    start_run,
+)
 from .resolve import load_model, make_source, process_device
 from .rundir import check_out_dir, prepare_out_dir, record_timing, store_dir
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .errors import ExperimentError
 
 if TYPE_CHECKING:
-    from ..data.samples import SampleSource
     from ..config import ExperimentConfig, ModelSection
+    from ..data.samples import SampleSource
 
 __all__ = ["ENTRY_POINT_GROUP", "ModelKind", "model_kind"]
 

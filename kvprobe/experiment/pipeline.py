@@ -20,7 +20,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..analysis import GridResult, ProbeSettings, apply_holm, compare, load_grid, merge_grids, probe_store, save_grid
+from ..analysis import (
+    GridResult,
+    ProbeSettings,
+    apply_holm,
+    compare,
+    load_grid,
+    merge_grids,
+    probe_store,
+    save_grid,
+)
 from ..config import ExperimentConfig
 from ..probes import LinearConfig, MLPConfig
 from ..reporting.sweep import SweepPoint

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..data.samples import SampleSource
 from ..config import ExperimentConfig, ModelSection
+from ..data.samples import SampleSource
 from .errors import ExperimentError
 from .kinds import model_kind
 

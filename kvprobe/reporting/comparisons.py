@@ -13,6 +13,7 @@ from .words import (
     _index,
     _pp,
     _table,
+    comparison_series,
     condition_order,
     fmt_accuracy,
     fmt_difference,
@@ -38,10 +39,7 @@ def _meaning(a: str, b: str, site: str) -> str:
 def _comparison_accuracy_table(rows: Sequence[CellResult], offset: int) -> str:
     cells = [r for r in rows if r.offset == offset]
     idx = _index(cells)
-    conditions = condition_order(cells)
-    series = [(c, "memento") for c in conditions if any(r.condition == c and r.site == "memento" for r in cells)]
-    other_sites = sorted({r.site for r in cells} - {"memento"})
-    series += [(c, s) for s in other_sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
+    series = comparison_series(cells)
     header = ["probe", "layer", *(c if s == "memento" else f"{s} site ({c})" for c, s in series)]
     body = []
     for probe in probe_order(cells):

@@ -45,6 +45,7 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
 from .sweep import Sweep, sweep_points
 from .words import (
     CHANCE,
+    comparison_series,
     condition_masks,
     condition_order,
     offset_label,
@@ -231,12 +232,6 @@ def leakage_vs_training(sweep: Sweep | None) -> Figure | None:
     return fig
 
 
-def _comparison_series(cells: Sequence[CellResult]) -> list[tuple[str, str]]:
-    conditions = condition_order(cells)
-    sites = ["memento"] + sorted({r.site for r in cells} - {"memento"})
-    return [(c, s) for s in sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
-
-
 def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult] | None = None, *,
                          offset: int | None = None) -> Figure | None:
     """Masked accuracy per layer for each condition and site (top), and paired differences (bottom).
@@ -249,7 +244,7 @@ def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult]
             return None
         offset = masked[0]
     cells = [r for r in rows if r.offset == offset]
-    series = _comparison_series(cells)
+    series = comparison_series(cells)
     if len(series) < 2:
         return None
     pairs = [d for d in (diffs or []) if d.offset == offset]

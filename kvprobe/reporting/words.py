@@ -58,6 +58,14 @@ def condition_order(rows: Iterable[CellResult]) -> list[str]:
     return sorted(masks, key=rank)
 
 
+def comparison_series(cells: Sequence[CellResult]) -> list[tuple[str, str]]:
+    """The (condition, site) series a comparison shows: every condition at the memento site, in
+    `condition_order`, then each other site's conditions (sites alphabetically)."""
+    conditions = condition_order(cells)
+    sites = ["memento"] + sorted({r.site for r in cells} - {"memento"})
+    return [(c, s) for s in sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
+
+
 def primary_condition(rows: Sequence[CellResult]) -> str | None:
     """The condition the headline is about: the memento-mask one when present, else the first listed."""
     order = condition_order(rows)
