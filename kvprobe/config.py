@@ -21,7 +21,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,9 @@ from .analysis import ProbeSettings
 from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
 from .memento.masks import MaskConfig
 from .memento.sites import SITES
+
+if TYPE_CHECKING:
+    from .causal import CausalSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +69,8 @@ class ModelSection(_Strict):
     device: str = "cpu"
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     trust_remote_code: bool = False
+    # hf only: fetch a hub id's files from the network (default: local files and the local cache only)
+    allow_download: bool = False
     # hf models larger than one GPU: spread the layers over the visible devices (accelerate);
     # `device` then places only the probes. max_memory caps each device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
@@ -123,10 +128,13 @@ def section_from(spec: type, name: str, types: dict[str, Any], *, exclude: tuple
 
 
 _Positive = Annotated[int, Field(ge=1)]
+_NonEmpty = Field(min_length=1)  # a list field that must name at least one thing
 CaptureSection = section_from(
     CaptureSpec, "CaptureSection",
-    {"layers": tuple[int, ...], "offsets": tuple[int, ...], "sites": tuple[Literal[SITES], ...],  # type: ignore[valid-type]
-     "kinds": tuple[Literal["k", "v"], ...], "pooling": tuple[Literal[POOLINGS], ...],  # type: ignore[valid-type]
+    {"layers": Annotated[tuple[int, ...], _NonEmpty], "offsets": Annotated[tuple[int, ...], _NonEmpty],
+     "sites": Annotated[tuple[Literal[SITES], ...], _NonEmpty],  # type: ignore[valid-type]
+     "kinds": Annotated[tuple[Literal["k", "v"], ...], _NonEmpty],
+     "pooling": Annotated[tuple[Literal[POOLINGS], ...], _NonEmpty],  # type: ignore[valid-type]
      "max_tokens": _Positive, "dtype": Literal[STORAGE_DTYPES], "batch_size": _Positive,  # type: ignore[valid-type]
      "shard_size": _Positive, "backend": Literal[BACKENDS], "compression": Literal[COMPRESSIONS]},  # type: ignore[valid-type]
     exclude=("target_block", "mask"),  # the source holds the target block (data.target_block); the conditions the masks
@@ -144,15 +152,15 @@ class ProbeSection(_Strict):
     """How to probe, as `kvprobe.analysis.ProbeSettings` (its defaults), plus what only a config
     says: per-condition shuffled controls and the MLP's own cell subset."""
 
-    kinds: tuple[Literal["linear", "mlp"], ...] = _PROBE.kinds
+    kinds: Annotated[tuple[Literal["linear", "mlp"], ...], _NonEmpty] = _PROBE.kinds
     seeds: int = Field(_PROBE.seeds, ge=1)  # MLP initialisations; the convex linear probe is fitted once
     val_fraction: float = Field(_PROBE.val_fraction, gt=0, lt=1)
     pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]  # None: capture.pooling's first
     shuffled_control: bool | tuple[str, ...] = _PROBE.shuffled_control  # True: every condition; or the conditions
-    layers: tuple[int, ...] | None = _PROBE.layers  # cells to probe; None: all captured
-    offsets: tuple[int, ...] | None = _PROBE.offsets
-    mlp_layers: tuple[int, ...] | None = None  # the MLP's cells, a subset to save time; None: same as above
-    mlp_offsets: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...], _NonEmpty] | None = _PROBE.layers  # cells to probe; None: all captured
+    offsets: Annotated[tuple[int, ...], _NonEmpty] | None = _PROBE.offsets
+    mlp_layers: Annotated[tuple[int, ...], _NonEmpty] | None = None  # the MLP's cells, a subset to save time; None: same as above
+    mlp_offsets: Annotated[tuple[int, ...], _NonEmpty] | None = None
     mlp_sites: tuple[Literal[SITES], ...] | None = None  # type: ignore[valid-type]
     n_boot: int = Field(_PROBE.n_boot, ge=100)
     linear_l2: float = Field(_PROBE.linear.l2, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
@@ -178,7 +186,7 @@ class SweepSection(_Strict):
 
     checkpoints: tuple[str, ...] = ()  # toy checkpoint names or dirs, in training order; empty: no sweep
     n_samples: int = Field(10000, ge=100)
-    layers: tuple[int, ...] = (3,)
+    layers: Annotated[tuple[int, ...], _NonEmpty] = (3,)
     offsets: tuple[int, ...] = (-1, 0, 1)  # the smallest positive one is the sweep's masked cell
     task_samples: int = Field(2000, ge=100)
 
@@ -201,6 +209,21 @@ class ReportSection(_Strict):
     comparisons: tuple[tuple[str, str], ...] | None = None
 
 
+class CausalSection(_Strict):
+    """Does the model use what leaks? KV interchange and channel ablation on the probe's cells
+    (kvprobe.causal); the stage runs when `layers` is given."""
+
+    layers: Annotated[tuple[int, ...], _NonEmpty] | None = None  # None: no causal stage
+    offsets: Annotated[tuple[int, ...], _NonEmpty] = (0, 1, 2)
+    sites: Annotated[tuple[Literal[SITES], ...], _NonEmpty] = ("memento",)  # type: ignore[valid-type]
+    condition: str | None = None  # the mask the model runs under and the store the reader is fit on; None: the first
+    ablate_with: MaskSection = MaskSection(keep_last_n_blocks=0, mask_delimiters=True, restart_mode=True)
+    n_samples: int = Field(500, ge=2)  # samples after the probes' (data.n_samples onward): never seen by a probe
+    batch_size: int = Field(100, ge=2)
+    read_offset: int | None = 1  # the interchange's probe reads this offset (None: no probe read-out)
+    read_layer: int | None = None  # ... at this layer (None: the last captured layer)
+
+
 class ExperimentConfig(_Strict):
     """A whole study: model, samples, capture, mask conditions, probes."""
 
@@ -213,6 +236,7 @@ class ExperimentConfig(_Strict):
     probe: ProbeSection = ProbeSection()
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
+    causal: CausalSection = CausalSection()
 
     @field_validator("conditions")
     @classmethod
@@ -244,6 +268,16 @@ class ExperimentConfig(_Strict):
         check("probe.mlp_sites", p.mlp_sites, c.sites, "capture.sites")
         if not isinstance(p.shuffled_control, bool):
             check("probe.shuffled_control", p.shuffled_control, tuple(self.conditions), "conditions")
+        k = self.causal
+        if k.layers is not None:
+            check("causal.layers", k.layers, c.layers, "capture.layers (the causal map sits beside the probe map)")
+            check("causal.offsets", k.offsets, c.offsets, "capture.offsets")
+            check("causal.sites", k.sites, c.sites, "capture.sites")
+            check("causal.condition", (k.condition,) if k.condition else None, tuple(self.conditions), "conditions")
+            check("causal.read_offset", (k.read_offset,) if k.read_offset is not None else None, c.offsets,
+                  "capture.offsets")
+            check("causal.read_layer", (k.read_layer,) if k.read_layer is not None else None, c.layers,
+                  "capture.layers")
         for a, b in self.report.comparisons or ():
             check("report.comparisons", (a, b), tuple(self.conditions), "conditions")
             if a == b:
@@ -266,6 +300,19 @@ class ExperimentConfig(_Strict):
             by_mask.setdefault(MaskConfig(**self.conditions[name].model_dump()).name, name)
         standard = tuple((by_mask[a], by_mask[b]) for a, b in STANDARD_COMPARISONS if a in by_mask and b in by_mask)
         return standard or tuple((names[0], b) for b in names[1:])
+
+    def causal_spec(self) -> "CausalSpec | None":
+        """The causal stage's spec (None when the config asks for none)."""
+        from .causal import CausalSpec
+
+        k = self.causal
+        if k.layers is None:
+            return None
+        condition = k.condition or next(iter(self.conditions))
+        return CausalSpec(layers=k.layers, offsets=k.offsets, sites=k.sites, pooling=self.probe.pooling,
+                          mask=MaskConfig(**self.conditions[condition].model_dump()),
+                          ablate_with=MaskConfig(**k.ablate_with.model_dump()), n_samples=k.n_samples,
+                          batch_size=k.batch_size, backend=self.capture.backend, n_boot=self.probe.n_boot)
 
     def capture_spec(self, condition: str) -> CaptureSpec:
         """The capture spec of one condition."""
@@ -305,7 +352,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}
@@ -318,6 +370,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()
         raise ConfigError(f"{path}: malformed {path.suffix[1:].upper()}: {' '.join(first[:2])}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return parse_config(apply_overrides(data, overrides), str(path))
 
 
@@ -340,7 +394,12 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        if not all(parents + [leaf]):
+            raise ConfigError(f"--set {dotted!r}: an empty field name")
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"config field '{where}': is a value ({node!r}), it has no field {parents[i + 1] if i + 1 < len(parents) else leaf!r} to set")
         node[leaf] = value
     return data

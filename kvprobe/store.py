@@ -3,20 +3,29 @@
 A store is a directory:
 
     store/
-      config.json              the full capture config, model identity and versions
-      shards/shard_000000.h5   one file per shard of samples, written atomically
-      kvstore.h5               written last: HDF5 virtual datasets over all shards
+      config.json                the full capture config, model identity and versions
+      shards/shard_000000.h5     one file per shard of samples, written atomically
+      shards/shard_000000.json   its size and SHA-256, written just before it
+      kvstore.h5                 written last: HDF5 virtual datasets over all shards
 
 Each shard is written to a temporary name and renamed into place, so a crash (even
-kill -9) leaves only whole shards; resuming skips them. A store is complete once
-`kvstore.h5` exists. Shards from several processes (one per rank) are joined by the
-same virtual-dataset index, and readers see one store either way.
+kill -9) leaves only whole shards; resuming skips them, once their checksum matches
+(a damaged shard is captured again). A store is complete once `kvstore.h5` exists.
+Shards from several processes (one per rank) are joined by the same virtual-dataset
+index, and readers see one store either way.
+
+Integrity: every shard's size and SHA-256 are recorded in the index; opening a store
+checks that each shard is there, readable, of its recorded size and an HDF5 file (an
+HDF5 virtual dataset would read a missing shard as zeros), and every numeric dataset
+carries HDF5's Fletcher-32 checksum per chunk, so a damaged chunk fails when it is
+read. `verify_store` reads every byte against the SHA-256.
 
 The store knows nothing of probes: it holds features, labels and sample metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,12 +44,16 @@ __all__ = [
     "StoreError",
     "StoreWriter",
     "feature_path",
+    "is_store",
+    "verify_store",
 ]
 
 SCHEMA_VERSION = 2  # 2: site "memento" is the whole span <|summary_start|> .. <|summary_end|>
 CONFIG_FILE = "config.json"
 INDEX_FILE = "kvstore.h5"
 SHARD_DIR = "shards"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+REPAIR = "resume the capture that wrote it (`kvprobe run CONFIG --out RUN --resume`) to capture it again"
 
 
 class StoreError(ValueError):
@@ -97,6 +110,44 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:06d}.h5"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_shard(path: Path, record: dict[str, Any] | None, *, full: bool) -> str | None:
+    """What is wrong with one shard file, or None: present, readable, of the recorded size,
+    an HDF5 file, and (full) of the recorded SHA-256. `record` is {"bytes", "sha256"} or None
+    for a store written before checksums were recorded (presence and header only)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if record is not None and size != record["bytes"]:
+        return f"{size:,} bytes, the index records {record['bytes']:,} (truncated or replaced)"
+    if head != HDF5_SIGNATURE:
+        return "not an HDF5 file (damaged header)"
+    if full and record is not None and _sha256(path) != record["sha256"]:
+        return "checksum mismatch (its bytes changed after it was written)"
+    return None
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory kvprobe wrote a store into (its config.json says so)."""
+    config = Path(path) / CONFIG_FILE
+    try:
+        return "schema_version" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -122,6 +173,8 @@ class StoreWriter:
             if mode == "create":
                 raise StoreError(f"{self.path} already exists (resume or overwrite it explicitly)")
             if mode == "overwrite":
+                if any(self.path.iterdir()) and not is_store(self.path):
+                    raise StoreError(f"{self.path}: not a kvprobe store (no kvprobe {CONFIG_FILE}); refusing to delete it")
                 shutil.rmtree(self.path)
             elif not config_file.exists() and mode != "join":
                 raise StoreError(f"{self.path} exists but is not a kvprobe store (no {CONFIG_FILE})")
@@ -148,8 +201,31 @@ class StoreWriter:
         return self.path / SHARD_DIR
 
     def done_shards(self) -> set[int]:
-        """Indices of shards already written whole."""
-        return {int(p.stem.split("_")[1]) for p in self.shard_dir.glob("shard_*.h5")}
+        """Indices of shards already written whole (with their checksum record)."""
+        return {int(p.stem.split("_")[1]) for p in self.shard_dir.glob("shard_*.h5")
+                if p.with_suffix(".json").is_file()}
+
+    def drop_damaged(self) -> list[int]:
+        """Check every written shard against its SHA-256 and delete the damaged ones (and the
+        index, which names them), so a resume captures them again. Returns their indices."""
+        damaged = []
+        for p in sorted(self.shard_dir.glob("shard_*.h5")):
+            record = self._record(p)
+            if record is None or _check_shard(p, record, full=True) is not None:
+                damaged.append(int(p.stem.split("_")[1]))
+                p.unlink()
+                p.with_suffix(".json").unlink(missing_ok=True)
+        if damaged:
+            (self.path / INDEX_FILE).unlink(missing_ok=True)
+        return damaged
+
+    @staticmethod
+    def _record(shard: Path) -> dict[str, Any] | None:
+        try:
+            record = json.loads(shard.with_suffix(".json").read_text())
+            return {"bytes": int(record["bytes"]), "sha256": str(record["sha256"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def write_shard(
         self,
@@ -174,22 +250,25 @@ class StoreWriter:
         n = len(samples["index"])
         final = self.shard_dir / _shard_name(index)
         tmp = final.with_suffix(".h5.tmp")
+        checked = {"fletcher32": True, "chunks": True}  # a per-chunk checksum HDF5 verifies on read
         with h5py.File(tmp, "w") as f:
             f.attrs["shard"] = index
             for name, arr in samples.items():
                 if len(arr) != n:
                     raise ValueError(f"samples/{name} has {len(arr)} rows, expected {n}")
-                if name == "passcode":
+                if name == "passcode":  # variable-length strings take no filters (the SHA-256 covers them)
                     f.create_dataset(f"samples/{name}", data=np.asarray(arr, dtype=h5py.string_dtype()))
                 else:
-                    f.create_dataset(f"samples/{name}", data=arr)
+                    f.create_dataset(f"samples/{name}", data=arr, **checked)
             for key, arr in features.items():
                 if len(arr) != n:
                     raise ValueError(f"{key.path} has {len(arr)} rows, expected {n}")
                 chunks = (min(n, 256), 1) + arr.shape[2:]  # one layer of a few hundred samples
-                f.create_dataset(key.path, data=arr, chunks=chunks, **filters)
+                f.create_dataset(key.path, data=arr, chunks=chunks, fletcher32=True, **filters)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
+        # the record first: a shard in place always has one (a record alone is ignored)
+        _write_json_atomic(final.with_suffix(".json"), {"bytes": tmp.stat().st_size, "sha256": _sha256(tmp), "n_samples": n})
         os.replace(tmp, final)
         return final
 
@@ -203,6 +282,11 @@ class StoreWriter:
         if missing:
             raise StoreError(f"{self.path}: cannot finalize, shards {missing[:5]} are missing")
         shards = [self.shard_dir / _shard_name(i) for i in range(n_shards)]
+        records = [self._record(p) for p in shards]
+        for shard, record in zip(shards, records):
+            problem = "no checksum record" if record is None else _check_shard(shard, record, full=False)
+            if problem:
+                raise StoreError(f"{shard}: {problem}; {REPAIR}")
         index_tmp = self.path / f"{INDEX_FILE}.{tag or os.getpid()}.tmp"
         with h5py.File(shards[0], "r") as f0:
             names: list[str] = []
@@ -219,6 +303,8 @@ class StoreWriter:
             out.attrs["n_samples"] = total
             out.attrs["n_shards"] = n_shards
             out.attrs["config"] = json.dumps({"schema_version": SCHEMA_VERSION, **self.meta}, sort_keys=True)
+            out.attrs["shard_checksums"] = json.dumps(
+                {p.name: r for p, r in zip(shards, records)}, sort_keys=True)  # name -> {bytes, sha256}
             for k, v in (attrs or {}).items():
                 out.attrs[k] = v
             for name, (tail, dtype) in specs.items():
@@ -234,7 +320,12 @@ class StoreWriter:
 
 
 class KVStore:
-    """Read a complete store. Feature matrices are read lazily, one (key, layer) at a time."""
+    """Read a complete store. Feature matrices are read lazily, one (key, layer) at a time.
+
+    Opening checks the index and, cheaply, every shard it names (present, readable, of the
+    recorded size, an HDF5 file); a damaged chunk found while reading raises `StoreError`
+    naming its shard. `verify_store` checks every byte.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -243,11 +334,25 @@ class KVStore:
             raise StoreError(f"{self.path}: no such store")
         if not index.exists():
             raise StoreError(f"{self.path}: incomplete store (no {INDEX_FILE}); resume the capture to finish it")
-        self._file = h5py.File(index, "r")
-        self.config: dict[str, Any] = json.loads(self._file.attrs["config"])
-        version = int(self._file.attrs["schema_version"])
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: schema version {version}, this kvprobe reads {SCHEMA_VERSION}")
+        self._file, self.config = _open_index(index)
+        problems = _shard_problems(self.path, self._file, full=False)
+        if problems:
+            self._file.close()
+            raise StoreError(f"{problems[0]}; {REPAIR}")
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the index records every shard's SHA-256 (stores written before that hold none)."""
+        return "shard_checksums" in self._file.attrs
+
+    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """Read a dataset of the index; a chunk that fails its checksum names its shard."""
+        try:
+            return self._file[name][selection]
+        except OSError as e:
+            problems = _shard_problems(self.path, self._file, full=True)
+            where = problems[0] if problems else f"{self.path / INDEX_FILE}: reading {name} failed ({e})"
+            raise StoreError(f"{where}; {REPAIR}") from None
 
     def close(self) -> None:
         self._file.close()
@@ -277,21 +382,21 @@ class KVStore:
 
     @property
     def sample_ids(self) -> np.ndarray:
-        return self._file["samples/index"][:]
+        return self._read("samples/index")
 
     @property
     def passcodes(self) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self._file["samples/passcode"][:]]
+        return [p.decode() if isinstance(p, bytes) else p for p in self._read("samples/passcode")]
 
     @property
     def labels(self) -> np.ndarray:
         """(N, passcode length) class indices."""
-        return self._file["samples/labels"][:].astype(np.int64)
+        return self._read("samples/labels").astype(np.int64)
 
     @property
     def layouts(self) -> np.ndarray:
         """(N, n_blocks, 5): per block [start, end, summary_start, summary_end, stop], -1 if absent."""
-        return self._file["samples/layout"][:]
+        return self._read("samples/layout")
 
     def features(
         self, layer: int, offset: int, site: str = "memento", pooling: str = "tail_mean", dtype: Any = np.float32
@@ -303,4 +408,52 @@ class KVStore:
             raise StoreError(f"{self.path}: no features for {key} (available: {', '.join(map(str, self.keys))})")
         if layer not in self.layers:
             raise StoreError(f"{self.path}: layer {layer} was not captured (layers {self.layers})")
-        return self._file[key.path][:, self.layers.index(layer)].astype(dtype)
+        return self._read(key.path, np.s_[:, self.layers.index(layer)]).astype(dtype)
+
+
+def _open_index(index: Path) -> tuple[h5py.File, dict[str, Any]]:
+    """The open index file and the store's config; a damaged or foreign index is a StoreError."""
+    try:
+        f = h5py.File(index, "r")
+    except OSError as e:
+        raise StoreError(f"{index}: damaged index ({str(e).split('(')[-1].rstrip(')') or e}); resume the "
+                         "capture (`kvprobe run CONFIG --out RUN --resume`) to write it again") from None
+    try:
+        config = json.loads(f.attrs["config"])
+        version = int(f.attrs["schema_version"])
+    except (KeyError, ValueError, TypeError):
+        f.close()
+        raise StoreError(f"{index}: not a kvprobe store index (no config)") from None
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise StoreError(f"{index.parent}: schema version {version}, this kvprobe reads {SCHEMA_VERSION}")
+    return f, config
+
+
+def _shard_problems(path: Path, index: h5py.File, *, full: bool) -> list[str]:
+    """'shards/shard_000001.h5: missing', ... for every shard the index names; [] when whole.
+    Stores written before checksums were recorded are checked for presence and header only."""
+    n_shards = int(index.attrs["n_shards"])
+    records = json.loads(index.attrs["shard_checksums"]) if "shard_checksums" in index.attrs else {}
+    problems = []
+    for i in range(n_shards):
+        shard = path / SHARD_DIR / _shard_name(i)
+        problem = _check_shard(shard, records.get(shard.name), full=full)
+        if problem:
+            problems.append(f"{shard}: {problem}")
+    return problems
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Check a store byte for byte: the index opens, and every shard it names is present and
+    matches its recorded SHA-256. Returns one line per problem ([] for a whole store)."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return [f"{path}: incomplete store (no {INDEX_FILE})"]
+    try:
+        f, _ = _open_index(index)
+    except StoreError as e:
+        return [str(e)]
+    with f:
+        return _shard_problems(path, f, full=True)

@@ -9,9 +9,7 @@ must leave no partial output behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
-import io
 import json
 import os
 import re
@@ -24,73 +22,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from kvprobe.cli import build_parser, main
+from kvprobe.cli import build_parser
 from kvprobe.config import ConfigError, ExperimentConfig, load_config, parse_config
+
+from cli_support import TINY, TINY_BYTES, assert_refused, cli, cli_quiet, error_line, snapshot, write_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
 
-# The smallest study that still exercises every stage: 300 toy samples, two layers,
-# the causal control, the direct and one masked offset, linear probes only.
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "model": {"kind": "toy", "checkpoint": "final"},
-    "data": {"kind": "toy", "n_samples": 300, "target_block": 1},
-    "capture": {"layers": [0, 3], "offsets": [-1, 0, 1], "batch_size": 150, "shard_size": 200},
-    "conditions": {"memento": {"keep_last_n_blocks": 0}},
-    "probe": {"kinds": ["linear"], "n_boot": 200, "shuffled_control": False},
-}
-# 300 samples x 2 layers x 3 offsets x 5 vectors x (K+V x 4 KV heads x 32 dims) x 2 bytes (float16)
-TINY_BYTES = 300 * 2 * 3 * 5 * 256 * 2  # samples x layers x offsets x (4 tail tokens + mean) x D x fp16
-
 REPORT_FILES = ("summary.md", "results.csv", "results.json", "diffs.csv")
 FIGURES = ("accuracy_by_layer", "accuracy_by_distance", "accuracy_heatmap")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli_quiet(*args) -> tuple[int, str, str]:
-    """main() with its output captured, for module-scoped fixtures (no capsys there)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]] | None:
-    """Every file under root with its size and mtime; None when root does not exist."""
-    if not root.exists():
-        return None
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    """Exit 2 and exactly one line on stderr, `kvprobe: error: ...`, naming each needle."""
-    assert code == 2, f"exit {code}, stderr: {err!r}"
-    lines = err.splitlines()  # splits on '\r' too: a progress bar is an extra line
-    assert len(lines) == 1 and err.endswith("\n"), f"expected one line on stderr, got {err!r}"
-    assert lines[0].startswith("kvprobe: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("kvprobe: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
@@ -108,7 +49,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -
 
 ALL_SUBCOMMANDS = [("demo",), ("layout",), ("toy",), ("toy", "train"), ("toy", "eval"), ("capture",), ("run",),
                    ("probe",), ("report",), ("serve",), ("generate",), ("generate-offline",), ("export-traces",),
-                   ("sft",)]
+                   ("sft",), ("verify",)]
 
 
 def test_every_subcommand_is_covered():
@@ -502,77 +443,6 @@ def test_toy_train_a_few_steps_then_eval_it(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-BAD_TOML = '[capture\nlayers = [0, 1]\n'
-BAD_YAML = "capture:\n  layers: [0, 1\n  offsets: [0]\n"
-
-# (id, argv, needles that the error line must contain[, marks]); in argv {dir} is a directory
-# holding the tiny config ({cfg}), broken configs and a non-run directory, {out} the output dir
-BAD_INPUT = [
-    ("missing-config", ["capture", "--config", "{dir}/missing.yaml", "--out", "{out}"],
-     ["missing.yaml", "no such config file"]),
-    ("missing-config-run", ["run", "{dir}/missing.yaml", "--out", "{out}"], ["missing.yaml"]),
-    ("malformed-yaml", ["capture", "--config", "{dir}/bad.yaml", "--out", "{out}"], ["bad.yaml", "malformed YAML"]),
-    ("malformed-toml", ["capture", "--config", "{dir}/bad.toml", "--out", "{out}"], ["bad.toml", "malformed TOML"]),
-    ("unknown-format", ["capture", "--config", "{dir}/study.ini", "--out", "{out}"], ["study.ini", ".ini"]),
-    ("unknown-field", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.bogus=1"],
-     ["capture.bogus"]),
-    ("unknown-field-run", ["run", "{cfg}", "--out", "{out}", "--set", "probe.bogus=1"], ["probe.bogus"]),
-    ("unknown-section", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "bogus.x=1"], ["'bogus'"]),
-    ("wrong-type", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.layers=[0,x]"],
-     ["capture.layers.1", "integer"]),
-    ("wrong-choice", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.sites=[nowhere]"],
-     ["capture.sites.0"]),
-    ("set-without-equals", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.layers"],
-     ["--set", "capture.layers", "FIELD=VALUE"]),
-    ("rank-outside-world", ["capture", "--config", "{cfg}", "--out", "{out}", "--rank", "3", "--world-size", "2"],
-     ["--rank 3", "--world-size 2"]),
-    ("toy-checkpoint-name", ["toy", "eval", "no_such_checkpoint", "--samples", "10"], ["no_such_checkpoint"]),
-    ("probe-not-a-run", ["probe", "{dir}/notes"], ["notes", "not a kvprobe run directory"]),
-    ("report-not-a-run", ["report", "{dir}/notes"], ["notes", "not a kvprobe run directory"]),
-    ("probe-missing-dir", ["probe", "{dir}/nowhere"], ["nowhere", "not a kvprobe run directory"]),
-    ("unknown-layer", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.layers=[0,9]"],
-     ["layer 9", "4 layers"]),
-    ("unknown-layer-run", ["run", "{cfg}", "--out", "{out}", "--set", "capture.layers=[0,9]"],
-     ["layer 9", "4 layers"]),
-    ("offset-beyond-mementos", ["capture", "--config", "{cfg}", "--out", "{out}", "--set", "capture.offsets=[0,9]"],
-     ["offset +9"]),
-    ("toy-checkpoint-in-config", ["capture", "--config", "{cfg}", "--out", "{out}", "--set",
-                                  "model.checkpoint=no_such_checkpoint"], ["model.checkpoint", "no_such_checkpoint"]),
-]
-
-
-@pytest.fixture
-def bad_inputs(tmp_path):
-    """A directory with the tiny config, broken configs and a directory that is not a run."""
-    write_config(tmp_path / "tiny.yaml", TINY)
-    (tmp_path / "bad.yaml").write_text(BAD_YAML)
-    (tmp_path / "bad.toml").write_text(BAD_TOML)
-    (tmp_path / "study.ini").write_text("[capture]\nlayers = 0\n")
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "readme.txt").write_text("not a run\n")
-    return tmp_path
-
-
-@pytest.mark.parametrize(
-    "argv, needles",
-    [pytest.param(argv, needles, id=name, marks=marks) for name, argv, needles, *marks in BAD_INPUT],
-)
-def test_bad_input_exits_2_with_one_line_and_leaves_nothing(capsys, bad_inputs, argv, needles):
-    out = bad_inputs / "out"
-    args = [a.format(dir=bad_inputs, cfg=bad_inputs / "tiny.yaml", out=out) for a in argv]
-    before = snapshot(bad_inputs)
-    code, stdout, err = cli(capsys, *args)
-    assert code == 2, f"exit {code}: {err}"
-    assert "Traceback" not in err
-    line = error_line(err)
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    # the strict contract: one line on stderr and nothing left behind
-    assert_refused(code, err, *needles)
-    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
-    assert snapshot(bad_inputs) == before
-
 
 def test_out_of_range_capture_errors_name_the_problem(capsys, tmp_path):
     """The messages themselves, from the dry run."""

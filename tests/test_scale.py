@@ -187,7 +187,7 @@ def test_torchrun_capture_equals_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["--threads", "1", "capture", *overrides, "--out", str(tmp_path / "one")]) == 0
     shards = sorted(p.name for p in (tmp_path / "two" / "stores" / "memento" / "shards").iterdir())
-    assert shards == [f"shard_{i:06d}.h5" for i in range(6)]
+    assert shards == sorted(f"shard_{i:06d}.{ext}" for i in range(6) for ext in ("h5", "json"))  # + checksum records
     assert_same_store(tmp_path / "one" / "stores" / "memento", tmp_path / "two" / "stores" / "memento")
 
 

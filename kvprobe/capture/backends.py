@@ -4,6 +4,11 @@
     capture_kv(wrapped, input_ids, *, attention_mask, position_ids, layers, positions)
         -> {layer: (K, V)}, each (B, n_kv, P, d_head), K post-RoPE as the cache holds it
 
+A backend that can also set KV has a third, which the causal experiments use:
+
+    forward_patched(hf_model, input_ids, *, attention_mask, position_ids, patches)
+        -> (logits (B, T, vocab), cache)    # patches: KVPatch per layer, K post-RoPE
+
 Backends whose package is an optional extra are imported only when asked for.
 """
 
@@ -12,7 +17,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Callable
 
-__all__ = ["BACKEND_EXTRAS", "get_backend"]
+__all__ = ["BACKEND_EXTRAS", "get_backend", "get_patcher"]
 
 
 def _transformers() -> ModuleType:
@@ -47,3 +52,12 @@ def get_backend(name: str) -> ModuleType:
         raise ValueError(
             f"capture backend {name!r} needs the '{BACKEND_EXTRAS[name]}' extra: pip install 'kvprobe[{BACKEND_EXTRAS[name]}]' ({e})"
         ) from None
+
+
+def get_patcher(name: str) -> Callable:
+    """The `forward_patched` of backend `name`; a clear error if that backend cannot set KV."""
+    patcher = getattr(get_backend(name), "forward_patched", None)
+    if patcher is None:
+        raise ValueError(f"capture backend {name!r} cannot set KV states; the causal experiments need one that can "
+                         "(transformers)")
+    return patcher

@@ -2,19 +2,23 @@
 
 The cache holds exactly what SPEC section 3 calls "KV states": keys after RoPE and any
 key norm, and values, per KV head. This backend is the reference the others are
-checked against.
+checked against. It can also set KV (`forward_patched`): the causal experiments'
+interchange and ablation run through it.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from transformers import DynamicCache
 
+from ..memento.forward import cache_argument, output_cache
 from .sites import gather_positions
 
-__all__ = ["capture_kv", "prepare"]
+__all__ = ["KVPatch", "PatchingCache", "capture_kv", "forward_patched", "prepare"]
 
 
 def prepare(model: Any) -> Any:
@@ -45,9 +49,66 @@ def capture_kv(
     """
     extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # (B, T, vocab) logits are GBs at 32K tokens
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
-    cache = out.past_key_values
+    cache = output_cache(out)
     result = {}
     for layer in layers:
         keys, values = cache.layers[layer].keys, cache.layers[layer].values  # (B, n_kv, T, d_head)
         result[layer] = (gather_positions(keys, positions), gather_positions(values, positions))
     return result
+
+
+@dataclass(frozen=True)
+class KVPatch:
+    """New K and V for some positions of one layer, as the cache holds them (K post-RoPE).
+
+    positions (B, P) absolute positions per row; keys, values (B, n_kv, P, d_head).
+    """
+
+    layer: int
+    positions: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class PatchingCache(DynamicCache):
+    """A `DynamicCache` that writes patched K/V over the model's own as each layer stores
+    them, so every later query of that layer (and so every later layer) reads the patch.
+
+    transformers' attention layers all route their K/V through `Cache.update` and attend
+    what it returns; overriding it sets KV for any architecture without per-model hooks.
+    """
+
+    def __init__(self, patches: Sequence[KVPatch], config: Any = None) -> None:
+        super().__init__(config=config)
+        self.patches = {p.layer: p for p in patches}
+        if len(self.patches) != len(patches):
+            raise ValueError("one patch per layer: merge the positions of a layer into one KVPatch")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        patch = self.patches.get(layer_idx)
+        if patch is not None:  # (B, n_kv, T, d_head): scatter the patch at its positions
+            index = patch.positions.to(key_states.device)[:, None, :, None].expand(
+                -1, key_states.shape[1], -1, key_states.shape[3])
+            key_states = key_states.scatter(2, index, patch.keys.to(key_states))
+            value_states = value_states.scatter(2, index, patch.values.to(value_states))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@torch.no_grad()
+def forward_patched(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    patches: Sequence[KVPatch] = (),
+) -> tuple[torch.Tensor, Any]:
+    """One forward with the K/V of some (layer, positions) replaced: (logits (B, T, vocab),
+    the cache it filled, patched entries included). No patches: the plain forward.
+
+    input_ids (B, T); attention_mask additive (B, 1, T, T) (or a BlockMask); position_ids (B, T).
+    """
+    cache = PatchingCache(patches, config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                **{cache_argument(model): cache}, use_cache=True)
+    return out.logits, cache

@@ -314,6 +314,7 @@ def run_capture(
     on_shard: Callable[[int], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    identity: dict[str, Any] | None = None,
 ) -> Path:
     """Capture `source` through `model` into the store at `out`; returns the store path.
 
@@ -323,7 +324,8 @@ def run_capture(
     Several processes (e.g. under torchrun) split a capture with `rank`/`world_size`:
     rank r writes shards r, r + world_size, ...; each joins the same store directory
     (same config required) and whichever finishes last writes the index. The result
-    is the same store a single process writes.
+    is the same store a single process writes. `identity` is `model_identity(model,
+    model_name)` when the caller has it already (it hashes every parameter).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -334,7 +336,7 @@ def run_capture(
     backend = get_backend(spec.backend)
     meta = {
         "capture": spec.to_dict(),
-        "model": model_identity(model, model_name),
+        "model": identity or model_identity(model, model_name),
         "source": source.describe(),
         "dims": {"n_layers": plan.n_layers_model, "n_kv_heads": plan.n_kv, "d_head": plan.d_head,
                  "feature_dim": plan.feature_dim, "kinds_order": list(spec.kinds)},
@@ -342,6 +344,10 @@ def run_capture(
         "expected_bytes": plan.estimate_bytes(),
     }
     writer = StoreWriter(out, meta, mode=mode)
+    if mode == "resume":
+        damaged = writer.drop_damaged()
+        if damaged and progress:
+            print(f"{out}: shard(s) {damaged} failed their checksum and are captured again")
     wrapped = backend.prepare(model)
     done = writer.done_shards()
     n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)

@@ -1,7 +1,10 @@
 """The `kvprobe` command. Each stage's subcommands live in their own module here.
 
 Exit codes: 0 success, 2 bad input (one line naming the offending field or file),
-1 internal failure. The library never imports this package.
+1 internal failure. `main` is the one error boundary: bad input is a `UsageError`
+(`ExperimentError`), a `ConfigError` or a `StoreError`, and a file the user named that
+cannot be read or written (missing, permissions, not text) is bad input too; anything
+else is kvprobe's own bug and shows its traceback. The library never imports this package.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import capture, demo, layout, run, serve, sft, toy
+from ..config import ConfigError
+from ..store import StoreError
+from . import capture, demo, layout, run, serve, sft, toy, verify
 from .common import UsageError
 
 # every subcommand module defines register(subparsers); add new ones here
-SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, serve, sft)
+SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, serve, sft)
+
+BAD_INPUT = (UsageError, ConfigError, StoreError)
 
 __all__ = ["main"]
 
@@ -54,20 +61,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"kvprobe: error: {e}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as e:
+        return _refuse(str(e))
+    except UnicodeDecodeError as e:
+        return _refuse(f"a file is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:  # the user's files and directories: missing, permissions, full disk, ...
+        if e.filename is not None:
+            return _refuse(f"{e.filename}: {e.strerror or e}")
+        return _refuse(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:
         print("kvprobe: interrupted", file=sys.stderr)
         return 130
     except Exception:  # an internal failure: show where, exit 1
-        import traceback
+        return _internal()
 
-        traceback.print_exc()
-        print("kvprobe: internal error (the traceback above says where); please report it", file=sys.stderr)
-        return 1
+
+def _refuse(message: str) -> int:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"kvprobe: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _internal() -> int:
+    """kvprobe's own failure: the traceback, then one line saying so, exit 1."""
+    import traceback
+
+    traceback.print_exc()
+    print("kvprobe: internal error (the traceback above says where); please report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def add_config_args(p: argparse.ArgumentParser, with_config: bool = True) -> Non
                    help="override a config field, e.g. --set data.n_samples=2000 (repeatable; YAML values)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
-    g.add_argument("--overwrite", action="store_true", help="delete OUT first")
+    g.add_argument("--overwrite", action="store_true", help="delete OUT first (only a directory kvprobe made)")
 
 
 __all__ = ["add_config_args", "register", "ConfigError"]

@@ -36,13 +36,13 @@ DEMO_CONFIG = {
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.samples < 500:
+        raise UsageError(f"--samples: at least 500 are needed for a meaningful probe, got {args.samples}")
     data = {**DEMO_CONFIG, "data": {**DEMO_CONFIG["data"], "n_samples": args.samples}}
     cfg = parse_config(data, "demo config")
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    if args.samples < 500:
-        raise UsageError(f"--samples: at least 500 are needed for a meaningful probe, got {args.samples}")
     t = time.perf_counter()
     out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     grids = run_pipeline(cfg, out, plans, resume=args.resume, progress=not args.quiet)
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=DEMO_CONFIG["data"]["n_samples"], help="passcode samples")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted demo in OUT")
-    g.add_argument("--overwrite", action="store_true", help="delete OUT first")
+    g.add_argument("--overwrite", action="store_true", help="delete OUT first (only a directory kvprobe made)")
     p.add_argument("--print-config", action="store_true", help="print the demo's config as YAML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-from ..config import ExperimentConfig, parse_config
+from ..experiment import (
+    leakage_table,
+    open_run,
+    record_timing,
+    run_pipeline,
+    stage_probe,
+    stage_report,
+    stage_sweep,
+    start_run,
+)
 from .capture import add_config_args
-from ..experiment import leakage_table, record_timing, run_pipeline, stage_probe, stage_report, stage_sweep, start_run
 from .common import UsageError, add_parser, experiment_config
 
 __all__ = ["register"]
-
-
-def _existing_run(out: str) -> tuple[Path, ExperimentConfig]:
-    path = Path(out)
-    record = path / "config.json"
-    if not record.is_file():
-        raise UsageError(f"{path}: not a kvprobe run directory (no config.json); run `kvprobe capture` or `kvprobe run` first")
-    return path, parse_config(json.loads(record.read_text())["config"], str(record))
 
 
 def _single_process(command: str) -> None:
@@ -45,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     _single_process("probe")
-    out, cfg = _existing_run(args.run_dir)
+    out, cfg = open_run(args.run_dir)
     if args.redo:
         for cond in cfg.conditions:
             for suffix in (".json", ".npz"):
@@ -59,7 +58,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     _single_process("report")
-    out, cfg = _existing_run(args.run_dir)
+    out, cfg = open_run(args.run_dir)
     missing = [c for c in cfg.conditions if not (out / "probes" / f"{c}.json").is_file()]
     if missing:
         raise UsageError(f"{out}: no probe results for condition(s) {', '.join(missing)} (run `kvprobe probe {out}`)")

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config import key_value_arg
+from ..experiment.resolve import hub_access
 from .common import UsageError, add_mask_args, add_parser, mask_from_args
 
 __all__ = ["register"]
@@ -30,9 +31,11 @@ def _sft(args: argparse.Namespace) -> int:
     first_stage = int(args.stages[0])
     try:
         traces = read_jsonl(args.traces)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                     attn_implementation=stage_attn_implementation(first_stage))
+        with hub_access(args.allow_download):  # offline unless asked
+            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=not args.allow_download)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                         attn_implementation=stage_attn_implementation(first_stage),
+                                                         local_files_only=not args.allow_download)
     except (TraceError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     add_memento_tokens(tokenizer, model)
@@ -59,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  accelerate launch -m kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl "
                    "--output-dir runs/sft --stages 2")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a hub id's files from the network (default: local files and the local cache only)")
     p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.data.traces.read_jsonl)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")

@@ -19,7 +19,16 @@ from .pipeline import (
     start_run,
 )
 from .resolve import load_model, make_source, process_device
-from .rundir import check_out_dir, prepare_out_dir, record_timing, store_dir
+from .rundir import (
+    check_out_dir,
+    check_store,
+    open_run,
+    prepare_out_dir,
+    record_model,
+    record_timing,
+    store_dir,
+    verify_run,
+)
 
 __all__ = [
     "ExperimentError",
@@ -27,13 +36,16 @@ __all__ = [
     "Plans",
     "capture_all",
     "check_out_dir",
+    "check_store",
     "leakage_table",
     "load_model",
     "make_source",
     "model_kind",
+    "open_run",
     "plan_all",
     "prepare_out_dir",
     "process_device",
+    "record_model",
     "record_timing",
     "run_pipeline",
     "stage_probe",
@@ -41,4 +53,5 @@ __all__ = [
     "stage_sweep",
     "start_run",
     "store_dir",
+    "verify_run",
 ]

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import CapturePlan, plan_capture, run_capture
+from ..capture.run import model_identity
 from ..config import ExperimentConfig
-from ..store import StoreError
+from ..store import StoreError, verify_store
 from .errors import ExperimentError
 from .resolve import load_model, make_source
-from .rundir import store_dir
+from .rundir import record_model, store_dir
 
 __all__ = ["Plans", "capture_all", "plan_all"]
 
@@ -46,7 +47,11 @@ def plan_all(cfg: ExperimentConfig) -> Plans:
 
 def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, progress: bool = True,
                 rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Capture every condition of `cfg` under out/stores/ (complete stores are skipped on resume)."""
+    """Capture every condition of `cfg` under out/stores/ (complete stores are skipped on resume,
+    once they verify; a damaged shard is captured again). The model's identity goes to
+    out/model.json, and a resume with another model is refused."""
+    identity = model_identity(plans.model, cfg.model.checkpoint)
+    record_model(out, identity)
     paths = []
     for cond, plan in plans.plans.items():
         path = store_dir(out, cond)
@@ -54,12 +59,15 @@ def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, pr
         if mode == "resume" and not path.exists():
             store_mode = "create"
         if mode == "resume" and (path / "kvstore.h5").exists():
-            print(f"[{cond}] store complete, skipping")
-            paths.append(path)
-            continue
+            problems = verify_store(path)
+            if not problems:
+                print(f"[{cond}] store complete, skipping")
+                paths.append(path)
+                continue
+            print(f"[{cond}] {problems[0]}: capturing the damaged shard(s) again")
         try:
             run_capture(plans.model, plans.source, plan.spec, path, mode=store_mode, model_name=cfg.model.checkpoint,
-                        progress=progress, rank=rank, world_size=world_size)
+                        progress=progress, rank=rank, world_size=world_size, identity=identity)
         except StoreError as e:
             raise ExperimentError(str(e)) from None
         paths.append(path)

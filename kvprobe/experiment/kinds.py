@@ -36,6 +36,8 @@ class ModelKind:
         kind reads traces only).
     checkpoint_step(name) -> int | None: a checkpoint's training step (sweeps; None: no sweeps).
     task_accuracy(model, n) -> float: the task accuracy of a checkpoint on n held-out sequences.
+    reads_text: whether the kind's models take text through a Hugging Face tokenizer, so that
+        traces (`data.kind: traces`) can be tokenized for them (a toy vocabulary cannot).
     """
 
     name: str
@@ -43,6 +45,7 @@ class ModelKind:
     make_source: Callable[[ExperimentConfig, int], SampleSource] | None = None
     checkpoint_step: Callable[[str], int | None] | None = None
     task_accuracy: Callable[[Any, int], float] | None = None
+    reads_text: bool = False
 
 
 def _load_hf(section: ModelSection) -> Any:
@@ -59,6 +62,7 @@ def _load_hf(section: ModelSection) -> Any:
             dtype=getattr(torch, section.dtype),
             attn_implementation=section.attn_implementation,
             trust_remote_code=section.trust_remote_code,
+            local_files_only=not section.allow_download,  # offline unless the config allows downloads
             **spread,
         )
     except ImportError as e:  # device maps need accelerate
@@ -66,7 +70,7 @@ def _load_hf(section: ModelSection) -> Any:
     return model.eval()
 
 
-HF = ModelKind("hf", load=_load_hf)
+HF = ModelKind("hf", load=_load_hf, reads_text=True)
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""The experiment pipeline: capture -> probe -> sweep -> report, from one config.
+"""The experiment pipeline: capture -> probe -> causal -> sweep -> report, from one config.
 
 `kvprobe run`, `probe`, `report` and `demo` are thin commands over these functions, and
 a study in Python calls them the same way:
@@ -33,12 +33,19 @@ from ..analysis import (
 from ..config import ExperimentConfig
 from ..probes import LinearConfig, MLPConfig
 from ..reporting.sweep import SweepPoint
-from ..store import KVStore, StoreError
+from ..store import REPAIR, KVStore, StoreError, verify_store
 from .capture import Plans, capture_all, plan_all
+from .causal import saved_causal, stage_causal
 from .errors import ExperimentError
 from .kinds import model_kind
 from .resolve import load_model, make_source
-from .rundir import check_out_dir, prepare_out_dir, record_timing, store_dir
+from .rundir import (
+    check_out_dir,
+    check_store,
+    prepare_out_dir,
+    record_timing,
+    store_dir,
+)
 
 __all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep", "start_run"]
 
@@ -63,13 +70,18 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
     for cond in cfg.conditions:
         path = out / "probes" / cond
         if path.with_suffix(".json").is_file():
-            grids[cond] = load_grid(path)
+            grids[cond] = _saved_grid(path)
             continue
         try:
             store = KVStore(store_dir(out, cond))
         except StoreError as e:
-            raise ExperimentError(f"{e} (run `kvprobe capture` first)") from None
+            hint = " (run `kvprobe capture` first)" if not store_dir(out, cond).exists() else ""
+            raise ExperimentError(f"{e}{hint}") from None
         with store:
+            check_store(out, cfg, cond, store)
+            damaged = verify_store(store.path)  # every byte, before any fit (a damaged chunk would fail mid-way)
+            if damaged:
+                raise ExperimentError(f"{damaged[0]}; {REPAIR}")
             try:
                 parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress) for kind in cfg.probe.kinds]
             except ValueError as e:
@@ -77,6 +89,21 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
         grids[cond] = merge_grids(parts)
         save_grid(grids[cond], path)
     return grids
+
+
+def _saved_grid(path: Path) -> GridResult:
+    """A condition's saved probe results; damaged or partial ones are bad input naming the file."""
+    for suffix in (".json", ".npz"):
+        if not path.with_suffix(suffix).is_file():
+            raise ExperimentError(f"{path.with_suffix(suffix)}: missing probe results; refit them with "
+                                  f"`kvprobe probe {path.parent.parent} --redo`")
+    import zipfile
+
+    try:
+        return load_grid(path)
+    except (ValueError, KeyError, TypeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ExperimentError(f"{path}.json/.npz: damaged probe results ({type(e).__name__}: {e}); refit them "
+                              f"with `kvprobe probe {path.parent.parent} --redo`") from None
 
 
 def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> list[SweepPoint]:
@@ -141,7 +168,14 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings}
     paper = report.PAPER_TOY if cfg.report.paper == "toy" else None
-    return list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta).values())
+    paths = list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta).values())
+    causal = saved_causal(out)
+    if causal is not None:  # the causal map beside the probe map
+        from ..reporting.causal import write_causal
+
+        condition = cfg.causal.condition or next(iter(cfg.conditions))
+        paths += [p for p in write_causal(causal, rows, out / "report", condition=condition) if p not in paths]
+    return paths
 
 
 def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str = "memento") -> str:
@@ -175,13 +209,18 @@ def start_run(cfg: ExperimentConfig, out: Path, *, resume: bool, overwrite: bool
 
 
 def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
-    """Every stage in order: capture, probe, sweep, report. Returns the probe grids."""
+    """Every stage in order: capture, probe, causal (with a `causal` section), sweep, report.
+    Returns the probe grids."""
     t = time.perf_counter()
     capture_all(cfg, out, plans, mode="resume" if resume else "create", progress=progress)
     record_timing(out, "capture", time.perf_counter() - t)
     t = time.perf_counter()
     grids = stage_probe(cfg, out, progress=progress)
     record_timing(out, "probe", time.perf_counter() - t)
+    if cfg.causal_spec() is not None:
+        t = time.perf_counter()
+        stage_causal(cfg, out, plans.model, grids, progress=progress)
+        record_timing(out, "causal", time.perf_counter() - t)
     t = time.perf_counter()
     sweep = stage_sweep(cfg, out, progress=progress)
     if cfg.sweep.checkpoints:

@@ -6,9 +6,10 @@ plugin, so nothing here imports `toy_models`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -17,7 +18,23 @@ from ..data.samples import SampleSource
 from .errors import ExperimentError
 from .kinds import model_kind
 
-__all__ = ["load_model", "make_source", "process_device"]
+__all__ = ["hub_access", "load_model", "make_source", "process_device"]
+
+
+@contextlib.contextmanager
+def hub_access(allow: bool) -> Iterator[None]:
+    """Offline by construction: unless `allow`, the Hugging Face hub client refuses every
+    request while models and tokenizers load (its own offline mode, the switch that
+    `HF_HUB_OFFLINE=1` sets), so a name that is not a local directory or in the local cache
+    fails at once instead of reaching the network. With `allow`, the environment decides."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not allow
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def process_device(device: str, env: Mapping[str, str] = os.environ) -> str:
@@ -34,11 +51,14 @@ def load_model(section: ModelSection) -> Any:
         raise ExperimentError(f"model.device {section.device!r}: CUDA is not available on this machine")
     kind = model_kind(section.kind)
     try:
-        model = kind.load(section)
+        with hub_access(section.allow_download):
+            model = kind.load(section)
     except FileNotFoundError as e:
         raise ExperimentError(f"model.checkpoint: {e}") from None
-    except OSError as e:
-        raise ExperimentError(f"model.checkpoint: cannot load {section.checkpoint!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # no weights, no config, not a model directory, offline
+        offline = "" if section.allow_download else " (offline: set model.allow_download to fetch a hub id)"
+        raise ExperimentError(f"model.checkpoint: cannot load {section.checkpoint!r}{offline}: "
+                              f"{str(e).splitlines()[0]}") from None
     if section.device_map:
         return model
     return model.to(device=process_device(section.device), dtype=getattr(torch, section.dtype)).eval()
@@ -63,11 +83,22 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
     from ..data.trace_source import TracePasscodeSource
     from ..data.traces import read_generated, read_jsonl
 
+    if not model_kind(cfg.model.kind).reads_text:
+        raise ExperimentError(f"data.kind: traces are text, and model.kind {cfg.model.kind!r} has no text tokenizer; "
+                              f"use data.kind {cfg.model.kind!r} (its own samples) or an hf model")
     if not data.traces:
         raise ExperimentError("data.traces: a traces file is needed when data.kind is 'traces'")
     if not Path(data.traces).is_file():
         raise ExperimentError(f"data.traces: no such file {data.traces!r}")
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or cfg.model.checkpoint)
+    name = data.tokenizer or cfg.model.checkpoint
+    try:
+        with hub_access(cfg.model.allow_download):
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not cfg.model.allow_download)
+    except (OSError, ValueError) as e:
+        field = "data.tokenizer" if data.tokenizer else "model.checkpoint"
+        offline = "" if cfg.model.allow_download else " (offline: set model.allow_download to fetch a hub id)"
+        raise ExperimentError(f"{field}: cannot load a tokenizer from {name!r}{offline}: "
+                              f"{str(e).splitlines()[0]}") from None
     try:
         path = Path(data.traces)
         traces = read_jsonl(path) if path.suffix == ".jsonl" else [read_generated(path)]

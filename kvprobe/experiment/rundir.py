@@ -1,6 +1,8 @@
 """An experiment directory: refuse to overwrite, resume only the same config, record timings.
 
+    OUT/.kvprobe               marker: kvprobe made this directory (--overwrite deletes only such)
     OUT/config.json            resolved config, seed, versions (written first)
+    OUT/model.json             the captured model's identity (name, parameter hash)
     OUT/stores/CONDITION/      KV stores (resumable shard by shard)
     OUT/probes/CONDITION.json  probe results per cell (+ .npz per-sample scores)
     OUT/sweep/sweep.json       leakage across training checkpoints (toy)
@@ -11,17 +13,34 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from ..capture.run import package_versions
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, parse_config
+from ..store import INDEX_FILE, KVStore, is_store, verify_store
 from .errors import ExperimentError
 
 RUN_PACKAGES = ("kvprobe", "torch", "transformers", "h5py", "numpy", "scikit-learn")
+MARKER = ".kvprobe"
+MODEL_FILE = "model.json"
 
-__all__ = ["check_out_dir", "prepare_out_dir", "record_timing", "store_dir"]
+__all__ = ["MARKER", "check_out_dir", "check_store", "open_run", "prepare_out_dir", "record_model", "record_timing",
+           "store_dir", "verify_run"]
+
+
+def _writable_parent(out: Path) -> None:
+    """Refuse an output path whose nearest existing ancestor is not a writable directory."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExperimentError(f"{out}: cannot be created, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExperimentError(f"{out}: cannot be created, {parent} is not writable")
 
 
 def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool) -> None:
@@ -31,13 +50,20 @@ def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: 
     record = out / "config.json"
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"{out}: exists and is not a directory")
+    if not out.exists():
+        _writable_parent(out)
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise ExperimentError(f"{out}: not writable")
     if out.exists() and any(out.iterdir()):
         if overwrite:
+            if not (out / MARKER).is_file():
+                raise ExperimentError(f"{out}: not a directory kvprobe wrote (no {MARKER} marker); refusing to "
+                                      "delete it with --overwrite (choose another --out or delete it yourself)")
             return
         if not resume:
             raise ExperimentError(f"{out}: output directory already exists (use --resume to continue it or --overwrite)")
         elif record.is_file():
-            previous = json.loads(record.read_text())["config"]
+            previous = _read_record(record).get("config")
             if previous != resolved:
                 diff = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
                 raise ExperimentError(f"{out}: was run with another config (sections differ: {', '.join(diff)}); "
@@ -57,8 +83,14 @@ def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text(f"kvprobe {stage} directory; `--overwrite` may delete it\n")
     if not record.is_file():
+        import torch
+
+        # threads: what torch used here; probe results do not depend on it (tested), capture neither
         record.write_text(json.dumps({"config": resolved, "seed": cfg.seed, "versions": package_versions(RUN_PACKAGES),
+                                      "threads": torch.get_num_threads(),
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     return out
 
@@ -66,10 +98,117 @@ def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite
 def record_timing(out: Path, stage: str, seconds: float) -> None:
     """Add one stage's wall time to out/timings.json."""
     path = out / "timings.json"
-    timings = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # a damaged timings file is rewritten
+        timings = {}
     timings[stage] = round(seconds, 2)
-    path.write_text(json.dumps(timings, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(timings, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def store_dir(out: Path, condition: str) -> Path:
     return out / "stores" / condition
+
+
+def _read_record(record: Path) -> dict[str, Any]:
+    """A run's config.json as a mapping with its `config`; a damaged one is bad input."""
+    try:
+        data = json.loads(record.read_text())
+    except UnicodeDecodeError:
+        raise ExperimentError(f"{record}: not a kvprobe run record (not UTF-8 text)") from None
+    except ValueError as e:
+        raise ExperimentError(f"{record}: damaged run record (malformed JSON: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ExperimentError(f"{record}: damaged run record (no 'config' mapping)")
+    return data
+
+
+def open_run(path: str | os.PathLike) -> tuple[Path, ExperimentConfig]:
+    """An existing run directory and its config, for the stages that continue a run."""
+    path = Path(path)
+    record = path / "config.json"
+    if is_store(path) or (path / INDEX_FILE).exists():
+        raise ExperimentError(f"{path}: a KV store, not a run directory; give the run directory that holds "
+                              f"stores/ (e.g. {path.parent.parent})")
+    if not record.is_file():
+        raise ExperimentError(f"{path}: not a kvprobe run directory (no config.json); run `kvprobe capture` or "
+                              "`kvprobe run` first")
+    try:
+        return path, parse_config(_read_record(record)["config"], str(record))
+    except ConfigError as e:
+        raise ExperimentError(f"damaged run record: {e}") from None
+
+
+def record_model(out: Path, identity: dict[str, Any]) -> None:
+    """Write the captured model's identity to OUT/model.json, or refuse one that differs from it."""
+    path = out / MODEL_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = None
+        if isinstance(before, dict) and before.get("param_hash") != identity["param_hash"]:
+            raise ExperimentError(f"{path}: this run was captured from another model ({_who(before)}); the model "
+                                  f"now is {_who(identity)}: use a new --out")
+        if isinstance(before, dict):
+            return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _who(identity: dict[str, Any]) -> str:
+    return f"{identity.get('name')!r}, parameter hash {str(identity.get('param_hash'))[:12]}"
+
+
+def check_store(out: Path, cfg: ExperimentConfig, condition: str, store: KVStore) -> None:
+    """Refuse a store that this run did not capture: another model (name, parameter hash),
+    other samples (count, seed) or another capture spec than the run's config asks for."""
+    model = store.config.get("model", {})
+    where = store_dir(out, condition)
+    fix = f"re-capture it (delete it, then `kvprobe run CONFIG --out {out} --resume`) or probe the run it came from"
+    if model.get("name") != cfg.model.checkpoint:
+        raise ExperimentError(f"{where}: captured from model {_who(model)}, but this run's model is "
+                              f"{cfg.model.checkpoint!r}; {fix}")
+    recorded = out / MODEL_FILE
+    if recorded.is_file():
+        try:
+            expected = json.loads(recorded.read_text()).get("param_hash")
+        except (ValueError, AttributeError):
+            raise ExperimentError(f"{recorded}: damaged model record (malformed JSON)") from None
+        if model.get("param_hash") != expected:
+            raise ExperimentError(f"{where}: captured from model {_who(model)}, but this run captured parameter hash "
+                                  f"{str(expected)[:12]}; {fix}")
+    source = store.config.get("source", {})
+    for field, expected in (("n_samples", cfg.data.n_samples), ("seed", cfg.seed)):
+        if field in source and source[field] != expected:
+            raise ExperimentError(f"{where}: captured from other samples than this run's ({field} {source[field]}, "
+                                  f"the run's {expected}); {fix}")
+    want = cfg.capture_spec(condition).to_dict()
+    have = dict(store.config.get("capture", {}))
+    if want.get("target_block") is None:  # the run's spec follows its source; the store records the block
+        have.pop("target_block", None)
+        want.pop("target_block", None)
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ExperimentError(f"{where}: captured with another capture spec than this run's condition "
+                              f"{condition!r} (fields differ: {', '.join(diff)}); {fix}")
+
+
+def verify_run(path: str | os.PathLike) -> dict[Path, list[str]]:
+    """Every store of a run directory (or one store), checked byte for byte: store path ->
+    problems ([] when whole). A path that holds no store is bad input."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExperimentError(f"{path}: no such run directory or store")
+    if is_store(path):
+        stores = [path]
+    else:
+        stores = sorted(p.parent for p in path.glob("stores/*/config.json")) + \
+            sorted(p.parent for p in path.glob("sweep/*/config.json"))
+        stores = [s for s in stores if is_store(s)]
+    if not stores:
+        raise ExperimentError(f"{path}: holds no KV store (neither a store nor a run directory with stores/)")
+    return {s: verify_store(s) for s in stores}

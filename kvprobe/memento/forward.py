@@ -10,6 +10,7 @@ and refuses anything else with a message naming the implementations that work.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -21,9 +22,11 @@ __all__ = [
     "DENSE_MASK_IMPLEMENTATIONS",
     "UnsupportedAttentionError",
     "attention_implementation",
+    "cache_argument",
     "check_implementation",
     "input_device",
     "masked_forward",
+    "output_cache",
     "memento_inputs",
 ]
 
@@ -73,6 +76,18 @@ def position_ids_for(attention_mask: torch.Tensor | None, shape: torch.Size, dev
     if attention_mask is None:
         return torch.arange(shape[1], device=device).expand(shape[0], -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: `cache` (transformers >= 5.x, where
+    `past_key_values` is deprecated and warns), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under its current name or the old one."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def memento_inputs(

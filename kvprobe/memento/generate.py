@@ -33,7 +33,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .forward import DENSE_MASK_IMPLEMENTATIONS, attention_implementation, input_device
+from .forward import (
+    DENSE_MASK_IMPLEMENTATIONS,
+    attention_implementation,
+    cache_argument,
+    input_device,
+)
 from .layout import Layout, LayoutError, SpecialTokens, parse_layout
 from .masks import MaskConfig, additive_mask, flex_mask_mod
 
@@ -145,7 +150,7 @@ class _CompactingRun:
             input_ids=torch.tensor([self.ids[start:stop]], device=self.device),
             position_ids=queries[None].to(self.device),
             attention_mask=mask,
-            past_key_values=self.cache,
+            **{cache_argument(self.model): self.cache},
             use_cache=True,
         )
         self.kept.extend(range(start, stop))

@@ -200,17 +200,23 @@ def _check_unique(prompts: Sequence[Prompt]) -> None:
 
 
 class _Writer:
-    """Appends generation records to the output file, one flushed line each."""
+    """Appends generation records to the output file, one flushed line each.
+
+    The file (and its folder) is created at the first record, so a run that fails before
+    any prompt finishes (an unreachable server) leaves nothing behind."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         _repair_tail(path)
-        self.file = path.open("a", encoding="utf-8")
+        self.file: Any = None
 
     def write(self, generation: Generation) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a", encoding="utf-8")
         self.file.write(json.dumps(generation.to_json(), ensure_ascii=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
