@@ -96,6 +96,9 @@ def sandbox(tmp_path, tiny_run, other_store) -> Path:
     (tmp_path / "noweights" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt_id": "p0", "prompt": "2+2?"}) + "\n")
     (tmp_path / "generations.jsonl").write_text('{"prompt_id": "p0", "text": \n')
+    placeholder = {"task_id": "t1", "sentences": ["a.", "b.", "c."], "blocks": [[0, 1], [2, 2]],
+                   "block_summaries": ["ab", "Summarization failed"], "original_problem": "P?"}
+    (tmp_path / "placeholder.jsonl").write_text(json.dumps(placeholder) + "\n")
     shutil.copytree(tiny_run, tmp_path / "run")
     shutil.copytree(other_store, tmp_path / "other_store")
     return tmp_path
@@ -266,6 +269,8 @@ CASES = [
     # serving and traces
     ("generate-unreachable", ["generate", "--prompts", "{dir}/prompts.jsonl", "--out", "{out}/gen.jsonl", "--base-url",
                               "http://127.0.0.1:9/v1", "--max-attempts", "1", "--no-progress"], ["p0"]),
+    ("sft-placeholder-summary", ["sft", "--model", "{dir}/noweights", "--traces", "{dir}/placeholder.jsonl",
+                                 "--output-dir", "{out}"], ["placeholder.jsonl:1", "Summarization failed"]),
     ("export-malformed", ["export-traces", "--generations", "{dir}/generations.jsonl", "--out", "{out}/t.jsonl"],
      ["generations.jsonl:1", "not a JSON line"]),
 ]

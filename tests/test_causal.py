@@ -144,7 +144,8 @@ def test_the_measured_effect_equals_an_independent_computation():
     loss = lambda lg: -torch.log_softmax(lg[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # noqa: E731
     later = downstream_masks(b.layouts, 1, ids.shape[1])
     delta = loss(swapped) - loss(clean)
-    for name, metric in (("later_memento", "delta_loss_memento"), ("later_all", "delta_loss_all")):
+    for name, metric in (("later_memento", "delta_loss_memento"), ("later_all", "delta_loss_all"),
+                         ("answer", "delta_loss_answer")):
         m = later[name]
         expected = ((delta * m).sum(-1) / m.sum(-1)).double().numpy()
         got = getattr(effects[("interchange", cell)], metric)

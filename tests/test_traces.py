@@ -7,6 +7,7 @@ BPE); models are tiny random Qwen3s. `build_tokenizer` is shared with test_injec
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -139,6 +140,40 @@ def test_pipeline_record_errors(change, message):
     with pytest.raises(TraceError) as err:
         from_pipeline_record(rec)
     assert message in str(err.value)
+
+
+def test_a_pipeline_record_without_include_problem_renders_its_problem(tmp_path):
+    """Without --include-problem the Memento pipeline copies the input's fields as original_<key>
+    (run_full_pipeline.py); its other bookkeeping fields are ignored."""
+    raw = json.loads(PIPELINE.read_text().splitlines()[0])
+    problem = raw.pop("problem")
+    record = {**raw, "original_problem": problem, "num_sentences": len(raw["sentences"]), "think_prefix": None,
+              "boundary_scores": [0.1] * len(raw["sentences"]), "scoring_metadata": {}, "num_blocks": len(raw["blocks"]),
+              "refinement_metadata": [None] * len(raw["blocks"]), "avg_final_score": 8.5, "total_iterations": 2}
+    trace = from_pipeline_record(record)
+    assert trace.prompt.startswith(problem.strip()) and trace.n_blocks == len(raw["blocks"])
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert read_jsonl(path)[0].prompt == trace.prompt
+
+
+@pytest.mark.parametrize("summaries, message", [
+    (["m0", "Summarization failed"], "block 1's summary is the pipeline's failure placeholder 'Summarization failed'"),
+    (["[Missing summary]", "m1"], "block 0's summary is the pipeline's failure placeholder '[Missing summary]'"),
+    (["Summary 1: a\nSummary 2: b"] * 2, "all 2 block summaries are the same text"),
+])
+def test_pipeline_failure_placeholders_are_refused(summaries, message):
+    with pytest.raises(TraceError, match=re.escape(message)):
+        from_pipeline_record(_record(block_summaries=summaries))
+
+
+def test_records_without_think_end_are_reported(tmp_path):
+    path = tmp_path / "t.jsonl"
+    unfinished = _record(task_id="t2", blocks=[[0, 4]], block_summaries=["m"], think_suffix=None)
+    path.write_text(json.dumps(_record()) + "\n" + json.dumps(unfinished) + "\n")
+    with pytest.warns(UserWarning, match=r"1 of 2 traces have no text after </think>"):
+        traces = read_jsonl(path)
+    assert [t.answer for t in traces] == ["S4.", None]
 
 
 def test_read_jsonl_errors_name_the_line(tmp_path):

@@ -67,10 +67,12 @@ def downstream_masks(layouts: Sequence[Layout], block: int, length: int) -> dict
     """Which next-token predictions lie downstream of block `block`'s memento, (B, T - 1) bool
     each: position t predicts token t + 1, and downstream means computed by a later token,
     t after <|summary_end|> of `block`. 'later_memento': token t + 1 is memento text of a
-    later block (the toy's task tokens); 'later_all': every prediction made after the memento."""
+    later block (the toy's task tokens); 'later_all': every prediction made after the memento;
+    'answer': the tokens after </think> (a real trace's answer; none on the toy)."""
     B = len(layouts)
     later_all = torch.zeros(B, length - 1, dtype=torch.bool)
     later_memento = torch.zeros(B, length - 1, dtype=torch.bool)
+    answer = torch.zeros(B, length - 1, dtype=torch.bool)
     for row, lay in enumerate(layouts):
         end = lay.blocks[block].summary_end
         later_all[row, end + 1 : lay.stop - 1] = True
@@ -78,7 +80,9 @@ def downstream_masks(layouts: Sequence[Layout], block: int, length: int) -> dict
             if b.completed:
                 text = b.memento_text
                 later_memento[row, text.start - 1 : text.stop - 1] = True
-    return {"later_memento": later_memento, "later_all": later_all}
+        if len(lay.answer):
+            answer[row, lay.answer.start - 1 : lay.answer.stop - 1] = True
+    return {"later_memento": later_memento, "later_all": later_all, "answer": answer}
 
 
 @dataclass
@@ -112,15 +116,19 @@ class ProbeReader:
 class BatchEffects:
     """Per-sample effects of one intervention on one cell over a batch, each (B,).
 
-    delta_loss_memento / delta_loss_all: mean next-token loss after minus before (nats) over
-    the later memento tokens / all later tokens; flip_memento: fraction of later memento
-    tokens whose greedy prediction changed; follow_donor / follow_base: fraction of the
-    probe's decoded digits equal to the donor's / the base's passcode (NaN without a probe).
+    delta_loss_memento / delta_loss_all / delta_loss_answer: mean next-token loss after minus
+    before (nats per token) over the later memento tokens / all later tokens / the answer
+    (minus the change of the answer's mean log-probability; NaN without an answer);
+    flip_memento / flip_all: fraction of those tokens whose greedy prediction changed;
+    follow_donor / follow_base: fraction of the probe's decoded digits equal to the donor's /
+    the base's passcode (NaN without a probe).
     """
 
     delta_loss_memento: np.ndarray
     delta_loss_all: np.ndarray
+    delta_loss_answer: np.ndarray
     flip_memento: np.ndarray
+    flip_all: np.ndarray
     follow_donor: np.ndarray
     follow_base: np.ndarray
 
@@ -195,7 +203,9 @@ def batch_effects(
             effects = BatchEffects(
                 delta_loss_memento=_masked_mean(loss - base_loss, down["later_memento"]),
                 delta_loss_all=_masked_mean(loss - base_loss, down["later_all"]),
+                delta_loss_answer=_masked_mean(loss - base_loss, down["answer"]),
                 flip_memento=_masked_mean((pred != base_pred).float(), down["later_memento"]),
+                flip_all=_masked_mean((pred != base_pred).float(), down["later_all"]),
                 follow_donor=np.asarray(follow_donor, dtype=np.float64),
                 follow_base=np.asarray(follow_base, dtype=np.float64),
             )

@@ -41,7 +41,8 @@ from .effects import (
 __all__ = ["CausalResult", "CausalRow", "CausalSpec", "causal_map", "load_causal", "save_causal"]
 
 FORK_RESTART = MaskConfig(keep_last_n_blocks=0, mask_delimiters=True, restart_mode=True)
-METRICS = ("delta_loss_memento", "delta_loss_all", "flip_memento", "follow_donor", "follow_base")
+METRICS = ("delta_loss_memento", "delta_loss_all", "delta_loss_answer", "flip_memento", "flip_all", "follow_donor",
+           "follow_base")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class CausalRow:
     delta_loss_all: float
     delta_loss_all_low: float
     delta_loss_all_high: float
-    flip_memento: float
+    flip_memento: float | None
+    flip_all: float | None = None
+    delta_loss_answer: float | None = None  # None: no sample has an answer (the toy)
     follow_donor: float | None = None
     follow_base: float | None = None
     text_identical: float | None = None  # interchange: share of (base, donor) pairs whose tokens differ only in the target block
@@ -131,8 +134,11 @@ def _summarise(name: str, cell: Cell, values: dict[str, np.ndarray], n_boot: int
 
     m, a = mean_ci(values["delta_loss_memento"]), mean_ci(values["delta_loss_all"])
     return CausalRow(name, cell.site, cell.offset, cell.layer, cell.pooling, len(values["delta_loss_all"]),
-                     *m, *a, float(np.nanmean(values["flip_memento"])), mean_or_none(values["follow_donor"]),
-                     mean_or_none(values["follow_base"]), identical if name == "interchange" else None)
+                     *m, *a, flip_memento=mean_or_none(values["flip_memento"]),
+                     flip_all=mean_or_none(values["flip_all"]),
+                     delta_loss_answer=mean_or_none(values["delta_loss_answer"]),
+                     follow_donor=mean_or_none(values["follow_donor"]), follow_base=mean_or_none(values["follow_base"]),
+                     text_identical=identical if name == "interchange" else None)
 
 
 def causal_map(model: Any, source: SampleSource, spec: CausalSpec, *, start: int = 0, target_block: int | None = None,

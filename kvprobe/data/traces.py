@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,13 @@ __all__ = [
     "tokenize_trace",
 ]
 
-# record keys that may hold the problem text / the text after </think>, first match wins
-PROMPT_KEYS = ("problem", "question", "prompt")
+# record keys that may hold the problem text / the text after </think>, first match wins. The
+# Memento pipeline (microsoft/memento data/pipeline/run_full_pipeline.py) writes `problem` with
+# --include-problem and, without it, copies the input's fields as `original_<key>`.
+PROMPT_KEYS = ("problem", "question", "prompt", "original_problem", "original_question", "original_prompt")
 ANSWER_KEYS = ("think_suffix", "answer")
+# what the pipeline writes in place of a summary it could not make (summarize_iterative.py)
+PLACEHOLDER_SUMMARIES = ("Summarization failed", "[Missing summary]")
 
 BS, BE = SPECIAL_TOKEN_STRINGS["block_start"], SPECIAL_TOKEN_STRINGS["block_end"]
 SS, SE = SPECIAL_TOKEN_STRINGS["summary_start"], SPECIAL_TOKEN_STRINGS["summary_end"]
@@ -133,7 +138,9 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
 
     Needs `task_id`, `sentences` (strings), `blocks` ([first, last] inclusive sentence
     indices, in order, no gaps) and `block_summaries` (one per block). The prompt is the
-    first of `problem`/`question`/`prompt`; the answer the first of `think_suffix`/`answer`.
+    first of `problem`/`question`/`prompt`/`original_problem`/... (PROMPT_KEYS); the answer the
+    first of `think_suffix`/`answer`. The pipeline's failure placeholders ("Summarization
+    failed", "[Missing summary]") and its one-reply-for-every-block fallback are refused.
     Sentences before the first block join the prompt, those after the last the answer.
     Sentences are stripped and joined with one space.
     """
@@ -174,6 +181,13 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
         suffix = _first_key(record, ANSWER_KEYS)
     except TraceError as e:
         raise TraceError(f"trace {tid!r}: {e}") from None
+    for i, summary in enumerate(summaries):
+        if summary.strip() in PLACEHOLDER_SUMMARIES:
+            raise TraceError(f"trace {tid!r}: block {i}'s summary is the pipeline's failure placeholder "
+                             f"{summary.strip()!r}, not a memento; drop the record or summarize it again")
+    if len(summaries) > 1 and len({s.strip() for s in summaries}) == 1:
+        raise TraceError(f"trace {tid!r}: all {len(summaries)} block summaries are the same text (the pipeline's "
+                         "fallback when no 'Summary N:' line parsed, the raw reply for every block); drop the record")
     pre = join(range(pairs[0][0])) if pairs else join(range(n))
     post = join(range(pairs[-1][1] + 1, n)) if pairs else ""
     prompt = "\n\n".join(t for t in (problem, pre) if t)
@@ -205,6 +219,10 @@ def read_jsonl(path: str | Path) -> list[Trace]:
             traces.append(trace)
     if not traces:
         raise TraceError(f"{path}: no records")
+    unfinished = sum(t.answer is None for t in traces)
+    if unfinished:  # the pipeline writes think_suffix null when the source trace had no </think>
+        warnings.warn(f"{path}: {unfinished} of {len(traces)} traces have no text after </think> (think_suffix null: "
+                      "their source reasoning had no </think>); they are used without an answer", stacklevel=2)
     return traces
 
 

@@ -114,8 +114,8 @@ def causal_finding(result: CausalResult) -> str:
     hurt = [r for r in abl if r.delta_loss_memento_low > 0]
     parts = [f"Removing the implicit channel (the memento's K/V replaced by its {result.spec.get('ablate_with')} K/V, "
              f"text kept) raises the loss on later memento tokens in {len(hurt)} of {len(abl)} cells; most at "
-             f"{top.cell.label} ({_interval(top)} nats, greedy predictions changed on {100 * top.flip_memento:.1f}% "
-             "of those tokens)."]
+             f"{top.cell.label} ({_interval(top)} nats, greedy predictions changed on "
+             f"{100 * (top.flip_memento or 0):.1f}% of those tokens)."]
     if swp:
         big = max(swp, key=lambda r: abs(r.delta_loss_memento))
         moved = [r for r in swp if _excludes_zero(r)]
@@ -134,14 +134,21 @@ def causal_finding(result: CausalResult) -> str:
 
 def causal_section(result: CausalResult, figure: str | None = None) -> str:
     """The Markdown section: the finding, then one table row per intervention and cell."""
+    answers = any(r.delta_loss_answer is not None for r in result.rows)
     lines = ["## Causal use: interventions on memento KV", "", causal_finding(result), "",
+             "Δ loss: mean next-token loss after the intervention minus before, nats per token, on the text of "
+             "every later memento (the toy's task tokens) and on every later token" + (", and on the answer "
+             "(after `</think>`)" if answers else "") + "; flips: greedy predictions of later memento tokens "
+             "that changed; follows donor / base: digits a probe at " + str(result.reader) + " decodes after an "
+             "interchange equal to the donor's / the base's passcode (chance 10%).", "",
              "| intervention | cell | Δ loss later mementos (nats) [95% CI] | Δ loss all later tokens | "
-             "greedy flips | follows donor | follows base |",
-             "|---|---|---|---|---|---|---|"]
+             + ("Δ loss answer | " if answers else "") + "flips | follows donor | follows base |",
+             "|---|---|---|---|" + ("---|" if answers else "") + "---|---|---|"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for r in result.rows:
-        pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        lines.append(f"| {r.intervention} | {r.cell.label} | {_interval(r)} | {r.delta_loss_all:+.4f} | "
-                     f"{100 * r.flip_memento:.1f}% | {pct(r.follow_donor)} | {pct(r.follow_base)} |")
+        answer = ("—" if r.delta_loss_answer is None else f"{r.delta_loss_answer:+.4f}") + " | " if answers else ""
+        lines.append(f"| {r.intervention} | {r.cell.label} | {_interval(r)} | {r.delta_loss_all:+.4f} | {answer}"
+                     f"{pct(r.flip_memento)} | {pct(r.follow_donor)} | {pct(r.follow_base)} |")
     if figure:
         lines += ["", f"![probe map and causal map]({figure})"]
     return "\n".join(lines) + "\n"

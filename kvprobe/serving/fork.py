@@ -26,9 +26,10 @@ def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = Tru
     ========================  ======================================================
 
     Other keys the fork knows (``require_assistant_section``, ``keep_last_block_for_answer``,
-    ``max_block_tokens``, ``debug``) pass through `extra`. The fork's restart mode
-    re-prefills the memento tokens only, which is kvprobe's restart mask with the same
-    ``mask_delimiters``. Restart mode without eviction (``keep_last_n_blocks = -1``) has no
+    ``max_block_tokens``, ``debug``) pass through `extra`. The fork's restart mode evicts
+    ``<|block_start|>`` .. ``<|block_end|>`` with the content whatever ``mask_delimiters``
+    says, then re-prefills the memento (SPEC section 2): kvprobe's restart mask with
+    ``mask_delimiters=True``; restart with the delimiters visible is a kvprobe-only control. Restart mode without eviction (``keep_last_n_blocks = -1``) has no
     equivalent in the fork and raises ValueError.
     """
     if mask.restart_mode and mask.keep_last_n_blocks == -1:
