@@ -53,7 +53,18 @@ def _sft(args: argparse.Namespace) -> int:
             print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
                   f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
                   f"model in {result.output_dir}")
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under a launcher the Trainer leaves its process group open; close it before the process
+    exits (gloo's threads, left running at interpreter teardown, can abort a rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
