@@ -142,7 +142,8 @@ CaptureSection = section_from(
 )
 MaskSection = section_from(
     MaskConfig, "MaskSection",
-    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool, "restart_mode": bool})
+    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool, "restart_mode": bool,
+     "evict_before_summary_end": bool})
 
 
 _PROBE = ProbeSettings()  # the probe section's defaults are the Python defaults: one set

@@ -72,6 +72,7 @@ def reference_allow(
     keep_last_n_blocks: int,
     mask_delimiters: bool,
     restart_mode: bool,
+    evict_before_summary_end: bool = False,
 ) -> list[list[bool]]:
     """allow[q][k]: may query q attend key k. `layout` positions index a row of `length` tokens."""
     real = set(range(layout.offset, layout.offset + layout.length))
@@ -85,7 +86,11 @@ def reference_allow(
         completed = sorted(
             (blk.summary_end, i)
             for i, blk in enumerate(layout.blocks)
-            if blk.summary_end is not None and blk.summary_end < q
+            if blk.summary_end is not None
+            and (blk.summary_end < q or (evict_before_summary_end and blk.summary_end == q))
+            # the Memento vLLM fork (scheduler.py, process_token) compacts as soon as a
+            # <|summary_end|> is sampled, before that token's KV is computed: for the fork a
+            # block is completed at its own <|summary_end|> already
         )
         completed_ids = [i for _, i in completed]
         if keep_last_n_blocks > 0:
@@ -121,7 +126,9 @@ def reference_allow_batch(
     keep_last_n_blocks: int = 0,
     mask_delimiters: bool = False,
     restart_mode: bool = False,
+    evict_before_summary_end: bool = False,
 ) -> torch.Tensor:
     """The reference mask of a padded batch as a bool tensor (B, 1, T, T)."""
-    rows = [reference_allow(lay, length, keep_last_n_blocks, mask_delimiters, restart_mode) for lay in layouts]
+    rows = [reference_allow(lay, length, keep_last_n_blocks, mask_delimiters, restart_mode, evict_before_summary_end)
+            for lay in layouts]
     return torch.tensor(rows, dtype=torch.bool).reshape(len(layouts), 1, length, length)

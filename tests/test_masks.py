@@ -18,16 +18,18 @@ from reference_mask import reference_allow_batch
 from strategies import padded_batches
 
 KEEPS = (-1, 0, 1, 2, 3)
-ALL_CONFIGS = [MaskConfig(k, d, r) for k, d, r in itertools.product(KEEPS, (False, True), (False, True))]
+ALL_CONFIGS = [MaskConfig(k, d, r, e) for k, d, r, e in itertools.product(KEEPS, (False, True), (False, True), (False, True))]
 
 
 def config_id(cfg: MaskConfig) -> str:
     delims = "Hidden" if cfg.mask_delimiters else "Visible"
-    return f"keep{cfg.keep_last_n_blocks}-delims{delims}-restart{int(cfg.restart_mode)}"
+    return (f"keep{cfg.keep_last_n_blocks}-delims{delims}-restart{int(cfg.restart_mode)}"
+            + ("-evictAtSE" if cfg.evict_before_summary_end else ""))
 
 
 def reference(layouts, T, cfg: MaskConfig) -> torch.Tensor:
-    return reference_allow_batch(layouts, T, cfg.keep_last_n_blocks, cfg.mask_delimiters, cfg.restart_mode)
+    return reference_allow_batch(layouts, T, cfg.keep_last_n_blocks, cfg.mask_delimiters, cfg.restart_mode,
+                                 cfg.evict_before_summary_end)
 
 
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, input_ids: torch.Tensor) -> str:
@@ -249,7 +251,20 @@ def test_mask_config_validation_and_names():
     assert MaskConfig(0).name == "memento"
     assert MaskConfig(0, True, True).name == "restart-hidden"  # the report's word for the fork's restart
     assert MaskConfig(1, mask_delimiters=True).name == "memento-keep1-hidden"
-    assert len({c.name for c in ALL_CONFIGS if c.keep_last_n_blocks >= 0}) == 16
+    assert MaskConfig(0, evict_before_summary_end=True).name == "memento-evict-at-se"
+    assert MaskConfig(-1, False, True, True).name == "restart-keepall"  # nothing is evicted: no timing to name
+    assert len({c.name for c in ALL_CONFIGS if c.keep_last_n_blocks >= 0}) == 32
+
+
+def test_the_forks_timing_hides_a_block_from_its_own_summary_end():
+    """SPEC section 2: the fork evicts as soon as <|summary_end|> is sampled, before its KV."""
+    lay = parse_layout(encode(EXAMPLE), SPECIAL)
+    base = allow_matrix([lay], T_EX, MaskConfig(0))[0, 0]
+    fork = allow_matrix([lay], T_EX, MaskConfig(0, evict_before_summary_end=True))[0, 0]
+    assert base[7, 2] and base[7, 3] and not fork[7, 2] and not fork[7, 3]  # SE of block 0 and its content a, b
+    assert fork[7, 4] and fork[7, 6]  # its delimiter (visible) and its own memento stay
+    changed = (base != fork).nonzero().tolist()
+    assert changed == [[7, 2], [7, 3], [13, 9]]  # SE_0 and SE_1 lose their own block, nothing else changes
 
 
 def test_layout_longer_than_the_batch_is_refused():
@@ -296,3 +311,11 @@ def test_flex_block_mask_equals_torch_create_block_mask(cfg, block_size, chunk_r
     assert int(ours.kv_num_blocks.sum()) > 0
     if block_size == 2:  # small tiles: some are entirely allowed, so "full" tiles are covered too
         assert int(ours.full_kv_num_blocks.sum()) > 0
+
+
+def test_the_reference_generator_refuses_the_forks_timing():
+    """It compacts after <|summary_end|>'s KV is computed; the fork's timing is a mask option only."""
+    from kvprobe.memento.generate import generate_with_compaction
+
+    with pytest.raises(ValueError, match="evict_before_summary_end"):
+        generate_with_compaction(None, [1], SPECIAL, MaskConfig(0, evict_before_summary_end=True), max_new_tokens=1)

@@ -254,6 +254,10 @@ def generate_with_compaction(
     Memento structure (a second <|block_start|> inside a block, say): the mask is only
     defined on valid structure. A forced token that breaks it raises LayoutError.
     """
+    if config.evict_before_summary_end:
+        raise ValueError("the reference generator compacts after <|summary_end|>'s KV is computed (kvprobe's base "
+                         "rule); the fork's timing (evict_before_summary_end) is a mask for teacher-forced passes "
+                         "only, not modelled here")
     attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
     if getattr(model.config, "sliding_window", None) is not None:
         raise ValueError("generate_with_compaction does not support sliding-window attention")

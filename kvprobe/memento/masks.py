@@ -7,6 +7,10 @@ block, N > 0 keeps the N most recently completed blocks (as seen from q) visible
 `mask_delimiters` hides <|block_start|>/<|block_end|> together with the content.
 Restart mode: tokens of M_i (<|summary_start|> .. <|summary_end|>) may not attend
 content(j) (plus delimiters if hidden) for any j <= i.
+`evict_before_summary_end` is the Memento vLLM fork's served timing (SPEC section 2): it
+compacts as soon as <|summary_end|> is sampled, before that token's KV is computed, so a
+block counts as completed already for its own <|summary_end|> (SE_i <= q instead of
+SE_i < q) and SE_i's KV never sees content(i).
 
 Both the dense builder and the FlexAttention `mask_mod` evaluate one predicate,
 `_allowed`, on per-token lookup tables, so the two cannot drift apart.
@@ -41,11 +45,14 @@ class MaskConfig:
     keep_last_n_blocks: -1 plain causal, 0 hide every completed block, N keep N most recent.
     mask_delimiters: hide <|block_start|> and <|block_end|> with the content (Phi-4 style).
     restart_mode: memento tokens cannot see any block up to their own (paper's ablation).
+    evict_before_summary_end: the fork's served timing, a block hidden already from its own
+        <|summary_end|> (False: kvprobe's base rule, <|summary_end|> sees its block).
     """
 
     keep_last_n_blocks: int = 0
     mask_delimiters: bool = False
     restart_mode: bool = False
+    evict_before_summary_end: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last_n_blocks, int) or self.keep_last_n_blocks < -1:
@@ -58,13 +65,14 @@ class MaskConfig:
 
         The report reads a condition's meaning from this name, whatever the condition is called."""
         if self.keep_last_n_blocks == -1 and not self.restart_mode:
-            return "causal"
+            return "causal"  # nothing is evicted, so the timing of eviction does not matter
         base = "restart" if self.restart_mode else "memento"
         if self.keep_last_n_blocks == -1:
             base += "-keepall"
         elif self.keep_last_n_blocks > 0:
             base += f"-keep{self.keep_last_n_blocks}"
-        return base + ("-hidden" if self.mask_delimiters else "")
+        timing = self.evict_before_summary_end and self.keep_last_n_blocks >= 0  # keep-all evicts nothing
+        return base + ("-hidden" if self.mask_delimiters else "") + ("-evict-at-se" if timing else "")
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ class MaskTables:
 
     hide_block:   (B, T) int   block whose hideable set holds the token, else -1
     memento_of:   (B, T) int   block whose memento span (SS..SE) holds the token, else -1
-    n_completed:  (B, T) int   blocks with SE < q, i.e. completed as seen from query q
+    n_completed:  (B, T) int   blocks with SE < q (SE <= q: evict_before_summary_end), completed for q
     valid:        (B, T) bool  real (non-padding) token
     """
 
@@ -116,7 +124,10 @@ def mask_tables(
             if blk.summary_end is not None:
                 summary_end[b, blk.index] = blk.summary_end
     q = torch.arange(length, dtype=torch.int32)
-    n_completed = (summary_end[:, None, :] < q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
+    if config.evict_before_summary_end:  # the fork: completed as soon as <|summary_end|> is sampled
+        n_completed = (summary_end[:, None, :] <= q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
+    else:
+        n_completed = (summary_end[:, None, :] < q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
     return MaskTables(hide_block, memento_of, n_completed, valid, config).to(device)
 
 
