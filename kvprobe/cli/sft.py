@@ -63,8 +63,7 @@ def _end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # local teardown, no collective: a rank never waits on another here
 
 
 def register(sub: argparse._SubParsersAction) -> None:
