@@ -28,6 +28,7 @@ import torch
 
 from ..capture.hf import KVPatch
 from ..capture.run import pool_sites, pool_tables
+from ..capture.sites import gather_positions
 from ..capture.spec import CaptureSpec
 from ..data.samples import SampleBatch
 from ..memento.forward import memento_inputs
@@ -104,8 +105,7 @@ class ProbeReader:
                            max_tokens=self.max_tokens, target_block=target_block)
         tables = pool_tables(list(layouts), spec)
         keys, values = cache.layers[c.layer].keys, cache.layers[c.layer].values  # (B, n_kv, T, d_head)
-        index = tables.positions.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        kv = {c.layer: (keys.gather(2, index).cpu(), values.gather(2, index).cpu())}
+        kv = {c.layer: (gather_positions(keys, tables.positions).cpu(), gather_positions(values, tables.positions).cpu())}
         key = FeatureKey(c.site, c.offset, c.pooling)
         x = pool_sites(kv, tables, spec, (key,))[key][:, 0]  # (B, D) or (B, M, D)
         x = x.reshape(len(layouts), -1)[None].astype(np.float32)  # (1, B, D)
@@ -184,12 +184,10 @@ def batch_effects(
             raise ValueError(f"{cell.label}: a donor's {cell.site} of block {block} sits at other positions than its "
                              "base's; interchange needs pairs with the same layout")
         down = downstream_masks(layouts, block, ids.shape[1])
-        index = pos.to(device)[:, None, :, None]
 
         def at(cache: Any, rows: Any = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
             k, v = cache.layers[cell.layer].keys[rows], cache.layers[cell.layer].values[rows]  # (B, n_kv, T, d)
-            idx = index.expand(-1, k.shape[1], -1, k.shape[3])
-            return k.gather(2, idx), v.gather(2, idx)
+            return gather_positions(k, pos), gather_positions(v, pos)  # (B, n_kv, P, d)
 
         swaps = {"ablation": at(source), "interchange": at(clean, torch.as_tensor(donor, device=device))}
         for name, (k, v) in swaps.items():
