@@ -100,14 +100,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--models", nargs="+", choices=("toy", "qwen3"), default=["toy", "qwen3"])
-    ap.add_argument("--compression", nargs="+", choices=("gzip", "lzf", "none"), default=["gzip"])
+    ap.add_argument("--compression", nargs="+", choices=("gzip", "lzf", "none"), default=[SPEC.compression])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {"toy": ("toy (GPT-2, 811K)", toy_models.load), "qwen3": ("tiny Qwen3 (GQA, RoPE, qk-norm)", tiny_qwen3)}
     rows = [overhead(models[m][0], models[m][1](), args.samples, args.repeats, replace(SPEC, compression=c))
             for m in args.models for c in args.compression]
-    print(f"capture overhead: {SPEC.to_dict()['layers']} layers x {len(SPEC.offsets)} offsets, K+V, mean, fp16")
+    print(f"capture overhead: {SPEC.to_dict()['layers']} layers x {len(SPEC.offsets)} offsets, K+V, "
+          f"{SPEC.pooling[0]} pooling (max_tokens {SPEC.max_tokens}), {SPEC.dtype}")
     print("| model | compression | samples | bare forward (s) | capture (s) | ratio |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['compression']} | {r['samples']} | {r['bare_s']:.2f} | {r['capture_s']:.2f} | "

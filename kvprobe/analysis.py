@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .capture.spec import pooled_vectors
@@ -41,6 +42,7 @@ from .probes import (
     fit_probes,
     normalise_grid,
     select_strength,
+    shared_moments,
     strength_path,
 )
 from .stats import (
@@ -50,6 +52,7 @@ from .stats import (
     digit_accuracy,
     holm,
     paired_bootstrap_ci,
+    paired_pvalue,
     per_sample_accuracy,
     per_sample_bits,
     shuffle_labels,
@@ -178,6 +181,9 @@ class DiffResult:
     a_mask: str | None = None  # MaskConfig.name of each condition: what the difference isolates
     b_mask: str | None = None
     pooling: str | None = None
+    p_value: float = float("nan")  # two-sided paired t-test on the per-passcode differences (difference = 0)
+    p_holm: float = float("nan")  # filled by apply_holm over every difference of the report
+    significant: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,12 +242,15 @@ def _splits(store: KVStore, settings: ProbeSettings,
     return tr, va, inner
 
 
-def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True) -> GridResult:
+def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True,
+                label: str | None = None) -> GridResult:
     """Fit every requested probe on every (site, offset, layer) cell of `store`.
 
     A probe kind whose strength grid has several values gets its L2 chosen per cell on the inner
     split of the training passcodes, is refitted on the whole training split at that value, and
     is scored on the validation split (the shuffled-label control uses the same value).
+    The progress bar (`label`, default "probe CONDITION") counts cell fits: each cell is fitted
+    once per strength-grid value, once per seed, and once more for the shuffled-label control.
     """
     labels = store.labels  # (N, K)
     codes = PasscodeSpec.from_description(store.config.get("source", {}).get("passcode", {}))
@@ -252,33 +261,46 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     y_tr, y_va = labels[tr], labels[va]
     rows: list[CellResult] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
-    n_fits = sum(settings.seeds if kind == "mlp" else 1 for kind in settings.kinds)
-    bar = tqdm(total=len(cells) * n_fits, desc=f"probe {condition}", unit="cell", disable=not progress)
+    def fits_per_cell(kind: str) -> int:
+        grid = len(settings.strength_grid(kind))
+        return (grid if grid > 1 else 0) + (settings.seeds if kind == "mlp" else 1) + int(settings.shuffled_control)
+
+    n_fits = sum(fits_per_cell(kind) for kind in settings.kinds)
+    bar = tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
+               dynamic_ncols=True)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
         X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
         X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens', 'tail_mean': per-vector features flattened
-        X_tr, X_va = X[:, tr], X[:, va]
+        X_tr, X_va = torch.from_numpy(X[:, tr]).float(), torch.from_numpy(X[:, va]).float()  # converted once
         del X
         for kind in settings.kinds:
+            def done(what: str, kind: str = kind, n: int = len(group)) -> None:
+                bar.set_postfix_str(f"{kind} {what}", refresh=False)
+                bar.update(n)
+
             seeds = range(settings.seeds) if kind == "mlp" else range(1)
             config = settings.mlp if kind == "mlp" else settings.linear
+            moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
             sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
-                                  config=config, device=settings.device)  # reads the training split only
+                                  config=config, device=settings.device, moments=moments,
+                                  on_fit=lambda v: done(f"choosing {v}"))  # the training split only
 
             def fit(y: np.ndarray, seed: int, warm: bool = False):
                 if sel.fixed:  # exactly the fixed-strength fit
                     return fit_probes(X_tr, y, X_va, y_va, kind, l2=float(sel.grid[0]), seed=seed,
-                                      device=settings.device, config=config)
+                                      device=settings.device, config=config, moments=moments)
                 return fit_at_strengths(X_tr, y, X_va, y_va, sel.chosen, kind=kind, seed=seed, config=config,
-                                        device=settings.device, init=sel.warm_start if warm else None)
+                                        device=settings.device, init=sel.warm_start if warm else None,
+                                        moments=moments)
 
             fits = []
             for seed in seeds:
                 fits.append(fit(y_tr, seed, warm=True))
-                bar.update(len(group))
+                done(f"seed {seed}" if kind == "mlp" else "fit")
             shuffled = None
             if settings.shuffled_control:
                 shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
+                done("shuffled labels")
             # per-sample scores averaged over seeds: their mean is the mean seed accuracy
             acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
             bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
@@ -366,8 +388,11 @@ def sensitivity_curves(
         X = X.reshape(len(group), len(labels), D)
         X_tr, X_va = X[:, tr], X[:, va]
         del X
-        sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device)
-        path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device)
+        moments = shared_moments(X_tr, "linear", settings.linear)
+        sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device,
+                              moments=moments)
+        path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device,
+                             moments=moments)
         cis = [bootstrap_ci(per_sample_accuracy(f.log_probs, y_va), n_boot=settings.n_boot) for f in path]
         for g, cell in enumerate(group):
             curves.append(SensitivityCurve(
@@ -380,8 +405,9 @@ def sensitivity_curves(
     return curves
 
 
-def apply_holm(rows: list[CellResult], alpha: float = 0.05) -> None:
-    """Holm-correct the p-values of every row of a report together (in place)."""
+def apply_holm(rows: list[CellResult] | list[DiffResult], alpha: float = 0.05) -> None:
+    """Holm-correct the p-values of every row of a report together (in place): the cells against
+    chance are one family, the paired differences between conditions another."""
     if not rows:
         return
     adjusted = holm([r.p_value for r in rows])
@@ -406,7 +432,7 @@ def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult
         out.append(DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
                               float(ci.estimate), float(ci.low), float(ci.high),
                               a_mask=a.rows[0].mask if a.rows else None, b_mask=b.rows[0].mask if b.rows else None,
-                              pooling=cell.pooling))
+                              pooling=cell.pooling, p_value=paired_pvalue(sa, b.per_sample[key])))
     out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
     return out
 

@@ -187,7 +187,7 @@ class SweepSection(_Strict):
 
     checkpoints: tuple[str, ...] = ()  # toy checkpoint names or dirs, in training order; empty: no sweep
     n_samples: int = Field(10000, ge=100)
-    layers: Annotated[tuple[int, ...], _NonEmpty] = (3,)
+    layers: Annotated[tuple[int, ...], _NonEmpty] = (3,)  # the highest is followed: only it is captured
     offsets: tuple[int, ...] = (-1, 0, 1)  # the smallest positive one is the sweep's masked cell
     task_samples: int = Field(2000, ge=100)
 

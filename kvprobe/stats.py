@@ -42,6 +42,7 @@ __all__ = [
     "information_bits",
     "mean_accuracy",
     "paired_bootstrap_ci",
+    "paired_pvalue",
     "per_sample_accuracy",
     "per_sample_bits",
     "seed_summary",
@@ -178,6 +179,20 @@ def paired_bootstrap_ci(a: Any, b: Any, *, n_boot: int = 2000, level: float = 0.
     if a.shape != b.shape:
         raise ValueError(f"paired scores must have the same shape, got {a.shape} and {b.shape}")
     return bootstrap_ci(a - b, n_boot=n_boot, level=level, seed=seed)
+
+
+def paired_pvalue(a: Any, b: Any) -> float:
+    """Two-sided p-value of mean(a - b) = 0 for per-sample scores (M,) of the same samples: a paired
+    t-test (the differences of per-passcode accuracies are bounded, so with hundreds of passcodes the
+    t approximation is sound). Identical scores give 1."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"paired scores must be two (M,) arrays with M >= 2, got shape {d.shape}")
+    if not d.any():
+        return 1.0
+    if np.all(d == d[0]):  # a constant non-zero difference: no variance, certainly not zero
+        return 0.0
+    return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 
 def wilson_interval(p: Any, n: int, level: float = 0.95) -> Interval:

@@ -7,17 +7,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvprobe.analysis import CellResult, DiffResult, apply_holm
-from kvprobe.reporting.figures import (
-    accuracy_by_distance,
-    accuracy_by_layer,
-    accuracy_heatmap,
-    condition_comparison,
-    leakage_vs_training,
-    save_all,
-)
 from kvprobe.reporting import (
     PAPER_TOY,
     interval_verdict,
@@ -26,6 +19,15 @@ from kvprobe.reporting import (
     write_report,
     write_tables,
 )
+from kvprobe.reporting.figures import (
+    accuracy_by_distance,
+    accuracy_by_layer,
+    accuracy_heatmap,
+    condition_comparison,
+    leakage_vs_training,
+    save_all,
+)
+from kvprobe.stats import paired_pvalue
 
 LAYERS = (0, 1, 2, 3)
 OFFSETS = (-1, 0, 1, 2, 3, 4, 5, 6, 7)
@@ -194,7 +196,7 @@ def test_paper_comparison(grid, diffs):
     section = text.split("## Comparison with the paper")[1].split("\n## ")[0]
     assert "| masked +1, first layer | 0 | 13.1% |" in section
     assert "| masked +1, last layer | 3 | 26.2% (24.9% in the main text) |" in section
-    assert "| direct, last layer | 3 | — |" in section
+    assert "| direct, last layer | 3 | 98.5% (the microsoft/memento blog figure 'Probing KV States') |" in section
     assert "≈13 (1.3× chance)" in section
     assert section.count("| yes |") >= 3  # the synthetic grid reproduces the paper's masked numbers
 
@@ -447,3 +449,47 @@ def test_leakage_table_states_each_grids_own_chance(grid):
                            "text-controlled": GridResult("text-controlled", fixed_sum, np.arange(3))})
     assert "memento: linear probe accuracy (%), chance 10; " in table
     assert "text-controlled: linear probe accuracy (%), chance 11.17; " in table
+
+
+def test_paired_differences_are_holm_corrected_as_a_family():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    same, shifted = base.copy(), np.clip(base + 0.2, 0, 1)
+    assert paired_pvalue(same, base) == 1.0 and paired_pvalue(shifted, base) < 1e-10
+    d = [DiffResult("memento", "restart-hidden", "memento", 1, layer, "linear", 0.0, -0.1, 0.1,
+                    p_value=p) for layer, p in enumerate([paired_pvalue(shifted, base), 0.03, 0.5])]
+    apply_holm(d)
+    assert [x.significant for x in d] == [True, False, False]  # 0.03 alone would pass; x 2 tests left it fails
+    assert d[1].p_holm == pytest.approx(0.06) and d[2].p_holm == pytest.approx(0.5)
+
+
+def test_report_explains_layer_zero_negative_bits_and_its_correction(grid, diffs):
+    corrected = [DiffResult(**{**d.to_dict(), "p_value": 1e-6}) for d in diffs]
+    apply_holm(corrected)
+    text = render_summary(grid, corrected)
+    comparison = text.split("## Condition comparison")[1].split("\n## ")[0]
+    assert "Layer 0 reads the same in every condition" in comparison
+    assert f"Holm-corrected over all {len(corrected)} paired differences" in comparison
+    assert "| Holm-corrected test |" in comparison and "differs (p " in comparison
+    assert "Negative bits are not negative information" in text
+    uncorrected = render_summary(grid, diffs).split("## Condition comparison")[1].split("\n## ")[0]
+    assert "Holm-corrected over" not in uncorrected and "| — |" in uncorrected  # never claims a correction
+
+
+def test_legends_fit_the_figure_width():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kvprobe.reporting.plotting import _bottom_legend
+
+    labels = ["chance (10%)", "causal control (−1)", "direct (0)", "masked +1 (the passcode block hidden)"]
+    for width in (5.8, 16):
+        fig = Figure(figsize=(width, 5), layout="constrained")
+        ax = fig.subplots()
+        for i, label in enumerate(labels):
+            ax.plot([0, 1], [i, i], label=label)
+        _bottom_legend(fig, [ax], ncols=5, fontsize=9)
+        FigureCanvasAgg(fig).draw()
+        box, page = fig.legends[0].get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1, (width, box, page)  # nothing clipped at the sides
+    assert fig.legends[0]._ncols == len(labels)  # a wide figure keeps one row

@@ -285,6 +285,13 @@ def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBat
     input_ids = batch.input_ids.to(device)
     am = batch.attention_mask.to(device) if batch.attention_mask is not None else None
     kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am)
+    # a causal model's KV at position p depends on tokens <= p only: stop after the last captured one
+    # (the toy at offsets up to +7 skips 12% of every forward; the KV is the same). Dense masks only.
+    T = int(tables.positions.max()) + 1
+    if T < input_ids.shape[1] and isinstance(kwargs["attention_mask"], torch.Tensor):
+        input_ids = input_ids[:, :T]  # (B, T)
+        kwargs["attention_mask"] = kwargs["attention_mask"][:, :, :T, :T].contiguous()  # (B, 1, T, T)
+        kwargs["position_ids"] = kwargs["position_ids"][:, :T]
     kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
     kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
     return pool_sites(kv, tables, spec, keys)

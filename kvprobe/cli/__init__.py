@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..config import ConfigError
 from ..store import StoreError
-from . import capture, demo, layout, run, serve, sft, toy, verify
+from . import capture, common, demo, layout, run, serve, sft, toy, verify
 from .common import UsageError
 
 # every subcommand module defines register(subparsers); add new ones here
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"kvprobe {__version__}")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
+                        help="CPU threads for torch (default: the cores not already busy with other jobs, "
+                             "from the load average; at least 1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMAND_MODULES:
         module.register(sub)
@@ -52,13 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"kvprobe: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        import torch
+    if args.threads is not None and args.threads < 1:
+        print(f"kvprobe: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
     try:
         return int(args.func(args) or 0)
     except BAD_INPUT as e:

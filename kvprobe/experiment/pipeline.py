@@ -67,7 +67,7 @@ def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) ->
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
     """Probe every condition's store; conditions already probed are read back."""
     grids = {}
-    for cond in cfg.conditions:
+    for i, cond in enumerate(cfg.conditions, 1):
         path = out / "probes" / cond
         if path.with_suffix(".json").is_file():
             grids[cond] = _saved_grid(path)
@@ -83,7 +83,9 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
             if damaged:
                 raise ExperimentError(f"{damaged[0]}; {REPAIR}")
             try:
-                parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress) for kind in cfg.probe.kinds]
+                label = f"probe {cond} ({i}/{len(cfg.conditions)})"
+                parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress, label=label)
+                         for kind in cfg.probe.kinds]
             except ValueError as e:
                 raise ExperimentError(f"probe: {e}") from None
         grids[cond] = merge_grids(parts)
@@ -122,7 +124,8 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
     done = {p.checkpoint: p for p in map(SweepPoint.from_dict, json.loads(results_file.read_text()))} \
         if results_file.is_file() else {}
     base = cfg.capture_spec(next(iter(cfg.conditions)))
-    spec = CaptureSpec(**{**base.to_dict(), "layers": list(cfg.sweep.layers), "offsets": list(cfg.sweep.offsets)})
+    layer = max(cfg.sweep.layers)  # the one layer the sweep reports: nothing else is captured or probed
+    spec = CaptureSpec(**{**base.to_dict(), "layers": [layer], "offsets": list(cfg.sweep.offsets)})
     settings = replace(_settings(cfg, "linear"), shuffled_control=False, layers=None, offsets=None)
     source = make_source(cfg, cfg.sweep.n_samples)  # the same samples for every checkpoint
     masked = cfg.sweep.masked_offset()
@@ -145,10 +148,9 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
                                "task_accuracy": kind.task_accuracy(model, cfg.sweep.task_samples)}
         for r in grid.rows:
             tag = {-1: "control", 0: "direct", masked: "masked"}.get(r.offset, f"offset{r.offset:+d}")
-            if r.layer == max(cfg.sweep.layers):
-                row[f"{tag}_accuracy"] = r.accuracy
-                row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
-        row["layer"], row["masked_offset"] = max(cfg.sweep.layers), masked
+            row[f"{tag}_accuracy"] = r.accuracy
+            row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
+        row["layer"], row["masked_offset"] = layer, masked
         rows.append(SweepPoint.from_dict(row))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps([p.to_dict() for p in rows], indent=1))
@@ -165,6 +167,7 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
     for a, b in cfg.comparisons():
         if a in grids and b in grids:
             diffs.extend(compare(grids[a], grids[b], n_boot=cfg.probe.n_boot))
+    apply_holm(diffs)  # the differences are a family of their own
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings}
     paper = report.PAPER_TOY if cfg.report.paper == "toy" else None

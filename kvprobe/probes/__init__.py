@@ -8,7 +8,6 @@ the L2 strength per group on an inner label-unique split of the training data.
 
 from .linear import LBFGSInfo, LinearConfig, LinearProbes, fit_linear_probes
 from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, label_unique_holdout
-from .trainer import ProbeFit, Standardizer, check_probe_inputs, fit_probes, fit_sklearn, linear_in_raw_units
 from .selection import (
     DEFAULT_INNER_FRACTION,
     DEFAULT_LINEAR_L2_GRID,
@@ -18,7 +17,17 @@ from .selection import (
     inner_split,
     normalise_grid,
     select_strength,
+    shared_moments,
     strength_path,
+)
+from .trainer import (
+    FeatureMoments,
+    ProbeFit,
+    Standardizer,
+    check_probe_inputs,
+    fit_probes,
+    fit_sklearn,
+    linear_in_raw_units,
 )
 
 __all__ = [
@@ -30,7 +39,9 @@ __all__ = [
     "inner_split",
     "normalise_grid",
     "select_strength",
+    "shared_moments",
     "strength_path",
+    "FeatureMoments",
     "LBFGSInfo",
     "LinearConfig",
     "LinearProbes",

@@ -17,6 +17,23 @@ L-BFGS would, at max |gradient| <= tol, the test scikit-learn passes to scipy as
 `gtol`. The optimum is unique for l2 > 0, so the result needs no seed. Work is
 in float32: gradients stay accurate to about 1e-6, so tol much below that only
 runs into max_iter (reported as not converged).
+
+Preconditioning (the default). KV features are strongly correlated (a memento's
+tokens, their mean, keys and values of the same heads), which makes plain L-BFGS
+take hundreds of passes over the data. The softmax cross-entropy's Hessian is
+bounded by Boehning's matrix 1/2 (I - 11'/C) (x) E[x1 x1'] (x1 = [x, 1]), so the
+solver starts every L-BFGS two-loop from
+
+    H0 = gamma * (1/2 E[x1 x1'] + l2 * I_weights)^-1
+
+instead of gamma * I: one Cholesky factor per group, shared by its K digits and C
+classes, applied as one batched matrix product per iteration. At zero weights the
+first step is then the ridge regression of the one-hot labels on the features, and
+the iteration count no longer depends on how the features are correlated. The
+Gram matrix is a function of the features only, so fits on the same features (a
+regularisation path, the refit, the shuffled-label control) share it, and each strength's
+factor (`h0=`, from `preconditioner`).
+The optimum, and the stopping test, are those of the unpreconditioned problem.
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LinearConfig", "LinearProbes", "LBFGSInfo", "fit_linear_probes"]
+__all__ = ["LinearConfig", "LinearProbes", "LBFGSInfo", "feature_gram", "fit_linear_probes", "preconditioner"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,9 @@ class LinearConfig:
     tol: stop a problem when max |gradient| <= tol (sklearn's `tol`).
     history: L-BFGS memory (scipy's default is 10).
     max_halvings: backtracking steps before a problem's line search gives up.
+    precondition: start each L-BFGS direction from the Gram-matrix bound on the Hessian
+        (see the module docstring); False is plain L-BFGS, scipy's algorithm.
+    gram_rows: training rows the Gram matrix is estimated from (evenly spaced; all if fewer).
     """
 
     l2: float = 1e-3
@@ -46,12 +66,14 @@ class LinearConfig:
     tol: float = 1e-4
     history: int = 10
     max_halvings: int = 30
+    precondition: bool = True
+    gram_rows: int = 16384
 
     def __post_init__(self) -> None:
         if not self.l2 >= 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
-        if self.max_iter < 1 or self.history < 1 or self.max_halvings < 1:
-            raise ValueError("max_iter, history and max_halvings must be >= 1")
+        if self.max_iter < 1 or self.history < 1 or self.max_halvings < 1 or self.gram_rows < 1:
+            raise ValueError("max_iter, history, max_halvings and gram_rows must be >= 1")
         if not self.tol > 0:
             raise ValueError(f"tol must be > 0, got {self.tol!r}")
 
@@ -80,6 +102,13 @@ class LBFGSInfo:
     loss: torch.Tensor  # final objective value
 
 
+def _runs(groups: torch.Tensor) -> list[slice]:
+    """Ascending group indices (g,) as slices of consecutive indices, e.g. [0, 1, 2, 5, 6] -> [0:3, 5:7]."""
+    idx = groups.tolist()
+    cuts = [0] + [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1] + [len(idx)]
+    return [slice(idx[a], idx[b - 1] + 1) for a, b in zip(cuts, cuts[1:])]
+
+
 class _Objective:
     """Mean cross-entropy + L2 for all G x K problems, with its analytic gradient.
 
@@ -97,21 +126,28 @@ class _Objective:
         self.l2 = l2  # a float, or one strength per problem (G, K)
         self.penalised = torch.ones(1, D + 1, 1, 1, dtype=x.dtype, device=x.device)
         self.penalised[:, D] = 0.0  # the bias row is not penalised
-        self._subset: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, Any] | None = None
-
-    def _rows(self, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Features, labels and L2 of the groups still being optimised (one copy per change)."""
-        if groups is None or len(groups) == self.x1.shape[0]:
-            return self.x1, self.y, self.l2
-        key = tuple(groups.tolist())
-        if self._subset is None or self._subset[0] != key:
-            l2 = self.l2[groups] if isinstance(self.l2, torch.Tensor) else self.l2
-            self._subset = (key, self.x1[groups], self.y[groups], l2)
-        return self._subset[1], self._subset[2], self._subset[3]
 
     def __call__(self, theta: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective (g, K) and gradient (g, D+1, C, K) at theta (g, D+1, C, K) for `groups` (all if None)."""
-        x1, y, l2 = self._rows(groups)
+        """Objective (g, K) and gradient (g, D+1, C, K) at theta (g, D+1, C, K) for `groups` (all if None).
+
+        The groups still being optimised are read as contiguous runs of views: no copy of the
+        features is made when some groups have finished."""
+        G = self.x1.shape[0]
+        if groups is None or len(groups) == G:
+            return self._evaluate(theta, slice(None))
+        parts, lo = [], 0
+        for run in _runs(groups):
+            hi = lo + run.stop - run.start
+            parts.append(self._evaluate(theta[lo:hi], run))
+            lo = hi
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _evaluate(self, theta: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective and gradient for the consecutive groups `rows` at theta (g, D+1, C, K)."""
+        x1, y = self.x1[rows], self.y[rows]
+        l2 = self.l2[rows] if isinstance(self.l2, torch.Tensor) else self.l2
         G, D1, C, K = theta.shape
         N = x1.shape[1]
         logits = torch.bmm(x1, theta.reshape(G, D1, C * K)).view(G, N, C, K)
@@ -151,9 +187,42 @@ def _per_problem_l2(l2: Any, G: int, K: int, like: torch.Tensor) -> torch.Tensor
     return t.contiguous()
 
 
+def feature_gram(x: torch.Tensor, max_rows: int = LinearConfig.gram_rows) -> torch.Tensor:
+    """Second moment E[x1 x1'] (G, D+1, D+1) of features x (G, N, D) with a column of ones appended,
+    over at most `max_rows` evenly spaced rows (a preconditioner needs an estimate, not every row)."""
+    G, N, D = x.shape
+    rows = x if N <= max_rows else x[:, torch.linspace(0, N - 1, max_rows, device=x.device).long()]
+    n = rows.shape[1]
+    gram = torch.empty(G, D + 1, D + 1, dtype=x.dtype, device=x.device)
+    gram[:, :D, :D] = torch.bmm(rows.transpose(1, 2), rows) / n
+    mean = rows.mean(dim=1)  # (G, D)
+    gram[:, :D, D], gram[:, D, :D], gram[:, D, D] = mean, mean, 1.0
+    return gram
+
+
+def _factor(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors (G, D+1, D+1) of 1/2 gram + l2 on the weight rows, one strength per group (G,)."""
+    G, D1, _ = gram.shape
+    diag = l2[:, None].expand(G, D1).clone()
+    diag[:, D1 - 1] = 0.0  # the bias is not penalised (its diagonal is 1/2 already)
+    jitter = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True)  # constant features, l2 = 0
+    a = 0.5 * gram + torch.diag_embed(diag + jitter)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):  # numerically indefinite: add more jitter
+        factor = torch.linalg.cholesky(a + torch.diag_embed(1e-3 * a.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True)
+                                                           .expand(G, D1)))
+    return factor
+
+
+def preconditioner(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """H0 = (1/2 gram + l2 on the weight rows)^-1 (G, D+1, D+1), the solver's starting inverse Hessian,
+    from E[x1 x1'] (G, D+1, D+1) (`feature_gram`) and one strength per group l2 (G,)."""
+    return torch.cholesky_inverse(_factor(gram, l2))
+
+
 def fit_linear_probes(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, config: LinearConfig, *,
-    l2: Any = None, init: LinearProbes | None = None,
+    l2: Any = None, init: LinearProbes | None = None, h0: torch.Tensor | None = None,
 ) -> tuple[LinearProbes, LBFGSInfo]:
     """Fit G x K multinomial logistic regressions by batched L-BFGS.
 
@@ -163,11 +232,36 @@ def fit_linear_probes(
     init: probes to start from (a warm start, e.g. the solution at a neighbouring l2);
         None starts from zero weights, so the result depends on no seed. The optimum
         is unique, so a warm start changes the answer only within the tolerance.
+    h0: the preconditioner (G, D+1, D+1) (`preconditioner`), shared between fits on the same
+        features; None computes it from x when config.precondition is set.
     Returns the fitted probes and per-problem solver info.
     """
     G, N, D = x.shape
     K = y.shape[2]
-    f = _Objective(x, y, config.l2 if l2 is None else _per_problem_l2(l2, G, K, x))
+    strengths = config.l2 if l2 is None else _per_problem_l2(l2, G, K, x)
+    f = _Objective(x, y, strengths)
+    precond = None
+    if config.precondition:
+        if h0 is None:
+            group_l2 = (strengths.mean(dim=1) if isinstance(strengths, torch.Tensor)
+                        else torch.full((G,), float(strengths), dtype=x.dtype, device=x.device))
+            h0 = preconditioner(feature_gram(x, config.gram_rows), group_l2)
+        elif tuple(h0.shape) != (G, D + 1, D + 1):
+            raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {(G, D + 1, D + 1)}")
+        precond = h0.to(device=x.device, dtype=x.dtype)  # (G, D+1, D+1)
+
+    def apply_h0(q: torch.Tensor) -> torch.Tensor:
+        """The initial inverse-Hessian applied to q (G, D+1, C, K); finished groups are left as they are."""
+        if precond is None:
+            return q
+        rows = (~done).any(dim=1).nonzero().squeeze(1)  # (g,)
+        if len(rows) == G:
+            return torch.bmm(precond, q.reshape(G, D + 1, -1)).view_as(q)
+        out = q.clone()
+        for run in _runs(rows):  # views of consecutive groups: no copy of the factors
+            out[run] = torch.bmm(precond[run], q[run].reshape(-1, D + 1, q.shape[2] * K)).view_as(q[run])
+        return out
+
     if init is None:
         theta = torch.zeros(G, D + 1, n_classes, K, dtype=x.dtype, device=x.device)
     else:
@@ -177,23 +271,31 @@ def fit_linear_probes(
         b0 = init.bias.detach().to(device=x.device, dtype=x.dtype).transpose(1, 2)[:, None]  # (G, 1, C, K)
         theta = torch.cat([w0, b0], dim=1).contiguous()
     loss, grad = f(theta)
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, rho)
-    gamma = 1.0 / grad.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)  # (G, K) first step: unit length
+    # (s, y, rho, H0 y): H0 is linear, so H0 of the two-loop's q is H0 grad - sum a_i H0 y_i, and each
+    # iteration needs one product with the preconditioner (for the new gradient), not two
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    if precond is None:
+        gamma = 1.0 / grad.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)  # (G, K) first step: unit length
+    else:
+        gamma = torch.ones(G, K, dtype=x.dtype, device=x.device)  # first step: the bound's Newton step
     done = grad.abs().amax(dim=(1, 2)) <= config.tol  # (G, K)
     n_iter = torch.zeros(G, K, dtype=torch.long, device=x.device)
+    hgrad = apply_h0(grad)  # H0 grad (G, D+1, C, K)
 
     for _ in range(config.max_iter):
         if bool(done.all()):
             break
         # two-loop recursion: direction = -H grad, H from each problem's own history
-        q = grad.clone()
+        q, hq = grad.clone(), hgrad.clone()
         alphas = []
-        for s, yv, rho in reversed(history):
+        for s, yv, rho, hy in reversed(history):
             a = rho * _dot(s, q)
             q -= _per_problem(a) * yv
+            if hy is not yv:
+                hq -= _per_problem(a) * hy
             alphas.append(a)
-        r = _per_problem(gamma) * q
-        for (s, yv, rho), a in zip(history, reversed(alphas)):
+        r = _per_problem(gamma) * (hq if precond is not None else q)
+        for (s, yv, rho, _), a in zip(history, reversed(alphas)):
             b = rho * _dot(yv, r)
             r += _per_problem(a - b) * s
         direction = -r
@@ -235,12 +337,14 @@ def fit_linear_probes(
         sy = _dot(s, yv)
         valid = moved & (sy > 1e-10)
         rho = torch.where(valid, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))  # rho = 0: pair is a no-op
-        gamma = torch.where(valid, sy / _dot(yv, yv).clamp_min(1e-30), gamma)
-        history.append((s, yv, rho))
+        new_hgrad = apply_h0(new_grad)
+        hy = new_hgrad - hgrad if precond is not None else yv
+        gamma = torch.where(valid, sy / _dot(yv, hy).clamp_min(1e-30), gamma)
+        history.append((s, yv, rho, hy))
         if len(history) > config.history:
             history.pop(0)
 
-        theta, loss, grad = new_theta, new_loss, new_grad
+        theta, loss, grad, hgrad = new_theta, new_loss, new_grad, new_hgrad
         n_iter += moved.long()
         stuck = moved & (_dot(s, s) == 0)  # the step vanished in float precision
         done = done | stalled | stuck | (grad.abs().amax(dim=(1, 2)) <= config.tol)

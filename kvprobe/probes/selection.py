@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,14 @@ from torch import nn
 
 from .linear import LinearConfig, LinearProbes
 from .mlp import MLPConfig, label_unique_holdout
-from .trainer import ProbeFit, Standardizer, check_probe_inputs, fit_probes, linear_in_raw_units
+from .trainer import (
+    FeatureMoments,
+    ProbeFit,
+    Standardizer,
+    check_probe_inputs,
+    fit_probes,
+    linear_in_raw_units,
+)
 
 __all__ = [
     "DEFAULT_INNER_FRACTION",
@@ -48,6 +55,7 @@ __all__ = [
     "inner_split",
     "normalise_grid",
     "select_strength",
+    "shared_moments",
     "strength_path",
 ]
 
@@ -118,18 +126,25 @@ def inner_split(y_train: Any, fraction: float = DEFAULT_INNER_FRACTION, seed: in
 def strength_path(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, grid: Sequence[float], *,
     config: LinearConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
+    moments: FeatureMoments | None = None, on_fit: Callable[[str], None] | None = None,
 ) -> list[ProbeFit]:
     """Linear probes at every grid value (ascending order out), fitted strongest first, each warm-started
-    from the previous solution; every fit is one batched solve over all groups and digits."""
+    from the previous solution; every fit is one batched solve over all groups and digits, all sharing
+    one preconditioner (`moments`, estimated from X_train if None). on_fit(label) is called after each
+    value's fit (progress reporting)."""
     config = config or LinearConfig()
     values = normalise_grid(grid)
     xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes, device)  # converted once
+    if moments is None and config.precondition:
+        moments = FeatureMoments.of(xt, config.gram_rows)
     fits: dict[float, ProbeFit] = {}
     previous: LinearProbes | None = None
     for value in reversed(values):
         fit = fit_probes(xt, yt, xv, yv, "linear", l2=value, config=config, n_classes=n_classes, device=device,
-                         init=previous)
+                         init=previous, moments=moments)
         fits[value], previous = fit, linear_in_raw_units(fit.probe, fit.standardizer)
+        if on_fit is not None:
+            on_fit(f"l2 {value:g}")
     return [fits[v] for v in values]
 
 
@@ -152,12 +167,15 @@ def select_strength(
     X_train: Any, y_train: Any, grid: Sequence[float], *, kind: str = "linear",
     inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0,
     config: LinearConfig | MLPConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
+    moments: FeatureMoments | None = None, on_fit: Callable[[str], None] | None = None,
 ) -> StrengthSelection:
     """Choose each group's L2 strength from `grid` on an inner label-unique split of the training data.
 
     Only X_train / y_train are read: the outer validation split cannot influence the choice.
     inner_val: boolean (N,) mask of the inner validation samples (label-unique); None draws one
     with `inner_split(y_train, inner_fraction, seed)`. seed also seeds the MLP's inner fits.
+    moments: the linear solver's preconditioner, shared with the refit (estimated here if None).
+    on_fit(label): called after each grid value's inner fit (progress reporting).
     """
     values = np.asarray(normalise_grid(grid))
     xt = torch.as_tensor(X_train) if isinstance(X_train, torch.Tensor) else np.asarray(X_train)
@@ -173,10 +191,15 @@ def select_strength(
     y_tr, y_va = (y[tr], y[va]) if y.ndim == 2 else (y[:, tr], y[:, va])
     x_tr, x_va = xt[:, tr], xt[:, va]
     if kind == "linear":
-        fits = strength_path(x_tr, y_tr, x_va, y_va, values, config=config, n_classes=n_classes, device=device)
+        fits = strength_path(x_tr, y_tr, x_va, y_va, values, config=config, n_classes=n_classes, device=device,
+                             moments=moments, on_fit=on_fit)
     elif kind == "mlp":
-        fits = [fit_probes(x_tr, y_tr, x_va, y_va, "mlp", l2=float(v), seed=seed, config=config,
-                           n_classes=n_classes, device=device) for v in values]
+        fits = []
+        for v in values:
+            fits.append(fit_probes(x_tr, y_tr, x_va, y_va, "mlp", l2=float(v), seed=seed, config=config,
+                                   n_classes=n_classes, device=device))
+            if on_fit is not None:
+                on_fit(f"l2 {v:g}")
     else:
         raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
     accuracy = np.stack([f.accuracy for f in fits], axis=1)  # (G, R)
@@ -211,13 +234,15 @@ def fit_at_strengths(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, l2: Sequence[float], *, kind: str = "linear",
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
     device: str | torch.device | None = None, init: LinearProbes | None = None,
+    moments: FeatureMoments | None = None,
 ) -> ProbeFit:
-    """Fit each group at its own strength l2 (G,). Linear: one batched solve (optionally warm-started).
+    """Fit each group at its own strength l2 (G,). Linear: one batched solve (optionally warm-started,
+    preconditioned from shared `moments`).
     MLP: one batched fit per distinct value over the groups that chose it, reassembled in group order."""
     l2 = np.asarray(l2, dtype=np.float64)
     if kind == "linear":
         return fit_probes(X_train, y_train, X_val, y_val, "linear", l2=l2, seed=seed, config=config,
-                          n_classes=n_classes, device=device, init=init)
+                          n_classes=n_classes, device=device, init=init, moments=moments)
     values = np.unique(l2)
     if len(values) == 1:
         return fit_probes(X_train, y_train, X_val, y_val, kind, l2=float(values[0]), seed=seed, config=config,
@@ -243,6 +268,14 @@ def fit_at_strengths(
                     probe=_Routed([f.probe for f in fits], index), standardizer=scaler, l2=l2)
 
 
+def shared_moments(X_train: Any, kind: str, config: LinearConfig | MLPConfig | None) -> FeatureMoments | None:
+    """The preconditioner's moments, estimated once for every linear fit on X_train (None: not needed)."""
+    config = config if isinstance(config, LinearConfig) else LinearConfig()
+    if kind != "linear" or not config.precondition:
+        return None
+    return FeatureMoments.of(X_train, config.gram_rows)
+
+
 def fit_selected(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, grid: Sequence[float] = DEFAULT_LINEAR_L2_GRID, *,
     kind: str = "linear", inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
@@ -257,8 +290,9 @@ def fit_selected(
         fit = fit_probes(X_train, y_train, X_val, y_val, kind, l2=values[0], seed=seed, config=config,
                          n_classes=n_classes, device=device)
         return fit, select_strength(X_train, y_train, values)
+    moments = shared_moments(X_train, kind, config)
     sel = select_strength(X_train, y_train, values, kind=kind, inner_val=inner_val, inner_fraction=inner_fraction,
-                          seed=seed, config=config, n_classes=n_classes, device=device)
+                          seed=seed, config=config, n_classes=n_classes, device=device, moments=moments)
     fit = fit_at_strengths(X_train, y_train, X_val, y_val, sel.chosen, kind=kind, seed=seed, config=config,
-                           n_classes=n_classes, device=device, init=sel.warm_start)
+                           n_classes=n_classes, device=device, init=sel.warm_start, moments=moments)
     return fit, sel

@@ -15,17 +15,17 @@ and standard deviation only; the validation split never informs the probe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .linear import LinearConfig, LinearProbes, fit_linear_probes
+from .linear import LinearConfig, LinearProbes, fit_linear_probes, preconditioner
 from .mlp import MLPConfig, fit_mlp_probes
 
-__all__ = ["ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn", "linear_in_raw_units"]
+__all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn", "linear_in_raw_units"]
 
 KINDS = ("linear", "mlp")
 
@@ -47,6 +47,56 @@ class Standardizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised copy of x (G, B, D)."""
         return (x - self.mean) / self.std
+
+
+@dataclass
+class FeatureMoments:
+    """Mean (G, D) and covariance (G, D, D) of raw training features, estimated once and shared by
+    every linear fit on the same features (a strength path, the refit at the chosen strength, the
+    shuffled-label control): the linear solver's preconditioner is built from them."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    _basis: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # the scaler of _gram
+    _gram: torch.Tensor | None = field(default=None, repr=False)
+    _h0: dict[tuple[float, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, x: Any, max_rows: int = LinearConfig.gram_rows) -> "FeatureMoments":
+        """Moments of features x (G, N, D), numpy or torch, over at most `max_rows` evenly spaced rows."""
+        n = x.shape[1]
+        rows = np.linspace(0, n - 1, min(n, max_rows)).round().astype(np.int64)
+        sub = torch.as_tensor(x[:, rows] if n > max_rows else x[:, :]).to(torch.float32)  # (G, n, D)
+        mean = sub.mean(dim=1)
+        centred = sub - mean[:, None]
+        return cls(mean=mean, cov=torch.bmm(centred.transpose(1, 2), centred) / sub.shape[1])
+
+    def gram(self, scaler: "Standardizer") -> torch.Tensor:
+        """E[z1 z1'] (G, D+1, D+1) of z1 = [scaler(x), 1]: what `preconditioner` takes."""
+        mean, std = scaler.mean[:, 0].cpu(), scaler.std[:, 0].cpu()  # (G, D)
+        e = (self.mean - mean) / std  # E[z]
+        G, D = e.shape
+        out = torch.empty(G, D + 1, D + 1)
+        out[:, :D, :D] = self.cov / (std[:, :, None] * std[:, None, :]) + e[:, :, None] * e[:, None, :]
+        out[:, :D, D], out[:, D, :D], out[:, D, D] = e, e, 1.0
+        return out.to(scaler.mean.device)
+
+    def h0(self, scaler: "Standardizer", l2: Any) -> torch.Tensor:
+        """The solver's preconditioner (G, D+1, D+1) for strengths l2 (G,), one per group.
+
+        Each set of strengths is factored once per standardisation and kept: the fits of a strength path
+        (one inner-split standardisation) share them, and so do the refit at the chosen values and
+        the shuffled-label control (the whole training split's). A factor built for another
+        standardisation can steer the solver badly (one cell took 171 iterations instead of 11),
+        so a new standardisation starts afresh."""
+        if self._basis is None or not (torch.equal(self._basis[0], scaler.mean) and
+                                       torch.equal(self._basis[1], scaler.std)):
+            self._basis, self._gram, self._h0 = (scaler.mean, scaler.std), self.gram(scaler), {}
+        values = tuple(float(v) for v in np.asarray(l2, dtype=np.float64).reshape(-1))  # (G,)
+        if values not in self._h0:
+            self._h0[values] = preconditioner(self._gram, torch.tensor(values, dtype=self._gram.dtype,
+                                                                       device=self._gram.device))
+        return self._h0[values]
 
 
 def linear_in_raw_units(probe: LinearProbes, scaler: Standardizer) -> LinearProbes:
@@ -108,7 +158,8 @@ def _as_features(x: Any, name: str, device: torch.device) -> torch.Tensor:
     x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
     if x.dim() != 3:
         raise ValueError(f"{name} must have shape (G, N, D), got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    # one sum is finite unless an element is NaN or infinite (or the sum overflows: then look closer)
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
 
@@ -181,6 +232,7 @@ def fit_probes(
     n_classes: int = 10,
     device: str | torch.device | None = None,
     init: LinearProbes | None = None,
+    moments: FeatureMoments | None = None,
 ) -> ProbeFit:
     """Fit one probe per group and digit, all in one batched computation, and score it on validation.
 
@@ -195,6 +247,8 @@ def fit_probes(
     init: linear only, probes on the raw (unstandardised) features to warm-start the solver
         from, e.g. `linear_in_raw_units(fit.probe, fit.standardizer)` of an earlier fit; the
         function they compute is carried over exactly, whatever that fit's standardisation.
+    moments: linear only, `FeatureMoments.of(X_train)` shared with other fits on the same features
+        (the solver's preconditioner; None estimates it from X_train).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -219,7 +273,10 @@ def fit_probes(
 
     if kind == "linear":
         start = None if init is None else _linear_in_scaled_units(init, scaler)
-        probe, info = fit_linear_probes(xt, yt, n_classes, config, l2=per_group, init=start)
+        h0 = None
+        if moments is not None and config.precondition:
+            h0 = moments.h0(scaler, per_group if per_group is not None else np.full(xt.shape[0], config.l2))
+        probe, info = fit_linear_probes(xt, yt, n_classes, config, l2=per_group, init=start, h0=h0)
         n_steps, converged = info.n_iter, info.converged
     else:
         probe, info = fit_mlp_probes(xt, yt, n_classes, config, seed)

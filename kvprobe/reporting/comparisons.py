@@ -62,15 +62,25 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
         return "\n".join(out)
     masked_offsets = sorted({r.offset for r in rows if r.offset > 0} | {d.offset for d in diffs if d.offset > 0})
     offset = masked_offsets[0] if masked_offsets else 0
+    present = {_masks(d) for d in diffs} or {(a, b) for a in conditions for b in conditions}
+    meanings = [f"- {a} − {b}: {DIFFERENCE_MEANINGS[(a, b)]}." for a, b in DIFFERENCE_MEANINGS if (a, b) in present]
+    if "block_end" in sites:
+        meanings.append("- `block_end` site: probes at the <|block_end|> token read that delimiter channel directly.")
+    holm_note = ""
+    if diffs and any(d.p_holm == d.p_holm for d in diffs):  # corrected (not NaN)
+        holm_note = (f" The last column corrects for multiple comparisons: a two-sided paired t-test per cell, "
+                     f"Holm-corrected over all {len(diffs)} paired differences of this report (the 95% intervals "
+                     "are per cell, uncorrected).")
     out += [
         "What each paired difference (same validation passcodes, paired bootstrap 95%) isolates:",
         "",
-        f"- memento − restart-hidden: {DIFFERENCE_MEANINGS[('memento', 'restart-hidden')]}.",
-        f"- memento − restart: {DIFFERENCE_MEANINGS[('memento', 'restart')]}.",
-        f"- restart − restart-hidden: {DIFFERENCE_MEANINGS[('restart', 'restart-hidden')]}.",
-        "- `block_end` site: probes at the <|block_end|> token read that delimiter channel directly.",
+        *meanings,
         "",
-        "No direction is assumed: each interval is reported as above 0, below 0, or containing 0.",
+        "No direction is assumed: each interval is reported as above 0, below 0, or containing 0." + holm_note,
+        "",
+        "Layer 0 reads the same in every condition, to the last digit: its keys and values are projections of "
+        "the token and position embeddings alone, before any attention has mixed other positions in, so no mask "
+        "can change them. What layer 0 reads at a masked offset is the memento's own text.",
         "",
         f"### Accuracy at {offset_label(offset)}",
         "",
@@ -84,15 +94,24 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
                    key=lambda d: (d.site != "memento", _pair_rank(d), d.site, d.probe, d.layer))
     if shown:
         body = [[f"{d.a} − {d.b}", d.site, d.probe, str(d.layer), fmt_difference(d),
-                 interval_verdict(d.ci_low, d.ci_high)] for d in shown]
+                 interval_verdict(d.ci_low, d.ci_high), _holm_verdict(d)] for d in shown]
         out += ["", f"### Paired differences at {offset_label(offset)}", "",
-                _table(["difference", "site", "probe", "layer", "a − b [95%]", "interval"], body)]
+                _table(["difference", "site", "probe", "layer", "a − b [95%]", "interval", "Holm-corrected test"],
+                       body)]
     out += ["", "### What the differences show", ""]
     pairs = {(d.a, d.b, d.site): _masks(d) for d in diffs}
     for (a, b, site) in sorted(pairs, key=lambda k: (k[2] != "memento", _pair_rank_ab(*pairs[k]), k)):
         out.append(_pair_sentence(a, b, site, [d for d in diffs if (d.a, d.b, d.site) == (a, b, site)], offset,
                                   pairs[(a, b, site)]))
     return "\n".join(out)
+
+
+def _holm_verdict(d: DiffResult) -> str:
+    """'differs (p 0.001)' / 'no difference shown (p 0.4)' after Holm; '—' where not corrected."""
+    if d.p_holm != d.p_holm:
+        return "—"
+    p = f"p {d.p_holm:.2g}" if d.p_holm >= 1e-4 else "p < 1e-4"
+    return f"differs ({p})" if d.significant else f"no difference shown ({p})"
 
 
 def _pair_rank_ab(a: str, b: str) -> int:

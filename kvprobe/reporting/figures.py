@@ -33,6 +33,7 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     _chance_line,
     _condition_color,
     _dodge,
+    _fitting_columns,
     _integer_x,
     _interval_series,
     _layer_choice,
@@ -178,7 +179,8 @@ def accuracy_heatmap(rows: Sequence[CellResult], *, condition: str | None = None
                Line2D([], [], color="black", linestyle="none", marker="$*$", markersize=7,
                       label="Holm p ≤ 0.05 vs chance"),
                Line2D([], [], color="#dddddd", linestyle="none", marker="s", markersize=9, label="not measured")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8,
+               ncols=_fitting_columns(fig, [h.get_label() for h in handles], 3, 8))
     fig.suptitle(f"Probe accuracy (%) by layer and offset\ncondition {condition}, {site} site")
     return fig
 
@@ -225,7 +227,8 @@ def leakage_vs_training(sweep: Sweep | None) -> Figure | None:
     twin.set_ylim(0, 102)
     twin.set_ylabel("task accuracy (%)", color=TASK_COLOR)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", fontsize=9,
+               ncols=_fitting_columns(fig, [h.get_label() for h in handles], 3, 9))
     layers = {p.layer for p in points}
     at = f" (masked +1, layer {layers.pop()})" if len(layers) == 1 and None not in layers else ""
     fig.suptitle(f"Leakage and task accuracy across training checkpoints{at}")

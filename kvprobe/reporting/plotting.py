@@ -111,10 +111,27 @@ def _legend_handles(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:
     return handles, labels
 
 
+def _fitting_columns(fig: Figure, labels: Sequence[str], most: int, fontsize: Any) -> int:
+    """The most legend columns (up to `most`) whose widest row still fits the figure's width."""
+    size = fontsize if isinstance(fontsize, (int, float)) else 10.0  # points
+    width_pt = fig.get_figwidth() * 72 - 20
+
+    def row_width(n: int) -> float:  # columns are as wide as their widest entry: handle + gap + text
+        cols = [max(len(l) for l in labels[c::n]) for c in range(n)]
+        return sum(0.6 * size * w + 3.2 * size for w in cols)
+
+    n = max(1, min(len(labels), most))
+    while n > 1 and row_width(n) > width_pt:
+        n -= 1
+    return n
+
+
 def _bottom_legend(fig: Figure, axes: Sequence[Axes], ncols: int = 5, **kw: Any) -> None:
-    """One legend for several panels (`_legend_handles`), centred below them."""
+    """One legend for several panels (`_legend_handles`), centred below them, in as many
+    columns (up to `ncols`) as fit the figure's width: a long label never runs off the page."""
     handles, labels = _legend_handles(axes)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols), **kw)
+    n = _fitting_columns(fig, labels, ncols, kw.get("fontsize"))
+    fig.legend(handles, labels, loc="outside lower center", ncols=n, **kw)
 
 
 def _accuracy_panel(ax: Axes, highs: Sequence[float], title: str, xlabel: str) -> None:

@@ -203,7 +203,10 @@ def _controls(rows: Sequence[CellResult], condition: str, site: str) -> str:
         hidden = [r for r in bits_pos if r.ci_low <= r.chance]
         out += ["", f"Information (log2 10 minus validation cross-entropy, bits per digit): the interval lies above "
                     f"0 bits in {len(bits_pos)} of {len(masked)} masked cells; in {len(hidden)} of those the "
-                    "accuracy interval still contains chance (information that accuracy misses)."]
+                    "accuracy interval still contains chance (information that accuracy misses). Negative bits "
+                    "are not negative information: the probe's validation cross-entropy is above log2 10, i.e. it "
+                    "is more confident than the features justify (an L2-regularised probe overfits a little on a "
+                    "cell with little or no signal). Accuracy and its interval are the measure to read there."]
     gaps = [(r.train_accuracy - r.accuracy, r) for r in rows]
     if gaps:
         gap, r = max(gaps, key=lambda g: g[0])
