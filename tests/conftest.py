@@ -6,10 +6,12 @@ files import them by name, e.g. ``from models import tiny_gpt2, SPECIAL, encode`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
 import torch
 
 _TESTS = Path(__file__).resolve().parent
@@ -19,8 +21,10 @@ for _path in (str(_TESTS), str(_TESTS.parent)):  # `import models` and `import t
 
 from models import PAD_ID, SPECIAL, VOCAB_SIZE, encode, tiny_gpt2, tiny_qwen3  # noqa: E402
 
-# the tests are small; more threads only contend on a shared machine
+# the tests are small; more threads only contend on a shared machine. KVPROBE_THREADS pins the
+# CLI's default too (otherwise it follows the machine's load), so every in-process run uses 1.
 torch.set_num_threads(1)
+os.environ.setdefault("KVPROBE_THREADS", "1")
 
 MODEL_FACTORIES = {"gpt2": tiny_gpt2, "qwen3": tiny_qwen3}
 

@@ -18,7 +18,7 @@ from kvprobe.probes import (
     fit_selected,
     fit_sklearn,
 )
-from kvprobe.probes.linear import feature_gram, fit_linear_probes
+from kvprobe.probes.linear import feature_gram, fit_linear_probes, preconditioner
 
 
 def correlated_data(seed: int, n_train=2000, n_val=600, dim=48, n_digits=2, groups=(0.5, 1.5)):
@@ -115,3 +115,20 @@ def test_constant_features_and_no_penalty_still_factor():
     xt[:, :, :5], xv[:, :, :5] = 3.0, 3.0  # constant columns: singular Gram without jitter
     fit = fit_probes(xt, yt, xv, yv, config=LinearConfig(l2=0.0, max_iter=200))
     assert np.isfinite(fit.log_probs).all() and fit.accuracy[0] > 0.3
+
+
+def test_the_preconditioner_does_not_depend_on_the_thread_count():
+    """LAPACK's threaded Cholesky/inverse round differently per thread count from D ~ 160 on."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 600, 300)
+    gram = feature_gram(x)
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out[t] = preconditioner(gram, torch.full((5,), 1e-3))
+            assert torch.get_num_threads() == t  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])

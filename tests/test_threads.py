@@ -11,6 +11,7 @@ import pytest
 def test_default_threads_leave_busy_cores_alone(monkeypatch, cores, load, expected):
     from kvprobe.cli import common
 
+    monkeypatch.delenv("KVPROBE_THREADS", raising=False)  # the suite pins it (conftest)
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(common, "_busy_cores", lambda: load)
     assert common.default_threads() == expected
@@ -42,3 +43,18 @@ def test_threads_default_is_applied(monkeypatch, capsys):
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
+
+
+def test_kvprobe_threads_pins_the_default(monkeypatch):
+    from kvprobe.cli import common
+    from kvprobe.cli.common import UsageError
+
+    monkeypatch.setattr(common, "_busy_cores", lambda: 0.0)
+    monkeypatch.setenv("KVPROBE_THREADS", "3")
+    assert common.default_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("KVPROBE_THREADS", bad)
+        with pytest.raises(UsageError, match="KVPROBE_THREADS must be a whole number"):
+            common.default_threads()
+    monkeypatch.delenv("KVPROBE_THREADS")
+    assert common.default_threads() >= 1

@@ -58,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import torch
 
-    torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
     try:
+        torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
         return int(args.func(args) or 0)
     except BAD_INPUT as e:
         return _refuse(str(e))

@@ -46,12 +46,17 @@ def _busy_cores() -> float:
 
 
 def default_threads() -> int:
-    """torch's CPU threads when --threads is not given: the cores this process may run on, less
-    the cores other jobs keep busy (`_busy_cores`), at least 1.
+    """torch's CPU threads when --threads is not given: $KVPROBE_THREADS if set, else the cores
+    this process may run on, less the cores other jobs keep busy (`_busy_cores`), at least 1.
 
     torch's own default takes every core; its OpenMP workers spin while they wait for each
     other, so when another job holds one of the cores a 2-thread torch runs 10-30x slower
     than a 1-thread one (measured on the project's 2-core machine)."""
+    pinned = os.environ.get("KVPROBE_THREADS", "").strip()
+    if pinned:
+        if not pinned.isdigit() or int(pinned) < 1:
+            raise UsageError(f"KVPROBE_THREADS must be a whole number >= 1, got {pinned!r}")
+        return int(pinned)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, int(cores - _busy_cores() + 0.5)))
 

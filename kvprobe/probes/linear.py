@@ -38,6 +38,7 @@ The optimum, and the stopping test, are those of the unpreconditioned problem.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,16 +209,35 @@ def _factor(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     jitter = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True)  # constant features, l2 = 0
     a = 0.5 * gram + torch.diag_embed(diag + jitter)
     factor, info = torch.linalg.cholesky_ex(a)
-    if bool((info != 0).any()):  # numerically indefinite: add more jitter
-        factor = torch.linalg.cholesky(a + torch.diag_embed(1e-3 * a.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True)
-                                                           .expand(G, D1)))
+    bad = info != 0  # numerically indefinite in float32: those matrices (only) get more jitter
+    if bool(bad.any()):
+        more = 1e-3 * a[bad].diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True)  # (b, 1)
+        factor[bad] = torch.linalg.cholesky(a[bad] + torch.diag_embed(more.expand(-1, D1)))
     return factor
 
 
 def preconditioner(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     """H0 = (1/2 gram + l2 on the weight rows)^-1 (G, D+1, D+1), the solver's starting inverse Hessian,
-    from E[x1 x1'] (G, D+1, D+1) (`feature_gram`) and one strength per group l2 (G,)."""
-    return torch.cholesky_inverse(_factor(gram, l2))
+    from E[x1 x1'] (G, D+1, D+1) (`feature_gram`) and one strength per group l2 (G,).
+
+    LAPACK's multi-threaded Cholesky and inverse round differently with each thread count (from
+    D ~ 160 on), and the probes must not depend on it (`tests/test_bad_input.py`). So on the CPU each
+    matrix is factored on its own, on one LAPACK thread (a batched inverse rounds differently from
+    one matrix's), and torch's threads share out the matrices instead."""
+    if gram.device.type != "cpu":
+        return torch.cholesky_inverse(_factor(gram, l2))
+    threads = torch.get_num_threads()
+
+    def one(g: int) -> torch.Tensor:
+        return torch.cholesky_inverse(_factor(gram[g:g + 1], l2[g:g + 1]))[0]
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(gram))) as pool:  # torch releases the GIL inside LAPACK
+            parts = list(pool.map(one, range(len(gram))))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.stack(parts)
 
 
 def fit_linear_probes(
