@@ -73,10 +73,10 @@ class FeatureMoments:
 
     def gram(self, scaler: "Standardizer") -> torch.Tensor:
         """E[z1 z1'] (G, D+1, D+1) of z1 = [scaler(x), 1]: what `preconditioner` takes."""
-        mean, std = scaler.mean[:, 0].cpu(), scaler.std[:, 0].cpu()  # (G, D)
+        mean, std = scaler.mean[:, 0].to(self.mean.device), scaler.std[:, 0].to(self.mean.device)  # (G, D)
         e = (self.mean - mean) / std  # E[z]
         G, D = e.shape
-        out = torch.empty(G, D + 1, D + 1)
+        out = torch.empty(G, D + 1, D + 1, dtype=self.cov.dtype, device=self.cov.device)
         out[:, :D, :D] = self.cov / (std[:, :, None] * std[:, None, :]) + e[:, :, None] * e[:, None, :]
         out[:, :D, D], out[:, D, :D], out[:, D, D] = e, e, 1.0
         return out.to(scaler.mean.device)
