@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.samples import SampleBatch, SampleSource
-from ..memento.forward import input_device, memento_inputs
+from ..memento.forward import check_window, input_device, memento_inputs
 from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
@@ -177,7 +177,9 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
     check = getattr(source, "check", None)
     if callable(check):  # sources that can check every sample up front do so
         check(spec.offsets, spec.sites)
-    _check_batch(source.samples(0, min(source.n_samples, spec.batch_size)), spec)
+    first = source.samples(0, min(source.n_samples, spec.batch_size))
+    _check_batch(first, spec)
+    check_window(model, first.input_ids.shape[1])  # a sliding window the mask cannot carry: refused now
     keys = tuple(FeatureKey(s, o, p) for s in spec.sites for o in spec.offsets for p in spec.pooling)
     return CapturePlan(spec, source.n_samples, n_layers, n_kv, d_head, keys)
 

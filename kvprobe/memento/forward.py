@@ -21,6 +21,8 @@ from .masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
 __all__ = [
     "DENSE_MASK_IMPLEMENTATIONS",
     "UnsupportedAttentionError",
+    "check_window",
+    "sliding_window_layers",
     "attention_implementation",
     "cache_argument",
     "check_implementation",
@@ -55,6 +57,40 @@ def attention_implementation(model: Any, allowed: tuple[str, ...] = DENSE_MASK_I
                              who: str = "a memento mask needs a 4D mask") -> str:
     """The model's attention implementation, checked by `check_implementation`."""
     return check_implementation(getattr(model.config, "_attn_implementation", None) or "eager", allowed, who)
+
+
+def sliding_window_layers(model: Any) -> tuple[int | None, list[int]]:
+    """(window, layers) of a model's sliding-window attention layers, or (None, []) if it has none.
+
+    transformers 5 names each layer's kind in `config.layer_types` ('sliding_attention' for
+    OLMo-3, Gemma, ...); older configs (Mistral) set `sliding_window` for every layer, and
+    Qwen2/3 only with `use_sliding_window`."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None, []
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is not None:
+        layers = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    elif getattr(cfg, "use_sliding_window", True):
+        layers = list(range(cfg.num_hidden_layers))
+    else:
+        layers = []
+    return (int(window), layers) if layers else (None, [])
+
+
+def check_window(model: Any, length: int) -> None:
+    """Refuse a memento-masked forward of `length` tokens that a sliding window would change.
+
+    kvprobe's memento mask carries no window yet, so a layer with one would see keys beyond it.
+    Sequences no longer than the window are exact (the window then hides nothing)."""
+    window, layers = sliding_window_layers(model)
+    if window is not None and length > window:
+        name = getattr(model.config, "model_type", type(model).__name__)
+        raise UnsupportedAttentionError(
+            f"{name}: layers {layers} use sliding-window attention (window {window}) and this forward is "
+            f"{length} tokens long; kvprobe's memento mask does not fold the window in yet, so those layers "
+            f"would see keys beyond it. Capture sequences of at most {window} tokens")
 
 
 def input_device(model: Any) -> torch.device:
@@ -104,6 +140,7 @@ def memento_inputs(
     """
     impl = attention_implementation(model)
     T = input_ids.shape[1]
+    check_window(model, T)
     device = input_ids.device
     if impl in FLEX_IMPLEMENTATIONS:
         mask: Any = flex_block_mask(layouts, T, config, device=device)
