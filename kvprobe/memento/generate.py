@@ -38,6 +38,7 @@ from .forward import (
     attention_implementation,
     cache_argument,
     input_device,
+    sliding_window_layers,
 )
 from .layout import Layout, LayoutError, SpecialTokens, parse_layout
 from .masks import MaskConfig, additive_mask, flex_mask_mod
@@ -259,8 +260,10 @@ def generate_with_compaction(
                          "rule); the fork's timing (evict_before_summary_end) is a mask for teacher-forced passes "
                          "only, not modelled here")
     attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
-    if getattr(model.config, "sliding_window", None) is not None:
-        raise ValueError("generate_with_compaction does not support sliding-window attention")
+    window, windowed = sliding_window_layers(model)
+    if window is not None:
+        raise ValueError(f"generate_with_compaction does not support sliding-window attention (layers {windowed}, "
+                         f"window {window})")
     prompt = _as_id_list(prompt_ids, "prompt_ids")
     if not prompt:
         raise ValueError("prompt_ids is empty: the generator needs at least one token to condition on")
