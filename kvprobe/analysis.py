@@ -229,6 +229,15 @@ def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[Cell], int]:
     return cells, D
 
 
+def _group_features(store: KVStore, group: list[Cell], D: int, tr: np.ndarray,
+                    va: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation features of a group of cells, (G, N_tr, D) and (G, N_va, D), float32:
+    read and converted once for every fit on them ('tokens', 'tail_mean': per-vector features flattened)."""
+    X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
+    X = X.reshape(len(group), -1, D)  # (G, N, D)
+    return torch.from_numpy(X[:, tr]).float(), torch.from_numpy(X[:, va]).float()
+
+
 def _splits(store: KVStore, settings: ProbeSettings,
             need_inner: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Outer train / validation indices, and the inner validation mask over the training samples
@@ -269,10 +278,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     bar = tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
                dynamic_ncols=True)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
-        X = X.reshape(len(group), len(labels), D)  # (G, N, D); 'tokens', 'tail_mean': per-vector features flattened
-        X_tr, X_va = torch.from_numpy(X[:, tr]).float(), torch.from_numpy(X[:, va]).float()  # converted once
-        del X
+        X_tr, X_va = _group_features(store, group, D, tr, va)
         for kind in settings.kinds:
             def done(what: str, kind: str = kind, n: int = len(group)) -> None:
                 bar.set_postfix_str(f"{kind} {what}", refresh=False)
@@ -384,10 +390,7 @@ def sensitivity_curves(
     y_tr, y_va = labels[tr], labels[va]
     curves = []
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group])
-        X = X.reshape(len(group), len(labels), D)
-        X_tr, X_va = X[:, tr], X[:, va]
-        del X
+        X_tr, X_va = _group_features(store, group, D, tr, va)
         moments = shared_moments(X_tr, "linear", settings.linear)
         sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device,
                               moments=moments)

@@ -9,13 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import (
-    ConfigError,
-    ExperimentConfig,
-    apply_overrides,
-    load_config,
-    parse_config,
-)
+from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
 from ..experiment.errors import ExperimentError
 from ..memento.masks import MaskConfig
 

@@ -42,10 +42,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LinearConfig", "LinearProbes", "LBFGSInfo", "feature_gram", "fit_linear_probes", "preconditioner"]
+__all__ = ["LinearConfig", "LinearProbes", "LBFGSInfo", "feature_gram", "fit_linear_probes", "gram_rows",
+           "preconditioner"]
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,17 @@ def _per_problem_l2(l2: Any, G: int, K: int, like: torch.Tensor) -> torch.Tensor
     return t.contiguous()
 
 
+def gram_rows(n: int, max_rows: int = LinearConfig.gram_rows) -> np.ndarray | slice:
+    """The training rows a Gram matrix is estimated from: all of n, or `max_rows` evenly spaced ones
+    (an index that numpy arrays and torch tensors both take)."""
+    return slice(None) if n <= max_rows else np.linspace(0, n - 1, max_rows).astype(np.int64)
+
+
 def feature_gram(x: torch.Tensor, max_rows: int = LinearConfig.gram_rows) -> torch.Tensor:
     """Second moment E[x1 x1'] (G, D+1, D+1) of features x (G, N, D) with a column of ones appended,
     over at most `max_rows` evenly spaced rows (a preconditioner needs an estimate, not every row)."""
     G, N, D = x.shape
-    rows = x if N <= max_rows else x[:, torch.linspace(0, N - 1, max_rows, device=x.device).long()]
+    rows = x[:, gram_rows(N, max_rows)]
     n = rows.shape[1]
     gram = torch.empty(G, D + 1, D + 1, dtype=x.dtype, device=x.device)
     gram[:, :D, :D] = torch.bmm(rows.transpose(1, 2), rows) / n

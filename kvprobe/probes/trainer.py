@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .linear import LinearConfig, LinearProbes, fit_linear_probes, preconditioner
+from .linear import LinearConfig, LinearProbes, fit_linear_probes, gram_rows, preconditioner
 from .mlp import MLPConfig, fit_mlp_probes
 
 __all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn", "linear_in_raw_units"]
@@ -64,9 +64,7 @@ class FeatureMoments:
     @classmethod
     def of(cls, x: Any, max_rows: int = LinearConfig.gram_rows) -> "FeatureMoments":
         """Moments of features x (G, N, D), numpy or torch, over at most `max_rows` evenly spaced rows."""
-        n = x.shape[1]
-        rows = np.linspace(0, n - 1, min(n, max_rows)).round().astype(np.int64)
-        sub = torch.as_tensor(x[:, rows] if n > max_rows else x[:, :]).to(torch.float32)  # (G, n, D)
+        sub = torch.as_tensor(x[:, gram_rows(x.shape[1], max_rows)]).to(torch.float32)  # (G, n, D)
         mean = sub.mean(dim=1)
         centred = sub - mean[:, None]
         return cls(mean=mean, cov=torch.bmm(centred.transpose(1, 2), centred) / sub.shape[1])
