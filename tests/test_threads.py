@@ -58,3 +58,14 @@ def test_kvprobe_threads_pins_the_default(monkeypatch):
             common.default_threads()
     monkeypatch.delenv("KVPROBE_THREADS")
     assert common.default_threads() >= 1
+
+
+def test_a_bad_kvprobe_threads_is_refused_in_one_line_before_anything_runs(monkeypatch, tmp_path, capsys):
+    from kvprobe.cli import main
+
+    monkeypatch.setenv("KVPROBE_THREADS", "two")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvprobe: error: KVPROBE_THREADS must be a whole number >= 1, got 'two'"]
+    assert not out.exists()
