@@ -7,7 +7,7 @@
     capture: {layers: [0, 1, 2, 3], offsets: [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8]}
     conditions:
       memento: {keep_last_n_blocks: 0}
-      restart: {keep_last_n_blocks: 0, restart_mode: true}
+      restart: {keep_last_n_blocks: 0, restart_mode: true}   # the fork's: delimiters evicted too
     probe:   {kinds: [linear, mlp], seeds: 3}
 
 Every field is checked (pydantic, unknown keys refused) and errors name the field, e.g.
@@ -51,7 +51,8 @@ __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg"
 
 
 # the channel pairs a report shows when both were captured, by mask name (MaskConfig.name): (a, b) -> a - b
-STANDARD_COMPARISONS = (("memento", "restart-hidden"), ("memento", "restart"), ("restart", "restart-hidden"))
+STANDARD_COMPARISONS = (("memento", "restart"), ("memento", "restart-delims-visible"),
+                        ("restart-delims-visible", "restart"))
 
 
 class ConfigError(ValueError):
@@ -142,8 +143,8 @@ CaptureSection = section_from(
 )
 MaskSection = section_from(
     MaskConfig, "MaskSection",
-    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool, "restart_mode": bool,
-     "evict_before_summary_end": bool})
+    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool | None, "restart_mode": bool,
+     "evict_before_summary_end": bool, "restart_sees_kept_blocks": bool, "keep_last_block_for_answer": bool})
 
 
 _PROBE = ProbeSettings()  # the probe section's defaults are the Python defaults: one set
@@ -247,6 +248,10 @@ class ExperimentConfig(_Strict):
         for name in v:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"condition name {name!r} must be letters, digits, '-' or '_'")
+            try:
+                MaskConfig(**v[name].model_dump())
+            except ValueError as e:  # a combination of options the mask does not define
+                raise ValueError(f"condition {name!r}: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -289,8 +294,8 @@ class ExperimentConfig(_Strict):
         """The paired differences the report shows: report.comparisons, or the defaults.
 
         Defaults, read from what each condition's mask is (MaskConfig.name), whatever the
-        conditions are called: the standard channel pairs (memento - restart-hidden,
-        memento - restart, restart - restart-hidden) among the conditions; a config with
+        conditions are called: the standard channel pairs (memento - restart, memento -
+        restart-delims-visible, restart-delims-visible - restart) among the conditions; a config with
         none of those compares its first condition with each other one.
         """
         if self.report.comparisons is not None:

@@ -139,16 +139,17 @@ print("running sums: ", digits.sum(-1).cumsum(0).tolist(), "<- the mementos")
 # The mask says which keys (columns) each query (rows) may attend to. The plain causal
 # mask lets every token see everything before it. The **memento mask** hides the content of
 # block `i` from every token after its `<|summary_end|>`: the staircase of holes below the
-# diagonal. **Restart mode** (the paper's ablation) additionally stops each memento from
-# reading any block, even its own: the memento text is the same, but its keys and values
-# are computed without seeing the block. Grey lines mark where each block starts.
+# diagonal. **Restart mode** (the paper's ablation, as the Memento vLLM fork serves it)
+# additionally stops each memento from reading any block, even its own: the memento text
+# is the same, but its keys and values are computed without seeing the block. Grey lines
+# mark where each block starts.
 
 # %%
 T = len(ids)
 MASKS = {
     "causal (keep_last_n_blocks=-1)": MaskConfig(keep_last_n_blocks=-1),
     "memento (keep_last_n_blocks=0)": MaskConfig(keep_last_n_blocks=0),
-    "restart mode": MaskConfig(keep_last_n_blocks=0, restart_mode=True),
+    "restart mode": MaskConfig(keep_last_n_blocks=0, restart_mode=True),  # the fork's restart: delimiters hidden
 }
 allowed = {name: allow_matrix([layout], T, cfg)[0, 0].numpy() for name, cfg in MASKS.items()}  # (T, T) bool each
 ALLOW_CMAP = ListedColormap(["white", "#1f4e79"])  # hidden, allowed
@@ -175,9 +176,11 @@ show(fig, "masks")
 # %% [markdown]
 # Zoomed in on the first three blocks, with the tokens on the axes. In memento mode the
 # memento of block 1 (rows `s s s` after block 1) still reads block 1's digits; in restart
-# mode it reads neither block 0 nor block 1. Both hide block 1 from block 2. The columns of
-# the delimiters stay dark in both: `<|block_end|>` is never hidden unless
-# `mask_delimiters=True`.
+# mode it reads neither block 0 nor block 1. Both hide block 1 from block 2. In memento
+# mode the columns of the delimiters stay dark: `<|block_end|>` is never hidden unless
+# `mask_delimiters=True`. Restart mode hides the delimiters with the content by default,
+# as the fork's restart evicts them (`mask_delimiters=False` keeps them visible there: a
+# kvprobe-only control, `restart-delims-visible`).
 
 # %%
 SHORT = {"<think>": "<think>", "<|block_start|>": "BS", "<|block_end|>": "BE",
@@ -210,8 +213,8 @@ print(f"memento mode: M_2 (pos {q_memento}) sees T_2's first digit (pos {k_digit
 print(f"memento mode: T_3 (pos {q_next}) sees T_2's first digit: {memento_mask[q_next, k_digit]}")
 print(f"memento mode: T_3 sees M_2 (whose KV saw T_2): {memento_mask[q_next, q_memento]}")
 print(f"restart mode: M_2 sees T_2's first digit: {restart_mask[q_memento, k_digit]}")
-print(f"both modes:   T_3 sees T_2's <|block_end|> (pos {b1.end}): "
-      f"{memento_mask[q_next, b1.end]}, {restart_mask[q_next, b1.end]}")
+print(f"memento mode: T_3 sees T_2's <|block_end|> (pos {b1.end}): {memento_mask[q_next, b1.end]}")
+print(f"restart mode: T_3 sees T_2's <|block_end|>: {restart_mask[q_next, b1.end]}")
 
 # %% [markdown]
 # ## 3. The trained toy model
@@ -360,9 +363,9 @@ print(f"masked +1 minus masked +2: {100 * decay:+.1f} points")
 # %% [markdown]
 # ## 7. The control that matters: what does the text alone carry?
 #
-# Restart mode with the delimiters hidden (`restart_mode=True, mask_delimiters=True`) lets
-# no memento read any block and hides each block's delimiters along with its digits, so
-# nothing but the memento *texts* carries information past a block. We capture the same 1,500 samples under
+# Restart mode (`restart_mode=True`: the fork's restart, `restart`) lets no memento read
+# any block and hides each block's delimiters along with its digits, so nothing but the
+# memento *texts* carries information past a block. We capture the same 1,500 samples under
 # that mask and probe them the same way; the validation passcodes are the same, so the
 # two conditions can be compared sample by sample (a paired bootstrap). Memento minus
 # restart estimates what the hidden KV channel adds on top of the text. Only the last
@@ -373,20 +376,20 @@ print(f"masked +1 minus masked +2: {100 * decay:+.1f} points")
 # %%
 restart_spec = CaptureSpec(
     layers=(last,), offsets=OFFSETS, batch_size=250,
-    mask=MaskConfig(keep_last_n_blocks=0, restart_mode=True, mask_delimiters=True),
+    mask=MaskConfig(keep_last_n_blocks=0, restart_mode=True),  # delimiters hidden: the fork's restart
 )
 t = time.perf_counter()
-restart_path = run_capture(model, source, restart_spec, OUT / "stores" / "restart-hidden", mode="overwrite",
+restart_path = run_capture(model, source, restart_spec, OUT / "stores" / "restart", mode="overwrite",
                            progress=False)
 with KVStore(restart_path) as store:
-    restart_grid = probe_store(store, "restart-hidden", settings, progress=False)
+    restart_grid = probe_store(store, "restart", settings, progress=False)
 print(f"captured and probed in {time.perf_counter() - t:.1f} s\n")
-grids = {"memento": grid, "restart-hidden": restart_grid}
+grids = {"memento": grid, "restart": restart_grid}
 apply_holm([r for g in grids.values() for r in g.rows])
 print(leakage_table(grids))
 
-diffs = compare(grid, restart_grid, n_boot=settings.n_boot)  # memento - restart-hidden, paired
-print("memento minus restart-hidden (percentage points, 95% paired bootstrap interval):")
+diffs = compare(grid, restart_grid, n_boot=settings.n_boot)  # memento - restart, paired
+print("memento minus restart (percentage points, 95% paired bootstrap interval):")
 for d in diffs:
     print(f"  layer {d.layer}, {ROLE[d.offset]:<15} {100 * d.difference:+5.1f}  "
           f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]")
@@ -418,9 +421,10 @@ show(fig, "memento_vs_restart")
 #   `toy_models.load("gpt2-init/final")`, leaks far less. Try it, and see `docs/toy.md`.)
 #
 # That is what the full runs are for. `kvprobe demo` runs the experiment with more
-# samples, all 4 layers, offsets up to +7 and both restart-mode controls, and writes a
-# report. `kvprobe run experiments/toy_reproduction.yaml`
-# reproduces the paper's toy experiment at 50,000 samples, with the paper's MLP probe,
+# samples, all 4 layers, offsets up to +7 and the same text-only baseline (`restart`), and
+# writes a report; `experiments/toy_controls.yaml` adds restart with the delimiters
+# visible (`restart-delims-visible`), which separates the `<|block_end|>` channel.
+# `kvprobe run experiments/toy_reproduction.yaml` reproduces the paper's toy experiment at 50,000 samples, with the paper's MLP probe,
 # shuffled-label controls and leakage across training checkpoints. `docs/teaching.md` has
 # exercises that start from this notebook.
 

@@ -17,6 +17,12 @@ SPEC section 2, restated as this module applies it. SE_i is the position of bloc
 3. Restart mode: a query in memento M_i (<|summary_start|> .. <|summary_end|> inclusive)
    may not attend content(j) (with mask_delimiters: nor block j's delimiters) for any
    j <= i. This rule applies on its own, whatever keep_last_n_blocks is.
+   With restart_sees_kept_blocks and keep_last_n_blocks = N > 0 (the fork re-prefills M_i
+   while its N most recent blocks are still cached): for any j <= i - N only.
+5. keep_last_block_for_answer (with keep_last_n_blocks = 0): block i is completed for q
+   only once the next block has started (q >= that block's <|block_start|>); the last
+   block never is. In restart mode the re-prefilled span of block i is <|summary_start|>
+   up to (not including) the next <|block_start|>, and the last block has none.
 4. Nothing else is ever hidden: prompt, mementos, answer, and ordinary tokens that sit
    between markers outside a block's content.
 
@@ -53,12 +59,17 @@ def _hideable_sets(layout, mask_delimiters: bool) -> list[set[int]]:
     return sets
 
 
-def _memento_spans(layout) -> list[set[int]]:
-    """For each block, its memento M_i: <|summary_start|> .. <|summary_end|> inclusive."""
+def _memento_spans(layout, keep_last_block_for_answer: bool = False) -> list[set[int]]:
+    """For each block, its memento M_i: <|summary_start|> .. <|summary_end|> inclusive (rule 5:
+    up to the next block's start, none for the last block)."""
     stop = layout.offset + layout.length
     spans = []
-    for blk in layout.blocks:
-        if blk.summary_start is None:
+    for i, blk in enumerate(layout.blocks):
+        if keep_last_block_for_answer:
+            nxt = layout.blocks[i + 1].start if i + 1 < len(layout.blocks) else None
+            done = blk.summary_end is not None and nxt is not None
+            spans.append(set(range(blk.summary_start, nxt)) if done else set())
+        elif blk.summary_start is None:
             spans.append(set())
         else:
             last = blk.summary_end if blk.summary_end is not None else stop - 1
@@ -73,25 +84,31 @@ def reference_allow(
     mask_delimiters: bool,
     restart_mode: bool,
     evict_before_summary_end: bool = False,
+    restart_sees_kept_blocks: bool = False,
+    keep_last_block_for_answer: bool = False,
 ) -> list[list[bool]]:
     """allow[q][k]: may query q attend key k. `layout` positions index a row of `length` tokens."""
     real = set(range(layout.offset, layout.offset + layout.length))
     hideable = _hideable_sets(layout, mask_delimiters)
-    mementos = _memento_spans(layout)
+    mementos = _memento_spans(layout, keep_last_block_for_answer)
+    seen_by_restart = keep_last_n_blocks if restart_sees_kept_blocks and keep_last_n_blocks > 0 else 0
+
+    def completed_for(i: int, q: int) -> bool:
+        blk = layout.blocks[i]
+        if blk.summary_end is None:
+            return False
+        if keep_last_block_for_answer:
+            return i + 1 < len(layout.blocks) and layout.blocks[i + 1].start <= q
+        return blk.summary_end < q or (evict_before_summary_end and blk.summary_end == q)
     n_blocks = len(layout.blocks)
 
     allow = [[False] * length for _ in range(length)]
     for q in range(length):
         # blocks completed as seen from q, oldest first (ordered by the position of SE_i)
-        completed = sorted(
-            (blk.summary_end, i)
-            for i, blk in enumerate(layout.blocks)
-            if blk.summary_end is not None
-            and (blk.summary_end < q or (evict_before_summary_end and blk.summary_end == q))
-            # the Memento vLLM fork (scheduler.py, process_token) compacts as soon as a
-            # <|summary_end|> is sampled, before that token's KV is computed: for the fork a
-            # block is completed at its own <|summary_end|> already
-        )
+        # the Memento vLLM fork (scheduler.py, process_token) compacts as soon as a
+        # <|summary_end|> is sampled, before that token's KV is computed: for the fork a
+        # block is completed at its own <|summary_end|> already
+        completed = sorted((blk.summary_end, i) for i, blk in enumerate(layout.blocks) if completed_for(i, q))
         completed_ids = [i for _, i in completed]
         if keep_last_n_blocks > 0:
             still_visible = completed_ids[-keep_last_n_blocks:]
@@ -114,7 +131,7 @@ def reference_allow(
                     ok = False
                 if restart_mode:
                     for m in own_memento:
-                        if i <= m:
+                        if i <= m - seen_by_restart:
                             ok = False
             allow[q][k] = ok
     return allow
@@ -127,8 +144,11 @@ def reference_allow_batch(
     mask_delimiters: bool = False,
     restart_mode: bool = False,
     evict_before_summary_end: bool = False,
+    restart_sees_kept_blocks: bool = False,
+    keep_last_block_for_answer: bool = False,
 ) -> torch.Tensor:
     """The reference mask of a padded batch as a bool tensor (B, 1, T, T)."""
-    rows = [reference_allow(lay, length, keep_last_n_blocks, mask_delimiters, restart_mode, evict_before_summary_end)
+    rows = [reference_allow(lay, length, keep_last_n_blocks, mask_delimiters, restart_mode, evict_before_summary_end,
+                            restart_sees_kept_blocks, keep_last_block_for_answer)
             for lay in layouts]
     return torch.tensor(rows, dtype=torch.bool).reshape(len(layouts), 1, length, length)

@@ -195,9 +195,9 @@ def test_config_defaults_are_the_python_defaults():
 
 
 def test_comparisons_are_checked_and_default_sensibly():
-    base = dict(TINY, conditions={"memento": {}, "restart-hidden": {"restart_mode": True, "mask_delimiters": True},
+    base = dict(TINY, conditions={"memento": {}, "text-only": {"restart_mode": True},
                                   "keep1": {"keep_last_n_blocks": 1}})
-    assert parse_config(base).comparisons() == (("memento", "restart-hidden"),)  # the standard pair only
+    assert parse_config(base).comparisons() == (("memento", "text-only"),)  # the standard pair only, by mask
     chosen = parse_config(dict(base, report={"comparisons": [["keep1", "memento"]]}))
     assert chosen.comparisons() == (("keep1", "memento"),)
     renamed = dict(TINY, conditions={"text-only": {"restart_mode": True, "mask_delimiters": True}, "paper": {}})
@@ -356,7 +356,7 @@ def test_demo_print_config_is_yaml_that_run_accepts(capsys, tmp_path, monkeypatc
     # the plan validates against the shipped model (every layer, offset and site exists)
     code, out, err = cli(capsys, "capture", "--config", config, "--dry-run")
     assert code == 0, err
-    assert all(f"[{c}]" in out for c in ("memento", "restart-hidden")) and "[restart]" not in out
+    assert all(f"[{c}]" in out for c in ("memento", "restart")) and "[restart-delims-visible]" not in out
 
     # and `kvprobe run` takes it: the pipeline (stubbed here; end to end above) gets the same config
     seen = []
@@ -383,7 +383,7 @@ SMALL_DEMO = {
 }
 
 
-def _check_demo_output(code: int, out: str, err: str, run_dir: Path, conditions=("memento", "restart-hidden")):
+def _check_demo_output(code: int, out: str, err: str, run_dir: Path, conditions=("memento", "restart")):
     assert code == 0, err
     for cond in conditions:
         assert f"{cond}: linear probe accuracy (%), chance 10" in out
@@ -511,7 +511,9 @@ def test_qwen3_8b_config_validates_without_a_model(monkeypatch):
     assert cfg.capture.layers == (3, 35) and cfg.capture.offsets == (-1, 0, 1, 2)
     assert cfg.capture.sites == ("memento", "block_end")
     assert cfg.capture.batch_size == 4 and cfg.capture.shard_size == 512
-    assert set(cfg.conditions) == {"memento", "restart", "restart-hidden"}
+    assert set(cfg.conditions) == {"memento", "restart-delims-visible", "restart"}
+    assert {n: cfg.capture_spec(n).mask.name for n in cfg.conditions} == {
+        "memento": "memento", "restart-delims-visible": "restart-delims-visible", "restart": "restart"}
     assert cfg.probe.kinds == ("linear", "mlp")
     assert all(0 <= layer < QWEN3_8B.num_hidden_layers for layer in cfg.capture.layers)
 

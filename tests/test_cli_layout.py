@@ -61,7 +61,8 @@ def test_default_example_prints_layout_and_memento_mask(capsys):
         (["--keep-last-n-blocks", "-1"], MaskConfig(-1)),
         (["--keep-last-n-blocks", "1"], MaskConfig(1)),
         (["--mask-delimiters"], MaskConfig(0, True)),
-        (["--restart-mode"], MaskConfig(0, False, True)),
+        (["--restart-mode"], MaskConfig(0, True, True)),  # the fork's restart: delimiters evicted too
+        (["--restart-mode", "--no-mask-delimiters"], MaskConfig(0, False, True)),
         (["--restart-mode", "--mask-delimiters"], MaskConfig(0, True, True)),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,

@@ -361,9 +361,9 @@ def test_leak_free_mask_hides_a_block_exactly(family, impl, block):
 
 LEAKY = [
     pytest.param(MEMENTO, id="memento"),
-    pytest.param(MaskConfig(0, mask_delimiters=True), id="memento-hidden"),
+    pytest.param(MaskConfig(0, mask_delimiters=True), id="memento-delims-hidden"),
     # restart with visible delimiters: <|block_end|>'s KV saw the block (SPEC section 2)
-    pytest.param(MaskConfig(0, restart_mode=True), id="restart-delims-visible"),
+    pytest.param(MaskConfig(0, mask_delimiters=False, restart_mode=True), id="restart-delims-visible"),
 ]
 
 

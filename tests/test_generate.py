@@ -41,10 +41,10 @@ N_DELIMS = 2 * 4
 EXPECTED_KEPT = {
     "memento": T - N_CONTENT,  # 29
     "memento-keep1": T - N_CONTENT + 2,  # the last block (k l) stays
-    "memento-hidden": T - N_CONTENT - N_DELIMS,  # 21
-    "restart": T - N_CONTENT,
-    "restart-hidden": T - N_CONTENT - N_DELIMS,
-    "restart-keep1": T - N_CONTENT + 2,
+    "memento-delims-hidden": T - N_CONTENT - N_DELIMS,  # 21
+    "restart-delims-visible": T - N_CONTENT,
+    "restart": T - N_CONTENT - N_DELIMS,  # the fork's restart evicts the delimiters too
+    "restart-keep1-delims-visible": T - N_CONTENT + 2,
 }
 MEMENTO_CONFIGS = [MaskConfig(0), MaskConfig(1), MaskConfig(0, mask_delimiters=True)]
 RESTART_CONFIGS = [MaskConfig(0, False, True), MaskConfig(0, True, True), MaskConfig(1, False, True)]
@@ -202,7 +202,7 @@ def test_keep_one_evicts_a_block_only_when_the_next_one_completes(family):
     assert len(kept) == 21 - 3
 
 
-@pytest.mark.parametrize("cfg", [MaskConfig(0), MaskConfig(0, True, True)], ids=["memento", "restart-hidden"])
+@pytest.mark.parametrize("cfg", [MaskConfig(0), MaskConfig(0, True, True)], ids=["memento", "restart"])
 @pytest.mark.parametrize("prompt_length", [1, 12, 15, 27])
 def test_prompt_with_blocks_is_compacted_at_prefill(prompt_length, cfg):
     """Prompts holding whole blocks (12: through SE_0), ending mid-block (15) or mid-memento

@@ -28,7 +28,7 @@ def grids(tmp_path_factory):
     model = toy_models.load("final")
     source = ToyPasscodeSource(N, seed=11)
     out = {}
-    for name, mask in (("memento", MaskConfig(0)), ("restart-hidden", MaskConfig(0, True, True))):
+    for name, mask in (("memento", MaskConfig(0)), ("restart", MaskConfig(0, True, True))):
         spec = CaptureSpec(layers=(0, 3), offsets=(-1, 0, 1, 7), mask=mask, batch_size=250, shard_size=1500)
         with KVStore(run_capture(model, source, spec, root / name, progress=False)) as store:
             out[name] = probe_store(store, name, SETTINGS, progress=False)
@@ -69,7 +69,7 @@ def test_masked_leak_is_real_deeper_and_falls_with_distance(grids):
 def test_restart_mode_removes_the_implicit_channel_at_the_direct_memento(grids):
     # with delimiters hidden, restart-mode M_2 never saw T_2: only its text (the running
     # sum) remains, so the direct cell must drop; the definition guarantees this direction
-    diffs = {(d.site, d.offset, d.layer): d for d in compare(grids["memento"], grids["restart-hidden"])}
+    diffs = {(d.site, d.offset, d.layer): d for d in compare(grids["memento"], grids["restart"])}
     d = diffs[("memento", 0, 3)]
     assert d.ci_low > 0, d
     # layer 0 KV depend on the token alone: no attention has happened, so no mask can matter
@@ -79,7 +79,7 @@ def test_restart_mode_removes_the_implicit_channel_at_the_direct_memento(grids):
 def test_the_implicit_channel_carries_the_block_past_the_mask(grids):
     # the faithful toy: the first masked memento's KV reveal more than its text does, and
     # the direct memento most of the block (87% here at 3,000 passcodes; the paper's toy 98.5%)
-    diffs = {(d.site, d.offset, d.layer): d for d in compare(grids["memento"], grids["restart-hidden"])}
+    diffs = {(d.site, d.offset, d.layer): d for d in compare(grids["memento"], grids["restart"])}
     assert diffs[("memento", 1, 3)].ci_low > 0.03, diffs[("memento", 1, 3)]
     assert grids["memento"].cell(Cell("memento", 0, 3), "linear").ci_low > 0.75
 

@@ -18,18 +18,27 @@ from reference_mask import reference_allow_batch
 from strategies import padded_batches
 
 KEEPS = (-1, 0, 1, 2, 3)
-ALL_CONFIGS = [MaskConfig(k, d, r, e) for k, d, r, e in itertools.product(KEEPS, (False, True), (False, True), (False, True))]
+BASE_CONFIGS = [MaskConfig(k, d, r, e) for k, d, r, e in itertools.product(KEEPS, (False, True), (False, True), (False, True))]
+# the fork's two options, only where they change anything: restart with keep N > 0; keep 0
+FORK_OPTIONS = ([MaskConfig(k, d, True, e, restart_sees_kept_blocks=True)
+                 for k, d, e in itertools.product((1, 2, 3), (False, True), (False, True))]
+                + [MaskConfig(0, d, r, e, keep_last_block_for_answer=True)
+                   for d, r, e in itertools.product((False, True), (False, True), (False, True))])
+ALL_CONFIGS = BASE_CONFIGS + FORK_OPTIONS
 
 
 def config_id(cfg: MaskConfig) -> str:
     delims = "Hidden" if cfg.mask_delimiters else "Visible"
     return (f"keep{cfg.keep_last_n_blocks}-delims{delims}-restart{int(cfg.restart_mode)}"
-            + ("-evictAtSE" if cfg.evict_before_summary_end else ""))
+            + ("-evictAtSE" if cfg.evict_before_summary_end else "")
+            + ("-seesKept" if cfg.restart_sees_kept_blocks else "")
+            + ("-keepsLastBlock" if cfg.keep_last_block_for_answer else ""))
 
 
 def reference(layouts, T, cfg: MaskConfig) -> torch.Tensor:
     return reference_allow_batch(layouts, T, cfg.keep_last_n_blocks, cfg.mask_delimiters, cfg.restart_mode,
-                                 cfg.evict_before_summary_end)
+                                 cfg.evict_before_summary_end, cfg.restart_sees_kept_blocks,
+                                 cfg.keep_last_block_for_answer)
 
 
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, input_ids: torch.Tensor) -> str:
@@ -90,6 +99,13 @@ HAND_COMPUTED = [
     (MaskConfig(-1, False, True), {**rows(range(5, 8), {2, 3}), **rows(range(11, 14), {2, 3, 9})}),
     # restart with keep 1: M_1 still loses block 0, which the base rule alone would keep
     (MaskConfig(1, False, True), {**rows(range(5, 8), {2, 3}), **rows(range(11, 14), {2, 3, 9}), 14: {2, 3}}),
+    # ... but the fork re-prefills M_1 while block 1 is kept: it loses block 0 only, M_0 nothing
+    (MaskConfig(1, False, True, restart_sees_kept_blocks=True), {**rows(range(11, 14), {2, 3}), 14: {2, 3}}),
+    # the fork's keep_last_block_for_answer: block 0 goes at block 1's start (8), block 1 never
+    (MaskConfig(0, keep_last_block_for_answer=True), rows(range(8, 15), {2, 3})),
+    # ... and in restart mode M_0 is re-prefilled then, blind to block 0; M_1 keeps its block
+    (MaskConfig(0, True, True, keep_last_block_for_answer=True), {**rows(range(5, 8), {1, 2, 3, 4}),
+                                                                  **rows(range(8, 15), {1, 2, 3, 4})}),
 ]
 
 
@@ -247,13 +263,21 @@ def test_additive_mask_refuses_non_boolean_input():
 def test_mask_config_validation_and_names():
     with pytest.raises(ValueError, match="keep_last_n_blocks"):
         MaskConfig(-2)
+    with pytest.raises(ValueError, match="keep_last_block_for_answer works with keep_last_n_blocks=0 only"):
+        MaskConfig(1, keep_last_block_for_answer=True)
     assert MaskConfig(-1).name == "causal"
     assert MaskConfig(0).name == "memento"
-    assert MaskConfig(0, True, True).name == "restart-hidden"  # the report's word for the fork's restart
-    assert MaskConfig(1, mask_delimiters=True).name == "memento-keep1-hidden"
+    # the fork's restart evicts the delimiters too: restart mode hides them unless told otherwise
+    assert MaskConfig(restart_mode=True) == MaskConfig(0, True, True)
+    assert MaskConfig(0, True, True).name == "restart"  # the report's word for the fork's restart
+    assert MaskConfig(0, False, True).name == "restart-delims-visible"  # a kvprobe-only control
+    assert MaskConfig(1, mask_delimiters=True).name == "memento-keep1-delims-hidden"
     assert MaskConfig(0, evict_before_summary_end=True).name == "memento-evict-at-se"
-    assert MaskConfig(-1, False, True, True).name == "restart-keepall"  # nothing is evicted: no timing to name
-    assert len({c.name for c in ALL_CONFIGS if c.keep_last_n_blocks >= 0}) == 32
+    assert MaskConfig(-1, True, True, True).name == "restart-keepall"  # nothing is evicted: no timing to name
+    assert MaskConfig(2, restart_mode=True, restart_sees_kept_blocks=True).name == "restart-keep2-sees-kept"
+    assert MaskConfig(0, keep_last_block_for_answer=True).name == "memento-keeps-last-block"
+    assert MaskConfig(1, True, True, True).name == "restart-keep1"  # restart's <|summary_end|> never sees its block
+    assert len({c.name for c in BASE_CONFIGS if c.keep_last_n_blocks >= 0}) == 24
 
 
 def test_the_forks_timing_hides_a_block_from_its_own_summary_end():
@@ -273,11 +297,21 @@ def test_layout_longer_than_the_batch_is_refused():
         allow_matrix([lay], T_EX - 1, MaskConfig(0))
 
 
-def test_mask_config_names_are_distinct_for_distinct_masks():
-    configs = [MaskConfig(k, d, r) for k in (-1, 0, 1, 2) for d in (False, True) for r in (False, True)]
-    # keep=-1 without restart is plain causal whatever mask_delimiters says: one name
-    distinct = {c for c in configs if not (c.keep_last_n_blocks == -1 and not c.restart_mode and c.mask_delimiters)}
-    assert len({c.name for c in distinct}) == len(distinct)
+def test_mask_config_names_are_equal_exactly_when_masks_are():
+    """One name per mask: configs share a name iff their masks agree (on sequences that tell them apart)."""
+    texts = [EXAMPLE + " BS x BE SS o SE BS y BE SS z SE </think> A", "p BS a BE f SS m SE g BS b BE SS n SE"]
+    layouts = [parse_layout(encode(t), SPECIAL) for t in texts]
+    T = max(lay.length for lay in layouts)
+    masks: dict[str, torch.Tensor] = {}
+    for cfg in ALL_CONFIGS:
+        mask = allow_matrix(layouts, T, cfg)
+        if cfg.name in masks:
+            assert torch.equal(masks[cfg.name], mask), f"{cfg.name}: one name, two masks"
+        masks[cfg.name] = mask
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.equal(masks[a], masks[b]), f"{a} and {b}: two names, one mask"
 
 
 def test_padding_query_attends_only_itself():
@@ -319,3 +353,17 @@ def test_the_reference_generator_refuses_the_forks_timing():
 
     with pytest.raises(ValueError, match="evict_before_summary_end"):
         generate_with_compaction(None, [1], SPECIAL, MaskConfig(0, evict_before_summary_end=True), max_new_tokens=1)
+
+
+def test_eviction_timing_is_named_for_every_mask():
+    from kvprobe.reporting.words import eviction_timing
+
+    said = {m.name: eviction_timing(m.name) for m in (
+        MaskConfig(0), MaskConfig(0, evict_before_summary_end=True), MaskConfig(-1), MaskConfig(restart_mode=True),
+        MaskConfig(1, restart_mode=True, restart_sees_kept_blocks=True), MaskConfig(0, keep_last_block_for_answer=True))}
+    assert "kvprobe's base rule" in said["memento"]
+    assert "from its own <|summary_end|> on (the fork's served timing)" in said["memento-evict-at-se"]
+    assert said["causal"] == "nothing is evicted"
+    assert "kept blocks stay visible" in said["restart-keep1-sees-kept"]
+    assert "keep_last_block_for_answer" in said["memento-keeps-last-block"]
+    assert not any(text.startswith("unknown") for text in said.values())

@@ -34,7 +34,7 @@ OFFSETS = (-1, 0, 1, 2, 3, 4, 5, 6, 7)
 HALF_WIDTH = 0.02  # synthetic 95% interval half-width
 # masked +1 accuracy per layer (the paper's toy numbers at the first and last layer)
 MASKED_PLUS_ONE = {0: 0.131, 1: 0.18, 2: 0.23, 3: 0.262}
-CONDITION_DROP = {"memento": 0.0, "restart": 0.04, "restart-hidden": 0.08}
+CONDITION_DROP = {"memento": 0.0, "restart-delims-visible": 0.04, "restart": 0.08}
 
 
 def _accuracy(condition: str, site: str, offset: int, layer: int, probe: str) -> float:
@@ -66,11 +66,11 @@ def make_cell(condition: str, site: str, offset: int, layer: int, probe: str, **
     return dataclasses.replace(cell, **changes)
 
 
-def make_grid(conditions=("memento", "restart", "restart-hidden"), offsets=OFFSETS, layers=LAYERS,
+def make_grid(conditions=("memento", "restart-delims-visible", "restart"), offsets=OFFSETS, layers=LAYERS,
               probes=("linear", "mlp"), block_end=True) -> list[CellResult]:
     rows = []
     for condition in conditions:
-        sites = ("memento", "block_end") if block_end and condition != "restart-hidden" else ("memento",)
+        sites = ("memento", "block_end") if block_end and condition != "restart" else ("memento",)
         for site in sites:
             for probe in probes:
                 for offset in offsets:
@@ -83,7 +83,7 @@ def make_grid(conditions=("memento", "restart", "restart-hidden"), offsets=OFFSE
 def make_diffs(rows: list[CellResult]) -> list[DiffResult]:
     index = {(r.condition, r.site, r.offset, r.layer, r.probe): r for r in rows}
     out = []
-    for a, b in (("memento", "restart"), ("memento", "restart-hidden"), ("restart", "restart-hidden")):
+    for a, b in (("memento", "restart-delims-visible"), ("memento", "restart"), ("restart-delims-visible", "restart")):
         for (cond, site, offset, layer, probe), ra in index.items():
             rb = index.get((b, site, offset, layer, probe))
             if cond != a or rb is None:
@@ -219,17 +219,17 @@ def test_controls_statements(grid, diffs):
 def test_condition_comparison_statements(grid, diffs):
     text = render_summary(grid, diffs)
     section = text.split("## Condition comparison")[1].split("\n## ")[0]
-    assert "memento − restart-hidden: the implicit KV channels in total" in section
-    assert "memento − restart: the memento-KV channel alone" in section
-    assert "restart − restart-hidden: the <|block_end|> delimiter channel" in section
+    assert "memento − restart: the implicit KV channels in total" in section
+    assert "memento − restart-delims-visible: the memento-KV channel alone" in section
+    assert "restart-delims-visible − restart: the <|block_end|> delimiter channel" in section
     assert "block_end site (memento)" in section and "Delimiter channel read directly" in section
     # synthetic differences at +1 are +4 pp with +-1.5 pp intervals: above 0
-    assert "| memento − restart | memento | mlp | 3 | +4.0 pp [+2.5, +5.5] | above 0 |" in section
-    flipped = [dataclasses.replace(d, difference=-0.03, ci_low=-0.05, ci_high=-0.01) if d.a == "restart" else d
+    assert "| memento − restart-delims-visible | memento | mlp | 3 | +4.0 pp [+2.5, +5.5] | above 0 |" in section
+    flipped = [dataclasses.replace(d, difference=-0.03, ci_low=-0.05, ci_high=-0.01) if d.a == "restart-delims-visible" else d
                for d in diffs]
-    assert "| restart − restart-hidden | memento | mlp | 3 | −" not in section
+    assert "| restart-delims-visible − restart | memento | mlp | 3 | −" not in section
     section = render_summary(grid, flipped).split("## Condition comparison")[1]
-    assert "| restart − restart-hidden | memento | mlp | 3 | -3.0 pp [-5.0, -1.0] | below 0 |" in section
+    assert "| restart-delims-visible − restart | memento | mlp | 3 | -3.0 pp [-5.0, -1.0] | below 0 |" in section
 
 
 def test_interval_verdict():
@@ -291,10 +291,10 @@ def test_missing_roles_still_render(tmp_path):
 
 
 def test_single_probe_no_masked(tmp_path):
-    rows = make_grid(conditions=("restart",), offsets=(-1, 0), probes=("linear",), block_end=False)
+    rows = make_grid(conditions=("restart-delims-visible",), offsets=(-1, 0), probes=("linear",), block_end=False)
     text = render_summary(rows, [])
     headline = text.split("## Headline")[1].split("## Controls")[0]
-    assert "Condition `restart`, site `memento`" in headline and "masked" not in headline
+    assert "Condition `restart-delims-visible`, site `memento`" in headline and "masked" not in headline
     assert accuracy_by_layer(rows) is not None
     assert [p.name for p in save_all(rows, None, None, tmp_path, formats=("png",))] == [
         "accuracy_by_layer.png", "accuracy_heatmap.png"]
@@ -339,7 +339,7 @@ def test_figure_anatomy(grid, diffs):
     assert {ax.get_ylabel() for ax in training.axes} == {"masked probe accuracy (%)", "task accuracy (%)"}
     assert training.axes[0].get_xlabel() == "training step"
     comparison_labels = {t.get_text() for t in figures["comparison"].axes[1].get_legend().get_texts()}
-    assert {"memento", "restart", "restart-hidden", "memento, block_end site", "chance (10%)"} <= comparison_labels
+    assert {"memento", "restart-delims-visible", "restart", "memento, block_end site", "chance (10%)"} <= comparison_labels
     heatmap = accuracy_heatmap(grid)
     cells = [t.get_text() for t in heatmap.axes[1].texts]
     assert "26.2*" in cells and "10.0" in cells and len(cells) == len(LAYERS) * len(OFFSETS)
@@ -406,17 +406,20 @@ def test_constrained_chance_is_each_cells_own(grid, diffs):
 
 
 def test_a_conditions_meaning_comes_from_its_mask_not_its_name(grid, diffs):
-    """Conditions called 'paper' and 'text-only' are read as the memento and restart-hidden masks they are."""
-    names = {"memento": "paper", "restart": "kv-open", "restart-hidden": "text-only"}
+    """Conditions called 'paper' and 'text-only' are read as the memento and restart masks they are."""
+    names = {"memento": "paper", "restart-delims-visible": "kv-open", "restart": "text-only"}
     rows = [dataclasses.replace(r, condition=names[r.condition], mask=r.condition) for r in grid]
     renamed = [dataclasses.replace(d, a=names[d.a], b=names[d.b], a_mask=d.a, b_mask=d.b) for d in diffs]
     text = render_summary(rows, renamed)
     assert "- conditions: paper, kv-open, text-only;" in text  # ordered by mask, not alphabetically
-    assert "**paper − text-only** (masks memento − restart-hidden) (site `memento`) isolates the implicit KV " \
+    assert "**paper − text-only** (masks memento − restart) (site `memento`) isolates the implicit KV " \
            "channels in total" in text
-    assert "**kv-open − text-only** (masks restart − restart-hidden) (site `memento`) isolates the <|block_end|>" in text
+    assert "**kv-open − text-only** (masks restart-delims-visible − restart) (site `memento`) isolates the <|block_end|>" in text
     headline = text.split("## Headline")[1].split("\n## ")[0]
     assert "`paper`" in headline
+    # the header says which mask, and so which eviction timing, each condition used
+    assert "- `paper`: mask `memento`; a block is hidden after its <|summary_end|>, whose KV still saw it" in text
+    assert "- `text-only`: mask `restart`; a block is hidden after its <|summary_end|>; each memento" in text
     # without masks (results saved before they were recorded) the names alone carry no meaning
     bare = [dataclasses.replace(r, condition=names[r.condition]) for r in grid]
     bare_diffs = [dataclasses.replace(d, a=names[d.a], b=names[d.b]) for d in diffs]
@@ -456,7 +459,7 @@ def test_paired_differences_are_holm_corrected_as_a_family():
     base = rng.random(400)
     same, shifted = base.copy(), np.clip(base + 0.2, 0, 1)
     assert paired_pvalue(same, base) == 1.0 and paired_pvalue(shifted, base) < 1e-10
-    d = [DiffResult("memento", "restart-hidden", "memento", 1, layer, "linear", 0.0, -0.1, 0.1,
+    d = [DiffResult("memento", "restart", "memento", 1, layer, "linear", 0.0, -0.1, 0.1,
                     p_value=p) for layer, p in enumerate([paired_pvalue(shifted, base), 0.03, 0.5])]
     apply_holm(d)
     assert [x.significant for x in d] == [True, False, False]  # 0.03 alone would pass; x 2 tests left it fails

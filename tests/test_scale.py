@@ -134,7 +134,7 @@ def _real_model_config(tmp_path: Path, checkpoint: Path, **model) -> Path:
         "data": {"kind": "traces", "traces": str(PIPELINE), "n_samples": 60, "target_block": 1},
         "capture": {"layers": [0, 1], "offsets": [-1, 0, 1], "sites": ["memento", "block_end"], "batch_size": 10,
                     "shard_size": 20, "dtype": "float32"},
-        "conditions": {"memento": {}, "restart-hidden": {"restart_mode": True, "mask_delimiters": True}},
+        "conditions": {"memento": {}, "restart": {"restart_mode": True, "mask_delimiters": True}},
         "probe": {"kinds": ["linear"], "n_boot": 200},
     }
     path = tmp_path / f"config{len(model)}.yaml"
@@ -149,7 +149,7 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
         capsys.readouterr().err
     stdout = capsys.readouterr().out
     assert "memento: linear probe accuracy (%), chance 10" in stdout
-    for cond in ("memento", "restart-hidden"):
+    for cond in ("memento", "restart"):
         with KVStore(out / "stores" / cond) as store:
             assert len(store) == 60 and store.config["source"]["kind"] == "traces"
             assert store.config["model"]["class"] == "Qwen3ForCausalLM"
@@ -166,7 +166,7 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
     assert main(["--threads", "1", "capture", "--config", str(config), "--out", str(spread)]) == 0
     offloaded = [n for n, p in loaded[0].named_parameters() if p.device.type == "meta"]
     assert "lm_head.weight" in offloaded and any(n.startswith("model.layers.1.") for n in offloaded), offloaded
-    for cond in ("memento", "restart-hidden"):
+    for cond in ("memento", "restart"):
         assert_same_store(out / "stores" / cond, spread / "stores" / cond)
 
 

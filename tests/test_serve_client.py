@@ -162,6 +162,11 @@ def test_block_masking_config_from_mask_config():
     assert causal["enable"] is False and causal["keep_last_n_blocks"] == -1
     with pytest.raises(ValueError, match="no equivalent in the vLLM fork"):
         block_masking_config(MaskConfig(keep_last_n_blocks=-1, restart_mode=True))
+    # the fork's restart evicts the delimiters whatever mask_delimiters says: the visible variant is kvprobe's own
+    with pytest.raises(ValueError, match="restart-delims-visible.*kvprobe-only control"):
+        block_masking_config(MaskConfig(keep_last_n_blocks=0, mask_delimiters=False, restart_mode=True))
+    answer = block_masking_config(MaskConfig(keep_last_n_blocks=0, keep_last_block_for_answer=True))
+    assert answer["keep_last_block_for_answer"] is True
 
 
 def test_serve_command():
@@ -171,7 +176,9 @@ def test_serve_command():
     assert argv[argv.index("--port") + 1] == "9000"
     assert "--no-enable-prefix-caching" in argv
     cfg = json.loads(argv[argv.index("--block-masking-config") + 1])
-    assert cfg["restart_mode"] is True and cfg["enable"] is True
+    assert cfg["restart_mode"] is True and cfg["enable"] is True and cfg["mask_delimiters"] is True
+    assert "--trust-remote-code" not in argv  # only when asked for
+    assert "--trust-remote-code" in serve_command("/ckpt/x", MaskConfig(), trust_remote_code=True)
 
 
 # ----------------------------------------------------------------------------- generation

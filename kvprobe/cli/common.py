@@ -91,10 +91,13 @@ def add_mask_args(p: argparse.ArgumentParser, *, restart: bool = True) -> None:
     """The mask flags every command shares, named as `MaskConfig`'s fields (SPEC section 2)."""
     p.add_argument("--keep-last-n-blocks", type=int, default=0,
                    help="-1 causal, 0 hide every completed block (default, the paper), N keep the last N visible")
-    p.add_argument("--mask-delimiters", action="store_true", help="hide the block delimiters with the content")
+    p.add_argument("--mask-delimiters", action=argparse.BooleanOptionalAction, default=None,
+                   help="hide the block delimiters with the content (default: hidden in restart mode, as the "
+                        "vLLM fork's restart evicts them; visible otherwise)")
     if restart:
         p.add_argument("--restart-mode", action="store_true",
-                       help="restart mode: mementos see no block, only the earlier mementos (the ablation)")
+                       help="restart mode: mementos see no block, only the earlier mementos (the paper's ablation, "
+                            "the vLLM fork's restart)")
 
 
 def mask_from_args(args: argparse.Namespace) -> MaskConfig:

@@ -18,9 +18,10 @@ __all__ = ["DEMO_CONFIG", "register"]
 # layer, the memento offsets that tell the story and that the paper reports (control,
 # direct, masked +1, +2, +7), kvprobe's default features (the whole memento span), 3,000
 # passcodes: about 80 s on 2 quiet cores (benchmarks/RESULTS.md). The baseline is the Memento
-# vLLM fork's restart (restart mode with the block delimiters evicted too: `restart-hidden`),
+# vLLM fork's restart (restart mode, the block delimiters evicted with the content: `restart`),
 # where a later memento is recomputed from the summary text alone. The <|block_end|>
-# channel (restart with delimiters visible) is a separate study: experiments/toy_controls.yaml.
+# channel (restart-delims-visible, a kvprobe-only control) is a separate study:
+# experiments/toy_controls.yaml.
 DEMO_CONFIG = {
     "name": "toy-demo",
     "seed": 0,
@@ -29,7 +30,7 @@ DEMO_CONFIG = {
     "capture": {"layers": [0, 1, 2, 3], "offsets": [-1, 0, 1, 2, 7], "sites": ["memento"]},
     "conditions": {
         "memento": {"keep_last_n_blocks": 0},
-        "restart-hidden": {"keep_last_n_blocks": 0, "restart_mode": True, "mask_delimiters": True},
+        "restart": {"keep_last_n_blocks": 0, "restart_mode": True},  # the fork's: delimiters evicted too
     },
     "probe": {"kinds": ["linear"], "seeds": 1, "shuffled_control": ["memento"]},
     "report": {"paper": "toy"},

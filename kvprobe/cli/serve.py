@@ -39,7 +39,8 @@ def _bad_input(work: Callable[[], Any]) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     argv = _bad_input(lambda: serve_command(args.model_path, mask_from_args(args), port=args.port,
-                                            max_model_len=args.max_model_len))
+                                            max_model_len=args.max_model_len,
+                                            trust_remote_code=args.trust_remote_code))
     if args.print:
         print(shlex.join(argv))
         return 0
@@ -101,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8010)
     s.add_argument("--max-model-len", type=int, default=32768)
     s.add_argument("--print", action="store_true", help="print the server command instead of running it")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="let vLLM run the checkpoint's own code (off by default; Memento checkpoints need none)")
     add_mask_args(s)
     s.set_defaults(func=_serve)
 

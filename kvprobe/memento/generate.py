@@ -255,9 +255,11 @@ def generate_with_compaction(
     Memento structure (a second <|block_start|> inside a block, say): the mask is only
     defined on valid structure. A forced token that breaks it raises LayoutError.
     """
-    if config.evict_before_summary_end:
-        raise ValueError("the reference generator compacts after <|summary_end|>'s KV is computed (kvprobe's base "
-                         "rule); the fork's timing (evict_before_summary_end) is a mask for teacher-forced passes "
+    fork_only = [f for f in ("evict_before_summary_end", "restart_sees_kept_blocks", "keep_last_block_for_answer")
+                 if getattr(config, f)]
+    if fork_only:
+        raise ValueError(f"the reference generator compacts after <|summary_end|>'s KV is computed (kvprobe's base "
+                         f"rule); the fork's {', '.join(fork_only)} is a mask option for teacher-forced passes "
                          "only, not modelled here")
     attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
     window, windowed = sliding_window_layers(model)

@@ -6,11 +6,21 @@ hidden from every query q > SE_i, where SE_i is the position of block i's
 block, N > 0 keeps the N most recently completed blocks (as seen from q) visible.
 `mask_delimiters` hides <|block_start|>/<|block_end|> together with the content.
 Restart mode: tokens of M_i (<|summary_start|> .. <|summary_end|>) may not attend
-content(j) (plus delimiters if hidden) for any j <= i.
-`evict_before_summary_end` is the Memento vLLM fork's served timing (SPEC section 2): it
-compacts as soon as <|summary_end|> is sampled, before that token's KV is computed, so a
-block counts as completed already for its own <|summary_end|> (SE_i <= q instead of
-SE_i < q) and SE_i's KV never sees content(i).
+content(j) (plus delimiters if hidden) for any j <= i. The Memento vLLM fork's restart
+always evicts the delimiters too, so `mask_delimiters` defaults to True in restart mode
+(the fork's restart) and to False in memento mode (the Qwen3/OLMo3 convention).
+
+Three options model where the fork's served inference departs from that rule
+(`vllm/v1/core/block_masking/processor.py` and `tracker.py` in microsoft/memento):
+- `evict_before_summary_end`: the fork compacts as soon as <|summary_end|> is sampled,
+  before that token's KV is computed, so a block counts as completed already for its own
+  <|summary_end|> (SE_i <= q instead of SE_i < q).
+- `restart_sees_kept_blocks`: with keep N > 0 in restart mode the fork evicts the oldest
+  pending block and re-prefills the newest memento, which still sees the N kept blocks,
+  its own among them: M_i loses blocks j <= i - N only (False: every j <= i).
+- `keep_last_block_for_answer` (keep 0 only): the fork defers each eviction to the next
+  <|block_start|>, so the last block before </think> is never evicted; in restart mode
+  the memento (and any filler before the next block) is re-prefilled at that point.
 
 Both the dense builder and the FlexAttention `mask_mod` evaluate one predicate,
 `_allowed`, on per-token lookup tables, so the two cannot drift apart.
@@ -35,7 +45,7 @@ __all__ = [
     "mask_tables",
 ]
 
-_NEVER = torch.iinfo(torch.int32).max  # summary_end of a block that is not completed
+_NEVER = torch.iinfo(torch.int32).max  # eviction point of a block that is never evicted
 
 
 @dataclass(frozen=True)
@@ -43,25 +53,40 @@ class MaskConfig:
     """Which memento mask to build.
 
     keep_last_n_blocks: -1 plain causal, 0 hide every completed block, N keep N most recent.
-    mask_delimiters: hide <|block_start|> and <|block_end|> with the content (Phi-4 style).
+    mask_delimiters: hide <|block_start|> and <|block_end|> with the content. None (default)
+        follows the fork: hidden in restart mode, visible in memento mode.
     restart_mode: memento tokens cannot see any block up to their own (paper's ablation).
     evict_before_summary_end: the fork's served timing, a block hidden already from its own
         <|summary_end|> (False: kvprobe's base rule, <|summary_end|> sees its block).
+    restart_sees_kept_blocks: restart with keep N > 0 as the fork serves it, the memento
+        still sees the N most recent blocks (False: it sees none up to its own).
+    keep_last_block_for_answer: the fork's option of that name (keep 0 only): a block is
+        evicted at the next <|block_start|>, so the last one stays visible to the answer.
     """
 
     keep_last_n_blocks: int = 0
-    mask_delimiters: bool = False
+    mask_delimiters: bool | None = None
     restart_mode: bool = False
     evict_before_summary_end: bool = False
+    restart_sees_kept_blocks: bool = False
+    keep_last_block_for_answer: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last_n_blocks, int) or self.keep_last_n_blocks < -1:
             raise ValueError(f"keep_last_n_blocks must be an integer >= -1, got {self.keep_last_n_blocks!r}")
+        if self.mask_delimiters is None:  # the fork's restart always evicts the delimiters (SPEC section 2)
+            object.__setattr__(self, "mask_delimiters", self.restart_mode)
+        if self.keep_last_block_for_answer and self.keep_last_n_blocks != 0:
+            raise ValueError("keep_last_block_for_answer works with keep_last_n_blocks=0 only (as in the fork), "
+                             f"got keep_last_n_blocks={self.keep_last_n_blocks}")
 
     @property
     def name(self) -> str:
-        """The mask's canonical name, the report's vocabulary: 'memento', 'restart', 'restart-hidden'
-        (restart with the delimiters hidden: the fork's restart), 'memento-keep1', 'causal', ...
+        """The mask's canonical name, the report's vocabulary: 'memento', 'restart' (the fork's
+        restart: delimiters hidden), 'restart-delims-visible' (a kvprobe-only control),
+        'memento-delims-hidden', 'memento-keep1', 'causal', ... Suffixes name what departs
+        from each mode's default: '-evict-at-se' the fork's timing, '-sees-kept' and
+        '-keeps-last-block' the fork's options above.
 
         The report reads a condition's meaning from this name, whatever the condition is called."""
         if self.keep_last_n_blocks == -1 and not self.restart_mode:
@@ -71,8 +96,15 @@ class MaskConfig:
             base += "-keepall"
         elif self.keep_last_n_blocks > 0:
             base += f"-keep{self.keep_last_n_blocks}"
-        timing = self.evict_before_summary_end and self.keep_last_n_blocks >= 0  # keep-all evicts nothing
-        return base + ("-hidden" if self.mask_delimiters else "") + ("-evict-at-se" if timing else "")
+        if self.restart_mode and self.restart_sees_kept_blocks and self.keep_last_n_blocks > 0:
+            base += "-sees-kept"
+        if self.mask_delimiters != self.restart_mode:
+            base += "-delims-hidden" if self.mask_delimiters else "-delims-visible"
+        if self.keep_last_block_for_answer:  # evicts at the next <|block_start|>: the timing flag is moot
+            return base + "-keeps-last-block"
+        # keep-all evicts nothing; in restart mode <|summary_end|> is memento, blind to its block either way
+        timing = self.evict_before_summary_end and self.keep_last_n_blocks >= 0 and not self.restart_mode
+        return base + ("-evict-at-se" if timing else "")
 
 
 @dataclass(frozen=True)
@@ -80,8 +112,11 @@ class MaskTables:
     """Per-token lookup tables that define the mask of a padded batch.
 
     hide_block:   (B, T) int   block whose hideable set holds the token, else -1
-    memento_of:   (B, T) int   block whose memento span (SS..SE) holds the token, else -1
-    n_completed:  (B, T) int   blocks with SE < q (SE <= q: evict_before_summary_end), completed for q
+    memento_of:   (B, T) int   block whose memento span holds the token, else -1: SS..SE, or with
+                               keep_last_block_for_answer what the fork re-prefills, SS up to the
+                               next <|block_start|> (the last block's memento is never re-prefilled)
+    n_completed:  (B, T) int   blocks evicted for q: SE < q (SE <= q: evict_before_summary_end;
+                               next <|block_start|> <= q: keep_last_block_for_answer)
     valid:        (B, T) bool  real (non-padding) token
     """
 
@@ -110,7 +145,7 @@ def mask_tables(
     memento_of = torch.full((B, length), -1, dtype=torch.int32)
     valid = torch.zeros((B, length), dtype=torch.bool)
     max_blocks = max((lay.n_blocks for lay in layouts), default=0)
-    summary_end = torch.full((B, max(max_blocks, 1)), _NEVER, dtype=torch.int32)
+    evict_at = torch.full((B, max(max_blocks, 1)), _NEVER, dtype=torch.int32)  # first query that no longer sees it
     for b, lay in enumerate(layouts):
         if lay.stop > length:
             raise ValueError(f"layout {b} reaches position {lay.stop}, beyond the batch length {length}")
@@ -119,15 +154,18 @@ def mask_tables(
             hide_block[b, blk.content.start : blk.content.stop] = blk.index
             if config.mask_delimiters:
                 hide_block[b, list(blk.delimiters)] = blk.index
+            nxt = lay.blocks[blk.index + 1].start if blk.index + 1 < lay.n_blocks else None
+            if config.keep_last_block_for_answer:  # evicted (and re-prefilled) at the next <|block_start|>
+                if blk.summary_end is not None and nxt is not None:
+                    evict_at[b, blk.index] = nxt
+                    memento_of[b, blk.memento.start : nxt] = blk.index
+                continue
             if blk.memento:
                 memento_of[b, blk.memento.start : blk.memento.stop] = blk.index
             if blk.summary_end is not None:
-                summary_end[b, blk.index] = blk.summary_end
+                evict_at[b, blk.index] = blk.summary_end + (0 if config.evict_before_summary_end else 1)
     q = torch.arange(length, dtype=torch.int32)
-    if config.evict_before_summary_end:  # the fork: completed as soon as <|summary_end|> is sampled
-        n_completed = (summary_end[:, None, :] <= q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
-    else:
-        n_completed = (summary_end[:, None, :] < q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
+    n_completed = (evict_at[:, None, :] <= q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
     return MaskTables(hide_block, memento_of, n_completed, valid, config).to(device)
 
 
@@ -141,8 +179,10 @@ def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
         # completed blocks are 0..n_completed(q)-1; the last N of them stay visible
         allowed = allowed & ~(hideable & (blk < t.n_completed[b, q] - cfg.keep_last_n_blocks))
     if cfg.restart_mode:
+        # the fork with keep N re-prefills a memento while its N most recent blocks are kept
+        seen = cfg.keep_last_n_blocks if cfg.restart_sees_kept_blocks and cfg.keep_last_n_blocks > 0 else 0
         mem = t.memento_of[b, q]
-        allowed = allowed & ~(hideable & (mem >= 0) & (blk <= mem))
+        allowed = allowed & ~(hideable & (mem >= 0) & (blk <= mem - seen))
     # a padding query attends to itself only, so no softmax row is empty
     return allowed | ((q == k) & ~t.valid[b, q])
 

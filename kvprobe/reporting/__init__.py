@@ -1,8 +1,8 @@
 """Leakage reports: data files, a Markdown summary a reviewer can read, and figures.
 
-    rows = grid.rows + restart_grid.rows + hidden_grid.rows
+    rows = grid.rows + restart_grid.rows + visible_grid.rows    # memento, restart, restart-delims-visible
     apply_holm(rows)                                   # one correction over the whole report
-    diffs = compare(grid, restart_grid) + compare(grid, hidden_grid) + compare(restart_grid, hidden_grid)
+    diffs = compare(grid, restart_grid) + compare(grid, visible_grid) + compare(visible_grid, restart_grid)
     write_tables(rows, diffs, "runs/toy/report", sweep=sweep, paper=PAPER_TOY)
     write_report(rows, diffs, "runs/toy/report", sweep=sweep, paper=PAPER_TOY)  # tables + figures
 

@@ -58,7 +58,7 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
     sites = sorted({r.site for r in rows})
     if len(conditions) < 2 and sites == ["memento"] and not diffs:
         out.append(f"Only one condition (`{conditions[0] if conditions else '—'}`) and one site in this report: "
-                   "nothing to compare. Capture restart and restart-hidden stores to separate the channels.")
+                   "nothing to compare. Capture restart and restart-delims-visible stores to separate the channels.")
         return "\n".join(out)
     masked_offsets = sorted({r.offset for r in rows if r.offset > 0} | {d.offset for d in diffs if d.offset > 0})
     offset = masked_offsets[0] if masked_offsets else 0

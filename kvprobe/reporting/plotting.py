@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ROLE_STYLE: dict[int, tuple[str, str]] = {-1: ("#7f7f7f", "s"), 0: ("#1f77b4", "o"), 1: ("#d62728", "^")}
 CONDITION_COLORS = {  # by mask name (MaskConfig.name)
-    "memento": "#d62728", "restart": "#ff7f0e", "restart-hidden": "#2ca02c"}
+    "memento": "#d62728", "restart-delims-visible": "#ff7f0e", "restart": "#2ca02c"}
 PAIR_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 TASK_COLOR = "#1f77b4"
 MASKED_COLOR = "#d62728"
@@ -85,7 +85,7 @@ def _dodge(i: int, n: int, width: float = 0.3) -> float:
 
 
 def _condition_color(condition: str, conditions: Sequence[str], masks: dict[str, str] | None = None) -> str:
-    """A condition's colour by what its mask is (memento red, restart orange, restart-hidden green)."""
+    """A condition's colour by what its mask is (memento red, restart-delims-visible orange, restart green)."""
     mask = (masks or {}).get(condition, condition)
     if mask in CONDITION_COLORS:
         return CONDITION_COLORS[mask]

@@ -23,7 +23,9 @@ from .words import (
     _wilson,
     chance_text,
     chance_verdict,
+    condition_masks,
     condition_order,
+    eviction_timing,
     fmt_accuracy,
     fmt_l2,
     offset_label,
@@ -47,6 +49,10 @@ def _header(rows: Sequence[CellResult], diffs: Sequence[DiffResult], metadata: M
         f"- validation passcodes (n_val): {', '.join(str(v) for v in sorted({r.n_val for r in rows})) or '—'}; "
         f"training samples (n_train): {', '.join(str(v) for v in sorted({r.n_train for r in rows})) or '—'}",
         f"- cells: {len(rows)}; paired differences: {len(diffs)}",
+    ]
+    masks = condition_masks(rows)
+    lines += [f"- `{c}`: mask `{masks[c]}`; {eviction_timing(masks[c])}" for c in conditions]
+    lines += [
         "",
         "Accuracy is the mean over the five passcode digits on label-unique validation passcodes; "
         f"chance is {chance_text(rows)}. Brackets hold the 95% bootstrap interval over validation passcodes.",

@@ -17,19 +17,37 @@ CHANCE = 0.1
 """Chance accuracy for one decimal digit."""
 
 
-CONDITION_ORDER = ("memento", "restart", "restart-hidden")
+CONDITION_ORDER = ("memento", "restart-delims-visible", "restart")
 """Masks (MaskConfig.name) in the order the report lists their conditions; others follow alphabetically."""
 
 
 # What the paired difference a - b isolates, for probes at the memento site (SPEC section 5).
 DIFFERENCE_MEANINGS: dict[tuple[str, str], str] = {
-    ("memento", "restart-hidden"): "the implicit KV channels in total (memento KV + <|block_end|> delimiter KV)",
-    ("memento", "restart"): "the memento-KV channel alone (the <|block_end|> channel stays open in both)",
-    ("restart", "restart-hidden"): "the <|block_end|> delimiter channel",
+    ("memento", "restart"): "the implicit KV channels in total (memento KV + <|block_end|> delimiter KV)",
+    ("memento", "restart-delims-visible"): "the memento-KV channel alone (the <|block_end|> channel stays open in both)",
+    ("restart-delims-visible", "restart"): "the <|block_end|> delimiter channel",
 }
 
 
 _Key = tuple[str, str, int, int, str]  # (condition, site, offset, layer, probe)
+
+
+def eviction_timing(mask: str) -> str:
+    """When a mask (MaskConfig.name) hides a block, in words: which timing a condition used (SPEC section 2)."""
+    if mask == "causal" or "-keepall" in mask:
+        return "nothing is evicted"
+    if "-keeps-last-block" in mask:
+        return ("a block is hidden from the next <|block_start|> on and the last one never "
+                "(the fork's keep_last_block_for_answer)")
+    if mask.startswith("restart"):
+        kept = " while its kept blocks stay visible (the fork's)" if "-sees-kept" in mask else ""
+        return (f"a block is hidden after its <|summary_end|>; each memento, <|summary_end|> included, "
+                f"is recomputed without its block{kept}")
+    if mask.startswith("memento") and "-evict-at-se" in mask:
+        return "a block is hidden from its own <|summary_end|> on (the fork's served timing)"
+    if mask.startswith("memento"):
+        return "a block is hidden after its <|summary_end|>, whose KV still saw it (kvprobe's base rule)"
+    return "unknown (a condition name, not a mask name)"
 
 
 def mask_of(row: CellResult) -> str:
@@ -47,8 +65,9 @@ def condition_masks(rows: Iterable[CellResult]) -> dict[str, str]:
 
 
 def condition_order(rows: Iterable[CellResult]) -> list[str]:
-    """Distinct conditions of `rows`, ordered by what their masks are: memento, restart,
-    restart-hidden first (whatever the conditions are called), then the rest alphabetically."""
+    """Distinct conditions of `rows`, ordered by what their masks are: memento,
+    restart-delims-visible, restart first (whatever the conditions are called), then the rest
+    alphabetically."""
     masks = condition_masks(rows)
 
     def rank(c: str) -> tuple[int, str]:

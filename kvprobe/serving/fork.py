@@ -25,18 +25,24 @@ def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = Tru
                               block (the paper's ablation)
     ========================  ======================================================
 
-    Other keys the fork knows (``require_assistant_section``, ``keep_last_block_for_answer``,
-    ``max_block_tokens``, ``debug``) pass through `extra`. The fork's restart mode evicts
-    ``<|block_start|>`` .. ``<|block_end|>`` with the content whatever ``mask_delimiters``
-    says, then re-prefills the memento (SPEC section 2): kvprobe's restart mask with
-    ``mask_delimiters=True``; restart with the delimiters visible is a kvprobe-only control. Restart mode without eviction (``keep_last_n_blocks = -1``) has no
-    equivalent in the fork and raises ValueError.
+    Other keys the fork knows (``require_assistant_section``, ``max_block_tokens``, ``debug``)
+    pass through `extra`; ``keep_last_block_for_answer`` comes from the mask. The fork's
+    restart mode evicts ``<|block_start|>`` .. ``<|block_end|>`` with the content whatever
+    ``mask_delimiters`` says, then re-prefills the memento (SPEC section 2): kvprobe's restart
+    mask with ``mask_delimiters=True``; restart with the delimiters visible is a kvprobe-only
+    control and raises ValueError here, as does restart mode without eviction
+    (``keep_last_n_blocks = -1``). With keep N > 0 the fork's restart re-prefills the newest
+    memento while the N kept blocks are still cached: the teacher-forced mask that matches it
+    sets ``restart_sees_kept_blocks``.
     """
     if mask.restart_mode and mask.keep_last_n_blocks == -1:
         raise ValueError(
             "restart mode with keep_last_n_blocks=-1 has no equivalent in the vLLM fork "
             "(its restart mode works on evicted blocks); use keep_last_n_blocks >= 0"
         )
+    if mask.restart_mode and not mask.mask_delimiters:
+        raise ValueError("restart with the delimiters visible (restart-delims-visible) is a kvprobe-only control: "
+                         "the vLLM fork's restart evicts <|block_start|>..<|block_end|> whatever mask_delimiters says")
     config: dict[str, Any] = {
         "enable": mask.keep_last_n_blocks != -1,
         "keep_last_n_blocks": mask.keep_last_n_blocks,
@@ -44,6 +50,8 @@ def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = Tru
         "compact_on_summary_end": compact_on_summary_end,
         "restart_mode": mask.restart_mode,
     }
+    if mask.keep_last_block_for_answer:
+        config["keep_last_block_for_answer"] = True
     config.update(extra)
     return config
 
@@ -57,6 +65,7 @@ def serve_command(
     max_model_len: int = 32768,
     gpu_memory_utilization: float = 0.9,
     chat_template: str | None = "chat_templates/memento_nosys.jinja",
+    trust_remote_code: bool = False,
     extra_args: Sequence[str] = (),
     **config_extra: Any,
 ) -> list[str]:
@@ -65,6 +74,8 @@ def serve_command(
     Prefix caching is switched off: the fork requires it and does not do it itself.
     `chat_template` is relative to the fork's ``vllm/`` directory (None to use the
     checkpoint's own template). `config_extra` goes into the block-masking config.
+    ``--trust-remote-code`` is passed only when asked for (Memento checkpoints are plain
+    Qwen3/OLMo-3/Phi-4 architectures and need none).
     """
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -73,9 +84,10 @@ def serve_command(
         "--port", str(port),
         "--max-model-len", str(max_model_len),
         "--gpu-memory-utilization", str(gpu_memory_utilization),
-        "--trust-remote-code",
         "--no-enable-prefix-caching",
     ]
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     if chat_template:
         argv += ["--chat-template", chat_template]
     argv += ["--block-masking-config", json.dumps(block_masking_config(mask, **config_extra))]
