@@ -96,6 +96,9 @@ class DataSection(_Strict):
     traces: str | None = None  # JSONL (data pipeline) or .txt (generated) traces
     tokenizer: str | None = None  # defaults to the model's checkpoint
     template: str = "The secret passcode is {passcode}."
+    # traces only: how the prompt is wrapped before <think> (kvprobe.data.chat): auto (the vLLM fork's
+    # memento_nosys template for ChatML tokenizers, else none), memento, tokenizer, none, or a .jinja path
+    chat_template: str = "auto"
     where: str | int = "start"  # start, end, middle, or a sentence index
     # toy only: passcodes with this digit sum (22: every memento text is the same whatever the
     # passcode, so masked mementos read the KV channel alone; chance becomes the exact baseline)
@@ -106,6 +109,9 @@ class DataSection(_Strict):
     def _text_controls_are_toy_only(self) -> "DataSection":
         if self.kind != "toy" and (self.digit_sum is not None or self.shared_background):
             raise ValueError("config fields 'data.digit_sum' and 'data.shared_background' are for data.kind 'toy'")
+        if self.kind == "toy" and self.chat_template != "auto":
+            raise ValueError("config field 'data.chat_template': the toy has no prompt to wrap; it is for data.kind "
+                             "'traces'")
         return self
 
 

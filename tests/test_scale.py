@@ -195,7 +195,7 @@ def test_torchrun_capture_equals_one_process(tmp_path):
 def test_torchrun_sft_is_data_parallel(checkpoint, tmp_path):
     """3 traces, batch 1 per process, one epoch: 2 processes take 2 steps (the data is split), one takes 3."""
     args = ["-m", "kvprobe", "sft", "--model", str(checkpoint), "--traces", str(PIPELINE), "--dtype", "float32",
-            "--grad-accum", "1", "--chat-template", "none", "--training-arg", "disable_tqdm=true"]
+            "--grad-accum", "1", "--epochs", "1", "--chat-template", "none", "--training-arg", "disable_tqdm=true"]
     done = _torchrun(*args, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("stage ")]

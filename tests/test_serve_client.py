@@ -34,8 +34,10 @@ from kvprobe.serving import (
     prompt_seed,
     read_generations,
     read_prompts,
+    request_body,
     serve_command,
 )
+from kvprobe.data.chat import MEMENTO_NOSYS
 from kvprobe.data.traces import from_generated_text, read_jsonl
 
 DATA = Path(__file__).parent / "data"
@@ -146,6 +148,27 @@ def config(srv: FakeServer, **kw: Any) -> ClientConfig:
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_served_token_ids_are_asked_for_and_kept_to_the_pipeline_record(server, tmp_path, endpoint):
+    """vLLM answers return_token_ids with the ids on the choice (prompt ids on the answer for chat)."""
+    def with_ids(path: str, body: dict, attempt: int) -> tuple[int, Any, dict]:
+        status, payload, headers = canned(path, body, attempt)
+        payload["choices"][0]["token_ids"] = [11, 12, 13]
+        (payload["choices"][0] if endpoint == "completions" else payload)["prompt_token_ids"] = [1, 2]
+        return status, payload, headers
+
+    srv = server(with_ids)
+    out = tmp_path / "gen.jsonl"
+    generate_traces(prompts(2), out, config(srv, endpoint=endpoint), progress=False)
+    assert all(body["return_token_ids"] is True for _, body in srv.requests)
+    gens = read_generations(out)
+    assert all(g.prompt_token_ids == [1, 2] and g.token_ids == [11, 12, 13] for g in gens)
+    assert all(g.trace.token_ids == (1, 2, 11, 12, 13) for g in gens)
+    export_pipeline_jsonl(out, tmp_path / "traces.jsonl")
+    assert [t.token_ids for t in read_jsonl(tmp_path / "traces.jsonl")] == [(1, 2, 11, 12, 13)] * 2
+    assert "return_token_ids" not in request_body(prompts(1)[0], ClientConfig(return_token_ids=False))
 
 
 # ----------------------------------------------------------------------------- the fork's config
@@ -442,17 +465,20 @@ class FakeVLLM:
                 self.kw = kw
 
         class Tokenizer:
-            def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            def apply_chat_template(self, messages, tokenize, add_generation_prompt, chat_template):
                 assert tokenize is False and add_generation_prompt is True
+                assert chat_template == MEMENTO_NOSYS  # the fork's template, what its server applies
                 return f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
 
-        class Completion:
+        class Completion:  # vllm.CompletionOutput, the fields read
             def __init__(self, text: str, finish_reason: str) -> None:
                 self.text, self.finish_reason = text, finish_reason
+                self.token_ids = [ord(c) for c in text]  # stand-in ids, one per character
 
-        class Output:
-            def __init__(self, completion: Completion) -> None:
+        class Output:  # vllm.RequestOutput
+            def __init__(self, completion: Completion, prompt: str) -> None:
                 self.outputs = [completion]
+                self.prompt_token_ids = [ord(c) for c in prompt]
 
         class LLM:
             def __init__(self, model: str, **kw: Any) -> None:
@@ -469,9 +495,9 @@ class FakeVLLM:
                 for text in texts:
                     pid = re.search(r"problem (p\d+)", text).group(1)
                     if pid == truncate:  # cut off inside a block, as max_tokens does
-                        outs.append(Output(Completion("<think>\n<|block_start|>Step 0 of", "length")))
+                        outs.append(Output(Completion("<think>\n<|block_start|>Step 0 of", "length"), text))
                     else:
-                        outs.append(Output(Completion(memento_text(pid), "stop")))
+                        outs.append(Output(Completion(memento_text(pid), "stop"), text))
                 return outs
 
         self.module = type(sys)("vllm")
@@ -496,9 +522,13 @@ def test_generate_offline_through_the_engine_interface(monkeypatch, tmp_path):
     assert params[0]["seed"] == prompt_seed(7, "p0") and params[1]["seed"] == prompt_seed(7, "p1")
     assert params[0]["skip_special_tokens"] is False and params[0]["max_tokens"] == 100
     assert completed_ids(out) == {"p0", "p1", "p2"}
+    # the engine's ids are kept: prompt then completion, on the generation and its trace
+    assert first[0].prompt_token_ids == [ord(c) for c in texts[0]]
+    assert first[0].trace.token_ids == tuple(first[0].prompt_token_ids) + tuple(first[0].token_ids)
 
     # a second call with more prompts generates only the new ones; a truncated one is recorded, not fatal
-    again = generate_offline(prompts(4), "/models/memento", out, mask=mask, chat=False, progress=False)
+    with pytest.warns(UserWarning, match="4 of 4 completions prompts have no"):  # verbatim: never evicted
+        again = generate_offline(prompts(4), "/models/memento", out, mask=mask, chat=False, progress=False)
     assert [g.prompt_id for g in again] == ["p3"]
     assert again[0].trace is None and "finish_reason 'length'" in again[0].error
     assert fake.calls[-1][0] == ["Solve problem p3"]  # chat=False sends the text verbatim

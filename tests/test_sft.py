@@ -80,10 +80,11 @@ def test_stage2_mask_is_the_memento_allow_matrix_of_each_row(tok, traces, mask):
         causal = torch.ones(T, T).tril().bool()
         assert (causal[:n, :n] & ~allow[0, :n, :n]).any()  # masking is really applied: some past keys hidden
         assert pos[b, :n].tolist() == list(range(n))
-        # loss on everything from the first <|block_start|> on, nothing on the prompt or padding
-        first_block = layout.blocks[0].start
-        assert (labels[b, :first_block] == -100).all()
-        assert labels[b, first_block:n].tolist() == ref_ids[first_block:]
+        # loss on everything from <think> on (the assistant turn, as the paper), nothing on the prompt or padding
+        think = ref_ids.index(SpecialTokens.from_tokenizer(tok).think)
+        assert think < layout.blocks[0].start
+        assert (labels[b, :think] == -100).all()
+        assert labels[b, think:n].tolist() == ref_ids[think:]
         assert (labels[b, n:] == -100).all()
 
 
@@ -124,10 +125,31 @@ def test_prompt_template_wraps_the_prompt_and_stays_out_of_the_loss(tok, traces)
     assert wrapped.prompt == f"<|im_start|>user\n{traces[0].prompt}<|im_end|>\n<|im_start|>assistant"
     ids, layout = collator.encode(traces[0])
     labels = collator.labels_for(ids, layout)
-    assert labels[: layout.blocks[0].start] == [-100] * layout.blocks[0].start
-    assert tok.decode(ids[: layout.blocks[0].start]).startswith("<|im_start|>user\n")
+    think = ids.index(SpecialTokens.from_tokenizer(tok).think)
+    assert labels[:think] == [-100] * think and labels[think] == ids[think]  # <think> opens the assistant turn
+    assert tok.decode(ids[:think]).startswith("<|im_start|>user\n")
+    # without loss_on_think the targets start at the first block
+    plain = MementoCollator(tok, 1, prompt_template=QWEN3_CHAT_TEMPLATE, loss_on_think=False)
+    first_block = layout.blocks[0].start
+    assert plain.labels_for(ids, layout)[:first_block] == [-100] * first_block
     with pytest.raises(ValueError, match=r"must contain '\{prompt\}'"):
         MementoCollator(tok, 1, prompt_template="no slot")
+
+
+def test_the_default_recipe_is_the_papers():
+    """Appendix A.2.1: lr 8e-5, cosine with 5% warmup, 5 epochs per stage, AdamW (0.9, 0.999), no weight decay,
+    clipping 1.0, global batch 512, gradient checkpointing, seed 42, checkpoints every 50 steps, 32K tokens."""
+    from kvprobe.training.sft import PAPER_RECIPE, accumulation_for
+
+    r = PAPER_RECIPE
+    assert (r.learning_rate, r.lr_scheduler_type, r.warmup_steps, r.num_train_epochs) == (8e-5, "cosine", 0.05, 5.0)
+    assert (r.weight_decay, r.adam_beta1, r.adam_beta2, r.max_grad_norm) == (0.0, 0.9, 0.999, 1.0)
+    assert (r.global_batch_size, r.gradient_checkpointing, r.seed, r.save_steps, r.max_length) == (
+        512, True, 42, 50, 32768)
+    assert r.loss_on_think
+    assert accumulation_for(512, 1, 32) == 16 and accumulation_for(512, 2, 8) == 32 and accumulation_for(4, 8, 2) == 1
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        accumulation_for(512, 0, 1)
 
 
 def test_collator_errors(tok, traces):

@@ -66,7 +66,7 @@ def _generate_offline(args: argparse.Namespace) -> int:
     prompts = _bad_input(lambda: read_prompts(args.prompts))
     new = _bad_input(lambda: generate_offline(
         prompts, args.model_path, args.out, mask=mask_from_args(args), chat=not args.no_chat,
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, max_model_len=args.max_model_len, chunk_size=args.chunk_size,
         llm_kwargs=dict(args.llm_arg), progress=not args.no_progress))
     errors = sum(g.trace is None for g in new)
@@ -127,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-chat", action="store_true", help="send prompts verbatim (no chat template)")
     o.add_argument("--max-model-len", type=int, default=32768)
     o.add_argument("--chunk-size", type=int, default=256, help="prompts per engine call (and per append)")
+    o.add_argument("--chat-template", default="memento",
+                   help="memento (the fork's memento_nosys.jinja, default), tokenizer, auto, or a .jinja file")
     o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
     add_mask_args(o)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import key_value_arg
 from ..experiment.resolve import hub_access
+from ..training.sft import PAPER_RECIPE
 from .common import UsageError, add_mask_args, add_parser, mask_from_args
 
 __all__ = ["register"]
@@ -43,7 +44,9 @@ def _sft(args: argparse.Namespace) -> int:
                   prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
                   learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
                   per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                  gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, **dict(args.training_arg))
+                  global_batch_size=args.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+                  save_steps=args.save_steps, loss_on_think=args.loss_on_think, seed=args.seed,
+                  **dict(args.training_arg))
     out = Path(args.output_dir)
     for stage in map(int, args.stages):
         result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
@@ -78,17 +81,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
-    p.add_argument("--max-length", type=int, default=32768, help="drop longer traces")
+    p.add_argument("--max-length", type=int, default=PAPER_RECIPE.max_length, help="drop longer traces")
     p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
                    help="wrap prompts in Qwen3's chat format (default) or not")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--epochs", type=float, default=1.0)
+    # defaults: the paper's recipe (kvprobe.training.sft.SFTRecipe, appendix A.2.1)
+    p.add_argument("--lr", type=float, default=PAPER_RECIPE.learning_rate)
+    p.add_argument("--epochs", type=float, default=PAPER_RECIPE.num_train_epochs, help="per stage")
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=1, help="per device")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--global-batch-size", type=int, default=PAPER_RECIPE.global_batch_size,
+                   help="gradient accumulation makes it up over the processes (unless --grad-accum is given)")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (overrides the global batch)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=PAPER_RECIPE.gradient_checkpointing)
+    p.add_argument("--save-steps", type=int, default=PAPER_RECIPE.save_steps, help="a checkpoint every N steps")
+    p.add_argument("--loss-on-think", action=argparse.BooleanOptionalAction, default=PAPER_RECIPE.loss_on_think,
+                   help="train on <think>, the assistant turn's first token (the paper's)")
     add_mask_args(p, restart=False)  # restart mode is an inference-time ablation, not a training mask
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=PAPER_RECIPE.seed)
     p.add_argument("--training-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainingArguments field (JSON value or string), repeatable")
     p.set_defaults(func=_sft)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..memento.layout import Layout, SpecialTokens
-from .traces import Trace, TraceError, encode_text, parse_trace_ids, render_with_spans, tokenize_trace
+from .traces import Trace, TraceError, encode_text, parse_trace_ids, prompt_head, render_with_spans, tokenize_trace
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -142,18 +142,21 @@ def inject_and_tokenize(
     template: str = DEFAULT_TEMPLATE,
     where: str | int = "start",
     base: tuple[torch.Tensor, Layout] | None = None,
+    chat_template: str | None = None,
 ) -> InjectedSample:
     """Inject, tokenize (fast tokenizer: character offsets are needed) and verify; see the module docstring.
 
     base: `tokenize_trace(trace, tokenizer, special)` of the un-injected trace, if already
-    computed (a sample source tokenizes each trace once). Raises ValueError on any failed check.
+    computed (a sample source tokenizes each trace once). chat_template: Jinja text that wraps
+    the prompt (`kvprobe.data.chat`), None for none. Raises ValueError on any failed check.
     """
     special = special or SpecialTokens.from_tokenizer(tokenizer)
     tid = trace.trace_id
     _check_target(trace, target_block)
-    base_ids, base_lay = base if base is not None else tokenize_trace(trace, tokenizer, special)
+    base_ids, base_lay = base if base is not None else tokenize_trace(trace, tokenizer, special,
+                                                                      chat_template=chat_template)
     injected, char_offset = _inject(trace, target_block, passcode, template, where)
-    text, spans = render_with_spans(injected)
+    text, spans = render_with_spans(injected, prompt_head(injected, tokenizer, chat_template))
     a = spans[target_block][0] + char_offset
     b = a + len(passcode)  # passcode characters text[a:b]
     ids, offsets = encode_text(text, tokenizer, offsets=True)

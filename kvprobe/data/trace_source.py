@@ -10,6 +10,7 @@ tokenizer's pad token (else its eos token) and carry an attention mask.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, inject_and_tokenize
 from ..memento.layout import Layout, SpecialTokens
 from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
-from .traces import Trace, TraceError, render, tokenize_trace
+from .traces import Trace, TraceError, render, served_ids_differ, tokenize_trace
 
 __all__ = ["TracePasscodeSource"]
 
@@ -53,8 +54,10 @@ class TracePasscodeSource:
     where: str | int = "start"
     template: str = DEFAULT_TEMPLATE
     offsets: tuple[int, ...] | None = None
+    chat_template: str | None = None  # Jinja text that wraps each prompt (kvprobe.data.chat), None for none
     special: SpecialTokens = field(init=False)
     pad_id: int = field(init=False)
+    served_ids_differ: list[str] = field(init=False)  # ids of served traces whose tokens are not the server's
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -75,11 +78,19 @@ class TracePasscodeSource:
         self._base: list[tuple[torch.Tensor, Layout]] = []
         probe_code = self.passcode_spec.alphabet[0] * self.passcode_spec.length
         for t in self.traces:
-            base = tokenize_trace(t, self.tokenizer, self.special)
+            base = tokenize_trace(t, self.tokenizer, self.special, chat_template=self.chat_template)
             # fails now, naming the trace, if the target block is missing or the injection cannot verify
             inject_and_tokenize(t, self.target_block, probe_code, self.tokenizer, self.special,
-                                template=self.template, where=self.where, base=base)
+                                template=self.template, where=self.where, base=base, chat_template=self.chat_template)
             self._base.append(base)
+        self.served_ids_differ = [t.trace_id for t, (ids, _) in zip(self.traces, self._base)
+                                  if served_ids_differ(t, ids.tolist(), self.tokenizer)]
+        n_served = sum(t.token_ids is not None for t in self.traces)
+        if self.served_ids_differ:
+            first = ", ".join(map(repr, self.served_ids_differ[:3]))
+            warnings.warn(f"{len(self.served_ids_differ)} of {n_served} served traces tokenize to other ids than the "
+                          f"server's (e.g. {first}): captured with kvprobe's tokens; check data.chat_template and the "
+                          "tokenizer", stacklevel=2)
         if self.offsets is not None:
             self.check(self.offsets)
 
@@ -112,7 +123,8 @@ class TracePasscodeSource:
         for i, code in zip(range(start, stop), codes):
             k = i % len(self.traces)
             rows.append(inject_and_tokenize(self.traces[k], self.target_block, code, self.tokenizer, self.special,
-                                            template=self.template, where=self.where, base=self._base[k]))
+                                            template=self.template, where=self.where, base=self._base[k],
+                                            chat_template=self.chat_template))
         T = max(len(r.input_ids) for r in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (n, T)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
@@ -140,9 +152,13 @@ class TracePasscodeSource:
             "target_block": self.target_block,
             "where": self.where,
             "template": self.template,
+            "chat_template_sha256": (hashlib.sha256(self.chat_template.encode()).hexdigest()
+                                     if self.chat_template is not None else None),
             "passcode": {"length": self.passcode_spec.length, "alphabet": self.passcode_spec.alphabet},
             "tokenizer": {"name": getattr(tok, "name_or_path", "") or "", "class": type(tok).__name__,
                           "vocab_size": len(tok), "pad_id": self.pad_id},
             "traces": {"n": len(self.traces), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                       "text_sha256": hashlib.sha256(texts.encode()).hexdigest()},
+                       "text_sha256": hashlib.sha256(texts.encode()).hexdigest(),
+                       "served_ids": sum(t.token_ids is not None for t in self.traces),
+                       "served_ids_differ": len(self.served_ids_differ)},
         }

@@ -8,7 +8,7 @@ Two input formats (SPEC section 6, docs/traces.md):
 Both give a `Trace`: prompt, block contents, mementos, answer. `render` writes a trace
 in the token format of SPEC section 1 with this whitespace (the Qwen3 convention):
 
-    {prompt}\\n<think>\\n
+    {prompt}\\n<think>\\n            (or, with a chat template, the prompt as it renders it)
     <|block_start|>{T_1}<|block_end|>\\n<|summary_start|>{M_1}<|summary_end|>\\n
     \\n
     <|block_start|>{T_2}<|block_end|>\\n<|summary_start|>{M_2}<|summary_end|>\\n
@@ -27,11 +27,13 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
+from .chat import prompt_text
+from .tokens import RELATED_WORDS, add_memento_tokens
 
 __all__ = [
     "ANSWER_KEYS",
@@ -44,10 +46,12 @@ __all__ = [
     "from_generated_text",
     "from_pipeline_record",
     "parse_trace_ids",
+    "prompt_head",
     "read_generated",
     "read_jsonl",
     "render",
     "render_with_spans",
+    "served_ids_differ",
     "tokenize_trace",
 ]
 
@@ -65,15 +69,6 @@ THINK, THINK_END = SPECIAL_TOKEN_STRINGS["think"], SPECIAL_TOKEN_STRINGS["think_
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in SPECIAL_TOKEN_STRINGS.values()))
 # end-of-turn tokens a served model may leave at the end of its answer
 _EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|end|>", "</s>")
-# words whose embeddings seed each new marker's embedding (add_memento_tokens)
-RELATED_WORDS = {
-    THINK: "think",
-    THINK_END: "end think",
-    BS: "block start",
-    BE: "block end",
-    SS: "summary start",
-    SE: "summary end",
-}
 
 
 class TraceError(ValueError):
@@ -86,6 +81,8 @@ class Trace:
 
     `blocks[i]` is the text of T_i (content only, no markers); `summaries[i]` its memento
     M_i. `answer` is the text after </think>, or None when the trace has no </think>.
+    `token_ids`: the ids a server produced the trace with (prompt then completion), when
+    known; a capture checks its own tokenization against them (`served_ids_differ`).
     """
 
     trace_id: str
@@ -93,6 +90,7 @@ class Trace:
     blocks: list[str]
     summaries: list[str]
     answer: str | None = None
+    token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         tid = self.trace_id
@@ -194,7 +192,11 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
     answer_parts = [t for t in (post, suffix) if t]
     answer = "\n\n".join(answer_parts) if answer_parts else (suffix if suffix is not None else None)
     blocks = [join(range(first, last + 1)) for first, last in pairs]
-    return Trace(tid, prompt, blocks, [s.strip() for s in summaries], answer)
+    served = record.get("token_ids")
+    if served is not None and not (isinstance(served, list) and all(isinstance(i, int) for i in served)):
+        raise TraceError(f"trace {tid!r}: 'token_ids' must be a list of integers")
+    return Trace(tid, prompt, blocks, [s.strip() for s in summaries], answer,
+                 tuple(served) if served is not None else None)
 
 
 def read_jsonl(path: str | Path) -> list[Trace]:
@@ -335,8 +337,11 @@ def read_generated(path: str | Path, trace_id: str | None = None, **kw: Any) -> 
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_with_spans(trace: Trace) -> tuple[str, list[tuple[int, int]]]:
-    """`render(trace)` and the (start, stop) character span of each block's content in it."""
+def render_with_spans(trace: Trace, head: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """`render(trace)` and the (start, stop) character span of each block's content in it.
+
+    head: what stands before <think>, the prompt as a chat template renders it
+    (`kvprobe.data.chat.prompt_text`); None: `{prompt}\\n`."""
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -346,8 +351,7 @@ def render_with_spans(trace: Trace) -> tuple[str, list[tuple[int, int]]]:
         parts.append(s)
         pos += len(s)
 
-    if trace.prompt:
-        add(trace.prompt + "\n")
+    add(head if head is not None else (trace.prompt + "\n" if trace.prompt else ""))
     add(THINK + "\n")
     for i, (content, summary) in enumerate(zip(trace.blocks, trace.summaries)):
         if i:
@@ -363,6 +367,11 @@ def render_with_spans(trace: Trace) -> tuple[str, list[tuple[int, int]]]:
 def render(trace: Trace) -> str:
     """The trace as text in the Memento token format (whitespace: see the module docstring)."""
     return render_with_spans(trace)[0]
+
+
+def prompt_head(trace: Trace, tokenizer: Any, chat_template: str | None) -> str | None:
+    """The head `render_with_spans` takes: the prompt in `chat_template`, or None without one."""
+    return None if chat_template is None else prompt_text(trace.prompt, tokenizer, chat_template)
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -392,77 +401,33 @@ def parse_trace_ids(ids: list[int], special: SpecialTokens, trace: Trace, what: 
     return layout
 
 
-def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None = None) -> tuple[torch.Tensor, Layout]:
+def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None = None, *,
+                   chat_template: str | None = None) -> tuple[torch.Tensor, Layout]:
     """Render, tokenize and parse one trace: input_ids (T,) int64 and its `Layout`.
 
     `special` defaults to `SpecialTokens.from_tokenizer(tokenizer)`, which raises if the
     markers are missing (add them with `add_memento_tokens`, never silently).
+    `chat_template` (Jinja text, `kvprobe.data.chat.resolve_chat_template`) wraps the prompt.
     """
     special = special or SpecialTokens.from_tokenizer(tokenizer)
-    ids, _ = encode_text(render(trace), tokenizer)
+    ids, _ = encode_text(render_with_spans(trace, prompt_head(trace, tokenizer, chat_template))[0], tokenizer)
     layout = parse_trace_ids(ids, special, trace, "rendered tokens")
     return torch.tensor(ids, dtype=torch.long), layout
 
 
-# ----------------------------------------------------------------------------- new tokens
+def served_ids_differ(trace: Trace, ids: Sequence[int], tokenizer: Any) -> bool:
+    """Whether kvprobe's tokens `ids` of `trace` differ from the ids it was served with.
 
-
-def add_memento_tokens(
-    tokenizer: Any,
-    model: Any = None,
-    *,
-    init: str = "mean",
-    noise: float = 0.01,
-    seed: int = 0,
-) -> dict[str, int]:
-    """Add the Memento markers missing from `tokenizer` as special tokens; returns {text: id} of those added.
-
-    The four block/summary markers, and <think>/</think> if missing. With a `model`, its
-    embeddings are resized to cover the tokenizer (if needed) and each new marker's row
-    (input embedding and, if untied, output embedding) is set to
-    ``base + noise * std(existing rows) * N(0, 1)`` with a generator seeded by `seed`, where
-    base is, for ``init="mean"``, the mean of the rows of the tokens of related words
-    (``RELATED_WORDS``: "block start" for <|block_start|>, ...) and, for ``init="vocab_mean"``,
-    the mean of all existing rows. Other rows are not touched.
-    """
-    from tokenizers import AddedToken
-
-    if init not in ("mean", "vocab_mean"):
-        raise ValueError(f"init must be 'mean' or 'vocab_mean', got {init!r}")
+    The served sequence may end with end-of-turn tokens (the tokenizer's eos, <|im_end|>) that
+    the parsed trace drops; those are not compared. False when the trace has no served ids."""
+    if trace.token_ids is None:
+        return False
     vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKEN_STRINGS.values() if t not in vocab]
-    if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    added = {t: tokenizer.convert_tokens_to_ids(t) for t in missing}
-    if model is None:
-        return added
+    ends = {i for i in (getattr(tokenizer, "eos_token_id", None), *(vocab.get(t) for t in _EOS_STRINGS)) if i is not None}
+    def trimmed(seq: Sequence[int]) -> list[int]:
+        out = list(seq)
+        while out and out[-1] in ends:
+            out.pop()
+        return out
 
-    emb_in = model.get_input_embeddings()
-    old_rows = emb_in.weight.shape[0]
-    # rows to set: markers added now, and markers the old embedding matrix did not cover
-    new_ids = {t: i for t, i in ((t, tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKEN_STRINGS.values())
-               if t in added or i >= old_rows}
-    if len(tokenizer) > old_rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    matrices = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
-        matrices.append(out.weight)
-
-    gen = torch.Generator().manual_seed(seed)
-    related: dict[str, list[int]] = {}
-    for text in new_ids:
-        ids = tokenizer(RELATED_WORDS[text], add_special_tokens=False)["input_ids"]
-        ids = [i for i in ids if i < old_rows and i not in tokenizer.all_special_ids]
-        if init == "mean" and not ids:
-            raise ValueError(f"cannot initialise {text}: the words {RELATED_WORDS[text]!r} give no usable tokens")
-        related[text] = ids
-    with torch.no_grad():
-        for W in matrices:  # (V, d)
-            old = W[:old_rows].float()
-            scale = old.std()
-            for text, idx in new_ids.items():
-                base = old[related[text]].mean(0) if init == "mean" else old.mean(0)  # (d,)
-                eps = torch.randn(W.shape[1], generator=gen)
-                W[idx] = (base + noise * scale * eps).to(W.dtype)
-    return added
+    return trimmed(trace.token_ids) != trimmed(ids)

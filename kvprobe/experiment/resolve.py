@@ -80,6 +80,7 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
             raise ExperimentError(f"data: {e}") from None
     from transformers import AutoTokenizer
 
+    from ..data.chat import resolve_chat_template
     from ..data.trace_source import TracePasscodeSource
     from ..data.traces import read_generated, read_jsonl
 
@@ -102,9 +103,10 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
     try:
         path = Path(data.traces)
         traces = read_jsonl(path) if path.suffix == ".jsonl" else [read_generated(path)]
+        chat_template = resolve_chat_template(data.chat_template, tokenizer)
         return TracePasscodeSource(
-            traces, tokenizer, n, seed=cfg.seed,
-            target_block=data.target_block, template=data.template, where=data.where, offsets=cfg.capture.offsets,
+            traces, tokenizer, n, seed=cfg.seed, target_block=data.target_block, template=data.template,
+            where=data.where, offsets=cfg.capture.offsets, chat_template=chat_template,
         )
     except ValueError as e:
         raise ExperimentError(f"data: {e}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class ClientConfig:
     timeout: float = 3600.0
     connect_timeout: float = 10.0
     api_key: str | None = None
+    return_token_ids: bool = True  # ask for the prompt and generated ids (vLLM >= 0.10.2), kept with each trace
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,6 +115,8 @@ def request_body(prompt: Prompt, config: ClientConfig) -> dict[str, Any]:
     seed = prompt_seed(config.seed, prompt.prompt_id)
     if seed is not None:
         body["seed"] = seed
+    if config.return_token_ids:
+        body["return_token_ids"] = True
     body.update(config.extra_body)
     return body
 
@@ -188,25 +192,66 @@ def _completion_text(payload: dict[str, Any], config: ClientConfig, prompt_id: s
     return text, choice.get("finish_reason"), payload.get("usage")
 
 
-def parse_generation(prompt: Prompt, text: str, finish_reason: str | None = None, usage: Any = None) -> Generation:
+def parse_generation(prompt: Prompt, text: str, finish_reason: str | None = None, usage: Any = None,
+                     prompt_token_ids: list[int] | None = None, token_ids: list[int] | None = None) -> Generation:
     """Parse a generated text into a `Generation`: the trace, or the parse error (never raises TraceError).
 
-    The trace's id is the prompt id and its prompt `Prompt.problem` (default: the text sent).
+    The trace's id is the prompt id and its prompt `Prompt.problem` (default: the text sent);
+    served ids, when given, are kept with the generation and its trace.
     """
+    g = Generation(prompt.prompt_id, text, finish_reason, None, None, usage, prompt_token_ids, token_ids)
     try:
         parsed = from_generated_text(text, prompt.prompt_id)
-        trace = Trace(prompt.prompt_id, prompt.trace_prompt, parsed.blocks, parsed.summaries, parsed.answer)
+        g.trace = Trace(prompt.prompt_id, prompt.trace_prompt, parsed.blocks, parsed.summaries, parsed.answer,
+                        g.served_ids)
     except TraceError as e:
         why = f" (finish_reason {finish_reason!r})" if finish_reason not in (None, "stop") else ""
-        return Generation(prompt.prompt_id, text, finish_reason, None, f"{e}{why}", usage)
-    return Generation(prompt.prompt_id, text, finish_reason, trace, None, usage)
+        g.error = f"{e}{why}"
+    return g
+
+
+def served_token_ids(payload: dict[str, Any]) -> tuple[list[int] | None, list[int] | None]:
+    """(prompt ids, generated ids) of an answer to a ``return_token_ids`` request, None where absent.
+
+    vLLM puts the generated ids on the choice and the prompt ids on the choice (completions)
+    or on the answer itself (chat)."""
+    try:
+        choice = payload["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        return None, None
+
+    def ids(value: Any) -> list[int] | None:
+        return list(value) if isinstance(value, list) and all(isinstance(i, int) for i in value) else None
+
+    return ids(choice.get("prompt_token_ids", payload.get("prompt_token_ids"))), ids(choice.get("token_ids"))
 
 
 def _generate_one(client: httpx.Client, prompt: Prompt, config: ClientConfig,
                   sleep: Callable[[float], None]) -> Generation:
     payload = _post(client, prompt.prompt_id, request_body(prompt, config), config, sleep)
     text, finish_reason, usage = _completion_text(payload, config, prompt.prompt_id)
-    return parse_generation(prompt, text, finish_reason, usage)
+    return parse_generation(prompt, text, finish_reason, usage, *served_token_ids(payload))
+
+
+ASSISTANT_TURN = "<|im_start|>assistant"
+
+
+def warn_if_never_evicted(prompts: Iterable[Prompt], endpoint: str) -> int:
+    """Warn (and return how many) when completions prompts hold no assistant turn.
+
+    The vLLM fork tracks blocks only after ``<|im_start|>assistant`` (its
+    ``require_assistant_section``, on by default): a raw completions prompt without one is
+    generated with nothing ever evicted, plain causal attention. The chat endpoint applies
+    the server's template, so it always has the turn."""
+    if endpoint != "completions":
+        return 0
+    prompts = list(prompts)
+    bare = sum(ASSISTANT_TURN not in p.text for p in prompts)
+    if bare:
+        warnings.warn(f"{bare} of {len(prompts)} completions prompts have no {ASSISTANT_TURN!r} turn: the vLLM fork "
+                      "(require_assistant_section, its default) never evicts a block for them; use the chat "
+                      "endpoint or render each prompt with the chat template (kvprobe.data.chat)", stacklevel=3)
+    return bare
 
 
 def generate_traces(
@@ -226,6 +271,7 @@ def generate_traces(
     """
     prompts = list(prompts)
     _check_unique(prompts)
+    warn_if_never_evicted(prompts, config.endpoint)
     output = Path(output)
     writer = _Writer(output)  # repairs a cut-off last line before the ids are read
     try:

@@ -44,6 +44,8 @@ class Generation:
     trace: Trace | None = None
     error: str | None = None
     usage: dict[str, Any] | None = None
+    prompt_token_ids: list[int] | None = None  # what the server tokenized the prompt to (chat template applied)
+    token_ids: list[int] | None = None  # the ids it generated
 
     def to_json(self) -> dict[str, Any]:
         t = self.trace
@@ -57,20 +59,33 @@ class Generation:
                 "summaries": t.summaries, "answer": t.answer,
             },
             "error": self.error,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
         }
+
+    @property
+    def served_ids(self) -> tuple[int, ...] | None:
+        """The whole served sequence, prompt then completion (None unless the server gave both)."""
+        if self.prompt_token_ids is None or self.token_ids is None:
+            return None
+        return tuple(self.prompt_token_ids) + tuple(self.token_ids)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Generation":
         t = record.get("trace")
-        return cls(
+        g = cls(
             prompt_id=record["prompt_id"],
             text=record.get("text", ""),
             finish_reason=record.get("finish_reason"),
-            trace=None if t is None else Trace(t["trace_id"], t["prompt"], list(t["blocks"]),
-                                               list(t["summaries"]), t.get("answer")),
             error=record.get("error"),
             usage=record.get("usage"),
+            prompt_token_ids=record.get("prompt_token_ids"),
+            token_ids=record.get("token_ids"),
         )
+        if t is not None:
+            g.trace = Trace(t["trace_id"], t["prompt"], list(t["blocks"]), list(t["summaries"]), t.get("answer"),
+                            g.served_ids)
+        return g
 
 
 _PROMPT_ID_KEYS = ("prompt_id", "id", "task_id")
@@ -142,6 +157,8 @@ def trace_to_pipeline_record(trace: Trace) -> dict[str, Any]:
     }
     if trace.answer is not None:
         record["answer"] = trace.answer
+    if trace.token_ids is not None:
+        record["token_ids"] = list(trace.token_ids)  # the served ids, checked at capture
     return record
 
 

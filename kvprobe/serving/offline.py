@@ -8,7 +8,8 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from ..memento.masks import MaskConfig
-from .client import parse_generation, prompt_seed
+from .client import parse_generation, prompt_seed, warn_if_never_evicted
+from ..data.chat import prompt_text, resolve_chat_template
 from .fork import block_masking_config
 from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids
 
@@ -20,6 +21,7 @@ def generate_offline(
     *,
     mask: MaskConfig = MaskConfig(),
     chat: bool = True,
+    chat_template: str = "memento",
     max_tokens: int = 16384,
     temperature: float = 0.6,
     top_p: float = 0.95,
@@ -33,8 +35,9 @@ def generate_offline(
     """Generate traces with the fork's offline engine (``vllm.LLM`` with ``block_masking_config``).
 
     Needs vLLM 0.13 with the Memento overlay installed; imported here only, so kvprobe
-    works without it. With `chat`, each prompt's text is wrapped in the tokenizer's chat
-    template (with the generation prompt). Prompts run in chunks of `chunk_size`; with an
+    works without it. With `chat`, each prompt's text is wrapped in `chat_template`
+    (`kvprobe.data.chat`; default the fork's `memento_nosys.jinja`, what its server applies)
+    with the generation prompt. Prompts run in chunks of `chunk_size`; with an
     `output` file, each chunk is appended when done and prompts already there are skipped,
     as in `generate_traces`. Returns the generations of this call. Same per-prompt seeds.
     """
@@ -50,6 +53,8 @@ def generate_offline(
 
     prompts = list(prompts)
     _check_unique(prompts)
+    if not chat:  # sent verbatim, as on the completions endpoint
+        warn_if_never_evicted(prompts, "completions")
     done = completed_ids(output) if output is not None else set()  # a cut-off last line does not count
     todo = [p for p in prompts if p.prompt_id not in done]
     try:
@@ -63,17 +68,18 @@ def generate_offline(
     writer = _Writer(Path(output)) if output is not None else None  # opened once the engine is up
     try:
         tokenizer = llm.get_tokenizer()
+        template = resolve_chat_template(chat_template, tokenizer) if chat else None
         results: list[Generation] = []
         for start in tqdm(range(0, len(todo), chunk_size), desc="generate (vLLM)", unit="chunk", disable=not progress):
             chunk = todo[start : start + chunk_size]
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
-                                                   add_generation_prompt=True) if chat else p.text for p in chunk]
+            texts = [prompt_text(p.text, tokenizer, template) if template is not None else p.text for p in chunk]
             params = [vllm.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                           seed=prompt_seed(seed, p.prompt_id), skip_special_tokens=False)
                       for p in chunk]
             for prompt, out in zip(chunk, llm.generate(texts, params)):
                 completion = out.outputs[0]
-                generation = parse_generation(prompt, completion.text, completion.finish_reason)
+                generation = parse_generation(prompt, completion.text, completion.finish_reason, None,
+                                              list(out.prompt_token_ids), list(completion.token_ids))
                 results.append(generation)
                 if writer is not None:
                     writer.write(generation)

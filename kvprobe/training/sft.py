@@ -23,12 +23,15 @@ dense additive memento mask from `kvprobe.memento.forward.memento_inputs` plus p
                              attend a key under the memento mask, dtype-min elsewhere
     position_ids    stage 2 only: (B, T) long, 0.. on each row
 
-Loss: every token from the first ``<|block_start|>`` on is a target: block contents,
-delimiters, mementos, ``</think>``, the answer and the EOS token. The prompt (the problem,
-any chat-template text, ``<think>``) is context only (``loss_on_prompt=True`` trains on it
-too). With a ``prompt_template`` (e.g. `QWEN3_CHAT_TEMPLATE`) the trace's prompt is
+Loss, as the paper's ("on all completion tokens"): every token from ``<think>`` on, the
+assistant turn, is a target: block contents, delimiters, mementos, ``</think>``, the answer
+and the EOS token. The prompt (the problem, any chat-template text) is context only
+(``loss_on_think=False`` starts the targets at the first ``<|block_start|>``;
+``loss_on_prompt=True`` trains on the prompt too). The hyperparameters default to the
+paper's (`SFTRecipe`). With a ``prompt_template`` (e.g. `QWEN3_CHAT_TEMPLATE`) the trace's prompt is
 wrapped in the chat format before rendering, so training matches what a served model
-sees; kvprobe's capture renders traces without a template.
+sees; kvprobe's capture wraps it the same way (`data.chat_template`, `kvprobe.data.chat`:
+the fork's template by default for ChatML tokenizers).
 
 The dense mask costs B x T x T values per batch (2 bytes each in bf16: 0.5 GB per
 16K-token trace), and sdpa with a custom mask uses the memory-efficient kernel rather
@@ -60,8 +63,11 @@ from ..memento.masks import MaskConfig
 from ..data.traces import Trace, TraceError, add_memento_tokens, tokenize_trace
 
 __all__ = [
+    "PAPER_RECIPE",
     "QWEN3_CHAT_TEMPLATE",
     "MementoCollator",
+    "SFTRecipe",
+    "accumulation_for",
     "StageResult",
     "select_traces",
     "stage_attn_implementation",
@@ -74,6 +80,46 @@ __all__ = [
 QWEN3_CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant"
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """The SFT hyperparameters, defaulting to the paper's (section 4 and appendix A.2.1, quoted
+    beside each field; "We use the same hyperparameters for all models and stages").
+
+    Not modelled: "Checkpoints are saved at regular intervals and evaluated on AIME24 to select
+    the best checkpoint for Stage 2" — kvprobe saves every `save_steps` and runs stage 2 from
+    the last stage-1 weights; to select, evaluate the saved checkpoints and start stage 2 from
+    the chosen one (`kvprobe sft --stages 2 --model CHECKPOINT`).
+    """
+
+    learning_rate: float = 8e-5  # "learning rate 8 x 10^-5"
+    lr_scheduler_type: str = "cosine"  # "with cosine schedule
+    warmup_steps: float = 0.05  # and 5% warmup" (a float below 1 is a fraction of the steps)
+    num_train_epochs: float = 5.0  # "5 epochs per stage"
+    weight_decay: float = 0.0  # "AdamW optimizer (beta1=0.9, beta2=0.999, no weight decay)"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # "gradient clipping at 1.0"
+    global_batch_size: int = 512  # "global batch size 512": gradient accumulation makes it up
+    gradient_checkpointing: bool = True  # "gradient checkpointing"
+    seed: int = 42  # "and seed 42"
+    save_steps: int = 50  # "Checkpoints are saved every 50 steps (100 for Qwen3-32B)"
+    max_length: int = 32768  # "Sequences are tokenized to a maximum length of 32,768 tokens"
+    # "Loss is computed on all completion tokens (prompt tokens are masked via labels=-100)"; the
+    # completion, the assistant turn, opens with <think>, so <think> is a target
+    loss_on_think: bool = True
+
+
+PAPER_RECIPE = SFTRecipe()
+
+
+def accumulation_for(global_batch_size: int, per_device: int, world_size: int) -> int:
+    """Gradient accumulation steps that make per_device x world_size x steps the global batch (at least 1)."""
+    if min(global_batch_size, per_device, world_size) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got global {global_batch_size}, per device {per_device}, "
+                         f"world size {world_size}")
+    return max(1, round(global_batch_size / (per_device * world_size)))
 
 
 def stage_attn_implementation(stage: int, current: str | None = None) -> str:
@@ -106,6 +152,8 @@ class MementoCollator:
     max_length:      a longer trace raises ValueError (filter first with `select_traces`)
     prompt_template: a format string with ``{prompt}`` wrapped around each trace's prompt
     append_eos:      end each sequence with the tokenizer's EOS token (learn to stop)
+    loss_on_think:   train on <think> (and what follows it), the assistant turn's first token
+                     (the paper's; False: targets start at the first <|block_start|>)
     loss_on_prompt:  also train on the prompt tokens
     pad_to_multiple_of: round the padded length up (tensor-core friendly shapes)
     """
@@ -119,6 +167,7 @@ class MementoCollator:
     append_eos: bool = True
     loss_on_prompt: bool = False
     pad_to_multiple_of: int | None = None
+    loss_on_think: bool = PAPER_RECIPE.loss_on_think
 
     def __post_init__(self) -> None:
         _check_stage(self.stage)
@@ -154,11 +203,16 @@ class MementoCollator:
         return ids, layout
 
     def labels_for(self, ids: list[int], layout: Layout) -> list[int]:
-        """Targets of one unpadded row: the ids, with the prompt set to -100 unless loss_on_prompt."""
+        """Targets of one unpadded row: the ids, with the prompt set to -100 unless loss_on_prompt
+        (from <think> on, the assistant turn, it is a target with loss_on_think)."""
         labels = list(ids)
         if not self.loss_on_prompt:
-            for p in layout.prompt:
-                labels[p] = IGNORE_INDEX
+            prompt = list(layout.prompt)
+            thinks = [p for p in prompt if ids[p] == self.special.think]
+            stop = thinks[-1] if self.loss_on_think and thinks else layout.prompt.stop
+            for p in prompt:
+                if p < stop:
+                    labels[p] = IGNORE_INDEX
         return labels
 
     def __call__(self, features: Sequence[Trace | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -233,19 +287,25 @@ def train_stage(
     prompt_template: str | None = None,
     append_eos: bool = True,
     loss_on_prompt: bool = False,
-    learning_rate: float = 1e-5,
-    num_train_epochs: float = 1.0,
+    loss_on_think: bool = PAPER_RECIPE.loss_on_think,
+    learning_rate: float = PAPER_RECIPE.learning_rate,
+    num_train_epochs: float = PAPER_RECIPE.num_train_epochs,
     max_steps: int = -1,
     per_device_train_batch_size: int = 1,
-    gradient_accumulation_steps: int = 1,
-    warmup_steps: float = 0.03,
-    lr_scheduler_type: str = "cosine",
-    weight_decay: float = 0.0,
+    gradient_accumulation_steps: int | None = None,
+    global_batch_size: int = PAPER_RECIPE.global_batch_size,
+    warmup_steps: float = PAPER_RECIPE.warmup_steps,
+    lr_scheduler_type: str = PAPER_RECIPE.lr_scheduler_type,
+    weight_decay: float = PAPER_RECIPE.weight_decay,
+    adam_beta1: float = PAPER_RECIPE.adam_beta1,
+    adam_beta2: float = PAPER_RECIPE.adam_beta2,
+    max_grad_norm: float = PAPER_RECIPE.max_grad_norm,
     bf16: bool | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = PAPER_RECIPE.gradient_checkpointing,
     logging_steps: int = 10,
     save: bool = True,
-    seed: int = 0,
+    save_steps: int = PAPER_RECIPE.save_steps,
+    seed: int = PAPER_RECIPE.seed,
     attn_implementation: str | None = None,
     callbacks: Sequence[Any] | None = None,
     **training_args: Any,
@@ -261,6 +321,10 @@ def train_stage(
     supports it. Any other keyword goes to `TrainingArguments` (fsdp, deepspeed,
     save_strategy, ...). Under torchrun/accelerate every process calls this with the
     same arguments; `Trainer` handles the distribution.
+
+    The defaults are the paper's recipe (`SFTRecipe`): gradient accumulation, unless given,
+    makes up `global_batch_size` over the processes (`accumulation_for`), and a checkpoint is
+    saved every `save_steps` steps (``save_strategy="no"`` to save none).
     """
     from transformers import Trainer, TrainingArguments
 
@@ -274,7 +338,7 @@ def train_stage(
         model.set_attn_implementation(impl)
 
     collator = MementoCollator(tokenizer, stage, model if stage == 2 else None, mask, max_length,
-                               prompt_template, append_eos, loss_on_prompt)
+                               prompt_template, append_eos, loss_on_prompt, loss_on_think=loss_on_think)
     kept, dropped = select_traces(traces, collator) if max_length is not None else (list(traces), [])
     if not kept:
         raise ValueError(f"no trace left to train on ({len(dropped)} dropped as longer than max_length={max_length})")
@@ -291,6 +355,9 @@ def train_stage(
         training_args.setdefault("use_cpu", True)
     # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
     training_args.setdefault("ddp_find_unused_parameters", False)
+    if gradient_accumulation_steps is None:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        gradient_accumulation_steps = accumulation_for(global_batch_size, per_device_train_batch_size, world)
     args = TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=learning_rate,
@@ -301,11 +368,15 @@ def train_stage(
         warmup_steps=warmup_steps,
         lr_scheduler_type=lr_scheduler_type,
         weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        max_grad_norm=max_grad_norm,
         bf16=_bf16_default() if bf16 is None else bf16,
         logging_steps=logging_steps,
         seed=seed,
         report_to=training_args.pop("report_to", "none"),
-        save_strategy=training_args.pop("save_strategy", "no"),
+        save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
+        save_steps=save_steps,
         remove_unused_columns=False,  # the features are Trace objects, not model columns
         **training_args,
     )
