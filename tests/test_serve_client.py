@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -161,7 +162,9 @@ def test_served_token_ids_are_asked_for_and_kept_to_the_pipeline_record(server, 
 
     srv = server(with_ids)
     out = tmp_path / "gen.jsonl"
-    generate_traces(prompts(2), out, config(srv, endpoint=endpoint), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # completions prompts without an assistant turn: tested in test_chat.py
+        generate_traces(prompts(2), out, config(srv, endpoint=endpoint), progress=False)
     assert all(body["return_token_ids"] is True for _, body in srv.requests)
     gens = read_generations(out)
     assert all(g.prompt_token_ids == [1, 2] and g.token_ids == [11, 12, 13] for g in gens)
@@ -211,7 +214,11 @@ def test_serve_command():
 def test_generate_sends_skip_special_tokens_false_and_parses(server, tmp_path, endpoint):
     srv = server()
     out = tmp_path / "gen.jsonl"
-    run = generate_traces(prompts(3), out, config(srv, endpoint=endpoint), progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run = generate_traces(prompts(3), out, config(srv, endpoint=endpoint), progress=False)
+    assert [str(w.message).startswith("3 of 3 completions prompts") for w in seen] == (
+        [True] if endpoint == "completions" else [])  # bare prompts: the fork would never evict
     assert (run.total, run.skipped, run.generated, run.parse_errors) == (3, 0, 3, 0)
 
     assert len(srv.requests) == 3
