@@ -23,7 +23,7 @@ from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, inject_and_tokenize
 from ..memento.layout import Layout, SpecialTokens
 from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
-from .traces import Trace, TraceError, render, served_ids_differ, tokenize_trace
+from .traces import Trace, TraceError, end_of_turn_ids, render, served_ids_differ, tokenize_trace
 
 __all__ = ["TracePasscodeSource"]
 
@@ -83,16 +83,21 @@ class TracePasscodeSource:
             inject_and_tokenize(t, self.target_block, probe_code, self.tokenizer, self.special,
                                 template=self.template, where=self.where, base=base, chat_template=self.chat_template)
             self._base.append(base)
+        ends = end_of_turn_ids(self.tokenizer)
         self.served_ids_differ = [t.trace_id for t, (ids, _) in zip(self.traces, self._base)
-                                  if served_ids_differ(t, ids.tolist(), self.tokenizer)]
-        n_served = sum(t.token_ids is not None for t in self.traces)
+                                  if served_ids_differ(t, ids.tolist(), ends)]
         if self.served_ids_differ:
             first = ", ".join(map(repr, self.served_ids_differ[:3]))
-            warnings.warn(f"{len(self.served_ids_differ)} of {n_served} served traces tokenize to other ids than the "
+            warnings.warn(f"{len(self.served_ids_differ)} of {self.n_served} served traces tokenize to other ids than the "
                           f"server's (e.g. {first}): captured with kvprobe's tokens; check data.chat_template and the "
                           "tokenizer", stacklevel=2)
         if self.offsets is not None:
             self.check(self.offsets)
+
+    @property
+    def n_served(self) -> int:
+        """How many traces carry the ids a server produced them with."""
+        return sum(t.token_ids is not None for t in self.traces)
 
     def check(self, offsets: Sequence[int], sites: Sequence[str] = SITES) -> None:
         """Raise ValueError naming the first trace without a site at target_block + offset."""
@@ -159,6 +164,6 @@ class TracePasscodeSource:
                           "vocab_size": len(tok), "pad_id": self.pad_id},
             "traces": {"n": len(self.traces), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
                        "text_sha256": hashlib.sha256(texts.encode()).hexdigest(),
-                       "served_ids": sum(t.token_ids is not None for t in self.traces),
+                       "served_ids": self.n_served,
                        "served_ids_differ": len(self.served_ids_differ)},
         }

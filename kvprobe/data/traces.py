@@ -50,6 +50,7 @@ __all__ = [
     "read_generated",
     "read_jsonl",
     "render",
+    "end_of_turn_ids",
     "render_with_spans",
     "served_ids_differ",
     "tokenize_trace",
@@ -415,15 +416,22 @@ def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None =
     return torch.tensor(ids, dtype=torch.long), layout
 
 
-def served_ids_differ(trace: Trace, ids: Sequence[int], tokenizer: Any) -> bool:
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Ids of the end-of-turn tokens a served sequence may end with: the tokenizer's eos and
+    those of `_EOS_STRINGS` it knows."""
+    vocab = tokenizer.get_vocab()
+    return {i for i in (getattr(tokenizer, "eos_token_id", None), *(vocab.get(t) for t in _EOS_STRINGS))
+            if i is not None}
+
+
+def served_ids_differ(trace: Trace, ids: Sequence[int], ends: set[int]) -> bool:
     """Whether kvprobe's tokens `ids` of `trace` differ from the ids it was served with.
 
-    The served sequence may end with end-of-turn tokens (the tokenizer's eos, <|im_end|>) that
-    the parsed trace drops; those are not compared. False when the trace has no served ids."""
+    The served sequence may end with end-of-turn tokens (`ends`, `end_of_turn_ids`) that the
+    parsed trace drops; those are not compared. False when the trace has no served ids."""
     if trace.token_ids is None:
         return False
-    vocab = tokenizer.get_vocab()
-    ends = {i for i in (getattr(tokenizer, "eos_token_id", None), *(vocab.get(t) for t in _EOS_STRINGS)) if i is not None}
+
     def trimmed(seq: Sequence[int]) -> list[int]:
         out = list(seq)
         while out and out[-1] in ends:

@@ -154,8 +154,8 @@ def mask_tables(
             hide_block[b, blk.content.start : blk.content.stop] = blk.index
             if config.mask_delimiters:
                 hide_block[b, list(blk.delimiters)] = blk.index
-            nxt = lay.blocks[blk.index + 1].start if blk.index + 1 < lay.n_blocks else None
             if config.keep_last_block_for_answer:  # evicted (and re-prefilled) at the next <|block_start|>
+                nxt = lay.blocks[blk.index + 1].start if blk.index + 1 < lay.n_blocks else None
                 if blk.summary_end is not None and nxt is not None:
                     evict_at[b, blk.index] = nxt
                     memento_of[b, blk.memento.start : nxt] = blk.index

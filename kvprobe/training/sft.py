@@ -207,12 +207,10 @@ class MementoCollator:
         (from <think> on, the assistant turn, it is a target with loss_on_think)."""
         labels = list(ids)
         if not self.loss_on_prompt:
-            prompt = list(layout.prompt)
-            thinks = [p for p in prompt if ids[p] == self.special.think]
+            thinks = [p for p in layout.prompt if ids[p] == self.special.think]
             stop = thinks[-1] if self.loss_on_think and thinks else layout.prompt.stop
-            for p in prompt:
-                if p < stop:
-                    labels[p] = IGNORE_INDEX
+            for p in range(layout.prompt.start, stop):
+                labels[p] = IGNORE_INDEX
         return labels
 
     def __call__(self, features: Sequence[Trace | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -349,14 +347,14 @@ def train_stage(
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training_args.setdefault(ckpt, gradient_checkpointing)
     training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes a launcher started
     # launched as several processes without CUDA, Trainer only runs distributed (DDP over
     # gloo) when told it is on CPU; otherwise every process trains alone on all the data
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not torch.cuda.is_available() and world > 1:
         training_args.setdefault("use_cpu", True)
     # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
     training_args.setdefault("ddp_find_unused_parameters", False)
     if gradient_accumulation_steps is None:
-        world = int(os.environ.get("WORLD_SIZE", 1))
         gradient_accumulation_steps = accumulation_for(global_batch_size, per_device_train_batch_size, world)
     args = TrainingArguments(
         output_dir=str(output_dir),
