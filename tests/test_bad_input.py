@@ -99,6 +99,9 @@ def sandbox(tmp_path, tiny_run, other_store) -> Path:
     placeholder = {"task_id": "t1", "sentences": ["a.", "b.", "c."], "blocks": [[0, 1], [2, 2]],
                    "block_summaries": ["ab", "Summarization failed"], "original_problem": "P?"}
     (tmp_path / "placeholder.jsonl").write_text(json.dumps(placeholder) + "\n")
+    bad_ids = {"task_id": "t2", "sentences": ["a.", "b."], "blocks": [[0, 0], [1, 1]],
+               "block_summaries": ["a", "b"], "problem": "P?", "token_ids": "not ids"}
+    (tmp_path / "badids.jsonl").write_text(json.dumps(bad_ids) + "\n")
     shutil.copytree(tiny_run, tmp_path / "run")
     shutil.copytree(other_store, tmp_path / "other_store")
     return tmp_path
@@ -197,6 +200,10 @@ CASES = [
     ("comparison-unknown", CAPTURE + ["--set", "report.comparisons=[[memento,nope]]"], ["report.comparisons"]),
     ("model-kind", CAPTURE + ["--set", "model.kind=nope"], ["model.kind"]),
     ("digit-sum", CAPTURE + ["--set", "data.digit_sum=99"], ["data.digit_sum"]),
+    ("chat-template-on-toy", CAPTURE + ["--set", "data.chat_template=memento"], ["data.chat_template", "traces"]),
+    ("answer-block-with-keep-1", CAPTURE + ["--set", "conditions.memento.keep_last_n_blocks=1", "--set",
+                                            "conditions.memento.keep_last_block_for_answer=true"],
+     ["condition 'memento'", "keep_last_block_for_answer", "keep_last_n_blocks=0"]),
     ("probe-seeds-0", CAPTURE + ["--set", "probe.seeds=0"], ["probe.seeds"]),
     ("n-boot", CAPTURE + ["--set", "probe.n_boot=5"], ["probe.n_boot"]),
     ("sweep-offsets", CAPTURE + ["--set", "sweep.offsets=[0]"], ["sweep.offsets"]),
@@ -271,6 +278,10 @@ CASES = [
                               "http://127.0.0.1:9/v1", "--max-attempts", "1", "--no-progress"], ["p0"]),
     ("sft-placeholder-summary", ["sft", "--model", "{dir}/noweights", "--traces", "{dir}/placeholder.jsonl",
                                  "--output-dir", "{out}"], ["placeholder.jsonl:1", "Summarization failed"]),
+    ("sft-served-ids-malformed", ["sft", "--model", "{dir}/noweights", "--traces", "{dir}/badids.jsonl",
+                                  "--output-dir", "{out}"], ["badids.jsonl:1", "'token_ids' must be a list of integers"]),
+    ("serve-restart-delims-visible", ["serve", "--model-path", "{dir}/noweights", "--restart-mode",
+                                      "--no-mask-delimiters", "--print"], ["restart-delims-visible", "kvprobe-only"]),
     ("export-malformed", ["export-traces", "--generations", "{dir}/generations.jsonl", "--out", "{out}/t.jsonl"],
      ["generations.jsonl:1", "not a JSON line"]),
 ]
