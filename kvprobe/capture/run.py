@@ -248,36 +248,47 @@ def pool_sites(
     Returns key -> (B, n_layers, D) for 'mean' and 'last', (B, n_layers, max_tokens, D)
     for 'tokens', (B, n_layers, max_tokens + 1, D) for 'tail_mean'.
     """
-    per_layer = []
-    for layer in spec.layers:
+    dtype = getattr(torch, spec.dtype)  # pooled in float32, stored in the capture dtype
+    B, P = tables.positions.shape
+    S, M, L = tables.last.shape[1], spec.max_tokens, len(spec.layers)
+    X = None  # (B, P + 1, L, D) float32; position P stays zero: the token slots a site does not fill read it
+    for i, layer in enumerate(spec.layers):
         parts = [kv[layer][0] if k == "k" else kv[layer][1] for k in spec.kinds]
-        per_layer.append(torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1).float())  # (B, P, D)
-    X = torch.stack(per_layer, dim=1)  # (B, n_layers, P, D)
-    B, L, _, D = X.shape
-    S, M = tables.last.shape[1], spec.max_tokens
+        row = torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1)  # (B, P, D)
+        if X is None:
+            X = torch.zeros(B, P + 1, L, row.shape[-1])
+        X[:, :P, i] = row
+    D = X.shape[-1]
+    rows = torch.arange(B)[:, None]
 
-    def take(idx: torch.Tensor) -> torch.Tensor:  # idx (B, n) positions -> (B, L, n, D)
-        return X.gather(2, idx[:, None, :, None].expand(B, L, idx.shape[1], D))
+    def take(idx: torch.Tensor) -> torch.Tensor:  # idx (B, n) positions -> (B, n, L, D)
+        return X[rows, idx]
 
     def tokens(idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:  # (B, S, M) -> (B, S, L, M, D)
-        return take(idx.flatten(1)).view(B, L, S, M, D).permute(0, 2, 1, 3, 4) * ok[:, :, None, :, None]
+        return take(torch.where(ok, idx, P).flatten(1)).view(B, S, M, L, D).transpose(2, 3)
 
-    def mean() -> torch.Tensor:
-        return torch.einsum("bsp,blpd->bsld", tables.mean_w, X)  # (B, S, L, D)
+    def mean() -> torch.Tensor:  # (B, S, L, D); no weight on the zero position
+        w = torch.nn.functional.pad(tables.mean_w, (0, 1))  # (B, S, P + 1)
+        return torch.bmm(w, X.view(B, P + 1, L * D)).view(B, S, L, D)
+
+    def tail_mean() -> torch.Tensor:  # (B, S, L, M + 1, D), written once in the storage dtype
+        out = torch.empty(B, S, L, M + 1, D, dtype=dtype)
+        out[:, :, :, :M] = tokens(tables.tail_idx, tables.tail_ok)  # zeros in front of a shorter site
+        out[:, :, :, M] = mean()
+        return out
 
     pooled = {
         "mean": mean,
-        "last": lambda: take(tables.last).transpose(1, 2),  # (B, S, L, D)
+        "last": lambda: take(tables.last),  # (B, S, L, D)
         "tokens": lambda: tokens(tables.tok_idx, tables.tok_ok),  # (B, S, L, M, D), zeros past a site's end
-        "tail_mean": lambda: torch.cat([tokens(tables.tail_idx, tables.tail_ok), mean()[:, :, :, None]], dim=3),
-        # (B, S, L, M + 1, D): the last M tokens (zeros in front of a shorter site), then the site mean
+        "tail_mean": tail_mean,  # the last M tokens, then the site mean
     }
-    results: dict[str, torch.Tensor] = {p: pooled[p]() for p in spec.pooling}
+    results: dict[str, torch.Tensor] = {p: pooled[p]().to(dtype) for p in spec.pooling}
     out = {}
     seg_names = [(site, off) for site in spec.sites for off in spec.offsets]
     for key in keys:
         s = seg_names.index((key.site, key.offset))
-        out[key] = results[key.pooling][:, s].numpy().astype(spec.dtype)
+        out[key] = results[key.pooling][:, s].numpy()  # a view; the shard's concatenate copies it
     return out
 
 
