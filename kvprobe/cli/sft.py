@@ -24,6 +24,7 @@ def _sft(args: argparse.Namespace) -> int:
     from ..data.traces import TraceError, add_memento_tokens, read_jsonl
     from ..training.sft import (
         QWEN3_CHAT_TEMPLATE,
+        exit_if_launched,
         stage_attn_implementation,
         train_stage,
     )
@@ -56,35 +57,8 @@ def _sft(args: argparse.Namespace) -> int:
             print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
                   f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
                   f"model in {result.output_dir}")
-    _exit_if_launched()
+    exit_if_launched()
     return 0
-
-
-def _exit_if_launched() -> None:
-    """Under a launcher, end this rank's process here, once its output is written.
-
-    The Trainer leaves its process group open, held by DDP's reducer. Freeing the reducer
-    joins gloo's worker threads while holding the GIL, and a worker still releasing its last
-    all-gather needs the GIL to drop that work's tensors: a deadlock, seen in CI under load
-    (py-spy: the main thread in ~ProcessGroupGloo -> std::thread::join, a worker in
-    ~AsyncAllgatherWork -> gil_scoped_acquire; pytorch/pytorch#75097 and #179291 describe the
-    family). Interpreter teardown with the group still alive can abort a rank instead. So a
-    launched rank closes the group (local, no collective), flushes its output and leaves with
-    `os._exit(0)`: nothing is left to free, the model and tokenizer are already on disk.
-    """
-    import logging
-    import os
-    import sys
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

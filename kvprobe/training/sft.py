@@ -48,8 +48,10 @@ See docs/real_models.md.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -68,6 +70,7 @@ __all__ = [
     "MementoCollator",
     "SFTRecipe",
     "accumulation_for",
+    "exit_if_launched",
     "StageResult",
     "select_traces",
     "stage_attn_implementation",
@@ -422,3 +425,27 @@ def two_stage_sft(
     second = train_stage(model, tokenizer, traces if traces_stage2 is None else traces_stage2, 2,
                          output_dir / "stage2", mask=mask, **{**common, **(stage2 or {})})
     return first, second
+
+
+def exit_if_launched() -> None:
+    """Under a launcher (torchrun, accelerate), end this rank's process here; call it last,
+    once the model is saved. Does nothing when no process group is open.
+
+    The Trainer leaves its process group open, held by DDP's reducer. Freeing the reducer
+    joins gloo's worker threads while holding the GIL, and a worker still releasing its last
+    all-gather needs the GIL to drop that work's tensors: a deadlock, seen in CI under load
+    (py-spy: the main thread in ~ProcessGroupGloo -> std::thread::join, a worker in
+    ~AsyncAllgatherWork -> gil_scoped_acquire; pytorch/pytorch#75097 and #179291 describe the
+    family). Interpreter teardown with the group still alive can abort a rank instead. So a
+    launched rank closes the group (local, no collective), flushes its output and leaves with
+    `os._exit(0)`: nothing is left to free, the model and tokenizer are already on disk.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
