@@ -2,6 +2,7 @@
 
     python benchmarks/bench_toy_train.py                       # CPU, batch 64 and 256
     python benchmarks/bench_toy_train.py --device cuda --batch-sizes 256 1024
+    python benchmarks/bench_toy_train.py --allocator            # glibc defaults, then freed memory kept
 
 Throughput times whole optimizer steps as `toy_models.train` runs them (batch drawn,
 memento-masked forward, loss on the memento digits, backward, clip, AdamW) after two
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--allocator", action="store_true",
+                        help="time each batch size with glibc's defaults, then with freed memory kept as the CLI "
+                             "keeps it (kvprobe.cli.runtime), in this process; print the ratio")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,9 +74,19 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
 
     print(f"toy training throughput on {where} (torch {torch.__version__})")
-    print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>10} {'seq/s':>8}")
+    if not args.allocator:
+        print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>10} {'seq/s':>8}")
     per_step: dict[int, float] = {}
-    for batch_size in args.batch_sizes:
+    if args.allocator:
+        from kvprobe.cli.runtime import keep_freed_memory
+
+        before = {b: step_time(b, args.steps, args.device) for b in args.batch_sizes}
+        keep_freed_memory()
+        print(f"{'batch':>6} {'ms/step, glibc defaults':>24} {'ms/step, freed memory kept':>27} {'ratio':>6}")
+        for b in args.batch_sizes:
+            per_step[b] = step_time(b, args.steps, args.device)
+            print(f"{b:>6} {before[b] * 1e3:>24.1f} {per_step[b] * 1e3:>27.1f} {before[b] / per_step[b]:>6.2f}")
+    for batch_size in args.batch_sizes if not args.allocator else []:
         dt = per_step[batch_size] = step_time(batch_size, args.steps, args.device)
         print(f"{batch_size:>6} {dt * 1e3:>9.1f} {batch_size * SEQ_LEN / dt:>10,.0f} {batch_size / dt:>8,.0f}")
     print(f"\ndata: generate(50,000) takes {gen_s:.3f} s")

@@ -39,6 +39,7 @@ from .probes import (
     LinearConfig,
     MLPConfig,
     fit_at_strengths,
+    fit_mlp_replicas,
     fit_probes,
     normalise_grid,
     select_strength,
@@ -299,14 +300,25 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                                         device=settings.device, init=sel.warm_start if warm else None,
                                         moments=moments)
 
-            fits = []
-            for seed in seeds:
-                fits.append(fit(y_tr, seed, warm=True))
-                done(f"seed {seed}" if kind == "mlp" else "fit")
             shuffled = None
-            if settings.shuffled_control:
-                shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
-                done("shuffled labels")
+            if kind == "mlp" and sel.fixed:  # every seed and the shuffled-label control in one batched run
+                label_sets = [y_tr] * len(seeds) + [shuffle_labels(y_tr, seed=1000)] * settings.shuffled_control
+                run = fit_mlp_replicas(X_tr, label_sets, X_va, y_va, [*seeds, 0][:len(label_sets)],
+                                       l2=float(sel.grid[0]), config=config, device=settings.device,
+                                       on_epoch=lambda e, m: bar.set_postfix_str(f"mlp epoch {e}/{m}"))
+                fits = run[:len(seeds)]
+                if settings.shuffled_control:
+                    shuffled = run[-1].accuracy
+                for what in [f"seed {s}" for s in seeds] + ["shuffled labels"] * settings.shuffled_control:
+                    done(what)
+            else:
+                fits = []
+                for seed in seeds:
+                    fits.append(fit(y_tr, seed, warm=True))
+                    done(f"seed {seed}" if kind == "mlp" else "fit")
+                if settings.shuffled_control:
+                    shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
+                    done("shuffled labels")
             # per-sample scores averaged over seeds: their mean is the mean seed accuracy
             acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
             bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)

@@ -268,3 +268,26 @@ def test_lens_refuses_a_mask_it_cannot_apply() -> None:
             layers=[0],
             positions=positions,
         )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "phi3"])
+def test_hf_capture_stops_after_its_deepest_layer(arch: str) -> None:
+    """The transformers backend ends the forward once the deepest captured layer has stored its
+    K/V: the head never runs, and the values are those of the full forward."""
+    m = model(arch, "sdpa")
+    reference = cache_reference(arch, "sdpa")
+    head_calls = []
+    handle = m.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    try:
+        for layers in ([0], [m.config.num_hidden_layers - 1, 0]):
+            got = capture(hf, m, m, layers)
+            for layer in layers:
+                for got_states, want in zip(got[layer], reference[layer]):
+                    assert torch.allclose(got_states, want, atol=ATOL)
+        assert head_calls == []
+        input_ids, _ = batch()
+        with torch.no_grad():
+            m(input_ids=input_ids, **inputs(m))  # the hook itself works
+        assert head_calls == [1]
+    finally:
+        handle.remove()

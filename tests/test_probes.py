@@ -10,6 +10,7 @@ from kvprobe.probes import (
     LinearConfig,
     MLPConfig,
     MLPProbes,
+    fit_mlp_replicas,
     fit_probes,
     fit_sklearn,
     label_unique_holdout,
@@ -138,6 +139,26 @@ def test_mlp_is_deterministic_given_seed():
     assert not np.array_equal(a.log_probs, c.log_probs)
     lin_a, lin_b = fit_probes(xt, yt, xv, yv), fit_probes(xt, yt, xv, yv)
     np.testing.assert_array_equal(lin_a.log_probs, lin_b.log_probs)
+
+
+def test_mlp_replicas_are_the_separate_runs():
+    """Seeds and a shuffled-label control trained in one batched run give what each run alone gives:
+    the same initialisation, holdout, minibatch order and early stopping, replica by replica."""
+    xt, yt, xv, yv = linear_data(6, strengths=(0.5, 1.0), n_train=600, n_val=200)
+    cfg = MLPConfig(hidden=(32, 16), max_epochs=6, patience=2)
+    shuffled = shuffle_labels(yt, seed=3)
+    label_sets, seeds = [yt, yt, shuffled], [7, 8, 7]
+    epochs = []
+    together = fit_mlp_replicas(xt, label_sets, xv, yv, seeds, config=cfg, on_epoch=lambda e, m: epochs.append((e, m)))
+    assert epochs[0] == (1, 6) and len(epochs) >= 3
+    for fit, y, seed in zip(together, label_sets, seeds):
+        alone = fit_probes(xt, y, xv, yv, "mlp", config=cfg, seed=seed)
+        np.testing.assert_allclose(fit.log_probs, alone.log_probs, atol=1e-4)
+        np.testing.assert_array_equal(fit.n_steps, alone.n_steps)
+        assert fit.seed == seed and fit.log_probs.shape == (2, 200, 3, 10)
+    assert not np.allclose(together[0].log_probs, together[1].log_probs)  # seeds differ
+    with pytest.raises(ValueError, match="one seed per label set"):
+        fit_mlp_replicas(xt, [yt, yt], xv, yv, [0], config=cfg)
 
 
 def test_mlp_fixed_epochs_without_holdout():

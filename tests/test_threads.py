@@ -1,4 +1,4 @@
-"""The CLI's default torch threads: the cores other jobs are not using."""
+"""The CLI's process settings: default torch threads (the cores other jobs are not using), the allocator."""
 
 from __future__ import annotations
 
@@ -69,3 +69,16 @@ def test_a_bad_kvprobe_threads_is_refused_in_one_line_before_anything_runs(monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kvprobe: error: KVPROBE_THREADS must be a whole number >= 1, got 'two'"]
     assert not out.exists()
+
+
+def test_keep_freed_memory_sets_glibc_and_can_be_turned_off(monkeypatch):
+    """On glibc the CLI's allocator setting takes effect; $KVPROBE_MALLOC=default leaves it alone."""
+    import platform
+
+    from kvprobe.cli.runtime import keep_freed_memory
+
+    monkeypatch.setenv("KVPROBE_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("KVPROBE_MALLOC")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True

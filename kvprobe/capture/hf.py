@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from ..memento.forward import cache_argument, output_cache
+from ..memento.forward import cache_argument
 from .sites import gather_positions
 
-__all__ = ["KVPatch", "PatchingCache", "capture_kv", "forward_patched", "prepare"]
+__all__ = ["KVPatch", "PatchingCache", "StoppingCache", "capture_kv", "forward_patched", "prepare"]
 
 
 def prepare(model: Any) -> Any:
@@ -26,9 +26,29 @@ def prepare(model: Any) -> Any:
     return model
 
 
-def _keeps_logits(model: Any) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+class _Stop(Exception):
+    """Raised by `StoppingCache` once the deepest captured layer has stored its K/V."""
+
+
+class StoppingCache(DynamicCache):
+    """A `DynamicCache` that ends the forward pass as soon as layer `last` has stored its K/V.
+
+    A layer's K/V depend on the layers below it only, so the rest of that layer (its attention
+    and MLP), the layers above it, the final norm and the head are never run. Capturing the
+    toy's last layer skips about a fifth of every forward; a sweep of an early layer of a deep
+    model skips almost all of it. A model that never routes layer `last` through
+    `Cache.update` simply runs to the end.
+    """
+
+    def __init__(self, last: int, config: Any = None) -> None:
+        super().__init__(config=config)
+        self.last = last
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.last:
+            raise _Stop
+        return out
 
 
 @torch.no_grad()
@@ -41,15 +61,20 @@ def capture_kv(
     layers: Sequence[int],
     positions: torch.Tensor,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """K and V of `layers` at `positions`.
+    """K and V of `layers` at `positions`, from a forward that stops after the deepest of them.
 
     input_ids (B, T); attention_mask: additive (B, 1, T, T) float mask (or BlockMask);
     position_ids (B, T); positions (B, P) absolute positions per row.
     Returns {layer: (K, V)}, each (B, n_kv, P, d_head).
     """
-    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # (B, T, vocab) logits are GBs at 32K tokens
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
-    cache = output_cache(out)
+    cache = StoppingCache(max(layers), config=model.config)
+    # should a model run to the end after all, its (B, T, vocab) logits (GBs at 32K tokens) stay unmade
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+              **{cache_argument(model): cache}, **extra)
+    except _Stop:
+        pass
     result = {}
     for layer in layers:
         keys, values = cache.layers[layer].keys, cache.layers[layer].values  # (B, n_kv, T, d_head)

@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import torch
 
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # batch-sized tensors reuse freed memory instead of page-faulting it in again
     try:
         torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
         return int(args.func(args) or 0)

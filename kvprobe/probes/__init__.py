@@ -4,6 +4,7 @@ Probes read arrays, never models or files. `fit_probes` fits a whole grid of
 groups x digits in one batched PyTorch computation; `fit_sklearn` is the slow,
 one-at-a-time scikit-learn reference for the linear probe. `fit_selected` chooses
 the L2 strength per group on an inner label-unique split of the training data.
+`fit_mlp_replicas` trains an MLP cell's seeds and its shuffled-label control in one run.
 """
 
 from .linear import LBFGSInfo, LinearConfig, LinearProbes, fit_linear_probes
@@ -25,6 +26,7 @@ from .trainer import (
     ProbeFit,
     Standardizer,
     check_probe_inputs,
+    fit_mlp_replicas,
     fit_probes,
     fit_sklearn,
     linear_in_raw_units,
@@ -53,6 +55,7 @@ __all__ = [
     "check_probe_inputs",
     "fit_linear_probes",
     "fit_mlp_probes",
+    "fit_mlp_replicas",
     "fit_probes",
     "fit_sklearn",
     "label_unique_holdout",

@@ -16,16 +16,17 @@ and standard deviation only; the validation split never informs the probe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .linear import LinearConfig, LinearProbes, fit_linear_probes, gram_rows, preconditioner
-from .mlp import MLPConfig, fit_mlp_probes
+from .mlp import EpochCallback, MLPConfig, fit_mlp_probes
 
-__all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_probes", "fit_sklearn", "linear_in_raw_units"]
+__all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_mlp_replicas", "fit_probes",
+           "fit_sklearn", "linear_in_raw_units"]
 
 KINDS = ("linear", "mlp")
 
@@ -279,9 +280,16 @@ def fit_probes(
     else:
         probe, info = fit_mlp_probes(xt, yt, n_classes, config, seed)
         K = yt.shape[2]
-        n_steps = info.best_epoch[:, None].expand(-1, K)
-        converged = info.stopped_early[:, None].expand(-1, K)
+        n_steps, converged = info.best_epoch[:, None].expand(-1, K), info.stopped_early[:, None].expand(-1, K)
+    l2s = per_group if per_group is not None else np.full(xt.shape[0], config.l2)
+    return _scored(kind, probe, scaler, xt, yt, xv, yv, n_steps, converged, seed, config, l2s)
 
+
+def _scored(kind: str, probe: nn.Module, scaler: Standardizer, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor,
+            yv: torch.Tensor, n_steps: torch.Tensor, converged: torch.Tensor, seed: int, config: Any,
+            l2: np.ndarray) -> ProbeFit:
+    """A fitted probe scored on the standardised validation (and training) features: xt (G, N, D), yt (G, N, K),
+    xv (G, M, D), yv (G, M, K); n_steps and converged (G, K)."""
     log_probs = _predict(probe, xv)  # (G, M, K, C)
     digit_acc = _accuracy(log_probs, yv)
     return ProbeFit(
@@ -297,8 +305,48 @@ def fit_probes(
         config=config,
         probe=probe,
         standardizer=scaler,
-        l2=per_group if per_group is not None else np.full(xt.shape[0], config.l2),
+        l2=l2,
     )
+
+
+def fit_mlp_replicas(
+    X_train: Any, y_trains: Sequence[Any], X_val: Any, y_val: Any, seeds: Sequence[int], *,
+    l2: float | None = None, config: MLPConfig | None = None, n_classes: int = 10,
+    device: str | torch.device | None = None, on_epoch: EpochCallback | None = None,
+) -> list[ProbeFit]:
+    """MLP probes for several (training labels, seed) replicas on the same features, trained in one
+    batched run: replica r is what `fit_probes(X_train, y_trains[r], X_val, y_val, "mlp", seed=seeds[r])`
+    gives, to float rounding (`fit_mlp_probes` explains why). Typical use: the seeds of a cell and its
+    shuffled-label control, `fit_mlp_replicas(X, [y, y, y, shuffled], Xv, yv, [0, 1, 2, 0])`.
+
+    X_train (G, N, D), X_val (G, M, D); each of y_trains (N, K) or (G, N, K); y_val (M, K) or (G, M, K).
+    on_epoch(epoch, max_epochs): called after each epoch of the shared run.
+    Returns one ProbeFit per replica, in order.
+    """
+    config = config or MLPConfig()
+    if type(config) is not MLPConfig:
+        raise ValueError(f"fit_mlp_replicas takes an MLPConfig, got {type(config).__name__}")
+    if l2 is not None:
+        config = replace(config, l2=float(l2))
+    if len(y_trains) != len(seeds) or not seeds:
+        raise ValueError(f"{len(y_trains)} label sets for {len(seeds)} seeds: give one seed per label set")
+    xt, first, xv, yv = check_probe_inputs(X_train, y_trains[0], X_val, y_val, n_classes, device)
+    G, N, _ = xt.shape
+    ys = torch.stack([first] + [_as_labels(y, f"y_trains[{r + 1}]", G, N, n_classes, xt.device)
+                                for r, y in enumerate(y_trains[1:])])  # (R, G, N, K)
+    if ys.shape[3] != yv.shape[2]:
+        raise ValueError(f"y_trains have {ys.shape[3]} digits but y_val has {yv.shape[2]}")
+    scaler = Standardizer.fit(xt)
+    xt, xv = scaler(xt), scaler(xv)
+    probe, info = fit_mlp_probes(xt, ys, n_classes, config, list(seeds), on_epoch=on_epoch)
+    K = ys.shape[3]
+    fits = []
+    for r, seed in enumerate(seeds):
+        part = slice(r * G, (r + 1) * G)
+        fits.append(_scored("mlp", probe.select(part), scaler, xt, ys[r], xv, yv,
+                            info.best_epoch[part, None].expand(-1, K), info.stopped_early[part, None].expand(-1, K),
+                            int(seed), config, np.full(G, config.l2)))
+    return fits
 
 
 def fit_sklearn(
