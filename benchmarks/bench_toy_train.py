@@ -74,8 +74,6 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
 
     print(f"toy training throughput on {where} (torch {torch.__version__})")
-    if not args.allocator:
-        print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>10} {'seq/s':>8}")
     per_step: dict[int, float] = {}
     if args.allocator:
         from kvprobe.cli.runtime import keep_freed_memory
@@ -86,9 +84,11 @@ def main() -> None:
         for b in args.batch_sizes:
             per_step[b] = step_time(b, args.steps, args.device)
             print(f"{b:>6} {before[b] * 1e3:>24.1f} {per_step[b] * 1e3:>27.1f} {before[b] / per_step[b]:>6.2f}")
-    for batch_size in args.batch_sizes if not args.allocator else []:
-        dt = per_step[batch_size] = step_time(batch_size, args.steps, args.device)
-        print(f"{batch_size:>6} {dt * 1e3:>9.1f} {batch_size * SEQ_LEN / dt:>10,.0f} {batch_size / dt:>8,.0f}")
+    else:
+        print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>10} {'seq/s':>8}")
+        for batch_size in args.batch_sizes:
+            dt = per_step[batch_size] = step_time(batch_size, args.steps, args.device)
+            print(f"{batch_size:>6} {dt * 1e3:>9.1f} {batch_size * SEQ_LEN / dt:>10,.0f} {batch_size / dt:>8,.0f}")
     print(f"\ndata: generate(50,000) takes {gen_s:.3f} s")
 
     log_path = CHECKPOINT_DIR / "training_log.jsonl"

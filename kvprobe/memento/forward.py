@@ -28,7 +28,6 @@ __all__ = [
     "check_implementation",
     "input_device",
     "masked_forward",
-    "output_cache",
     "memento_inputs",
 ]
 
@@ -118,12 +117,6 @@ def cache_argument(model: Any) -> str:
     """The name a model's forward takes its KV cache by: `cache` (transformers >= 5.x, where
     `past_key_values` is deprecated and warns), else `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache a forward returned, under its current name or the old one."""
-    cache = getattr(output, "cache", None)
-    return output.past_key_values if cache is None else cache
 
 
 def memento_inputs(

@@ -93,22 +93,27 @@ class MLPProbes(nn.Module):
             self.biases.append(nn.Parameter(b))  # (G, 1, out)
 
     @classmethod
-    def stacked(cls, parts: Sequence["MLPProbes"]) -> "MLPProbes":
-        """One module holding the groups of `parts` one after another (parts[0]'s groups first)."""
+    def _of(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], n_digits: int,
+            n_classes: int) -> "MLPProbes":
+        """A module holding the given weights (G, in, out) and biases (G, 1, out) as its parameters."""
         out = cls.__new__(cls)
         nn.Module.__init__(out)
-        out.n_digits, out.n_classes = parts[0].n_digits, parts[0].n_classes
-        out.weights = nn.ParameterList([nn.Parameter(torch.cat(ws)) for ws in zip(*[p.weights for p in parts])])
-        out.biases = nn.ParameterList([nn.Parameter(torch.cat(bs)) for bs in zip(*[p.biases for p in parts])])
+        out.n_digits, out.n_classes = n_digits, n_classes
+        out.weights = nn.ParameterList([nn.Parameter(w) for w in weights])
+        out.biases = nn.ParameterList([nn.Parameter(b) for b in biases])
         return out
 
+    @classmethod
+    def stacked(cls, parts: Sequence["MLPProbes"]) -> "MLPProbes":
+        """One module holding the groups of `parts` one after another (parts[0]'s groups first)."""
+        return cls._of([torch.cat(ws) for ws in zip(*[p.weights for p in parts])],
+                       [torch.cat(bs) for bs in zip(*[p.biases for p in parts])], parts[0].n_digits, parts[0].n_classes)
+
+    @torch.no_grad()
     def select(self, groups: slice) -> "MLPProbes":
         """A copy holding only `groups` (a slice of the group axis)."""
-        out = MLPProbes.stacked([self])
-        with torch.no_grad():
-            out.weights = nn.ParameterList([nn.Parameter(w[groups].clone()) for w in self.weights])
-            out.biases = nn.ParameterList([nn.Parameter(b[groups].clone()) for b in self.biases])
-        return out
+        return MLPProbes._of([w[groups].clone() for w in self.weights], [b[groups].clone() for b in self.biases],
+                             self.n_digits, self.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (G, B, K, C) for features x (G, B, D)."""

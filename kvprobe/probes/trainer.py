@@ -264,25 +264,20 @@ def fit_probes(
         config = replace(config, l2=float(l2))
     if init is not None and kind != "linear":
         raise ValueError("init (a warm start) is supported for the linear probe only")
+    if kind == "mlp":  # one replica
+        return fit_mlp_replicas(X_train, [y_train], X_val, y_val, [seed], config=config, n_classes=n_classes,
+                                device=device)[0]
     xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes, device)
     if per_group is not None and per_group.shape != (xt.shape[0],):
         raise ValueError(f"l2 has shape {per_group.shape}, expected one value per group ({xt.shape[0]},)")
     scaler = Standardizer.fit(xt)
     xt, xv = scaler(xt), scaler(xv)
 
-    if kind == "linear":
-        start = None if init is None else _linear_in_scaled_units(init, scaler)
-        h0 = None
-        if moments is not None and config.precondition:
-            h0 = moments.h0(scaler, per_group if per_group is not None else np.full(xt.shape[0], config.l2))
-        probe, info = fit_linear_probes(xt, yt, n_classes, config, l2=per_group, init=start, h0=h0)
-        n_steps, converged = info.n_iter, info.converged
-    else:
-        probe, info = fit_mlp_probes(xt, yt, n_classes, config, seed)
-        K = yt.shape[2]
-        n_steps, converged = info.best_epoch[:, None].expand(-1, K), info.stopped_early[:, None].expand(-1, K)
     l2s = per_group if per_group is not None else np.full(xt.shape[0], config.l2)
-    return _scored(kind, probe, scaler, xt, yt, xv, yv, n_steps, converged, seed, config, l2s)
+    start = None if init is None else _linear_in_scaled_units(init, scaler)
+    h0 = moments.h0(scaler, l2s) if moments is not None and config.precondition else None
+    probe, info = fit_linear_probes(xt, yt, n_classes, config, l2=per_group, init=start, h0=h0)
+    return _scored(kind, probe, scaler, xt, yt, xv, yv, info.n_iter, info.converged, seed, config, l2s)
 
 
 def _scored(kind: str, probe: nn.Module, scaler: Standardizer, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor,
