@@ -10,6 +10,7 @@ from kvprobe.probes import (
     LinearConfig,
     MLPConfig,
     MLPProbes,
+    fit_mlp_probes,
     fit_mlp_replicas,
     fit_probes,
     fit_sklearn,
@@ -159,6 +160,14 @@ def test_mlp_replicas_are_the_separate_runs():
     assert not np.allclose(together[0].log_probs, together[1].log_probs)  # seeds differ
     with pytest.raises(ValueError, match="one seed per label set"):
         fit_mlp_replicas(xt, [yt, yt], xv, yv, [0], config=cfg)
+    with pytest.raises(ValueError, match="takes an MLPConfig, got LinearConfig"):
+        fit_mlp_replicas(xt, [yt], xv, yv, [0], config=LinearConfig())
+    with pytest.raises(ValueError, match=r"y_trains\[1\] has labels outside 0..9"):
+        fit_mlp_replicas(xt, [yt, yt + 10], xv, yv, [0, 1], config=cfg)
+    with pytest.raises(ValueError, match=r"y_trains\[1\] has 2 digits but y_val has 3"):
+        fit_mlp_replicas(xt, [yt, yt[:, :2]], xv, yv, [0, 1], config=cfg)
+    with pytest.raises(ValueError, match=r"y has shape \(2, 2, 600, 3\), expected \(2, 600, K\) or \(3, 2, 600, K\)"):
+        fit_mlp_probes(torch.zeros(2, 600, 16), torch.zeros(2, 2, 600, 3, dtype=torch.long), 10, cfg, [0, 1, 2])
 
 
 def test_mlp_fixed_epochs_without_holdout():

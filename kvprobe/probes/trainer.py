@@ -327,10 +327,12 @@ def fit_mlp_replicas(
         raise ValueError(f"{len(y_trains)} label sets for {len(seeds)} seeds: give one seed per label set")
     xt, first, xv, yv = check_probe_inputs(X_train, y_trains[0], X_val, y_val, n_classes, device)
     G, N, _ = xt.shape
-    ys = torch.stack([first] + [_as_labels(y, f"y_trains[{r + 1}]", G, N, n_classes, xt.device)
-                                for r, y in enumerate(y_trains[1:])])  # (R, G, N, K)
-    if ys.shape[3] != yv.shape[2]:
-        raise ValueError(f"y_trains have {ys.shape[3]} digits but y_val has {yv.shape[2]}")
+    label_sets = [first]
+    for r, y in enumerate(y_trains[1:], start=1):
+        label_sets.append(_as_labels(y, f"y_trains[{r}]", G, N, n_classes, xt.device))
+        if label_sets[-1].shape[2] != yv.shape[2]:
+            raise ValueError(f"y_trains[{r}] has {label_sets[-1].shape[2]} digits but y_val has {yv.shape[2]}")
+    ys = torch.stack(label_sets)  # (R, G, N, K)
     scaler = Standardizer.fit(xt)
     xt, xv = scaler(xt), scaler(xv)
     probe, info = fit_mlp_probes(xt, ys, n_classes, config, list(seeds), on_epoch=on_epoch)
