@@ -1,16 +1,22 @@
 """Long traces: the FlexAttention memento mask against the dense (B, 1, T, T) mask.
 
-For each trace length T, one synthetic Memento trace (blocks of `--block-len` tokens,
-each followed by a memento of `--memento-len`) is captured through `run_capture` with
-the model loaded as `sdpa` (dense additive mask) and as `flex_attention` (block-sparse
-BlockMask from the same predicate). Each (implementation, T) runs in its own
-subprocess so its peak memory is its own: peak resident set on CPU, peak allocated
-device memory on CUDA. Reported per run: the bare masked forward (the baseline, same
-process, logits of the last position only, as the capture asks for), the capture
-(forward + KV gather + pooling + HDF5 shard), their ratio, peak memory, and, where both
-implementations ran, the largest difference between their captured features.
+For each trace length T, one synthetic Memento trace (`kvprobe.data.synthetic.LongTraceSource`:
+a 32-token prompt, `--blocks` blocks of equal length, each followed by a `--memento-len`
+memento) is captured through `run_capture` with the model loaded as `sdpa` (dense additive
+mask) and as `flex_attention` (the interval-built BlockMask). The passcode block is three
+blocks before the last and the capture reads offsets -1..+2, so the mementos it reads are the
+last ones and its forward runs over nearly the whole trace (`forward_tokens`). kvprobe refuses
+a dense mask above `DENSE_MASK_MAX_TOKENS` and switches to flex; this benchmark lifts that
+limit in the sdpa subprocess so the dense path is measured at full length.
 
-    python benchmarks/bench_long.py --device cpu --model tiny --lengths 1024 4096 16384 32768 --dense-max 8192
+Each (implementation, T) runs in its own subprocess so its peak memory is its own: peak
+resident set on CPU (and its growth over the resident set after the model was built), peak
+allocated device memory on CUDA. Reported per run: the bare masked forward over the same
+tokens (the baseline, same process, logits of the last position only), the capture (forward +
+KV gather + pooling + HDF5 shard), their ratio, peak memory, and, where both implementations
+ran, the largest difference between their captured features.
+
+    python benchmarks/bench_long.py --device cpu --model qwen3-heads --lengths 4096 8192 --dense-max 8192
     python benchmarks/bench_long.py --device cuda --model qwen3-8b --lengths 4096 16384 32768   # bf16, random weights
 
 The models are random (seeded) with real architectures: cost and memory depend on the
@@ -35,6 +41,7 @@ import torch
 # (hidden, intermediate, layers, heads, kv heads, head dim, vocab)
 MODELS = {
     "tiny": (256, 768, 2, 8, 2, 32, 512),
+    "qwen3-heads": (256, 768, 2, 32, 8, 128, 1024),  # Qwen3-8B's attention (32 query, 8 KV heads of 128), tiny elsewhere
     "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
     "qwen3-8b": (4096, 12288, 36, 32, 8, 128, 151936),
 }
@@ -54,50 +61,40 @@ def build_model(name: str, impl: str, device: str, dtype: torch.dtype, max_len: 
     return model.eval()
 
 
-class LongTraceSource:
-    """`n` identical-layout synthetic traces of `length` tokens with random content (seeded)."""
+def long_source(n: int, length: int, blocks: int, memento_len: int, vocab: int):
+    """`n` traces of `length` tokens, the passcode block three before the last."""
+    from kvprobe.data.synthetic import LongTraceSource
+    from kvprobe.memento.layout import SpecialTokens
 
-    def __init__(self, n: int, length: int, block_len: int, memento_len: int, vocab: int) -> None:
-        from kvprobe.memento.layout import SpecialTokens, parse_layout
+    blocks = max(6, min(blocks, (length - 40) // (memento_len + 12)))  # short traces: fewer, shorter blocks
+    return LongTraceSource(n, length, SpecialTokens(**SPECIAL_IDS), vocab, n_blocks=blocks, memento_len=memento_len)
 
-        self.n_samples, self.special = n, SpecialTokens(**SPECIAL_IDS)
-        rng = np.random.default_rng(0)
-        ordinary = lambda k: rng.integers(7, vocab, k).tolist()  # noqa: E731
-        ids = ordinary(32) + [1]
-        while len(ids) + block_len + memento_len + 6 < length:
-            ids += [3] + ordinary(block_len) + [4] + [5] + ordinary(memento_len) + [6]
-        ids += [2] + ordinary(length - len(ids) - 1)
-        self.ids = torch.tensor(ids)[None].repeat(n, 1)  # (n, T)
-        self.layout = parse_layout(ids, self.special)
-        self.labels = rng.integers(0, 10, (n, 6))
 
-    def samples(self, start: int, stop: int):
-        from kvprobe.capture import SampleBatch
-
-        k = stop - start
-        return SampleBatch(np.arange(start, stop), self.ids[start:stop], None,
-                           ["".join(map(str, r)) for r in self.labels[start:stop]], self.labels[start:stop],
-                           [self.layout] * k)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "bench-long", "length": int(self.ids.shape[1]), "n_blocks": self.layout.n_blocks}
+def resident_bytes() -> int:
+    """This process's resident set now (not its peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in the subprocess: one implementation at one length."""
+    import kvprobe.memento.forward as forward
     from kvprobe.capture import CaptureSpec, run_capture
     from kvprobe.memento.forward import masked_forward
 
     torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    if args.impl == "sdpa":  # measure the dense mask at full length: lift kvprobe's switch to flex
+        forward.DENSE_MASK_MAX_TOKENS = max(forward.DENSE_MASK_MAX_TOKENS, args.length)
     model = build_model(args.model, args.impl, args.device, dtype, args.length)
-    block_len = max(8, min(args.block_len, (args.length - 40) // 6 - args.memento_len - 4))  # at least 6 blocks
-    source = LongTraceSource(args.samples, args.length, block_len, args.memento_len, MODELS[args.model][6])
+    source = long_source(args.samples, args.length, args.blocks, args.memento_len, MODELS[args.model][6])
     n_layers = MODELS[args.model][2]
-    spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), target_block=1, batch_size=1,
-                       shard_size=args.samples, dtype="float32")
+    spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), batch_size=1, shard_size=args.samples,
+                       dtype="float32")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    batch = source.samples(0, 1)
+    tokens: list[int] = []  # what each forward runs over
+    model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    last_read = source.layout.blocks[source.target_block + 2].summary_end + 1  # the capture's forward length
 
     def bare() -> float:
         sync()
@@ -105,15 +102,18 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             for i in range(args.samples):
                 b = source.samples(i, i + 1)
-                masked_forward(model, b.input_ids.to(args.device), layouts=b.layouts, config=spec.mask,
-                               logits_to_keep=1)
+                masked_forward(model, b.input_ids[:, :last_read].to(args.device), layouts=b.layouts,
+                               config=spec.mask, logits_to_keep=1, truncate=True)
         sync()
         return time.perf_counter() - t
 
+    batch = source.samples(0, 1)
     with torch.inference_mode():  # warm-up: compiles FlexAttention, fills allocator caches
-        masked_forward(model, batch.input_ids.to(args.device), layouts=batch.layouts, logits_to_keep=1)
+        masked_forward(model, batch.input_ids[:, :last_read].to(args.device), layouts=batch.layouts, logits_to_keep=1,
+                       truncate=True)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    base = resident_bytes()
     times = {"forward": [], "capture": []}
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.repeats):  # interleaved, best of
@@ -126,14 +126,15 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         from kvprobe.store import KVStore
 
         with KVStore(path) as store:
-            feats = {f"{layer}/{key.offset}": store.features(layer, key.offset, key.site, key.pooling) for key in store.keys
-                     for layer in store.layers}
+            feats = {f"{layer}/{key.offset}/{key.pooling}": store.features(layer, key.offset, key.site, key.pooling)
+                     for key in store.keys for layer in store.layers}
     np.savez(args.features_out, **feats)
     peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"impl": args.impl, "length": args.length, "n_blocks": source.layout.n_blocks, "block_len": block_len,
+    return {"impl": args.impl, "ran_as": model.config._attn_implementation, "length": args.length,
+            "forward_tokens": max(tokens), "n_blocks": source.layout.n_blocks,
             "forward_s": min(times["forward"]) / args.samples, "capture_s": min(times["capture"]) / args.samples,
-            "peak_bytes": int(peak)}
+            "peak_bytes": int(peak), "base_bytes": int(base) if not args.device.startswith("cuda") else 0}
 
 
 def main() -> None:
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--dense-max", type=int, default=1 << 30, help="skip the dense mask above this length")
-    ap.add_argument("--block-len", type=int, default=480)
+    ap.add_argument("--blocks", type=int, default=50, help="blocks per trace (fewer on short traces)")
     ap.add_argument("--memento-len", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2, help="traces captured per timing")
     ap.add_argument("--repeats", type=int, default=2)
@@ -185,14 +186,16 @@ def main() -> None:
                 rows[-1]["max_abs_feature"] = scale
                 print(f"  T={length}: flex vs dense features, max |diff| {diff:.3g} (max |feature| {scale:.3g})")
     print(f"\n{args.model} on {args.device} ({args.dtype}), {args.samples} trace(s) per timing, best of {args.repeats}\n")
-    print("| T | mask | forward (s/trace) | capture (s/trace) | capture / forward | peak memory (MB) | flex vs dense |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("| T | tokens run | mask | forward (s/trace) | capture (s/trace) | capture / forward | peak memory (MB) "
+          "| flex vs dense |")
+    print("|---:|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['length']:,} | {r['impl']} | failed: {r['error']} | | | | |")
+            print(f"| {r['length']:,} | | {r['impl']} | failed: {r['error']} | | | | |")
             continue
         diff = f"max abs diff {r['max_abs_diff_vs_dense']:.2g}" if "max_abs_diff_vs_dense" in r else ""
-        print(f"| {r['length']:,} | {'dense' if r['impl'] == 'sdpa' else 'flex'} | {r['forward_s']:.3f} | "
+        print(f"| {r['length']:,} | {r['forward_tokens']:,} | {'dense' if r['impl'] == 'sdpa' else 'flex'} | "
+              f"{r['forward_s']:.3f} | "
               f"{r['capture_s']:.3f} | {r['capture_s'] / r['forward_s']:.2f} | {r['peak_bytes'] / 2**20:,.0f} | {diff} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

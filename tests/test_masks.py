@@ -326,25 +326,105 @@ def test_padding_query_attends_only_itself():
     assert allow[3].tolist() == [False, False, False, True]
 
 
-@pytest.mark.parametrize("block_size, chunk_rows", [(8, 8), (8, 24), (16, 2048), (2, 2)])
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def assert_block_masks_equal(ours, ref, T):
+    for name in BLOCK_MASK_FIELDS:
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    assert ours.seq_lengths == ref.seq_lengths == (T, T)
+
+
+@pytest.mark.parametrize("block_size", [2, 8, 16])
 @pytest.mark.parametrize("cfg", [MaskConfig(0), MaskConfig(1, True, True), MaskConfig(-1)], ids=config_id)
-def test_flex_block_mask_equals_torch_create_block_mask(cfg, block_size, chunk_rows):
-    """The chunked block mask is torch's own (dense-evaluated) one: same partial and full tiles, same order."""
+def test_flex_block_mask_equals_torch_create_block_mask(cfg, block_size):
+    """The interval-built block mask is torch's own (dense-evaluated) one: same partial and full tiles, same order."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = torch.tensor([encode("p q " + EXAMPLE + " </think> A"), encode("_ _ _ " + EXAMPLE + " r")])
     layouts = parse_batch(ids, SPECIAL, (ids != 0).long())
     B, T = ids.shape
     assert T % block_size or block_size == 2  # a ragged last tile is covered
-    ours = flex_block_mask(layouts, T, cfg, block_size=block_size, chunk_rows=chunk_rows)
+    ours = flex_block_mask(layouts, T, cfg, block_size=block_size)
     ref = create_block_mask(flex_mask_mod(layouts, T, cfg), B, None, T, T, device="cpu", BLOCK_SIZE=block_size)
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
-                 "full_q_num_blocks", "full_q_indices"):
-        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
-    assert ours.seq_lengths == ref.seq_lengths == (T, T)
+    assert_block_masks_equal(ours, ref, T)
     assert int(ours.kv_num_blocks.sum()) > 0
     if block_size == 2:  # small tiles: some are entirely allowed, so "full" tiles are covered too
         assert int(ours.full_kv_num_blocks.sum()) > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True), cfg=st.sampled_from(ALL_CONFIGS),
+       block_size=st.sampled_from([1, 2, 3, 4, 8]))
+def test_interval_block_mask_equals_create_block_mask_for_every_option(batch, cfg, block_size):
+    """Random layouts (left and right padding, unfinished blocks), every mask option, tiles that do and do
+    not divide T: the interval construction equals torch's dense evaluation of the same predicate."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    B, T = batch.input_ids.shape
+    ours = flex_block_mask(layouts, T, cfg, block_size=block_size)
+    ref = create_block_mask(flex_mask_mod(layouts, T, cfg), B, None, T, T, device="cpu", BLOCK_SIZE=block_size)
+    assert_block_masks_equal(ours, ref, T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=padded_batches(allow_unfinished=True), cfg=st.sampled_from(ALL_CONFIGS),
+       block_size=st.sampled_from([1, 2, 4]))
+def test_interval_block_mask_tiles_equal_the_brute_force_reference(batch, cfg, block_size):
+    """Independent of the predicate: a tile is full exactly where the SPEC reference allows every entry
+    (real queries), and has some entry exactly where the reference allows one."""
+    layouts = parse_batch(batch.input_ids, SPECIAL, batch.attention_mask, allow_unfinished=True)
+    B, T = batch.input_ids.shape
+    if T % block_size:
+        return  # ragged tiles are covered against create_block_mask above
+    ref = reference(layouts, T, cfg)[:, 0]  # (B, T, T)
+    real = batch.attention_mask.bool()
+    ref = ref | (~real[:, :, None] & torch.eye(T, dtype=torch.bool))  # a padding query sees itself (unspecified there)
+    ref = ref & (real[:, :, None] | torch.eye(T, dtype=torch.bool))
+    n = T // block_size
+    tiles = ref.view(B, n, block_size, n, block_size)
+    every, some = tiles.all(4).all(2), tiles.any(4).any(2)
+    ours = flex_block_mask(layouts, T, cfg, block_size=block_size)
+    dense = ours.to_dense()[:, 0].bool()  # (B, n, n): tiles listed as partial or full
+    full = torch.zeros(B, n, n, dtype=torch.bool)
+    for b in range(B):
+        for i in range(n):
+            for j in ours.full_kv_indices[b, 0, i, : ours.full_kv_num_blocks[b, 0, i]].tolist():
+                full[b, i, j] = True
+    assert torch.equal(full, every)
+    assert torch.equal(dense, some)
+
+
+def test_interval_block_mask_cost_does_not_grow_with_t_squared():
+    """At 32K tokens and 50 blocks the tables and the interval grid stay small: the whole build allocates
+    O(T + tiles^2 + blocks^2), not the 1G entries of the dense mask (a torch allocation hook counts bytes)."""
+    from kvprobe.memento.masks import block_mask_from_tables, mask_tables
+
+    T, n_blocks = 32768, 50
+    ids = [1]
+    per = (T - 2) // n_blocks
+    for _ in range(n_blocks):
+        ids += [3] + [9] * (per - 10) + [4, 5] + [9] * 6 + [6]
+    ids += [2] + [9] * (T - len(ids) - 1)
+    lay = parse_layout(ids, SPECIAL)
+    largest = []
+
+    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest.append(t.numel() * t.element_size())
+            return out
+
+    tables = mask_tables([lay], T, MaskConfig(0))
+    with Largest():
+        mask = block_mask_from_tables(tables)
+    assert max(largest) < 4 * 2**20, f"a {max(largest) / 2**20:.0f} MiB tensor was made"
+    assert mask.shape == (1, 1, T, T)
+    assert int(mask.kv_num_blocks.sum()) > 0
 
 
 def test_the_reference_generator_refuses_the_forks_timing():

@@ -3,6 +3,8 @@
     prepare(hf_model) -> wrapped            # whatever the framework runs
     capture_kv(wrapped, input_ids, *, attention_mask, position_ids, layers, positions)
         -> {layer: (K, V)}, each (B, n_kv, P, d_head), K post-RoPE as the cache holds it
+    READS_BLOCK_MASK: bool                  # can attention_mask be a FlexAttention BlockMask
+                                            # (long traces: above DENSE_MASK_MAX_TOKENS only that)
 
 A backend that can also set KV has a third, which the causal experiments use:
 

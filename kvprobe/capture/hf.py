@@ -18,6 +18,9 @@ from transformers import DynamicCache
 from ..memento.forward import cache_argument
 from .sites import gather_positions
 
+# whether this backend can take a FlexAttention BlockMask (the model runs its own attention, FlexAttention included)
+READS_BLOCK_MASK = True
+
 __all__ = ["KVPatch", "PatchingCache", "StoppingCache", "capture_kv", "forward_patched", "prepare"]
 
 

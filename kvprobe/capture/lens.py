@@ -50,6 +50,9 @@ from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 from .sites import architecture_entry, check_layers, gather_positions
 
+# whether this backend can take a FlexAttention BlockMask (the bridge adds a dense 4D mask to its scores; a BlockMask is not understood)
+READS_BLOCK_MASK = False
+
 __all__ = ["HOOKS", "capture_kv", "prepare"]
 
 _ROTARY = {"k": "blocks.{layer}.attn.hook_rot_k", "v": "blocks.{layer}.attn.hook_v"}

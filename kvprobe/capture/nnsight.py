@@ -56,6 +56,9 @@ from nnsight import NNsight, save
 
 from .sites import architecture_entry, check_layers, gather_positions
 
+# whether this backend can take a FlexAttention BlockMask (nnsight runs the Hugging Face model as it is, FlexAttention included)
+READS_BLOCK_MASK = True
+
 __all__ = ["SITES", "AttentionSites", "Read", "capture_kv", "prepare"]
 
 

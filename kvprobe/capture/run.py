@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.samples import SampleBatch, SampleSource
-from ..memento.forward import check_window, input_device, memento_inputs
+from ..memento.forward import check_length, input_device, memento_inputs, use_flex_for_long
 from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
@@ -179,7 +179,8 @@ def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> Capture
         check(spec.offsets, spec.sites)
     first = source.samples(0, min(source.n_samples, spec.batch_size))
     _check_batch(first, spec)
-    check_window(model, first.input_ids.shape[1])  # a sliding window the mask cannot carry: refused now
+    # a sliding window the mask cannot carry, or a dense T x T mask too long: refused now, before any file
+    check_length(model, forward_length(pool_tables(first.layouts, spec)), _reads_block_mask(spec.backend))
     keys = tuple(FeatureKey(s, o, p) for s in spec.sites for o in spec.offsets for p in spec.pooling)
     return CapturePlan(spec, source.n_samples, n_layers, n_kv, d_head, keys)
 
@@ -292,19 +293,26 @@ def pool_sites(
     return out
 
 
+def forward_length(tables: "PoolTables") -> int:
+    """Tokens a capture's forward runs over: up to the last position it reads. A causal model's
+    KV at position p depends on tokens <= p only, so nothing after it is computed or masked."""
+    return int(tables.positions.max()) + 1
+
+
+def _reads_block_mask(backend: str) -> bool:
+    return bool(getattr(get_backend(backend), "READS_BLOCK_MASK", False))
+
+
 def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureSpec, keys) -> dict:
     tables = pool_tables(batch.layouts, spec)
     device = input_device(model)
-    input_ids = batch.input_ids.to(device)
-    am = batch.attention_mask.to(device) if batch.attention_mask is not None else None
-    kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am)
-    # a causal model's KV at position p depends on tokens <= p only: stop after the last captured one
-    # (the toy at offsets up to +7 skips 12% of every forward; the KV is the same). Dense masks only.
-    T = int(tables.positions.max()) + 1
-    if T < input_ids.shape[1] and isinstance(kwargs["attention_mask"], torch.Tensor):
-        input_ids = input_ids[:, :T]  # (B, T)
-        kwargs["attention_mask"] = kwargs["attention_mask"][:, :, :T, :T].contiguous()  # (B, 1, T, T)
-        kwargs["position_ids"] = kwargs["position_ids"][:, :T]
+    T = forward_length(tables)  # the toy at offsets up to +7 skips 12% of every forward; a long trace far more
+    if _reads_block_mask(spec.backend):
+        use_flex_for_long(model, T)  # above DENSE_MASK_MAX_TOKENS: FlexAttention's BlockMask, never a T x T mask
+    check_length(model, T, _reads_block_mask(spec.backend))
+    input_ids = batch.input_ids[:, :T].to(device)  # (B, T)
+    am = batch.attention_mask[:, :T].to(device) if batch.attention_mask is not None else None
+    kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am, truncate=True)  # built on the device
     kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
     kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
     return pool_sites(kv, tables, spec, keys)

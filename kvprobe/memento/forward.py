@@ -6,6 +6,13 @@ as +1/0 (causality lost), and the flash-attention implementations ignore custom 
 masks altogether. `masked_forward` therefore builds an additive float mask in the
 model's dtype for `eager`/`sdpa`, a FlexAttention `BlockMask` for `flex_attention`,
 and refuses anything else with a message naming the implementations that work.
+
+Length. The dense mask is T x T: at 32K tokens 2 GiB in bf16 (4 in fp32) per row, built
+in seconds. Above `DENSE_MASK_MAX_TOKENS` (8,192: 128 MiB per bf16 row) kvprobe builds no
+dense mask: a model loaded with `flex_attention` gets the interval-built `BlockMask`
+(milliseconds, O(T) memory), `use_flex_for_long` switches a model that supports
+FlexAttention to it, and anything else is refused with one line naming the memory the
+dense mask would take. Every mask is built on the device the model's inputs live on.
 """
 
 from __future__ import annotations
@@ -16,10 +23,15 @@ from typing import Any, Sequence
 import torch
 
 from .layout import Layout, SpecialTokens, parse_batch
-from .masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
+from .masks import MaskConfig, MaskTables, additive_mask, allow_from_tables, block_mask_from_tables, mask_tables
 
 __all__ = [
     "DENSE_MASK_IMPLEMENTATIONS",
+    "DENSE_MASK_MAX_TOKENS",
+    "attention_mask_from_tables",
+    "check_length",
+    "dense_mask_bytes",
+    "use_flex_for_long",
     "UnsupportedAttentionError",
     "check_window",
     "sliding_window_layers",
@@ -34,6 +46,8 @@ __all__ = [
 # attention implementations that honour an additive float (B, 1, T, T) mask
 DENSE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
 FLEX_IMPLEMENTATIONS = ("flex_attention",)
+# the longest sequence given a dense (B, 1, T, T) mask; longer ones need FlexAttention's BlockMask
+DENSE_MASK_MAX_TOKENS = 8192
 
 
 class UnsupportedAttentionError(ValueError):
@@ -119,26 +133,122 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def dense_mask_bytes(batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a dense additive (batch, 1, length, length) mask in `dtype`."""
+    return batch * length * length * torch.empty((), dtype=dtype).element_size()
+
+
+def _spread(model: Any) -> bool:
+    """Dispatched over several devices (`device_map`): a BlockMask's tables live on one device and
+    accelerate's hooks move tensors, not the mask function's closure, so such a model masks densely."""
+    return len(set((getattr(model, "hf_device_map", None) or {0: 0}).values())) > 1
+
+
+def _supports_flex(model: Any) -> bool:
+    """Whether FlexAttention can run this model's memento mask: its architecture supports it
+    (transformers' `_supports_flex_attn`) and it is not spread over devices."""
+    return bool(getattr(model, "_supports_flex_attn", False)) and not _spread(model)
+
+
+def _no_flex_reason(model: Any) -> str:
+    if _spread(model):
+        return f"{type(model).__name__} is spread over devices (device_map), where a BlockMask cannot follow"
+    return f"{type(model).__name__} does not support FlexAttention"
+
+
+def use_flex_for_long(model: Any, length: int) -> str:
+    """The attention implementation a `length`-token memento-masked forward runs with.
+
+    Up to `DENSE_MASK_MAX_TOKENS` the model's own. Longer: `flex_attention`, switching a
+    model loaded with `eager`/`sdpa` to it when its architecture supports FlexAttention
+    (transformers' `_supports_flex_attn`), since the dense mask would be T x T. A model that
+    cannot is left as it is, and `attention_mask_from_tables` refuses the length."""
+    impl = attention_implementation(model)
+    if length > DENSE_MASK_MAX_TOKENS and impl in DENSE_MASK_IMPLEMENTATIONS and _supports_flex(model):
+        model.set_attn_implementation("flex_attention")
+        return "flex_attention"
+    return impl
+
+
+def check_length(model: Any, length: int, block_mask_ok: bool = True) -> None:
+    """Refuse a memento-masked forward of `length` tokens that `model` cannot mask: a sliding window
+    the mask does not carry (`check_window`), or, above `DENSE_MASK_MAX_TOKENS`, a dense T x T mask
+    where FlexAttention cannot take over (the model neither runs nor supports it, or the caller,
+    `block_mask_ok=False`, takes dense masks only). One line naming the memory the mask would take."""
+    check_window(model, length)
+    if length <= DENSE_MASK_MAX_TOKENS:
+        return
+    flex = attention_implementation(model) in FLEX_IMPLEMENTATIONS or _supports_flex(model)
+    if flex and block_mask_ok:
+        return
+    why = "this capture backend takes dense masks only" if flex else _no_flex_reason(model)
+    gib = dense_mask_bytes(1, length, model.dtype) / 2**30
+    raise UnsupportedAttentionError(
+        f"a {length}-token memento mask would be dense, {gib:.1f} GiB per sequence ({why}; above "
+        f"{DENSE_MASK_MAX_TOKENS} tokens kvprobe uses FlexAttention): use at most {DENSE_MASK_MAX_TOKENS} tokens")
+
+
+def attention_mask_from_tables(model: Any, tables: MaskTables, block_size: int = 128) -> Any:
+    """The `attention_mask` a memento-masked forward of `model` takes, built from `tables` on
+    their device: a FlexAttention `BlockMask` for `flex_attention` (interval-built, O(T)), else
+    the additive (B, 1, T, T) float mask in the model's dtype (SPEC pitfall: never boolean),
+    refused above `DENSE_MASK_MAX_TOKENS` with the memory it would take."""
+    impl = attention_implementation(model)
+    B, T = tables.shape
+    if impl in FLEX_IMPLEMENTATIONS:
+        return block_mask_from_tables(tables, block_size)
+    if T > DENSE_MASK_MAX_TOKENS:
+        need = dense_mask_bytes(B, T, model.dtype)
+        flex = ("load it with attn_implementation='flex_attention'" if _supports_flex(model)
+                else _no_flex_reason(model))
+        raise UnsupportedAttentionError(
+            f"a {T}-token memento mask for {impl!r} attention is dense: {need / 2**30:.1f} GiB for {B} row(s) "
+            f"in {str(model.dtype).removeprefix('torch.')} (limit {DENSE_MASK_MAX_TOKENS} tokens); {flex}, "
+            "or use fewer tokens")
+    return additive_mask(allow_from_tables(tables), dtype=model.dtype)  # (B, 1, T, T), built in place
+
+
+def _block_mask_rows(mask: Any, index: torch.Tensor) -> Any:
+    """A BlockMask's rows picked by `index` (B,), the mask_mod's batch index remapped to them."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    inner = mask.mask_mod
+    pick = lambda t: t[index]  # noqa: E731
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return inner(index[b], h, q_idx, kv_idx)
+
+    return BlockMask.from_kv_blocks(pick(mask.kv_num_blocks), pick(mask.kv_indices), pick(mask.full_kv_num_blocks),
+                                    pick(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=mask.seq_lengths)
+
+
 def memento_inputs(
     model: Any,
     input_ids: torch.Tensor,
     layouts: Sequence[Layout],
     config: MaskConfig = MaskConfig(),
     attention_mask: torch.Tensor | None = None,
+    truncate: bool = False,
 ) -> dict[str, Any]:
     """The `attention_mask` and `position_ids` keyword arguments for a memento-masked forward.
 
-    input_ids: (B, T). Returns a float (B, 1, T, T) mask in the model's dtype (or a
-    FlexAttention BlockMask) and (B, T) position ids.
+    input_ids: (B, T), on the device the mask is built on. Returns a float (B, 1, T, T) mask
+    in the model's dtype, or a FlexAttention BlockMask (flex_attention, and any length above
+    `DENSE_MASK_MAX_TOKENS`), and (B, T) position ids. `truncate`: the layouts may reach beyond
+    T (input_ids are the first T tokens of longer rows, as a capture that stops early passes).
     """
-    impl = attention_implementation(model)
     T = input_ids.shape[1]
     check_window(model, T)
     device = input_ids.device
-    if impl in FLEX_IMPLEMENTATIONS:
-        mask: Any = flex_block_mask(layouts, T, config, device=device)
-    else:
-        mask = additive_mask(allow_matrix(layouts, T, config, device=device), dtype=model.dtype)  # built in place
+    distinct = list(dict.fromkeys(layouts))  # rows that share a layout share a mask: build each once
+    mask = attention_mask_from_tables(model, mask_tables(distinct, T, config, device=device, truncate=truncate))
+    if len(distinct) < len(layouts):
+        row = {lay: u for u, lay in enumerate(distinct)}
+        index = torch.tensor([row[lay] for lay in layouts], device=device)
+        mask = mask[index] if isinstance(mask, torch.Tensor) else _block_mask_rows(mask, index)  # (B, 1, T, T)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :T]
     return {"attention_mask": mask, "position_ids": position_ids_for(attention_mask, input_ids.shape, device)}
 
 
@@ -151,12 +261,14 @@ def masked_forward(
     config: MaskConfig = MaskConfig(),
     attention_mask: torch.Tensor | None = None,
     allow_unfinished: bool = False,
+    truncate: bool = False,
     **forward_kwargs: Any,
 ) -> Any:
     """Forward `model` on input_ids (B, T) under the memento mask; returns the model's output.
 
     Give either parsed `layouts` or the `special` token ids to parse them from.
-    `attention_mask` (B, T) marks real tokens of a padded batch. Extra keyword
+    `attention_mask` (B, T) marks real tokens of a padded batch. `truncate`: the layouts
+    may reach beyond T (input_ids are the first T tokens of longer rows). Extra keyword
     arguments (use_cache, output_hidden_states, ...) go to the model.
     """
     if layouts is None:
@@ -165,5 +277,5 @@ def masked_forward(
         layouts = parse_batch(input_ids, special, attention_mask, allow_unfinished=allow_unfinished)
     if len(layouts) != input_ids.shape[0]:
         raise ValueError(f"{len(layouts)} layouts for a batch of {input_ids.shape[0]} rows")
-    kwargs = memento_inputs(model, input_ids, layouts, config, attention_mask)
+    kwargs = memento_inputs(model, input_ids, layouts, config, attention_mask, truncate)
     return model(input_ids=input_ids, **kwargs, **forward_kwargs)

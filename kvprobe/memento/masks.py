@@ -23,13 +23,16 @@ Three options model where the fork's served inference departs from that rule
   the memento (and any filler before the next block) is re-prefilled at that point.
 
 Both the dense builder and the FlexAttention `mask_mod` evaluate one predicate,
-`_allowed`, on per-token lookup tables, so the two cannot drift apart.
+`_allowed`, on per-token lookup tables (`MaskTables`, O(T)), so the two cannot drift apart.
+The FlexAttention `BlockMask` is built from the same tables by interval arithmetic over the
+layout's boundaries (`block_mask_from_tables`): its cost grows with the tiles and blocks, not
+with T squared, so a 32K-token mask takes milliseconds, on the host or on the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -39,7 +42,9 @@ __all__ = [
     "MaskConfig",
     "MaskTables",
     "additive_mask",
+    "allow_from_tables",
     "allow_matrix",
+    "block_mask_from_tables",
     "flex_block_mask",
     "flex_mask_mod",
     "mask_tables",
@@ -109,15 +114,18 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class MaskTables:
-    """Per-token lookup tables that define the mask of a padded batch.
+    """Per-token lookup tables that define the mask of a padded batch: O(B x T), never T x T.
 
-    hide_block:   (B, T) int   block whose hideable set holds the token, else -1
-    memento_of:   (B, T) int   block whose memento span holds the token, else -1: SS..SE, or with
+    hide_block:   (B, T) int32 block whose hideable set holds the token, else -1
+    memento_of:   (B, T) int32 block whose memento span holds the token, else -1: SS..SE, or with
                                keep_last_block_for_answer what the fork re-prefills, SS up to the
                                next <|block_start|> (the last block's memento is never re-prefilled)
-    n_completed:  (B, T) int   blocks evicted for q: SE < q (SE <= q: evict_before_summary_end;
+    n_completed:  (B, T) int32 blocks evicted for q: SE < q (SE <= q: evict_before_summary_end;
                                next <|block_start|> <= q: keep_last_block_for_answer)
     valid:        (B, T) bool  real (non-padding) token
+
+    These are what an SFT collator ships to the device (`tensors`, `from_tensors`); the dense
+    matrix (`allow_from_tables`) and the block-sparse one (`block_mask_from_tables`) are built there.
     """
 
     hide_block: torch.Tensor
@@ -126,20 +134,45 @@ class MaskTables:
     valid: torch.Tensor
     config: MaskConfig
 
+    FIELDS = ("hide_block", "memento_of", "n_completed", "valid")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, T)."""
+        return tuple(self.valid.shape)  # type: ignore[return-value]
+
     def to(self, device: torch.device | str) -> "MaskTables":
-        return MaskTables(
-            self.hide_block.to(device),
-            self.memento_of.to(device),
-            self.n_completed.to(device),
-            self.valid.to(device),
-            self.config,
-        )
+        return MaskTables(*(getattr(self, f).to(device) for f in self.FIELDS), self.config)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The four (B, T) tables by name, e.g. for a data collator's batch."""
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: MaskConfig) -> "MaskTables":
+        """Tables from `tensors()` output (on any device), checked for names and shapes."""
+        missing = [f for f in cls.FIELDS if f not in tensors]
+        if missing:
+            raise ValueError(f"mask tables need {', '.join(cls.FIELDS)}; missing {', '.join(missing)}")
+        shapes = {tuple(tensors[f].shape) for f in cls.FIELDS}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"mask tables must all be (B, T), got shapes {sorted(shapes)}")
+        return cls(*(tensors[f] for f in cls.FIELDS[:3]), tensors["valid"].bool(), config)
 
 
 def mask_tables(
-    layouts: Sequence[Layout], length: int, config: MaskConfig, device: torch.device | str = "cpu"
+    layouts: Sequence[Layout],
+    length: int,
+    config: MaskConfig,
+    device: torch.device | str = "cpu",
+    truncate: bool = False,
 ) -> MaskTables:
-    """Build the lookup tables for a batch of layouts padded to `length` tokens."""
+    """Build the lookup tables for a batch of layouts padded to `length` tokens.
+
+    A layout that reaches beyond `length` is refused, unless `truncate`: then the tables
+    describe its first `length` positions, which is exact for those queries (a query's
+    row depends on positions up to its own only) — what a capture that stops early needs.
+    """
     B = len(layouts)
     hide_block = torch.full((B, length), -1, dtype=torch.int32)
     memento_of = torch.full((B, length), -1, dtype=torch.int32)
@@ -147,13 +180,13 @@ def mask_tables(
     max_blocks = max((lay.n_blocks for lay in layouts), default=0)
     evict_at = torch.full((B, max(max_blocks, 1)), _NEVER, dtype=torch.int32)  # first query that no longer sees it
     for b, lay in enumerate(layouts):
-        if lay.stop > length:
+        if lay.stop > length and not truncate:
             raise ValueError(f"layout {b} reaches position {lay.stop}, beyond the batch length {length}")
-        valid[b, lay.offset : lay.stop] = True
+        valid[b, lay.offset : lay.stop] = True  # slices clip at `length`
         for blk in lay.blocks:
             hide_block[b, blk.content.start : blk.content.stop] = blk.index
             if config.mask_delimiters:
-                hide_block[b, list(blk.delimiters)] = blk.index
+                hide_block[b, [p for p in blk.delimiters if p < length]] = blk.index
             if config.keep_last_block_for_answer:  # evicted (and re-prefilled) at the next <|block_start|>
                 nxt = lay.blocks[blk.index + 1].start if blk.index + 1 < lay.n_blocks else None
                 if blk.summary_end is not None and nxt is not None:
@@ -164,40 +197,57 @@ def mask_tables(
                 memento_of[b, blk.memento.start : blk.memento.stop] = blk.index
             if blk.summary_end is not None:
                 evict_at[b, blk.index] = blk.summary_end + (0 if config.evict_before_summary_end else 1)
+    # blocks evicted for q = how many eviction points are <= q: a sorted search, O(T log blocks)
     q = torch.arange(length, dtype=torch.int32)
-    n_completed = (evict_at[:, None, :] <= q[None, :, None]).sum(-1).to(torch.int32)  # (B, T)
+    evict_sorted = evict_at.sort(dim=1).values.contiguous()  # (B, blocks)
+    n_completed = torch.searchsorted(evict_sorted, q.expand(B, -1).contiguous(), right=True).to(torch.int32)  # (B, T)
     return MaskTables(hide_block, memento_of, n_completed, valid, config).to(device)
 
 
-def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The mask predicate on index tensors that broadcast together (dense) or are 0-d (flex)."""
+def _visible(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The memento rule without causality: both tokens real and key k not hidden from query q.
+    Index tensors broadcast together (dense) or are 0-d (flex)."""
     cfg = t.config
     blk = t.hide_block[b, k]
     hideable = blk >= 0
-    allowed = (k <= q) & t.valid[b, k] & t.valid[b, q]
+    visible = t.valid[b, k] & t.valid[b, q]
     if cfg.keep_last_n_blocks >= 0:
         # completed blocks are 0..n_completed(q)-1; the last N of them stay visible
-        allowed = allowed & ~(hideable & (blk < t.n_completed[b, q] - cfg.keep_last_n_blocks))
+        visible = visible & ~(hideable & (blk < t.n_completed[b, q] - cfg.keep_last_n_blocks))
     if cfg.restart_mode:
         # the fork with keep N re-prefills a memento while its N most recent blocks are kept
         seen = cfg.keep_last_n_blocks if cfg.restart_sees_kept_blocks and cfg.keep_last_n_blocks > 0 else 0
         mem = t.memento_of[b, q]
-        allowed = allowed & ~(hideable & (mem >= 0) & (blk <= mem - seen))
-    # a padding query attends to itself only, so no softmax row is empty
-    return allowed | ((q == k) & ~t.valid[b, q])
+        visible = visible & ~(hideable & (mem >= 0) & (blk <= mem - seen))
+    return visible
+
+
+def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The mask predicate: causal and visible; a padding query attends to itself only, so no
+    softmax row is empty."""
+    return ((k <= q) & _visible(t, b, q, k)) | ((q == k) & ~t.valid[b, q])
+
+
+def allow_from_tables(t: MaskTables) -> torch.Tensor:
+    """Boolean allow-matrix of the tables' batch on their device, True where query may attend key.
+    Returns (B, 1, T, T): quadratic, for short sequences."""
+    B, T = t.shape
+    device = t.valid.device
+    b = torch.arange(B, device=device)[:, None, None]
+    q = torch.arange(T, device=device)[None, :, None]
+    k = torch.arange(T, device=device)[None, None, :]
+    return _allowed(t, b, q, k)[:, None]  # (B, 1, T, T)
 
 
 def allow_matrix(
-    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu"
+    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu",
+    truncate: bool = False,
 ) -> torch.Tensor:
-    """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T) on `device`."""
+    """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T) on `device`.
+    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens)."""
     # rows that share a layout share a mask: build each distinct one once
     distinct = list(dict.fromkeys(layouts))
-    t = mask_tables(distinct, length, config, device)
-    b = torch.arange(len(distinct), device=device)[:, None, None]
-    q = torch.arange(length, device=device)[None, :, None]
-    k = torch.arange(length, device=device)[None, None, :]
-    masks = _allowed(t, b, q, k)[:, None]  # (U, 1, T, T)
+    masks = allow_from_tables(mask_tables(distinct, length, config, device, truncate))  # (U, 1, T, T)
     if len(distinct) == len(layouts):
         return masks
     row = {lay: i for i, lay in enumerate(distinct)}
@@ -230,48 +280,86 @@ def _mask_mod(t: MaskTables) -> Callable[[torch.Tensor, torch.Tensor, torch.Tens
     return mask_mod
 
 
-def flex_block_mask(
-    layouts: Sequence[Layout],
-    length: int,
-    config: MaskConfig = MaskConfig(),
-    device: torch.device | str = "cpu",
-    block_size: int = 128,
-    chunk_rows: int = 2048,
-):
-    """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch.
+def _cuts(state: torch.Tensor, length: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split 0..length into intervals on which every column of `state` (T, C) is constant and
+    that never cross a tile edge. Returns (starts, stops), each (R,), R <= tiles + state changes."""
+    changes = (state[1:] != state[:-1]).any(dim=1).nonzero().flatten() + 1  # first position of each new run
+    edges = torch.arange(0, length, block_size, device=state.device)
+    starts = torch.unique(torch.cat([edges, changes]))  # sorted
+    stops = torch.cat([starts[1:], starts.new_tensor([length])])
+    return starts, stops
 
-    torch's `create_block_mask` evaluates the mask densely, (B, 1, T, T) plus int32
-    temporaries of the same size: about 10 GB at 32K tokens, the very cost flex is meant
-    to avoid. Here the predicate is evaluated `chunk_rows` query rows at a time and each
-    chunk is reduced at once to (block_size x block_size) tiles: a tile with every entry
-    allowed is "full" (no mask_mod call inside it), one with some allowed is "partial".
-    The result is what `create_block_mask` builds (tested), in O(chunk_rows x T) memory.
-    `chunk_rows` is rounded down to a multiple of `block_size` (at least one tile row).
+
+def _tile_reduce(cells: torch.Tensor, q_tile: torch.Tensor, k_tile: torch.Tensor, n: int, how: str) -> torch.Tensor:
+    """Reduce a (Rq, Rk) int grid of intervals to (n, n) tiles with `how` ('amin': all, 'amax': any)."""
+    init = 1 if how == "amin" else 0
+    rows = cells.new_full((cells.shape[0], n), init).scatter_reduce(1, k_tile.expand_as(cells), cells, how)  # (Rq, n)
+    return rows.new_full((n, n), init).scatter_reduce(0, q_tile[:, None].expand_as(rows), rows, how)  # (n, n)
+
+
+def block_mask_from_tables(t: MaskTables, block_size: int = 128):
+    """A block-sparse FlexAttention `BlockMask` straight from the tables, by interval arithmetic.
+
+    Per row, every query has a state (blocks evicted, memento it belongs to, real or padding)
+    and every key one (hideable block, real or padding), each constant on runs between the
+    layout's boundaries. Splitting both axes at those boundaries and at the tile edges gives
+    a grid of intervals, Rq x Rk with R <= tiles + boundaries, on which the memento rule is
+    constant and causality reduces to comparing interval ends: an interval pair is wholly
+    allowed if its rule says visible and its last key precedes its first query, partly if
+    the first key precedes the last query. A tile is "full" if all its pairs are wholly allowed
+    (and it lies inside `T`: a ragged last tile never is), "partial" if some pair is partly
+    allowed. Time and memory grow with tiles squared and blocks, not with T squared: a few
+    milliseconds at 32K tokens. `mask_mod` (the same predicate) runs inside partial tiles only.
+    Equal to `create_block_mask` on the predicate (tested on random layouts and every option).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    t = mask_tables(layouts, length, config, device)
-    B, n = len(layouts), -(-length // block_size)  # tiles per side
-    rows_per_chunk = max(1, chunk_rows // block_size) * block_size
-    b = torch.arange(B, device=device)[:, None, None]
-    k = torch.arange(length, device=device)[None, None, :]
+    B, T = t.shape
+    device = t.valid.device
+    n = -(-T // block_size)  # tiles per side
     partial = torch.zeros(B, 1, n, n, dtype=torch.bool, device=device)
     full = torch.zeros(B, 1, n, n, dtype=torch.bool, device=device)
-    for start in range(0, length, rows_per_chunk):
-        stop = min(start + rows_per_chunk, length)
-        q = torch.arange(start, stop, device=device)
-        allowed = _allowed(t, b, q[None, :, None], k[..., :stop])  # (B, rows, stop): keys after the rows are causal-masked
-        rows = -(-len(q) // block_size) * block_size
-        allowed = torch.nn.functional.pad(allowed, (0, n * block_size - stop, 0, rows - len(q)))  # False outside
-        tiled = allowed.view(B, rows // block_size, block_size, n, block_size)
-        some, every = tiled.any(dim=4).any(dim=2), tiled.all(dim=4).all(dim=2)  # (B, q tiles, n), no int copies
-        tiles = slice(start // block_size, start // block_size + rows // block_size)
-        full[:, 0, tiles] = every
-        partial[:, 0, tiles] = some & ~every
+    for row in range(B):
+        b = torch.tensor(row, device=device)
+        q_state = torch.stack([t.n_completed[row], t.memento_of[row], t.valid[row].int()], dim=1)  # (T, 3)
+        k_state = torch.stack([t.hide_block[row], t.valid[row].int()], dim=1)  # (T, 2)
+        qs, qe = _cuts(q_state, T, block_size)  # (Rq,) each
+        ks, ke = _cuts(k_state, T, block_size)  # (Rk,) each
+        visible = _visible(t, b, qs[:, None], ks[None, :])  # (Rq, Rk): the rule is constant per interval pair
+        pad_q = ~t.valid[row, qs][:, None]  # a padding query sees only itself
+        whole = visible & (ke[None, :] - 1 <= qs[:, None])
+        some = visible & (ks[None, :] <= qe[:, None] - 1)
+        on_diagonal = torch.maximum(qs[:, None], ks[None, :]) < torch.minimum(qe[:, None], ke[None, :])
+        single = (qe - qs == 1)[:, None] & (ke - ks == 1)[None, :]
+        some |= pad_q & on_diagonal
+        whole |= pad_q & on_diagonal & single
+        q_tile, k_tile = qs // block_size, ks // block_size
+        every = _tile_reduce(whole.to(torch.uint8), q_tile, k_tile, n, "amin").bool()  # (n, n)
+        any_ = _tile_reduce(some.to(torch.uint8), q_tile, k_tile, n, "amax").bool()  # (n, n)
+        if T % block_size:  # the ragged last tile row and column hold positions past T: never full
+            every[-1, :] = False
+            every[:, -1] = False
+        full[row, 0] = every
+        partial[row, 0] = any_ & ~every
 
     def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 1, n, n) -> count, column order
         dense = tiles.to(torch.int32)
         return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
 
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=_mask_mod(t),
-                                    seq_lengths=(length, length))
+                                    seq_lengths=(T, T))
+
+
+def flex_block_mask(
+    layouts: Sequence[Layout],
+    length: int,
+    config: MaskConfig = MaskConfig(),
+    device: torch.device | str = "cpu",
+    block_size: int = 128,
+    truncate: bool = False,
+):
+    """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch, built on `device`
+    from the layouts' boundaries (`block_mask_from_tables`): what torch's `create_block_mask`
+    builds, without its dense (B, 1, T, T) evaluation (about 10 GB and seconds at 32K tokens).
+    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens)."""
+    return block_mask_from_tables(mask_tables(layouts, length, config, device, truncate), block_size)
