@@ -34,6 +34,7 @@ from cli_support import (  # noqa: F401
 
 from kvprobe.cli import build_parser
 from kvprobe.config import ConfigError, ExperimentConfig, load_config, parse_config
+from kvprobe.stats import holm
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -270,6 +271,54 @@ def test_capture_then_probe_then_report(capsys, tmp_path):
     assert len(rows) == 1 + 2 * 3  # header + layers x offsets (one site, one probe)
     assert "memento" in (report / "summary.md").read_text()
     assert set(json.loads((out / "timings.json").read_text())) >= {"probe"}
+
+
+def _table_stars(stdout: str) -> set[tuple[str, int, int]]:
+    """(condition, layer, offset) of every starred cell of the leakage tables `kvprobe` printed."""
+    stars, cond, offsets = set(), None, []
+    for line in stdout.splitlines():
+        if m := re.match(r"^(\S+): linear probe accuracy \(%\)", line):
+            cond = m.group(1)
+        elif line.startswith("layer "):
+            offsets = [int(o) for o in line.split()[1:]]
+        elif cond and re.match(r"^\s+\d+ ", line):
+            cells = [line[6 + 8 * i: 14 + 8 * i] for i in range(len(offsets))]  # "%7.1f" plus "*" or " "
+            stars |= {(cond, int(line[:5]), o) for o, c in zip(offsets, cells) if c.endswith("*")}
+        elif not line.strip():
+            cond = None
+    return stars
+
+
+def test_probe_run_and_report_star_the_same_cells(capsys, tmp_path):
+    """One Holm correction over every cell of the run, whichever command shows the table: the stars
+    `run`, `probe` and `report` print are the cells results.json marks significant, those summary.md
+    stars, and those Holm over all of results.json's p-values gives."""
+    two = dict(TINY, capture={**TINY["capture"], "pooling": ["mean"]},  # 256 features: fits in about a second
+               conditions={"memento": {"keep_last_n_blocks": 0},
+                           "restart": {"keep_last_n_blocks": 0, "restart_mode": True}},
+               probe={**TINY["probe"], "linear_l2_grid": [1e-3]})
+    out = tmp_path / "run"
+    code, ran, err = cli(capsys, "run", write_config(tmp_path / "two.yaml", two), "--out", out)
+    assert code == 0, err
+    code, probed, err = cli(capsys, "probe", out)
+    assert code == 0, err
+    code, reported, err = cli(capsys, "report", out)
+    assert code == 0, err
+
+    rows = json.loads((out / "report" / "results.json").read_text())["rows"]
+    assert len(rows) == 12  # 2 conditions x 2 layers x 3 offsets
+    expected = {(r["condition"], r["layer"], r["offset"]) for r, p in zip(rows, holm([r["p_value"] for r in rows]))
+                if p <= 0.05}
+    assert {(r["condition"], r["layer"], r["offset"]) for r in rows if r["significant"]} == expected
+    assert ("memento", 3, 0) in expected and not any(offset < 0 for _, _, offset in expected)  # direct, no control
+    assert _table_stars(probed) == _table_stars(ran) == _table_stars(reported) == expected
+    assert all(text.count("after Holm over all 12 cells") == 2 for text in (ran, probed, reported))
+
+    headline = (out / "report" / "summary.md").read_text().split("### linear probe")[1].split("\n\n")[1]
+    summary_stars = {("memento", int(line.split("|")[1]), o)
+                     for line in headline.splitlines()[2:]
+                     for o, cell in zip((-1, 0, 1), line.split("|")[2:-1]) if cell.strip().endswith("*")}
+    assert summary_stars == {s for s in expected if s[0] == "memento"}
 
 
 # ----------------------------------------------------------------------------- run, resume

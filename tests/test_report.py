@@ -454,6 +454,27 @@ def test_leakage_table_states_each_grids_own_chance(grid):
     assert "text-controlled: linear probe accuracy (%), chance 11.17; " in table
 
 
+def test_leakage_table_corrects_its_grids_as_one_family_without_changing_them(grid):
+    """Uncorrected grids print the stars of the whole family's correction (all conditions, sites and
+    probes, not only the linear memento cells shown), and the caller's rows keep their NaN p_holm."""
+    from kvprobe.analysis import GridResult
+    from kvprobe.experiment import holm_corrected, leakage_table
+
+    def grids_of(rows):
+        return {c: GridResult(c, [r for r in rows if r.condition == c], np.arange(3))
+                for c in ("memento", "restart-delims-visible", "restart")}
+
+    raw = [dataclasses.replace(r, p_holm=float("nan"), significant=False) for r in grid]
+    table = leakage_table(grids_of(raw))
+    assert table == leakage_table(grids_of(grid))  # `grid` is corrected over all its cells (make_grid)
+    shown = [r for r in grid if r.probe == "linear" and r.site == "memento"]
+    stars = sum(line.count("*") for line in table.splitlines() if ":" not in line)  # not the legend lines
+    assert stars == sum(r.significant for r in shown) > 0 and f"Holm over all {len(grid)} cells" in table
+    assert all(r.p_holm != r.p_holm and not r.significant for r in raw)  # printing changed nothing
+    corrected = holm_corrected(grids_of(raw))
+    assert [r.p_holm for g in corrected.values() for r in g.rows] == [r.p_holm for r in grid]
+
+
 def test_paired_differences_are_holm_corrected_as_a_family():
     rng = np.random.default_rng(0)
     base = rng.random(400)

@@ -18,7 +18,7 @@ from kvprobe.probes import (
     fit_selected,
     fit_sklearn,
 )
-from kvprobe.probes.linear import feature_gram, fit_linear_probes, preconditioner
+from kvprobe.probes.linear import LinearProbes, feature_gram, fit_linear_probes, preconditioner
 
 
 def correlated_data(seed: int, n_train=2000, n_val=600, dim=48, n_digits=2, groups=(0.5, 1.5)):
@@ -132,3 +132,29 @@ def test_the_preconditioner_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_a_batch_that_starts_converged_returns_its_start(precondition):
+    """Every problem already at its optimum (a warm start from its own solution) stops before the first
+    step: the start comes back unchanged, with 0 iterations. A batch where only one group starts converged
+    leaves that group exactly where it was while the other is solved."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (2, 300, 2), generator=gen)  # (G, N, K)
+    x = torch.randn(2, 300, 8, generator=gen)  # (G, N, D)
+    x[..., :2] += (y - 4.5) / 3  # each digit readable from its own feature
+    config = LinearConfig(l2=1e-2, tol=1e-4, max_iter=2000, precondition=precondition)
+    solved, info = fit_linear_probes(x, y, 10, config)
+    assert info.converged.all() and (info.n_iter > 0).all()
+
+    again, again_info = fit_linear_probes(x, y, 10, config, init=solved)  # every problem converged at once
+    assert torch.equal(again.weight, solved.weight) and torch.equal(again.bias, solved.bias)
+    assert (again_info.n_iter == 0).all() and again_info.converged.all()
+    torch.testing.assert_close(again_info.loss, info.loss, rtol=0, atol=0)
+
+    half = LinearProbes(solved.weight.detach().clone(), solved.bias.detach().clone())
+    with torch.no_grad():
+        half.weight[1], half.bias[1] = 0.0, 0.0  # group 0 at its optimum, group 1 from zero
+    mixed, mixed_info = fit_linear_probes(x, y, 10, config, init=half)
+    assert torch.equal(mixed.weight[0], solved.weight[0]) and (mixed_info.n_iter[0] == 0).all()
+    assert mixed_info.converged.all() and (mixed_info.n_iter[1] > 0).all()

@@ -11,6 +11,7 @@ from .capture import Plans, capture_all, plan_all
 from .errors import ExperimentError
 from .kinds import ModelKind, model_kind
 from .pipeline import (
+    holm_corrected,
     leakage_table,
     run_pipeline,
     stage_probe,
@@ -37,6 +38,7 @@ __all__ = [
     "capture_all",
     "check_out_dir",
     "check_store",
+    "holm_corrected",
     "leakage_table",
     "load_model",
     "make_source",

@@ -10,12 +10,17 @@ a study in Python calls them the same way:
 
 An experiment directory (`rundir`) holds every stage's output, so an interrupted run
 resumes at the first unfinished piece.
+
+Significance is corrected in one place, `holm_corrected`: every table printed (`leakage_table`)
+or written (`stage_report`) reads its rows through it, so `kvprobe probe`, `run`, `report`
+and `demo` star the same cells of a run.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,8 @@ from .rundir import (
     store_dir,
 )
 
-__all__ = ["leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep", "start_run"]
+__all__ = ["holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep",
+           "start_run"]
 
 
 def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeSettings:
@@ -143,7 +149,6 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
                     model_name=name, progress=progress)
         with KVStore(store_path) as store:
             grid = probe_store(store, name, settings, progress=False)
-        apply_holm(grid.rows)
         row: dict[str, Any] = {"checkpoint": name, "step": kind.checkpoint_step(name),
                                "task_accuracy": kind.task_accuracy(model, cfg.sweep.task_samples)}
         for r in grid.rows:
@@ -157,12 +162,24 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
     return rows
 
 
+def holm_corrected(grids: Mapping[str, GridResult]) -> dict[str, GridResult]:
+    """A run's grids (condition -> grid) with every row's `p_holm` and `significant` set by one Holm
+    correction over the whole family; the grids passed in are left as they are (rows are copied).
+
+    The family is every cell of every condition, site, probe kind, layer and offset, the causal
+    controls included: the one the report states ("corrected over all N cells"). Every leakage
+    table printed or written goes through here, so the same grids get the same stars whichever
+    command shows them."""
+    out = {cond: replace(g, rows=[replace(r) for r in g.rows]) for cond, g in grids.items()}
+    apply_holm([r for g in out.values() for r in g.rows])
+    return out
+
+
 def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[SweepPoint]) -> list[Path]:
-    """Tables and figures from probe results; always rewritten (cheap)."""
+    """Tables and figures from probe results (cells Holm-corrected by `holm_corrected`); always rewritten (cheap)."""
     from .. import reporting as report
 
-    rows = [r for g in grids.values() for r in g.rows]
-    apply_holm(rows)
+    rows = [r for g in holm_corrected(grids).values() for r in g.rows]
     diffs = []
     for a, b in cfg.comparisons():
         if a in grids and b in grids:
@@ -182,7 +199,12 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
 
 
 def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str = "memento") -> str:
-    """A compact text table: probe accuracy (%) by layer (rows) and offset (columns), per condition."""
+    """A compact text table: probe accuracy (%) by layer (rows) and offset (columns), per condition.
+
+    `*` marks a Holm-significant cell, corrected (`holm_corrected`) over every cell of `grids`, not
+    only the ones shown: the family of the run's report."""
+    grids = holm_corrected(grids)
+    n_cells = sum(len(g.rows) for g in grids.values())
     lines = []
     for cond, grid in grids.items():
         cells = {(r.layer, r.offset): r for r in grid.rows if r.probe == probe and r.site == site}
@@ -191,7 +213,8 @@ def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str
         layers = sorted({k[0] for k in cells})
         offsets = sorted({k[1] for k in cells})
         chance = next(iter(cells.values())).chance  # 10%, or constrained passcodes' own baseline
-        lines.append(f"{cond}: {probe} probe accuracy (%), chance {100 * chance:.4g}; * = significant after Holm")
+        lines.append(f"{cond}: {probe} probe accuracy (%), chance {100 * chance:.4g}; "
+                     f"* = significant after Holm over all {n_cells} cells")
         lines.append("layer " + "".join(f"{o:>+8d}" for o in offsets))
         for layer in layers:
             vals = []
@@ -213,12 +236,12 @@ def start_run(cfg: ExperimentConfig, out: Path, *, resume: bool, overwrite: bool
 
 def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
     """Every stage in order: capture, probe, causal (with a `causal` section), sweep, report.
-    Returns the probe grids."""
+    Returns the probe grids, Holm-corrected as the report's family (`holm_corrected`)."""
     t = time.perf_counter()
     capture_all(cfg, out, plans, mode="resume" if resume else "create", progress=progress)
     record_timing(out, "capture", time.perf_counter() - t)
     t = time.perf_counter()
-    grids = stage_probe(cfg, out, progress=progress)
+    grids = holm_corrected(stage_probe(cfg, out, progress=progress))
     record_timing(out, "probe", time.perf_counter() - t)
     if cfg.causal_spec() is not None:
         t = time.perf_counter()
@@ -229,7 +252,6 @@ def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool
     if cfg.sweep.checkpoints:
         record_timing(out, "sweep", time.perf_counter() - t)
     t = time.perf_counter()
-    apply_holm([r for g in grids.values() for r in g.rows])
     stage_report(cfg, out, grids, sweep)
     record_timing(out, "report", time.perf_counter() - t)
     return grids

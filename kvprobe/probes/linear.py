@@ -106,8 +106,11 @@ class LBFGSInfo:
 
 
 def _runs(groups: torch.Tensor) -> list[slice]:
-    """Ascending group indices (g,) as slices of consecutive indices, e.g. [0, 1, 2, 5, 6] -> [0:3, 5:7]."""
+    """Ascending group indices (g,) as slices of consecutive indices, e.g. [0, 1, 2, 5, 6] -> [0:3, 5:7];
+    no indices (every group finished) -> no slices."""
     idx = groups.tolist()
+    if not idx:
+        return []
     cuts = [0] + [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1] + [len(idx)]
     return [slice(idx[a], idx[b - 1] + 1) for a, b in zip(cuts, cuts[1:])]
 
@@ -285,6 +288,8 @@ def fit_linear_probes(
         rows = (~done).any(dim=1).nonzero().squeeze(1)  # (g,)
         if len(rows) == G:
             return torch.bmm(precond, q.reshape(G, D + 1, -1)).view_as(q)
+        if len(rows) == 0:  # every problem has converged (a warm start at its optimum): nothing moves again
+            return q
         out = q.clone()
         for run in _runs(rows):  # views of consecutive groups: no copy of the factors
             out[run] = torch.bmm(precond[run], q[run].reshape(-1, D + 1, q.shape[2] * K)).view_as(q[run])
