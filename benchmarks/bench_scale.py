@@ -15,8 +15,10 @@ is its own), on `--threads` CPU threads (1 by default), for one synthetic Mement
               2 layers, random fp32 weights. FlexAttention (compiled on CPU) at every length,
               the dense mask where it is allowed (up to DENSE_MASK_MAX_TOKENS). Time per token
               and peak resident set, and its growth over the resident set after the model was built.
-    collator  the SFT stage-2 collator (`kvprobe.training.MementoCollator`) on one trace of T
-              tokens: time per sample (best of 5), from `bench_collator.py`.
+    collator  the SFT stage-2 collator (`kvprobe.training.collate.MementoCollator`) on one
+              trace of T tokens (Qwen3's real tokenizer, read from the tokenised table as the
+              Trainer's loader does): median time per sample over 20 calls, from
+              `bench_collator.py`, and its largest tensor over T (a T x T mask would be T).
 
 For each series the growth exponent k of y ~ T^k is fitted by least squares on log-log over
 the lengths measured (1: linear, 2: quadratic). The results go to `--out` (JSON, committed as
@@ -105,10 +107,17 @@ def measure(lengths: tuple[int, ...], threads: int) -> dict[str, Any]:
                                  "--features-out", str(Path(d) / f"{impl}-{length}.npz")])
                 rows["capture"].append(row)
                 print(json.dumps(row), flush=True)
-    for length in lengths:
-        rows["collator"].append(run_child([str(HERE / "bench_collator.py"), "--child", "--length", str(length),
-                                           "--threads", str(threads)]))
-        print(json.dumps(rows["collator"][-1]), flush=True)
+    with tempfile.TemporaryDirectory() as d:  # the real Qwen3 tokenizer, one trace of each length
+        out = Path(d) / "collator.json"
+        done = subprocess.run([sys.executable, str(HERE / "bench_collator.py"), "--threads", str(threads), "--lengths",
+                               *map(str, lengths), "--blocks", str(BLOCKS), "--out", str(out)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench_collator.py: {done.stderr.strip().splitlines()[-1:]}")
+        for r in json.loads(out.read_text())["results"]:
+            rows["collator"].append({"length": r["tokens"], "seconds": r["collate_ms_median"] / 1e3,
+                                     "largest_over_T": r["largest_over_T"]})
+            print(json.dumps(rows["collator"][-1]), flush=True)
     return {"lengths": list(lengths), "threads": threads, "blocks": BLOCKS, "memento_len": MEMENTO_LEN,
             "model": MODEL, "dense_mask_max_tokens": forward.DENSE_MASK_MAX_TOKENS,
             "machine": f"{platform.machine()}, torch {torch.__version__}", "rows": rows}
@@ -144,14 +153,15 @@ def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     mb = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
     lines = ["| T | dense mask: time (s) | dense mask: peak growth (MiB) | interval mask: time (ms) "
-             "| interval mask: peak growth (MiB) | collator (ms/sample) |", "|---:|---:|---:|---:|---:|---:|"]
+             "| interval mask: peak growth (MiB) | collator (ms/sample) | collator: largest tensor / T |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for length in result["lengths"]:
         dense = next(r for r in rows["mask"] if r["impl"] == "dense" and r["length"] == length)
         interval = next(r for r in rows["mask"] if r["impl"] == "interval" and r["length"] == length)
         coll = next(r for r in rows["collator"] if r["length"] == length)
         lines.append(f"| {length:,} | {dense['seconds']:.2f} | {mb(dense['peak_growth_bytes'])} | "
                      f"{1e3 * interval['seconds']:.1f} | {mb(interval['peak_growth_bytes'])} | "
-                     f"{1e3 * coll['seconds']:.1f} |")
+                     f"{1e3 * coll['seconds']:.1f} | {coll['largest_over_T']:.1f} |")
     lines += ["", "| T | mask | tokens run | capture (s) | capture (ms/token) | capture / forward | peak RSS (MiB) "
               "| peak over the model (MiB) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows["capture"]:

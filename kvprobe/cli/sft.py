@@ -1,7 +1,8 @@
 """`kvprobe sft`: the two-stage Memento SFT of a base or reasoning model (transformers' Trainer).
 
 A thin command over `kvprobe.training.sft` (docs/real_models.md): load a checkpoint, add the
-Memento markers, run stage 1 (full attention), stage 2 (memento attention) or both.
+Memento markers, run stage 1 (full attention), stage 2 (memento attention) or both. Launch
+several processes with an accelerate config of experiments/launch/ (FSDP or ZeRO-3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def _sft(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data.traces import TraceError, add_memento_tokens, read_jsonl
+    from ..memento.forward import UnsupportedAttentionError
     from ..training.sft import (
         QWEN3_CHAT_TEMPLATE,
         exit_if_launched,
@@ -41,31 +43,36 @@ def _sft(args: argparse.Namespace) -> int:
     except (TraceError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     add_memento_tokens(tokenizer, model)
-    common = dict(mask=mask, max_length=args.max_length,
+    out = Path(args.output_dir)
+    common = dict(mask=mask, max_length=args.max_length, overlength=args.overlength,
+                  cache_dir=Path(args.tokenized_cache) if args.tokenized_cache else out / "tokenized",
+                  tokenize_workers=args.tokenize_workers,
                   prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
                   learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
                   per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                   global_batch_size=args.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
                   save_steps=args.save_steps, loss_on_think=args.loss_on_think, seed=args.seed,
                   **dict(args.training_arg))
-    out = Path(args.output_dir)
     for stage in map(int, args.stages):
-        result = train_stage(model, tokenizer, traces, stage, out / f"stage{stage}" if len(args.stages) > 1 else out,
-                             **common)
+        try:
+            result = train_stage(model, tokenizer, traces, stage,
+                                 out / f"stage{stage}" if len(args.stages) > 1 else out, **common)
+        except UnsupportedAttentionError as e:  # e.g. stage 2's dense mask refused for long rows
+            raise UsageError(str(e).splitlines()[0]) from None
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         if result.trainer.is_world_process_zero():
             print(f"stage {stage}: {result.n_traces} traces ({len(result.dropped)} dropped as too long), "
-                  f"{result.steps} steps on {result.world_size} process(es), final logged loss {last}, "
-                  f"model in {result.output_dir}")
+                  f"{result.steps} steps on {result.world_size} process(es), {len(result.truncated)} truncated to "
+                  f"{args.max_length} tokens, final logged loss {last}, model in {result.output_dir}")
     exit_if_launched()
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "sft", "two-stage Memento SFT of a base or reasoning model (transformers' Trainer)",
-                   "  kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft\n"
-                   "  accelerate launch -m kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl "
-                   "--output-dir runs/sft --stages 2")
+                   "  kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --output-dir runs/sft\n"
+                   "  accelerate launch --config_file experiments/launch/fsdp_qwen3.yaml -m kvprobe sft "
+                   "--model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a hub id's files from the network (default: local files and the local cache only)")
@@ -73,7 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
-    p.add_argument("--max-length", type=int, default=PAPER_RECIPE.max_length, help="drop longer traces")
+    p.add_argument("--max-length", type=int, default=PAPER_RECIPE.max_length,
+                   help="longest row in tokens (the paper's 32768); longer traces are cut to it (see --overlength)")
+    p.add_argument("--overlength", choices=("truncate", "drop"), default="truncate",
+                   help="a trace longer than --max-length: cut to it (the paper's) or left out")
+    p.add_argument("--tokenized-cache", default=None, metavar="DIR",
+                   help="where the tokenised traces are cached, built once and shared by the ranks "
+                        "(default OUTPUT_DIR/tokenized)")
+    p.add_argument("--tokenize-workers", type=int, default=None, metavar="N",
+                   help="processes that tokenise the traces (default: one, the tokenizer's own threads)")
     p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
                    help="wrap prompts in Qwen3's chat format (default) or not")
     # defaults: the paper's recipe (kvprobe.training.sft.SFTRecipe, appendix A.2.1)

@@ -8,20 +8,24 @@ format of SPEC section 1):
     stage 2  memento attention: completed blocks are hidden from later tokens, so the
              model learns to reason forward from the mementos alone (SPEC section 2)
 
-Stage 1 runs with ``attn_implementation="flash_attention_2"`` when the ``flash_attn``
-package is installed and CUDA is present, else ``sdpa``; it gets a plain 2D padding
-mask. Stage 2 needs a custom 4D mask, which the flash-attention paths ignore, so it runs
-with ``sdpa`` (or ``eager`` if the model already uses it) and the collator supplies the
-dense additive memento mask from `kvprobe.memento.forward.memento_inputs` plus position ids.
+The pieces, each in its own module:
 
-`MementoCollator` turns `Trace` objects into a padded batch (right padding):
+    encode.py     `TraceEncoder`: a trace -> one row (ids, layout, loss start), cut to
+                  `max_length` tokens as the paper does ("Sequences are tokenized to a
+                  maximum length of 32,768 tokens"; ``overlength="drop"`` drops instead)
+    tokenized.py  `tokenize_traces`: every trace tokenised once into a cached HF `datasets`
+                  table, built by the main process and memory-mapped by every rank
+    collate.py    `MementoCollator`: padded ids and labels; stage 2 adds position ids and the
+                  memento mask as O(B x T) tables, never a T x T tensor
+    trainer.py    `MementoTrainer`: builds the mask from the tables on the model's device
 
-    input_ids       (B, T) long     tokens of `render(trace)` (`tokenize_trace`), plus EOS
-    labels          (B, T) long     the input ids, -100 on the prompt and on padding
-    attention_mask  stage 1: (B, T) long, 1 on real tokens
-                    stage 2: (B, 1, T, T) float in the model's dtype, 0 where a query may
-                             attend a key under the memento mask, dtype-min elsewhere
-    position_ids    stage 2 only: (B, T) long, 0.. on each row
+Attention (`stage_attn_implementation`). Stage 1 runs ``flash_attention_2`` when the
+``flash_attn`` package is installed and CUDA is present, else ``sdpa``, with a 2D padding
+mask. Stage 2 needs the memento mask, which the flash-attention paths ignore: on CUDA it
+runs ``flex_attention`` with the interval-built `BlockMask` (milliseconds and O(T) memory
+at 32K tokens; rows padded to a multiple of its 128-token tiles); on CPU ``sdpa`` (or
+``eager`` if the model already uses it) with the dense additive mask, which is refused above
+`DENSE_MASK_MAX_TOKENS` (8,192) tokens with one line naming the memory it would take.
 
 Loss, as the paper's ("on all completion tokens"): every token from ``<think>`` on, the
 assistant turn, is a target: block contents, delimiters, mementos, ``</think>``, the answer
@@ -33,56 +37,74 @@ wrapped in the chat format before rendering, so training matches what a served m
 sees; kvprobe's capture wraps it the same way (`data.chat_template`, `kvprobe.data.chat`:
 the fork's template by default for ChatML tokenizers).
 
-The dense mask costs B x T x T values per batch (2 bytes each in bf16: 0.5 GB per
-16K-token trace), and sdpa with a custom mask uses the memory-efficient kernel rather
-than flash attention. Long traces therefore want batch size 1 with gradient accumulation.
+Launch (every process runs the same command; the configs are in experiments/launch/):
 
-Launch (one GPU, or DDP/FSDP through torchrun/accelerate; `Trainer` does the rest):
+    kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --output-dir runs/sft
+    accelerate launch --config_file experiments/launch/fsdp_qwen3.yaml -m kvprobe sft \\
+        --model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32 \\
+        --training-arg use_liger_kernel=true
+    accelerate launch --config_file experiments/launch/zero3.yaml -m kvprobe sft \\
+        --model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32 \\
+        --training-arg use_liger_kernel=true
 
-    kvprobe sft --model Qwen/Qwen3-8B --traces traces.jsonl --output-dir runs/sft
-    torchrun --nproc-per-node 8 -m kvprobe sft --model ... --traces ... --output-dir ...
-    accelerate launch --config_file fsdp.yaml -m kvprobe sft --model ... --traces ... --output-dir ...
-
-See docs/real_models.md.
+Full SFT of an 8B model needs its weights, gradients and optimiser states sharded (FSDP or
+ZeRO-3): 98-131 GB in all; at 32K-token rows the logits at the loss add 30-50 GB per GPU
+unless a fused loss (Liger) avoids them. See docs/real_models.md for the arithmetic.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from ..memento.forward import DENSE_MASK_IMPLEMENTATIONS, check_implementation, memento_inputs
-from ..memento.layout import Layout, SpecialTokens, parse_layout
+from ..data.traces import Trace, add_memento_tokens
+from ..memento.forward import (
+    DENSE_MASK_IMPLEMENTATIONS,
+    DENSE_MASK_MAX_TOKENS,
+    FLEX_IMPLEMENTATIONS,
+    UnsupportedAttentionError,
+    check_implementation,
+    dense_mask_bytes,
+)
 from ..memento.masks import MaskConfig
-from ..data.traces import Trace, TraceError, add_memento_tokens, tokenize_trace
+from .collate import MementoCollator, _check_stage
+from .encode import IGNORE_INDEX, EncodedTrace, Overlength, OverlengthError, TraceEncoder
+from .tokenized import TokenizedTraces, tokenize_traces
 
 __all__ = [
+    "IGNORE_INDEX",
     "PAPER_RECIPE",
     "QWEN3_CHAT_TEMPLATE",
+    "EncodedTrace",
     "MementoCollator",
+    "OverlengthError",
     "SFTRecipe",
+    "StageResult",
+    "TokenizedTraces",
+    "TraceEncoder",
     "accumulation_for",
     "exit_if_launched",
-    "StageResult",
     "select_traces",
     "stage_attn_implementation",
+    "tokenize_traces",
     "train_stage",
     "two_stage_sft",
 ]
 
+log = logging.getLogger(__name__)
+
+FLEX_TILE = 128  # FlexAttention's BlockMask tile: stage-2 rows are padded to a multiple of it
+
 # Qwen3's chat format for one user turn and the assistant's reply (no system prompt, as
 # the fork's memento_nosys.jinja); `render` adds the newline and <think> after it.
 QWEN3_CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant"
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -128,132 +150,29 @@ def accumulation_for(global_batch_size: int, per_device: int, world_size: int) -
 def stage_attn_implementation(stage: int, current: str | None = None) -> str:
     """The attention implementation a stage trains with.
 
-    Stage 1: ``flash_attention_2`` when flash_attn is installed and CUDA is present,
-    else ``sdpa``. Stage 2: the model's `current` implementation if it reads a dense 4D
-    mask (``eager``/``sdpa``), else ``sdpa``.
+    Stage 1: ``flash_attention_2`` when flash_attn is installed and CUDA is present, else
+    ``sdpa``. Stage 2: ``flex_attention`` on CUDA (the block-sparse memento mask, any length);
+    on CPU the model's `current` implementation if it reads a dense 4D mask (``eager``/``sdpa``),
+    else ``sdpa`` (CPU FlexAttention has no backward pass).
     """
     _check_stage(stage)
     if stage == 1:
         return "flash_attention_2" if find_spec("flash_attn") is not None and torch.cuda.is_available() else "sdpa"
+    if torch.cuda.is_available():
+        return "flex_attention"
     return current if current in DENSE_MASK_IMPLEMENTATIONS else "sdpa"
 
 
-def _check_stage(stage: int) -> None:
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 (causal attention) or 2 (memento attention), got {stage!r}")
-
-
-@dataclass
-class MementoCollator:
-    """Tokenize, pad and mask a batch of traces for one SFT stage (see the module docstring).
-
-    tokenizer:       a fast tokenizer holding the six Memento markers
-    stage:           1 (causal, 2D padding mask) or 2 (4D memento mask + position ids)
-    model:           the model being trained; stage 2 reads its dtype and attention
-                     implementation (must be eager or sdpa) to build the mask
-    mask:            the memento mask of stage 2 (default: hide every completed block)
-    max_length:      a longer trace raises ValueError (filter first with `select_traces`)
-    prompt_template: a format string with ``{prompt}`` wrapped around each trace's prompt
-    append_eos:      end each sequence with the tokenizer's EOS token (learn to stop)
-    loss_on_think:   train on <think> (and what follows it), the assistant turn's first token
-                     (the paper's; False: targets start at the first <|block_start|>)
-    loss_on_prompt:  also train on the prompt tokens
-    pad_to_multiple_of: round the padded length up (tensor-core friendly shapes)
-    """
-
-    tokenizer: Any
-    stage: int
-    model: Any = None
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    max_length: int | None = None
-    prompt_template: str | None = None
-    append_eos: bool = True
-    loss_on_prompt: bool = False
-    pad_to_multiple_of: int | None = None
-    loss_on_think: bool = PAPER_RECIPE.loss_on_think
-
-    def __post_init__(self) -> None:
-        _check_stage(self.stage)
-        if self.stage == 2 and self.model is None:
-            raise ValueError("the stage-2 collator needs the model (its dtype and attention implementation)")
-        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
-        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if self.append_eos and eos is None:
-            raise ValueError("append_eos=True but the tokenizer has no eos_token_id")
-        self.eos_id: int | None = eos if self.append_eos else None
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
-
-    def prepare(self, trace: Trace) -> Trace:
-        """The trace as it is rendered for training (prompt wrapped in the template, if any)."""
-        if self.prompt_template is None:
-            return trace
-        prompt = self.prompt_template.format(prompt=trace.prompt)
-        return Trace(trace.trace_id, prompt, trace.blocks, trace.summaries, trace.answer)
-
-    def encode(self, trace: Trace) -> tuple[list[int], Layout]:
-        """Token ids of one trace (with EOS) and their layout; ValueError if longer than max_length."""
-        ids_t, layout = tokenize_trace(self.prepare(trace), self.tokenizer, self.special)
-        ids = ids_t.tolist()
-        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
-            ids.append(self.eos_id)
-            layout = parse_layout(ids, self.special)
-        if self.max_length is not None and len(ids) > self.max_length:
-            raise ValueError(f"trace {trace.trace_id!r} has {len(ids)} tokens, more than max_length="
-                             f"{self.max_length} (drop long traces first with select_traces)")
-        return ids, layout
-
-    def labels_for(self, ids: list[int], layout: Layout) -> list[int]:
-        """Targets of one unpadded row: the ids, with the prompt set to -100 unless loss_on_prompt
-        (from <think> on, the assistant turn, it is a target with loss_on_think)."""
-        labels = list(ids)
-        if not self.loss_on_prompt:
-            thinks = [p for p in layout.prompt if ids[p] == self.special.think]
-            stop = thinks[-1] if self.loss_on_think and thinks else layout.prompt.stop
-            for p in range(layout.prompt.start, stop):
-                labels[p] = IGNORE_INDEX
-        return labels
-
-    def __call__(self, features: Sequence[Trace | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        traces = [f["trace"] if isinstance(f, Mapping) else f for f in features]
-        if not traces or not all(isinstance(t, Trace) for t in traces):
-            raise TypeError("MementoCollator takes a non-empty list of Trace (or {'trace': Trace}) features")
-        rows = [self.encode(t) for t in traces]
-        T = max(len(ids) for ids, _ in rows)
-        if self.pad_to_multiple_of:
-            T = math.ceil(T / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        B = len(rows)
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (ids, layout) in enumerate(rows):
-            n = len(ids)
-            input_ids[b, :n] = torch.tensor(ids)
-            labels[b, :n] = torch.tensor(self.labels_for(ids, layout))
-            attention_mask[b, :n] = 1
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
-        if self.stage == 1:
-            batch["attention_mask"] = attention_mask
-            return batch
-        # right padding: each row's layout (parsed at offset 0) indexes the padded row as is
-        batch.update(memento_inputs(self.model, input_ids, [lay for _, lay in rows], self.mask, attention_mask))
-        return batch
-
-
 def select_traces(traces: Sequence[Trace], collator: MementoCollator) -> tuple[list[Trace], list[str]]:
-    """Split traces into those that fit `collator.max_length` (and tokenize into valid
-    Memento structure) and the ids of those that do not."""
+    """Split traces into those the collator can train on (valid Memento structure, and within
+    `max_length` or truncated to it) and the ids of those it cannot."""
     kept: list[Trace] = []
     dropped: list[str] = []
-    for t in traces:
-        try:
-            collator.encode(t)
-        except (ValueError, TraceError):
+    for t, row in zip(traces, collator.encoder.encode_or_reason(traces)):
+        if isinstance(row, EncodedTrace):
+            kept.append(t)
+        else:
             dropped.append(t.trace_id)
-            continue
-        kept.append(t)
     return kept, dropped
 
 
@@ -267,13 +186,36 @@ class StageResult:
     world_size: int  # processes that trained together (torchrun / accelerate)
     steps: int  # optimizer steps taken
     n_traces: int
-    dropped: list[str]  # ids of traces left out (too long for max_length)
+    dropped: dict[str, str]  # id -> why the trace was left out (too long with overlength="drop", ...)
     trainer: Any
     train_output: Any
+    truncated: list[str]  # ids of the traces cut to max_length
+    tokenized: Path  # the tokenised table's cache directory
+    tokenized_reused: bool  # this process found the table built (by an earlier run or the main process)
 
 
 def _bf16_default() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _fsdp_checkpoints_activations() -> bool:
+    """True when an accelerate launch config turns FSDP's activation checkpointing on and FSDP
+    will apply (accelerate uses FSDP on GPUs only; a CPU launch falls back to DDP)."""
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    return flag("ACCELERATE_USE_FSDP") and flag("FSDP_ACTIVATION_CHECKPOINTING") and torch.cuda.is_available()
+
+
+def _refuse_long_dense(impl: str, rows: TokenizedTraces, model: Any) -> None:
+    """Stage 2 with a dense mask: refuse, before training, rows above DENSE_MASK_MAX_TOKENS."""
+    longest = rows.max_tokens
+    if impl in DENSE_MASK_IMPLEMENTATIONS and longest > DENSE_MASK_MAX_TOKENS:
+        gib = dense_mask_bytes(1, longest, model.dtype) / 2**30
+        raise UnsupportedAttentionError(
+            f"stage 2 with {impl!r} attention builds a dense (B, 1, T, T) memento mask and the longest row has "
+            f"{longest} tokens ({gib:.1f} GiB per row, limit {DENSE_MASK_MAX_TOKENS} tokens): train stage 2 with "
+            f"attn_implementation='flex_attention' on a GPU, or lower max_length")
 
 
 def train_stage(
@@ -285,10 +227,13 @@ def train_stage(
     *,
     mask: MaskConfig = MaskConfig(),
     max_length: int | None = None,
+    overlength: Overlength = "truncate",
     prompt_template: str | None = None,
     append_eos: bool = True,
     loss_on_prompt: bool = False,
     loss_on_think: bool = PAPER_RECIPE.loss_on_think,
+    cache_dir: str | Path | None = None,
+    tokenize_workers: int | None = None,
     learning_rate: float = PAPER_RECIPE.learning_rate,
     num_train_epochs: float = PAPER_RECIPE.num_train_epochs,
     max_steps: int = -1,
@@ -311,43 +256,51 @@ def train_stage(
     callbacks: Sequence[Any] | None = None,
     **training_args: Any,
 ) -> StageResult:
-    """Fine-tune `model` on `traces` for one stage with transformers' `Trainer`.
+    """Fine-tune `model` on `traces` for one stage with `MementoTrainer`.
 
     Stage 1 switches the model to `stage_attn_implementation(1)` (flash-attention 2 when
     available, else sdpa) and trains with plain causal attention; stage 2 switches it to
-    eager/sdpa and trains under `mask` (memento attention). `attn_implementation`
-    overrides the choice (stage 2 refuses one that ignores 4D masks). Traces longer than
-    `max_length` tokens are dropped (their ids are in the result). With `save`, the model
-    and tokenizer are written to `output_dir` at the end. bf16 defaults to on where CUDA
-    supports it. Any other keyword goes to `TrainingArguments` (fsdp, deepspeed,
-    save_strategy, ...). Under torchrun/accelerate every process calls this with the
-    same arguments; `Trainer` handles the distribution.
+    flex_attention on CUDA, else eager/sdpa, and trains under `mask` (memento attention;
+    a dense mask is refused above `DENSE_MASK_MAX_TOKENS` tokens). `attn_implementation`
+    overrides the choice (stage 2 refuses one that ignores 4D masks).
+
+    The traces are tokenised once into ``cache_dir`` (default ``output_dir/tokenized``) by the
+    main process, and every rank maps that table (`tokenize_traces`; `tokenize_workers`
+    processes tokenise). Traces longer than `max_length` tokens are truncated to it, or
+    dropped with ``overlength="drop"``; both lists are in the result. With `save`, the whole
+    model and the tokenizer are written to `output_dir` at the end (under FSDP too).
+    bf16 defaults to on where CUDA supports it. Any other keyword goes to
+    `TrainingArguments` (save_strategy, fsdp, deepspeed, ...). Under torchrun/accelerate
+    every process calls this with the same arguments; `Trainer` handles the distribution.
 
     The defaults are the paper's recipe (`SFTRecipe`): gradient accumulation, unless given,
     makes up `global_batch_size` over the processes (`accumulation_for`), and a checkpoint is
     saved every `save_steps` steps (``save_strategy="no"`` to save none).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from .trainer import MementoTrainer
 
     _check_stage(stage)
     current = getattr(model.config, "_attn_implementation", None)
     impl = attn_implementation or stage_attn_implementation(stage, current)
     if stage == 2:
-        check_implementation(impl, DENSE_MASK_IMPLEMENTATIONS, "stage 2 needs an attention implementation that "
-                                                               "reads a 4D mask")
+        check_implementation(impl, DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS,
+                             "stage 2 needs an attention implementation that reads a 4D mask")
+    collator = MementoCollator(tokenizer, stage, mask, max_length, prompt_template, append_eos, loss_on_prompt,
+                               FLEX_TILE if stage == 2 and impl in FLEX_IMPLEMENTATIONS else None, loss_on_think,
+                               overlength)
     if impl != current:
         model.set_attn_implementation(impl)
-
-    collator = MementoCollator(tokenizer, stage, model if stage == 2 else None, mask, max_length,
-                               prompt_template, append_eos, loss_on_prompt, loss_on_think=loss_on_think)
-    kept, dropped = select_traces(traces, collator) if max_length is not None else (list(traces), [])
-    if not kept:
-        raise ValueError(f"no trace left to train on ({len(dropped)} dropped as longer than max_length={max_length})")
 
     output_dir = Path(output_dir)
     # transformers 5 renamed gradient checkpointing; use whichever name this version has
     fields = getattr(TrainingArguments, "__dataclass_fields__", {})
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if _fsdp_checkpoints_activations() and gradient_checkpointing:
+        log.info("FSDP checkpoints each wrapped layer's activations (launch config): the Trainer's own "
+                 "gradient checkpointing is off (the two may not both be on)")
+        gradient_checkpointing = False
     training_args.setdefault(ckpt, gradient_checkpointing)
     training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", 1))  # processes a launcher started
@@ -378,22 +331,31 @@ def train_stage(
         report_to=training_args.pop("report_to", "none"),
         save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
         save_steps=save_steps,
-        remove_unused_columns=False,  # the features are Trace objects, not model columns
+        remove_unused_columns=False,  # the rows carry layout columns the collator reads
         **training_args,
     )
+    cache = Path(cache_dir) if cache_dir is not None else output_dir / "tokenized"
+    with args.main_process_first(desc="tokenising traces"):  # one build per node; the other ranks map it
+        rows = tokenize_traces(traces, collator.encoder, cache, num_proc=tokenize_workers)
+    if not len(rows):
+        first = next(iter(rows.dropped.values()), "")
+        raise ValueError(f"no trace left to train on ({len(rows.dropped)} dropped; the first: {first})")
+    if stage == 2:
+        _refuse_long_dense(impl, rows, model)
+
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache while training
     try:
-        trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=kept,
-                          processing_class=tokenizer, callbacks=list(callbacks or []))
+        trainer = MementoTrainer(model=model, args=args, data_collator=collator, train_dataset=rows.rows,
+                                 processing_class=tokenizer, callbacks=list(callbacks or []), memento_mask=mask)
         train_output = trainer.train()
     finally:
         model.config.use_cache = use_cache
     if save:
-        trainer.save_model(str(output_dir))  # main process only; tokenizer via processing_class
+        trainer.save_model(str(output_dir))  # every rank joins (FSDP gathers); the main process writes
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return StageResult(stage, output_dir, losses, args.world_size, trainer.state.global_step, len(kept), dropped,
-                       trainer, train_output)
+    return StageResult(stage, output_dir, losses, args.world_size, trainer.state.global_step, len(rows),
+                       rows.dropped, trainer, train_output, rows.truncated, rows.path, rows.reused)
 
 
 def two_stage_sft(
@@ -415,11 +377,13 @@ def two_stage_sft(
     their embeddings initialised (`kvprobe.data.traces.add_memento_tokens`). Stage 1 writes to
     ``output_dir/stage1``, stage 2 to ``output_dir/stage2`` (the final model).
     `traces_stage2` defaults to `traces`. `common` keywords go to both `train_stage`
-    calls, `stage1`/`stage2` to one (they win over `common`).
+    calls, `stage1`/`stage2` to one (they win over `common`). Both stages share one
+    tokenised table, ``output_dir/tokenized`` unless `cache_dir` is given in `common`.
     """
     if add_tokens:
         add_memento_tokens(tokenizer, model)
     output_dir = Path(output_dir)
+    common.setdefault("cache_dir", output_dir / "tokenized")
     first = train_stage(model, tokenizer, traces, 1, output_dir / "stage1", mask=mask,
                         **{**common, **(stage1 or {})})
     second = train_stage(model, tokenizer, traces if traces_stage2 is None else traces_stage2, 2,
