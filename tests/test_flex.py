@@ -5,8 +5,11 @@ hands a model loaded with `attn_implementation="flex_attention"` a block-sparse
 `BlockMask` built from the same predicate. Here the whole model runs both ways on short
 padded batches and must agree: logits, KV cache, and a capture's stores. FlexAttention
 runs compiled (transformers compiles it; on CPU through inductor's C++ backend, about
-20 s the first time), forward only: CPU FlexAttention has no backward. The GPU side,
-including 32K-token sequences, is in test_gpu.py.
+20 s the first time), forward only: CPU FlexAttention has no backward. Each new shape
+here compiles again with static shapes, which kvprobe asks for on CPU (`flex_shapes`):
+without it dynamo's dynamic-shape recompile emits C++ that does not compile (torch 2.13,
+"'cur_qSplitSize8' was not declared"), so these tests fail. The GPU side, including
+32K-token sequences, is in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -26,16 +29,6 @@ from test_traces import tiny_qwen3 as trace_qwen3
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(autouse=True)
-def static_shapes():
-    """Compile each new shape as static. After a recompile, dynamo switches to dynamic shapes,
-    and inductor's CPU FlexAttention template then emits C++ that does not compile
-    (torch 2.13: "'cur_qSplitSize8' was not declared"). GPUs use the Triton template."""
-    import torch._dynamo
-
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-        yield
 
 ROWS = [  # two layouts, left-padded into one batch
     "p <think> BS a b c BE SS m n SE BS d e BE SS o SE BS f g h BE SS q SE </think> y z",

@@ -96,26 +96,25 @@ def _spec(**kw) -> CaptureSpec:
 
 @pytest.mark.slow
 def test_a_capture_above_the_threshold_runs_on_flex_and_equals_the_dense_capture(tmp_path, monkeypatch):
-    """With the threshold lowered below the trace, an sdpa model's capture switches to FlexAttention
+    """With the threshold lowered below the traces, an sdpa model's capture switches to FlexAttention
     (compiled on CPU) and writes the store the dense capture writes; the forward stops at the last
-    position read, deep in the trace."""
-    import torch._dynamo
-
-    source = LongTraceSource(4, 700, SPECIAL, VOCAB_SIZE, n_blocks=10, memento_len=8)
-    dense_model = tiny_qwen3("sdpa")
-    run_capture(dense_model, source, _spec(), tmp_path / "dense", progress=False)
-    assert dense_model.config._attn_implementation == "sdpa"
-
-    lengths = []
+    position read, deep in the trace. A second trace length compiles again, with static shapes on CPU
+    (`flex_shapes`; test_flex.py fails without it)."""
     model = tiny_qwen3("sdpa")
+    lengths = []
     model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    monkeypatch.setattr(forward, "DENSE_MASK_MAX_TOKENS", 64)
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):  # see test_flex.py
-        run_capture(model, source, _spec(), tmp_path / "flex", progress=False)
-    assert model.config._attn_implementation == "flex_attention"
-    last_read = source.layout.blocks[source.target_block + 1].summary_end
-    assert set(lengths) == {last_read + 1} and last_read + 1 < 700
-    assert_same_store(tmp_path / "dense", tmp_path / "flex", atol=1e-5, rtol=1e-5)
+    for n_tokens in (700, 900):
+        source = LongTraceSource(4, n_tokens, SPECIAL, VOCAB_SIZE, n_blocks=10, memento_len=8)
+        with monkeypatch.context() as patch:
+            patch.setattr(forward, "DENSE_MASK_MAX_TOKENS", 4096)
+            run_capture(tiny_qwen3("sdpa"), source, _spec(), tmp_path / f"dense{n_tokens}", progress=False)
+        lengths.clear()
+        monkeypatch.setattr(forward, "DENSE_MASK_MAX_TOKENS", 64)
+        run_capture(model, source, _spec(), tmp_path / f"flex{n_tokens}", progress=False)
+        assert model.config._attn_implementation == "flex_attention"
+        last_read = source.layout.blocks[source.target_block + 1].summary_end
+        assert set(lengths) == {last_read + 1} and last_read + 1 < n_tokens
+        assert_same_store(tmp_path / f"dense{n_tokens}", tmp_path / f"flex{n_tokens}", atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend, flex_support", [("lens", True), ("transformers", False)])

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.samples import SampleBatch, SampleSource
-from ..memento.forward import check_length, input_device, memento_inputs, use_flex_for_long
+from ..memento.forward import check_length, flex_shapes, input_device, memento_inputs, use_flex_for_long
 from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
@@ -313,7 +313,8 @@ def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBat
     input_ids = batch.input_ids[:, :T].to(device)  # (B, T)
     am = batch.attention_mask[:, :T].to(device) if batch.attention_mask is not None else None
     kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am, truncate=True)  # built on the device
-    kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
+    with flex_shapes(model, device):  # CPU FlexAttention: each trace length compiles with static shapes
+        kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
     kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
     return pool_sites(kv, tables, spec, keys)
 

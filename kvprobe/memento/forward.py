@@ -17,6 +17,7 @@ dense mask would take. Every mask is built on the device the model's inputs live
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "DENSE_MASK_MAX_TOKENS",
     "attention_mask_from_tables",
     "check_length",
+    "flex_shapes",
     "dense_mask_bytes",
     "use_flex_for_long",
     "UnsupportedAttentionError",
@@ -170,6 +172,20 @@ def use_flex_for_long(model: Any, length: int) -> str:
     return impl
 
 
+def flex_shapes(model: Any, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context for a forward of `model` on `device`: on CPU under FlexAttention, every new length
+    compiles with static shapes. transformers compiles FlexAttention once, and after a second
+    length dynamo recompiles with dynamic shapes, which inductor's CPU FlexAttention template
+    fails to compile (torch 2.13: "'cur_qSplitSize8' was not declared"); the recompile limit
+    rises so that many trace lengths never fall back to eager FlexAttention, whose math path is
+    T x T. Elsewhere (GPUs use the Triton template) nothing changes."""
+    if torch.device(device).type != "cpu" or attention_implementation(model) not in FLEX_IMPLEMENTATIONS:
+        return contextlib.nullcontext()
+    from torch import _dynamo
+
+    return _dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1024)
+
+
 def check_length(model: Any, length: int, block_mask_ok: bool = True) -> None:
     """Refuse a memento-masked forward of `length` tokens that `model` cannot mask: a sliding window
     the mask does not carry (`check_window`), or, above `DENSE_MASK_MAX_TOKENS`, a dense T x T mask
@@ -278,4 +294,5 @@ def masked_forward(
     if len(layouts) != input_ids.shape[0]:
         raise ValueError(f"{len(layouts)} layouts for a batch of {input_ids.shape[0]} rows")
     kwargs = memento_inputs(model, input_ids, layouts, config, attention_mask, truncate)
-    return model(input_ids=input_ids, **kwargs, **forward_kwargs)
+    with flex_shapes(model, input_ids.device):
+        return model(input_ids=input_ids, **kwargs, **forward_kwargs)
