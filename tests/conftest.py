@@ -25,6 +25,10 @@ from models import PAD_ID, SPECIAL, VOCAB_SIZE, encode, tiny_gpt2, tiny_qwen3  #
 # CLI's default too (otherwise it follows the machine's load), so every in-process run uses 1.
 torch.set_num_threads(1)
 os.environ.setdefault("KVPROBE_THREADS", "1")
+# what the CLI sets at start-up, here before any product: in-process CLI calls share this MKL
+from kvprobe.cli.runtime import reproducible_blas  # noqa: E402
+
+reproducible_blas()
 
 MODEL_FACTORIES = {"gpt2": tiny_gpt2, "qwen3": tiny_qwen3}
 

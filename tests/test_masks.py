@@ -397,6 +397,14 @@ def test_interval_block_mask_tiles_equal_the_brute_force_reference(batch, cfg, b
     assert torch.equal(dense, some)
 
 
+def test_chunk_rows_is_accepted_with_a_deprecation_warning():
+    ids = torch.tensor([encode("p q " + EXAMPLE)])
+    layouts = parse_batch(ids, SPECIAL)
+    with pytest.warns(DeprecationWarning, match="chunk_rows is ignored"):
+        old = flex_block_mask(layouts, ids.shape[1], MaskConfig(0), "cpu", 8, 2048)
+    assert_block_masks_equal(old, flex_block_mask(layouts, ids.shape[1], MaskConfig(0), block_size=8), ids.shape[1])
+
+
 def test_interval_block_mask_cost_does_not_grow_with_t_squared():
     """At 32K tokens and 50 blocks the tables and the interval grid stay small: the whole build allocates
     O(T + tiles^2 + blocks^2), not the 1G entries of the dense mask (a torch allocation hook counts bytes)."""

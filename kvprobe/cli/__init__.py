@@ -58,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import torch
 
-    from .runtime import keep_freed_memory
+    from .runtime import keep_freed_memory, reproducible_blas
 
     keep_freed_memory()  # batch-sized tensors reuse freed memory instead of page-faulting it in again
+    reproducible_blas()  # MKL's products independent of --threads (before torch's first product)
     try:
         torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
         return int(args.func(args) or 0)

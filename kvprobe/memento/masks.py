@@ -31,6 +31,7 @@ with T squared, so a 32K-token mask takes milliseconds, on the host or on the de
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -356,10 +357,17 @@ def flex_block_mask(
     config: MaskConfig = MaskConfig(),
     device: torch.device | str = "cpu",
     block_size: int = 128,
+    chunk_rows: int | None = None,
+    *,
     truncate: bool = False,
 ):
     """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch, built on `device`
     from the layouts' boundaries (`block_mask_from_tables`): what torch's `create_block_mask`
     builds, without its dense (B, 1, T, T) evaluation (about 10 GB and seconds at 32K tokens).
-    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens)."""
+    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens).
+    `chunk_rows` belonged to the chunked builder this replaces; it is accepted, ignored and
+    warned about, for one release."""
+    if chunk_rows is not None:
+        warnings.warn("flex_block_mask: chunk_rows is ignored (the mask is built from the layout's intervals, "
+                      "not in chunks of rows) and will be removed", DeprecationWarning, stacklevel=2)
     return block_mask_from_tables(mask_tables(layouts, length, config, device, truncate), block_size)
