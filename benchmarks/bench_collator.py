@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvprobe.data.traces import Trace, add_memento_tokens
+from kvprobe.memento.budget import LargestTensor
 from kvprobe.memento.layout import SPECIAL_TOKEN_STRINGS, SpecialTokens, parse_layout
 from kvprobe.training.collate import MementoCollator
 from kvprobe.training.encode import EncodedTrace, TraceEncoder
@@ -39,21 +39,6 @@ from kvprobe.training.tokenized import tokenize_traces
 LENGTHS = (4096, 8192, 16384, 32768)
 WORDS = ("so the sum of the roots is twelve and the product is thirty five which means we check the "
          "discriminant first then factor the quadratic carefully before substituting back into").split()
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor (elements) any torch op makes while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 def qwen3_tokenizer() -> Any:

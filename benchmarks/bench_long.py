@@ -19,8 +19,8 @@ ran, the largest difference between their captured features.
     python benchmarks/bench_long.py --device cpu --model qwen3-heads --lengths 4096 8192 --dense-max 8192
     python benchmarks/bench_long.py --device cuda --model qwen3-8b --lengths 4096 16384 32768   # bf16, random weights
 
-The models are random (seeded) with real architectures: cost and memory depend on the
-shapes, not on the weights. Nothing is downloaded.
+The models are random (seeded) with real architectures (`shapes.py`, built in the target dtype):
+cost and memory depend on the shapes, not on the weights. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -38,36 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# (hidden, intermediate, layers, heads, kv heads, head dim, vocab)
-MODELS = {
-    "tiny": (256, 768, 2, 8, 2, 32, 512),
-    "qwen3-heads": (256, 768, 2, 32, 8, 128, 1024),  # Qwen3-8B's attention (32 query, 8 KV heads of 128), tiny elsewhere
-    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
-    "qwen3-8b": (4096, 12288, 36, 32, 8, 128, 151936),
-}
-SPECIAL_IDS = dict(think=1, think_end=2, block_start=3, block_end=4, summary_start=5, summary_end=6)
-
-
-def build_model(name: str, impl: str, device: str, dtype: torch.dtype, max_len: int) -> Any:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    hidden, inter, layers, heads, kv, head_dim, vocab = MODELS[name]
-    cfg = Qwen3Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, max_position_embeddings=max_len,
-                      tie_word_embeddings=False, attn_implementation=impl)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(cfg).to(dtype)
-    return model.eval()
-
-
-def long_source(n: int, length: int, blocks: int, memento_len: int, vocab: int):
-    """`n` traces of `length` tokens, the passcode block three before the last."""
-    from kvprobe.data.synthetic import LongTraceSource
-    from kvprobe.memento.layout import SpecialTokens
-
-    blocks = max(6, min(blocks, (length - 40) // (memento_len + 12)))  # short traces: fewer, shorter blocks
-    return LongTraceSource(n, length, SpecialTokens(**SPECIAL_IDS), vocab, n_blocks=blocks, memento_len=memento_len)
+from shapes import BLOCKS, MEMENTO_LEN, MODELS, build_qwen3, forward_tokens, long_source
 
 
 def resident_bytes() -> int:
@@ -83,18 +54,17 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     from kvprobe.memento.forward import masked_forward
 
     torch.set_num_threads(args.threads)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     if args.impl == "sdpa":  # measure the dense mask at full length: lift kvprobe's switch to flex
         forward.DENSE_MASK_MAX_TOKENS = max(forward.DENSE_MASK_MAX_TOKENS, args.length)
-    model = build_model(args.model, args.impl, args.device, dtype, args.length)
-    source = long_source(args.samples, args.length, args.blocks, args.memento_len, MODELS[args.model][6])
-    n_layers = MODELS[args.model][2]
+    model = build_qwen3(MODELS[args.model], args.impl, args.device, args.dtype, args.length)
+    source = long_source(args.samples, args.length, args.blocks, args.memento_len, MODELS[args.model]["vocab"])
+    n_layers = MODELS[args.model]["layers"]
     spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), batch_size=1, shard_size=args.samples,
                        dtype="float32")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     tokens: list[int] = []  # what each forward runs over
     model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    last_read = source.layout.blocks[source.target_block + 2].summary_end + 1  # the capture's forward length
+    last_read = forward_tokens(source)  # the capture's forward length
 
     def bare() -> float:
         sync()
@@ -144,8 +114,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--dense-max", type=int, default=1 << 30, help="skip the dense mask above this length")
-    ap.add_argument("--blocks", type=int, default=50, help="blocks per trace (fewer on short traces)")
-    ap.add_argument("--memento-len", type=int, default=32)
+    ap.add_argument("--blocks", type=int, default=BLOCKS, help="blocks per trace (fewer on short traces)")
+    ap.add_argument("--memento-len", type=int, default=MEMENTO_LEN)
     ap.add_argument("--samples", type=int, default=2, help="traces captured per timing")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)

@@ -64,7 +64,8 @@ def mask_child(impl: str, length: int, threads: int) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from bench_long import long_source, resident_bytes
+    from bench_long import resident_bytes
+    from shapes import long_source
     from kvprobe.memento.masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask
 
     torch.set_num_threads(threads)

@@ -1,24 +1,40 @@
-"""GPU verification (issue 13): run every GPU path once and record what it measures.
+"""GPU check (issues 13 and 25): run every GPU path once, each step under its own time budget; one JSON.
 
-Four steps, each in its own subprocess under `timeout`, within an 8-minute budget:
+Six steps, in this order, each in its own subprocess (its own process group, killed at its budget;
+seconds on a GPU in brackets, 420 s in all):
 
-    pytest  `python -m pytest -m gpu -q`: every gpu-marked test (tests/test_gpu.py, tests/test_toy.py)
-    flex    FlexAttention vs the dense mask on the Qwen3-8B architecture (random bf16 weights):
-            captured features at 4K and 16K tokens, the flex capture at 32K, peak GPU memory
-            (each run is a `benchmarks/bench_long.py` subprocess, so its peak memory is its own)
-    qwen3   the same architecture under the dense mask: capture throughput (tokens/s) against
-            the bare masked forward in the same process, at 4K and 16K tokens
-    toy     the toy reproduction's capture (samples/s) and probe grid (seconds) on the GPU,
-            on the shipped checkpoint `toy_models.load("final")` and a small sample count
+    flex32k  [150] first: one 32K-token trace captured on the Qwen3-8B architecture (random bf16
+             weights) loaded with attn_implementation="flex_attention", through `run_capture` (the
+             BlockMask that `memento_inputs` builds); the captured blocks are the last ones, so the
+             forward runs the whole trace. The BlockMask's build time and memory on its own, the
+             capture cold (with FlexAttention's compile) and warm, peak GPU memory
+    pytest   [100] the gpu-marked tests, in the test files that hold them (`-m gpu`, one process)
+    flex     [110] FlexAttention against the dense mask on the same architecture, in one process: the
+             capture at 4K and 8K tokens (the dense mask's limit) under sdpa, then under flex;
+             relative L2 of the features (bf16: at most 5%)
+    qwen3    [70]  the dense-mask capture against the bare masked forward on the same architecture,
+             tokens/s, at 4K and 8K tokens; one parameter hash on its own
+    toy      [45]  the toy reproduction's capture (samples/s) and probe grid (seconds) on the shipped
+             checkpoint
+    vllm     [90]  vLLM's offline engine on a tiny Qwen3 written here (config and tokenizer files, random
+             weights: load_format="dummy"): kvprobe's `generate_offline` where the Memento overlay is
+             installed, else stock `vllm.LLM`, generation throughput. Skipped, with the reason, where
+             vLLM is not importable (the GPU image has none)
 
-Every figure goes into one JSON file (`--out`), and a summary table is printed. Nothing is
-downloaded: the Qwen3 models are built from `Qwen3Config` with random weights.
+A step whose modules are missing is skipped with their names; a step that overruns its budget is
+reported as timed out with the figures it saved so far, and the check goes on. The JSON report is
+written after every step (`--out`, default `$OUT/gpu_check.json` where OUT is set), so a check cut
+off from outside still leaves what it measured. Nothing is downloaded: the models are built from
+their configs with random weights.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                     # on a CUDA machine
-    python benchmarks/gpu_check.py --cpu-dry-run --steps qwen3 toy --out /tmp/dry.json   # CPU, tiny sizes
+This file runs the steps (budgets, process groups, the report and its summary); the steps themselves
+are in gpu_steps.py, the models and long traces they share with bench_long.py in shapes.py.
 
-Without CUDA (and without --cpu-dry-run) every step is reported "skipped: no CUDA" and the
-script exits 0. Exit status 1: a step failed, timed out, or one of its checks did not hold.
+    bash benchmarks/gpu_check.sh                                     # on a GPU machine (installs the wheels)
+    python benchmarks/gpu_check.py --rehearse --out /tmp/check.json   # the same steps on CPU, tiny sizes
+
+Without CUDA and without --rehearse every step reports "skipped: no CUDA" and the exit status is 0.
+Exit status 1: a step failed or timed out, or one of its checks did not hold.
 """
 
 from __future__ import annotations
@@ -28,86 +44,165 @@ import json
 import os
 import platform
 import re
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SCHEMA = "kvprobe-gpu-check/1"
-STEPS = ("pytest", "flex", "qwen3", "toy")
-BUDGET_S = {"cuda": 480, "cpu-dry-run": 900}  # the issue's 8 minutes; the dry run on a busy 2-core CPU is slower
-TIMEOUT_S = {  # seconds per step; each mode's steps sum to at most its budget
-    "cuda": {"pytest": 120, "flex": 190, "qwen3": 100, "toy": 60},
-    "cpu-dry-run": {"pytest": 150, "flex": 420, "qwen3": 150, "toy": 150},
+if str(HERE) not in sys.path:  # gpu_steps and shapes, where this file is loaded by path (tests/test_gpu_check.py)
+    sys.path.insert(0, str(HERE))
+
+from gpu_steps import CHILD_STEPS, SIZES, last_line  # noqa: E402
+
+SCHEMA = "kvprobe-gpu-check/2"
+STEPS = ("flex32k", "pytest", "flex", "qwen3", "toy", "vllm")
+MODES = ("cuda", "rehearse")
+BUDGET_S = {"cuda": 420, "rehearse": 1500}  # all steps together; the device call adds the install and the start
+STEP_BUDGET_S = {  # each step's own limit, in seconds
+    "cuda": {"flex32k": 150, "pytest": 100, "flex": 110, "qwen3": 70, "toy": 45, "vllm": 90},
+    "rehearse": {"flex32k": 420, "pytest": 240, "flex": 240, "qwen3": 180, "toy": 180, "vllm": 120},
 }
-MIN_STEP_S = 20  # a step with less time left than this is skipped, not started
-# Sizes per mode; the dry run keeps the logic and shrinks every number. rel_tol bounds the relative L2
-# difference of flex and dense features: bf16 keeps 8 mantissa bits and the two sum in different orders,
-# so rounding grows with depth; a wrong mask moves memento features by 30% or more (tests/test_gpu.py).
-SIZES = {
-    "cuda": dict(device="cuda", dtype="bfloat16", flex_model="qwen3-8b", compare_lengths=(4096, 16384),
-                 long_length=32768, qwen3_model="qwen3-8b", qwen3_samples={4096: 4, 16384: 2}, repeats=2,
-                 toy_samples=5_000, probe_layers=None, probe_offsets=None, mlp_epochs=30, rel_tol=0.05),
-    "cpu-dry-run": dict(device="cpu", dtype="float32", flex_model="tiny", compare_lengths=(512,), long_length=1024,
-                        qwen3_model="tiny", qwen3_samples={512: 2, 1024: 1}, repeats=1, toy_samples=400,
-                        probe_layers=(3,), probe_offsets=(-1, 0), mlp_epochs=2, rel_tol=1e-4),
+MIN_STEP_S = 20  # a step with less of the overall budget left than this is skipped, not started
+# The modules each step imports beyond torch and transformers (and their own dependencies): a step
+# whose modules are not installed is skipped, naming them. The GPU image has all but vllm.
+NEEDS = {
+    "flex32k": ("h5py",), "flex": ("h5py",), "vllm": ("vllm",), "qwen3": ("h5py",),
+    "toy": ("h5py", "scipy", "sklearn"), "pytest": ("pytest", "h5py", "scipy", "sklearn"),
 }
-TOY_SPEC = dict(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), pooling=("mean",), batch_size=256, shard_size=5000,
-                dtype="float16")  # experiments/toy_reproduction.yaml
-QWEN3_SITES = ("memento", "block_end")  # as experiments/qwen3_8b_memento.yaml
+VERSIONS = ("transformers", "h5py", "numpy", "scipy", "scikit-learn", "accelerate", "pydantic", "pydantic-core",
+            "typing-extensions", "pytest", "vllm", "kvprobe")
+
+
+class Interrupted(Exception):
+    """SIGTERM reached the check: stop the running step, write the report, exit."""
 
 
 # ----------------------------------------------------------------------------- the parent
 
 
 def environment() -> dict[str, Any]:
-    """Versions, the device and the git commit: what a reader needs to place the figures."""
+    """Versions (and where each package came from), the device, the git commit: what places the figures."""
     import torch
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda_available": torch.cuda.is_available(), "host": platform.node()}
-    for name in ("transformers", "h5py", "accelerate", "pydantic", "vllm"):  # pydantic: only the CLI needs it
+    env: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable,
+                           "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+                           "host": platform.node(), "versions": {}}
+    manifest = Path(os.environ.get("GPU_WHEELS", ROOT / ".gpuwheels")) / "manifest.json"
+    carried = list(json.loads(manifest.read_text())["packages"]) if manifest.exists() else []
+    for name in dict.fromkeys([*VERSIONS, *carried]):  # and every package the wheel folder carries
         try:
-            env[name] = metadata.version(name)
+            dist = metadata.distribution(name)
+            env["versions"][name] = f"{dist.version} ({Path(str(dist.locate_file(''))).resolve()})"
         except metadata.PackageNotFoundError:
-            env[name] = "not installed"
+            env["versions"][name] = "not installed"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device_name=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
                    device_count=torch.cuda.device_count(), cuda=torch.version.cuda)
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    env["git_commit"], env["git_dirty"] = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain"))
+    env["git_commit"], env["git_dirty"] = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
     return env
 
 
+def git(*args: str) -> str | None:
+    """`git ARGS` in the repository, or None where git or the repository's .git is absent (a copied tree)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def child_env(threads: int) -> dict[str, str]:
-    """The environment of every subprocess: the repo importable without `pip install`, unbuffered output."""
+    """Every subprocess's environment: the repository importable without `pip install`, unbuffered output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def timed_run(cmd: list[str], timeout_s: int, env: dict[str, str]) -> tuple[int, str, str, float]:
-    """Run `cmd` under coreutils `timeout` (which kills its whole process group); (rc, stdout, stderr, wall s)."""
+def timed_run(cmd: list[str], timeout_s: float, env: dict[str, str]) -> tuple[int, str, str, float]:
+    """Run `cmd` in its own process group; at `timeout_s` the group is killed (rc 124).
+
+    Returns (rc, stdout, stderr, wall seconds). Output goes to files, not pipes, so that a process
+    the command leaves behind (vLLM's engine core) cannot hold the step open; whatever is left of
+    the group when the command ends is killed. On SIGTERM (Interrupted) the group is killed too.
+    """
     t = time.perf_counter()
-    done = subprocess.run(["timeout", "--kill-after=10", str(timeout_s), *cmd], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    return done.returncode, done.stdout, done.stderr, time.perf_counter() - t
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = 124
+        finally:
+            kill_group(proc)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        return rc, out.read(), err.read(), wall
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """End what is left of `proc`'s process group: SIGTERM, then SIGKILL to whatever is there 10 s later."""
+    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not group_alive(proc):
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and group_alive(proc):
+            time.sleep(0.1)
+
+
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of `proc`'s group is left (the leader is reaped once it has exited)."""
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
 
 
 def status_of(rc: int, stderr: str, timeout_s: int) -> str:
     """'ok', 'timeout after N s' or 'failed (rc N): <last stderr line>'."""
     if rc in (0, 124, 137):
         return "ok" if rc == 0 else f"timeout after {timeout_s} s"
-    last = [line for line in stderr.strip().splitlines() if line.strip()]
-    return f"failed (rc {rc}): {last[-1][:300] if last else 'no output'}"
+    return f"failed (rc {rc}): {last_line(stderr)}"
+
+
+def missing_modules(step: str) -> list[str]:
+    """The modules of NEEDS[step] that cannot be found here (checked without importing them)."""
+    out = []
+    for name in NEEDS[step]:
+        try:
+            found = util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            out.append(name)
+    return out
+
+
+def skip_reason(step: str, mode: str) -> str | None:
+    """Why `step` cannot run in `mode` here, or None."""
+    if mode == "no-cuda":
+        return "no CUDA"
+    missing = missing_modules(step)
+    if missing:
+        return f"needs {', '.join(missing)} (not installed)"
+    if step == "vllm" and mode != "cuda":
+        return "vLLM's engine needs CUDA (this run is on CPU)"
+    return None
 
 
 def parse_pytest(output: str) -> dict[str, Any]:
@@ -119,302 +214,129 @@ def parse_pytest(output: str) -> dict[str, Any]:
         counts["errors" if what.startswith("error") else what] = int(n)
     skips = [m.group(1).strip() for m in re.finditer(r"^SKIPPED \[\d+\] (.*)$", output, re.M)]
     failed = [m.group(1).strip() for m in re.finditer(r"^(?:FAILED|ERROR) (.*)$", output, re.M)]
-    # the issue allows skips only for a named missing package (and, on one GPU, the two-GPU test)
+    # on a GPU the issue allows skips only for a named missing package (and, on one GPU, the two-GPU test)
     allowed = re.compile(r"not installed|needs 2 GPUs|No module named|could not import", re.I)
     return {"counts": counts, "skip_reasons": skips, "failed": failed,
             "unexpected_skips": [s for s in skips if not allowed.search(s)]}
 
 
-def run_pytest_step(mode: str, timeout_s: int, env: dict[str, str]) -> dict[str, Any]:
-    """Step 1: the gpu-marked tests. The dry run collects only tests/test_gpu.py (it skips without CUDA)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors"]  # a module that fails to import must not hide the GPU tests
-    if mode == "cpu-dry-run":
-        cmd.append("tests/test_gpu.py")
+def gpu_test_files() -> list[str]:
+    """The test files that hold gpu-marked tests: the pytest step collects these alone."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in p.read_text())
+
+
+def run_pytest_step(mode: str, timeout_s: int, env: dict[str, str], log: Callable[[str, str], None]) -> dict:
+    """The gpu-marked tests, in one process (`-o addopts=` drops the ini's xdist workers)."""
+    files = gpu_test_files()
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=",
+           "--continue-on-collection-errors", *files]
     rc, out, err, wall = timed_run(cmd, timeout_s, env)
+    log("pytest", out + err)
     figures = parse_pytest(out)
+    figures["files"] = files
     figures["tail"] = out.strip().splitlines()[-15:]
-    checks = {"no_failures": not figures["failed"] and not figures["counts"].get("failed")
-              and not figures["counts"].get("errors")}
+    counts = figures["counts"]
+    checks = {"no_failures": not figures["failed"] and not counts.get("failed") and not counts.get("errors"),
+              "collected_tests": sum(counts.get(k, 0) for k in ("passed", "failed", "skipped")) > 0}
     if mode == "cuda":
         checks["no_unexpected_skips"] = not figures["unexpected_skips"]
-    return {"status": status_of(rc, out, timeout_s), "wall_s": round(wall, 1), "figures": figures,
-            "checks": checks}
+    # pytest's exit 1 means failed tests, which the checks carry; anything else is the step failing
+    status = status_of(0 if rc == 1 else rc, err or out, timeout_s)
+    return {"status": status, "wall_s": round(wall, 1), "figures": figures, "checks": checks}
 
 
-def run_child_step(step: str, mode: str, timeout_s: int, env: dict[str, str], threads: int) -> dict[str, Any]:
-    """Steps 2-4: this script again as `--child STEP`; it saves its figures as it goes, so a timeout keeps them."""
+def run_child_step(step: str, mode: str, timeout_s: int, env: dict[str, str], threads: int,
+                   log: Callable[[str, str], None]) -> dict[str, Any]:
+    """A measuring step: this script again as `--child STEP`; it saves its figures as it goes, so a
+    timeout keeps them, and it may report a skip (a module that is there but cannot be imported)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "step.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step, "--step-out", str(out),
-               "--threads", str(threads)] + (["--cpu-dry-run"] if mode == "cpu-dry-run" else [])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step, "--mode", mode, "--step-out", str(out),
+               "--threads", str(threads)]
         rc, stdout, stderr, wall = timed_run(cmd, timeout_s, env)
         saved = json.loads(out.read_text()) if out.exists() else {"figures": {}, "checks": {}}
+    log(step, stdout + stderr)
+    if "skip" in saved and rc == 0:
+        return {"status": f"skipped: {saved['skip']}", "wall_s": round(wall, 1)}
     result = {"status": status_of(rc, stderr, timeout_s), "wall_s": round(wall, 1), **saved}
     if rc != 0:
         result["stderr_tail"] = stderr.strip().splitlines()[-20:]
     return result
 
 
-def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    """Every selected step in order, each with its own timeout, inside the overall budget."""
+def run_all(args: argparse.Namespace, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every selected step in order, each with its own time budget, inside the overall budget.
+    `write(report)` is called after every step."""
     import torch
 
-    mode = "cpu-dry-run" if args.cpu_dry_run else ("cuda" if torch.cuda.is_available() else "no-cuda")
-    timeouts = dict(TIMEOUT_S.get(mode, TIMEOUT_S["cuda"]))
+    mode = "rehearse" if args.rehearse else ("cuda" if torch.cuda.is_available() else "no-cuda")
+    budgets = dict(STEP_BUDGET_S.get(mode, STEP_BUDGET_S["cuda"]))
     for item in args.timeout:
         name, _, secs = item.partition("=")
         if name not in STEPS or not secs.isdigit():
-            raise SystemExit(f"--timeout {item!r}: expected STEP=SECONDS with STEP one of {STEPS}")
-        timeouts[name] = int(secs)
+            raise SystemExit(f"gpu_check: --timeout {item!r}: expected STEP=SECONDS with STEP one of "
+                             f"{', '.join(STEPS)}")
+        budgets[name] = int(secs)
     budget = args.budget or BUDGET_S.get(mode, BUDGET_S["cuda"])
     report: dict[str, Any] = {"schema": SCHEMA, "mode": mode, "started": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "budget_s": budget, "environment": environment(), "steps": {}}
+        timespec="seconds"), "budget_s": budget, "step_budget_s": budgets, "environment": environment(),
+        "steps": {s: {"status": "not started"} for s in STEPS}}
+    write(report)
     env, t0 = child_env(args.threads), time.perf_counter()
+    logfile = Path(args.out).with_name(Path(args.out).stem + "_steps.log")
+    logfile.write_text("")
+
+    def log(step: str, text: str) -> None:
+        with logfile.open("a") as f:
+            f.write(f"===== {step} =====\n{text}\n")
+
     for step in STEPS:
         left = int(budget - (time.perf_counter() - t0))
-        if step not in args.steps:
-            result = {"status": "skipped: not selected"}
-        elif mode == "no-cuda":
-            result = {"status": "skipped: no CUDA"}
-        elif left < MIN_STEP_S:
-            result = {"status": f"skipped: out of time budget ({left} s left)"}
+        why = "not selected" if step not in args.steps else skip_reason(step, mode)
+        if why is None and left < MIN_STEP_S:
+            why = f"out of the overall time budget ({left} s left of {budget} s)"
+        if why is not None:
+            result: dict[str, Any] = {"status": f"skipped: {why}"}
         else:
-            limit = min(timeouts[step], left)
-            print(f"[gpu_check] {step}: running (timeout {limit} s)", flush=True)
-            result = (run_pytest_step(mode, limit, env) if step == "pytest"
-                      else run_child_step(step, mode, limit, env, args.threads))
-            result["timeout_s"] = limit
-            print(f"[gpu_check] {step}: {result['status']} in {result['wall_s']} s", flush=True)
+            limit = min(budgets[step], left)
+            print(f"[gpu_check] {step}: running (budget {limit} s)", flush=True)
+            try:
+                result = (run_pytest_step(mode, limit, env, log) if step == "pytest"
+                          else run_child_step(step, mode, limit, env, args.threads, log))
+            except Interrupted as e:
+                log(step, str(e))
+                report["steps"][step] = {"status": "interrupted (SIGTERM)", "budget_s": limit}
+                report["wall_s"] = round(time.perf_counter() - t0, 1)
+                write(report)
+                raise
+            result["budget_s"] = limit
+        print(f"[gpu_check] {step}: {result['status']}" + (f" in {result['wall_s']} s" if "wall_s" in result else ""),
+              flush=True)
         report["steps"][step] = result
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
+        report["wall_s"] = round(time.perf_counter() - t0, 1)
+        write(report)
     return report
 
 
-# ----------------------------------------------------------------------------- the steps (in the child)
-
-
-def sync_for(device: str) -> Callable[[], None]:
-    """A synchronise call that makes wall-clock timing honest on CUDA (a no-op on CPU)."""
-    import torch
-
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def peak_bytes(device: str) -> int:
-    """Peak allocated CUDA memory since the last reset, or this process's peak resident set on CPU."""
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def block_len_for(length: int, block_len: int = 480, memento_len: int = 32) -> int:
-    """bench_long.py's block length: 480 tokens, shorter on short traces so that each has at least 6 blocks."""
-    return max(8, min(block_len, (length - 40) // 6 - memento_len - 4))
-
-
-def patch_identity() -> Callable[..., dict[str, Any]]:
-    """Take the parameter hash out of timed captures; returns the real `model_identity`.
-
-    `run_capture` records `model_identity`, a SHA-256 over every parameter, once per call: on Qwen3-8B
-    that is 16.4 GB copied to the host and hashed, a fixed cost per capture that per-sample figures over
-    a few samples must not carry (step 3 times one real hash on its own). The stores here are temporary.
-    """
-    import kvprobe.capture.run as run
-
-    real = run.model_identity
-
-    def identity(m: Any, name: str | None = None) -> dict[str, Any]:
-        return {"name": name or type(m).__name__, "class": type(m).__name__, "dtype": str(m.dtype).removeprefix(
-            "torch."), "n_params": sum(p.numel() for p in m.parameters()), "param_hash": "not computed (gpu_check)"}
-
-    run.model_identity = identity
-    return real
-
-
-def bench_long_child(argv: list[str]) -> None:
-    """One `bench_long.py --impl ...` run, in its own process, with the per-capture parameter hash off.
-
-    Its capture spec gets pooling 'mean' explicitly: bench_long.py reads the features back with
-    `store.features(layer, offset)`, whose pooling is 'mean', whatever the spec's default pooling.
-    """
-    import bench_long
-    import kvprobe.capture as capture
-
-    spec = capture.CaptureSpec
-    capture.CaptureSpec = lambda **kw: spec(**{"pooling": ("mean",), **kw})  # bench_long imports it at call time
-    patch_identity()
-    sys.argv = [str(HERE / "bench_long.py"), *argv]
-    bench_long.main()
-
-
-BENCH_LONG = ("import sys; sys.path[:0] = [{here!r}, {root!r}]; import gpu_check; "
-              "gpu_check.bench_long_child(sys.argv[1:])")
-
-
-def step_flex(sz: dict[str, Any], threads: int, save: Callable[..., None]) -> None:
-    """Step 2: bench_long.py runs (sdpa and flex at each compared length, flex alone at the long one)."""
-    import numpy as np
-
-    runs = [(t, impl) for t in sz["compare_lengths"] for impl in ("sdpa", "flex_attention")]
-    runs.append((sz["long_length"], "flex_attention"))
-    rows, comparisons, checks, feats = [], [], {}, {}  # feats[(length, impl)]: the captured features
-    with tempfile.TemporaryDirectory() as d:
-        for length, impl in runs:
-            out = Path(d) / f"{impl}-{length}.npz"
-            cmd = [sys.executable, "-c", BENCH_LONG.format(here=str(HERE), root=str(ROOT)), "--device", sz["device"],
-                   "--model", sz["flex_model"], "--dtype", sz["dtype"], "--samples", "1", "--repeats", "1",
-                   "--threads", str(threads), "--impl", impl, "--length", str(length), "--features-out", str(out)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), cwd=ROOT)
-            if done.returncode != 0:
-                err = [line for line in done.stderr.strip().splitlines() if line.strip()]
-                rows.append({"impl": impl, "length": length, "error": err[-1][:300] if err else "no output"})
-            else:
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                row["tokens_per_s_capture"] = length / row["capture_s"]
-                rows.append(row)
-                feats[(length, impl)] = dict(np.load(out))
-            checks[f"{impl}_{length}_ran"] = done.returncode == 0
-            if impl == "flex_attention" and (length, "sdpa") in feats and (length, impl) in feats:
-                a, b = feats[(length, "sdpa")], feats[(length, impl)]
-                rel = {k: float(np.linalg.norm(b[k] - a[k]) / max(np.linalg.norm(a[k]), 1e-30)) for k in a}
-                cmp = {"length": length, "max_rel_l2": max(rel.values()), "rel_l2": rel,
-                       "max_abs_diff": max(float(np.abs(b[k] - a[k]).max()) for k in a),
-                       "max_abs_feature": max(float(np.abs(a[k]).max()) for k in a), "rel_tol": sz["rel_tol"]}
-                comparisons.append(cmp)
-                checks[f"flex_equals_dense_{length}"] = cmp["max_rel_l2"] <= sz["rel_tol"]
-            save(figures={"model": sz["flex_model"], "dtype": sz["dtype"], "device": sz["device"],
-                          "peak_kind": "cuda max_memory_allocated" if sz["device"] == "cuda" else "cpu peak RSS",
-                          "runs": rows, "flex_vs_dense": comparisons}, checks=checks)
-
-
-def step_qwen3(sz: dict[str, Any], threads: int, save: Callable[..., None]) -> None:
-    """Step 3: the Qwen3-8B architecture (random weights, dense mask): capture vs bare forward, tokens/s."""
-    import torch
-
-    import bench_long
-    from kvprobe.capture import CaptureSpec, run_capture
-    from kvprobe.memento.forward import masked_forward
-
-    device, dtype = sz["device"], getattr(torch, sz["dtype"])
-    name, sync = sz["qwen3_model"], sync_for(sz["device"])
-    _, _, n_layers, *_, vocab = bench_long.MODELS[name]
-    t = time.perf_counter()
-    model = bench_long.build_model(name, "sdpa", device, dtype, max(sz["qwen3_samples"]))
-    sync()
-    n_params, real_identity = sum(p.numel() for p in model.parameters()), patch_identity()
-    figures: dict[str, Any] = {"model": name, "dtype": sz["dtype"], "device": device, "rows": [], "n_params": n_params,
-                               "build_s": time.perf_counter() - t}
-    for length, n in sz["qwen3_samples"].items():
-        source = bench_long.LongTraceSource(n, length, block_len_for(length), 32, vocab)
-        layers = (3, n_layers - 1) if n_layers > 4 else (0, n_layers - 1)  # the paper's 4th and last on Qwen3-8B
-        spec = CaptureSpec(layers=layers, offsets=(-1, 0, 1, 2), sites=QWEN3_SITES,
-                           pooling=("mean",), batch_size=1, shard_size=n, dtype="float16")
-        batches = [source.samples(i, i + 1) for i in range(n)]
-
-        def bare() -> float:
-            sync()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                for b in batches:
-                    masked_forward(model, b.input_ids.to(device), layouts=b.layouts, config=spec.mask, logits_to_keep=1)
-            sync()
-            return time.perf_counter() - start
-
-        bare()  # warm-up: kernels, allocator caches
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        fwd, cap = [], []
-        with tempfile.TemporaryDirectory() as d:
-            for r in range(sz["repeats"]):  # interleaved, best of
-                fwd.append(bare())
-                sync()
-                start = time.perf_counter()
-                run_capture(model, source, spec, Path(d) / f"s{r}", progress=False)
-                sync()
-                cap.append(time.perf_counter() - start)
-        f, c = min(fwd), min(cap)
-        figures["rows"].append({"length": length, "samples": n, "n_blocks": source.layout.n_blocks,
-                                "forward_s_per_sample": f / n, "capture_s_per_sample": c / n,
-                                "forward_tokens_per_s": n * length / f, "capture_tokens_per_s": n * length / c,
-                                "capture_over_forward": c / f, "peak_bytes": peak_bytes(device)})
-        # the target of bench_capture.py; on the dry run's tiny model the store's fixed costs dominate
-        checks = {"capture_over_forward_le_1.10": all(r["capture_over_forward"] <= 1.10 for r in figures["rows"])}
-        save(figures=figures, checks=checks if device == "cuda" else {})
-    t = time.perf_counter()  # last, so that a timeout here keeps the rows
-    real_identity(model)
-    figures["param_hash_s"] = time.perf_counter() - t
-    save(figures=figures, checks=checks if device == "cuda" else {})
-
-
-def step_toy(sz: dict[str, Any], threads: int, save: Callable[..., None]) -> None:
-    """Step 4: the toy reproduction's capture and probe grid on the shipped checkpoint."""
-    import torch
-
-    import toy_models
-    from kvprobe.analysis import ProbeSettings, probe_store
-    from kvprobe.capture import CaptureSpec, run_capture
-    from kvprobe.memento.forward import masked_forward
-    from kvprobe.probes.mlp import MLPConfig
-    from kvprobe.store import KVStore
-    from toy_models.source import ToyPasscodeSource
-
-    device, sync, n = sz["device"], sync_for(sz["device"]), sz["toy_samples"]
-    model = toy_models.load("final").to(device)
-    spec = CaptureSpec(**TOY_SPEC)
-    warm = ToyPasscodeSource(256, seed=1).samples(0, 256)
-    with torch.inference_mode():
-        masked_forward(model, warm.input_ids.to(device), layouts=warm.layouts, config=spec.mask)
-    figures: dict[str, Any] = {"checkpoint": "final", "device": device, "samples": n,
-                               "capture": {k: list(v) if isinstance(v, tuple) else v for k, v in TOY_SPEC.items()}}
-    with tempfile.TemporaryDirectory() as d:
-        sync()
-        t = time.perf_counter()
-        path = run_capture(model, ToyPasscodeSource(n, seed=0), spec, Path(d) / "memento", progress=False)
-        sync()
-        figures["capture_s"] = time.perf_counter() - t
-        figures["capture_samples_per_s"] = n / figures["capture_s"]
-        save(figures=figures, checks={})
-        with KVStore(path) as store:
-            common = dict(n_boot=200, pooling="mean", device=device)
-            linear = ProbeSettings(kinds=("linear",), layers=sz["probe_layers"], offsets=sz["probe_offsets"], **common)
-            t = time.perf_counter()  # the grid with its shuffled-label control; probe_layers None: all 40 cells
-            grid = probe_store(store, "memento", linear, progress=False)
-            figures["probe_grid_s"] = time.perf_counter() - t
-            figures["probe_grid_cells"] = len(grid.rows)
-            mlp = ProbeSettings(kinds=("mlp",), seeds=1, shuffled_control=False, layers=(0, 3), offsets=(1,),
-                                mlp=MLPConfig(max_epochs=sz["mlp_epochs"]), **common)  # the paper's 2 MLP cells
-            t = time.perf_counter()
-            mlp_grid = probe_store(store, "memento", mlp, progress=False)
-            figures["mlp_s"] = time.perf_counter() - t
-    acc = {f"layer{r.layer}_offset{r.offset:+d}": r.accuracy for r in grid.rows if r.layer == 3}
-    figures["linear_accuracy_layer3"] = acc
-    figures["mlp_accuracy_offset+1"] = {f"layer{r.layer}": r.accuracy for r in mlp_grid.rows}
-    checks = {"control_near_chance": abs(acc["layer3_offset-1"] - 0.1) < 0.1}  # chance is 10%
-    if n >= 5000:  # a few hundred dry-run samples are too few to require the direct signal
-        checks["direct_above_chance"] = acc["layer3_offset+0"] > 0.2
-    save(figures=figures, checks=checks)
-
-
-CHILD_STEPS = {"flex": step_flex, "qwen3": step_qwen3, "toy": step_toy}
 
 
 def run_child(args: argparse.Namespace) -> None:
-    """The `--child STEP` process: one step, saving {figures, checks} to --step-out after each measurement."""
+    """The `--child STEP` process: one step, saving {figures, checks} (or {skip}) to --step-out as it goes."""
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path[:0] = [str(HERE), str(ROOT)]  # bench_long, kvprobe and toy_models without `pip install`
-    sz = dict(SIZES["cpu-dry-run" if args.cpu_dry_run else "cuda"])
+    sys.path[:0] = [str(ROOT)]  # kvprobe and toy_models without `pip install`
 
-    def save(figures: dict[str, Any], checks: dict[str, bool]) -> None:
+    def write(data: dict[str, Any]) -> None:
         tmp = Path(args.step_out + ".tmp")
-        tmp.write_text(json.dumps({"figures": figures, "checks": checks}, indent=1, default=float))
+        tmp.write_text(json.dumps(data, indent=1, default=float))
         tmp.replace(args.step_out)
 
-    CHILD_STEPS[args.child](sz, args.threads, save)
+    def save(figures: dict[str, Any], checks: dict[str, bool]) -> None:
+        write({"figures": figures, "checks": checks})
+
+    CHILD_STEPS[args.child](dict(SIZES[args.mode]), save, lambda reason: write({"skip": reason}))
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -422,45 +344,66 @@ def run_child(args: argparse.Namespace) -> None:
 
 def summary(report: dict[str, Any]) -> str:
     """The printed table: one line per step, then one line per measured figure."""
-    mb = lambda b: f"{b / 2**20:,.0f} MB"  # noqa: E731
+    mb = lambda b: f"{b / 2**20:,.0f} MiB" if b is not None else "n/a"  # noqa: E731
+    over = lambda r: f" ({mb(r['peak_over_weights_bytes'])} over the weights)" if r.get(  # noqa: E731
+        "peak_over_weights_bytes") is not None else " (process peak RSS)"
     env = report["environment"]
     lines = [f"GPU check ({report['mode']}) on {env.get('device_name', 'CPU')}, torch {env['torch']}, "
              f"{report.get('wall_s', 0)} s of {report['budget_s']} s", "",
-             "| step | status | wall (s) | checks |", "|---|---|---:|---|"]
+             "| step | status | wall (s) | budget (s) | checks |", "|---|---|---:|---:|---|"]
     for step, r in report["steps"].items():
         checks = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r.get("checks", {}).items())
-        lines.append(f"| {step} | {r['status']} | {r.get('wall_s', '')} | {checks} |")
+        lines.append(f"| {step} | {r['status']} | {r.get('wall_s', '')} | {r.get('budget_s', '')} | {checks} |")
     lines += ["", "| step | figure | value |", "|---|---|---|"]
     s = report["steps"]
-    pt = s["pytest"].get("figures")
-    if pt:
-        lines.append(f"| pytest | counts | {pt['counts']} |")
-        lines += [f"| pytest | skipped | {reason} |" for reason in pt["skip_reasons"][:8]]
-    fx = s["flex"].get("figures")
-    for r in (fx or {}).get("runs", []):
-        mask = "dense" if r["impl"] == "sdpa" else "flex"
-        lines.append(f"| flex | {mask} T={r['length']:,} | " + (f"failed: {r['error']}" if "error" in r else
-                     f"forward {r['forward_s']:.3f} s, capture {r['capture_s']:.3f} s, "
-                     f"{r['tokens_per_s_capture']:,.0f} tok/s, peak {mb(r['peak_bytes'])}") + " |")
-    for c in (fx or {}).get("flex_vs_dense", []):
-        lines.append(f"| flex | vs dense T={c['length']:,} | rel L2 {c['max_rel_l2']:.2e} (tol {c['rel_tol']}), "
-                     f"max abs diff {c['max_abs_diff']:.2e} of {c['max_abs_feature']:.2e} |")
-    q = s["qwen3"].get("figures")
-    if q and q.get("param_hash_s") is not None:
-        lines.append(f"| qwen3 | {q['model']}: one parameter hash (per run_capture call) | {q['param_hash_s']:.2f} s |")
-    for r in (q or {}).get("rows", []):
-        lines.append(f"| qwen3 | {q['model']} T={r['length']:,} x{r['samples']} | forward "
-                     f"{r['forward_tokens_per_s']:,.0f} tok/s ({r['forward_s_per_sample']:.3f} s/sample), capture "
-                     f"{r['capture_tokens_per_s']:,.0f} tok/s, ratio {r['capture_over_forward']:.2f}, "
-                     f"peak {mb(r['peak_bytes'])} |")
+    f32 = s["flex32k"].get("figures") or {}
+    if "forward_tokens" in f32:
+        lines.append(f"| flex32k | {f32['model']} T={f32['length']:,}, {f32['n_blocks']} blocks | forward runs "
+                     f"{f32['forward_tokens']:,} tokens; model built in {f32['build_s']:.1f} s |")
+    for label in ("mask_cold", "mask_warm"):
+        if label in f32:
+            m = f32[label]
+            lines.append(f"| flex32k | {label.replace('_', ' ')} | {m['type']} in {1000 * m['build_s']:.1f} ms, "
+                         f"peak {mb(m['peak_bytes'])} |")
+    for label in ("capture_cold", "capture_warm"):
+        if label in f32:
+            c = f32[label]
+            lines.append(f"| flex32k | {label.replace('_', ' ')} | {c['s']:.2f} s, {c['tokens_per_s']:,.0f} tok/s, "
+                         f"peak {mb(c['peak_bytes'])}" + over(c) + " |")
+    fx = s["flex"].get("figures") or {}
+    for r in fx.get("runs", []):
+        lines.append(f"| flex | {'dense' if r['impl'] == 'sdpa' else 'flex'} T={r['length']:,} | capture "
+                     f"{r['capture_s']:.3f} s (first {r['first_s']:.2f} s), {r['tokens_per_s']:,.0f} tok/s, "
+                     f"peak {mb(r['peak_bytes'])}" + over(r) + " |")
+    for c in fx.get("flex_vs_dense", []):
+        lines.append(f"| flex | vs dense T={c['length']:,} | rel L2 {c['max_rel_l2']:.2e} (tol {c['rel_tol']}) |")
+    vl = s["vllm"].get("figures") or {}
+    if "overlay" in vl:
+        lines.append(f"| vllm | vLLM {vl['vllm']}, Memento overlay | {vl['overlay']} |")
+    if "tokens_per_s" in vl:
+        lines.append(f"| vllm | {vl['prompts']} prompts x {vl['max_tokens']} tokens, dummy weights | "
+                     f"engine up in {vl['engine_start_s']:.1f} s, {vl['tokens_per_s']:,.0f} tok/s |")
+    if "generate_offline_s" in vl:
+        lines.append(f"| vllm | generate_offline, {vl['generations']} prompts | {vl['generate_offline_s']:.1f} s |")
+    q = s["qwen3"].get("figures") or {}
+    for r in q.get("rows", []):
+        lines.append(f"| qwen3 | {q['model']} T={r['forward_tokens']:,} x{r['samples']} | forward "
+                     f"{r['forward_tokens_per_s']:,.0f} tok/s, capture {r['capture_tokens_per_s']:,.0f} tok/s, "
+                     f"ratio {r['capture_over_forward']:.2f}, peak {mb(r['peak_bytes'])}" + over(r) + " |")
+    if "param_hash_s" in q:
+        lines.append(f"| qwen3 | one parameter hash (per run_capture call) | {q['param_hash_s']:.2f} s |")
     t = s["toy"].get("figures") or {}
     if "capture_s" in t:
         lines.append(f"| toy | capture {t['samples']:,} samples | {t['capture_samples_per_s']:,.0f} samples/s |")
     if "linear_accuracy_layer3" in t:
         lines += [f"| toy | linear grid, {t['probe_grid_cells']} cells + shuffled | {t['probe_grid_s']:.1f} s |",
-                  f"| toy | MLP, 2 cells, 1 seed | {t['mlp_s']:.1f} s |"]
-        lines.append("| toy | linear accuracy, layer 3 | " + ", ".join(
-            f"{k.split('_')[1]} {100 * v:.1f}%" for k, v in t["linear_accuracy_layer3"].items()) + " |")
+                  f"| toy | MLP, 2 cells, 1 seed | {t['mlp_s']:.1f} s |",
+                  "| toy | linear accuracy, layer 3 | " + ", ".join(
+                      f"{k.split('_')[1]} {100 * v:.1f}%" for k, v in t["linear_accuracy_layer3"].items()) + " |"]
+    pt = s["pytest"].get("figures")
+    if pt:
+        lines.append(f"| pytest | {', '.join(pt['files'])} | {pt['counts']} |")
+        lines += [f"| pytest | skipped | {reason} |" for reason in pt["skip_reasons"][:8]]
     return "\n".join(lines)
 
 
@@ -470,25 +413,49 @@ def passed(report: dict[str, Any]) -> bool:
                for r in report["steps"].values())
 
 
+def default_out() -> str:
+    """$OUT/gpu_check.json where the device tool's output folder is set, else ./gpu_check.json."""
+    return str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else "gpu_check.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line; the parent runs the steps, writes the JSON and prints the summary."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="gpu_check.json", help="the JSON report (default: ./gpu_check.json)")
-    ap.add_argument("--cpu-dry-run", action="store_true", help="run the steps on CPU with tiny sizes")
+    ap.add_argument("--out", default=None, help="the JSON report (default: $OUT/gpu_check.json, else ./gpu_check.json)")
+    ap.add_argument("--rehearse", action="store_true", help="run the steps on CPU with tiny sizes (no GPU needed)")
     ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    ap.add_argument("--timeout", action="append", default=[], metavar="STEP=SECONDS", help="override a step's timeout")
-    ap.add_argument("--budget", type=int, default=None, help="seconds for all steps (default 480; dry run 900)")
+    ap.add_argument("--timeout", action="append", default=[], metavar="STEP=SECONDS", help="override a step's budget")
+    ap.add_argument("--budget", type=int, default=None,
+                    help=f"seconds for all steps (default {BUDGET_S['cuda']}; rehearsal {BUDGET_S['rehearse']})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in every step")
     ap.add_argument("--child", choices=sorted(CHILD_STEPS), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--step-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         run_child(args)
         return 0
-    report = run_all(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=float))
-    print(f"{summary(report)}\n\nwrote {args.out}")
+    args.out = args.out or default_out()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(report: dict[str, Any]) -> None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=float))
+        tmp.replace(out)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = run_all(args, write)
+    except Interrupted:
+        print(f"[gpu_check] interrupted; wrote {out}", flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"{summary(report)}\n\nwrote {out}")
     return 0 if passed(report) else 1
 
 

@@ -100,6 +100,12 @@ class DataSection(_Strict):
     # memento_nosys template for ChatML tokenizers, else none), memento, tokenizer, none, or a .jinja path
     chat_template: str = "auto"
     where: str | int = "start"  # start, end, middle, or a sentence index
+    # traces only: a trace that carries the ids a server generated it with is fed those ("served"),
+    # or rendered and tokenized kvprobe's way ("retokenize"); kvprobe.data.trace_source
+    token_ids: Literal["served", "retokenize"] = "served"
+    # traces only: traces with templated or content-free mementos, or avg_final_score 0
+    # (kvprobe.data.quality), are refused (an error), dropped or kept (both with a warning)
+    summary_check: Literal["refuse", "drop", "keep"] = "refuse"
     # toy only: passcodes with this digit sum (22: every memento text is the same whatever the
     # passcode, so masked mementos read the KV channel alone; chance becomes the exact baseline)
     digit_sum: int | None = Field(None, ge=0, le=45)
@@ -112,6 +118,9 @@ class DataSection(_Strict):
         if self.kind == "toy" and self.chat_template != "auto":
             raise ValueError("config field 'data.chat_template': the toy has no prompt to wrap; it is for data.kind "
                              "'traces'")
+        for name, default in (("token_ids", "served"), ("summary_check", "refuse")):
+            if self.kind == "toy" and getattr(self, name) != default:
+                raise ValueError(f"config field 'data.{name}': the toy has no traces; it is for data.kind 'traces'")
         return self
 
 

@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvprobe.memento.forward as forward
 from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.data.synthetic import LongTraceSource
+from kvprobe.memento.budget import LargestTensor
 from kvprobe.memento.forward import UnsupportedAttentionError, check_length, memento_inputs
 from kvprobe.memento.masks import MaskConfig
 from models import SPECIAL, VOCAB_SIZE, tiny_qwen3
 from stores import assert_same_store
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in elements) any torch op makes while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def long_batch(length: int, n_blocks: int = 50):
@@ -60,7 +45,7 @@ def test_no_t_by_t_tensor_is_made_for_a_long_flex_mask(cfg):
         kwargs = memento_inputs(model, batch.input_ids, batch.layouts, cfg)
     assert kwargs["attention_mask"].shape == (1, 1, T, T)  # a BlockMask, not a tensor
     assert not isinstance(kwargs["attention_mask"], torch.Tensor)
-    assert spy.largest < T * T // 256, f"a tensor of {spy.largest} elements was made (T x T is {T * T})"
+    assert spy.numel < T * T // 256, f"a tensor of {spy.numel} elements was made (T x T is {T * T})"
 
 
 def test_a_dense_mask_above_the_threshold_is_refused_naming_its_memory():

@@ -408,6 +408,7 @@ def test_chunk_rows_is_accepted_with_a_deprecation_warning():
 def test_interval_block_mask_cost_does_not_grow_with_t_squared():
     """At 32K tokens and 50 blocks the tables and the interval grid stay small: the whole build allocates
     O(T + tiles^2 + blocks^2), not the 1G entries of the dense mask (a torch allocation hook counts bytes)."""
+    from kvprobe.memento.budget import LargestTensor
     from kvprobe.memento.masks import block_mask_from_tables, mask_tables
 
     T, n_blocks = 32768, 50
@@ -417,20 +418,10 @@ def test_interval_block_mask_cost_does_not_grow_with_t_squared():
         ids += [3] + [9] * (per - 10) + [4, 5] + [9] * 6 + [6]
     ids += [2] + [9] * (T - len(ids) - 1)
     lay = parse_layout(ids, SPECIAL)
-    largest = []
-
-    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest.append(t.numel() * t.element_size())
-            return out
-
     tables = mask_tables([lay], T, MaskConfig(0))
-    with Largest():
+    with LargestTensor() as seen:
         mask = block_mask_from_tables(tables)
-    assert max(largest) < 4 * 2**20, f"a {max(largest) / 2**20:.0f} MiB tensor was made"
+    assert seen.nbytes < 4 * 2**20, f"a {seen.nbytes / 2**20:.0f} MiB tensor was made"
     assert mask.shape == (1, 1, T, T)
     assert int(mask.kv_num_blocks.sum()) > 0
 

@@ -45,7 +45,8 @@ DATA = Path(__file__).parent / "data"
 
 
 def memento_text(pid: str, n_blocks: int = 2) -> str:
-    """A completion as the fork returns it with skip_special_tokens=false."""
+    """A completion as the fork returns it with skip_special_tokens=false. Its mementos are templated
+    (kvprobe.data.quality flags them): reading them back needs summary_check="keep"."""
     blocks = "\n".join(
         f"<|block_start|>Step {i} of {pid}: think hard.<|block_end|>\n<|summary_start|>memento {i} of {pid}"
         f"<|summary_end|>\n" for i in range(n_blocks))
@@ -170,7 +171,7 @@ def test_served_token_ids_are_asked_for_and_kept_to_the_pipeline_record(server, 
     assert all(g.prompt_token_ids == [1, 2] and g.token_ids == [11, 12, 13] for g in gens)
     assert all(g.trace.token_ids == (1, 2, 11, 12, 13) for g in gens)
     export_pipeline_jsonl(out, tmp_path / "traces.jsonl")
-    assert [t.token_ids for t in read_jsonl(tmp_path / "traces.jsonl")] == [(1, 2, 11, 12, 13)] * 2
+    assert [t.token_ids for t in read_jsonl(tmp_path / "traces.jsonl", summary_check="keep")] == [(1, 2, 11, 12, 13)] * 2
     assert "return_token_ids" not in request_body(prompts(1)[0], ClientConfig(return_token_ids=False))
 
 
@@ -181,7 +182,8 @@ def test_block_masking_config_from_mask_config():
     assert block_masking_config(MaskConfig(keep_last_n_blocks=0)) == {
         "enable": True, "keep_last_n_blocks": 0, "mask_delimiters": False,
         "compact_on_summary_end": True, "restart_mode": False}
-    phi = block_masking_config(MaskConfig(keep_last_n_blocks=2, mask_delimiters=True, restart_mode=True), debug=True)
+    phi = block_masking_config(MaskConfig(keep_last_n_blocks=2, mask_delimiters=True, restart_mode=True,
+                                          restart_sees_kept_blocks=True), debug=True)
     assert phi == {"enable": True, "keep_last_n_blocks": 2, "mask_delimiters": True,
                    "compact_on_summary_end": True, "restart_mode": True, "debug": True}
     causal = block_masking_config(MaskConfig(keep_last_n_blocks=-1))
@@ -399,7 +401,7 @@ def test_export_round_trips_through_read_jsonl(server, tmp_path):
     generate_traces(prompts(4), gen, config(server(varied)), progress=False)
     n = export_pipeline_jsonl(gen, tmp_path / "traces.jsonl", min_blocks=2)
     assert n == 2  # p1 (2 blocks) and p2 (3 blocks); p0 has 1 block, p3 failed to parse
-    back = {t.trace_id: t for t in read_jsonl(tmp_path / "traces.jsonl")}
+    back = {t.trace_id: t for t in read_jsonl(tmp_path / "traces.jsonl", summary_check="keep")}
     originals = {g.prompt_id: g.trace for g in read_generations(gen) if g.trace is not None}
     assert sorted(back) == ["p1", "p2"]
     for pid, trace in back.items():
@@ -429,7 +431,7 @@ def test_command_line(server, tmp_path, capsys):
     assert main(["generate", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(gen), "--base-url",
                  srv.base_url, "--no-progress", "--max-attempts", "2"]) == 0
     assert main(["export-traces", "--generations", str(gen), "--out", str(traces), "--min-blocks", "2"]) == 0
-    assert [t.trace_id for t in read_jsonl(traces)] == ["p0", "p1"]
+    assert [t.trace_id for t in read_jsonl(traces, summary_check="keep")] == ["p0", "p1"]
     assert main(["serve", "--model-path", "/m", "--restart-mode", "--print"]) == 0
     assert '"restart_mode": true' in capsys.readouterr().out
     assert main(["generate", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(gen)]) == 2

@@ -121,3 +121,46 @@ def test_ids_that_differ_from_the_served_ones_are_counted_and_warned(tok):
         source = TracePasscodeSource([odd, TRACES["p1"]], tok, 4, chat_template=MEMENTO_NOSYS)
     assert source.served_ids_differ == ["p0"]
     assert source.describe()["traces"]["served_ids_differ"] == 1
+
+
+def _odd_served(t: Trace, tok) -> tuple[int, ...]:
+    """Ids a server could have produced for `t` that kvprobe's tokenization does not give: the fork's
+    chat template, block 2's content spelled one character a token, and a closing <|im_end|>."""
+    ids, lay = tokenize_trace(t, tok, chat_template=MEMENTO_NOSYS)
+    content = lay.blocks[2].content
+    spelled = [tok.convert_tokens_to_ids(c) for c in tok.convert_ids_to_tokens(ids[content.start:content.stop].tolist())
+               for c in c]
+    assert tok.unk_token_id not in spelled and len(spelled) > len(content)
+    out = ids[: content.start].tolist() + spelled + ids[content.stop:].tolist()
+    return tuple(out + [tok.convert_tokens_to_ids("<|im_end|>")])
+
+
+@pytest.mark.parametrize("mode", ["served", "retokenize"])
+def test_the_served_ids_are_fed_unless_retokenizing_is_asked_for(tok, mode):
+    special = SpecialTokens.from_tokenizer(tok)
+    traces = [Trace(t.trace_id, t.prompt, t.blocks, t.summaries, t.answer, _odd_served(t, tok)) for t in TRACES.values()]
+    with pytest.warns(UserWarning, match=f"3 of 3 served traces tokenize to other ids .*data.token_ids: {mode}"):
+        source = TracePasscodeSource(traces, tok, 6, target_block=1, offsets=(-1, 0, 1, 2), chat_template=None,
+                                     token_ids=mode)
+    batch = source.samples(0, 3)
+    for b, t in enumerate(traces):
+        lay = batch.layouts[b]
+        ids = batch.input_ids[b, : lay.stop].tolist()
+        start, end = lay.blocks[1].start, lay.blocks[1].end
+        want = list(t.token_ids[:-1]) if mode == "served" else tokenize_trace(t, tok)[0].tolist()
+        want_end = want.index(special.block_end, start)
+        assert ids[: start + 1] == want[: start + 1] and ids[end:] == want[want_end:]
+        content = lay.blocks[1].content
+        assert f"The secret passcode is {batch.passcodes[b]}." in tok.decode(ids[content.start:content.stop])
+    traces_meta = source.describe()["traces"]
+    assert traces_meta["token_ids"] == mode and traces_meta["served_ids_fed"] == (3 if mode == "served" else 0)
+    assert f"served for {3 if mode == 'served' else 0}, kvprobe's tokenization for" in source.summary()
+
+
+def test_served_ids_that_are_no_memento_structure_are_refused_by_name(tok):
+    t = TRACES["p0"]
+    broken = Trace(t.trace_id, t.prompt, t.blocks, t.summaries, t.answer, _odd_served(t, tok)[:-30])  # cut mid-block
+    with pytest.raises(ValueError, match="trace 'p0': served ids"):
+        TracePasscodeSource([broken], tok, 2, chat_template=MEMENTO_NOSYS)
+    with pytest.warns(UserWarning, match="captured with kvprobe's tokens"):  # not parsed then
+        TracePasscodeSource([broken], tok, 2, chat_template=MEMENTO_NOSYS, token_ids="retokenize")

@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_traces import PIPELINE, build_tokenizer
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import kvprobe.training.sft as sft
+from kvprobe.memento.budget import LargestTensor
 from kvprobe.cli import main as cli_main
 from kvprobe.data.traces import Trace, TraceError, read_jsonl, tokenize_trace
 from kvprobe.memento.forward import DENSE_MASK_MAX_TOKENS, UnsupportedAttentionError, masked_forward
@@ -258,21 +258,6 @@ def test_a_trace_whose_prompt_fills_max_length_is_dropped(tok, traces):
 
 
 # ----------------------------------------------------------------------------- no T x T on the host
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any torch op makes while active (factories included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 def test_the_stage2_collator_makes_no_t_by_t_tensor_at_17k_tokens(tok, traces, tmp_path):

@@ -117,7 +117,8 @@ def test_pipeline_sentences_outside_blocks_go_to_prompt_and_answer():
     t = from_pipeline_record(_record(blocks=[[0, 4]], block_summaries=["m"], problem=None, prompt="Q"))
     assert (t.prompt, t.answer) == ("Q", None)
     assert from_pipeline_record(_record(problem=None, question="Why?", task_id=7)).prompt == "Why?\n\nS0."
-    assert from_pipeline_record(_record(problem=None)).trace_id == "t1"
+    with pytest.raises(TraceError, match="trace 't1': no problem field"):  # not an empty prompt, silently
+        from_pipeline_record(_record(problem=None))
 
 
 @pytest.mark.parametrize(

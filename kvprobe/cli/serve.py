@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.util import find_spec
 from typing import Any
 
 from ..config import key_value_arg
+from ..memento.masks import MaskConfig
 from ..serving import (
     ClientConfig,
     ServeError,
@@ -24,6 +28,7 @@ from ..serving import (
     read_prompts,
     serve_command,
 )
+from ..serving.fork import check_fork_keys
 from .common import UsageError, add_mask_args, add_parser, mask_from_args
 
 __all__ = ["register"]
@@ -37,16 +42,39 @@ def _bad_input(work: Callable[[], Any]) -> Any:
         raise UsageError(str(e)) from None
 
 
+def _add_served_mask_args(p: argparse.ArgumentParser) -> None:
+    """The mask flags, plus the two options that say the mask is the one the fork serves (SPEC section 2)."""
+    add_mask_args(p)
+    p.add_argument("--restart-sees-kept-blocks", action="store_true",
+                   help="restart with keep N > 0 as the fork serves it: the memento is re-prefilled while the N kept "
+                        "blocks are still cached (restart-keepN-sees-kept; required for --restart-mode with N > 0)")
+    p.add_argument("--evict-before-summary-end", action="store_true",
+                   help="the fork's eviction timing, before <|summary_end|>'s KV (-evict-at-se), the only one it "
+                        "serves: without it, memento mode is served with a warning naming the -evict-at-se mask")
+
+
+def _served_mask_from_args(args: argparse.Namespace) -> MaskConfig:
+    """The MaskConfig of `_add_served_mask_args`' flags."""
+    return replace(mask_from_args(args), restart_sees_kept_blocks=args.restart_sees_kept_blocks,
+                   evict_before_summary_end=args.evict_before_summary_end)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    argv = _bad_input(lambda: serve_command(args.model_path, mask_from_args(args), port=args.port,
-                                            max_model_len=args.max_model_len,
-                                            trust_remote_code=args.trust_remote_code))
+    fork_keys = dict(args.block_masking_arg)
+    _bad_input(lambda: check_fork_keys(fork_keys))  # before they can meet serve_command's own keywords
+    with warnings.catch_warnings(record=True) as caught:  # e.g. the fork's eviction timing, one line each
+        warnings.simplefilter("always")
+        argv = _bad_input(lambda: serve_command(args.model_path, _served_mask_from_args(args), port=args.port,
+                                                max_model_len=args.max_model_len,
+                                                trust_remote_code=args.trust_remote_code, **fork_keys))
+    if not args.print and find_spec("vllm") is None:
+        raise UsageError("vLLM is not installed here: install the Memento vLLM fork (pip install 'kvprobe[gpu]' "
+                         "plus the overlay, docs/real_models.md) or use --print for the command")
+    for w in caught:
+        print(f"kvprobe: warning: {w.message}", file=sys.stderr)
     if args.print:
         print(shlex.join(argv))
         return 0
-    if find_spec("vllm") is None:
-        raise UsageError("vLLM is not installed here: install the Memento vLLM fork (pip install 'kvprobe[gpu]' "
-                         "plus the overlay, docs/real_models.md) or use --print for the command")
     os.execv(argv[0], argv)  # the fork's server takes over this process
     return 0  # pragma: no cover (execv does not return)
 
@@ -65,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _generate_offline(args: argparse.Namespace) -> int:
     prompts = _bad_input(lambda: read_prompts(args.prompts))
     new = _bad_input(lambda: generate_offline(
-        prompts, args.model_path, args.out, mask=mask_from_args(args), chat=not args.no_chat,
+        prompts, args.model_path, args.out, mask=_served_mask_from_args(args), chat=not args.no_chat,
         chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, max_model_len=args.max_model_len, chunk_size=args.chunk_size,
         llm_kwargs=dict(args.llm_arg), progress=not args.no_progress))
@@ -104,7 +132,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--print", action="store_true", help="print the server command instead of running it")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="let vLLM run the checkpoint's own code (off by default; Memento checkpoints need none)")
-    add_mask_args(s)
+    s.add_argument("--block-masking-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra key of the fork's --block-masking-config (JSON value or string), e.g. "
+                        "max_block_tokens=8192 or debug=true; repeatable; the mask flags set the others")
+    _add_served_mask_args(s)
     s.set_defaults(func=_serve)
 
     g = add_parser(sub, "generate", "generate traces from a served Memento model (resumable)",
@@ -131,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memento (the fork's memento_nosys.jinja, default), tokenizer, auto, or a .jinja file")
     o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
-    add_mask_args(o)
+    _add_served_mask_args(o)
     o.set_defaults(func=_generate_offline)
 
     e = add_parser(sub, "export-traces", "write the parsed traces as pipeline JSONL (for kvprobe capture)",

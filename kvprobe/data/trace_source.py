@@ -5,6 +5,15 @@ Sample i is trace ``i % len(traces)`` with a passcode injected into its target b
 samples is the same however a capture batches or shards it, and two sources that differ
 only in `seed` differ only in their passcodes. Batches are right-padded with the
 tokenizer's pad token (else its eos token) and carry an attention mask.
+
+Which ids are fed (`token_ids`): a trace that carries the ids a server generated it with
+(`Trace.token_ids`, prompt then completion) is fed those, the ids the model saw, with the
+passcode injected into the target block alone (`kvprobe.data.inject.inject_served`);
+trailing end-of-turn tokens are dropped, as kvprobe's own rendering has none.
+`token_ids="retokenize"` renders and tokenizes every trace kvprobe's way instead (the
+behaviour before served ids were fed). Traces without served ids are tokenized kvprobe's
+way in either mode. Where the two tokenizations differ a warning names the traces, and
+`describe()` records the mode and the counts.
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ import torch
 
 from ..memento.sites import SITES, site_positions
 from .samples import SampleBatch
-from .inject import DEFAULT_TEMPLATE, inject_and_tokenize
+from .inject import DEFAULT_TEMPLATE, InjectedSample, inject_and_tokenize, inject_served
 from ..memento.layout import Layout, SpecialTokens
 from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
-from .traces import Trace, TraceError, end_of_turn_ids, render, served_ids_differ, tokenize_trace
+from .traces import (Trace, TraceError, end_of_turn_ids, parse_trace_ids, render, served_ids_differ,
+                     tokenize_trace)
 
-__all__ = ["TracePasscodeSource"]
+__all__ = ["TOKEN_IDS", "TracePasscodeSource"]
 
 CHUNK = 1024
+TOKEN_IDS = ("served", "retokenize")  # what a trace with served ids is fed: those, or kvprobe's tokenization
 
 
 @lru_cache(maxsize=16)
@@ -42,7 +53,8 @@ class TracePasscodeSource:
 
     target_block is 0-based (1 is the paper's T_2). All traces are tokenized and checked
     up front: each must have the target block and take an injection at `where`; with
-    `offsets`, each must also have the blocks target+offset (see `check`).
+    `offsets`, each must also have the blocks target+offset (see `check`). token_ids:
+    "served" feeds a trace's served ids when it has them, "retokenize" always kvprobe's own.
     """
 
     traces: Sequence[Trace]
@@ -55,9 +67,11 @@ class TracePasscodeSource:
     template: str = DEFAULT_TEMPLATE
     offsets: tuple[int, ...] | None = None
     chat_template: str | None = None  # Jinja text that wraps each prompt (kvprobe.data.chat), None for none
+    token_ids: str = "served"  # TOKEN_IDS
     special: SpecialTokens = field(init=False)
     pad_id: int = field(init=False)
     served_ids_differ: list[str] = field(init=False)  # ids of served traces whose tokens are not the server's
+    fed_served: list[bool] = field(init=False)  # per trace: its served ids are what is fed
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -75,24 +89,52 @@ class TracePasscodeSource:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
         self.pad_id = int(pad)
+        if self.token_ids not in TOKEN_IDS:
+            raise ValueError(f"token_ids must be one of {TOKEN_IDS}, got {self.token_ids!r}")
+        ends = end_of_turn_ids(self.tokenizer)
         self._base: list[tuple[torch.Tensor, Layout]] = []
+        self.fed_served, self.served_ids_differ = [], []
         probe_code = self.passcode_spec.alphabet[0] * self.passcode_spec.length
         for t in self.traces:
-            base = tokenize_trace(t, self.tokenizer, self.special, chat_template=self.chat_template)
+            ours = tokenize_trace(t, self.tokenizer, self.special, chat_template=self.chat_template)
+            if served_ids_differ(t, ours[0].tolist(), ends):
+                self.served_ids_differ.append(t.trace_id)
+            served = self.token_ids == "served" and t.token_ids is not None
+            base = self._served_base(t, ends) if served else ours
             # fails now, naming the trace, if the target block is missing or the injection cannot verify
-            inject_and_tokenize(t, self.target_block, probe_code, self.tokenizer, self.special,
-                                template=self.template, where=self.where, base=base, chat_template=self.chat_template)
+            self._inject(t, probe_code, base, served)
             self._base.append(base)
-        ends = end_of_turn_ids(self.tokenizer)
-        self.served_ids_differ = [t.trace_id for t, (ids, _) in zip(self.traces, self._base)
-                                  if served_ids_differ(t, ids.tolist(), ends)]
+            self.fed_served.append(served)
         if self.served_ids_differ:
             first = ", ".join(map(repr, self.served_ids_differ[:3]))
+            fed = ("captured with the served ids (data.token_ids: served)" if self.token_ids == "served" else
+                   "captured with kvprobe's tokens (data.token_ids: retokenize)")
             warnings.warn(f"{len(self.served_ids_differ)} of {self.n_served} served traces tokenize to other ids than the "
-                          f"server's (e.g. {first}): captured with kvprobe's tokens; check data.chat_template and the "
-                          "tokenizer", stacklevel=2)
+                          f"server's (e.g. {first}): {fed}; check data.chat_template and the tokenizer", stacklevel=2)
         if self.offsets is not None:
             self.check(self.offsets)
+
+    def _served_base(self, trace: Trace, ends: set[int]) -> tuple[torch.Tensor, Layout]:
+        """The served ids of `trace` (T,), trailing end-of-turn tokens removed, and their layout."""
+        ids = list(trace.token_ids or ())
+        while ids and ids[-1] in ends:
+            ids.pop()
+        return torch.tensor(ids, dtype=torch.long), parse_trace_ids(ids, self.special, trace, "served ids")
+
+    def _inject(self, trace: Trace, code: str, base: tuple[torch.Tensor, Layout], served: bool) -> InjectedSample:
+        """`trace` with passcode `code`, injected into its served ids (`served`) or into kvprobe's tokenization."""
+        if served:
+            return inject_served(trace, self.target_block, code, self.tokenizer, self.special, base,
+                                 template=self.template, where=self.where)
+        return inject_and_tokenize(trace, self.target_block, code, self.tokenizer, self.special, template=self.template,
+                                   where=self.where, base=base, chat_template=self.chat_template)
+
+    def summary(self) -> str:
+        """One line on the traces and which ids are fed, for a capture plan."""
+        fed = sum(self.fed_served)
+        return (f"data: {len(self.traces)} traces, {self.n_samples} samples; token ids fed: served for {fed}, "
+                f"kvprobe's tokenization for {len(self.traces) - fed} (data.token_ids: {self.token_ids}; "
+                f"{len(self.served_ids_differ)} of {self.n_served} served traces differ from kvprobe's tokenization)")
 
     @property
     def n_served(self) -> int:
@@ -127,9 +169,7 @@ class TracePasscodeSource:
         rows = []
         for i, code in zip(range(start, stop), codes):
             k = i % len(self.traces)
-            rows.append(inject_and_tokenize(self.traces[k], self.target_block, code, self.tokenizer, self.special,
-                                            template=self.template, where=self.where, base=self._base[k],
-                                            chat_template=self.chat_template))
+            rows.append(self._inject(self.traces[k], code, self._base[k], self.fed_served[k]))
         T = max(len(r.input_ids) for r in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (n, T)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
@@ -150,6 +190,14 @@ class TracePasscodeSource:
         ids = "\n".join(t.trace_id for t in self.traces)
         texts = "\x00".join(render(t) for t in self.traces)
         tok = self.tokenizer
+        traces: dict[str, Any] = {"n": len(self.traces), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+                                  "text_sha256": hashlib.sha256(texts.encode()).hexdigest(),
+                                  "served_ids": self.n_served, "served_ids_differ": len(self.served_ids_differ)}
+        if self.n_served:  # only then can the mode change the ids (stores of plain traces keep their description)
+            fed = [t.token_ids for t, f in zip(self.traces, self.fed_served) if f]
+            traces["token_ids"] = self.token_ids
+            traces["served_ids_fed"] = len(fed)
+            traces["served_ids_sha256"] = hashlib.sha256(repr(fed).encode()).hexdigest()
         return {
             "kind": "traces",
             "n_samples": self.n_samples,
@@ -162,8 +210,5 @@ class TracePasscodeSource:
             "passcode": {"length": self.passcode_spec.length, "alphabet": self.passcode_spec.alphabet},
             "tokenizer": {"name": getattr(tok, "name_or_path", "") or "", "class": type(tok).__name__,
                           "vocab_size": len(tok), "pad_id": self.pad_id},
-            "traces": {"n": len(self.traces), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                       "text_sha256": hashlib.sha256(texts.encode()).hexdigest(),
-                       "served_ids": self.n_served,
-                       "served_ids_differ": len(self.served_ids_differ)},
+            "traces": traces,
         }

@@ -33,6 +33,7 @@ import torch
 
 from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
 from .chat import prompt_text
+from .quality import memento_flag, record_flag, screen
 from .tokens import RELATED_WORDS, add_memento_tokens
 
 __all__ = [
@@ -83,7 +84,8 @@ class Trace:
     `blocks[i]` is the text of T_i (content only, no markers); `summaries[i]` its memento
     M_i. `answer` is the text after </think>, or None when the trace has no </think>.
     `token_ids`: the ids a server produced the trace with (prompt then completion), when
-    known; a capture checks its own tokenization against them (`served_ids_differ`).
+    known; a capture feeds them (`kvprobe.data.trace_source`, `data.token_ids`) and reports
+    where its own tokenization differs (`served_ids_differ`).
     """
 
     trace_id: str
@@ -138,7 +140,8 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
     Needs `task_id`, `sentences` (strings), `blocks` ([first, last] inclusive sentence
     indices, in order, no gaps) and `block_summaries` (one per block). The prompt is the
     first of `problem`/`question`/`prompt`/`original_problem`/... (PROMPT_KEYS); the answer the
-    first of `think_suffix`/`answer`. The pipeline's failure placeholders ("Summarization
+    first of `think_suffix`/`answer`. A record without any prompt key (absent or null) is
+    refused: its prompt would silently be empty. The pipeline's failure placeholders ("Summarization
     failed", "[Missing summary]") and its one-reply-for-every-block fallback are refused.
     Sentences before the first block join the prompt, those after the last the answer.
     Sentences are stripped and joined with one space.
@@ -180,6 +183,9 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
         suffix = _first_key(record, ANSWER_KEYS)
     except TraceError as e:
         raise TraceError(f"trace {tid!r}: {e}") from None
+    if problem is None:
+        raise TraceError(f"trace {tid!r}: no problem field (none of {', '.join(PROMPT_KEYS)} is present and not "
+                         "null), so its prompt would be empty; the pipeline writes 'problem' with --include-problem")
     for i, summary in enumerate(summaries):
         if summary.strip() in PLACEHOLDER_SUMMARIES:
             raise TraceError(f"trace {tid!r}: block {i}'s summary is the pipeline's failure placeholder "
@@ -200,17 +206,24 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
                  tuple(served) if served is not None else None)
 
 
-def read_jsonl(path: str | Path) -> list[Trace]:
-    """Every pipeline record of a JSONL file as a `Trace`; errors name the line. Blank lines are skipped."""
+def read_jsonl(path: str | Path, *, summary_check: str = "refuse") -> list[Trace]:
+    """Every pipeline record of a JSONL file as a `Trace`; errors name the line. Blank lines are skipped.
+
+    Records whose mementos are templated or content-free, or that the pipeline scored 0
+    (`avg_final_score`), are flagged (kvprobe.data.quality); `summary_check` says what then:
+    "refuse" (a TraceError naming the count and the first ids), "drop" or "keep" (a warning)."""
     path = Path(path)
     traces: list[Trace] = []
     seen: dict[str, int] = {}
+    flags: dict[str, str] = {}
+    suffix_missing = set()  # ids of records with no think_suffix key at all (not: null)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                trace = from_pipeline_record(json.loads(line))
+                record = json.loads(line)
+                trace = from_pipeline_record(record)
             except json.JSONDecodeError as e:
                 raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             except TraceError as e:
@@ -220,12 +233,28 @@ def read_jsonl(path: str | Path) -> list[Trace]:
                 raise TraceError(f"{path}:{lineno}: trace id {trace.trace_id!r} already used on line {first}")
             seen[trace.trace_id] = lineno
             traces.append(trace)
+            reason = record_flag(record, trace.blocks, trace.summaries)
+            if reason is not None:
+                flags[trace.trace_id] = reason
+            if "think_suffix" not in record:
+                suffix_missing.add(trace.trace_id)
     if not traces:
         raise TraceError(f"{path}: no records")
-    unfinished = sum(t.answer is None for t in traces)
-    if unfinished:  # the pipeline writes think_suffix null when the source trace had no </think>
-        warnings.warn(f"{path}: {unfinished} of {len(traces)} traces have no text after </think> (think_suffix null: "
-                      "their source reasoning had no </think>); they are used without an answer", stacklevel=2)
+    try:
+        dropped = screen(flags, len(traces), summary_check, str(path))
+    except ValueError as e:
+        raise TraceError(str(e)) from None
+    traces = [t for t in traces if t.trace_id not in dropped]
+    if not traces:
+        raise TraceError(f"{path}: every record was flagged and dropped (data.summary_check: drop)")
+    unfinished = [t.trace_id for t in traces if t.answer is None]
+    if unfinished:
+        missing = sum(tid in suffix_missing for tid in unfinished)
+        why = [f"think_suffix missing in {missing}" if missing else "",
+               f"think_suffix null in {len(unfinished) - missing} (their source reasoning had no </think>)"
+               if len(unfinished) > missing else ""]
+        warnings.warn(f"{path}: {len(unfinished)} of {len(traces)} traces have no text after </think> "
+                      f"({'; '.join(w for w in why if w)}); they are used without an answer", stacklevel=2)
     return traces
 
 
@@ -329,10 +358,22 @@ def from_generated_text(text: str, trace_id: str, *, drop_unfinished: bool = Fal
     return Trace(trace_id, (prompt or "").strip(), blocks, summaries, answer)
 
 
-def read_generated(path: str | Path, trace_id: str | None = None, **kw: Any) -> Trace:
-    """`from_generated_text` on a file; the trace id defaults to the file's stem."""
+def read_generated(path: str | Path, trace_id: str | None = None, *, summary_check: str = "refuse",
+                   **kw: Any) -> Trace:
+    """`from_generated_text` on a file; the trace id defaults to the file's stem.
+
+    Templated or content-free mementos are flagged as in `read_jsonl`; "drop" leaves nothing,
+    so it refuses too."""
     path = Path(path)
-    return from_generated_text(path.read_text(encoding="utf-8"), trace_id or path.stem, **kw)
+    trace = from_generated_text(path.read_text(encoding="utf-8"), trace_id or path.stem, **kw)
+    reason = memento_flag(trace.blocks, trace.summaries)
+    try:
+        dropped = screen({trace.trace_id: reason} if reason else {}, 1, summary_check, str(path))
+    except ValueError as e:
+        raise TraceError(str(e)) from None
+    if dropped:
+        raise TraceError(f"{path}: its one trace was flagged and dropped (data.summary_check: drop)")
+    return trace
 
 
 # ----------------------------------------------------------------------------- rendering

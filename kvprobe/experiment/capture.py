@@ -28,6 +28,9 @@ class Plans:
     def summary(self) -> str:
         total = sum(p.estimate_bytes() for p in self.plans.values())
         parts = [f"[{cond}]\n{plan.summary()}\n" for cond, plan in self.plans.items()]
+        source_line = getattr(self.source, "summary", None)  # trace sources say which token ids they feed
+        if callable(source_line):
+            parts.insert(0, source_line() + "\n")
         parts.append(f"total expected size: {total:,} bytes ({total / 1e9:.3f} GB) for {len(self.plans)} condition(s)")
         return "\n".join(parts)
 

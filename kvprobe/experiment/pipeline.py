@@ -175,6 +175,19 @@ def holm_corrected(grids: Mapping[str, GridResult]) -> dict[str, GridResult]:
     return out
 
 
+def token_ids_fed(out: Path, cfg: ExperimentConfig) -> str | None:
+    """Which token ids the capture fed, from the first store's source description (None: no traces there)."""
+    config = store_dir(out, next(iter(cfg.conditions))) / "config.json"
+    if not config.is_file():
+        return None
+    traces = json.loads(config.read_text()).get("source", {}).get("traces")
+    if not isinstance(traces, dict):
+        return None
+    n, served = traces.get("n"), traces.get("served_ids_fed", 0)
+    return (f"served ids for {served} of {n} traces, kvprobe's tokenization for the rest "
+            f"(data.token_ids: {traces.get('token_ids', 'served')}; {traces.get('served_ids', 0)} traces carried served ids)")
+
+
 def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[SweepPoint]) -> list[Path]:
     """Tables and figures from probe results (cells Holm-corrected by `holm_corrected`); always rewritten (cheap)."""
     from .. import reporting as report
@@ -187,6 +200,9 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
     apply_holm(diffs)  # the differences are a family of their own
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings}
+    fed = token_ids_fed(out, cfg)
+    if fed is not None:
+        meta["token ids"] = fed
     paper = report.PAPER_TOY if cfg.report.paper == "toy" else None
     paths = list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta).values())
     causal = saved_causal(out)

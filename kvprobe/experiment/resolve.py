@@ -102,11 +102,13 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
                               f"{str(e).splitlines()[0]}") from None
     try:
         path = Path(data.traces)
-        traces = read_jsonl(path) if path.suffix == ".jsonl" else [read_generated(path)]
+        check = data.summary_check
+        traces = (read_jsonl(path, summary_check=check) if path.suffix == ".jsonl"
+                  else [read_generated(path, summary_check=check)])
         chat_template = resolve_chat_template(data.chat_template, tokenizer)
         return TracePasscodeSource(
             traces, tokenizer, n, seed=cfg.seed, target_block=data.target_block, template=data.template,
-            where=data.where, offsets=cfg.capture.offsets, chat_template=chat_template,
+            where=data.where, offsets=cfg.capture.offsets, chat_template=chat_template, token_ids=data.token_ids,
         )
     except ValueError as e:
         raise ExperimentError(f"data: {e}") from None

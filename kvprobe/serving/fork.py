@@ -2,11 +2,87 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
-from typing import Any, Sequence
+import warnings
+from dataclasses import fields, replace
+from typing import Any, Iterable, Sequence
 
 from ..memento.masks import MaskConfig
+
+__all__ = ["FORK_COMMIT", "FORK_CONFIG_FIELDS", "block_masking_config", "check_fork_keys", "serve_command",
+           "served_mask"]
+
+# The fork's `BlockMaskingConfig` fields (microsoft/memento, vllm/vllm/config/block_masking.py), read at
+# FORK_COMMIT. The fork's server and `vllm.LLM` silently drop any other key (arg_utils.py, llm.py keep only
+# init fields), so kvprobe refuses them here. The private `_block_start_id` ... `_initialized` fields are
+# the fork's resolved state, not options, and are left out.
+FORK_COMMIT = "d8c10e66ff313844b4b5f063dd4c075d3ea56aab"
+FORK_CONFIG_FIELDS = (
+    "enable", "keep_last_n_blocks",
+    "block_start_token", "block_end_token", "summary_start_token", "summary_end_token",
+    "require_assistant_section", "im_start_token", "assistant_token",
+    "compact_on_summary_end", "mask_delimiters", "keep_last_block_for_answer", "restart_mode",
+    "max_block_tokens", "debug",
+)
+# the keys block_masking_config derives from the MaskConfig (compact_on_summary_end is its own argument)
+_FROM_MASK = ("enable", "keep_last_n_blocks", "mask_delimiters", "restart_mode", "keep_last_block_for_answer")
+
+
+def check_fork_keys(keys: Iterable[str]) -> None:
+    """Refuse (ValueError, one line) a key that is not one of the fork's own options or that the MaskConfig sets.
+
+    A near miss of a fork field gets "did you mean"; the fork itself would drop the key without a word.
+    """
+    for key in keys:
+        if key in _FROM_MASK:
+            raise ValueError(f"block-masking key {key!r} comes from the mask (MaskConfig / the mask flags): "
+                             "set it there, not as an extra key")
+        if key not in FORK_CONFIG_FIELDS:
+            close = difflib.get_close_matches(key, FORK_CONFIG_FIELDS, n=1)
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else f"the fork's keys are {', '.join(k for k in FORK_CONFIG_FIELDS if k not in _FROM_MASK)}")
+            raise ValueError(f"unknown block-masking key {key!r} (the vLLM fork would ignore it): {hint}")
+
+
+def served_mask(mask: MaskConfig) -> MaskConfig:
+    """The MaskConfig whose teacher-forced mask is what the fork serves under `block_masking_config(mask)`.
+
+    The fork evicts a block as soon as <|summary_end|> is sampled (memento mode:
+    ``evict_before_summary_end``), and with keep N > 0 its restart re-prefills the newest memento
+    while the N kept blocks are still cached (``restart_sees_kept_blocks``). Options that change
+    nothing for `mask` (the timing in restart mode or with ``keep_last_block_for_answer``, the
+    kept blocks with keep 0) are left as they are, so an equal `name` means an equal mask.
+    Raises ValueError for the masks the fork has no keys for (restart with keep -1 or with the
+    delimiters visible).
+    """
+    if mask.restart_mode and mask.keep_last_n_blocks == -1:
+        raise ValueError(
+            "restart mode with keep_last_n_blocks=-1 has no equivalent in the vLLM fork "
+            "(its restart mode works on evicted blocks); use keep_last_n_blocks >= 0"
+        )
+    if mask.restart_mode and not mask.mask_delimiters:
+        raise ValueError("restart with the delimiters visible (restart-delims-visible) is a kvprobe-only control: "
+                         "the vLLM fork's restart evicts <|block_start|>..<|block_end|> whatever mask_delimiters says")
+    if mask.keep_last_n_blocks == -1:
+        return mask  # causal: nothing is evicted
+    if mask.restart_mode:
+        return replace(mask, restart_sees_kept_blocks=True) if mask.keep_last_n_blocks > 0 else mask
+    if mask.keep_last_block_for_answer:  # evicts at the next <|block_start|>: the timing is moot
+        return mask
+    return replace(mask, evict_before_summary_end=True)
+
+
+def _spelled(mask: MaskConfig) -> str:
+    """`mask` as the shortest MaskConfig(...) call that builds it, e.g. MaskConfig(1, restart_mode=True)."""
+    args = [str(mask.keep_last_n_blocks)]
+    for f in fields(MaskConfig)[1:]:
+        value = getattr(mask, f.name)
+        default = mask.restart_mode if f.name == "mask_delimiters" else f.default
+        if value != default:
+            args.append(f"{f.name}={value!r}")
+    return f"MaskConfig({', '.join(args)})"
 
 
 def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = True, **extra: Any) -> dict[str, Any]:
@@ -25,26 +101,37 @@ def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = Tru
                               block (the paper's ablation)
     ========================  ======================================================
 
-    Other keys the fork knows (``require_assistant_section``, ``max_block_tokens``, ``debug``)
-    pass through `extra`; ``keep_last_block_for_answer`` comes from the mask. The fork's
-    restart mode evicts ``<|block_start|>`` .. ``<|block_end|>`` with the content whatever
-    ``mask_delimiters`` says, then re-prefills the memento (SPEC section 2): kvprobe's restart
-    mask with ``mask_delimiters=True``; restart with the delimiters visible is a kvprobe-only
-    control and raises ValueError here, as does restart mode without eviction
-    (``keep_last_n_blocks = -1``). With keep N > 0 the fork's restart re-prefills the newest
-    memento while the N kept blocks are still cached: the teacher-forced mask that matches it
-    sets ``restart_sees_kept_blocks``.
+    Other keys the fork knows (``require_assistant_section``, ``max_block_tokens``, ``debug``,
+    the block token strings; `FORK_CONFIG_FIELDS`) pass through `extra`; any other key, or one
+    the mask sets, raises ValueError (`check_fork_keys`). ``keep_last_block_for_answer`` comes
+    from the mask.
+
+    The served model must be the mask (`served_mask`, SPEC section 2). Refused with ValueError,
+    naming the mask that matches: restart with keep N > 0 without ``restart_sees_kept_blocks``
+    (the fork's restart re-prefills the newest memento while the N kept blocks are still
+    cached: ``restart-keepN-sees-kept``), restart with the delimiters visible (a kvprobe-only
+    control), restart with keep -1, and ``compact_on_summary_end=False`` where it would stop all
+    eviction. Memento mode with kvprobe's base-rule timing is served, with a warning: the fork
+    evicts before <|summary_end|>'s KV is computed, so it serves the ``-evict-at-se`` mask.
     """
-    if mask.restart_mode and mask.keep_last_n_blocks == -1:
-        raise ValueError(
-            "restart mode with keep_last_n_blocks=-1 has no equivalent in the vLLM fork "
-            "(its restart mode works on evicted blocks); use keep_last_n_blocks >= 0"
-        )
-    if mask.restart_mode and not mask.mask_delimiters:
-        raise ValueError("restart with the delimiters visible (restart-delims-visible) is a kvprobe-only control: "
-                         "the vLLM fork's restart evicts <|block_start|>..<|block_end|> whatever mask_delimiters says")
+    check_fork_keys(extra)
+    evicts = mask.keep_last_n_blocks != -1
+    # keep_last_block_for_answer evicts on the next <|block_start|> whatever compact_on_summary_end says
+    if evicts and not compact_on_summary_end and not mask.keep_last_block_for_answer:
+        raise ValueError(f"compact_on_summary_end=False: the vLLM fork then never evicts a block (it compacts only on "
+                         f"<|summary_end|>), so it serves causal, not {mask.name}; use MaskConfig(-1) for causal")
+    served = served_mask(mask)
+    if served.name != mask.name:
+        if mask.restart_mode:
+            k = mask.keep_last_n_blocks
+            raise ValueError(f"{mask.name} is not what the vLLM fork serves: its restart with keep {k} re-prefills the "
+                             f"newest memento while the kept blocks are still cached, so the fork's restart with keep "
+                             f"{k} is {_spelled(served)}, named {served.name}")
+        warnings.warn(f"the vLLM fork evicts a block as soon as <|summary_end|> is sampled, so it serves "
+                      f"{served.name}, not {mask.name}: {_spelled(served)} is the mask that matches it",
+                      UserWarning, stacklevel=2)
     config: dict[str, Any] = {
-        "enable": mask.keep_last_n_blocks != -1,
+        "enable": evicts,
         "keep_last_n_blocks": mask.keep_last_n_blocks,
         "mask_delimiters": mask.mask_delimiters,
         "compact_on_summary_end": compact_on_summary_end,
@@ -73,7 +160,8 @@ def serve_command(
 
     Prefix caching is switched off: the fork requires it and does not do it itself.
     `chat_template` is relative to the fork's ``vllm/`` directory (None to use the
-    checkpoint's own template). `config_extra` goes into the block-masking config.
+    checkpoint's own template). `config_extra` goes into the block-masking config (fork keys
+    only, `check_fork_keys`).
     ``--trust-remote-code`` is passed only when asked for (Memento checkpoints are plain
     Qwen3/OLMo-3/Phi-4 architectures and need none).
     """

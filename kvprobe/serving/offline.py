@@ -41,6 +41,7 @@ def generate_offline(
     `output` file, each chunk is appended when done and prompts already there are skipped,
     as in `generate_traces`. Returns the generations of this call. Same per-prompt seeds.
     """
+    fork_config = block_masking_config(mask)  # a mask the fork does not serve is refused before vLLM loads
     try:
         import vllm
     except ImportError as e:
@@ -58,7 +59,7 @@ def generate_offline(
     done = completed_ids(output) if output is not None else set()  # a cut-off last line does not count
     todo = [p for p in prompts if p.prompt_id not in done]
     try:
-        llm = vllm.LLM(model=model_path, block_masking_config=block_masking_config(mask),
+        llm = vllm.LLM(model=model_path, block_masking_config=fork_config,
                        max_model_len=max_model_len, enable_prefix_caching=False, **(llm_kwargs or {}))
     except TypeError as e:
         if "block_masking_config" in str(e):
