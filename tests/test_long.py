@@ -68,11 +68,13 @@ def test_check_length_names_why_flex_cannot_take_over(monkeypatch):
     check_length(model, forward.DENSE_MASK_MAX_TOKENS)  # at the threshold: dense is fine
 
 
-def test_use_flex_for_long_switches_only_above_the_threshold():
+def test_flex_for_long_switches_only_above_the_threshold_and_only_inside():
     model = tiny_qwen3("sdpa")
-    assert forward.use_flex_for_long(model, forward.DENSE_MASK_MAX_TOKENS) == "sdpa"
-    assert forward.use_flex_for_long(model, forward.DENSE_MASK_MAX_TOKENS + 1) == "flex_attention"
-    assert model.config._attn_implementation == "flex_attention"
+    with forward.flex_for_long(model, forward.DENSE_MASK_MAX_TOKENS) as impl:
+        assert impl == "sdpa" == model.config._attn_implementation
+    with forward.flex_for_long(model, forward.DENSE_MASK_MAX_TOKENS + 1) as impl:
+        assert impl == "flex_attention" == model.config._attn_implementation
+    assert model.config._attn_implementation == "sdpa"  # switched back: shorter forwards keep the dense kernel
 
 
 def _spec(**kw) -> CaptureSpec:
@@ -86,17 +88,22 @@ def test_a_capture_above_the_threshold_runs_on_flex_and_equals_the_dense_capture
     position read, deep in the trace. A second trace length compiles again, with static shapes on CPU
     (`flex_shapes`; test_flex.py fails without it)."""
     model = tiny_qwen3("sdpa")
-    lengths = []
-    model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    lengths, kernels = [], []
+
+    def seen(m, args, kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        kernels.append(m.config._attn_implementation)
+
+    model.register_forward_pre_hook(seen, with_kwargs=True)
     for n_tokens in (700, 900):
         source = LongTraceSource(4, n_tokens, SPECIAL, VOCAB_SIZE, n_blocks=10, memento_len=8)
         with monkeypatch.context() as patch:
             patch.setattr(forward, "DENSE_MASK_MAX_TOKENS", 4096)
             run_capture(tiny_qwen3("sdpa"), source, _spec(), tmp_path / f"dense{n_tokens}", progress=False)
-        lengths.clear()
+        lengths.clear(), kernels.clear()
         monkeypatch.setattr(forward, "DENSE_MASK_MAX_TOKENS", 64)
         run_capture(model, source, _spec(), tmp_path / f"flex{n_tokens}", progress=False)
-        assert model.config._attn_implementation == "flex_attention"
+        assert set(kernels) == {"flex_attention"} and model.config._attn_implementation == "sdpa"
         last_read = source.layout.blocks[source.target_block + 1].summary_end
         assert set(lengths) == {last_read + 1} and last_read + 1 < n_tokens
         assert_same_store(tmp_path / f"dense{n_tokens}", tmp_path / f"flex{n_tokens}", atol=1e-5, rtol=1e-5)
@@ -118,8 +125,10 @@ def test_a_model_spread_over_devices_masks_densely_and_refuses_long_traces(monke
     """A device-mapped model cannot carry a BlockMask (its tables sit on one device): no switch, a refusal."""
     model = tiny_qwen3("sdpa")
     monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": 0, "model.layers.1": 1}, raising=False)
-    assert forward.use_flex_for_long(model, 32768) == "sdpa"
+    with forward.flex_for_long(model, 32768) as impl:
+        assert impl == "sdpa"
     with pytest.raises(UnsupportedAttentionError, match="spread over devices"):
         check_length(model, 32768)
     monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": 0, "model.layers.1": 0})
-    assert forward.use_flex_for_long(model, 32768) == "flex_attention"  # one device: flex takes over
+    with forward.flex_for_long(model, 32768) as impl:
+        assert impl == "flex_attention"  # one device: flex takes over

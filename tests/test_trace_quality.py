@@ -39,6 +39,18 @@ def test_templated_and_content_free_mementos_are_flagged():
         assert all(memento_flag(t.blocks, t.summaries) is None for t in read_jsonl(path))  # real mementos pass
 
 
+def test_a_case_analysis_whose_mementos_share_a_form_is_not_templated():
+    """Mementos that share a form but each speak of their own block (the numbers are the content) pass;
+    the same form with nothing of its block in it is flagged."""
+    blocks = [f"Case n = {n}: compute n^2 + 1 = {n * n + 1}; check whether {n * n + 1} is divisible by 7, it is "
+              "not divisible." for n in (3, 4, 5, 6)]
+    summaries = [f"Case n = {n}: n^2 + 1 = {n * n + 1}, not divisible by 7." for n in (3, 4, 5, 6)]
+    assert memento_flag(blocks, summaries) is None
+    generic = [f"Block {k}: worked through steps {2 * k}-{2 * k + 1} of the solution; key quantities kept for later"
+               for k in range(4)]
+    assert memento_flag(blocks, generic).startswith("templated mementos (blocks 0, 1, 2, 3)")
+
+
 def test_flagged_records_are_refused_with_a_count_and_ids_or_dropped_or_kept():
     with pytest.raises(TraceError) as err:
         read_jsonl(TEMPLATED)

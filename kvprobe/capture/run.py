@@ -11,6 +11,7 @@ again with `mode="resume"` continues from the first missing shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import math
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.samples import SampleBatch, SampleSource
-from ..memento.forward import check_length, flex_shapes, input_device, memento_inputs, use_flex_for_long
+from ..memento.forward import check_length, flex_for_long, flex_shapes, input_device, memento_inputs
 from ..memento.sites import site_positions
 from ..store import FeatureKey, StoreWriter
 from .backends import get_backend
@@ -307,14 +308,15 @@ def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBat
     tables = pool_tables(batch.layouts, spec)
     device = input_device(model)
     T = forward_length(tables)  # the toy at offsets up to +7 skips 12% of every forward; a long trace far more
-    if _reads_block_mask(spec.backend):
-        use_flex_for_long(model, T)  # above DENSE_MASK_MAX_TOKENS: FlexAttention's BlockMask, never a T x T mask
-    check_length(model, T, _reads_block_mask(spec.backend))
-    input_ids = batch.input_ids[:, :T].to(device)  # (B, T)
-    am = batch.attention_mask[:, :T].to(device) if batch.attention_mask is not None else None
-    kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am, truncate=True)  # built on the device
-    with flex_shapes(model, device):  # CPU FlexAttention: each trace length compiles with static shapes
-        kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
+    block_mask_ok = _reads_block_mask(spec.backend)
+    # above DENSE_MASK_MAX_TOKENS: FlexAttention's BlockMask for this forward, never a T x T mask
+    with flex_for_long(model, T) if block_mask_ok else contextlib.nullcontext():
+        check_length(model, T, block_mask_ok)
+        input_ids = batch.input_ids[:, :T].to(device)  # (B, T)
+        am = batch.attention_mask[:, :T].to(device) if batch.attention_mask is not None else None
+        kwargs = memento_inputs(model, input_ids, batch.layouts, spec.mask, am, truncate=True)  # built on the device
+        with flex_shapes(model, device):  # CPU FlexAttention: each trace length compiles with static shapes
+            kv = capture(wrapped, input_ids, layers=spec.layers, positions=tables.positions.to(device), **kwargs)
     kv = {l: (k.cpu(), v.cpu()) for l, (k, v) in kv.items()}
     return pool_sites(kv, tables, spec, keys)
 

@@ -6,9 +6,12 @@ but is still no memento of its block:
 
 - templated: the memento is near-identical to another memento of the same trace once
   numbers are removed ("Block 2: worked through steps 5-9 of the solution; key quantities
-  kept for later" for every block). Near-identical: a `difflib` ratio of at least
+  kept for later" for every block), and generic: fewer than `GENERIC_SHARE` of its content
+  words (below) occur in its own block. Near-identical: a `difflib` ratio of at least
   `TEMPLATE_RATIO` between the number-free forms (lower case, letters only), judged only for
-  forms of at least `MIN_TEMPLATE_WORDS` words, so terse mementos ("m0", "done") are not;
+  forms of at least `MIN_TEMPLATE_WORDS` words, so terse mementos ("m0", "done") are not.
+  The generic condition keeps a case analysis ("Case n = 3: n^2 + 1 = 10, not divisible by
+  7." for n = 3, 4, 5), whose mementos share a form but each speak of their own block;
 - content-free: the memento shares no content word with its block. Content words are
   words of three or more letters that are not `STOPWORDS`, compared on their first five
   letters (a crude stem: "multiplying" meets "multiply"), and numbers of two or more digits.
@@ -35,6 +38,7 @@ __all__ = ["SUMMARY_CHECKS", "memento_flag", "record_flag", "screen"]
 
 SUMMARY_CHECKS = ("refuse", "drop", "keep")
 TEMPLATE_RATIO = 0.9
+GENERIC_SHARE = 0.5  # a templated memento is generic when fewer than this share of its content words are its block's
 MIN_TEMPLATE_WORDS = 3
 STOPWORDS = frozenset("""
 a about above after again against all also and any are because been before being below between both but can
@@ -68,19 +72,23 @@ def memento_flag(blocks: Sequence[str], summaries: Sequence[str]) -> str | None:
 
     The reason is short, e.g. "templated mementos (blocks 0, 1, 2)"; see the module docstring."""
     forms = [_number_free(s) for s in summaries]
-    templated = set()
+    similar = set()
     for i, a in enumerate(forms):
         if len(a.split()) < MIN_TEMPLATE_WORDS:
             continue
         for j in range(i + 1, len(forms)):
             if len(forms[j].split()) >= MIN_TEMPLATE_WORDS and \
                     difflib.SequenceMatcher(None, a, forms[j], autojunk=False).ratio() >= TEMPLATE_RATIO:
-                templated |= {i, j}
-    empty = set()
+                similar |= {i, j}
+    empty, generic = set(), set()
     for i, (block, summary) in enumerate(zip(blocks, summaries)):
         words = _content_words(summary)
-        if words and not words & _content_words(block):
+        shared = words & _content_words(block)
+        if words and not shared:
             empty.add(i)
+        if len(shared) < GENERIC_SHARE * len(words):
+            generic.add(i)
+    templated = similar & generic
     if 2 * len(templated | empty) <= len(summaries):
         return None
     parts = []

@@ -10,7 +10,7 @@ and refuses anything else with a message naming the implementations that work.
 Length. The dense mask is T x T: at 32K tokens 2 GiB in bf16 (4 in fp32) per row, built
 in seconds. Above `DENSE_MASK_MAX_TOKENS` (8,192: 128 MiB per bf16 row) kvprobe builds no
 dense mask: a model loaded with `flex_attention` gets the interval-built `BlockMask`
-(milliseconds, O(T) memory), `use_flex_for_long` switches a model that supports
+(milliseconds, O(T) memory), `flex_for_long` switches a model that supports
 FlexAttention to it, and anything else is refused with one line naming the memory the
 dense mask would take. Every mask is built on the device the model's inputs live on.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ __all__ = [
     "check_length",
     "flex_shapes",
     "dense_mask_bytes",
-    "use_flex_for_long",
+    "flex_for_long",
     "UnsupportedAttentionError",
     "check_window",
     "sliding_window_layers",
@@ -158,18 +158,26 @@ def _no_flex_reason(model: Any) -> str:
     return f"{type(model).__name__} does not support FlexAttention"
 
 
-def use_flex_for_long(model: Any, length: int) -> str:
-    """The attention implementation a `length`-token memento-masked forward runs with.
+@contextlib.contextmanager
+def flex_for_long(model: Any, length: int) -> Iterator[str]:
+    """Run a `length`-token memento-masked forward inside this; yields the attention
+    implementation it runs with.
 
-    Up to `DENSE_MASK_MAX_TOKENS` the model's own. Longer: `flex_attention`, switching a
-    model loaded with `eager`/`sdpa` to it when its architecture supports FlexAttention
-    (transformers' `_supports_flex_attn`), since the dense mask would be T x T. A model that
-    cannot is left as it is, and `attention_mask_from_tables` refuses the length."""
+    Up to `DENSE_MASK_MAX_TOKENS` the model's own. Longer: `flex_attention`, switching a model
+    loaded with `eager`/`sdpa` to it when its architecture supports FlexAttention (transformers'
+    `_supports_flex_attn`), since the dense mask would be T x T, and switching it back on the
+    way out, so shorter forwards after it keep the model's own kernel. A model that cannot
+    switch is left as it is, and `attention_mask_from_tables` refuses the length."""
     impl = attention_implementation(model)
-    if length > DENSE_MASK_MAX_TOKENS and impl in DENSE_MASK_IMPLEMENTATIONS and _supports_flex(model):
-        model.set_attn_implementation("flex_attention")
-        return "flex_attention"
-    return impl
+    switch = length > DENSE_MASK_MAX_TOKENS and impl in DENSE_MASK_IMPLEMENTATIONS and _supports_flex(model)
+    if not switch:
+        yield impl
+        return
+    model.set_attn_implementation("flex_attention")
+    try:
+        yield "flex_attention"
+    finally:
+        model.set_attn_implementation(impl)
 
 
 def flex_shapes(model: Any, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -183,7 +191,8 @@ def flex_shapes(model: Any, device: torch.device | str) -> contextlib.AbstractCo
         return contextlib.nullcontext()
     from torch import _dynamo
 
-    return _dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1024)
+    limit = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    return _dynamo.config.patch(automatic_dynamic_shapes=False, **{limit: 1024})
 
 
 def check_length(model: Any, length: int, block_mask_ok: bool = True) -> None:
@@ -250,8 +259,9 @@ def memento_inputs(
     """The `attention_mask` and `position_ids` keyword arguments for a memento-masked forward.
 
     input_ids: (B, T), on the device the mask is built on. Returns a float (B, 1, T, T) mask
-    in the model's dtype, or a FlexAttention BlockMask (flex_attention, and any length above
-    `DENSE_MASK_MAX_TOKENS`), and (B, T) position ids. `truncate`: the layouts may reach beyond
+    in the model's dtype, or a FlexAttention BlockMask for a model running flex_attention,
+    and (B, T) position ids. A dense mask above `DENSE_MASK_MAX_TOKENS` is refused
+    (`flex_for_long` switches a model that supports FlexAttention first). `truncate`: the layouts may reach beyond
     T (input_ids are the first T tokens of longer rows, as a capture that stops early passes).
     """
     T = input_ids.shape[1]

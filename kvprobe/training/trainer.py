@@ -47,4 +47,5 @@ class MementoTrainer(Trainer):
             super().save_model(output_dir, _internal_call)
             return
         state_dict = self.accelerator.get_state_dict(self.model)  # full, on the main process (all ranks join)
-        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.should_save:  # the writing process only, whatever this transformers' _save checks
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
