@@ -94,6 +94,10 @@ class DataSection(_Strict):
     n_samples: int = Field(5000, ge=2)
     target_block: int = Field(1, ge=0)
     traces: str | None = None  # JSONL (data pipeline) or .txt (generated) traces
+    # traces only: how data.traces is read. auto: .jsonl the data pipeline's records, else generated text;
+    # openmementos: the OpenMementos columns (.parquet/.jsonl), or the hub id microsoft/OpenMementos
+    # with model.allow_download (kvprobe.data.openmementos)
+    traces_format: Literal["auto", "openmementos"] = "auto"
     tokenizer: str | None = None  # defaults to the model's checkpoint
     template: str = "The secret passcode is {passcode}."
     # traces only: how the prompt is wrapped before <think> (kvprobe.data.chat): auto (the vLLM fork's
@@ -118,7 +122,7 @@ class DataSection(_Strict):
         if self.kind == "toy" and self.chat_template != "auto":
             raise ValueError("config field 'data.chat_template': the toy has no prompt to wrap; it is for data.kind "
                              "'traces'")
-        for name, default in (("token_ids", "served"), ("summary_check", "refuse")):
+        for name, default in (("token_ids", "served"), ("summary_check", "refuse"), ("traces_format", "auto")):
             if self.kind == "toy" and getattr(self, name) != default:
                 raise ValueError(f"config field 'data.{name}': the toy has no traces; it is for data.kind 'traces'")
         return self

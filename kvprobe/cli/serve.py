@@ -80,11 +80,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    config = ClientConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, max_tokens=args.max_tokens,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          concurrency=args.concurrency, max_attempts=args.max_attempts, api_key=args.api_key)
-    run = _bad_input(lambda: generate_traces(read_prompts(args.prompts), args.out, config,
-                                             progress=not args.no_progress))
+    config = _bad_input(lambda: ClientConfig(
+        base_url=tuple(args.base_url), dispatch=args.dispatch, model=args.model, endpoint=args.endpoint,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        concurrency=args.concurrency, max_attempts=args.max_attempts, api_key=args.api_key))
+    with warnings.catch_warnings(record=True) as caught:  # an endpoint taken out of rotation, one line each
+        warnings.simplefilter("always")
+        try:
+            run = _bad_input(lambda: generate_traces(read_prompts(args.prompts), args.out, config,
+                                                     progress=not args.no_progress))
+        finally:
+            for w in caught:
+                print(f"kvprobe: warning: {w.message}", file=sys.stderr)
     print(f"{run.generated} generated ({run.parse_errors} with parse errors), {run.skipped} already "
           f"present, {run.total} prompts; output {args.out}")
     return 0
@@ -140,12 +147,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = add_parser(sub, "generate", "generate traces from a served Memento model (resumable)",
                    "  kvprobe generate --prompts prompts.jsonl --out runs/gen/generations.jsonl \\\n"
-                   "      --base-url http://127.0.0.1:8010/v1 --model memento --max-tokens 32000 --concurrency 32")
+                   "      --base-url http://127.0.0.1:8010/v1 --model memento --max-tokens 32000 --concurrency 32\n"
+                   "  kvprobe generate --prompts prompts.jsonl --out runs/gen/generations.jsonl \\\n"
+                   "      --base-url http://127.0.0.1:8010/v1 http://127.0.0.1:8011/v1 --concurrency 32")
     _add_generation_args(g)
-    g.add_argument("--base-url", default=ClientConfig.base_url)
+    g.add_argument("--base-url", nargs="+", default=[ClientConfig.base_url], metavar="URL",
+                   help="the server's URL with /v1; several (one server per GPU) share the prompts out")
+    g.add_argument("--dispatch", choices=("least-loaded", "round-robin"), default=ClientConfig.dispatch,
+                   help="which endpoint gets the next prompt: the one with the fewest in flight, or each in turn")
     g.add_argument("--model", default=ClientConfig.model, help="the server's --served-model-name")
     g.add_argument("--endpoint", choices=("chat", "completions"), default=ClientConfig.endpoint)
-    g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency)
+    g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency, help="requests in flight per endpoint")
     g.add_argument("--max-attempts", type=int, default=ClientConfig.max_attempts)
     g.add_argument("--api-key", default=None)
     g.set_defaults(func=_generate)
@@ -167,8 +179,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = add_parser(sub, "export-traces", "write the parsed traces as pipeline JSONL (for kvprobe capture)",
                    "  kvprobe export-traces --generations runs/gen/generations.jsonl --out runs/gen/traces.jsonl "
-                   "--min-blocks 4")
-    e.add_argument("--generations", required=True)
+                   "--min-blocks 4\n"
+                   "  kvprobe export-traces --generations runs/a/generations.jsonl runs/b/generations.jsonl "
+                   "--out runs/gen/traces.jsonl")
+    e.add_argument("--generations", required=True, nargs="+", metavar="FILE",
+                   help="one or several generations files, merged: a prompt id once, conflicting duplicates refused")
     e.add_argument("--out", required=True)
     e.add_argument("--min-blocks", type=int, default=1)
     e.add_argument("--require-answer", action="store_true")

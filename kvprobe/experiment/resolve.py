@@ -89,7 +89,13 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
                               f"use data.kind {cfg.model.kind!r} (its own samples) or an hf model")
     if not data.traces:
         raise ExperimentError("data.traces: a traces file is needed when data.kind is 'traces'")
-    if not Path(data.traces).is_file():
+    from ..data.openmementos import HUB_ID, read_openmementos
+
+    hub = data.traces_format == "openmementos" and data.traces == HUB_ID and not Path(data.traces).exists()
+    if hub and not cfg.model.allow_download:
+        raise ExperimentError(f"data.traces: {HUB_ID!r} is a hub dataset; set model.allow_download to fetch it, "
+                              "or name a local .parquet/.jsonl file")
+    if not hub and not Path(data.traces).is_file():
         raise ExperimentError(f"data.traces: no such file {data.traces!r}")
     name = data.tokenizer or cfg.model.checkpoint
     try:
@@ -103,8 +109,13 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
     try:
         path = Path(data.traces)
         check = data.summary_check
-        traces = (read_jsonl(path, summary_check=check) if path.suffix == ".jsonl"
-                  else [read_generated(path, summary_check=check)])
+        if data.traces_format == "openmementos":
+            with hub_access(cfg.model.allow_download):
+                traces = read_openmementos(None if hub else path, summary_check=check, limit=n if hub else None,
+                                           allow_download=hub and cfg.model.allow_download)
+        else:
+            traces = (read_jsonl(path, summary_check=check) if path.suffix == ".jsonl"
+                      else [read_generated(path, summary_check=check)])
         chat_template = resolve_chat_template(data.chat_template, tokenizer)
         return TracePasscodeSource(
             traces, tokenizer, n, seed=cfg.seed, target_block=data.target_block, template=data.template,

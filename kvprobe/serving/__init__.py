@@ -44,6 +44,15 @@ Output (resumable)
     requests in flight finish and are written, and the `ServeError` is raised. One process
     per output file.
 
+Several servers
+    ``base_url`` may be a tuple of URLs (one server per GPU): each request goes to the
+    endpoint with the fewest in flight (``dispatch="least-loaded"``) or to each in turn
+    (``"round-robin"``), ``concurrency`` per endpoint, into the one output file; each record
+    names its ``endpoint``. An endpoint that stays unreachable through the retries is taken
+    out of rotation with a warning and its prompts go to the others; the run fails only
+    when none is left. `merge_generations` (and `export_pipeline_jsonl`) read several
+    output files as one, a prompt id once, and refuse an id found with different content.
+
 `block_masking_config` builds the fork's ``--block-masking-config`` JSON from a
 `kvprobe.memento.masks.MaskConfig`; `serve_command` the whole server command line.
 `generate_offline` runs the fork's offline ``vllm.LLM`` instead of a server (vLLM is
@@ -62,6 +71,7 @@ from .generations import (
     Prompt,
     completed_ids,
     export_pipeline_jsonl,
+    merge_generations,
     read_generations,
     read_prompts,
     trace_to_pipeline_record,
@@ -79,6 +89,7 @@ __all__ = [
     "export_pipeline_jsonl",
     "generate_offline",
     "generate_traces",
+    "merge_generations",
     "parse_generation",
     "prompt_seed",
     "read_generations",

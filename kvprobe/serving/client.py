@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import deque
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,12 +25,14 @@ _RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))
 class ServeError(RuntimeError):
     """A request failed for good: retries exhausted, or a status that is not retried.
 
-    `prompt_id` names the prompt whose request failed.
+    `prompt_id` names the prompt whose request failed; `unreachable` says the last attempt
+    got no answer at all (a connection error or timeout), so the endpoint may be down.
     """
 
-    def __init__(self, message: str, prompt_id: str | None = None) -> None:
+    def __init__(self, message: str, prompt_id: str | None = None, unreachable: bool = False) -> None:
         super().__init__(message)
         self.prompt_id = prompt_id
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ClientConfig:
     """How to reach the server and how to sample.
 
     base_url includes the API version prefix (OpenAI convention): ``http://host:8010/v1``.
+    Several servers (one per GPU) are a tuple of such URLs: prompts are fanned out over them,
+    `dispatch` picking the endpoint of each request ("least-loaded": the one with the fewest
+    requests in flight; "round-robin": each in turn), `concurrency` requests in flight per endpoint.
     top_k is a vLLM extension of the OpenAI API (left out of the request when None).
     extra_body is merged into every request body last (it may override any field, e.g.
     ``{"stop": [...]}``; overriding ``skip_special_tokens`` defeats the purpose).
@@ -44,7 +50,7 @@ class ClientConfig:
     timeout is the read timeout of one request in seconds (long generations take minutes).
     """
 
-    base_url: str = "http://127.0.0.1:8010/v1"
+    base_url: str | tuple[str, ...] = "http://127.0.0.1:8010/v1"
     model: str = "memento"
     endpoint: Literal["chat", "completions"] = "chat"
     max_tokens: int = 16384
@@ -62,12 +68,22 @@ class ClientConfig:
     api_key: str | None = None
     return_token_ids: bool = True  # ask for the prompt and generated ids (vLLM >= 0.10.2), kept with each trace
     extra_body: dict[str, Any] = field(default_factory=dict)
+    dispatch: Literal["least-loaded", "round-robin"] = "least-loaded"
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
             raise ValueError(f"endpoint must be 'chat' or 'completions', got {self.endpoint!r}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.dispatch not in ("least-loaded", "round-robin"):
+            raise ValueError(f"dispatch must be 'least-loaded' or 'round-robin', got {self.dispatch!r}")
+        urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
+        if not urls:
+            raise ValueError("base_url: give at least one URL")
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+        if len(set(u.rstrip("/") for u in urls)) < len(urls):
+            raise ValueError(f"base_url: the same URL is given twice in {list(urls)}")
+        object.__setattr__(self, "base_url", urls[0] if len(urls) == 1 else urls)
         for name in ("max_tokens", "concurrency", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -77,9 +93,19 @@ class ClientConfig:
             raise ValueError("backoff, max_backoff and jitter must be >= 0")
 
     @property
-    def url(self) -> str:
+    def base_urls(self) -> tuple[str, ...]:
+        """Every endpoint's base URL (one unless several servers were given)."""
+        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
+
+    def url_of(self, base_url: str) -> str:
+        """The request URL on one endpoint."""
         path = "/chat/completions" if self.endpoint == "chat" else "/completions"
-        return self.base_url.rstrip("/") + path
+        return base_url.rstrip("/") + path
+
+    @property
+    def url(self) -> str:
+        """The request URL on the first endpoint."""
+        return self.url_of(self.base_urls[0])
 
 
 @dataclass(frozen=True)
@@ -130,18 +156,22 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _post(
-    client: httpx.Client, prompt_id: str, body: dict[str, Any], config: ClientConfig, sleep: Callable[[float], None]
+    client: httpx.Client, prompt_id: str, body: dict[str, Any], config: ClientConfig, sleep: Callable[[float], None],
+    url: str | None = None,
 ) -> dict[str, Any]:
-    """POST with bounded retries; the decoded JSON answer, or ServeError naming the prompt."""
-    url = config.url
+    """POST to `url` (default: the first endpoint's) with bounded retries; the decoded JSON
+    answer, or ServeError naming the prompt."""
+    url = url or config.url
     last = "no attempt made"
+    unreachable = False
     for attempt in range(1, config.max_attempts + 1):
         wait_at_least = 0.0
         try:
             response = client.post(url, json=body)
         except httpx.TransportError as e:
-            last = f"{type(e).__name__}: {e}"
+            last, unreachable = f"{type(e).__name__}: {e}", True
         else:
+            unreachable = False
             if 200 <= response.status_code < 300:
                 try:
                     return response.json()
@@ -165,10 +195,11 @@ def _post(
         sleep(delay)
     raise ServeError(
         f"prompt {prompt_id!r}: gave up on {url} after {config.max_attempts} attempt(s); last error: {last}",
-        prompt_id)
+        prompt_id, unreachable)
 
 
-def _completion_text(payload: dict[str, Any], config: ClientConfig, prompt_id: str) -> tuple[str, str | None, Any]:
+def _completion_text(payload: dict[str, Any], config: ClientConfig, prompt_id: str,
+                     url: str | None = None) -> tuple[str, str | None, Any]:
     """(text, finish_reason, usage) of an OpenAI-style completion answer.
 
     Chat answers split by a reasoning parser (``reasoning_content`` or ``reasoning`` beside
@@ -185,7 +216,7 @@ def _completion_text(payload: dict[str, Any], config: ClientConfig, prompt_id: s
             if reasoning and "<think>" not in text:
                 text = f"<think>\n{reasoning}\n</think>\n\n{text}"
     except (KeyError, IndexError, TypeError, AttributeError):
-        raise ServeError(f"prompt {prompt_id!r}: unexpected answer from {config.url}: {str(payload)[:300]}",
+        raise ServeError(f"prompt {prompt_id!r}: unexpected answer from {url or config.url}: {str(payload)[:300]}",
                          prompt_id) from None
     if not isinstance(text, str):
         raise ServeError(f"prompt {prompt_id!r}: the answer's text is {type(text).__name__}, not a string", prompt_id)
@@ -227,10 +258,13 @@ def served_token_ids(payload: dict[str, Any]) -> tuple[list[int] | None, list[in
 
 
 def _generate_one(client: httpx.Client, prompt: Prompt, config: ClientConfig,
-                  sleep: Callable[[float], None]) -> Generation:
-    payload = _post(client, prompt.prompt_id, request_body(prompt, config), config, sleep)
-    text, finish_reason, usage = _completion_text(payload, config, prompt.prompt_id)
-    return parse_generation(prompt, text, finish_reason, usage, *served_token_ids(payload))
+                  sleep: Callable[[float], None], base_url: str | None = None) -> Generation:
+    url = config.url_of(base_url) if base_url else config.url
+    payload = _post(client, prompt.prompt_id, request_body(prompt, config), config, sleep, url)
+    text, finish_reason, usage = _completion_text(payload, config, prompt.prompt_id, url)
+    g = parse_generation(prompt, text, finish_reason, usage, *served_token_ids(payload))
+    g.endpoint = base_url or config.base_urls[0]
+    return g
 
 
 ASSISTANT_TURN = "<|im_start|>assistant"
@@ -254,6 +288,40 @@ def warn_if_never_evicted(prompts: Iterable[Prompt], endpoint: str) -> int:
     return bare
 
 
+class _Endpoints:
+    """Which endpoint gets the next request: requests in flight per endpoint, and the dead ones."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.urls = config.base_urls
+        self.capacity = config.concurrency
+        self.round_robin = config.dispatch == "round-robin"
+        self.in_flight = [0] * len(self.urls)
+        self.dead: dict[int, ServeError] = {}
+        self.cursor = 0
+
+    def pick(self) -> int | None:
+        """The endpoint of the next request, None while every live endpoint is full (or none is left)."""
+        free = [i for i in range(len(self.urls)) if i not in self.dead and self.in_flight[i] < self.capacity]
+        if not free:
+            return None
+        if not self.round_robin:  # least-loaded; ties go to the endpoint after the last one picked
+            n = len(self.urls)
+            i = min(free, key=lambda i: (self.in_flight[i], (i - self.cursor) % n))
+        else:
+            i = min(free, key=lambda i: (i - self.cursor) % len(self.urls))
+        self.cursor = i + 1
+        self.in_flight[i] += 1
+        return i
+
+    def take_out(self, i: int, error: ServeError) -> None:
+        if i in self.dead:
+            return
+        self.dead[i] = error
+        left = len(self.urls) - len(self.dead)
+        warnings.warn(f"endpoint {self.urls[i]} is unreachable, taken out of rotation ({left} of {len(self.urls)} "
+                      f"left; its prompts go to the others): {error}", stacklevel=3)
+
+
 def generate_traces(
     prompts: Iterable[Prompt],
     output: str | Path,
@@ -263,11 +331,14 @@ def generate_traces(
     sleep: Callable[[float], None] = time.sleep,
     transport: httpx.BaseTransport | None = None,
 ) -> GenerationRun:
-    """Generate a trace for every prompt not yet in `output` (JSONL), `config.concurrency` at a time.
+    """Generate a trace for every prompt not yet in `output` (JSONL), `config.concurrency` at a time
+    on each of `config.base_urls`.
 
     Appends one record per finished prompt (see the module docstring) and returns counts.
     Raises `ServeError` (after writing whatever else finished) when a request fails for
-    good; run again to continue. `sleep` and `transport` are for tests.
+    good; run again to continue. With several endpoints, one that stays unreachable through
+    the retries is taken out of rotation with a warning and its prompts are sent to the
+    others; the run fails only when none is left. `sleep` and `transport` are for tests.
     """
     prompts = list(prompts)
     _check_unique(prompts)
@@ -278,32 +349,48 @@ def generate_traces(
         done = completed_ids(output)
         todo = [p for p in prompts if p.prompt_id not in done]
         skipped = len(prompts) - len(todo)
+        endpoints = _Endpoints(config)
+        n_urls = len(endpoints.urls)
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
-        limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+        width = config.concurrency * n_urls
+        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="generate", disable=not progress)
         written = parse_errors = 0
         failures: list[ServeError] = []
         with bar, httpx.Client(timeout=timeout, headers=headers, limits=limits, transport=transport) as client, \
-                ThreadPoolExecutor(max_workers=config.concurrency) as pool:
-            queue = iter(todo)
-            pending: dict[Future[Generation], Prompt] = {}
+                ThreadPoolExecutor(max_workers=width) as pool:
+            queue = deque(todo)
+            pending: dict[Future[Generation], tuple[Prompt, int]] = {}
 
-            def submit_next() -> None:
-                prompt = next(queue, None)
-                if prompt is not None:
-                    pending[pool.submit(_generate_one, client, prompt, config, sleep)] = prompt
+            def fill() -> None:  # no new request once one has failed for good
+                while queue and not failures:
+                    i = endpoints.pick()
+                    if i is None:
+                        return
+                    prompt = queue.popleft()
+                    future = pool.submit(_generate_one, client, prompt, config, sleep, endpoints.urls[i])
+                    pending[future] = (prompt, i)
 
-            for _ in range(config.concurrency):
-                submit_next()
+            fill()
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    prompt = pending.pop(future)
+                    prompt, i = pending.pop(future)
+                    endpoints.in_flight[i] -= 1
                     try:
                         generation = future.result()
                     except ServeError as e:
-                        failures.append(e)
+                        if e.unreachable and n_urls > 1:
+                            endpoints.take_out(i, e)
+                            if len(endpoints.dead) < n_urls:
+                                queue.appendleft(prompt)  # to a live endpoint
+                            elif not failures:
+                                failures.append(ServeError(
+                                    f"no endpoint left: all {n_urls} are unreachable; last error: {e}",
+                                    prompt.prompt_id, True))
+                        else:
+                            failures.append(e)
                         continue
                     except Exception as e:  # unexpected: still name the prompt
                         failures.append(ServeError(f"prompt {prompt.prompt_id!r}: {type(e).__name__}: {e}",
@@ -314,13 +401,12 @@ def generate_traces(
                     parse_errors += generation.error is not None
                     bar.update(1)
                     bar.set_postfix(parse_errors=parse_errors, refresh=False)
-                    if not failures:
-                        submit_next()
+                fill()
     finally:
         writer.close()
     if failures:
         first = failures[0]
         more = f" ({len(failures) - 1} more request(s) failed too)" if len(failures) > 1 else ""
         raise ServeError(f"{first}{more}; {written} new record(s) written to {output}, "
-                         f"run again to continue", first.prompt_id)
+                         f"run again to continue", first.prompt_id, first.unreachable)
     return GenerationRun(len(prompts), skipped, written, parse_errors)

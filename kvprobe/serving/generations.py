@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..data.traces import Trace, TraceError
 
@@ -46,6 +46,7 @@ class Generation:
     usage: dict[str, Any] | None = None
     prompt_token_ids: list[int] | None = None  # what the server tokenized the prompt to (chat template applied)
     token_ids: list[int] | None = None  # the ids it generated
+    endpoint: str | None = None  # the base URL of the server that answered (None: generated offline)
 
     def to_json(self) -> dict[str, Any]:
         t = self.trace
@@ -61,6 +62,7 @@ class Generation:
             "error": self.error,
             "prompt_token_ids": self.prompt_token_ids,
             "token_ids": self.token_ids,
+            "endpoint": self.endpoint,
         }
 
     @property
@@ -81,6 +83,7 @@ class Generation:
             usage=record.get("usage"),
             prompt_token_ids=record.get("prompt_token_ids"),
             token_ids=record.get("token_ids"),
+            endpoint=record.get("endpoint"),
         )
         if t is not None:
             g.trace = Trace(t["trace_id"], t["prompt"], list(t["blocks"]), list(t["summaries"]), t.get("answer"),
@@ -143,6 +146,42 @@ def read_generations(path: str | Path) -> list[Generation]:
     return out
 
 
+# what says where or at what cost a record was generated, not what was generated
+_BOOKKEEPING = frozenset({"usage", "endpoint"})
+
+
+def merge_generations(paths: str | Path | Iterable[str | Path]) -> list[Generation]:
+    """The records of one or several output files, each prompt id once, in first-seen order.
+
+    A prompt id found again with the same content (everything but `usage` and `endpoint`)
+    is one record; found again with other content it is refused (ValueError naming the id,
+    both places and the fields that differ).
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no generations file given")
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    out: list[Generation] = []
+    for path in paths:
+        for lineno, record in _records(path):
+            where = f"{path}:{lineno}"
+            content = {k: v for k, v in record.items() if k not in _BOOKKEEPING}
+            pid = record["prompt_id"]
+            if pid in seen:
+                first, before = seen[pid]
+                fields = sorted(k for k in set(before) | set(content) if before.get(k) != content.get(k))
+                if fields:  # a key missing in one file and null in the other is no difference
+                    raise ValueError(f"prompt id {pid!r} is in {first} and {where} with different content "
+                                     f"({', '.join(fields)} differ): keep one of them")
+                continue
+            seen[pid] = (where, content)
+            try:
+                out.append(Generation.from_json(record))
+            except (KeyError, TypeError, TraceError) as e:
+                raise ValueError(f"{where}: bad generation record: {e}") from None
+    return out
+
+
 def trace_to_pipeline_record(trace: Trace) -> dict[str, Any]:
     """A Memento data-pipeline record (what `kvprobe.data.traces.read_jsonl` reads) holding `trace`.
 
@@ -162,9 +201,12 @@ def trace_to_pipeline_record(trace: Trace) -> dict[str, Any]:
     return record
 
 
-def export_pipeline_jsonl(generations: str | Path, out: str | Path, *, min_blocks: int = 1,
+def export_pipeline_jsonl(generations: str | Path | Iterable[str | Path], out: str | Path, *, min_blocks: int = 1,
                           require_answer: bool = False) -> int:
-    """Write the parsed traces of an output file as pipeline JSONL for `kvprobe capture`.
+    """Write the parsed traces of one or several output files as pipeline JSONL for `kvprobe capture`.
+
+    Several files are merged by `merge_generations`: a prompt id once, conflicting
+    duplicates refused.
 
     Records with a parse error, fewer than `min_blocks` blocks, or (with `require_answer`)
     no ``</think>`` are left out. Traces are written sorted by id, so the file (and the
@@ -173,7 +215,7 @@ def export_pipeline_jsonl(generations: str | Path, out: str | Path, *, min_block
     experiment `min_blocks` must cover the target block plus the largest offset
     (target block 1 and offsets up to +2 need 4 blocks).
     """
-    kept = sorted((g.trace for g in read_generations(generations)
+    kept = sorted((g.trace for g in merge_generations(generations)
                    if g.trace is not None and g.trace.n_blocks >= min_blocks
                    and (g.trace.answer is not None or not require_answer)), key=lambda t: t.trace_id)
     out = Path(out)
