@@ -23,6 +23,8 @@ SPEC section 2, restated as this module applies it. SE_i is the position of bloc
    only once the next block has started (q >= that block's <|block_start|>); the last
    block never is. In restart mode the re-prefilled span of block i is <|summary_start|>
    up to (not including) the next <|block_start|>, and the last block has none.
+6. Sliding window W (a model layer's, not SPEC section 2's; None: none): query q may attend
+   key k only if q - k < W as well, counted in row positions (transformers' sliding mask).
 4. Nothing else is ever hidden: prompt, mementos, answer, and ordinary tokens that sit
    between markers outside a block's content.
 
@@ -86,6 +88,7 @@ def reference_allow(
     evict_before_summary_end: bool = False,
     restart_sees_kept_blocks: bool = False,
     keep_last_block_for_answer: bool = False,
+    window: int | None = None,
 ) -> list[list[bool]]:
     """allow[q][k]: may query q attend key k. `layout` positions index a row of `length` tokens."""
     real = set(range(layout.offset, layout.offset + layout.length))
@@ -123,6 +126,8 @@ def reference_allow(
                 continue
             if k not in real or k > q:
                 continue
+            if window is not None and q - k >= window:
+                continue
             ok = True
             for i in range(n_blocks):
                 if k not in hideable[i]:
@@ -146,9 +151,10 @@ def reference_allow_batch(
     evict_before_summary_end: bool = False,
     restart_sees_kept_blocks: bool = False,
     keep_last_block_for_answer: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The reference mask of a padded batch as a bool tensor (B, 1, T, T)."""
     rows = [reference_allow(lay, length, keep_last_n_blocks, mask_delimiters, restart_mode, evict_before_summary_end,
-                            restart_sees_kept_blocks, keep_last_block_for_answer)
+                            restart_sees_kept_blocks, keep_last_block_for_answer, window)
             for lay in layouts]
     return torch.tensor(rows, dtype=torch.bool).reshape(len(layouts), 1, length, length)

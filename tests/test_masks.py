@@ -35,10 +35,10 @@ def config_id(cfg: MaskConfig) -> str:
             + ("-keepsLastBlock" if cfg.keep_last_block_for_answer else ""))
 
 
-def reference(layouts, T, cfg: MaskConfig) -> torch.Tensor:
+def reference(layouts, T, cfg: MaskConfig, window: int | None = None) -> torch.Tensor:
     return reference_allow_batch(layouts, T, cfg.keep_last_n_blocks, cfg.mask_delimiters, cfg.restart_mode,
                                  cfg.evict_before_summary_end, cfg.restart_sees_kept_blocks,
-                                 cfg.keep_last_block_for_answer)
+                                 cfg.keep_last_block_for_answer, window)
 
 
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, input_ids: torch.Tensor) -> str:

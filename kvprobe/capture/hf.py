@@ -18,6 +18,18 @@ from transformers import DynamicCache
 from ..memento.forward import cache_argument
 from .sites import gather_positions
 
+
+def _keep_every_position(cache: DynamicCache) -> None:
+    """Make a cache's sliding-window layers keep every position: transformers' sliding layer stores only
+    the last window - 1 tokens (attention still gets them all, and the memento mask holds the window),
+    but a capture reads K/V at absolute positions from the cache after the forward."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layers[i] = DynamicLayer()
+
 # whether this backend can take a FlexAttention BlockMask (the model runs its own attention, FlexAttention included)
 READS_BLOCK_MASK = True
 
@@ -45,6 +57,7 @@ class StoppingCache(DynamicCache):
 
     def __init__(self, last: int, config: Any = None) -> None:
         super().__init__(config=config)
+        _keep_every_position(self)
         self.last = last
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
@@ -108,6 +121,7 @@ class PatchingCache(DynamicCache):
 
     def __init__(self, patches: Sequence[KVPatch], config: Any = None) -> None:
         super().__init__(config=config)
+        _keep_every_position(self)
         self.patches = {p.layer: p for p in patches}
         if len(self.patches) != len(patches):
             raise ValueError("one patch per layer: merge the positions of a layer into one KVPatch")

@@ -13,12 +13,21 @@ dense mask: a model loaded with `flex_attention` gets the interval-built `BlockM
 (milliseconds, O(T) memory), `flex_for_long` switches a model that supports
 FlexAttention to it, and anything else is refused with one line naming the memory the
 dense mask would take. Every mask is built on the device the model's inputs live on.
+
+Sliding windows. A model whose layers slide (OLMo-3, Mistral, Qwen3 with `use_sliding_window`)
+gets the window folded into the memento mask (`MaskTables.window`) wherever a forward is longer
+than the window (`mask_windows`): one windowed mask when every layer slides, and for a model that
+mixes full and sliding layers (`config.layer_types`) a dict {"full_attention": mask,
+"sliding_attention": windowed mask}, which transformers' decoders (OLMo-3, Qwen2/3, Gemma, ...)
+take as they are and route by each layer's kind. Anything else is refused by `check_window`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -36,6 +45,7 @@ __all__ = [
     "flex_for_long",
     "UnsupportedAttentionError",
     "check_window",
+    "mask_windows",
     "sliding_window_layers",
     "attention_implementation",
     "cache_argument",
@@ -94,18 +104,73 @@ def sliding_window_layers(model: Any) -> tuple[int | None, list[int]]:
     return (int(window), layers) if layers else (None, [])
 
 
-def check_window(model: Any, length: int) -> None:
-    """Refuse a memento-masked forward of `length` tokens that a sliding window would change.
+_MASK_PER_KIND = re.compile(r"isinstance\(\s*(?:\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
+MASK_KINDS = ("full_attention", "sliding_attention")
 
-    kvprobe's memento mask carries no window yet, so a layer with one would see keys beyond it.
-    Sequences no longer than the window are exact (the window then hides nothing)."""
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_dict(cls: type) -> bool:
+    try:
+        return bool(_MASK_PER_KIND.search(inspect.getsource(cls.forward)))
+    except (OSError, TypeError):
+        return False
+
+
+def _takes_mask_per_kind(model: Any) -> bool:
+    """Whether `model`'s decoder takes `attention_mask` as a dict {layer kind: mask} and hands each
+    layer the mask of its kind (transformers' `causal_mask_mapping`, read from the decoder's source)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return any(_forward_takes_dict(type(m)) for m in (decoder, model) if isinstance(m, torch.nn.Module))
+
+
+def _window_problem(model: Any) -> str | None:
+    """Why a windowed memento mask cannot reach `model`'s sliding layers exactly, or None if it can."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     window, layers = sliding_window_layers(model)
-    if window is not None and length > window:
+    if window is None or len(layers) == cfg.num_hidden_layers:
+        return None  # no window, or one windowed mask for every layer
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if not kinds or not kinds <= set(MASK_KINDS):
+        return (f"its layer kinds {sorted(kinds)} are not {' and '.join(MASK_KINDS)}, so kvprobe cannot tell "
+                "which mask each layer takes")
+    if not _takes_mask_per_kind(model):
+        return (f"{type(model).__name__} mixes full and sliding layers but does not take an attention_mask per "
+                "layer kind (a dict), so one mask would reach both")
+    return None
+
+
+def mask_windows(model: Any, length: int) -> dict[str | None, int | None]:
+    """The masks a memento-masked forward of `length` tokens gives `model`, as {layer kind: window}:
+    {None: None} one mask, no window (none, or `length` within it, where it hides nothing);
+    {None: W} one mask windowed with W (every layer slides); {"full_attention": None,
+    "sliding_attention": W} one mask per layer kind (passed as a dict). Refuses, with
+    `check_window`'s line, a model whose layers the masks cannot reach exactly."""
+    window, layers = sliding_window_layers(model)
+    if window is None or length <= window:
+        return {None: None}
+    check_window(model, length)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if len(layers) == cfg.num_hidden_layers:
+        return {None: window}
+    return {"full_attention": None, "sliding_attention": window}
+
+
+def check_window(model: Any, length: int) -> None:
+    """Refuse a memento-masked forward of `length` tokens that a sliding window would make inexact.
+
+    The window is folded into the memento mask (`mask_windows`): one windowed mask for a model whose
+    layers all slide, one mask per layer kind for a model that mixes them and takes a dict. A model
+    that mixes them any other way is refused above the window (within it the window hides nothing)."""
+    window, layers = sliding_window_layers(model)
+    if window is None or length <= window:
+        return
+    problem = _window_problem(model)
+    if problem is not None:
         name = getattr(model.config, "model_type", type(model).__name__)
         raise UnsupportedAttentionError(
             f"{name}: layers {layers} use sliding-window attention (window {window}) and this forward is "
-            f"{length} tokens long; kvprobe's memento mask does not fold the window in yet, so those layers "
-            f"would see keys beyond it. Capture sequences of at most {window} tokens")
+            f"{length} tokens long; {problem}: the windowed memento mask cannot reach those layers alone. "
+            f"Capture sequences of at most {window} tokens")
 
 
 def input_device(model: Any) -> torch.device:
@@ -217,7 +282,15 @@ def attention_mask_from_tables(model: Any, tables: MaskTables, block_size: int =
     """The `attention_mask` a memento-masked forward of `model` takes, built from `tables` on
     their device: a FlexAttention `BlockMask` for `flex_attention` (interval-built, O(T)), else
     the additive (B, 1, T, T) float mask in the model's dtype (SPEC pitfall: never boolean),
-    refused above `DENSE_MASK_MAX_TOKENS` with the memory it would take."""
+    refused above `DENSE_MASK_MAX_TOKENS` with the memory it would take. A sliding window
+    (`mask_windows`) is folded in: one windowed mask, or a dict of masks by layer kind."""
+    windows = mask_windows(model, tables.shape[1])
+    built = {w: _one_mask(model, tables.windowed(w), block_size) for w in dict.fromkeys(windows.values())}
+    masks = {kind: built[w] for kind, w in windows.items()}
+    return masks[None] if None in masks else masks
+
+
+def _one_mask(model: Any, tables: MaskTables, block_size: int) -> Any:
     impl = attention_implementation(model)
     B, T = tables.shape
     if impl in FLEX_IMPLEMENTATIONS:
@@ -259,8 +332,9 @@ def memento_inputs(
     """The `attention_mask` and `position_ids` keyword arguments for a memento-masked forward.
 
     input_ids: (B, T), on the device the mask is built on. Returns a float (B, 1, T, T) mask
-    in the model's dtype, or a FlexAttention BlockMask for a model running flex_attention,
-    and (B, T) position ids. A dense mask above `DENSE_MASK_MAX_TOKENS` is refused
+    in the model's dtype, or a FlexAttention BlockMask for a model running flex_attention (for a
+    model that mixes full and sliding layers, above the window: a dict of them by layer kind,
+    `mask_windows`), and (B, T) position ids. A dense mask above `DENSE_MASK_MAX_TOKENS` is refused
     (`flex_for_long` switches a model that supports FlexAttention first). `truncate`: the layouts may reach beyond
     T (input_ids are the first T tokens of longer rows, as a capture that stops early passes).
     """
@@ -272,7 +346,8 @@ def memento_inputs(
     if len(distinct) < len(layouts):
         row = {lay: u for u, lay in enumerate(distinct)}
         index = torch.tensor([row[lay] for lay in layouts], device=device)
-        mask = mask[index] if isinstance(mask, torch.Tensor) else _block_mask_rows(mask, index)  # (B, 1, T, T)
+        pick = lambda m: m[index] if isinstance(m, torch.Tensor) else _block_mask_rows(m, index)  # noqa: E731
+        mask = {kind: pick(m) for kind, m in mask.items()} if isinstance(mask, dict) else pick(mask)  # (B, 1, T, T)
     if attention_mask is not None:
         attention_mask = attention_mask[:, :T]
     return {"attention_mask": mask, "position_ids": position_ids_for(attention_mask, input_ids.shape, device)}

@@ -22,6 +22,15 @@ Three options model where the fork's served inference departs from that rule
   <|block_start|>, so the last block before </think> is never evicted; in restart mode
   the memento (and any filler before the next block) is re-prefilled at that point.
 
+Sliding window. A model whose attention layers slide (OLMo-3, Mistral, Qwen3 with
+`use_sliding_window`) lets query q see key k only if q - k < W as well. The window is a
+property of a model's layer, not of the memento condition, so it is not a `MaskConfig` field
+(the condition's name and equality ignore it): it is `MaskTables.window` (None: no window),
+set by `mask_tables(..., window=W)` or `tables.windowed(W)`, which shares the four tables, so
+one set of tables gives both a full-attention layer's mask and a sliding layer's. Positions are
+row indices, as in transformers' own sliding mask (`kv_idx > q_idx - W`); left padding shifts
+both ends of a row alike, so the difference is the distance in position ids.
+
 Both the dense builder and the FlexAttention `mask_mod` evaluate one predicate,
 `_allowed`, on per-token lookup tables (`MaskTables`, O(T)), so the two cannot drift apart.
 The FlexAttention `BlockMask` is built from the same tables by interval arithmetic over the
@@ -32,7 +41,7 @@ with T squared, so a 32K-token mask takes milliseconds, on the host or on the de
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -124,6 +133,8 @@ class MaskTables:
     n_completed:  (B, T) int32 blocks evicted for q: SE < q (SE <= q: evict_before_summary_end;
                                next <|block_start|> <= q: keep_last_block_for_answer)
     valid:        (B, T) bool  real (non-padding) token
+    window:       sliding window W (key k visible to query q only if q - k < W), None for none:
+                  a layer's property, not the condition's (`windowed` gives a copy with one)
 
     These are what an SFT collator ships to the device (`tensors`, `from_tensors`); the dense
     matrix (`allow_from_tables`) and the block-sparse one (`block_mask_from_tables`) are built there.
@@ -134,8 +145,18 @@ class MaskTables:
     n_completed: torch.Tensor
     valid: torch.Tensor
     config: MaskConfig
+    window: int | None = None
 
     FIELDS = ("hide_block", "memento_of", "n_completed", "valid")
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ValueError(f"a sliding window must be an integer >= 1 (or None for none), got {self.window!r}")
+
+    def windowed(self, window: int | None) -> "MaskTables":
+        """The same tables (shared, not copied) under sliding window `window` (None: no window)."""
+        return replace(self, window=window)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -143,14 +164,15 @@ class MaskTables:
         return tuple(self.valid.shape)  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> "MaskTables":
-        return MaskTables(*(getattr(self, f).to(device) for f in self.FIELDS), self.config)
+        return MaskTables(*(getattr(self, f).to(device) for f in self.FIELDS), self.config, self.window)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The four (B, T) tables by name, e.g. for a data collator's batch."""
         return {f: getattr(self, f) for f in self.FIELDS}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: MaskConfig) -> "MaskTables":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: MaskConfig,
+                     window: int | None = None) -> "MaskTables":
         """Tables from `tensors()` output (on any device), checked for names and shapes."""
         missing = [f for f in cls.FIELDS if f not in tensors]
         if missing:
@@ -158,7 +180,7 @@ class MaskTables:
         shapes = {tuple(tensors[f].shape) for f in cls.FIELDS}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"mask tables must all be (B, T), got shapes {sorted(shapes)}")
-        return cls(*(tensors[f] for f in cls.FIELDS[:3]), tensors["valid"].bool(), config)
+        return cls(*(tensors[f] for f in cls.FIELDS[:3]), tensors["valid"].bool(), config, window)
 
 
 def mask_tables(
@@ -167,8 +189,10 @@ def mask_tables(
     config: MaskConfig,
     device: torch.device | str = "cpu",
     truncate: bool = False,
+    window: int | None = None,
 ) -> MaskTables:
-    """Build the lookup tables for a batch of layouts padded to `length` tokens.
+    """Build the lookup tables for a batch of layouts padded to `length` tokens, under sliding
+    window `window` (None: none; see `MaskTables.window`).
 
     A layout that reaches beyond `length` is refused, unless `truncate`: then the tables
     describe its first `length` positions, which is exact for those queries (a query's
@@ -202,7 +226,7 @@ def mask_tables(
     q = torch.arange(length, dtype=torch.int32)
     evict_sorted = evict_at.sort(dim=1).values.contiguous()  # (B, blocks)
     n_completed = torch.searchsorted(evict_sorted, q.expand(B, -1).contiguous(), right=True).to(torch.int32)  # (B, T)
-    return MaskTables(hide_block, memento_of, n_completed, valid, config).to(device)
+    return MaskTables(hide_block, memento_of, n_completed, valid, config, window).to(device)
 
 
 def _visible(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -224,9 +248,12 @@ def _visible(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
 
 
 def _allowed(t: MaskTables, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The mask predicate: causal and visible; a padding query attends to itself only, so no
-    softmax row is empty."""
-    return ((k <= q) & _visible(t, b, q, k)) | ((q == k) & ~t.valid[b, q])
+    """The mask predicate: causal, inside the sliding window if any, and visible; a padding query
+    attends to itself only, so no softmax row is empty."""
+    causal = k <= q
+    if t.window is not None:
+        causal = causal & (q - k < t.window)
+    return (causal & _visible(t, b, q, k)) | ((q == k) & ~t.valid[b, q])
 
 
 def allow_from_tables(t: MaskTables) -> torch.Tensor:
@@ -242,13 +269,14 @@ def allow_from_tables(t: MaskTables) -> torch.Tensor:
 
 def allow_matrix(
     layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu",
-    truncate: bool = False,
+    truncate: bool = False, window: int | None = None,
 ) -> torch.Tensor:
     """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T) on `device`.
-    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens)."""
+    `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens).
+    `window`: a sliding window W (q - k < W), None for none."""
     # rows that share a layout share a mask: build each distinct one once
     distinct = list(dict.fromkeys(layouts))
-    masks = allow_from_tables(mask_tables(distinct, length, config, device, truncate))  # (U, 1, T, T)
+    masks = allow_from_tables(mask_tables(distinct, length, config, device, truncate, window))  # (U, 1, T, T)
     if len(distinct) == len(layouts):
         return masks
     row = {lay: i for i, lay in enumerate(distinct)}
@@ -268,10 +296,11 @@ def additive_mask(allow: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 
 
 def flex_mask_mod(
-    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu"
+    layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu",
+    window: int | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` with the same semantics as `allow_matrix`."""
-    return _mask_mod(mask_tables(layouts, length, config, device))
+    return _mask_mod(mask_tables(layouts, length, config, device, window=window))
 
 
 def _mask_mod(t: MaskTables) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -309,7 +338,9 @@ def block_mask_from_tables(t: MaskTables, block_size: int = 128):
     allowed if its rule says visible and its last key precedes its first query, partly if
     the first key precedes the last query. A tile is "full" if all its pairs are wholly allowed
     (and it lies inside `T`: a ragged last tile never is), "partial" if some pair is partly
-    allowed. Time and memory grow with tiles squared and blocks, not with T squared: a few
+    allowed. A sliding window W is a second diagonal band, compared on interval ends the same way:
+    wholly inside if the farthest pair, last query to first key, is under W apart; partly if the
+    nearest, first query to last key, is. Time and memory grow with tiles squared and blocks, not with T squared: a few
     milliseconds at 32K tokens. `mask_mod` (the same predicate) runs inside partial tiles only.
     Equal to `create_block_mask` on the predicate (tested on random layouts and every option).
     """
@@ -330,6 +361,9 @@ def block_mask_from_tables(t: MaskTables, block_size: int = 128):
         pad_q = ~t.valid[row, qs][:, None]  # a padding query sees only itself
         whole = visible & (ke[None, :] - 1 <= qs[:, None])
         some = visible & (ks[None, :] <= qe[:, None] - 1)
+        if t.window is not None:  # q - k < W for every pair (whole), for some pair (some)
+            whole &= (qe[:, None] - 1) - ks[None, :] < t.window
+            some &= qs[:, None] - (ke[None, :] - 1) < t.window
         on_diagonal = torch.maximum(qs[:, None], ks[None, :]) < torch.minimum(qe[:, None], ke[None, :])
         single = (qe - qs == 1)[:, None] & (ke - ks == 1)[None, :]
         some |= pad_q & on_diagonal
@@ -360,14 +394,16 @@ def flex_block_mask(
     chunk_rows: int | None = None,
     *,
     truncate: bool = False,
+    window: int | None = None,
 ):
     """A block-sparse FlexAttention `BlockMask` for the memento mask of a batch, built on `device`
     from the layouts' boundaries (`block_mask_from_tables`): what torch's `create_block_mask`
     builds, without its dense (B, 1, T, T) evaluation (about 10 GB and seconds at 32K tokens).
     `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens).
+    `window`: a sliding window W (q - k < W), None for none.
     `chunk_rows` belonged to the chunked builder this replaces; it is accepted, ignored and
     warned about, for one release."""
     if chunk_rows is not None:
         warnings.warn("flex_block_mask: chunk_rows is ignored (the mask is built from the layout's intervals, "
                       "not in chunks of rows) and will be removed", DeprecationWarning, stacklevel=2)
-    return block_mask_from_tables(mask_tables(layouts, length, config, device, truncate), block_size)
+    return block_mask_from_tables(mask_tables(layouts, length, config, device, truncate, window), block_size)
