@@ -163,7 +163,8 @@ CaptureSection = section_from(
 MaskSection = section_from(
     MaskConfig, "MaskSection",
     {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool | None, "restart_mode": bool,
-     "evict_before_summary_end": bool, "restart_sees_kept_blocks": bool, "keep_last_block_for_answer": bool})
+     "evict_before_summary_end": bool, "restart_sees_kept_blocks": bool, "keep_last_block_for_answer": bool},
+    exclude=("prefill_causal",))  # a mask for the generator and direct calls: capture gives no prompt lengths yet
 
 
 _PROBE = ProbeSettings()  # the probe section's defaults are the Python defaults: one set

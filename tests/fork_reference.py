@@ -17,6 +17,12 @@ allow-matrix is that set per row. Nothing from kvprobe is used but the token ids
 configuration is the fork's own keys (`keep_last_n_blocks`, `mask_delimiters`, `restart_mode`,
 `keep_last_block_for_answer`, with `compact_on_summary_end` on and no assistant-section
 filter, so every token is tracked as if generated).
+
+With `prompt_length` P, positions before P are a prompt as the fork's scheduler serves it:
+tracked by `process_prompt_tokens` (no compaction) and prefilled causally; at the first
+generated token (position P), before it is processed, `_update_request_with_output` runs
+`get_compaction_range(keep_last_n_blocks)` until it returns None, evicting each range
+(memento mode only: the restart rewind over prompt blocks is not replayed).
 """
 
 from __future__ import annotations
@@ -61,12 +67,14 @@ class _State:  # tracker.BlockMaskingState, the parts block masking uses
 
 
 def _process_token(state: _State, tok: int, pos: int, special, keep: int, mask_delimiters: bool,
-                   restart_mode: bool, keep_last_block_for_answer: bool) -> tuple[range, int | None] | None:
-    """processor.process_token: (range to evict, position to rewind to in restart mode) or None."""
-    deferred = keep_last_block_for_answer and keep == 0
+                   restart_mode: bool, keep_last_block_for_answer: bool,
+                   prompt: bool = False) -> tuple[range, int | None] | None:
+    """processor.process_token: (range to evict, position to rewind to in restart mode) or None.
+    prompt: processor.process_prompt_tokens, which tracks the same boundaries and never compacts."""
+    deferred = (keep_last_block_for_answer and keep == 0) or prompt
     hit = None
     if tok == special.block_start:
-        if deferred and state.pending:  # a new block: the deferred one was not the last, flush it
+        if deferred and not prompt and state.pending:  # a new block: the deferred one was not the last, flush it
             hit = state.compaction(0, mask_delimiters, restart_mode)
             if hit is not None:
                 rewind = state.blocks[hit[0]].summary_start if restart_mode else None
@@ -96,14 +104,20 @@ def _process_token(state: _State, tok: int, pos: int, special, keep: int, mask_d
 
 
 def fork_allow(ids: list[int], special, *, keep_last_n_blocks: int, mask_delimiters: bool, restart_mode: bool,
-               keep_last_block_for_answer: bool = False) -> torch.Tensor:
+               keep_last_block_for_answer: bool = False, prompt_length: int | None = None) -> torch.Tensor:
     """allow[q, k]: key k was in the fork's KV cache when q's KV was (last) computed. (T, T) bool."""
+    if prompt_length is not None and (restart_mode or keep_last_block_for_answer):
+        raise NotImplementedError("the prompt replay covers memento mode only")
     T = len(ids)
     state, cache = _State(), []  # cache: the cached positions, in order
     seen: dict[int, set[int]] = {}
     for pos, tok in enumerate(ids):
+        if pos == prompt_length:  # scheduler._update_request_with_output: the prompt's compactions, then the token
+            while (got := state.compaction(keep_last_n_blocks, mask_delimiters, restart_mode)) is not None:
+                cache = [p for p in cache if p not in got[1]]
+        prompt = prompt_length is not None and pos < prompt_length
         hit = _process_token(state, tok, pos, special, keep_last_n_blocks, mask_delimiters, restart_mode,
-                             keep_last_block_for_answer)
+                             keep_last_block_for_answer, prompt)
         if hit is not None:
             evicted, rewind = hit
             cache = [p for p in cache if p not in evicted]

@@ -223,7 +223,7 @@ def test_restart_mode_capture_runs_and_differs_at_masked_offsets(model, tmp_path
     b = KVStore(run_capture(model, src, restart, tmp_path / "r", progress=False))
     assert b.config["capture"]["mask"] == {"keep_last_n_blocks": 0, "mask_delimiters": True, "restart_mode": True,
                                            "evict_before_summary_end": False, "restart_sees_kept_blocks": False,
-                                           "keep_last_block_for_answer": False}
+                                           "keep_last_block_for_answer": False, "prefill_causal": False}
     assert not np.allclose(a.features(3, 1), b.features(3, 1))
     assert not np.allclose(a.features(3, -1), b.features(3, -1))  # M_1 cannot see T_1 in restart mode
 

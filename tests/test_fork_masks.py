@@ -85,3 +85,47 @@ def test_the_forks_restart_evicts_delimiters_whatever_mask_delimiters_says(sampl
     a = fork_allow(sample.ids, SPECIAL, keep_last_n_blocks=keep, mask_delimiters=False, restart_mode=True)
     b = fork_allow(sample.ids, SPECIAL, keep_last_n_blocks=keep, mask_delimiters=True, restart_mode=True)
     assert bool((a == b).all())
+
+
+PREFILL = [(k, d) for k in (0, 1) for d in (False, True)]
+
+
+@pytest.mark.parametrize("keep,delims", PREFILL, ids=[f"keep{k}-delims{int(d)}" for k, d in PREFILL])
+@settings(max_examples=40, deadline=None)
+@given(sample=memento_sequences(allow_unfinished=True), data=st.data())
+def test_prefill_causal_equals_the_forks_prompt_prefill(keep, delims, sample, data):
+    """A prompt holding blocks (a continuation prompt) is prefilled causally; its blocks go at the first new token."""
+    prompt_length = data.draw(st.integers(1, len(sample.ids)), label="prompt_length")
+    cfg = MaskConfig(keep, delims, evict_before_summary_end=True, prefill_causal=True)
+    layout = parse_layout(sample.ids, SPECIAL, allow_unfinished=True)
+    want = fork_allow(sample.ids, SPECIAL, keep_last_n_blocks=keep, mask_delimiters=delims, restart_mode=False,
+                      prompt_length=prompt_length)
+    got = allow_matrix([layout], len(sample.ids), cfg, prefill_end=[prompt_length])[0, 0]
+    if not bool((got == want).all()):
+        q, k = (got != want).nonzero()[0].tolist()
+        pytest.fail(f"{cfg.name} prompt {prompt_length} on {sample.ids}: query {q}, key {k}: "
+                    f"kvprobe {bool(got[q, k])}, fork {bool(want[q, k])}")
+
+
+def test_a_continuation_prompt_is_not_masked_from_the_start_by_the_fork():
+    """With two blocks in the prompt, the fork's prompt sees them all; kvprobe's default mask does not."""
+    ids = encode(EXAMPLE)
+    layout = parse_layout(ids, SPECIAL)
+    prompt_length = layout.blocks[1].summary_end + 2  # through SE_1 and BS_2
+    want = fork_allow(ids, SPECIAL, keep_last_n_blocks=0, mask_delimiters=False, restart_mode=False,
+                      prompt_length=prompt_length)
+    assert bool(want[prompt_length - 1, layout.blocks[0].content.start])  # the prompt's end sees block 0
+    assert not bool(want[prompt_length, layout.blocks[0].content.start])  # the first new token does not
+    default = allow_matrix([layout], len(ids), MaskConfig(0, evict_before_summary_end=True))[0, 0]
+    assert not bool((default == want).all())
+    cfg = MaskConfig(0, evict_before_summary_end=True, prefill_causal=True)
+    assert cfg.name == "memento-evict-at-se-prefill-causal"
+    assert bool((allow_matrix([layout], len(ids), cfg)[0, 0] == default).all())  # no prefill_end: today's rule
+    assert bool((allow_matrix([layout], len(ids), cfg, prefill_end=[prompt_length])[0, 0] == want).all())
+
+
+@pytest.mark.parametrize("kwargs", [dict(restart_mode=True), dict(keep_last_block_for_answer=True)])
+def test_prefill_causal_refuses_what_it_does_not_model(kwargs):
+    """The fork's restart rewind over prompt blocks, and keep_last_block_for_answer's prompt flush, are not modelled."""
+    with pytest.raises(ValueError, match="prefill_causal"):
+        MaskConfig(0, prefill_causal=True, **kwargs)

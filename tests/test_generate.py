@@ -8,6 +8,7 @@ expected cache sizes below are counted by hand, not derived from the code under 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from kvprobe.memento.forward import UnsupportedAttentionError, masked_forward
 from kvprobe.memento.generate import GenerationResult, evictable_positions, generate_with_compaction
 from kvprobe.memento.layout import LayoutError, parse_layout
-from kvprobe.memento.masks import MaskConfig, allow_matrix
+from kvprobe.memento.masks import MaskConfig, additive_mask, allow_matrix
 from models import PAD_ID, SPECIAL, VOCAB_SIZE, decode, encode, tiny_gpt2, tiny_qwen3
 from strategies import memento_sequences
 
@@ -370,3 +371,39 @@ def test_refuses_sliding_window_models():
     )
     with pytest.raises(ValueError, match="sliding"):
         generate_with_compaction(Qwen3ForCausalLM(config).eval(), [7, 8], SPECIAL, max_new_tokens=1)
+
+
+# --------------------------------------------------------------------------- the fork's prompt prefill
+
+PREFILL_CONFIGS = [MaskConfig(0, prefill_causal=True), MaskConfig(1, prefill_causal=True),
+                   MaskConfig(0, mask_delimiters=True, prefill_causal=True)]
+
+
+@torch.no_grad()
+def dense_prefill(family: str, impl: str, ids: torch.Tensor, cfg: MaskConfig, prompt_length: int):
+    """The dense forward under cfg's mask with prefill_end = prompt_length: (logits (T, V), cache)."""
+    allow = allow_matrix([parse_layout(ids, SPECIAL)], len(ids), cfg, prefill_end=[prompt_length])
+    m = model(family, impl)
+    out = m(input_ids=ids[None], position_ids=torch.arange(len(ids))[None], use_cache=True,
+            attention_mask=additive_mask(allow, dtype=m.dtype))
+    return out.logits[0].float(), out.past_key_values
+
+
+@pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=[c.name for c in PREFILL_CONFIGS])
+@pytest.mark.parametrize("prompt_length", [12, 21, 28, 30])
+def test_prefill_causal_replay_equals_the_dense_forward(prompt_length, cfg):
+    """A continuation prompt (whole blocks in it) prefilled causally as the fork does, compacted at the
+    first new token: logits and KV equal the dense forward under the same mask with that prompt length."""
+    ids = sequence()
+    result = replay("qwen3", "sdpa", ids, cfg, prompt_length=prompt_length)
+    logits, cache = dense_prefill("qwen3", "sdpa", ids, cfg, prompt_length)
+    torch.testing.assert_close(result.logits, logits, atol=ATOL, rtol=0)
+    assert_cache_matches(result, cache, result.kept_positions)
+    assert_cache_is_compacted(result)
+    assert len(result.kept_positions) == EXPECTED_KEPT[replace(cfg, prefill_causal=False).name]
+    # the prompt's rows saw the prompt's blocks: not what today's prefill gives, where the masks differ
+    default = replay("qwen3", "sdpa", ids, replace(cfg, prefill_causal=False), prompt_length=prompt_length)
+    P, layout = prompt_length, parse_layout(ids, SPECIAL)
+    differs = bool((allow_matrix([layout], T, cfg, prefill_end=[P]) != allow_matrix([layout], T, cfg)).any())
+    assert differs == (P > 12 + (9 if cfg.keep_last_n_blocks else 0))  # a prompt past the first eviction point
+    assert torch.allclose(result.logits[:P], default.logits[:P], atol=ATOL, rtol=0) != differs

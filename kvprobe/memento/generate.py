@@ -129,6 +129,8 @@ class _CompactingRun:
         self.kept: list[int] = []  # position held by each cache slot, ascending
         self.logits: list[torch.Tensor] = []  # one (V,) row per position, on CPU
         self.last: torch.Tensor | None = None  # (V,) logits after the newest token
+        self.prefill_end: list[int] | None = None  # [prompt length] under config.prefill_causal
+        self.prompt_pending = False  # prefill_causal: the prompt's blocks await the first generated token
 
     def layout(self) -> Layout:
         return parse_layout(self.ids, self.special, allow_unfinished=True)
@@ -145,7 +147,7 @@ class _CompactingRun:
         queries = torch.arange(start, stop)  # (Q,)
         keys = torch.tensor(self.kept + list(range(start, stop)))  # (K + Q,), cache order
         # the dense predicate evaluated on (query, key) index grids, as kvprobe.memento.masks builds it
-        allowed = flex_mask_mod([layout], stop, config)(torch.tensor(0), None, queries[:, None], keys[None, :])
+        allowed = flex_mask_mod([layout], stop, config, prefill_end=self.prefill_end)(torch.tensor(0), None, queries[:, None], keys[None, :])
         mask = additive_mask(allowed[None, None], dtype=self.model.dtype).to(self.device)  # (1, 1, Q, K + Q)
         out = self.model(
             input_ids=torch.tensor([self.ids[start:stop]], device=self.device),
@@ -179,8 +181,12 @@ class _CompactingRun:
         the dense forward's rows for those positions. Then drop what is already stale."""
         self.ids.extend(prompt)
         layout = self.layout()
+        if self.config.prefill_causal:  # the fork's prefill: causal, prompt blocks evicted at the first new token
+            self.prefill_end = [len(prompt)]
+            self.prompt_pending = True
         self.record(self.forward(layout, 0, self.config))
-        self.compact(set(evictable_positions(layout, self.config)))
+        if not self.prompt_pending:
+            self.compact(set(evictable_positions(layout, self.config)))
 
     def step(self, token: int) -> None:
         """Append one token, run it, and compact (and restart-recompute) if it ends a memento.
@@ -194,6 +200,10 @@ class _CompactingRun:
             self.ids.pop()
             raise
         position = len(self.ids) - 1
+        if self.prompt_pending:  # the first generated token: compact the prompt's blocks before its KV
+            self.compact(set(evictable_positions(parse_layout(self.ids[:-1], self.special, allow_unfinished=True),
+                                                 self.config)))
+            self.prompt_pending = False
         self.record(self.forward(layout, position, self.base))
         if token != self.special.summary_end:
             return
@@ -243,8 +253,9 @@ def generate_with_compaction(
 ) -> GenerationResult:
     """Generate from `model` with memento attention and physical KV compaction (B = 1).
 
-    prompt_ids: (T0,) or (1, T0). The prompt runs in one forward under the dense mask rows,
-    then tokens are produced one at a time; every token (the last included) is run through
+    prompt_ids: (T0,) or (1, T0). The prompt runs in one forward under the dense mask rows
+    (with `config.prefill_causal`, the fork's way: causally, its completed blocks compacted
+    just before the first generated token's forward), then tokens are produced one at a time; every token (the last included) is run through
     the model, so the cache and `logits` cover the whole sequence.
 
     forced_ids: (F,) teacher-forces the first F new tokens (a full Memento sequence can be

@@ -77,6 +77,12 @@ class MaskConfig:
         still sees the N most recent blocks (False: it sees none up to its own).
     keep_last_block_for_answer: the fork's option of that name (keep 0 only): a block is
         evicted at the next <|block_start|>, so the last one stays visible to the answer.
+    prefill_causal: the fork's prompt prefill. The prompt (every token before the first
+        generated one) is prefilled with plain causal attention, and the blocks it completes
+        are evicted only at the first generated token (processor.py process_prompt_tokens,
+        scheduler.py _update_request_with_output). Takes effect where the per-sample prompt
+        length is given (`mask_tables(..., prefill_end=...)`); without it, today's rule.
+        Memento mode only: the fork's restart rewind over prompt blocks is not modelled.
     """
 
     keep_last_n_blocks: int = 0
@@ -85,6 +91,7 @@ class MaskConfig:
     evict_before_summary_end: bool = False
     restart_sees_kept_blocks: bool = False
     keep_last_block_for_answer: bool = False
+    prefill_causal: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last_n_blocks, int) or self.keep_last_n_blocks < -1:
@@ -94,6 +101,12 @@ class MaskConfig:
         if self.keep_last_block_for_answer and self.keep_last_n_blocks != 0:
             raise ValueError("keep_last_block_for_answer works with keep_last_n_blocks=0 only (as in the fork), "
                              f"got keep_last_n_blocks={self.keep_last_n_blocks}")
+        if self.prefill_causal and (self.restart_mode or self.keep_last_block_for_answer):
+            # the fork rewinds to the earliest prompt memento and, after that rewind, refuses to mask
+            # later prompt blocks (mask_token_span: end > num_computed_tokens); keep_last_block_for_answer
+            # compacts every prompt block at the first token (keep 0, not deferred): neither is modelled
+            raise ValueError("prefill_causal models the fork's prompt prefill in memento mode only, not with "
+                             "restart_mode or keep_last_block_for_answer")
 
     @property
     def name(self) -> str:
@@ -119,7 +132,8 @@ class MaskConfig:
             return base + "-keeps-last-block"
         # keep-all evicts nothing; in restart mode <|summary_end|> is memento, blind to its block either way
         timing = self.evict_before_summary_end and self.keep_last_n_blocks >= 0 and not self.restart_mode
-        return base + ("-evict-at-se" if timing else "")
+        prefill = self.prefill_causal and self.keep_last_n_blocks >= 0
+        return base + ("-evict-at-se" if timing else "") + ("-prefill-causal" if prefill else "")
 
 
 @dataclass(frozen=True)
@@ -190,15 +204,22 @@ def mask_tables(
     device: torch.device | str = "cpu",
     truncate: bool = False,
     window: int | None = None,
+    prefill_end: Sequence[int | None] | None = None,
 ) -> MaskTables:
     """Build the lookup tables for a batch of layouts padded to `length` tokens, under sliding
     window `window` (None: none; see `MaskTables.window`).
+
+    `prefill_end`: per layout, the prompt's length (its first generated position), or None.
+    Read only under `config.prefill_causal`: a block is then evicted no earlier than
+    prefill_end (prompt blocks stay visible to the whole prompt, the fork's causal prefill).
 
     A layout that reaches beyond `length` is refused, unless `truncate`: then the tables
     describe its first `length` positions, which is exact for those queries (a query's
     row depends on positions up to its own only) — what a capture that stops early needs.
     """
     B = len(layouts)
+    if prefill_end is not None and len(prefill_end) != B:
+        raise ValueError(f"{len(prefill_end)} prefill_end values for {B} layouts")
     hide_block = torch.full((B, length), -1, dtype=torch.int32)
     memento_of = torch.full((B, length), -1, dtype=torch.int32)
     valid = torch.zeros((B, length), dtype=torch.bool)
@@ -222,6 +243,8 @@ def mask_tables(
                 memento_of[b, blk.memento.start : blk.memento.stop] = blk.index
             if blk.summary_end is not None:
                 evict_at[b, blk.index] = blk.summary_end + (0 if config.evict_before_summary_end else 1)
+        if config.prefill_causal and prefill_end is not None and prefill_end[b] is not None:
+            evict_at[b].clamp_(min=int(prefill_end[b]))  # _NEVER stays never
     # blocks evicted for q = how many eviction points are <= q: a sorted search, O(T log blocks)
     q = torch.arange(length, dtype=torch.int32)
     evict_sorted = evict_at.sort(dim=1).values.contiguous()  # (B, blocks)
@@ -269,11 +292,14 @@ def allow_from_tables(t: MaskTables) -> torch.Tensor:
 
 def allow_matrix(
     layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu",
-    truncate: bool = False, window: int | None = None,
+    truncate: bool = False, window: int | None = None, prefill_end: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """Boolean allow-matrix, True where query may attend key. Returns (B, 1, T, T) on `device`.
     `truncate`: layouts may reach beyond `length` (the mask of their first `length` tokens).
-    `window`: a sliding window W (q - k < W), None for none."""
+    `window`: a sliding window W (q - k < W), None for none.
+    `prefill_end`: per layout, the prompt's length (see `mask_tables`)."""
+    if prefill_end is not None:
+        return allow_from_tables(mask_tables(layouts, length, config, device, truncate, window, prefill_end))
     # rows that share a layout share a mask: build each distinct one once
     distinct = list(dict.fromkeys(layouts))
     masks = allow_from_tables(mask_tables(distinct, length, config, device, truncate, window))  # (U, 1, T, T)
@@ -297,10 +323,10 @@ def additive_mask(allow: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 
 def flex_mask_mod(
     layouts: Sequence[Layout], length: int, config: MaskConfig = MaskConfig(), device: torch.device | str = "cpu",
-    window: int | None = None,
+    window: int | None = None, prefill_end: Sequence[int | None] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` with the same semantics as `allow_matrix`."""
-    return _mask_mod(mask_tables(layouts, length, config, device, window=window))
+    return _mask_mod(mask_tables(layouts, length, config, device, window=window, prefill_end=prefill_end))
 
 
 def _mask_mod(t: MaskTables) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
