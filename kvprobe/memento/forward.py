@@ -283,7 +283,8 @@ def attention_mask_from_tables(model: Any, tables: MaskTables, block_size: int =
     their device: a FlexAttention `BlockMask` for `flex_attention` (interval-built, O(T)), else
     the additive (B, 1, T, T) float mask in the model's dtype (SPEC pitfall: never boolean),
     refused above `DENSE_MASK_MAX_TOKENS` with the memory it would take. A sliding window
-    (`mask_windows`) is folded in: one windowed mask, or a dict of masks by layer kind."""
+    (`mask_windows`) is folded in: one windowed mask, or a dict of masks by layer kind; a model
+    the window cannot reach exactly is refused there (`check_window`), for every caller."""
     windows = mask_windows(model, tables.shape[1])
     built = {w: _one_mask(model, tables.windowed(w), block_size) for w in dict.fromkeys(windows.values())}
     masks = {kind: built[w] for kind, w in windows.items()}
@@ -339,7 +340,6 @@ def memento_inputs(
     T (input_ids are the first T tokens of longer rows, as a capture that stops early passes).
     """
     T = input_ids.shape[1]
-    check_window(model, T)
     device = input_ids.device
     distinct = list(dict.fromkeys(layouts))  # rows that share a layout share a mask: build each once
     mask = attention_mask_from_tables(model, mask_tables(distinct, T, config, device=device, truncate=truncate))

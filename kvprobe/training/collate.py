@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..data.traces import Trace
-from ..memento.forward import attention_mask_from_tables, check_window
+from ..memento.forward import attention_mask_from_tables
 from ..memento.masks import MaskConfig, MaskTables, mask_tables
 from .encode import IGNORE_INDEX, EncodedTrace, Overlength, TraceEncoder
 
@@ -144,6 +144,5 @@ def with_memento_mask(model: Any, batch: Mapping[str, Any], mask: MaskConfig) ->
         return dict(batch)
     out = dict(batch)
     tables = MaskTables.from_tensors(out.pop(MASK_TABLES_KEY), mask)
-    check_window(model, tables.shape[1])
     out["attention_mask"] = attention_mask_from_tables(model, tables)
     return out
