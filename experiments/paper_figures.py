@@ -1,7 +1,7 @@
 """The toy's two published figures, cell by cell: ours [95% interval], paper, difference.
 
-    python experiments/paper_figures.py                       # both figures on the shipped final toy
-    python experiments/paper_figures.py --samples 20000       # tighter intervals
+    python experiments/paper_figures.py                       # both figures on the shipped final toy (1 thread)
+    python experiments/paper_figures.py --samples 20000       # tighter intervals (into --out DIR)
     python experiments/paper_figures.py --table-only          # rewrite tables and figures from cells.json
 
 Fig. 13 of the paper (appendix A.4.2; keep_last_n_blocks = 0, target block T_2):
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import toy_models
+from kvprobe.cli.runtime import reproducible_blas
 from kvprobe.memento.masks import MaskConfig
 from toy_models.leakage import MEMENTO, Condition, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
@@ -79,7 +80,74 @@ def _row(label: str, ours: dict, paper: float, source: str) -> str:
     return f"| {label} | {a:.1f} [{lo:.1f}, {hi:.1f}] | {paper:.1f} ({source}) | {a - paper:+.1f} | {inside} |"
 
 
-def write_tables(data: dict) -> None:
+README_ROWS = (  # (label, figure, layer, offset, paper %): the README's excerpt of both figures
+    *((f"Fig. 13, {name}, layer {l}", "fig13", l, o, FIG13[(panel, l, o)][0]) for name, panel, l, o in (
+        ("direct", "by layer: direct", 1, 0), ("direct", "by layer: direct", 3, 0),
+        ("causal control", "by layer: causal control", 3, -1), ("masked +1", "by layer: masked +1", 0, 1),
+        ("masked +1", "by layer: masked +1", 3, 1), ("masked +2", "by distance, last layer", 3, 2),
+        ("masked +7", "by distance, last layer", 3, 7))),
+    *((f"heatmap, layer {l}, d = {d:+d}{what}".replace("+0", "0"), "heatmap", l, d, HEATMAP[(l, d)]) for l, d, what in (
+        (3, 0, " (direct)"), (3, 1, " (kept)"), (3, 2, " (first masked)"), (3, 7, ""), (1, 2, ""), (0, 2, ""))),
+)
+
+
+def _pct(c: dict) -> str:
+    return f"{100 * c['accuracy']:.1f} [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}]"
+
+
+def _heatmap_gaps(cells: list[dict]) -> list[float]:
+    return [abs(100 * _find(cells, "heatmap", l, d)["accuracy"] - p) for (l, d), p in HEATMAP.items()]
+
+
+def readme_table(data: dict) -> str:
+    """The README's table (between <!-- paper-table --> markers): ours [95%] against the paper."""
+    cells, series = data["cells"], data["series"]
+    lines = ["| cell | ours | paper | ours − paper |", "|---|---|---|---|"]
+    for label, figure, layer, offset, paper in README_ROWS:
+        c = _find(cells, figure, layer, offset)
+        lines.append(f"| {label} | {_pct(c)} | {paper:.1f} | {100 * c['accuracy'] - paper:+.1f} |")
+    task = f"{100 * series[0]['task_accuracy']:.0f}% → {100 * series[-1]['task_accuracy']:.0f}%"
+    ours = " → ".join(f"{100 * s['accuracy']:.1f}" for s in series)
+    paper = " → ".join(f"{m:.1f}" for _, m, _ in TRAINING)
+    lines.append(f"| masked +1, layer 3, across the series ({task} task accuracy) | {ours} | {paper} "
+                 f"({TRAINING[0][2]:.1f}% → {TRAINING[-1][2]:.1f}%) | |")
+    return "\n".join(lines)
+
+
+def quotes(data: dict) -> dict[str, str]:
+    """The phrases README.md and docs/toy.md quote from cells.json (tests/test_published.py checks them)."""
+    cells, series = data["cells"], data["series"]
+    f13 = {(c["layer"], c["offset"]): c for c in cells if c["figure"] == "fig13"}
+    heat = {(c["layer"], c["offset"]): c for c in cells if c["figure"] == "heatmap"}
+    gaps = _heatmap_gaps(cells)
+    a = lambda c: f"{100 * c['accuracy']:.1f}"  # noqa: E731
+    return {
+        "fig13_layer2": f"masked +1 {a(f13[2, 1])} against about 23; direct {a(f13[2, 0])} against 95.7",
+        "fig13_masked1": f"{a(f13[3, 1])}% at the first masked memento against the paper's 26.2%",
+        "fig13_direct": f"direct {a(f13[3, 0])} against 93.6",
+        "fig13_fade": f"{100 * f13[3, 7]['accuracy'] / 10:.1f}x chance at +7",
+        "heatmap_gap": (f"direct {a(heat[3, 0])} against 95.1, first masked {a(heat[3, 2])} against 36.6; mean "
+                        f"|difference| {sum(gaps) / len(gaps):.1f} points over {len(gaps)} cells, largest {max(gaps):.1f}"),
+        "series": (f"masked +1 falls from {a(series[0])}% to {a(series[-1])}% as task accuracy climbs from "
+                   f"{100 * series[0]['task_accuracy']:.0f}% to {100 * series[-1]['task_accuracy']:.0f}%"),
+    }
+
+
+def load(out: Path = OUT) -> dict:
+    """The committed measurement: cells.json of results directory `out`."""
+    return json.loads((Path(out) / "cells.json").read_text())
+
+
+def render(data: dict) -> dict[str, str]:
+    """Everything written from cells.json: the results table and the README's excerpt ("file#marker")."""
+    return {"experiments/results/paper_figures/results.md": results_table(data), "README.md#paper-table": readme_table(data)}
+
+
+def write_tables(data: dict, out: Path) -> None:
+    (out / "results.md").write_text(results_table(data))
+
+
+def results_table(data: dict) -> str:
     cells = data["cells"]
     head = ["| cell | ours [95% CI] | paper | ours − paper | paper inside our interval |", "|---|---|---|---|---|"]
     lines = [f"# The toy's published figures, cell by cell ({data['samples']} passcodes, shipped `final`)", "",
@@ -100,13 +168,13 @@ def write_tables(data: dict) -> None:
     lines += ["", "## Blog heatmap (keep_last_n_blocks = 1, target block 2; d = +1 is the kept block)", "", *head]
     for (layer, d), paper in sorted(HEATMAP.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         lines.append(_row(f"layer {layer}, d = {d:+d}", _find(cells, "heatmap", layer, d), paper, "figure"))
-    diffs = [abs(100 * _find(cells, "heatmap", l, d)["accuracy"] - p) for (l, d), p in HEATMAP.items()]
+    diffs = _heatmap_gaps(cells)
     lines += ["", f"Heatmap: mean |ours − paper| = {sum(diffs) / len(diffs):.1f} points over {len(diffs)} cells; "
               f"largest {max(diffs):.1f}."]
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
-def write_figures(data: dict) -> None:
+def write_figures(data: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,25 +215,26 @@ def write_figures(data: dict) -> None:
     for ax in axes[:2]:
         ax.axhline(10, color="black", linestyle="--", linewidth=1)
         ax.legend(fontsize=7)
-    fig.savefig(OUT / "paper_figures.png", dpi=130)
+    fig.savefig(out / "paper_figures.png", dpi=130)
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
+    reproducible_blas()  # the JSON does not depend on the thread count (kvprobe.cli.runtime)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        (OUT / "cells.json").write_text(json.dumps(measure(args.samples, args.seed), indent=1) + "\n")
-    data = json.loads((OUT / "cells.json").read_text())
-    write_tables(data)
-    write_figures(data)
+        (args.out / "cells.json").write_text(json.dumps(measure(args.samples, args.seed), indent=1) + "\n")
+    data = load(args.out)
+    write_tables(data, args.out)
+    write_figures(data, args.out)
 
 
 if __name__ == "__main__":

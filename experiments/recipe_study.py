@@ -1,8 +1,9 @@
 """What in building and training a toy sets its leak: one factor at a time (issue 17).
 
-    python experiments/recipe_study.py                    # every recipe, resumable
+    python experiments/recipe_study.py                    # every recipe, resumable (1 thread)
     python experiments/recipe_study.py --only gpt2-init   # one recipe
-    python experiments/recipe_study.py --table-only       # rewrite the table and figure
+    python experiments/recipe_study.py --out DIR          # every recipe into DIR (trained runs reused)
+    python experiments/recipe_study.py --table-only       # rewrite the table and figure from the JSON
 
 Each recipe is the faithful toy's recipe (`toy_models.train.TrainConfig` defaults) with
 one factor changed. Each is trained for the same number of steps on fresh data (or, for
@@ -23,12 +24,15 @@ from pathlib import Path
 
 import torch
 
+from kvprobe.data.passcodes import PasscodeSpec
 from toy_models.model import build_model
 from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 from toy_models.train import TrainConfig, train
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
+RESULTS = "experiments/results/recipe_study/results.md"  # render() keys: the committed file
+README_TABLE = "README.md#recipe-table"  # and the README's excerpt (between <!-- recipe-table --> markers)
 RUNS = Path("runs/recipe_study")
 STEPS = 400
 SAMPLES = 3000
@@ -60,10 +64,11 @@ RECIPES.update(CAPACITY)
 LAYERS = (0, 1, 2, 3)
 OFFSETS = (0, 1, 2, 7)  # the causal control (-1) is at chance in every toy: see the figure reproductions
 CONTROL_OFFSETS = (0, 1, 2, 7)
+TC_CHANCE = PasscodeSpec(digit_sum=22).chance()  # the text-controlled condition's exact baseline, 11.17%
 
 
-def run_one(name: str, steps: int, samples: int, threads: int | None) -> dict:
-    """Train recipe `name` (resuming), measure it, write OUT/NAME.json; return the record."""
+def run_one(name: str, steps: int, samples: int, threads: int | None, out: Path = OUT) -> dict:
+    """Train recipe `name` (resuming), measure it, write out/NAME.json; return the record."""
     what, overrides = RECIPES[name]
     config = replace(TrainConfig(steps=steps, eval_every=steps, save_every=steps, out_dir=str(RUNS / name),
                                  threads=threads), **overrides)
@@ -80,16 +85,31 @@ def run_one(name: str, steps: int, samples: int, threads: int | None) -> dict:
         "samples": samples,
         "cells": [cell_record(r, "n_train", "n_val") for r in rows],
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
+def load(out: Path) -> dict:
+    """Every recipe's committed JSON in results directory `out`: {"records": [...]}, in RECIPES order."""
+    return {"records": [json.loads((Path(out) / f"{n}.json").read_text()) for n in RECIPES
+                        if (Path(out) / f"{n}.json").is_file()]}
+
+
+def _find(record: dict, condition: str, layer: int, offset: int) -> dict | None:
+    return next((c for c in record["cells"] if (c["condition"], c["layer"], c["offset"]) == (condition, layer, offset)),
+                None)
+
+
 def _cell(record: dict, condition: str, layer: int, offset: int) -> str:
-    for c in record["cells"]:
-        if (c["condition"], c["layer"], c["offset"]) == (condition, layer, offset):
-            return f"{100 * c['accuracy']:.1f} [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}]"
-    return "—"
+    """'acc [lo, hi]' in %, or '—' where the cell was not measured."""
+    c = _find(record, condition, layer, offset)
+    return "—" if c is None else f"{100 * c['accuracy']:.1f} [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}]"
+
+
+def _acc(record: dict, condition: str, offset: int, layer: int = 3) -> float:
+    """Accuracy in % of one cell (the last layer by default)."""
+    return 100 * _find(record, condition, layer, offset)["accuracy"]
 
 
 def _parameters(settings: dict) -> int:
@@ -98,8 +118,9 @@ def _parameters(settings: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_table(records: list[dict]) -> None:
+def results_table(data: dict) -> str:
     """results.md: one headline row per recipe, then every layer of the memento condition."""
+    records = data["records"]
     last = max(LAYERS)
     head = ["recipe", "what changes", "params", "task acc", "direct", "+1", "+2", "+7", "restart +1 (text)",
             "text-controlled +1 (chance 11.2)"]
@@ -123,16 +144,98 @@ def write_table(records: list[dict]) -> None:
                           == ("memento", layer, o)), float("nan")) for o in (0, 1, 2, 7)]
             cells.append(" / ".join(f"{100 * v:.1f}" for v in vals))
         lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
-def write_figure(records: list[dict]) -> None:
-    """recipe_study.png: direct and masked +1 at the last layer per recipe, with intervals."""
+def readme_table(data: dict) -> str:
+    """The README's table (between <!-- recipe-table --> markers): the last layer with intervals, no +2."""
+    last = max(LAYERS)
+    lines = ["| recipe | task acc | direct | masked +1 | +7 | restart +1 (text) | text-controlled +1 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["records"]:
+        lines.append("| " + " | ".join([
+            f"{r['recipe']}: {r['changes']}", f"{100 * r['task_accuracy']:.1f}",
+            *(_cell(r, "memento", last, o) for o in (0, 1, 7)),
+            _cell(r, "restart", last, 1), _cell(r, "text-controlled", last, 1)]) + " |")
+    return "\n".join(lines)
+
+
+def render(data: dict) -> dict[str, str]:
+    """Everything written from the recipes' JSON: results.md and the README's excerpt ("file#marker")."""
+    return {RESULTS: results_table(data), README_TABLE: readme_table(data)}
+
+
+def toy_table(data: dict) -> str:
+    """docs/toy.md's table: the last layer without intervals, +2 included (no markers there)."""
+    lines = ["| recipe: what changes from the shipped one | task acc | direct | masked +1 | +2 | +7 | "
+             "restart +1 (text) | text-controlled +1 |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["records"]:
+        accs = [*(_acc(r, "memento", o) for o in (0, 1, 2, 7)), _acc(r, "restart", 1), _acc(r, "text-controlled", 1)]
+        lines.append(f"| `{r['recipe']}`: {r['changes']} | {100 * r['task_accuracy']:.1f} | "
+                     + " | ".join(f"{a:.1f}" for a in accs) + " |")
+    return "\n".join(lines)
+
+
+def quotes(data: dict) -> dict[str, str]:
+    """The phrases README.md and docs/toy.md quote from the recipes' JSON (layer 3)."""
+    records = data["records"]
+    by = {r["recipe"]: r for r in records}
+    a = lambda name, offset=1, condition="memento": f"{_acc(by[name], condition, offset):.1f}"  # noqa: E731
+    pair = lambda name: f"{a(name, 0)}% / {a(name)}%"  # noqa: E731  direct / masked +1
+    task = lambda name: f"{100 * by[name]['task_accuracy']:.1f}%"  # noqa: E731
+    tasks = [100 * r["task_accuracy"] for r in records]
+    steps, samples = records[0]["train_config"]["steps"], records[0]["samples"]
+    chance = f"{100 * TC_CHANCE:.1f}%"
+    above = sum(_find(r, "text-controlled", 3, 1)["ci_low"] > TC_CHANCE for r in records)  # interval above chance
+    every = above == len(records)
+    lowest = min(records, key=lambda r: _acc(r, "text-controlled", 1))
+    shipped = _acc(by["faithful"], "memento", 1)  # the faithful recipe is the shipped toy at step 400
+    flat = [_acc(by[n], "memento", 1) for n in ("fixed-set", "wd-0.1", "betas-999")]
+    embed = ("embed-0.02", "embed-0.1", "embed-0.3", "faithful")  # embeddings N(0, 0.02 / 0.1 / 0.3 / 1)
+    return {
+        # README.md
+        "toys": f"What the {len(records)} toys show",
+        "readme_steps": f"each {steps} steps from one",
+        "task_range": f"(task accuracy {min(tasks):.0f}–{max(tasks):.0f}%), {samples:,} passcodes",
+        "readme_init": f"{pair('faithful')}, GPT-2's N(0, 0.02) {pair('gpt2-init')};",
+        "readme_linear": f"N(0, 0.1) linear layers read {pair('linear-0.1')};",
+        "readme_learned": (f"{task('cosine')}: masked +1 {a('cosine')}%; untied head, {task('untied')}: "
+                           f"{a('untied')}%; the shipped run {shipped:.0f}% at step {steps}"),
+        "readme_flat": f"barely move it ({min(flat):.0f}–{max(flat):.0f}%)",
+        "readme_width": f"(d_model 64 / 128 / 192: {a('d64')} / {a('faithful')} / {a('d192')}%)",
+        "readme_channel": f"text-controlled +1 lies above its {chance} chance in "
+                          + (f"all {above}" if every else f"{above} of {len(records)}"),
+        # docs/toy.md
+        "toy_steps": f"each for the same {steps} steps",
+        "toy_samples": f"({samples:,} passcodes, linear probe, default features)",
+        "toy_chance": f"text-controlled chance {chance[:-1]}:",
+        "toy_table": toy_table(data),
+        "toy_pattern": f"(direct {a('faithful', 0)}%, masked +1 {a('faithful')}%, text-controlled",
+        "toy_pattern_tc": f"{a('faithful', 1, 'text-controlled')}% against {chance}), GPT-2's N(0, 0.02)",
+        "toy_gpt2": f"barely more than their text ({pair('gpt2-init')}, text",
+        "toy_gpt2_text": f"baseline {a('gpt2-init', 1, 'restart')}%). The linear layers' scale",
+        "toy_linear_gpt2": f"alone: {pair('linear-gpt2')})",
+        "toy_embed": "and masked +1 " + ", ".join(a(n) for n in embed) + ".",
+        "toy_learned": (f"cosine decay (task {task('cosine')}) {a('cosine')}%, no clipping ({task('no-clip')}) "
+                        f"{a('no-clip')}%, the shipped recipe"),
+        "toy_learned_2": f"({task('faithful')}) {a('faithful')}%, untied head ({task('untied')}) {a('untied')}%.",
+        "toy_flat": f"reads {a('fixed-set')}% (fresh samples {a('faithful')}%); weight decay 0.1",
+        "toy_flat_2": f"{a('wd-0.1')}%; β₂ = 0.999 {a('betas-999')}%.",
+        "toy_width": f"read masked +1 {a('d64')} / {a('faithful')} / {a('d192')}% at {steps} steps",
+        "toy_channel": (f"lies above its {chance} baseline in " + ("every row" if every else f"{above} rows")
+                        + " (the lowest, "
+                        f"{_cell(lowest, 'text-controlled', 3, 1).replace(' [', '% [')}, is"),
+    }
+
+
+def write_figure(data: dict, out: Path) -> None:
+    """out/recipe_study.png: direct, masked +1 and text-controlled +1 at the last layer per recipe, with intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = data["records"]
     last = max(LAYERS)
     names = [r["recipe"] for r in records]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4.2), constrained_layout=True)
@@ -152,31 +255,37 @@ def write_figure(records: list[dict]) -> None:
     ax.set_title("What sets the toy's leak: one factor changed at a time")
     ax.set_ylim(0, 118)
     ax.legend(loc="upper center", fontsize=8, ncols=4)
-    fig.savefig(OUT / "recipe_study.png", dpi=130)
+    fig.savefig(out / "recipe_study.png", dpi=130)
     plt.close(fig)
 
 
 def main() -> None:
+    from kvprobe.cli.runtime import reproducible_blas
+
+    reproducible_blas()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=sorted(RECIPES), help="recipes to run (default all)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--samples", type=int, default=SAMPLES)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for name in args.only or RECIPES:
-            if (OUT / f"{name}.json").is_file() and not args.only:
+            if (args.out / f"{name}.json").is_file() and not args.only:
                 continue
-            r = run_one(name, args.steps, args.samples, args.threads)
+            r = run_one(name, args.steps, args.samples, args.threads, args.out)
             print(f"{name}: task {100 * r['task_accuracy']:.1f}%  direct {_cell(r, 'memento', 3, 0)}  "
                   f"+1 {_cell(r, 'memento', 3, 1)}  text-controlled +1 {_cell(r, 'text-controlled', 3, 1)}", flush=True)
-    records = [json.loads((OUT / f"{n}.json").read_text()) for n in RECIPES if (OUT / f"{n}.json").is_file()]
-    if records:
-        write_table(records)
-        write_figure(records)
+    data = load(args.out)
+    if data["records"]:
+        for key, text in render(data).items():
+            if "#" not in key:  # whole files; the README excerpt is pasted by hand
+                (args.out / Path(key).name).write_text(text)
+        write_figure(data, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The toy's masked leak with the memento text taken out of it (issue 17, point 2).
 
-    python experiments/text_controlled.py                 # shipped final toy, 3,000 passcodes
+    python experiments/text_controlled.py                 # shipped final toy, 3,000 passcodes (1 thread)
+    python experiments/text_controlled.py --out DIR       # the same run into DIR
     python experiments/text_controlled.py --table-only    # rewrite summary.md from results.json
 
 On the toy a memento is the running sum of every digit so far, so a masked memento's
@@ -34,26 +35,41 @@ OUT = Path(__file__).resolve().parent / "results" / "text_controlled"
 CONDITIONS = (MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL)
 LAYERS = (1, 3)
 OFFSETS = (-1, 0, 1, 2, 7)
+SUMMARY = "experiments/results/text_controlled/summary.md"  # render() keys: the committed file
+README_TABLE = "README.md#text-table"  # and the README's excerpt (between <!-- text-table --> markers)
+# docs/toy.md's labels for the conditions, in its table of layer 3
+DOC_LABELS = {
+    "memento": "memento (random passcodes)",
+    "restart": "restart (the fork's, delimiters hidden: texts only)",
+    "text-controlled": "text-controlled (digit sum 22)",
+    "text-identical": "text-identical (and a shared background)",
+}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="final")
-    ap.add_argument("--samples", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
-        rows = measure_leakage(toy_models.load(args.checkpoint), CONDITIONS, LAYERS, OFFSETS,
-                               n_samples=args.samples, seed=args.seed)
-        apply_holm(rows)
-        (OUT / "results.json").write_text(json.dumps({
-            "checkpoint": args.checkpoint, "samples": args.samples, "seed": args.seed,
-            "rows": [cell_record(r, "p_holm") for r in rows]}, indent=1) + "\n")
-    data = json.loads((OUT / "results.json").read_text())
+def measure(checkpoint: str, samples: int, seed: int) -> dict:
+    """Every condition at every (layer, offset), Holm over the table: {"checkpoint", "samples", "seed", "rows"}."""
+    rows = measure_leakage(toy_models.load(checkpoint), CONDITIONS, LAYERS, OFFSETS, n_samples=samples, seed=seed)
+    apply_holm(rows)
+    return {"checkpoint": checkpoint, "samples": samples, "seed": seed,
+            "rows": [cell_record(r, "p_holm") for r in rows]}
+
+
+def load(out: Path) -> dict:
+    """The committed results.json of results directory `out`."""
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def _cells(data: dict, condition: str) -> dict:
+    """(layer, offset) -> row of `condition`."""
+    return {(r["layer"], r["offset"]): r for r in data["rows"] if r["condition"] == condition}
+
+
+def _pct(r: dict) -> str:
+    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
+def summary(data: dict) -> str:
+    """summary.md: one row per condition, accuracy [95%] at every (layer, offset), `*` where Holm says above chance."""
     cells = [(l, o) for l in LAYERS for o in OFFSETS]
     lines = [f"# Text-controlled leakage on the toy `{data['checkpoint']}` ({data['samples']} passcodes per "
              "condition, linear probe)", "",
@@ -62,13 +78,82 @@ def main() -> None:
              "| condition | chance | " + " | ".join(f"layer {l} {o:+d}" for l, o in cells) + " |",
              "|---|---|" + "---|" * len(cells)]
     for cond in CONDITIONS:
-        got = {(r["layer"], r["offset"]): r for r in data["rows"] if r["condition"] == cond.name}
+        got = _cells(data, cond.name)
         chance = next(iter(got.values()))["chance"]
         lines.append(f"| {cond.name} | {100 * chance:.2f} | " + " | ".join(
-            f"{100 * got[c]['accuracy']:.1f} [{100 * got[c]['ci_low']:.1f}, {100 * got[c]['ci_high']:.1f}]"
-            + ("*" if got[c]["p_holm"] <= 0.05 else "") for c in cells) + " |")
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            _pct(got[c]) + ("*" if got[c]["p_holm"] <= 0.05 else "") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(data: dict) -> str:
+    """The README's table: the last layer, direct and masked +1, +2, +7, with intervals."""
+    last, offsets = max(LAYERS), (0, 1, 2, 7)
+    lines = [f"| condition (layer {last}) | chance | direct (0) | masked +1 | masked +2 | masked +7 |",
+             "|---|---|---|---|---|---|"]
+    for cond in CONDITIONS:
+        got = _cells(data, cond.name)
+        lines.append(f"| {cond.name} | {100 * got[last, 0]['chance']:.2f} | "
+                     + " | ".join(_pct(got[last, o]) for o in offsets) + " |")
+    return "\n".join(lines)
+
+
+def render(data: dict) -> dict[str, str]:
+    """Everything written from results.json: summary.md and the README's excerpt ("file#marker")."""
+    return {SUMMARY: summary(data), README_TABLE: readme_table(data)}
+
+
+def toy_table(data: dict) -> str:
+    """docs/toy.md's table: the README's cells without intervals (no markers there)."""
+    last = max(LAYERS)
+    lines = ["| condition | chance | direct | masked +1 | +2 | +7 |", "|---|---|---|---|---|---|"]
+    for cond in CONDITIONS:
+        got = _cells(data, cond.name)
+        lines.append(f"| {DOC_LABELS[cond.name]} | {100 * got[last, 0]['chance']:.2f} | "
+                     + " | ".join(f"{100 * got[last, o]['accuracy']:.1f}" for o in (0, 1, 2, 7)) + " |")
+    return "\n".join(lines)
+
+
+def quotes(data: dict) -> dict[str, str]:
+    """The phrases README.md and docs/toy.md quote from results.json (layer 3)."""
+    _, restart, controlled, identical = (_cells(data, c.name) for c in CONDITIONS)
+    a = lambda r: f"{100 * r['accuracy']:.1f}%"  # noqa: E731
+    chance = f"{100 * controlled[3, 1]['chance']:.2f}%"
+    text = 100 * (restart[3, 1]["accuracy"] - restart[3, 1]["chance"])
+    return {
+        "samples": f"{data['samples']:,} passcodes per condition",
+        "chance": f"its exact chance of {chance}",
+        "text_points": f"carry about {text:.0f} points above chance at the first masked memento",
+        "restart": f"(restart: {a(restart[3, 1])})",
+        "readme_channel": f"it still reads {a(controlled[3, 1])} against {chance}",
+        "toy_channel": f"memento still reads {a(controlled[3, 1])} against an {chance} baseline",
+        "readme_identical": f"almost perfectly even 7 blocks later ({a(identical[3, 7])})",
+        "toy_identical": f"({a(identical[3, 7])}): what limits a probe at a distance",
+        "toy_table": toy_table(data),
+    }
+
+
+def main() -> None:
+    from kvprobe.cli.runtime import reproducible_blas
+
+    reproducible_blas()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="final")
+    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        data = measure(args.checkpoint, args.samples, args.seed)
+        (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    data = load(args.out)
+    for key, text in render(data).items():
+        if "#" not in key:  # whole files; the README excerpt is pasted by hand
+            (args.out / Path(key).name).write_text(text)
+    print(summary(data), end="")
 
 
 if __name__ == "__main__":

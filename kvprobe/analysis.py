@@ -33,19 +33,8 @@ from .capture.spec import pooled_vectors
 from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
 from .memento.masks import MaskConfig
 from .memento.sites import offset_role
-from .probes import (
-    DEFAULT_INNER_FRACTION,
-    DEFAULT_LINEAR_L2_GRID,
-    LinearConfig,
-    MLPConfig,
-    fit_at_strengths,
-    fit_mlp_replicas,
-    fit_probes,
-    normalise_grid,
-    select_strength,
-    shared_moments,
-    strength_path,
-)
+from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfig, MLPConfig, fit_at_strengths,
+                     fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments, strength_path)
 from .stats import (
     binomial_pvalue,
     bootstrap_ci,
@@ -89,6 +78,8 @@ class ProbeSettings:
     label-unique split (`inner_fraction` of the training passcodes); one value, or None
     (= linear.l2), is a fixed strength. mlp_l2_grid: the same for the MLP's L2 (weight
     decay); None keeps mlp.l2 (the MLP's epochs are always chosen by early stopping).
+    extend_grid: where a cell's best strength is on an edge of its grid, try it a decade further
+    until interior or at a bound of `L2_BOUNDS` (rows record `l2_at_bound`); False keeps the grid.
     """
 
     kinds: tuple[str, ...] = ("linear", "mlp")
@@ -108,6 +99,7 @@ class ProbeSettings:
     linear_l2_grid: tuple[float, ...] | None = DEFAULT_LINEAR_L2_GRID
     mlp_l2_grid: tuple[float, ...] | None = None
     inner_fraction: float = DEFAULT_INNER_FRACTION
+    extend_grid: bool = True
 
     def strength_grid(self, kind: str) -> tuple[float, ...]:
         """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
@@ -146,6 +138,7 @@ class CellResult:
     l2: float | None = None  # L2 strength of the reported probe: chosen on the inner split, or fixed
     l2_grid: list[float] | None = None  # the values it was chosen from (one value: fixed)
     l2_inner_accuracy: list[float] | None = None  # inner-validation accuracy at each l2_grid value
+    l2_at_bound: bool = False  # the chosen l2 is on an edge of l2_grid that the extension could not pass
     chance: float = 0.1  # accuracy without features: 1/10, or the majority baseline of constrained passcodes
     mask: str | None = None  # the canonical name of the store's mask (MaskConfig.name): what the condition is
     pooling: str | None = None  # how the cell's tokens were pooled into features
@@ -281,16 +274,18 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
         X_tr, X_va = _group_features(store, group, D, tr, va)
         for kind in settings.kinds:
-            def done(what: str, kind: str = kind, n: int = len(group)) -> None:
+            def done(what: str, extra: int | None = None, kind: str = kind, n: int = len(group)) -> None:
+                """One step of `n` fits, or `extra` fits beyond the plan (a grid extended past its edge)."""
+                bar.total += extra or 0
                 bar.set_postfix_str(f"{kind} {what}", refresh=False)
-                bar.update(n)
+                bar.update(extra or n)
 
             seeds = range(settings.seeds) if kind == "mlp" else range(1)
             config = settings.mlp if kind == "mlp" else settings.linear
             moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
             sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
-                                  config=config, device=settings.device, moments=moments,
-                                  on_fit=lambda v: done(f"choosing {v}"))  # the training split only
+                                  config=config, device=settings.device, moments=moments, extend=settings.extend_grid,
+                                  on_fit=lambda v, extra=None: done(f"choosing {v}", extra))  # training split only
 
             def fit(y: np.ndarray, seed: int, warm: bool = False):
                 if sel.fixed:  # exactly the fixed-strength fit
@@ -347,8 +342,9 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                         selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
                         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
                         n_train=len(tr), n_val=len(va),
-                        l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.grid],
-                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]],
+                        l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.tried(g)],
+                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g] if a == a],
+                        l2_at_bound=bool(sel.at_bound[g]),  # (a == a: the values this cell tried, not NaN)
                     )
                 )
     bar.close()
@@ -405,7 +401,7 @@ def sensitivity_curves(
         X_tr, X_va = _group_features(store, group, D, tr, va)
         moments = shared_moments(X_tr, "linear", settings.linear)
         sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device,
-                              moments=moments)
+                              moments=moments, extend=False)  # the curve's own values
         path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device,
                              moments=moments)
         cis = [bootstrap_ci(per_sample_accuracy(f.log_probs, y_va), n_boot=settings.n_boot) for f in path]

@@ -193,6 +193,9 @@ class ProbeSection(_Strict):
     linear_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] = Field(_PROBE.linear_l2_grid, min_length=1)
     mlp_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(_PROBE.mlp_l2_grid, min_length=1)
     inner_fraction: float = Field(_PROBE.inner_fraction, gt=0, lt=1)  # share of training passcodes held out
+    # where a cell's best strength is on the grid's edge, try a decade further until interior or at
+    # kvprobe.probes.L2_BOUNDS (a choice left at a bound is flagged on its row); false keeps the grid
+    extend_l2_grid: bool = _PROBE.extend_grid
 
     @model_validator(mode="before")
     @classmethod

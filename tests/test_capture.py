@@ -278,3 +278,9 @@ def test_the_target_block_is_the_sources(model, tmp_path):
     path = run_capture(model, source, CaptureSpec(layers=(0,), offsets=(0,)), tmp_path / "s", progress=False)
     with KVStore(path) as store:
         assert store.config["capture"]["target_block"] == 3  # the store records the block it read
+
+
+def test_capture_refuses_the_generators_prefill_mask():
+    """prefill_causal needs per-sample prompt lengths the capture does not have: refused in the spec, not recorded."""
+    with pytest.raises(ValueError, match="prefill_causal changes only prompts that hold blocks"):
+        CaptureSpec(layers=(0,), offsets=(0,), mask=MaskConfig(0, prefill_causal=True))

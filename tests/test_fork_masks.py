@@ -120,7 +120,9 @@ def test_a_continuation_prompt_is_not_masked_from_the_start_by_the_fork():
     assert not bool((default == want).all())
     cfg = MaskConfig(0, evict_before_summary_end=True, prefill_causal=True)
     assert cfg.name == "memento-evict-at-se-prefill-causal"
-    assert bool((allow_matrix([layout], len(ids), cfg)[0, 0] == default).all())  # no prefill_end: today's rule
+    with pytest.raises(ValueError, match="needs each sample's prompt length"):  # never the name without the rule
+        allow_matrix([layout], len(ids), cfg)
+    assert bool((allow_matrix([layout], len(ids), cfg, prefill_end=[None])[0, 0] == default).all())  # no prompt
     assert bool((allow_matrix([layout], len(ids), cfg, prefill_end=[prompt_length])[0, 0] == want).all())
 
 

@@ -87,7 +87,7 @@ def test_inner_split_is_label_unique():
 def test_selection_finds_the_known_answer(problem, n, expected):
     xt, yt = problem(n, seed=0)
     xv, yv = problem(2000, seed=1)
-    fit, sel = fit_selected(xt, yt, xv, yv, GRID, config=FAST, seed=3)
+    fit, sel = fit_selected(xt, yt, xv, yv, GRID, config=FAST, seed=3, extend=False)
     assert sel.chosen[0] == expected
     fixed = {v: fit_probes(xt, yt, xv, yv, l2=v, config=FAST).accuracy[0] for v in GRID}
     assert fixed[expected] == max(fixed.values())  # the choice is also the best on fresh data
@@ -102,7 +102,7 @@ def test_choice_is_the_best_inner_validation_value():
     xt = np.concatenate([xt, noisier], axis=0)  # two groups
     mask = inner_split(yt, 0.25, seed=5)
     tight = LinearConfig(tol=1e-6, max_iter=3000)  # warm and cold starts then reach the same optimum
-    sel = select_strength(xt, yt, GRID, inner_val=mask, config=tight)
+    sel = select_strength(xt, yt, GRID, inner_val=mask, config=tight, extend=False)
     inner = np.stack([fit_probes(xt[:, ~mask], yt[~mask], xt[:, mask], yt[mask], l2=v, config=tight).accuracy
                       for v in GRID], axis=1)  # (G, R)
     np.testing.assert_allclose(sel.inner_accuracy, inner, atol=0.005)
@@ -163,7 +163,7 @@ def test_mlp_strength_selection_and_reassembly():
     xv, yv = class_means(200, seed=11, d=30)
     x2, v2 = np.concatenate([xt, -xt]), np.concatenate([xv, -xv])
     cfg = MLPConfig(hidden=(16,), max_epochs=5, patience=2)
-    fit, sel = fit_selected(x2, yt, v2, yv, (1e-4, 1.0), kind="mlp", config=cfg, seed=0)
+    fit, sel = fit_selected(x2, yt, v2, yv, (1e-4, 1.0), kind="mlp", config=cfg, seed=0, extend=False)
     assert sel.inner_accuracy.shape == (2, 2) and set(sel.chosen) <= {1e-4, 1.0}
     split = fit_at_strengths(x2, yt, v2, yv, [1e-4, 1.0], kind="mlp", config=cfg, seed=0)
     np.testing.assert_allclose(split.predict_log_proba(v2), split.log_probs, atol=1e-5)  # groups routed back
@@ -206,7 +206,7 @@ class FakeStore:
 
 
 SETTINGS = ProbeSettings(kinds=("linear",), pooling="mean", n_boot=200, linear=LinearConfig(tol=1e-3),
-                         linear_l2_grid=GRID)
+                         linear_l2_grid=GRID, extend_grid=False)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_probe_store_one_value_grid_is_the_old_fixed_fit(store):
 def test_probe_store_chooses_the_mlp_weight_decay(store):
     settings = ProbeSettings(kinds=("mlp",), seeds=2, pooling="mean", n_boot=100, shuffled_control=False,
                              offsets=(0,), mlp=MLPConfig(hidden=(8,), max_epochs=3, patience=2),
-                             mlp_l2_grid=(1e-4, 1e-1))
+                             mlp_l2_grid=(1e-4, 1e-1), extend_grid=False)
     rows = probe_store(store, "memento", settings, progress=False).rows
     assert len(rows) == 2 and all(len(r.accuracy_seeds) == 2 for r in rows)
     for r in rows:

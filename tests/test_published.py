@@ -1,6 +1,8 @@
 """Published numbers are the numbers the scripts computed: prose against the committed JSON.
 
-`benchmarks/bench_scale.py` writes `benchmarks/results/scale_cpu.json`; its `render` makes the
+Every source of `experiments/published.py` (the toy's results under experiments/results/)
+renders its files and the README's marked blocks from its committed JSON, and the phrases the
+prose quotes; each must equal what is committed. `benchmarks/bench_scale.py` writes `benchmarks/results/scale_cpu.json`; its `render` makes the
 tables `benchmarks/RESULTS.md` quotes and its `quotes` the phrases the README and docs quote.
 A rerun that changes a number changes the JSON, and this test then fails until the prose
 quotes the new one (tolerance zero on the printed digits).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,30 @@ QUOTED_IN = {
     "dense_memory_exponent": [RESULTS],
     "collator_longest": ["docs/real_models.md", RESULTS],
 }
+
+
+def _registry():
+    spec = importlib.util.spec_from_file_location("published", ROOT / "experiments" / "published.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["published"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+PUBLISHED = _registry()
+
+
+@pytest.mark.parametrize("source", PUBLISHED.SOURCES, ids=lambda s: s.name)
+def test_published_results_are_rendered_from_their_json(source):
+    assert not PUBLISHED.problems(source), "\n".join(PUBLISHED.problems(source))
+
+
+def test_every_results_directory_has_a_source():
+    dirs = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "experiments" / "results").glob("*/*.json")}
+    # former_toy: the GPT-2-initialised toy's results, kept as they were made (their README says with what);
+    # causal_map: the report `kvprobe run` writes (experiments/causal_map.py copies it)
+    dirs -= {"experiments/results/former_toy", "experiments/results/causal_map"}
+    assert dirs <= {s.results for s in PUBLISHED.SOURCES}, dirs - {s.results for s in PUBLISHED.SOURCES}
 
 
 def bench_scale():

@@ -356,7 +356,8 @@ def _with_strengths(rows: list[CellResult]) -> list[CellResult]:
         if r.probe == "linear":
             chosen = 1e-4 if r.layer == 3 else 1e-2
             inner = [r.accuracy - 0.02 * abs(v - chosen) / 0.1 - (0.0 if v == chosen else 0.005) for v in grid]
-            out.append(dataclasses.replace(r, l2=chosen, l2_grid=grid, l2_inner_accuracy=inner))
+            out.append(dataclasses.replace(r, l2=chosen, l2_grid=grid, l2_inner_accuracy=inner,
+                                           l2_at_bound=chosen == min(grid)))
         else:
             out.append(dataclasses.replace(r, l2=1e-4, l2_grid=[1e-4]))
     return out
@@ -371,7 +372,8 @@ def test_chosen_strength_in_every_output(tmp_path):
     assert "L2 strength chosen per cell from {1e-04, 1e-03, 1e-02, 1e-01} on an inner label-unique split" in linear
     assert "| layer (chosen L2) | causal control (−1) | direct (0) | masked +1 |" in linear
     assert "| 3 | 1e-04 | 1e-04 |" in linear and "| 0 | 1e-02 | 1e-02 |" in linear
-    assert f"{len(LAYERS[-1:]) * len(OFFSETS)} of {len(LAYERS) * len(OFFSETS)} cells chose the weakest value" in linear
+    assert (f"FLAGGED: {len(LAYERS[-1:]) * len(OFFSETS)} of {len(LAYERS) * len(OFFSETS)} cells chose the weakest "
+            "value they could try (1e-04)") in linear
     assert "L2 strength fixed at 1e-04 (not chosen)." in headline.split("### mlp probe")[1]
     appendix = text.split("## Appendix")[1]
     assert "| offset | layer | accuracy [95%] | L2 | seed sd (pp) |" in appendix

@@ -68,6 +68,10 @@ class CaptureSpec:
         _check(set(self.sites) <= set(SITES) and self.sites, "sites", self.sites, f"a subset of {SITES}")
         _check(set(self.kinds) <= {"k", "v"} and self.kinds, "kinds", self.kinds, "a subset of ('k', 'v')")
         _check(set(self.pooling) <= set(POOLINGS) and self.pooling, "pooling", self.pooling, f"a subset of {POOLINGS}")
+        if self.mask.prefill_causal:  # the capture reads generated traces: no per-sample prompt lengths reach it
+            raise ValueError("mask.prefill_causal changes only prompts that hold blocks (the fork's continuation "
+                             "prompts), and the capture is given no prompt lengths: it would record the name and "
+                             "apply the ordinary rule; drop it (it is for kvprobe.memento.generate)")
         _check(self.dtype in STORAGE_DTYPES, "dtype", self.dtype, f"one of {STORAGE_DTYPES}")
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         _check(self.compression in COMPRESSIONS, "compression", self.compression, f"one of {COMPRESSIONS}")

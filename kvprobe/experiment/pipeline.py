@@ -67,7 +67,7 @@ def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) ->
                          layers=layers, offsets=offsets, sites=sites, device=cfg.model.device,
                          linear=LinearConfig(l2=p.linear_l2, tol=p.linear_tol),
                          mlp=MLPConfig(max_epochs=p.mlp_max_epochs), linear_l2_grid=p.linear_l2_grid,
-                         mlp_l2_grid=p.mlp_l2_grid, inner_fraction=p.inner_fraction)
+                         mlp_l2_grid=p.mlp_l2_grid, inner_fraction=p.inner_fraction, extend_grid=p.extend_l2_grid)
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
@@ -238,6 +238,11 @@ def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str
                 r = cells.get((layer, o))
                 vals.append(f"{100 * r.accuracy:7.1f}{'*' if r.significant else ' '}" if r else " " * 8)
             lines.append(f"{layer:>5} " + "".join(vals))
+        weak = [r for r in cells.values() if r.l2_at_bound and r.l2_grid and r.l2 == min(r.l2_grid)]
+        if weak:
+            where = ", ".join(f"layer {r.layer} {r.offset:+d}" for r in sorted(weak, key=lambda r: (r.layer, r.offset)))
+            lines.append(f"FLAGGED: the probe chose the weakest strength it could try ({min(r.l2 for r in weak):g}) "
+                         f"at {where}: the leak there may be higher")
         lines.append("")
     return "\n".join(lines)
 

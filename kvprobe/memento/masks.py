@@ -81,7 +81,7 @@ class MaskConfig:
         generated one) is prefilled with plain causal attention, and the blocks it completes
         are evicted only at the first generated token (processor.py process_prompt_tokens,
         scheduler.py _update_request_with_output). Takes effect where the per-sample prompt
-        length is given (`mask_tables(..., prefill_end=...)`); without it, today's rule.
+        length is given (`mask_tables(..., prefill_end=...)`, required: refused without it).
         Memento mode only: the fork's restart rewind over prompt blocks is not modelled.
     """
 
@@ -220,6 +220,9 @@ def mask_tables(
     B = len(layouts)
     if prefill_end is not None and len(prefill_end) != B:
         raise ValueError(f"{len(prefill_end)} prefill_end values for {B} layouts")
+    if config.prefill_causal and prefill_end is None:  # else the name would say prefill and the rule would not
+        raise ValueError("MaskConfig(prefill_causal=True) needs each sample's prompt length: pass prefill_end "
+                         "(None for a sample whose prompt holds no blocks)")
     hide_block = torch.full((B, length), -1, dtype=torch.int32)
     memento_of = torch.full((B, length), -1, dtype=torch.int32)
     valid = torch.zeros((B, length), dtype=torch.bool)

@@ -12,6 +12,7 @@ from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, label_unique_hol
 from .selection import (
     DEFAULT_INNER_FRACTION,
     DEFAULT_LINEAR_L2_GRID,
+    L2_BOUNDS,
     StrengthSelection,
     fit_at_strengths,
     fit_selected,
@@ -35,6 +36,7 @@ from .trainer import (
 __all__ = [
     "DEFAULT_INNER_FRACTION",
     "DEFAULT_LINEAR_L2_GRID",
+    "L2_BOUNDS",
     "StrengthSelection",
     "fit_at_strengths",
     "fit_selected",

@@ -23,6 +23,15 @@ then makes exactly the plain `fit_probes` call.
 
 The criterion is inner-validation accuracy (mean over digits), ties broken by the
 lower inner cross-entropy, then by the stronger regularisation.
+
+A grid's edge never caps the choice silently: where a group's best value is the weakest
+(or strongest) it tried, that group alone is fitted one decade further in that direction,
+warm-started from its edge solution, until its best is interior or a hard bound of
+`L2_BOUNDS` is reached. The values each group tried are on its row of `inner_accuracy`
+(NaN where it did not try one), and `at_bound` flags a choice that still sits on an edge
+it could not pass (a hard bound, or `extend=False`). Without the extension the shipped
+toy's masked +1 read 27.6% at the old grid's floor of 1e-4; the inner split preferred
+weaker values.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from .trainer import (
 __all__ = [
     "DEFAULT_INNER_FRACTION",
     "DEFAULT_LINEAR_L2_GRID",
+    "L2_BOUNDS",
     "StrengthSelection",
     "fit_at_strengths",
     "fit_selected",
@@ -62,6 +72,13 @@ __all__ = [
 DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 """The linear probe's L2 grid (mean-loss scale; scikit-learn C = 1 / (l2 N))."""
 
+L2_BOUNDS: tuple[float, float] = (1e-6, 10.0)
+"""How far a grid is extended, by decades, when a group's best strength is on its edge. At 1e-6 a probe
+is unregularised by any usual standard (scikit-learn's C = 1 / (l2 N) >= 100 for N <= 10,000) and each
+further decade costs more L-BFGS iterations than every strength above it together (the solver's
+tolerance follows l2: `LinearConfig.tol_follows_l2`); at 10 the weights are negligible against the
+bias (a constant predictor). A choice at either bound is flagged (`at_bound`)."""
+
 DEFAULT_INNER_FRACTION = 0.2
 """Share of the training passcodes held out to choose the strength."""
 
@@ -70,11 +87,13 @@ DEFAULT_INNER_FRACTION = 0.2
 class StrengthSelection:
     """The choice of strength for G groups.
 
-    grid: values tried, ascending (R,). inner_accuracy, inner_loss: inner-validation
-    accuracy and cross-entropy (nats per digit) at each value (G, R); NaN for a
-    fixed one-value grid, where nothing is fitted. chosen: the chosen value (G,).
-    warm_start: linear probes at the chosen values, on the raw features (the refit's
-    starting point: `fit_probes(..., init=warm_start)`).
+    grid: every value some group tried, ascending (R,): the requested grid plus its extensions.
+    inner_accuracy, inner_loss: inner-validation accuracy and cross-entropy (nats per digit)
+    at each value (G, R); NaN where a group did not try a value, and everywhere for a fixed
+    one-value grid, where nothing is fitted. chosen: the chosen value (G,). at_bound: (G,)
+    True where the chosen value is on an edge of the values its group tried that the
+    extension could not pass. warm_start: linear probes at the chosen values, on the raw
+    features (the refit's starting point: `fit_probes(..., init=warm_start)`).
     """
 
     grid: np.ndarray
@@ -84,6 +103,11 @@ class StrengthSelection:
     n_inner_train: int = 0
     n_inner_val: int = 0
     warm_start: LinearProbes | None = None
+    at_bound: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.at_bound is None:
+            self.at_bound = np.zeros(len(self.chosen), dtype=bool)
 
     @property
     def fixed(self) -> bool:
@@ -92,6 +116,10 @@ class StrengthSelection:
     @property
     def chosen_index(self) -> np.ndarray:
         return np.searchsorted(self.grid, self.chosen)
+
+    def tried(self, g: int) -> np.ndarray:
+        """The values group g tried (ascending); its inner accuracies are `inner_accuracy[g, tried]`."""
+        return self.grid if self.fixed else self.grid[~np.isnan(self.inner_accuracy[g])]
 
 
 def normalise_grid(grid: Sequence[float] | float) -> tuple[float, ...]:
@@ -155,27 +183,124 @@ def _mean_ce(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _choose(grid: np.ndarray, accuracy: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Per group: highest accuracy, then lowest loss, then the largest (strongest) value. Returns indices (G,)."""
+    """Per group, among the values it tried (accuracy not NaN): highest accuracy, then lowest loss, then
+    the largest (strongest) value. Returns indices (G,)."""
     out = np.empty(accuracy.shape[0], dtype=np.int64)
     for g in range(accuracy.shape[0]):
-        order = sorted(range(len(grid)), key=lambda r: (-accuracy[g, r], loss[g, r], -grid[r]))
-        out[g] = order[0]
+        tried = [r for r in range(len(grid)) if not np.isnan(accuracy[g, r])]
+        out[g] = min(tried, key=lambda r: (-accuracy[g, r], loss[g, r], -grid[r]))
     return out
+
+
+def _decade(value: float, direction: int) -> float:
+    """One decade weaker (direction -1) or stronger (+1), rounded so repeated steps stay on 1e-k."""
+    return float(f"{value * 10.0 ** direction:.12g}")
+
+
+class _InnerPath:
+    """Inner-split fits at any value for any subset of the groups, kept as full (G,) columns.
+
+    accuracy[v], loss[v]: (G,), NaN for groups not fitted at v. raw[v]: linear probes at v on the
+    raw features (G, ...), zero for groups not fitted (a linear path's warm starts and the refit's).
+    """
+
+    def __init__(self, kind: str, x_tr: Any, y_tr: np.ndarray, x_va: Any, y_va: np.ndarray, *, config: Any,
+                 n_classes: int, device: Any, moments: FeatureMoments | None, seed: int,
+                 on_fit: Callable[..., None] | None):
+        self.kind, self.x_tr, self.y_tr, self.x_va, self.y_va = kind, x_tr, y_tr, x_va, y_va
+        self.config, self.n_classes, self.device, self.moments, self.seed = config, n_classes, device, moments, seed
+        self.on_fit, self.G = on_fit, x_tr.shape[0]
+        self.accuracy: dict[float, np.ndarray] = {}
+        self.loss: dict[float, np.ndarray] = {}
+        self.raw: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # weight (G, D, K, C), bias (G, K, C)
+
+    def _store(self, value: float, groups: np.ndarray, fit: ProbeFit) -> None:
+        acc = self.accuracy.setdefault(value, np.full(self.G, np.nan))
+        loss = self.loss.setdefault(value, np.full(self.G, np.nan))
+        acc[groups], loss[groups] = fit.accuracy, _mean_ce(fit.log_probs, fit.y_val)
+        if self.kind == "linear":
+            probe = linear_in_raw_units(fit.probe, fit.standardizer)
+            w, b = probe.weight.detach(), probe.bias.detach()
+            if value not in self.raw:
+                self.raw[value] = (w.new_zeros((self.G, *w.shape[1:])), b.new_zeros((self.G, *b.shape[1:])))
+            index = torch.as_tensor(groups, device=w.device)
+            self.raw[value][0][index], self.raw[value][1][index] = w, b
+
+    def base(self, values: Sequence[float]) -> None:
+        """Every group at every value of the requested grid (a linear path: one warm-started solve per value)."""
+        every = np.arange(self.G)
+        if self.kind == "linear":
+            path = strength_path(self.x_tr, self.y_tr, self.x_va, self.y_va, values, config=self.config,
+                                 n_classes=self.n_classes, device=self.device, moments=self.moments,
+                                 on_fit=self.on_fit)
+            for value, fit in zip(values, path):
+                self._store(value, every, fit)
+        else:
+            for value in values:
+                self.extend(value, every, None, base=True)
+
+    def extend(self, value: float, groups: np.ndarray, start: float | None, base: bool = False) -> None:
+        """Fit `groups` at `value`; a linear fit is warm-started from their probes at `start`. on_fit is
+        told how many groups an extension (not `base`) fitted beyond the requested grid."""
+        def part(a: Any) -> Any:
+            return a[groups] if a.ndim == 3 else a
+
+        init, moments = None, None
+        if self.kind == "linear":
+            index = torch.as_tensor(groups)
+            init = LinearProbes(*(t[index.to(t.device)] for t in self.raw[start])) if start is not None else None
+            if self.moments is not None:
+                moments = FeatureMoments(mean=self.moments.mean[index], cov=self.moments.cov[index])
+        fit = fit_probes(part(self.x_tr), part(self.y_tr), part(self.x_va), part(self.y_va), self.kind, l2=value,
+                         seed=self.seed, config=self.config, n_classes=self.n_classes, device=self.device,
+                         init=init, moments=moments)
+        self._store(value, groups, fit)
+        if self.on_fit is not None:
+            self.on_fit(f"l2 {value:g}") if base else self.on_fit(f"l2 {value:g}", len(groups))
+
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """grid (R,), accuracy (G, R), loss (G, R): every value tried, NaN where a group did not."""
+        grid = np.array(sorted(self.accuracy))
+        return (grid, np.stack([self.accuracy[v] for v in grid], axis=1),
+                np.stack([self.loss[v] for v in grid], axis=1))
+
+    def widen(self, bounds: tuple[float, float] | None) -> np.ndarray:
+        """Extend each group whose best value is on an edge of what it tried, one decade at a time, until
+        its best is interior or `bounds` stop it. Returns at_bound (G,)."""
+        while True:
+            grid, accuracy, loss = self.table()
+            best = _choose(grid, accuracy, loss)
+            tried = ~np.isnan(accuracy)
+            low, high = tried.argmax(axis=1), len(grid) - 1 - tried[:, ::-1].argmax(axis=1)
+            moved = False
+            for direction, edge in ((-1, low), (+1, high)):
+                on_edge = best == edge
+                for start in np.unique(grid[edge[on_edge]]) if bounds is not None else ():
+                    value = _decade(float(start), direction)
+                    if bounds[0] * (1 - 1e-9) <= value <= bounds[1] * (1 + 1e-9):
+                        self.extend(value, np.flatnonzero(on_edge & (grid[edge] == start)), float(start))
+                        moved = True
+            if not moved:  # an unregularised choice (l2 = 0) is no bound
+                return ((best == low) & (grid[best] > 0)) | (best == high)
 
 
 def select_strength(
     X_train: Any, y_train: Any, grid: Sequence[float], *, kind: str = "linear",
     inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0,
     config: LinearConfig | MLPConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
-    moments: FeatureMoments | None = None, on_fit: Callable[[str], None] | None = None,
+    moments: FeatureMoments | None = None, on_fit: Callable[..., None] | None = None, extend: bool = True,
 ) -> StrengthSelection:
     """Choose each group's L2 strength from `grid` on an inner label-unique split of the training data.
 
-    Only X_train / y_train are read: the outer validation split cannot influence the choice.
+    X_train (G, N, D), y_train (N, K) | (G, N, K). Only these are read: the outer validation
+    split cannot influence the choice.
     inner_val: boolean (N,) mask of the inner validation samples (label-unique); None draws one
     with `inner_split(y_train, inner_fraction, seed)`. seed also seeds the MLP's inner fits.
     moments: the linear solver's preconditioner, shared with the refit (estimated here if None).
-    on_fit(label): called after each grid value's inner fit (progress reporting).
+    on_fit(label): called after each grid value's inner fit (progress reporting); a fit past the grid's
+    edge calls on_fit(label, n_groups) with the number of groups it fitted.
+    extend: where a group's best value is on an edge of the grid, fit it a decade further, until
+    interior or at a bound of `L2_BOUNDS` (False: the grid as given; an edge choice is flagged).
     """
     values = np.asarray(normalise_grid(grid))
     xt = torch.as_tensor(X_train) if isinstance(X_train, torch.Tensor) else np.asarray(X_train)
@@ -183,35 +308,28 @@ def select_strength(
     if len(values) == 1:
         nan = np.full((G, 1), np.nan)
         return StrengthSelection(values, nan, nan.copy(), np.full(G, values[0]))
+    if kind not in ("linear", "mlp"):
+        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
     mask = inner_split(y_train, inner_fraction, seed) if inner_val is None else np.asarray(inner_val, dtype=bool)
     if mask.shape != (xt.shape[1],) or mask.all() or not mask.any():
         raise ValueError(f"inner_val must be a boolean mask of shape ({xt.shape[1]},) with both sides non-empty")
     tr, va = np.flatnonzero(~mask), np.flatnonzero(mask)
     y = np.asarray(y_train)
     y_tr, y_va = (y[tr], y[va]) if y.ndim == 2 else (y[:, tr], y[:, va])
-    x_tr, x_va = xt[:, tr], xt[:, va]
-    if kind == "linear":
-        fits = strength_path(x_tr, y_tr, x_va, y_va, values, config=config, n_classes=n_classes, device=device,
-                             moments=moments, on_fit=on_fit)
-    elif kind == "mlp":
-        fits = []
-        for v in values:
-            fits.append(fit_probes(x_tr, y_tr, x_va, y_va, "mlp", l2=float(v), seed=seed, config=config,
-                                   n_classes=n_classes, device=device))
-            if on_fit is not None:
-                on_fit(f"l2 {v:g}")
-    else:
-        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
-    accuracy = np.stack([f.accuracy for f in fits], axis=1)  # (G, R)
-    loss = np.stack([_mean_ce(f.log_probs, f.y_val) for f in fits], axis=1)
-    best = _choose(values, accuracy, loss)
+    if kind == "linear" and moments is None and (config or LinearConfig()).precondition:
+        moments = FeatureMoments.of(xt[:, tr], (config or LinearConfig()).gram_rows)
+    path = _InnerPath(kind, xt[:, tr], y_tr, xt[:, va], y_va, config=config, n_classes=n_classes, device=device,
+                      moments=moments, seed=seed, on_fit=on_fit)
+    path.base([float(v) for v in values])
+    at_bound = path.widen(L2_BOUNDS if extend else None)
+    tried, accuracy, loss = path.table()
+    best = _choose(tried, accuracy, loss)
     warm = None
     if kind == "linear":
-        pick = torch.as_tensor(best)
-        weight = torch.stack([f.probe.weight.detach() for f in fits])[pick, torch.arange(G)]
-        bias = torch.stack([f.probe.bias.detach() for f in fits])[pick, torch.arange(G)]
-        warm = linear_in_raw_units(LinearProbes(weight, bias), fits[0].standardizer)
-    return StrengthSelection(values, accuracy, loss, values[best], len(tr), len(va), warm)
+        pick = [torch.stack([path.raw[float(v)][i] for v in tried]) for i in (0, 1)]  # (R, G, ...)
+        groups, best_t = torch.arange(G, device=pick[0].device), torch.as_tensor(best, device=pick[0].device)
+        warm = LinearProbes(pick[0][best_t, groups], pick[1][best_t, groups])
+    return StrengthSelection(tried, accuracy, loss, tried[best], len(tr), len(va), warm, at_bound)
 
 
 class _Routed(nn.Module):
@@ -280,11 +398,11 @@ def fit_selected(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, grid: Sequence[float] = DEFAULT_LINEAR_L2_GRID, *,
     kind: str = "linear", inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, extend: bool = True,
 ) -> tuple[ProbeFit, StrengthSelection]:
-    """Choose the strength per group on an inner split of the training data, refit on the whole
-    training split at the chosen value, and score on (X_val, y_val). A one-value grid is exactly
-    `fit_probes(..., l2=value)`."""
+    """Choose the strength per group on an inner split of the training data (extending the grid past an
+    edge the choice lands on, see `select_strength`), refit on the whole training split at the chosen
+    value, and score on (X_val, y_val). A one-value grid is exactly `fit_probes(..., l2=value)`."""
     values = normalise_grid(grid)
     if len(values) == 1:
         fit = fit_probes(X_train, y_train, X_val, y_val, kind, l2=values[0], seed=seed, config=config,
@@ -292,7 +410,8 @@ def fit_selected(
         return fit, select_strength(X_train, y_train, values)
     moments = shared_moments(X_train, kind, config)
     sel = select_strength(X_train, y_train, values, kind=kind, inner_val=inner_val, inner_fraction=inner_fraction,
-                          seed=seed, config=config, n_classes=n_classes, device=device, moments=moments)
+                          seed=seed, config=config, n_classes=n_classes, device=device, moments=moments,
+                          extend=extend)
     fit = fit_at_strengths(X_train, y_train, X_val, y_val, sel.chosen, kind=kind, seed=seed, config=config,
                            n_classes=n_classes, device=device, init=sel.warm_start, moments=moments)
     return fit, sel

@@ -103,7 +103,7 @@ def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult],
     if all(len(g) == 1 for g in grids):
         return ["", f"L2 strength fixed at {', '.join(sorted({fmt_l2(r.l2) for r in known}))} (not chosen)."]
     grid = sorted({v for g in grids for v in g})
-    edge = [r for r in known if r.l2_grid and len(r.l2_grid) > 1 and r.l2 == min(r.l2_grid)]
+    bound = [r for r in known if r.l2_at_bound]
     c, site, probe = known[0].condition, known[0].site, known[0].probe
     cell = {(o, layer): idx.get((c, site, o, layer, probe)) for o in offsets for layer in layers}
     body = [[str(layer), *(fmt_l2(cell[o, layer].l2) if cell[o, layer] else "—" for o in offsets)]
@@ -111,9 +111,15 @@ def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult],
     text = (f"L2 strength chosen per cell from {{{', '.join(fmt_l2(v) for v in grid)}}} on an inner label-unique split "
             "of the training passcodes, then refitted on the whole training split; the validation passcodes above "
             "played no part in the choice.")
-    if edge:
-        text += (f" {len(edge)} of {len(known)} cells chose the weakest value: a weaker one might score higher "
-                 "(extend the grid).")
+    text += (" A cell whose best value is on an edge of the grid is fitted a decade further, until its best is "
+             "interior (unless `probe.extend_l2_grid` is false).")
+    weak = [r for r in bound if r.l2 == min(r.l2_grid)]
+    if weak:
+        text += (f" FLAGGED: {len(weak)} of {len(known)} cells chose the weakest value they could try "
+                 f"({fmt_l2(min(r.l2 for r in weak))}); a weaker one might score higher.")
+    if len(bound) > len(weak):
+        text += (f" {len(bound) - len(weak)} cells chose the strongest value they could try: "
+                 "their probe found nothing to fit beyond the bias.")
     return ["", text, "", _table(["layer (chosen L2)", *(offset_label(o) for o in offsets)], body)]
 
 
