@@ -9,6 +9,7 @@ capture feeds the model must be the served ones, token for token.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -16,9 +17,11 @@ import torch
 
 from kvprobe.analysis import ProbeSettings, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.config import parse_config
 from kvprobe.data.chat import MEMENTO_NOSYS, prompt_text
 from kvprobe.data.trace_source import TracePasscodeSource
 from kvprobe.data.traces import Trace, encode_text, read_jsonl, tokenize_trace
+from kvprobe.experiment.pipeline import stage_report
 from kvprobe.memento.generate import generate_with_compaction
 from kvprobe.memento.layout import SpecialTokens
 from kvprobe.memento.masks import MaskConfig
@@ -111,6 +114,15 @@ def test_a_served_trace_is_captured_probed_and_reported_with_its_ids_unchanged(t
     summary = paths["summary.md"].read_text()
     assert "- `memento`: mask `memento`" in summary and "causal control" in summary
     assert torch.isfinite(torch.tensor([r.accuracy for r in grid.rows])).all()
+    # the run's report says which ids the capture fed (stage_report reads the store's source description)
+    run = tmp_path / "run"
+    (run / "stores" / "memento").mkdir(parents=True)
+    shutil.copyfile(store_path / "config.json", run / "stores" / "memento" / "config.json")
+    cfg = parse_config({"data": {"kind": "traces", "traces": str(tmp_path / "traces.jsonl")},
+                        "conditions": {"memento": {"keep_last_n_blocks": 0}}})
+    stage_report(cfg, run, {"memento": grid}, [])
+    assert ("- token ids: served ids for 3 of 3 traces, kvprobe's tokenization for the rest (data.token_ids: served; "
+            "3 traces carried served ids)") in (run / "report" / "summary.md").read_text()
 
 
 def test_ids_that_differ_from_the_served_ones_are_counted_and_warned(tok):
