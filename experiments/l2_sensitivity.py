@@ -13,12 +13,9 @@ Results go to experiments/results/l2_sensitivity/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
-
-import torch
 
 import toy_models
 from kvprobe.analysis import ProbeSettings, SensitivityCurve, sensitivity_curves
@@ -26,6 +23,7 @@ from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.reporting.figures import l2_sensitivity, save_figure
 from kvprobe.store import KVStore
 from toy_models.source import ToyPasscodeSource
+from published import results_json, script_arguments, start, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "l2_sensitivity"
 SUMMARY = "experiments/results/l2_sensitivity/summary.md"  # render() key: the committed file
@@ -55,7 +53,7 @@ def measure(samples: int) -> dict:
 
 def load(out: Path) -> dict:
     """The committed results.json of results directory `out`."""
-    return json.loads((Path(out) / "results.json").read_text())
+    return results_json(out)
 
 
 def summary(data: dict) -> str:
@@ -97,22 +95,14 @@ def curves(data: dict) -> list[SensitivityCurve]:
 
 
 def main() -> None:
-    from kvprobe.cli.runtime import reproducible_blas
-
-    reproducible_blas()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_arguments(__doc__, OUT)
     ap.add_argument("--samples", type=int, default=3000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start(args)
     if not args.table_only:
         (args.out / "results.json").write_text(json.dumps(measure(args.samples), indent=1) + "\n")
     data = load(args.out)
-    for key, text in render(data).items():
-        (args.out / Path(key).name).write_text(text)
+    write_files(render(data), args.out)
     save_figure(l2_sensitivity(curves(data)), args.out / "l2_sensitivity", formats=("png",))
     print(summary(data), end="")
 

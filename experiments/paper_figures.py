@@ -18,17 +18,14 @@ Results go to experiments/results/paper_figures/.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
 import toy_models
-from kvprobe.cli.runtime import reproducible_blas
 from kvprobe.memento.masks import MaskConfig
 from toy_models.leakage import MEMENTO, Condition, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
+from published import pct, results_json, script_arguments, start, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "paper_figures"
 KEEP1 = Condition("memento-keep1", MaskConfig(keep_last_n_blocks=1))
@@ -91,10 +88,6 @@ README_ROWS = (  # (label, figure, layer, offset, paper %): the README's excerpt
 )
 
 
-def _pct(c: dict) -> str:
-    return f"{100 * c['accuracy']:.1f} [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}]"
-
-
 def _heatmap_gaps(cells: list[dict]) -> list[float]:
     return [abs(100 * _find(cells, "heatmap", l, d)["accuracy"] - p) for (l, d), p in HEATMAP.items()]
 
@@ -105,7 +98,7 @@ def readme_table(data: dict) -> str:
     lines = ["| cell | ours | paper | ours − paper |", "|---|---|---|---|"]
     for label, figure, layer, offset, paper in README_ROWS:
         c = _find(cells, figure, layer, offset)
-        lines.append(f"| {label} | {_pct(c)} | {paper:.1f} | {100 * c['accuracy'] - paper:+.1f} |")
+        lines.append(f"| {label} | {pct(c)} | {paper:.1f} | {100 * c['accuracy'] - paper:+.1f} |")
     task = f"{100 * series[0]['task_accuracy']:.0f}% → {100 * series[-1]['task_accuracy']:.0f}%"
     ours = " → ".join(f"{100 * s['accuracy']:.1f}" for s in series)
     paper = " → ".join(f"{m:.1f}" for _, m, _ in TRAINING)
@@ -135,16 +128,12 @@ def quotes(data: dict) -> dict[str, str]:
 
 def load(out: Path = OUT) -> dict:
     """The committed measurement: cells.json of results directory `out`."""
-    return json.loads((Path(out) / "cells.json").read_text())
+    return results_json(out, "cells.json")
 
 
 def render(data: dict) -> dict[str, str]:
     """Everything written from cells.json: the results table and the README's excerpt ("file#marker")."""
     return {"experiments/results/paper_figures/results.md": results_table(data), "README.md#paper-table": readme_table(data)}
-
-
-def write_tables(data: dict, out: Path) -> None:
-    (out / "results.md").write_text(results_table(data))
 
 
 def results_table(data: dict) -> str:
@@ -220,20 +209,15 @@ def write_figures(data: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_arguments(__doc__, OUT)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    reproducible_blas()  # the JSON does not depend on the thread count (kvprobe.cli.runtime)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start(args)
     if not args.table_only:
         (args.out / "cells.json").write_text(json.dumps(measure(args.samples, args.seed), indent=1) + "\n")
     data = load(args.out)
-    write_tables(data, args.out)
+    write_files(render(data), args.out)
     write_figures(data, args.out)
 
 

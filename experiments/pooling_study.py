@@ -20,15 +20,12 @@ Writes results.json and summary.md to --out (default experiments/results/pooling
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
-
-import torch
 
 import toy_models
 from kvprobe.capture import CaptureSpec
 from toy_models.leakage import MEMENTO, cell_record, measure_leakage
+from published import pct, results_json, save_json, start, toy_study_arguments, write_files
 
 # name -> (site, pooling, max_tokens, vectors kept per layer)
 VARIANTS = {
@@ -72,16 +69,12 @@ def measure(checkpoint: str, samples: int, seed: int) -> dict:
 
 def load(out: Path) -> dict:
     """The committed results.json of results directory `out`."""
-    return json.loads((Path(out) / "results.json").read_text())
+    return results_json(out)
 
 
 def _cells(data: dict, name: str) -> dict:
     """(layer, offset) -> row of variant `name`."""
     return {(r["layer"], r["offset"]): r for r in data["rows"] if r["features"] == name}
-
-
-def _pct(r: dict) -> str:
-    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
 
 
 def summary(data: dict) -> str:
@@ -94,7 +87,7 @@ def summary(data: dict) -> str:
              "|---|---|" + "---|" * len(cells)]
     for name, (_, _, _, vectors) in VARIANTS.items():
         got = _cells(data, name)
-        lines.append(f"| {name} | {vectors} ({vectors * 256}) | " + " | ".join(_pct(got[c]) for c in cells) + " |")
+        lines.append(f"| {name} | {vectors} ({vectors * 256}) | " + " | ".join(pct(got[c]) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,24 +126,11 @@ def quotes(data: dict) -> dict[str, str]:
 
 
 def main() -> None:
-    from kvprobe.cli.runtime import reproducible_blas
-
-    reproducible_blas()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="final")
-    ap.add_argument("--samples", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = toy_study_arguments(__doc__, OUT).parse_args()
+    start(args)
     if not args.table_only:
-        data = measure(args.checkpoint, args.samples, args.seed)
-        (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    for key, text in render(load(args.out)).items():
-        (args.out / Path(key).name).write_text(text)
+        save_json(measure(args.checkpoint, args.samples, args.seed), args.out)
+    write_files(render(load(args.out)), args.out)
 
 
 if __name__ == "__main__":

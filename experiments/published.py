@@ -17,6 +17,7 @@ stated arguments (seed, samples, one thread) and compares the JSON it writes wit
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -27,7 +28,8 @@ from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "SOURCES", "Source", "block", "problems"]
+__all__ = ["ROOT", "SOURCES", "Source", "block", "pct", "problems", "results_json", "save_json", "script_arguments",
+           "start", "toy_study_arguments", "write_files"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Source:
     def module(self) -> ModuleType:
         """The script, imported by path (experiments/ is a folder of scripts, not a package)."""
         name = f"published_{self.name}"
+        if str(ROOT / "experiments") not in sys.path:  # the scripts import this module by name
+            sys.path.insert(0, str(ROOT / "experiments"))
         if name not in sys.modules:
             spec = importlib.util.spec_from_file_location(name, ROOT / self.script)
             module = importlib.util.module_from_spec(spec)
@@ -88,6 +92,10 @@ SOURCES: tuple[Source, ...] = (
                              "toy_gpt2", "toy_gpt2_text", "toy_linear_gpt2", "toy_embed", "toy_learned",
                              "toy_learned_2", "toy_flat", "toy_flat_2", "toy_width", "toy_channel"), (TOY,))},
            minutes=60),
+    Source("recipe_seeds", "experiments/recipe_seeds.py", "experiments/results/recipe_seeds",
+           ("--runs", "{scratch}/runs"), minutes=160),
+    Source("causal_map", "experiments/causal_map.py", "experiments/results/causal_map", ("--run", "{scratch}/run"),
+           dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
            ("--run", "{scratch}/run"), minutes=45),
 )
@@ -131,5 +139,53 @@ def problems(source: Source) -> list[str]:
     return out
 
 
-def load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def results_json(out: Path, name: str = "results.json") -> Any:
+    """A results directory's committed JSON (a script's `load`, where that is all it reads)."""
+    return json.loads((Path(out) / name).read_text())
+
+
+def pct(row: Mapping[str, Any]) -> str:
+    """A cell's accuracy and 95% interval in %, as every results table prints it: 27.3 [25.5, 28.9]."""
+    return f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+
+
+def script_arguments(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The arguments every published script takes (add its own to the parser it returns): --out (the
+    results directory), --threads (1: what the committed JSON was made with), --table-only."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=out, help="the results directory (default: the committed one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the committed JSON: 1)")
+    ap.add_argument("--table-only", action="store_true", help="re-render the files from --out's JSON")
+    return ap
+
+
+def toy_study_arguments(doc: str, out: Path, samples: int = 3000) -> argparse.ArgumentParser:
+    """`script_arguments` plus what a study of one toy checkpoint takes: --checkpoint, --samples, --seed."""
+    ap = script_arguments(doc, out)
+    ap.add_argument("--checkpoint", default="final")
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def save_json(data: Any, out: Path, name: str = "results.json") -> None:
+    """A script's measurement, as the committed JSON (indent 1, a final newline)."""
+    (Path(out) / name).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def start(args: argparse.Namespace) -> None:
+    """Before measuring: thread-count-independent BLAS (kvprobe.cli.runtime), --threads, --out created."""
+    import torch
+
+    from kvprobe.cli.runtime import reproducible_blas
+
+    reproducible_blas()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def write_files(rendered: Mapping[str, str], out: Path) -> None:
+    """Write the whole-file targets of a script's `render` into `out` (marked blocks go into the prose by hand)."""
+    for target, text in rendered.items():
+        if "#" not in target:
+            (Path(out) / Path(target).name).write_text(text)

@@ -95,13 +95,15 @@ def _fmt(stat: tuple[float, float, list[float]] | None) -> str:
     if stat is None:
         return "—"
     mean, sd, values = stat
+    if len(values) == 1:
+        return f"{mean:.1f} (one seed)"
     return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
 
 
 def results_table(data: dict) -> str:
     """results.md: per contrast, each recipe's mean ± sd over seeds, and which neighbours are separated."""
     records = data["records"]
-    lines = [f"# The recipe study's contrasts over seeds ({len(SEEDS)} seeds, {SAMPLES} passcodes, layer 3)", "",
+    lines = [f"# The recipe study's contrasts over seeds ({len(SEEDS)} seeds, {SAMPLES:,} passcodes, layer 3)", "",
              "Linear probe accuracy (%), memento mode: mean ± standard deviation over seeds (each seed's value). "
              f"'{STEPS} steps': matched steps; 'at {100 * TARGET:.0f}% task': the first checkpoint (every {EVERY} "
              "steps) whose logged task accuracy reached it. Two neighbouring recipes are 'separated' when their means "

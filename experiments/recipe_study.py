@@ -17,18 +17,16 @@ experiments/results/recipe_study/ (one JSON per recipe, results.md, recipe_study
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from kvprobe.data.passcodes import PasscodeSpec
 from toy_models.model import build_model
 from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 from toy_models.train import TrainConfig, train
+from published import script_arguments, start, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 RESULTS = "experiments/results/recipe_study/results.md"  # render() keys: the committed file
@@ -260,19 +258,12 @@ def write_figure(data: dict, out: Path) -> None:
 
 
 def main() -> None:
-    from kvprobe.cli.runtime import reproducible_blas
-
-    reproducible_blas()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_arguments(__doc__, OUT)
     parser.add_argument("--only", nargs="*", choices=sorted(RECIPES), help="recipes to run (default all)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--samples", type=int, default=SAMPLES)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start(args)
     if not args.table_only:
         for name in args.only or RECIPES:
             if (args.out / f"{name}.json").is_file() and not args.only:
@@ -282,9 +273,7 @@ def main() -> None:
                   f"+1 {_cell(r, 'memento', 3, 1)}  text-controlled +1 {_cell(r, 'text-controlled', 3, 1)}", flush=True)
     data = load(args.out)
     if data["records"]:
-        for key, text in render(data).items():
-            if "#" not in key:  # whole files; the README excerpt is pasted by hand
-                (args.out / Path(key).name).write_text(text)
+        write_files(render(data), args.out)
         write_figure(data, args.out)
 
 

@@ -21,15 +21,12 @@ over the table. Results: experiments/results/text_controlled/.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
-
-import torch
 
 import toy_models
 from kvprobe.analysis import apply_holm
 from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL, cell_record, measure_leakage
+from published import pct, results_json, save_json, start, toy_study_arguments, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "text_controlled"
 CONDITIONS = (MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL)
@@ -56,16 +53,12 @@ def measure(checkpoint: str, samples: int, seed: int) -> dict:
 
 def load(out: Path) -> dict:
     """The committed results.json of results directory `out`."""
-    return json.loads((Path(out) / "results.json").read_text())
+    return results_json(out)
 
 
 def _cells(data: dict, condition: str) -> dict:
     """(layer, offset) -> row of `condition`."""
     return {(r["layer"], r["offset"]): r for r in data["rows"] if r["condition"] == condition}
-
-
-def _pct(r: dict) -> str:
-    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
 
 
 def summary(data: dict) -> str:
@@ -81,7 +74,7 @@ def summary(data: dict) -> str:
         got = _cells(data, cond.name)
         chance = next(iter(got.values()))["chance"]
         lines.append(f"| {cond.name} | {100 * chance:.2f} | " + " | ".join(
-            _pct(got[c]) + ("*" if got[c]["p_holm"] <= 0.05 else "") for c in cells) + " |")
+            pct(got[c]) + ("*" if got[c]["p_holm"] <= 0.05 else "") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +86,7 @@ def readme_table(data: dict) -> str:
     for cond in CONDITIONS:
         got = _cells(data, cond.name)
         lines.append(f"| {cond.name} | {100 * got[last, 0]['chance']:.2f} | "
-                     + " | ".join(_pct(got[last, o]) for o in offsets) + " |")
+                     + " | ".join(pct(got[last, o]) for o in offsets) + " |")
     return "\n".join(lines)
 
 
@@ -133,26 +126,12 @@ def quotes(data: dict) -> dict[str, str]:
 
 
 def main() -> None:
-    from kvprobe.cli.runtime import reproducible_blas
-
-    reproducible_blas()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="final")
-    ap.add_argument("--samples", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = toy_study_arguments(__doc__, OUT).parse_args()
+    start(args)
     if not args.table_only:
-        data = measure(args.checkpoint, args.samples, args.seed)
-        (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+        save_json(measure(args.checkpoint, args.samples, args.seed), args.out)
     data = load(args.out)
-    for key, text in render(data).items():
-        if "#" not in key:  # whole files; the README excerpt is pasted by hand
-            (args.out / Path(key).name).write_text(text)
+    write_files(render(data), args.out)
     print(summary(data), end="")
 
 

@@ -145,3 +145,4 @@ def test_the_printed_table_flags_a_weak_bound_choice():
     table = leakage_table({"memento": GridResult("memento", bound, np.arange(3))})
     assert f"FLAGGED: the probe chose the weakest strength it could try ({min(bound[-1].l2_grid):g}) at layer 1 +0" \
         in table
+

@@ -50,9 +50,8 @@ def test_published_results_are_rendered_from_their_json(source):
 
 def test_every_results_directory_has_a_source():
     dirs = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "experiments" / "results").glob("*/*.json")}
-    # former_toy: the GPT-2-initialised toy's results, kept as they were made (their README says with what);
-    # causal_map: the report `kvprobe run` writes (experiments/causal_map.py copies it)
-    dirs -= {"experiments/results/former_toy", "experiments/results/causal_map"}
+    # former_toy: the GPT-2-initialised toy's results, kept as they were made (their README says with what)
+    dirs -= {"experiments/results/former_toy"}
     assert dirs <= {s.results for s in PUBLISHED.SOURCES}, dirs - {s.results for s in PUBLISHED.SOURCES}
 
 

@@ -96,13 +96,14 @@ def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite
 
 
 def record_timing(out: Path, stage: str, seconds: float) -> None:
-    """Add one stage's wall time to out/timings.json."""
+    """Add one stage's wall time to out/timings.json: a resumed run adds what it spent to what the
+    interrupted one recorded, so a stage that was already done keeps its time (it adds about 0)."""
     path = out / "timings.json"
     try:
         timings = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:  # a damaged timings file is rewritten
         timings = {}
-    timings[stage] = round(seconds, 2)
+    timings[stage] = round(float(timings.get(stage, 0.0)) + seconds, 2)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(timings, indent=2) + "\n")
     os.replace(tmp, path)
