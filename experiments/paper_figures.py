@@ -122,7 +122,8 @@ def quotes(data: dict) -> dict[str, str]:
         "heatmap_gap": (f"direct {a(heat[3, 0])} against 95.1, first masked {a(heat[3, 2])} against 36.6; mean "
                         f"|difference| {sum(gaps) / len(gaps):.1f} points over {len(gaps)} cells, largest {max(gaps):.1f}"),
         "series": (f"masked +1 falls from {a(series[0])}% to {a(series[-1])}% as task accuracy climbs from "
-                   f"{100 * series[0]['task_accuracy']:.0f}% to {100 * series[-1]['task_accuracy']:.0f}%"),
+                   f"{100 * series[0]['task_accuracy']:.0f}% to {100 * series[-1]['task_accuracy']:.0f}% "
+                   f"({a(series[1])}% already at the second checkpoint)"),
     }
 
 

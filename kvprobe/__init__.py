@@ -1,10 +1,13 @@
 """kvprobe: measure KV-cache leakage in block-masked (Memento) transformers.
 
-Pipeline, data flowing one way: memento (layout, masks, forward) -> data (passcodes,
-traces, injection) -> capture -> store -> probes -> analysis -> reporting -> experiment
--> cli. This module re-exports the small public core.
+Pipeline, data flowing one way (tests/test_architecture.py enforces it): memento (layout,
+masks, forward) -> data (passcodes, traces, injection) -> store -> capture -> probes -> stats
+-> analysis -> causal -> reporting -> serving -> training -> config -> experiment -> cli; every
+room may use `errors` (KVProbeError, the base of the bad-input errors). This module
+re-exports the small public core.
 """
 
+from .errors import KVProbeError
 from .memento.forward import UnsupportedAttentionError, masked_forward, memento_inputs
 from .memento.layout import Block, Layout, LayoutError, SpecialTokens, parse_batch, parse_layout
 from .memento.masks import MaskConfig, additive_mask, allow_matrix, flex_block_mask, flex_mask_mod
@@ -13,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "KVProbeError",
     "Layout",
     "LayoutError",
     "MaskConfig",

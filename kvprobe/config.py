@@ -38,6 +38,7 @@ from .analysis import ProbeSettings
 from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
 from .memento.masks import MaskConfig
 from .memento.sites import SITES
+from .errors import KVProbeError
 
 if TYPE_CHECKING:
     from .causal import CausalSpec
@@ -55,7 +56,7 @@ STANDARD_COMPARISONS = (("memento", "restart"), ("memento", "restart-delims-visi
                         ("restart-delims-visible", "restart"))
 
 
-class ConfigError(ValueError):
+class ConfigError(KVProbeError, ValueError):
     """A config file is missing, unreadable, or has an invalid field."""
 
 

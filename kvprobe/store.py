@@ -35,6 +35,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from .errors import KVProbeError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -56,7 +57,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 REPAIR = "resume the capture that wrote it (`kvprobe run CONFIG --out RUN --resume`) to capture it again"
 
 
-class StoreError(ValueError):
+class StoreError(KVProbeError, ValueError):
     """A store is missing, incomplete, or does not match what was asked of it."""
 
 

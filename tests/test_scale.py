@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate import dispatch_model
 
 from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.experiment import capture as experiment_capture
@@ -39,6 +38,8 @@ from models import SPECIAL, encode
 from stores import assert_same_store
 from models import tiny_qwen3 as tiny_synthetic_qwen3
 from test_traces import PIPELINE, build_tokenizer, tiny_qwen3
+
+dispatch_model = pytest.importorskip("accelerate", reason="the device_map tests need kvprobe[train]").dispatch_model
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4, shard_size=8,

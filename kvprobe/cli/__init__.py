@@ -1,8 +1,8 @@
 """The `kvprobe` command. Each stage's subcommands live in their own module here.
 
 Exit codes: 0 success, 2 bad input (one line naming the offending field or file),
-1 internal failure. `main` is the one error boundary: bad input is a `UsageError`
-(`ExperimentError`), a `ConfigError` or a `StoreError`, and a file the user named that
+1 internal failure. `main` is the one error boundary: bad input is a `UsageError` or any
+`kvprobe.errors.KVProbeError` (config, store, trace, layout, attention, length, experiment), and a file the user named that
 cannot be read or written (missing, permissions, not text) is bad input too; anything
 else is kvprobe's own bug and shows its traceback. The library never imports this package.
 """
@@ -13,15 +13,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..config import ConfigError
-from ..store import StoreError
+from ..errors import KVProbeError
 from . import capture, common, demo, layout, run, serve, sft, toy, verify
 from .common import UsageError
 
 # every subcommand module defines register(subparsers); add new ones here
 SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, serve, sft)
 
-BAD_INPUT = (UsageError, ConfigError, StoreError)
+BAD_INPUT = (UsageError, KVProbeError)  # every refusal of input: one line, exit 2
 
 __all__ = ["main"]
 

@@ -35,6 +35,7 @@ from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, Special
 from .chat import prompt_text
 from .quality import memento_flag, record_flag, screen
 from .tokens import RELATED_WORDS, add_memento_tokens
+from ..errors import KVProbeError
 
 __all__ = [
     "ANSWER_KEYS",
@@ -73,7 +74,7 @@ _MARKER_RE = re.compile("|".join(re.escape(m) for m in SPECIAL_TOKEN_STRINGS.val
 _EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|end|>", "</s>")
 
 
-class TraceError(ValueError):
+class TraceError(KVProbeError, ValueError):
     """A trace (or its source record) is malformed."""
 
 

@@ -34,6 +34,7 @@ import torch
 
 from .layout import Layout, SpecialTokens, parse_batch
 from .masks import MaskConfig, MaskTables, additive_mask, allow_from_tables, block_mask_from_tables, mask_tables
+from ..errors import KVProbeError
 
 __all__ = [
     "DENSE_MASK_IMPLEMENTATIONS",
@@ -62,7 +63,7 @@ FLEX_IMPLEMENTATIONS = ("flex_attention",)
 DENSE_MASK_MAX_TOKENS = 8192
 
 
-class UnsupportedAttentionError(ValueError):
+class UnsupportedAttentionError(KVProbeError, ValueError):
     """The model's attention implementation would ignore or mis-read a memento mask."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from ..errors import KVProbeError
 
 __all__ = [
     "SPECIAL_TOKEN_STRINGS",
@@ -42,7 +43,7 @@ SPECIAL_TOKEN_STRINGS: dict[str, str] = {
 }
 
 
-class LayoutError(ValueError):
+class LayoutError(KVProbeError, ValueError):
     """A token sequence (or tokenizer) does not have valid Memento structure."""
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from ..data.traces import Trace, TraceError, parse_trace_ids, render
 from ..memento.layout import Block, Layout, SpecialTokens, parse_layout
+from ..errors import KVProbeError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -41,7 +42,7 @@ Overlength = Literal["truncate", "drop"]
 _NONE = -1  # a position that does not exist (an unfinished block's end, a trace without </think>)
 
 
-class OverlengthError(ValueError):
+class OverlengthError(KVProbeError, ValueError):
     """A trace that cannot be trained on within `max_length` tokens (too long to keep, or no
     target token left after truncation)."""
 
