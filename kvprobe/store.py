@@ -64,7 +64,7 @@ class StoreError(KVProbeError, ValueError):
 @dataclass(frozen=True, order=True)
 class FeatureKey:
     """One captured feature family: a site ('memento' or 'block_end'), an offset from
-    the target block, and a pooling ('mean', 'last' or 'tokens')."""
+    the target block, and a pooling ('tail_mean', 'tokens', 'mean' or 'last': `capture.spec.POOLINGS`)."""
 
     site: str
     offset: int
