@@ -124,6 +124,7 @@ def quotes(data: dict) -> dict[str, str]:
         "series": (f"masked +1 falls from {a(series[0])}% to {a(series[-1])}% as task accuracy climbs from "
                    f"{100 * series[0]['task_accuracy']:.0f}% to {100 * series[-1]['task_accuracy']:.0f}% "
                    f"({a(series[1])}% already at the second checkpoint)"),
+        "series_end": f"our series stops at {100 * series[-1]['task_accuracy']:.0f}% task accuracy",
     }
 
 

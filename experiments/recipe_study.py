@@ -203,6 +203,9 @@ def quotes(data: dict) -> dict[str, str]:
         "readme_width": f"(d_model 64 / 128 / 192: {a('d64')} / {a('faithful')} / {a('d192')}%)",
         "readme_channel": f"text-controlled +1 lies above its {chance} chance in "
                           + (f"all {above}" if every else f"{above} of {len(records)}"),
+        "readme_text": "the text baseline at {:.1f}–{:.1f}%".format(
+            *(f(100 * c["accuracy"] for r in records for c in r["cells"]
+                if (c["condition"], c["layer"], c["offset"]) == ("restart", 3, 1)) for f in (min, max))),
         # docs/toy.md
         "toy_steps": f"each for the same {steps} steps",
         "toy_samples": f"({samples:,} passcodes, linear probe, default features)",
