@@ -133,6 +133,20 @@ def results_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _verdicts(data: dict, contrast: str) -> dict[str, str]:
+    """The table's verdict lines of one contrast, by when they were read ("at_steps", "at_accuracy")."""
+    lines = results_table(data).split(f"## {contrast}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    ours = [line[2:] for line in lines if line.startswith("- masked +1 at ")]
+    return {"at_steps": ours[0], "at_accuracy": ours[1]}
+
+
+def quotes(data: dict) -> dict[str, str]:
+    """The verdicts docs/toy.md quotes (the contrasts whose seeds are all in)."""
+    init, linear = _verdicts(data, "initialisation scale"), _verdicts(data, "linear-layer scale")
+    return {"init_steps": init["at_steps"], "init_accuracy": init["at_accuracy"],
+            "linear_steps": linear["at_steps"], "linear_accuracy": linear["at_accuracy"]}
+
+
 def render(data: dict) -> dict[str, str]:
     return {"experiments/results/recipe_seeds/results.md": results_table(data)}
 
