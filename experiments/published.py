@@ -95,7 +95,7 @@ SOURCES: tuple[Source, ...] = (
     Source("recipe_seeds", "experiments/recipe_seeds.py", "experiments/results/recipe_seeds",
            ("--runs", "{scratch}/runs"),
            {"init_steps": (README, TOY), "init_accuracy": (README, TOY), "linear_steps": (TOY,),
-            "linear_accuracy": (TOY,)}, minutes=160),
+            "linear_accuracy": (TOY,), "capacity_steps": (README, TOY), "capacity_accuracy": (TOY,)}, minutes=160),
     Source("causal_map", "experiments/causal_map.py", "experiments/results/causal_map", ("--run", "{scratch}/run"),
            dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",

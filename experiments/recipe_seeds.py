@@ -143,8 +143,10 @@ def _verdicts(data: dict, contrast: str) -> dict[str, str]:
 def quotes(data: dict) -> dict[str, str]:
     """The verdicts docs/toy.md quotes (the contrasts whose seeds are all in)."""
     init, linear = _verdicts(data, "initialisation scale"), _verdicts(data, "linear-layer scale")
+    capacity = _verdicts(data, "capacity (d_model 64, 128, 192)")
     return {"init_steps": init["at_steps"], "init_accuracy": init["at_accuracy"],
-            "linear_steps": linear["at_steps"], "linear_accuracy": linear["at_accuracy"]}
+            "linear_steps": linear["at_steps"], "linear_accuracy": linear["at_accuracy"],
+            "capacity_steps": capacity["at_steps"], "capacity_accuracy": capacity["at_accuracy"]}
 
 
 def render(data: dict) -> dict[str, str]:
