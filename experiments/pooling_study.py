@@ -25,7 +25,7 @@ from pathlib import Path
 import toy_models
 from kvprobe.capture import CaptureSpec
 from toy_models.leakage import MEMENTO, cell_record, measure_leakage
-from published import pct, results_json, save_json, start, toy_study_arguments, write_files
+from published import pct, results_json, run_toy_study
 
 # name -> (site, pooling, max_tokens, vectors kept per layer)
 VARIANTS = {
@@ -126,11 +126,7 @@ def quotes(data: dict) -> dict[str, str]:
 
 
 def main() -> None:
-    args = toy_study_arguments(__doc__, OUT).parse_args()
-    start(args)
-    if not args.table_only:
-        save_json(measure(args.checkpoint, args.samples, args.seed), args.out)
-    write_files(render(load(args.out)), args.out)
+    run_toy_study(__doc__, OUT, measure, load, render)
 
 
 if __name__ == "__main__":

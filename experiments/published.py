@@ -24,12 +24,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "SOURCES", "Source", "block", "pct", "problems", "results_json", "save_json", "script_arguments",
-           "start", "toy_study_arguments", "write_files"]
+__all__ = ["ROOT", "SOURCES", "Source", "block", "pct", "problems", "results_json", "run_toy_study", "save_json",
+           "script_arguments", "start", "toy_study_arguments", "write_files"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,19 @@ def toy_study_arguments(doc: str, out: Path, samples: int = 3000) -> argparse.Ar
 def save_json(data: Any, out: Path, name: str = "results.json") -> None:
     """A script's measurement, as the committed JSON (indent 1, a final newline)."""
     (Path(out) / name).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def run_toy_study(doc: str, out: Path, measure: Callable[[str, int, int], Any], load: Callable[[Path], Any],
+                  render: Callable[[Any], Mapping[str, str]]) -> Any:
+    """The main of a study of one toy checkpoint: its arguments (`toy_study_arguments`), the measurement
+    into --out as results.json (unless --table-only), then the files rendered from it. Returns the data."""
+    args = toy_study_arguments(doc, out).parse_args()
+    start(args)
+    if not args.table_only:
+        save_json(measure(args.checkpoint, args.samples, args.seed), args.out)
+    data = load(args.out)
+    write_files(render(data), args.out)
+    return data
 
 
 def start(args: argparse.Namespace) -> None:

@@ -119,31 +119,32 @@ def results_table(data: dict) -> str:
                          f"{_fmt(_stats(rs, 'at_accuracy', 'masked +1'))} ({steps}) | "
                          f"{_fmt(_stats(rs, 'at_steps', 'direct'))} | {_fmt(_stats(rs, 'at_accuracy', 'direct'))} |")
         lines.append("")
-        for when, label in (("at_steps", f"{STEPS} steps"), ("at_accuracy", f"{100 * TARGET:.0f}% task")):
-            verdicts = []
-            for a, b in zip(series, series[1:]):
-                sa, sb = (_stats(records.get(n, []), when, "masked +1") for n in (a, b))
-                if sa is None or sb is None or len(sa[2]) < 2 or len(sb[2]) < 2:
-                    verdicts.append(f"{a} / {b}: too few seeds")
-                    continue
-                gap = sb[0] - sa[0]
-                verdicts.append(f"{a} → {b}: {gap:+.1f} pp, {'separated' if abs(gap) > sa[1] + sb[1] else 'within spread'}")
-            lines.append(f"- masked +1 at {label}: " + "; ".join(verdicts))
+        lines += [f"- {line}" for line in _verdicts(records, series).values()]
         lines.append("")
     return "\n".join(lines)
 
 
-def _verdicts(data: dict, contrast: str) -> dict[str, str]:
-    """The table's verdict lines of one contrast, by when they were read ("at_steps", "at_accuracy")."""
-    lines = results_table(data).split(f"## {contrast}\n", 1)[1].split("\n## ", 1)[0].splitlines()
-    ours = [line[2:] for line in lines if line.startswith("- masked +1 at ")]
-    return {"at_steps": ours[0], "at_accuracy": ours[1]}
+def _verdicts(records: dict, series: tuple[str, ...]) -> dict[str, str]:
+    """For one contrast, by when it was read ("at_steps", "at_accuracy"): masked +1 of each pair of
+    neighbouring recipes, and whether they are separated (means further apart than the sum of their sds)."""
+    out = {}
+    for when, label in (("at_steps", f"{STEPS} steps"), ("at_accuracy", f"{100 * TARGET:.0f}% task")):
+        verdicts = []
+        for a, b in zip(series, series[1:]):
+            sa, sb = (_stats(records.get(n, []), when, "masked +1") for n in (a, b))
+            if sa is None or sb is None or len(sa[2]) < 2 or len(sb[2]) < 2:
+                verdicts.append(f"{a} / {b}: too few seeds")
+                continue
+            gap = sb[0] - sa[0]
+            verdicts.append(f"{a} → {b}: {gap:+.1f} pp, {'separated' if abs(gap) > sa[1] + sb[1] else 'within spread'}")
+        out[when] = f"masked +1 at {label}: " + "; ".join(verdicts)
+    return out
 
 
 def quotes(data: dict) -> dict[str, str]:
     """The verdicts docs/toy.md quotes (the contrasts whose seeds are all in)."""
-    init, linear = _verdicts(data, "initialisation scale"), _verdicts(data, "linear-layer scale")
-    capacity = _verdicts(data, "capacity (d_model 64, 128, 192)")
+    init, linear, capacity = (_verdicts(data["records"], CONTRASTS[c]) for c in
+                              ("initialisation scale", "linear-layer scale", "capacity (d_model 64, 128, 192)"))
     return {"init_steps": init["at_steps"], "init_accuracy": init["at_accuracy"],
             "linear_steps": linear["at_steps"], "linear_accuracy": linear["at_accuracy"],
             "capacity_steps": capacity["at_steps"], "capacity_accuracy": capacity["at_accuracy"]}

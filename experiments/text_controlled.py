@@ -26,7 +26,7 @@ from pathlib import Path
 import toy_models
 from kvprobe.analysis import apply_holm
 from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL, cell_record, measure_leakage
-from published import pct, results_json, save_json, start, toy_study_arguments, write_files
+from published import pct, results_json, run_toy_study
 
 OUT = Path(__file__).resolve().parent / "results" / "text_controlled"
 CONDITIONS = (MEMENTO, RESTART, TEXT_CONTROLLED, TEXT_IDENTICAL)
@@ -126,12 +126,7 @@ def quotes(data: dict) -> dict[str, str]:
 
 
 def main() -> None:
-    args = toy_study_arguments(__doc__, OUT).parse_args()
-    start(args)
-    if not args.table_only:
-        save_json(measure(args.checkpoint, args.samples, args.seed), args.out)
-    data = load(args.out)
-    write_files(render(data), args.out)
+    data = run_toy_study(__doc__, OUT, measure, load, render)
     print(summary(data), end="")
 
 

@@ -47,6 +47,13 @@ def _diff(data: dict, a: str, b: str, site: str, layer: int = 3, offset: int = 1
                 == (a, b, site, layer, offset, "linear"))
 
 
+def _against(r: dict, paper: float) -> str:
+    """'in' when the paper's value lies inside the cell's 95% interval, else 'above' or 'below' it."""
+    if 100 * r["ci_low"] <= paper <= 100 * r["ci_high"]:
+        return "in"
+    return "above" if 100 * r["accuracy"] > paper else "below"
+
+
 def _pct(r: dict) -> str:
     return f"{100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
 
@@ -85,9 +92,7 @@ def readme(data: dict) -> str:
         "interval.", "", "| cell | this run | paper | |", "|---|---|---|---|"]
     for label, layer, offset, paper, stated in PAPER:
         r = _row(data, "memento", layer, offset)
-        where = "in" if 100 * r["ci_low"] <= paper <= 100 * r["ci_high"] else (
-            "above" if 100 * r["accuracy"] > paper else "below")
-        lines.append(f"| {label} | {_pct(r)} | {stated} | {where} |")
+        lines.append(f"| {label} | {_pct(r)} | {stated} | {_against(r, paper)} |")
     control = [100 * _row(data, "memento", layer, -1)["accuracy"] for layer in range(4)]
     at_chance = all(not _row(data, "memento", layer, -1)["significant"] for layer in range(4))
     lines.append(f"| causal control (-1), every layer | {min(control):.1f}-{max(control):.1f}%"
@@ -125,10 +130,8 @@ def readme_summary(data: dict) -> str:
 
     def against(layer: int, offset: int, paper: float, stated: str) -> tuple[str, str]:
         r = _row(data, "memento", layer, offset)
-        where = "in" if 100 * r["ci_low"] <= paper <= 100 * r["ci_high"] else (
-            "above" if 100 * r["accuracy"] > paper else "below")
         label = "direct" if offset == 0 else f"masked {offset:+d}"
-        return where, f"{label} at layer {layer} ({100 * r['accuracy']:.1f}% against {stated})"
+        return _against(r, paper), f"{label} at layer {layer} ({100 * r['accuracy']:.1f}% against {stated})"
 
     verdicts = [against(layer, offset, paper, stated.split(" (")[0]) for _, layer, offset, paper, stated in PAPER]
     groups = {w: [text for v, text in verdicts if v == w] for w in ("in", "above", "below")}

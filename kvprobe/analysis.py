@@ -144,6 +144,11 @@ class CellResult:
     pooling: str | None = None  # how the cell's tokens were pooled into features
 
     @property
+    def l2_at_weak_bound(self) -> bool:
+        """The chosen strength is the weakest its cell could try: a weaker one might read more leak."""
+        return self.l2_at_bound and bool(self.l2_grid) and self.l2 == min(self.l2_grid)
+
+    @property
     def cell(self) -> Cell:
         """The grid cell this row probed (rows saved before pooling was recorded: the default pooling)."""
         return Cell(self.site, self.offset, self.layer, self.pooling or Cell.pooling)
@@ -343,8 +348,9 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
                         n_train=len(tr), n_val=len(va),
                         l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.tried(g)],
-                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g] if a == a],
-                        l2_at_bound=bool(sel.at_bound[g]),  # (a == a: the values this cell tried, not NaN)
+                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]
+                                                                  if not np.isnan(a)],  # the values it tried
+                        l2_at_bound=bool(sel.at_bound[g]),
                     )
                 )
     bar.close()

@@ -29,7 +29,6 @@ def test_the_command_line_turns_any_refusal_into_one_line_and_exit_2(error, monk
     def refuse(args):
         raise error("data.n_samples: must be >= 100, got 5")
 
-    monkeypatch.setattr(cli.layout, "_layout", refuse, raising=False)
     parser = cli.build_parser()
     args = parser.parse_args(["layout"])
     monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args, refuse))

@@ -238,7 +238,7 @@ def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str
                 r = cells.get((layer, o))
                 vals.append(f"{100 * r.accuracy:7.1f}{'*' if r.significant else ' '}" if r else " " * 8)
             lines.append(f"{layer:>5} " + "".join(vals))
-        weak = [r for r in cells.values() if r.l2_at_bound and r.l2_grid and r.l2 == min(r.l2_grid)]
+        weak = [r for r in cells.values() if r.l2_at_weak_bound]
         if weak:
             where = ", ".join(f"layer {r.layer} {r.offset:+d}" for r in sorted(weak, key=lambda r: (r.layer, r.offset)))
             lines.append(f"FLAGGED: the probe chose the weakest strength it could try ({min(r.l2 for r in weak):g}) "

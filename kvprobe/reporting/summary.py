@@ -113,7 +113,7 @@ def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult],
             "played no part in the choice.")
     text += (" A cell whose best value is on an edge of the grid is fitted a decade further, until its best is "
              "interior (unless `probe.extend_l2_grid` is false).")
-    weak = [r for r in bound if r.l2 == min(r.l2_grid)]
+    weak = [r for r in bound if r.l2_at_weak_bound]
     if weak:
         text += (f" FLAGGED: {len(weak)} of {len(known)} cells chose the weakest value they could try "
                  f"({fmt_l2(min(r.l2 for r in weak))}); a weaker one might score higher.")
