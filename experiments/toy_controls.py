@@ -89,15 +89,15 @@ def readme(data: dict) -> str:
         "## Against the paper, cell by cell (memento mode, memento site)", "",
         "The paper's numbers come from 50K passcodes (SPEC section 4 and the public blog figures); these from "
         f"{first['n_train'] + first['n_val']:,}. \"in\" means the paper's value lies inside this run's 95% bootstrap "
-        "interval.", "", "| cell | this run | paper | |", "|---|---|---|---|"]
+        "interval.", "", "| cell | this run | paper | this run − paper | |", "|---|---|---|---|---|"]
     for label, layer, offset, paper, stated in PAPER:
         r = _row(data, "memento", layer, offset)
-        lines.append(f"| {label} | {_pct(r)} | {stated} | {_against(r, paper)} |")
+        lines.append(f"| {label} | {_pct(r)} | {stated} | {100 * r['accuracy'] - paper:+.1f} | {_against(r, paper)} |")
     control = [100 * _row(data, "memento", layer, -1)["accuracy"] for layer in range(4)]
     at_chance = all(not _row(data, "memento", layer, -1)["significant"] for layer in range(4))
     lines.append(f"| causal control (-1), every layer | {min(control):.1f}-{max(control):.1f}%"
-                 f"{', all at chance' if at_chance else ', NOT all at chance'} | at chance | "
-                 f"{'same' if at_chance else 'differs'} |")
+                 f"{', all at chance' if at_chance else ', NOT all at chance'} | at chance (10.0%) | "
+                 f"{min(control) - 10:+.1f} to {max(control) - 10:+.1f} | {'same' if at_chance else 'differs'} |")
     m1, d3 = _row(data, "memento", 3, 1), _row(data, "memento", 3, 0)
     lines += ["", f"The last-layer masked +1 cell reads {100 * m1['accuracy'] - 26.2:+.1f} pp from the paper's 26.2%, "
               f"the last-layer direct memento {100 * d3['accuracy'] - 98.5:+.1f} pp from the blog's 98.5%. The "
