@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    settings = ProbeSettings(kinds=("linear",), max_group_bytes=args.max_group_bytes)
+    settings = ProbeSettings(families=("linear",), max_group_bytes=args.max_group_bytes)
     ours = replace(settings.linear, tol=args.tol)
     solvers = {
         "ours": ours,

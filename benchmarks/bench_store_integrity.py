@@ -22,7 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kvprobe.store import FeatureKey, KVStore, StoreWriter, verify_store
+from kvprobe.grid import FeatureKey
+from kvprobe.store import KVStore, StoreWriter, verify_store
 
 
 def _plain(path: Path, samples: dict, features: dict, compression: str) -> None:

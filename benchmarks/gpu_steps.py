@@ -303,12 +303,12 @@ def step_toy(sz: dict[str, Any], save: Callable[..., None], skip: Callable[[str]
         save(figures=fig, checks={})
         with KVStore(path) as store:
             common = dict(n_boot=200, pooling="mean", device=device)
-            linear = ProbeSettings(kinds=("linear",), layers=sz["probe_layers"], offsets=sz["probe_offsets"], **common)
+            linear = ProbeSettings(families=("linear",), layers=sz["probe_layers"], offsets=sz["probe_offsets"], **common)
             t = time.perf_counter()  # the grid with its shuffled-label control; probe_layers None: all 40 cells
             grid = probe_store(store, "memento", linear, progress=False)
             fig["probe_grid_s"] = time.perf_counter() - t
             fig["probe_grid_cells"] = len(grid.rows)
-            mlp = ProbeSettings(kinds=("mlp",), seeds=1, shuffled_control=False, layers=(0, 3), offsets=(1,),
+            mlp = ProbeSettings(families=("mlp",), seeds=1, shuffled_control=False, layers=(0, 3), offsets=(1,),
                                 mlp=MLPConfig(max_epochs=sz["mlp_epochs"]), **common)  # the paper's 2 MLP cells
             t = time.perf_counter()
             mlp_grid = probe_store(store, "memento", mlp, progress=False)

@@ -44,7 +44,7 @@ def measure(samples: int) -> dict:
         path = run_capture(toy_models.load("final"), ToyPasscodeSource(samples, seed=0), spec, Path(tmp) / "s",
                            progress=False)
         with KVStore(path) as store:
-            curves = sensitivity_curves(store, CONDITION, ProbeSettings(kinds=("linear",)), l2_values=L2_VALUES)
+            curves = sensitivity_curves(store, CONDITION, ProbeSettings(families=("linear",)), l2_values=L2_VALUES)
     rows = [{"offset": c.offset, "layer": c.layer, "l2": list(c.l2), "accuracy": list(map(float, c.accuracy)),
              "ci_low": list(map(float, c.ci_low)), "ci_high": list(map(float, c.ci_high)),
              "inner_accuracy": list(map(float, c.inner_accuracy)), "chosen": c.chosen} for c in curves]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_seeds"
@@ -50,15 +49,12 @@ def _cells(model, samples: int) -> dict[str, dict]:
 def run_one(name: str, seed: int, out: Path = OUT, runs: Path = RUNS, samples: int = SAMPLES) -> dict:
     """Train recipe `name` from `seed` (resuming), read it at STEPS and at TARGET task accuracy; write its JSON."""
     import toy_models
-    from toy_models.train import TrainConfig, train
 
-    from recipe_study import RECIPES
+    from recipe_study import RECIPES, train_recipe
 
-    what, overrides = RECIPES[name]
+    what = RECIPES[name][0]
     run = runs / f"{name}-s{seed}"
-    config = replace(TrainConfig(steps=STEPS, eval_every=EVERY, save_every=EVERY, out_dir=str(run), threads=1,
-                                 seed=seed), **overrides)
-    model = train(config, resume=run.exists(), command=f"python experiments/recipe_seeds.py --only {name}")
+    model, _ = train_recipe(name, seed, STEPS, 1, runs, command=f"python experiments/recipe_seeds.py --only {name}")
     log = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
     curve = [(e["step"], e["task_accuracy"]) for e in log if e.get("task_accuracy") is not None]
     reached = next(((s, a) for s, a in curve if a >= TARGET), None)

@@ -6,8 +6,10 @@
     python experiments/recipe_study.py --table-only       # rewrite the table and figure from the JSON
 
 Each recipe is the faithful toy's recipe (`toy_models.train.TrainConfig` defaults) with
-one factor changed. Each is trained for the same number of steps on fresh data (or, for
-`fixed-set`, on a fixed set for epochs) into runs/recipe_study/NAME, then read with
+one factor changed. Each is trained from seed 0 for the same number of steps on fresh data
+(or, for `fixed-set`, on a fixed set for epochs) into runs/recipe_seeds/NAME-s0, the run
+`experiments/recipe_seeds.py` reads as its seed 0 (one training run per recipe and seed,
+a checkpoint every 50 steps), then read with
 `toy_models.leakage.measure_leakage` (kvprobe's default span features, linear probe,
 label-unique split): task accuracy; direct, masked +1, +2, +7 at every layer; the
 fork's restart (the text baseline) and the text-controlled condition (every memento
@@ -31,8 +33,8 @@ from published import script_arguments, start, write_files
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 RESULTS = "experiments/results/recipe_study/results.md"  # render() keys: the committed file
 README_TABLE = "README.md#recipe-table"  # and the README's excerpt (between <!-- recipe-table --> markers)
-RUNS = Path("runs/recipe_study")
-STEPS = 400
+RUNS = Path("runs/recipe_seeds")  # one training run per (recipe, seed), shared with recipe_seeds.py
+STEPS, EVERY = 400, 50
 SAMPLES = 3000
 
 # name -> (what changes, TrainConfig overrides of the faithful recipe)
@@ -65,12 +67,23 @@ CONTROL_OFFSETS = (0, 1, 2, 7)
 TC_CHANCE = PasscodeSpec(digit_sum=22).chance()  # the text-controlled condition's exact baseline, 11.17%
 
 
+def train_recipe(name: str, seed: int = 0, steps: int = STEPS, threads: int | None = 1, runs: Path = RUNS,
+                 command: str | None = None):
+    """Train recipe `name` from `seed` into runs/NAME-sSEED (resuming; a checkpoint every EVERY steps).
+
+    Returns (the model at `steps`, in eval mode; its TrainConfig). recipe_seeds.py trains through here too,
+    so a recipe's seed-0 run is one run for both studies.
+    """
+    overrides = RECIPES[name][1]
+    config = replace(TrainConfig(steps=steps, eval_every=EVERY, save_every=EVERY, out_dir=str(runs / f"{name}-s{seed}"),
+                                 threads=threads, seed=seed), **overrides)
+    return train(config, resume=True, command=command or f"python experiments/recipe_study.py --only {name}"), config
+
+
 def run_one(name: str, steps: int, samples: int, threads: int | None, out: Path = OUT) -> dict:
-    """Train recipe `name` (resuming), measure it, write out/NAME.json; return the record."""
-    what, overrides = RECIPES[name]
-    config = replace(TrainConfig(steps=steps, eval_every=steps, save_every=steps, out_dir=str(RUNS / name),
-                                 threads=threads), **overrides)
-    model = train(config, resume=True, command=f"python experiments/recipe_study.py --only {name}")
+    """Train recipe `name` from seed 0 (resuming), measure it, write out/NAME.json; return the record."""
+    what = RECIPES[name][0]
+    model, config = train_recipe(name, 0, steps, threads)
     accuracy = task_accuracy(model, 2000, heldout_seed(2))
     rows = measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples)
     last = max(LAYERS)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .capture.spec import pooled_vectors
+from .capture.spec import renamed_fields
 from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
+from .grid import DEFAULT_POOLING, FAMILIES, LINEAR, MLP, Cell, offset_role, pooled_vectors
 from .memento.masks import MaskConfig
-from .memento.sites import offset_role
 from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfig, MLPConfig, fit_at_strengths,
                      fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments, strength_path)
 from .stats import (
@@ -48,7 +48,7 @@ from .stats import (
     shuffle_labels,
     wilson_interval,
 )
-from .store import Cell, KVStore
+from .store import KVStore
 
 __all__ = [
     "Cell",
@@ -67,12 +67,13 @@ __all__ = [
 ]
 
 
+@renamed_fields(kinds="families")
 @dataclass(frozen=True)
 class ProbeSettings:
     """How to probe a store.
 
-    kinds: probe families; seeds: MLP initialisations (the linear probe is convex and
-    fitted once); shuffled_control: also fit each probe on permuted training labels;
+    families: probe families (formerly `kinds`); seeds: MLP initialisations (the linear probe
+    is convex and fitted once); shuffled_control: also fit each probe on permuted training labels;
     max_group_bytes: feature memory per batched fit (cells are fitted in groups).
     linear_l2_grid: L2 strengths the linear probe's strength is chosen from, per cell, on an inner
     label-unique split (`inner_fraction` of the training passcodes); one value, or None
@@ -82,11 +83,11 @@ class ProbeSettings:
     until interior or at a bound of `L2_BOUNDS` (rows record `l2_at_bound`); False keeps the grid.
     """
 
-    kinds: tuple[str, ...] = ("linear", "mlp")
+    families: tuple[str, ...] = FAMILIES
     seeds: int = 3
     val_fraction: float = 0.2
     split_seed: int = 0
-    pooling: str = "tail_mean"
+    pooling: str = DEFAULT_POOLING
     shuffled_control: bool = True
     n_boot: int = 2000
     layers: tuple[int, ...] | None = None  # None: every captured layer
@@ -103,7 +104,7 @@ class ProbeSettings:
 
     def strength_grid(self, kind: str) -> tuple[float, ...]:
         """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
-        grid, config = (self.mlp_l2_grid, self.mlp) if kind == "mlp" else (self.linear_l2_grid, self.linear)
+        grid, config = (self.mlp_l2_grid, self.mlp) if kind == MLP else (self.linear_l2_grid, self.linear)
         return normalise_grid(config.l2 if grid is None else grid)
 
 
@@ -265,28 +266,28 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     chance = codes.chance()
     mask = MaskConfig(**store.config["capture"].get("mask", {})).name
     cells, D = _plan(store, settings)
-    tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.kinds))
+    tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.families))
     y_tr, y_va = labels[tr], labels[va]
     rows: list[CellResult] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
     def fits_per_cell(kind: str) -> int:
         grid = len(settings.strength_grid(kind))
-        return (grid if grid > 1 else 0) + (settings.seeds if kind == "mlp" else 1) + int(settings.shuffled_control)
+        return (grid if grid > 1 else 0) + (settings.seeds if kind == MLP else 1) + int(settings.shuffled_control)
 
-    n_fits = sum(fits_per_cell(kind) for kind in settings.kinds)
+    n_fits = sum(fits_per_cell(kind) for kind in settings.families)
     bar = tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
                dynamic_ncols=True)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
         X_tr, X_va = _group_features(store, group, D, tr, va)
-        for kind in settings.kinds:
+        for kind in settings.families:
             def done(what: str, extra: int | None = None, kind: str = kind, n: int = len(group)) -> None:
                 """One step of `n` fits, or `extra` fits beyond the plan (a grid extended past its edge)."""
                 bar.total += extra or 0
                 bar.set_postfix_str(f"{kind} {what}", refresh=False)
                 bar.update(extra or n)
 
-            seeds = range(settings.seeds) if kind == "mlp" else range(1)
-            config = settings.mlp if kind == "mlp" else settings.linear
+            seeds = range(settings.seeds) if kind == MLP else range(1)
+            config = settings.mlp if kind == MLP else settings.linear
             moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
             sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
                                   config=config, device=settings.device, moments=moments, extend=settings.extend_grid,
@@ -301,7 +302,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                                         moments=moments)
 
             shuffled = None
-            if kind == "mlp" and sel.fixed:  # every seed and the shuffled-label control in one batched run
+            if kind == MLP and sel.fixed:  # every seed and the shuffled-label control in one batched run
                 label_sets = [y_tr] * len(seeds) + [shuffle_labels(y_tr, seed=1000)] * settings.shuffled_control
                 run = fit_mlp_replicas(X_tr, label_sets, X_va, y_va, [*seeds, 0][:len(label_sets)],
                                        l2=float(sel.grid[0]), config=config, device=settings.device,
@@ -315,7 +316,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
                 fits = []
                 for seed in seeds:
                     fits.append(fit(y_tr, seed, warm=True))
-                    done(f"seed {seed}" if kind == "mlp" else "fit")
+                    done(f"seed {seed}" if kind == MLP else "fit")
                 if settings.shuffled_control:
                     shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
                     done("shuffled labels")
@@ -393,7 +394,7 @@ def sensitivity_curves(
     `settings` selects), on the same outer and inner splits as `probe_store`. l2_values: the strengths
     to draw (None: `settings.linear_l2_grid`). Two warm-started regularisation paths per group of
     cells: one on the inner split (the selection criterion), one on the whole training split."""
-    values = normalise_grid(settings.strength_grid("linear") if l2_values is None else tuple(l2_values))
+    values = normalise_grid(settings.strength_grid(LINEAR) if l2_values is None else tuple(l2_values))
     labels = store.labels
     planned, D = _plan(store, settings)
     cells = planned if cells is None else list(cells)
@@ -405,7 +406,7 @@ def sensitivity_curves(
     curves = []
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
         X_tr, X_va = _group_features(store, group, D, tr, va)
-        moments = shared_moments(X_tr, "linear", settings.linear)
+        moments = shared_moments(X_tr, LINEAR, settings.linear)
         sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device,
                               moments=moments, extend=False)  # the curve's own values
         path = strength_path(X_tr, y_tr, X_va, y_va, values, config=settings.linear, device=settings.device,
@@ -413,7 +414,7 @@ def sensitivity_curves(
         cis = [bootstrap_ci(per_sample_accuracy(f.log_probs, y_va), n_boot=settings.n_boot) for f in path]
         for g, cell in enumerate(group):
             curves.append(SensitivityCurve(
-                condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe="linear",
+                condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe=LINEAR,
                 pooling=cell.pooling,
                 l2=[float(v) for v in values], accuracy=[float(f.accuracy[g]) for f in path],
                 ci_low=[float(c.low[g]) for c in cis], ci_high=[float(c.high[g]) for c in cis],

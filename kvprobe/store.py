@@ -29,13 +29,14 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
 from .errors import KVProbeError
+from .grid import DEFAULT_POOLING, DEFAULT_SITE, Cell, FeatureKey, feature_path  # noqa: F401  (re-exported)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -59,52 +60,6 @@ REPAIR = "resume the capture that wrote it (`kvprobe run CONFIG --out RUN --resu
 
 class StoreError(KVProbeError, ValueError):
     """A store is missing, incomplete, or does not match what was asked of it."""
-
-
-@dataclass(frozen=True, order=True)
-class FeatureKey:
-    """One captured feature family: a site ('memento' or 'block_end'), an offset from
-    the target block, and a pooling ('tail_mean', 'tokens', 'mean' or 'last': `capture.spec.POOLINGS`)."""
-
-    site: str
-    offset: int
-    pooling: str
-
-    @property
-    def path(self) -> str:
-        return feature_path(self.site, self.offset, self.pooling)
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One point of the leakage grid, named the same way everywhere (store, probes, results,
-    per-sample scores): the features of `site` at `offset` blocks from the target block, at
-    `layer`, pooled by `pooling`. A `FeatureKey` plus a layer."""
-
-    site: str
-    offset: int
-    layer: int
-    pooling: str = "tail_mean"
-
-    @property
-    def key(self) -> FeatureKey:
-        return FeatureKey(self.site, self.offset, self.pooling)
-
-    @property
-    def label(self) -> str:
-        """'memento|+1|3|tail_mean': the cell as one string (file keys)."""
-        return f"{self.site}|{self.offset:+d}|{self.layer}|{self.pooling}"
-
-    @classmethod
-    def parse(cls, label: str) -> "Cell":
-        """The inverse of `label`."""
-        site, offset, layer, pooling = label.split("|")
-        return cls(site, int(offset), int(layer), pooling)
-
-
-def feature_path(site: str, offset: int, pooling: str) -> str:
-    """HDF5 path of a feature dataset, e.g. 'features/memento/+1/mean'."""
-    return f"features/{site}/{offset:+d}/{pooling}"
 
 
 def _shard_name(index: int) -> str:
@@ -400,7 +355,7 @@ class KVStore:
         return self._read("samples/layout")
 
     def features(
-        self, layer: int, offset: int, site: str = "memento", pooling: str = "tail_mean", dtype: Any = np.float32
+        self, layer: int, offset: int, site: str = DEFAULT_SITE, pooling: str = DEFAULT_POOLING, dtype: Any = np.float32
     ) -> np.ndarray:
         """Feature matrix of one layer: (N, D) for 'mean' and 'last', (N, max_tokens, D) for
         'tokens', (N, max_tokens + 1, D) for 'tail_mean' (the last tokens, then the mean)."""

@@ -291,7 +291,7 @@ with KVStore(store_path) as store:
 # table marks cells that stay significant).
 
 # %%
-settings = ProbeSettings(kinds=("linear",), seeds=1, shuffled_control=False, n_boot=200, split_seed=0)
+settings = ProbeSettings(families=("linear",), seeds=1, shuffled_control=False, n_boot=200, split_seed=0)
 t = time.perf_counter()
 with KVStore(store_path) as store:
     grid = probe_store(store, "memento", settings, progress=False)

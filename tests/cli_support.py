@@ -19,7 +19,7 @@ TINY = {
     "data": {"kind": "toy", "n_samples": 300, "target_block": 1},
     "capture": {"layers": [0, 3], "offsets": [-1, 0, 1], "batch_size": 150, "shard_size": 200},
     "conditions": {"memento": {"keep_last_n_blocks": 0}},
-    "probe": {"kinds": ["linear"], "n_boot": 200, "shuffled_control": False},
+    "probe": {"families": ["linear"], "n_boot": 200, "shuffled_control": False},
 }
 # 300 samples x 2 layers x 3 offsets x 5 vectors x (K+V x 4 KV heads x 32 dims) x 2 bytes (float16)
 TINY_BYTES = 300 * 2 * 3 * 5 * 256 * 2  # samples x layers x offsets x (4 tail tokens + mean) x D x fp16

@@ -75,6 +75,17 @@ def test_library_never_imports_the_cli_or_the_toy():
     assert {m: o for m, o in bad.items() if o} == {}
 
 
+def test_nothing_under_kvprobe_imports_the_toy():
+    """The toy is a plugin everywhere, the CLI included: its model kind and its `kvprobe toy` command
+    reach kvprobe through entry points (`kvprobe.model_kinds`, `kvprobe.cli`), never by an import,
+    not even one by name (importlib.import_module("toy_models..."))."""
+    static = sorted(m for m, out in import_graph().items() if "toy_models" in out)
+    by_name = sorted(str(f.relative_to(ROOT.parent)) for f in ROOT.rglob("*.py") for n in ast.walk(ast.parse(f.read_text()))
+                     if isinstance(n, ast.Call) and n.args and isinstance(n.args[0], ast.Constant)
+                     and str(n.args[0].value).split(".")[0] == "toy_models")
+    assert (static, by_name) == ([], [])
+
+
 def test_no_library_file_over_500_lines():
     long = {str(f.relative_to(ROOT.parent)): n for f in ROOT.rglob("*.py")
             if (n := len(f.read_text().splitlines())) > 500}
@@ -82,7 +93,7 @@ def test_no_library_file_over_500_lines():
 
 
 # the pipeline, left to right: a module may import its own room and rooms to its left only
-PIPELINE = ("errors", "memento", "data", "store", "capture", "probes", "stats", "analysis", "causal", "reporting", "serving",
+PIPELINE = ("errors", "grid", "memento", "data", "store", "capture", "probes", "stats", "analysis", "causal", "reporting", "serving",
             "training", "config", "experiment", "cli")
 
 
@@ -113,3 +124,40 @@ def test_a_model_kind_that_is_not_installed_is_refused(monkeypatch):
             kinds.model_kind("toy")
     finally:
         kinds._plugins.cache_clear()
+
+
+# Words of the grid's vocabulary that are also another vocabulary's, per module, with what they mean there.
+HOMONYMS = {
+    "memento": {  # a mask condition (MaskConfig.name) or a chat template's name, not the site
+        "config.py", "memento/masks.py", "reporting/plotting.py", "reporting/words.py", "data/chat.py",
+        "serving/client.py", "serving/fork.py", "serving/offline.py", "cli/serve.py", "cli/demo.py"},
+    "block_end": {"data/tokens.py", "data/synthetic.py", "data/traces.py", "memento/layout.py"},  # the token's name
+    "mean": {"data/tokens.py"},  # how new token embeddings are initialised
+    "last": {"reporting/paper.py"},  # the paper's "last layer"
+}
+
+
+def _grid_literals() -> dict[str, set[str]]:
+    """Module (relative to kvprobe/) -> the site, pooling and probe-family names it writes as string literals
+    outside docstrings, less the homonyms above."""
+    from kvprobe.grid import FAMILIES, POOLINGS, SITES
+
+    words = set(SITES) | set(POOLINGS) | set(FAMILIES)
+    found: dict[str, set[str]] = {}
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT).as_posix()
+        tree = ast.parse(f.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        hits = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in words
+                and id(n) not in docs and rel not in HOMONYMS.get(n.value, ())}
+        if hits:
+            found[rel] = hits
+    return found
+
+
+def test_the_grid_vocabulary_is_written_in_one_module():
+    """Sites, poolings and probe families are named in kvprobe/grid.py; every other module imports them."""
+    found = _grid_literals()
+    assert set(found) == {"grid.py"}, {k: sorted(v) for k, v in found.items() if k != "grid.py"}

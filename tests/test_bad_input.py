@@ -75,7 +75,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def other_store(tmp_path_factory) -> Path:
     """The same capture from another training checkpoint (a store that belongs to another run)."""
     root = tmp_path_factory.mktemp("other")
-    code, _, err = cli_quiet("capture", "--config", write_config(root / "tiny.yaml", FAST), "--out", root / "run",
+    code, _, err = cli_quiet("capture", write_config(root / "tiny.yaml", FAST), "--out", root / "run",
                              "--set", "model.checkpoint=series/step_000950")
     assert code == 0, err
     return root / "run" / STORE
@@ -168,16 +168,16 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 # (id, argv, needles the error line must name, damage to the run copy or None).
 # In argv {dir} is the sandbox, {cfg} the tiny config, {run} the copied run, {out} an output dir.
 C = "{cfg}"
-CAPTURE = ["capture", "--config", C, "--out", "{out}"]
-DRY = ["capture", "--config", C, "--dry-run"]
+CAPTURE = ["capture", C, "--out", "{out}"]
+DRY = ["capture", C, "--dry-run"]
 CASES = [
     # configs: files
-    ("missing-config", ["capture", "--config", "{dir}/missing.yaml", "--out", "{out}"], ["missing.yaml", "no such config file"]),
+    ("missing-config", ["capture", "{dir}/missing.yaml", "--out", "{out}"], ["missing.yaml", "no such config file"]),
     ("missing-config-run", ["run", "{dir}/missing.yaml", "--out", "{out}"], ["missing.yaml"]),
     ("config-is-a-directory", ["run", "{dir}/adir.yaml", "--out", "{out}"], ["adir.yaml", "no such config file"]),
-    ("malformed-yaml", ["capture", "--config", "{dir}/bad.yaml", "--out", "{out}"], ["bad.yaml", "malformed YAML"]),
-    ("malformed-toml", ["capture", "--config", "{dir}/bad.toml", "--out", "{out}"], ["bad.toml", "malformed TOML"]),
-    ("unknown-format", ["capture", "--config", "{dir}/study.ini", "--out", "{out}"], ["study.ini", ".ini"]),
+    ("malformed-yaml", ["capture", "{dir}/bad.yaml", "--out", "{out}"], ["bad.yaml", "malformed YAML"]),
+    ("malformed-toml", ["capture", "{dir}/bad.toml", "--out", "{out}"], ["bad.toml", "malformed TOML"]),
+    ("unknown-format", ["capture", "{dir}/study.ini", "--out", "{out}"], ["study.ini", ".ini"]),
     ("not-utf8-config", ["run", "{dir}/latin.yaml", "--out", "{out}"], ["latin.yaml", "UTF-8"]),
     ("config-is-a-list", ["run", "{dir}/list.yaml", "--out", "{out}"], ["list.yaml", "mapping"]),
     # configs: fields
@@ -224,14 +224,14 @@ CASES = [
     ("hub-id-offline", CAPTURE + ["--set", "model.kind=hf", "--set", "data.kind=traces", "--set",
                                   "model.checkpoint=nobody/no-such-model", "--set", "data.traces={dir}/prompts.jsonl"],
      ["nobody/no-such-model", "offline"]),
-    ("hf-model-without-weights", ["capture", "--config", C, "--dry-run", "--set", "model.kind=hf", "--set",
+    ("hf-model-without-weights", ["capture", C, "--dry-run", "--set", "model.kind=hf", "--set",
                                   "data.kind=traces", "--set", "model.checkpoint={dir}/noweights"],
      ["model.checkpoint", "noweights"]),
     # output directories
     ("out-under-a-file", ["run", C, "--out", "{dir}/notes/readme.txt/out"], ["readme.txt", "not a directory"]),
     ("out-is-a-file", ["run", C, "--out", "{dir}/notes/readme.txt"], ["readme.txt", "not a directory"]),
     ("overwrite-foreign-run", ["run", C, "--out", "{dir}/notes", "--overwrite"], ["notes", ".kvprobe", "refusing"]),
-    ("overwrite-foreign-capture", ["capture", "--config", C, "--out", "{dir}/notes", "--overwrite"],
+    ("overwrite-foreign-capture", ["capture", C, "--out", "{dir}/notes", "--overwrite"],
      ["notes", ".kvprobe"]),
     ("overwrite-foreign-demo", ["demo", "--out", "{dir}/notes", "--overwrite", "--quiet"], ["notes", ".kvprobe"]),
     ("exists-without-resume", ["run", C, "--out", "{run}"], ["run", "already exists", "--resume"]),
@@ -277,9 +277,9 @@ CASES = [
     ("generate-unreachable", ["generate", "--prompts", "{dir}/prompts.jsonl", "--out", "{out}/gen.jsonl", "--base-url",
                               "http://127.0.0.1:9/v1", "--max-attempts", "1", "--no-progress"], ["p0"]),
     ("sft-placeholder-summary", ["sft", "--model", "{dir}/noweights", "--traces", "{dir}/placeholder.jsonl",
-                                 "--output-dir", "{out}"], ["placeholder.jsonl:1", "Summarization failed"]),
+                                 "--out", "{out}"], ["placeholder.jsonl:1", "Summarization failed"]),
     ("sft-served-ids-malformed", ["sft", "--model", "{dir}/noweights", "--traces", "{dir}/badids.jsonl",
-                                  "--output-dir", "{out}"], ["badids.jsonl:1", "'token_ids' must be a list of integers"]),
+                                  "--out", "{out}"], ["badids.jsonl:1", "'token_ids' must be a list of integers"]),
     ("serve-restart-delims-visible", ["serve", "--model-path", "{dir}/noweights", "--restart-mode",
                                       "--no-mask-delimiters", "--print"], ["restart-delims-visible", "kvprobe-only"]),
     ("export-malformed", ["export-traces", "--generations", "{dir}/generations.jsonl", "--out", "{out}/t.jsonl"],
@@ -374,7 +374,7 @@ def test_resume_recaptures_what_is_damaged(capsys, sandbox, tiny_run, damage, co
     run = sandbox / "run"
     DAMAGE[damage](run)
     config = sandbox / "tiny.yaml"
-    argv = ["run", config] if command == "run" else ["capture", "--config", config]
+    argv = ["run", config] if command == "run" else ["capture", config]
     code, out, err = cli(capsys, *argv, "--out", run, "--resume")
     assert code == 0, err
     assert "capturing the damaged shard(s) again" in out
@@ -414,7 +414,7 @@ def test_a_run_written_by_kvprobe_can_be_overwritten(capsys, sandbox):
     run = sandbox / "run"
     assert (run / ".kvprobe").is_file()
     (run / "probes" / "stale.txt").write_text("from before\n")
-    code, _, err = cli(capsys, "capture", "--config", sandbox / "tiny.yaml", "--out", run, "--overwrite")
+    code, _, err = cli(capsys, "capture", sandbox / "tiny.yaml", "--out", run, "--overwrite")
     assert code == 0, err
     assert not (run / "probes").exists() and (run / ".kvprobe").is_file()
 
@@ -432,9 +432,10 @@ def test_a_store_writer_refuses_to_overwrite_a_foreign_directory(tmp_path):
 
 FIELDS = ["seed", "name", "data.n_samples", "data.target_block", "data.digit_sum", "data.where", "data.kind",
           "capture.layers", "capture.offsets", "capture.sites", "capture.pooling", "capture.max_tokens",
-          "capture.batch_size", "capture.shard_size", "capture.dtype", "capture.compression", "capture.kinds",
-          "probe.kinds", "probe.layers", "probe.offsets", "probe.pooling", "probe.val_fraction", "probe.seeds",
-          "probe.linear_l2_grid", "probe.shuffled_control", "report.comparisons", "report.paper", "sweep.offsets",
+          "capture.batch_size", "capture.shard_size", "capture.dtype", "capture.compression", "capture.tensors",
+          "probe.families", "probe.layers", "probe.offsets", "probe.pooling", "probe.val_fraction", "probe.seeds",
+          "probe.linear_l2_grid", "probe.linear", "probe.linear.l2", "probe.linear_l2", "probe.mlp.hidden",
+          "probe.sites", "probe.shuffled_control", "report.comparisons", "report.paper", "sweep.offsets",
           "sweep.checkpoints", "model.checkpoint", "model.dtype", "model.kind", "conditions",
           "conditions.memento.keep_last_n_blocks", "conditions.memento.restart_mode"]
 VALUES = st.one_of(
@@ -455,7 +456,7 @@ def test_fuzzed_config_fields_exit_0_or_2_never_a_traceback(capsys, tmp_path, se
     args = []
     for field, value in sets:
         args += ["--set", f"{field}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"]
-    code, _, err = cli(capsys, "capture", "--config", config, "--dry-run", *args)
+    code, _, err = cli(capsys, "capture", config, "--dry-run", *args)
     assert code in (0, 2), err
     assert "Traceback" not in err
     if code == 2:

@@ -109,7 +109,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(model, tmp_path):
         from kvprobe.capture import CaptureSpec, run_capture
         from toy_models.model import build_model
         from toy_models.source import ToyPasscodeSource
-        spec = CaptureSpec(**json.loads({json.dumps(json.dumps(SPEC.to_dict()))}))
+        spec = CaptureSpec.from_dict(json.loads({json.dumps(json.dumps(SPEC.to_dict()))}))
         def die(shard):
             if shard == 1:
                 # leave a half-written shard behind too, as a crash mid-write would
@@ -143,7 +143,7 @@ def test_resume_refuses_another_model_or_config(model, tmp_path):
     other = build_model(seed=1).eval()
     with pytest.raises(StoreError, match="another model"):
         run_capture(other, ToyPasscodeSource(64, seed=1), SPEC, out, mode="resume", progress=False)
-    spec2 = CaptureSpec(**{**SPEC.to_dict(), "layers": [0, 1]})
+    spec2 = CaptureSpec.from_dict({**SPEC.to_dict(), "layers": [0, 1]})
     with pytest.raises(StoreError, match="another capture"):
         run_capture(model, ToyPasscodeSource(64, seed=1), spec2, out, mode="resume", progress=False)
     with pytest.raises(StoreError, match="another source"):
@@ -165,7 +165,7 @@ def test_resume_refuses_another_model_or_config(model, tmp_path):
 def test_bad_input_fails_before_any_file_is_written(model, tmp_path, spec_kw, source_kw, message):
     out = tmp_path / "s"
     with pytest.raises(ValueError, match=message):
-        spec = CaptureSpec(**{**SPEC.to_dict(), **spec_kw})
+        spec = CaptureSpec.from_dict({**SPEC.to_dict(), **spec_kw})
         run_capture(model, ToyPasscodeSource(64, seed=1, **source_kw), spec, out, progress=False)
     assert not out.exists()
 
@@ -218,7 +218,7 @@ def test_writer_refuses_existing_paths(tmp_path):
 def test_restart_mode_capture_runs_and_differs_at_masked_offsets(model, tmp_path):
     src = ToyPasscodeSource(64, seed=1)
     spec = CaptureSpec(layers=(3,), offsets=(-1, 1), batch_size=64, shard_size=64, dtype="float32")
-    restart = CaptureSpec(**{**spec.to_dict(), "mask": MaskConfig(0, True, True)})
+    restart = CaptureSpec.from_dict({**spec.to_dict(), "mask": MaskConfig(0, True, True)})
     a = KVStore(run_capture(model, src, spec, tmp_path / "m", progress=False))
     b = KVStore(run_capture(model, src, restart, tmp_path / "r", progress=False))
     assert b.config["capture"]["mask"] == {"keep_last_n_blocks": 0, "mask_delimiters": True, "restart_mode": True,
@@ -236,7 +236,7 @@ def test_backends_write_the_same_store_on_the_shipped_toy(tmp_path, backend):
     spec = CaptureSpec(layers=(0, 1, 3), offsets=(-1, 0, 2), sites=("memento", "block_end"),
                        pooling=("mean", "tokens"), max_tokens=3, dtype="float32", batch_size=32, shard_size=64)
     ref = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), spec, tmp_path / "hf", progress=False))
-    other_spec = CaptureSpec(**{**spec.to_dict(), "backend": backend})
+    other_spec = CaptureSpec.from_dict({**spec.to_dict(), "backend": backend})
     other = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), other_spec, tmp_path / backend,
                                 progress=False))
     assert other.config["capture"]["backend"] == backend
@@ -261,7 +261,7 @@ def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
     for name in fa:
         np.testing.assert_array_equal(fa[name], fb[name])
     with pytest.raises(StoreError, match="another capture"):
-        other = CaptureSpec(**{**spec.to_dict(), "layers": [0]})
+        other = CaptureSpec.from_dict({**spec.to_dict(), "layers": [0]})
         run_capture(model, src, other, shared, progress=False, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         run_capture(model, src, spec, tmp_path / "bad", progress=False, rank=2, world_size=2)

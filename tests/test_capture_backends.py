@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from kvprobe.capture import hf
-from kvprobe.capture.sites import gather_positions
+from kvprobe.capture.backend_helpers import gather_positions
 from kvprobe.memento.forward import memento_inputs
 from kvprobe.memento.layout import parse_batch
 from kvprobe.memento.masks import MaskConfig

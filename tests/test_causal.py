@@ -19,7 +19,7 @@ from kvprobe.data.samples import SampleBatch
 from kvprobe.memento.forward import memento_inputs
 from kvprobe.memento.layout import parse_batch
 from kvprobe.memento.masks import MaskConfig
-from kvprobe.store import Cell
+from kvprobe.grid import Cell
 from models import SPECIAL, encode
 
 MEMENTO = MaskConfig(keep_last_n_blocks=0)
@@ -191,7 +191,7 @@ def test_a_run_with_a_causal_section_on_a_tiny_random_qwen3_trace(tmp_path):
         "data": {"kind": "traces", "traces": str(PIPELINE), "n_samples": 40, "target_block": 1},
         "capture": {"layers": [0, 1], "offsets": [0, 1], "batch_size": 8},
         "conditions": {"memento": {"keep_last_n_blocks": 0}},
-        "probe": {"kinds": ["linear"], "n_boot": 200, "shuffled_control": False, "linear_l2_grid": [0.01]},
+        "probe": {"families": ["linear"], "n_boot": 200, "shuffled_control": False, "linear_l2_grid": [0.01]},
         "causal": {"layers": [0, 1], "offsets": [0, 1], "n_samples": 16, "batch_size": 16},
     }
     out = tmp_path / "run"

@@ -111,7 +111,7 @@ def test_console_script_is_installed_and_exits_2_on_bad_input(tmp_path):
     search = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent)])
     exe = shutil.which("kvprobe", path=search)
     assert exe, "the kvprobe console script is not installed"
-    proc = subprocess.run([exe, "capture", "--config", "missing.yaml", "--dry-run"], cwd=tmp_path,
+    proc = subprocess.run([exe, "capture", "missing.yaml", "--dry-run"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -125,7 +125,7 @@ def test_console_script_is_installed_and_exits_2_on_bad_input(tmp_path):
 def test_capture_dry_run_prints_plan_and_size_and_writes_nothing(capsys, tmp_path, monkeypatch):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli(capsys, "capture", "--config", config, "--dry-run", "--out", tmp_path / "run")
+    code, out, err = cli(capsys, "capture", config, "--dry-run", "--out", tmp_path / "run")
     assert code == 0, err
     assert "[memento]" in out
     assert "samples        300 in 2 shard(s) of 200" in out
@@ -153,7 +153,7 @@ def test_custom_study_toml_dry_run(capsys, tmp_path, monkeypatch):
     assert cfg.capture.layers == (1, 3) and cfg.capture.pooling == ("last",) and cfg.probe.pooling == "last"
     assert sorted(c.keep_last_n_blocks for c in cfg.conditions.values()) == [0, 1]
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli(capsys, "capture", "--config", config, "--dry-run")
+    code, out, err = cli(capsys, "capture", config, "--dry-run")
     assert code == 0, err
     for name in cfg.conditions:
         assert f"[{name}]" in out
@@ -187,12 +187,11 @@ def test_config_defaults_are_the_python_defaults():
 
     from kvprobe.analysis import ProbeSettings
     from kvprobe.capture import CaptureSpec
-    from kvprobe.experiment.pipeline import _settings
 
     cfg = parse_config({})
     assert cfg.capture_spec("memento") == CaptureSpec(layers=(0, 1, 2, 3))
     for kind in ("linear", "mlp"):
-        assert _settings(cfg, kind) == replace(ProbeSettings(), kinds=(kind,), device=cfg.model.device)
+        assert cfg.probe_settings(kind) == replace(ProbeSettings(), families=(kind,), device=cfg.model.device)
 
 
 def test_comparisons_are_checked_and_default_sensibly():
@@ -238,7 +237,7 @@ def test_sweep_without_plus_one_follows_the_first_masked_offset(capsys, tmp_path
 def test_capture_then_probe_then_report(capsys, tmp_path):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "run"
-    code, stdout, err = cli(capsys, "capture", "--config", config, "--out", out)
+    code, stdout, err = cli(capsys, "capture", config, "--out", out)
     assert code == 0, err
     assert f"stores written under {out / 'stores'}" in stdout
     assert (out / "config.json").is_file() and (out / "stores" / "memento" / "kvstore.h5").is_file()
@@ -371,7 +370,7 @@ def test_resume_after_a_finished_run_is_a_no_op(capsys, finished_run):
 def test_existing_out_dir_without_resume_or_overwrite_is_refused(capsys, finished_run):
     config, out, _ = finished_run
     before = snapshot(out)
-    for args in (["run", config, "--out", out], ["capture", "--config", config, "--out", out]):
+    for args in (["run", config, "--out", out], ["capture", config, "--out", out]):
         code, _, err = cli(capsys, *args)
         assert_refused(code, err, str(out), "already exists", "--resume", "--overwrite")
         assert snapshot(out) == before
@@ -382,7 +381,7 @@ def test_resume_with_another_config_is_refused(capsys, finished_run):
     before = snapshot(out)
     code, _, err = cli(capsys, "run", config, "--out", out, "--resume", "--set", "data.n_samples=400")
     assert_refused(code, err, str(out), "another config", "data")
-    code, _, err = cli(capsys, "capture", "--config", config, "--out", out, "--resume", "--set", "capture.layers=[3]")
+    code, _, err = cli(capsys, "capture", config, "--out", out, "--resume", "--set", "capture.layers=[3]")
     assert_refused(code, err, str(out), "another config", "capture")
     assert snapshot(out) == before
 
@@ -403,7 +402,7 @@ def test_demo_print_config_is_yaml_that_run_accepts(capsys, tmp_path, monkeypatc
     config.write_text(printed)
 
     # the plan validates against the shipped model (every layer, offset and site exists)
-    code, out, err = cli(capsys, "capture", "--config", config, "--dry-run")
+    code, out, err = cli(capsys, "capture", config, "--dry-run")
     assert code == 0, err
     assert all(f"[{c}]" in out for c in ("memento", "restart")) and "[restart-delims-visible]" not in out
 
@@ -428,7 +427,7 @@ def test_demo_print_config_writes_nothing(capsys, tmp_path, monkeypatch):
 # one at 600 samples.
 SMALL_DEMO = {
     "capture": {"layers": [0, 3], "offsets": [-1, 0, 1], "sites": ["memento"], "batch_size": 250},
-    "probe": {"kinds": ["linear"], "seeds": 1, "n_boot": 200, "shuffled_control": False},
+    "probe": {"families": ["linear"], "seeds": 1, "n_boot": 200, "shuffled_control": False},
 }
 
 
@@ -509,10 +508,10 @@ def test_toy_train_a_few_steps_then_eval_it(capsys, tmp_path):
 def test_out_of_range_capture_errors_name_the_problem(capsys, tmp_path):
     """The messages themselves, from the dry run."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
-    code, _, err = cli(capsys, "capture", "--config", config, "--dry-run", "--set", "capture.layers=[0,9]")
+    code, _, err = cli(capsys, "capture", config, "--dry-run", "--set", "capture.layers=[0,9]")
     assert code == 2
     assert "layer 9 out of range: the model has 4 layers (0..3)" in error_line(err)
-    code, _, err = cli(capsys, "capture", "--config", config, "--dry-run", "--set", "capture.offsets=[0,9]")
+    code, _, err = cli(capsys, "capture", config, "--dry-run", "--set", "capture.offsets=[0,9]")
     assert code == 2
     assert re.search(r"offset \+9 .*block 10 does not exist: the sequence has 10 blocks", error_line(err))
 
@@ -522,7 +521,7 @@ def test_out_of_range_capture_errors_name_the_problem(capsys, tmp_path):
                                              ("probe.offsets=[5]", "probe.offsets")])
 def test_probe_cells_that_are_not_captured_are_refused_before_capturing(capsys, tmp_path, override, field):
     config = write_config(tmp_path / "tiny.yaml", TINY)  # captures mean pooling, layers 0 and 3, offsets -1..1
-    code, _, err = cli(capsys, "capture", "--config", config, "--dry-run", "--set", override)
+    code, _, err = cli(capsys, "capture", config, "--dry-run", "--set", override)
     assert code == 2
     assert field in error_line(err)
 
@@ -563,7 +562,7 @@ def test_qwen3_8b_config_validates_without_a_model(monkeypatch):
     assert set(cfg.conditions) == {"memento", "restart-delims-visible", "restart"}
     assert {n: cfg.capture_spec(n).mask.name for n in cfg.conditions} == {
         "memento": "memento", "restart-delims-visible": "restart-delims-visible", "restart": "restart"}
-    assert cfg.probe.kinds == ("linear", "mlp")
+    assert cfg.probe.families == ("linear", "mlp")
     assert all(0 <= layer < QWEN3_8B.num_hidden_layers for layer in cfg.capture.layers)
 
     # the traces exist and every trace has the blocks the offsets reach

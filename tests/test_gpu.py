@@ -155,7 +155,7 @@ def test_bf16_capture_on_cuda_matches_fp32_on_cpu_and_the_probes_read_it(tmp_pat
         assert np.corrcoef(got[key].ravel(), ref[key].ravel())[0, 1] > 0.99, key
     with KVStore(gpu) as store:
         assert store.config["model"]["dtype"] == "bfloat16"
-        grid = probe_store(store, "memento", ProbeSettings(kinds=("linear",), n_boot=100, device="cuda",
+        grid = probe_store(store, "memento", ProbeSettings(families=("linear",), n_boot=100, device="cuda",
                                                            shuffled_control=False), progress=False)
     assert len(grid.rows) == 2 * 2 * 3 and all(0.0 <= c.accuracy <= 1.0 for c in grid.rows)
 

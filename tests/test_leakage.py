@@ -14,12 +14,13 @@ from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
 from kvprobe.capture import CaptureSpec, run_capture
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.stats import paired_bootstrap_ci, wilson_interval
-from kvprobe.store import Cell, KVStore
+from kvprobe.grid import Cell
+from kvprobe.store import KVStore
 from toy_models.source import ToyPasscodeSource
 
 N = 3000
 # a fixed L2 keeps this module fast; selection has its own tests (test_probe_selection.py)
-SETTINGS = ProbeSettings(kinds=("linear",), n_boot=1000, linear_l2_grid=(1e-3,))
+SETTINGS = ProbeSettings(families=("linear",), n_boot=1000, linear_l2_grid=(1e-3,))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_per_token_features_are_probed_concatenated(tmp_path):
     path = run_capture(toy_models.load("final"), ToyPasscodeSource(1000, seed=3), spec, tmp_path / "s", progress=False)
     with KVStore(path) as store:
         assert store.features(3, 0, pooling="tokens").shape == (1000, 3, 256)
-        settings = ProbeSettings(kinds=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
+        settings = ProbeSettings(families=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
         grid = probe_store(store, "memento", settings, progress=False)
     direct, control = grid.cell(Cell("memento", 0, 3, "tokens"), "linear"), grid.cell(Cell("memento", -1, 3, "tokens"), "linear")
     assert direct.ci_low > 0.2  # the direct memento reads the passcode from its three digit tokens

@@ -108,7 +108,7 @@ def test_tolerance_follows_the_strength():
 
 def test_rows_and_report_carry_the_flag(tmp_path, monkeypatch):
     store = FakeStore()
-    settings = ProbeSettings(kinds=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                              linear=LinearConfig(tol=1e-3), linear_l2_grid=(1e-1, 1.0), offsets=(-1, 0))
     monkeypatch.setattr(selection, "L2_BOUNDS", (1e-2, 1.0))
     grid = probe_store(store, "memento", settings, progress=False)
@@ -137,7 +137,7 @@ def test_the_printed_table_flags_a_weak_bound_choice():
     from kvprobe.experiment import leakage_table
 
     store = FakeStore()
-    settings = ProbeSettings(kinds=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                              linear=LinearConfig(tol=1e-3), offsets=(0,))
     rows = probe_store(store, "memento", settings, progress=False).rows
     assert "FLAGGED" not in leakage_table({"memento": GridResult("memento", rows, np.arange(3))})

@@ -32,7 +32,7 @@ from kvprobe.probes import (
 )
 from kvprobe.probes.linear import fit_linear_probes
 from kvprobe.probes.trainer import linear_in_raw_units
-from kvprobe.store import Cell
+from kvprobe.grid import Cell
 
 GRID = (1e-4, 1e-2, 1e-1)
 FAST = LinearConfig(tol=1e-4)
@@ -205,7 +205,7 @@ class FakeStore:
         return self._x[(layer, offset)]
 
 
-SETTINGS = ProbeSettings(kinds=("linear",), pooling="mean", n_boot=200, linear=LinearConfig(tol=1e-3),
+SETTINGS = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, linear=LinearConfig(tol=1e-3),
                          linear_l2_grid=GRID, extend_grid=False)
 
 
@@ -238,7 +238,7 @@ def test_probe_store_choice_ignores_validation_labels(store):
 
 
 def test_probe_store_one_value_grid_is_the_old_fixed_fit(store):
-    old_settings = ProbeSettings(kinds=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    old_settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                                  linear=LinearConfig(l2=1e-3, tol=1e-3), linear_l2_grid=None)
     fixed = probe_store(store, "memento", old_settings, progress=False)
     is_val = label_unique_split(store.passcodes, 0.2, 0)
@@ -251,7 +251,7 @@ def test_probe_store_one_value_grid_is_the_old_fixed_fit(store):
 
 
 def test_probe_store_chooses_the_mlp_weight_decay(store):
-    settings = ProbeSettings(kinds=("mlp",), seeds=2, pooling="mean", n_boot=100, shuffled_control=False,
+    settings = ProbeSettings(families=("mlp",), seeds=2, pooling="mean", n_boot=100, shuffled_control=False,
                              offsets=(0,), mlp=MLPConfig(hidden=(8,), max_epochs=3, patience=2),
                              mlp_l2_grid=(1e-4, 1e-1), extend_grid=False)
     rows = probe_store(store, "memento", settings, progress=False).rows
@@ -287,11 +287,11 @@ def test_config_grid_defaults_and_fixed_strength():
     probe = parse_config({}).probe
     assert probe.linear_l2_grid == DEFAULT_LINEAR_L2_GRID == ProbeSettings().linear_l2_grid
     assert probe.inner_fraction == ProbeSettings().inner_fraction and probe.mlp_l2_grid is None
-    assert parse_config({"probe": {"linear_l2": 0.01}}).probe.linear_l2_grid == (0.01,)
+    assert parse_config({"probe": {"linear": {"l2": 0.01}}}).probe.linear_l2_grid == (0.01,)
     assert parse_config({"probe": {"linear_l2_grid": [0.1, 0.001]}}).probe.linear_l2_grid == (0.1, 0.001)
-    both = parse_config({"probe": {"linear_l2": 0.01, "linear_l2_grid": [0.1, 1.0]}})
+    both = parse_config({"probe": {"linear": {"l2": 0.01}, "linear_l2_grid": [0.1, 1.0]}})
     assert both.probe.linear_l2_grid == (0.1, 1.0)  # the grid rules
-    resolved = parse_config({"probe": {"linear_l2": 0.01}})
+    resolved = parse_config({"probe": {"linear": {"l2": 0.01}}})
     assert parse_config(resolved.to_dict()) == resolved  # a resolved config.json reads back the same
     for bad, field in (({"linear_l2_grid": []}, "probe.linear_l2_grid"),
                        ({"linear_l2_grid": [0.0]}, "probe.linear_l2_grid.0"),

@@ -51,3 +51,10 @@ def test_ci_runs_the_readme_commands():
             if line.startswith("kvprobe "):
                 continue  # the main job is not part of CI
             assert line in ci, f"README command not in .ci/run: {line}"
+
+
+def test_the_docs_reading_order_lists_every_page_once():
+    """docs/README.md is the reading order: every page of docs/ appears in it, once, and nothing else."""
+    order = re.findall(r"^\d+\. \[([\w.]+)\]\(\1\)", (ROOT / "docs" / "README.md").read_text(), flags=re.M)
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md")
+    assert sorted(order) == pages and len(order) == len(set(order))

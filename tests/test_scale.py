@@ -109,7 +109,7 @@ def test_cuda_device_without_cuda_is_a_usage_error(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": {"kind": "toy", "device": "cuda"}}))
     for how in (["--dry-run"], ["--out", str(tmp_path / "out")]):
-        assert main(["capture", "--config", str(config), *how]) == 2
+        assert main(["capture", str(config), *how]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == ["kvprobe: error: model.device 'cuda': CUDA is not available on this machine"]
         assert not (tmp_path / "out").exists()  # refused before the output directory is made
@@ -136,7 +136,7 @@ def _real_model_config(tmp_path: Path, checkpoint: Path, **model) -> Path:
         "capture": {"layers": [0, 1], "offsets": [-1, 0, 1], "sites": ["memento", "block_end"], "batch_size": 10,
                     "shard_size": 20, "dtype": "float32"},
         "conditions": {"memento": {}, "restart": {"restart_mode": True, "mask_delimiters": True}},
-        "probe": {"kinds": ["linear"], "n_boot": 200},
+        "probe": {"families": ["linear"], "n_boot": 200},
     }
     path = tmp_path / f"config{len(model)}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -164,7 +164,7 @@ def test_run_on_a_checkpoint_directory_with_pipeline_traces(checkpoint, tmp_path
     config = _real_model_config(tmp_path, checkpoint, device_map="auto", max_memory={"cpu": "300KB"})
     loaded, real_load = [], experiment_capture.load_model
     monkeypatch.setattr(experiment_capture, "load_model", lambda section: loaded.append(real_load(section)) or loaded[-1])
-    assert main(["--threads", "1", "capture", "--config", str(config), "--out", str(spread)]) == 0
+    assert main(["--threads", "1", "capture", str(config), "--out", str(spread)]) == 0
     offloaded = [n for n, p in loaded[0].named_parameters() if p.device.type == "meta"]
     assert "lm_head.weight" in offloaded and any(n.startswith("model.layers.1.") for n in offloaded), offloaded
     for cond in ("memento", "restart"):
@@ -197,13 +197,13 @@ def test_torchrun_sft_is_data_parallel(checkpoint, tmp_path):
     """3 traces, batch 1 per process, one epoch: 2 processes take 2 steps (the data is split), one takes 3."""
     args = ["-m", "kvprobe", "sft", "--model", str(checkpoint), "--traces", str(PIPELINE), "--dtype", "float32",
             "--grad-accum", "1", "--epochs", "1", "--chat-template", "none", "--training-arg", "disable_tqdm=true"]
-    done = _torchrun(*args, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    done = _torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("stage ")]
     assert len(lines) == 2, done.stdout  # printed by rank 0 only
     assert all("3 traces (0 dropped as too long), 2 steps on 2 process(es)" in line for line in lines), lines
     assert (tmp_path / "two" / "stage2" / "model.safetensors").is_file()
-    one = subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=tmp_path, env=ENV,
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=tmp_path, env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "3 steps on 1 process(es)" in one.stdout

@@ -581,7 +581,7 @@ def test_generate_offline_command_line(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["serve", "--model-path", "/m", "--print"],
     ["generate-offline", "--prompts", "p.jsonl", "--out", "OUT", "--model-path", "/m"],
-    ["sft", "--model", "/m", "--traces", "t.jsonl", "--output-dir", "OUT"],
+    ["sft", "--model", "/m", "--traces", "t.jsonl", "--out", "OUT"],
 ], ids=lambda a: a[0])
 def test_every_mask_flag_refuses_a_bad_keep_last_n_blocks(argv, tmp_path, capsys, monkeypatch):
     """One check for the shared mask flags: one line naming the flag, exit 2, nothing written."""

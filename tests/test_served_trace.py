@@ -108,7 +108,7 @@ def test_a_served_trace_is_captured_probed_and_reported_with_its_ids_unchanged(t
     store_path = run_capture(model, source, spec, tmp_path / "store", progress=False)
     with KVStore(store_path) as store:
         assert store.config["source"]["traces"]["served_ids"] == 3
-        grid = probe_store(store, "memento", ProbeSettings(kinds=("linear",), linear_l2_grid=(1e-2,), shuffled_control=False),
+        grid = probe_store(store, "memento", ProbeSettings(families=("linear",), linear_l2_grid=(1e-2,), shuffled_control=False),
                            progress=False)
     paths = write_tables(grid.rows, [], tmp_path / "report")
     summary = paths["summary.md"].read_text()

@@ -442,13 +442,13 @@ def test_command_line_truncates_or_drops_over_length_traces(tok, tmp_path, capsy
     common = ["sft", "--model", str(ckpt), "--traces", str(PIPELINE), "--dtype", "float32", "--max-steps", "2",
               "--grad-accum", "1", "--max-length", "1000", "--gradient-checkpointing", "--chat-template", "none",
               "--training-arg", "disable_tqdm=true", "--training-arg", "save_strategy=no"]
-    assert cli_main([*common, "--output-dir", str(tmp_path / "cut")]) == 0
+    assert cli_main([*common, "--out", str(tmp_path / "cut")]) == 0
     out = capsys.readouterr().out
     assert "stage 1: 3 traces (0 dropped as too long), 2 steps on 1 process(es), 2 truncated to 1000 tokens" in out
     assert "stage 2: 3 traces (0 dropped as too long)" in out
     assert (tmp_path / "cut" / "stage2" / "model.safetensors").is_file()
     assert len(list((tmp_path / "cut" / "tokenized").iterdir())) == 1  # one table for both stages
-    assert cli_main([*common, "--output-dir", str(tmp_path / "drop"), "--overlength", "drop", "--stages", "2",
+    assert cli_main([*common, "--out", str(tmp_path / "drop"), "--overlength", "drop", "--stages", "2",
                      "--tokenized-cache", str(tmp_path / "shared")]) == 0
     out = capsys.readouterr().out
     assert "stage 2: 1 traces (2 dropped as too long), 2 steps on 1 process(es), 0 truncated" in out

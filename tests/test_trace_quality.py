@@ -105,11 +105,11 @@ def test_a_new_user_dry_run_on_the_templated_sample_is_flagged_not_probed(tmp_pa
               "data": {"kind": "traces", "traces": str(TEMPLATED), "n_samples": 8, "target_block": 1},
               "capture": {"layers": [0, 1], "offsets": [0, 1]}}
     path = write_config(tmp_path / "q.yaml", config)
-    code, out, err = cli_quiet("capture", "--config", path, "--dry-run")
+    code, out, err = cli_quiet("capture", path, "--dry-run")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
     assert "2 of 4 traces have no usable mementos" in err and all(i in err for i in FLAGGED)
     with pytest.warns(UserWarning, match="left out"):
-        code, out, err = cli_quiet("capture", "--config", path, "--dry-run", "--set", "data.summary_check=drop")
+        code, out, err = cli_quiet("capture", path, "--dry-run", "--set", "data.summary_check=drop")
     assert code == 0, err
     assert "data: 2 traces, 8 samples; token ids fed: served for 0" in out
 

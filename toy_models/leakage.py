@@ -65,7 +65,7 @@ def cell_record(row: CellResult, *extra: str) -> dict:
     return {k: getattr(row, k) for k in (*RECORD_FIELDS, *extra)}
 
 
-STUDY_PROBE = ProbeSettings(kinds=("linear",), shuffled_control=False, n_boot=1000)
+STUDY_PROBE = ProbeSettings(families=("linear",), shuffled_control=False, n_boot=1000)
 
 
 def measure_leakage(

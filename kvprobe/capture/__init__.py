@@ -5,7 +5,7 @@ from ..data.samples import SampleBatch, SampleSource
 from ..memento.sites import site_positions
 from .backends import get_backend
 from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
-from .sites import gather_positions
+from .backend_helpers import gather_positions
 from .spec import CaptureSpec
 
 __all__ = [

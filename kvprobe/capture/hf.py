@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ..memento.forward import cache_argument
-from .sites import gather_positions
+from .backend_helpers import gather_positions
 
 
 def _keep_every_position(cache: DynamicCache) -> None:

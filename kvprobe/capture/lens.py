@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import torch
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-from .sites import architecture_entry, check_layers, gather_positions
+from .backend_helpers import architecture_entry, check_layers, gather_positions
 
 # whether this backend can take a FlexAttention BlockMask (the bridge adds a dense 4D mask to its scores; a BlockMask is not understood)
 READS_BLOCK_MASK = False

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 import torch
 from nnsight import NNsight, save
 
-from .sites import architecture_entry, check_layers, gather_positions
+from .backend_helpers import architecture_entry, check_layers, gather_positions
 
 # whether this backend can take a FlexAttention BlockMask (nnsight runs the Hugging Face model as it is, FlexAttention included)
 READS_BLOCK_MASK = True

@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.samples import SampleBatch, SampleSource
+from ..grid import LAST, MEAN, POOLINGS, TAIL_MEAN, TOKENS, FeatureKey, pooled_vectors
 from ..memento.forward import check_length, flex_for_long, flex_shapes, input_device, memento_inputs
 from ..memento.sites import site_positions
-from ..store import FeatureKey, StoreWriter
+from ..store import StoreWriter
 from .backends import get_backend
-from .spec import DEFAULT_TARGET_BLOCK, POOLINGS, CaptureSpec, pooled_vectors
+from .spec import DEFAULT_TARGET_BLOCK, CaptureSpec
 
 __all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
@@ -100,7 +101,7 @@ class CapturePlan:
 
     @property
     def feature_dim(self) -> int:
-        return len(self.spec.kinds) * self.n_kv * self.d_head
+        return len(self.spec.tensors) * self.n_kv * self.d_head
 
     @property
     def n_shards(self) -> int:
@@ -123,8 +124,8 @@ class CapturePlan:
                 f"samples        {self.n_samples} in {self.n_shards} shard(s) of {s.shard_size}",
                 f"layers         {list(s.layers)} of {self.n_layers_model}",
                 f"sites          {list(s.sites)} at offsets {list(s.offsets)} from target block {s.target_block}",
-                f"pooling        {list(s.pooling)}" + (f" (max_tokens {s.max_tokens})" if {"tokens", "tail_mean"} & set(s.pooling) else ""),
-                f"per position   {'+'.join(s.kinds).upper()} x {self.n_kv} KV heads x {self.d_head} dims = {self.feature_dim} values, {s.dtype}",
+                f"pooling        {list(s.pooling)}" + (f" (max_tokens {s.max_tokens})" if {TOKENS, TAIL_MEAN} & set(s.pooling) else ""),
+                f"per position   {'+'.join(s.tensors).upper()} x {self.n_kv} KV heads x {self.d_head} dims = {self.feature_dim} values, {s.dtype}",
                 f"mask           {s.mask.name} {s.mask}",
                 f"backend        {s.backend}",
                 f"expected size  {self.estimate_bytes():,} bytes ({gb:.3f} GB) before compression",
@@ -255,7 +256,7 @@ def pool_sites(
     S, M, L = tables.last.shape[1], spec.max_tokens, len(spec.layers)
     X = None  # (B, P + 1, L, D) float32; position P stays zero: the token slots a site does not fill read it
     for i, layer in enumerate(spec.layers):
-        parts = [kv[layer][0] if k == "k" else kv[layer][1] for k in spec.kinds]
+        parts = [kv[layer][0] if k == "k" else kv[layer][1] for k in spec.tensors]
         row = torch.cat([p.permute(0, 2, 1, 3).flatten(2) for p in parts], dim=-1)  # (B, P, D)
         if X is None:
             X = torch.zeros(B, P + 1, L, row.shape[-1])
@@ -280,10 +281,10 @@ def pool_sites(
         return out
 
     pooled = {
-        "mean": mean,
-        "last": lambda: take(tables.last),  # (B, S, L, D)
-        "tokens": lambda: tokens(tables.tok_idx, tables.tok_ok),  # (B, S, L, M, D), zeros past a site's end
-        "tail_mean": tail_mean,  # the last M tokens, then the site mean
+        MEAN: mean,
+        LAST: lambda: take(tables.last),  # (B, S, L, D)
+        TOKENS: lambda: tokens(tables.tok_idx, tables.tok_ok),  # (B, S, L, M, D), zeros past a site's end
+        TAIL_MEAN: tail_mean,  # the last M tokens, then the site mean
     }
     results: dict[str, torch.Tensor] = {p: pooled[p]().to(dtype) for p in spec.pooling}
     out = {}
@@ -370,7 +371,7 @@ def run_capture(
         "model": identity or model_identity(model, model_name),
         "source": source.describe(),
         "dims": {"n_layers": plan.n_layers_model, "n_kv_heads": plan.n_kv, "d_head": plan.d_head,
-                 "feature_dim": plan.feature_dim, "kinds_order": list(spec.kinds)},
+                 "feature_dim": plan.feature_dim, "kinds_order": list(spec.tensors)},
         "versions": _versions(spec.backend),
         "expected_bytes": plan.estimate_bytes(),
     }

@@ -16,37 +16,80 @@ masked. Each site's tokens are pooled ('mean', 'last'), kept ('tokens': the firs
 `max_tokens` tokens, zero-padded in front, then the site mean; with max_tokens 4 on the
 toy's 5-token span this is an invertible linear map of all 5 tokens, and on a real
 model's memento of hundreds of tokens it stays 5 vectors). Keys and values are
-concatenated per token: D = len(kinds) * n_kv * d_head per stored vector.
+concatenated per token: D = len(tensors) * n_kv * d_head per stored vector.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+from ..grid import DEFAULT_POOLING, DEFAULT_SITE, POOLINGS, SITES, TENSORS
 from ..memento.masks import MaskConfig
-from ..memento.sites import SITES
 
-__all__ = ["POOLINGS", "BACKENDS", "CaptureSpec", "DEFAULT_TARGET_BLOCK", "pooled_vectors"]
+__all__ = ["BACKENDS", "CaptureSpec", "DEFAULT_TARGET_BLOCK", "renamed_fields"]
 
 DEFAULT_TARGET_BLOCK = 1  # for a source that does not say where its passcode is: the paper's T_2
 
-POOLINGS = ("tail_mean", "tokens", "mean", "last")
 BACKENDS = ("transformers", "lens", "nnsight")
 STORAGE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")  # HDF5 filters for feature datasets (with byte shuffle)
 
+_T = TypeVar("_T", bound=type)
 
+
+def renamed_fields(**renames: str) -> Callable[[_T], _T]:
+    """A dataclass decorator keeping old field names for one release (old="new"): the constructor
+    takes `old=` and reads `.old`, each with a DeprecationWarning naming both; giving both is a TypeError."""
+    def wrap(cls: _T) -> _T:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}: give {new}= only ({old}= is its deprecated name)")
+                    warnings.warn(f"{cls.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        def old_name(old: str, new: str) -> property:
+            def get(self: Any) -> Any:
+                warnings.warn(f"{cls.__name__}.{old} is deprecated; use .{new}", DeprecationWarning, stacklevel=2)
+                return getattr(self, new)
+            return property(get, doc=f"Deprecated name of `{new}`.")
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        for old, new in renames.items():
+            setattr(cls, old, old_name(old, new))
+        return cls
+    return wrap
+
+
+# field -> the name a store's config.json records it under ("capture"): stores keep the format they were
+# written in, so stores from before the rename open and resume, and a new store is byte for byte an old one's
+STORED_NAMES = {"tensors": "kinds"}
+
+
+@renamed_fields(kinds="tensors")
 @dataclass(frozen=True)
 class CaptureSpec:
-    """Everything that decides what a capture writes. Stored in full with the data."""
+    """Everything that decides what a capture writes. Stored in full with the data.
+
+    tensors: what is read at a site, the cached keys `k` and/or values `v` (grid.TENSORS), concatenated
+    per position in this order (formerly `kinds`; `CaptureSpec(kinds=...)` works for one release).
+    """
 
     layers: tuple[int, ...]
     offsets: tuple[int, ...] = (-1, 0, 1, 2)
     target_block: int | None = None  # 0-based (1 is the paper's T_2); None: the sample source's
-    sites: tuple[str, ...] = ("memento",)
-    kinds: tuple[str, ...] = ("k", "v")
-    pooling: tuple[str, ...] = ("tail_mean",)
+    sites: tuple[str, ...] = (DEFAULT_SITE,)
+    tensors: tuple[str, ...] = TENSORS
+    pooling: tuple[str, ...] = (DEFAULT_POOLING,)
     max_tokens: int = 4  # tokens kept per site with pooling 'tokens' (the first) or 'tail_mean' (the last)
     dtype: str = "float16"
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -56,7 +99,7 @@ class CaptureSpec:
     compression: str = "none"  # none (the default: fastest; KV bits barely compress), lzf, gzip (level 1, 27% smaller)
 
     def __post_init__(self) -> None:
-        for name in ("layers", "offsets", "sites", "kinds", "pooling"):
+        for name in ("layers", "offsets", "sites", "tensors", "pooling"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.mask, dict):
             object.__setattr__(self, "mask", MaskConfig(**self.mask))
@@ -66,7 +109,7 @@ class CaptureSpec:
                "a non-empty list of distinct offsets")
         _check(self.target_block is None or self.target_block >= 0, "target_block", self.target_block, ">= 0 or None")
         _check(set(self.sites) <= set(SITES) and self.sites, "sites", self.sites, f"a subset of {SITES}")
-        _check(set(self.kinds) <= {"k", "v"} and self.kinds, "kinds", self.kinds, "a subset of ('k', 'v')")
+        _check(set(self.tensors) <= set(TENSORS) and self.tensors, "tensors", self.tensors, f"a subset of {TENSORS}")
         _check(set(self.pooling) <= set(POOLINGS) and self.pooling, "pooling", self.pooling, f"a subset of {POOLINGS}")
         if self.mask.prefill_causal:  # the capture reads generated traces: no per-sample prompt lengths reach it
             raise ValueError("mask.prefill_causal changes only prompts that hold blocks (the fork's continuation "
@@ -79,20 +122,23 @@ class CaptureSpec:
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a store records it (JSON types; `tensors` under its stored name, STORED_NAMES)."""
         d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {STORED_NAMES.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaptureSpec":
+        """A spec from `to_dict`'s form (a store's config.json) or from its field names."""
+        d = dict(d)
+        for name, stored in STORED_NAMES.items():
+            if stored in d:
+                if name in d:
+                    raise ValueError(f"capture spec: both {name!r} and {stored!r} (its stored name) given")
+                d[name] = d.pop(stored)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"capture spec: unknown field(s) {sorted(unknown)}")
         return cls(**d)
-
-
-def pooled_vectors(pooling: str, max_tokens: int) -> int:
-    """Vectors of D values that one site keeps per layer under `pooling`."""
-    return {"mean": 1, "last": 1, "tokens": max_tokens, "tail_mean": max_tokens + 1}[pooling]
 
 
 def _check(ok: Any, name: str, value: Any, expected: str) -> None:

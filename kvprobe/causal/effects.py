@@ -28,14 +28,14 @@ import torch
 
 from ..capture.hf import KVPatch
 from ..capture.run import pool_sites, pool_tables
-from ..capture.sites import gather_positions
+from ..capture.backend_helpers import gather_positions
 from ..capture.spec import CaptureSpec
 from ..data.samples import SampleBatch
 from ..memento.forward import memento_inputs
 from ..memento.layout import Layout
 from ..memento.masks import MaskConfig
 from ..memento.sites import site_positions
-from ..store import Cell, FeatureKey
+from ..grid import Cell, FeatureKey
 
 __all__ = ["INTERVENTIONS", "BatchEffects", "ProbeReader", "batch_effects", "cell_positions", "downstream_masks",
            "pair_donors"]

@@ -29,7 +29,7 @@ from ..capture.backends import get_patcher
 from ..data.samples import SampleSource
 from ..memento.masks import MaskConfig
 from ..stats import bootstrap_ci
-from ..store import Cell
+from ..grid import DEFAULT_POOLING, DEFAULT_SITE, Cell
 from .effects import (
     INTERVENTIONS,
     BatchEffects,
@@ -56,8 +56,8 @@ class CausalSpec:
 
     layers: tuple[int, ...]
     offsets: tuple[int, ...] = (0, 1, 2)
-    sites: tuple[str, ...] = ("memento",)
-    pooling: str = "tail_mean"
+    sites: tuple[str, ...] = (DEFAULT_SITE,)
+    pooling: str = DEFAULT_POOLING
     mask: MaskConfig = MaskConfig(keep_last_n_blocks=0)
     ablate_with: MaskConfig = FORK_RESTART
     n_samples: int = 500

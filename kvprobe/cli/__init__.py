@@ -14,10 +14,11 @@ import sys
 from typing import Sequence
 
 from ..errors import KVProbeError
-from . import capture, common, demo, layout, run, serve, sft, toy, verify
-from .common import UsageError
+from . import capture, common, demo, layout, plugins, run, serve, sft, toy, verify
+from .common import UsageError, one_line_deprecations
 
-# every subcommand module defines register(subparsers); add new ones here
+# every subcommand module defines register(subparsers); add new ones here (`toy` adds the toy
+# plugin's command); commands of other plugins (entry-point group `kvprobe.cli`) follow them
 SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, serve, sft)
 
 BAD_INPUT = (UsageError, KVProbeError)  # every refusal of input: one line, exit 2
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMAND_MODULES:
         module.register(sub)
+    plugins.register_others(sub)
     return parser
 
 
@@ -47,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would break one-line error output
+    with one_line_deprecations():  # an old option's name: `kvprobe: warning: ...`, one line
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -7,9 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from ..config import ConfigError
 from ..experiment import capture_all, check_out_dir, plan_all, prepare_out_dir
-from .common import UsageError, add_parser, experiment_config
+from .common import UsageError, add_config_args, add_parser, experiment_config
+
+__all__ = ["register"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,13 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "capture",
         "capture memento KV states into HDF5 stores (one per mask condition)",
-        "  kvprobe capture --config experiments/toy_reproduction.yaml --dry-run\n"
-        "  kvprobe capture --config experiments/toy_reproduction.yaml --out runs/toy\n"
-        "  kvprobe capture --config experiments/toy_reproduction.yaml --out runs/toy --set data.n_samples=2000 --resume\n"
-        "  torchrun --nproc-per-node 4 -m kvprobe capture --config experiments/qwen3_8b_memento.yaml --out runs/q8\n"
+        "  kvprobe capture experiments/toy_reproduction.yaml --dry-run\n"
+        "  kvprobe capture experiments/toy_reproduction.yaml --out runs/toy\n"
+        "  kvprobe capture experiments/toy_reproduction.yaml --out runs/toy --set data.n_samples=2000 --resume\n"
+        "  torchrun --nproc-per-node 4 -m kvprobe capture experiments/qwen3_8b_memento.yaml --out runs/q8\n"
         "      (each rank writes its own shards of one store; the last to finish writes the index)",
     )
-    add_config_args(p)
+    add_config_args(p, required=False)
     p.add_argument("--out", help="experiment directory; stores go to OUT/stores/CONDITION")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan and expected size only")
     p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
@@ -65,15 +66,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="number of processes splitting the capture (default: $WORLD_SIZE, else 1)")
     p.set_defaults(func=run)
 
-
-def add_config_args(p: argparse.ArgumentParser, with_config: bool = True) -> None:
-    if with_config:
-        p.add_argument("--config", help="experiment config (.yaml, .toml or .json); default: built-in toy config")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set data.n_samples=2000 (repeatable; YAML values)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
-    g.add_argument("--overwrite", action="store_true", help="delete OUT first (only a directory kvprobe made)")
-
-
-__all__ = ["add_config_args", "register", "ConfigError"]

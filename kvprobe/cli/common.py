@@ -1,10 +1,15 @@
-"""Shared CLI plumbing: the bad-input error, parsers with examples, configs from --config/--set."""
+"""Shared CLI plumbing: the bad-input error, parsers with examples, configs from CONFIG and --set,
+KEY=VALUE values, and options kept for one release under an old name."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import time
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import yaml
@@ -13,7 +18,20 @@ from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from ..experiment.errors import ExperimentError
 from ..memento.masks import MaskConfig
 
-__all__ = ["UsageError", "add_mask_args", "add_parser", "default_threads", "experiment_config", "mask_from_args"]
+__all__ = [
+    "CLIDeprecationWarning",
+    "Deprecated",
+    "UsageError",
+    "add_config_args",
+    "add_mask_args",
+    "add_parser",
+    "default_threads",
+    "experiment_config",
+    "key_values",
+    "mask_from_args",
+    "one_line_deprecations",
+    "parse_value",
+]
 
 
 UsageError = ExperimentError
@@ -66,25 +84,153 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, examples: 
     )
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- values
+
+
+_TAG = "tag:yaml.org,2002:"
+
+
+class _ValueLoader(yaml.SafeLoader):
+    """YAML for one command-line value, its plain words read as YAML 1.2 (and JSON) read them:
+    only true/false are booleans and numbers are JSON's, so 1e-5 is a number while no, on, 010,
+    1:30 and 2024-01-01 stay text (PyYAML's YAML 1.1 would make them False, True, 8, 90, a date)."""
+
+
+_ValueLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in found if tag[len(_TAG):] not in ("bool", "int", "float", "timestamp", "value")]
+    for first, found in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _kind, _pattern, _first in (  # int before float: "5" is an int
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?(?:0|[1-9][0-9]*)", "-+0123456789"),
+    ("float", r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+.0123456789"),
+):
+    _ValueLoader.add_implicit_resolver(_TAG + _kind, re.compile(rf"^(?:{_pattern})$"), list(_first))
+
+
+def parse_value(text: str) -> Any:
+    """The VALUE of --set FIELD=VALUE and of every KEY=VALUE option, read as YAML (JSON is a subset):
+    2000, 1e-5, true, null, [0, 3], {a: 1}, "a quoted string"; any other word is a string.
+    ValueError (one line) when it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=_ValueLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        detail = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"not valid YAML ({detail}); to pass it as text, put it in quotes: \"...\"") from None
+
+
+def key_values(pairs: Sequence[str], option: str, metavar: str = "KEY=VALUE",
+               example: str = "max_steps=10") -> dict[str, Any]:
+    """KEY=VALUE strings of a repeatable option as a mapping (a key given again: the last value);
+    VALUE by `parse_value`. A pair without '=' or a key, or an invalid value, is bad input (exit 2)."""
     out = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise UsageError(f"--set {pair!r}: expected FIELD=VALUE, e.g. data.n_samples=2000")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{option} {pair!r}: expected {metavar}, e.g. {example}")
+        try:
+            out[key] = parse_value(value)
+        except ValueError as e:
+            raise UsageError(f"{option} {pair!r}: {e}") from None
     return out
 
 
+# ----------------------------------------------------------------------------- configs
+
+
+def add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The config (positional CONFIG), --set overrides and --resume/--overwrite, as `capture` and
+    `run` take them. Not required (`capture`): the built-in toy config without it, and the
+    deprecated --config FILE still names it."""
+    what = "experiment config (.yaml, .toml or .json)"
+    if required:
+        p.add_argument("config", metavar="CONFIG", help=what)
+    else:
+        p.add_argument("config", metavar="CONFIG", nargs="?", default=None, help=f"{what}; default: built-in toy config")
+        p.add_argument("--config", dest="config_option", metavar="CONFIG", action=Deprecated,
+                       use=f"the positional CONFIG, `{p.prog} CONFIG`", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set data.n_samples=2000 (repeatable; YAML values)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    g.add_argument("--overwrite", action="store_true", help="delete OUT first (only a directory kvprobe made)")
+
+
 def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
-    """The config from --config (or the built-in default) with --set overrides applied."""
-    overrides = _overrides(getattr(args, "set", []) or [])
+    """The config CONFIG names (or the built-in default) with --set overrides applied."""
+    overrides = key_values(getattr(args, "set", []) or [], "--set", "FIELD=VALUE", "data.n_samples=2000")
+    path = getattr(args, "config", None)
+    if getattr(args, "config_option", None):
+        if path:
+            raise UsageError(f"two configs, {path} and --config {args.config_option}: give one, as CONFIG")
+        path = args.config_option
     try:
-        if getattr(args, "config", None):
-            return load_config(args.config, overrides)
+        if path:
+            return load_config(path, overrides)
         return parse_config(apply_overrides({}, overrides), "built-in config")
     except ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- deprecated options
+
+
+class CLIDeprecationWarning(FutureWarning):
+    """An option or form of a command kept for one release under its old name. A FutureWarning,
+    which Python shows by default (a DeprecationWarning it hides outside __main__); `kvprobe`
+    prints it as one line, `kvprobe: warning: ...` (`one_line_deprecations`)."""
+
+
+def deprecated(old: str, use: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {use}",
+                  CLIDeprecationWarning, stacklevel=2)
+
+
+class Deprecated(argparse.Action):
+    """An option under its old name: stores its value as `store` does and warns that it is
+    deprecated, naming what to use instead (`use=`)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, use: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        deprecated(option_string or self.dest, self.use)
+        setattr(namespace, self.dest, values)
+
+
+# the library's renames (kvprobe.config.sections.RENAMED_KEYS, the option classes' old field names)
+LIBRARY_DEPRECATIONS = r"(config key '|(CaptureSpec|ProbeSettings)\b).* is deprecated; use "
+
+
+@contextlib.contextmanager
+def one_line_deprecations() -> Iterator[None]:
+    """While `kvprobe` runs, an old option's or an old config key's name is shown on stderr as one line,
+    `kvprobe: warning: ...`: a CLIDeprecationWarning, or a DeprecationWarning the library raises (which
+    Python would hide outside __main__). Other warnings keep Python's format; a caller that records
+    warnings, e.g. pytest, still gets them."""
+    original = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        if issubclass(category, CLIDeprecationWarning) or (
+                issubclass(category, DeprecationWarning) and re.match(LIBRARY_DEPRECATIONS, str(message))):
+            return f"kvprobe: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("default", LIBRARY_DEPRECATIONS, DeprecationWarning)
+            yield
+    finally:
+        warnings.formatwarning = original
+
+
+# ----------------------------------------------------------------------------- masks
 
 
 def add_mask_args(p: argparse.ArgumentParser, *, restart: bool = True) -> None:

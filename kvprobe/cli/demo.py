@@ -10,6 +10,7 @@ import yaml
 
 from ..config import parse_config
 from ..experiment import leakage_table, run_pipeline, start_run
+from ..grid import LINEAR, MEMENTO
 from .common import UsageError, add_parser
 
 __all__ = ["DEMO_CONFIG", "register"]
@@ -31,12 +32,12 @@ DEMO_CONFIG = {
     "seed": 0,
     "model": {"kind": "toy", "checkpoint": "final"},
     "data": {"kind": "toy", "n_samples": 3000, "target_block": 1},
-    "capture": {"layers": [0, 1, 2, 3], "offsets": [-1, 0, 1, 2, 7], "sites": ["memento"]},
+    "capture": {"layers": [0, 1, 2, 3], "offsets": [-1, 0, 1, 2, 7], "sites": [MEMENTO]},
     "conditions": {
         "memento": {"keep_last_n_blocks": 0},
         "restart": {"keep_last_n_blocks": 0, "restart_mode": True},  # the fork's: delimiters evicted too
     },
-    "probe": {"kinds": ["linear"], "seeds": 1, "shuffled_control": False},
+    "probe": {"families": [LINEAR], "seeds": 1, "shuffled_control": False},
     "report": {"paper": "toy"},
 }
 

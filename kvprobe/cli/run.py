@@ -17,8 +17,7 @@ from ..experiment import (
     stage_sweep,
     start_run,
 )
-from .capture import add_config_args
-from .common import UsageError, add_parser, experiment_config
+from .common import UsageError, add_config_args, add_parser, experiment_config
 
 __all__ = ["register"]
 
@@ -77,9 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro --resume   # after an interruption\n"
         "  kvprobe run experiments/custom_study.toml --out runs/custom --set data.n_samples=2000",
     )
-    p.add_argument("config", help="experiment config (.yaml, .toml or .json)")
+    add_config_args(p, required=True)
     p.add_argument("--out", required=True, help="experiment directory")
-    add_config_args(p, with_config=False)
     p.set_defaults(func=_run)
 
     p = add_parser(

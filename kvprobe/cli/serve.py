@@ -17,7 +17,6 @@ from dataclasses import replace
 from importlib.util import find_spec
 from typing import Any
 
-from ..config import key_value_arg
 from ..memento.masks import MaskConfig
 from ..serving import (
     ClientConfig,
@@ -29,7 +28,7 @@ from ..serving import (
     serve_command,
 )
 from ..serving.fork import check_fork_keys
-from .common import UsageError, add_mask_args, add_parser, mask_from_args
+from .common import UsageError, add_mask_args, add_parser, key_values, mask_from_args
 
 __all__ = ["register"]
 
@@ -60,7 +59,7 @@ def _served_mask_from_args(args: argparse.Namespace) -> MaskConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    fork_keys = dict(args.block_masking_arg)
+    fork_keys = key_values(args.block_masking_arg, "--block-masking-arg", example="max_block_tokens=8192")
     _bad_input(lambda: check_fork_keys(fork_keys))  # before they can meet serve_command's own keywords
     with warnings.catch_warnings(record=True) as caught:  # e.g. the fork's eviction timing, one line each
         warnings.simplefilter("always")
@@ -98,12 +97,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_offline(args: argparse.Namespace) -> int:
+    llm_kwargs = key_values(args.llm_arg, "--llm-arg", example="gpu_memory_utilization=0.9")
     prompts = _bad_input(lambda: read_prompts(args.prompts))
     new = _bad_input(lambda: generate_offline(
         prompts, args.model_path, args.out, mask=_served_mask_from_args(args), chat=not args.no_chat,
         chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, max_model_len=args.max_model_len, chunk_size=args.chunk_size,
-        llm_kwargs=dict(args.llm_arg), progress=not args.no_progress))
+        llm_kwargs=llm_kwargs, progress=not args.no_progress))
     errors = sum(g.trace is None for g in new)
     print(f"{len(new)} generated ({errors} with parse errors), {len(prompts) - len(new)} already present, "
           f"{len(prompts)} prompts; output {args.out}")
@@ -139,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--print", action="store_true", help="print the server command instead of running it")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="let vLLM run the checkpoint's own code (off by default; Memento checkpoints need none)")
-    s.add_argument("--block-masking-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra key of the fork's --block-masking-config (JSON value or string), e.g. "
+    s.add_argument("--block-masking-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra key of the fork's --block-masking-config (a YAML value), e.g. "
                         "max_block_tokens=8192 or debug=true; repeatable; the mask flags set the others")
     _add_served_mask_args(s)
     s.set_defaults(func=_serve)
@@ -172,8 +172,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--chunk-size", type=int, default=256, help="prompts per engine call (and per append)")
     o.add_argument("--chat-template", default="memento",
                    help="memento (the fork's memento_nosys.jinja, default), tokenizer, auto, or a .jinja file")
-    o.add_argument("--llm-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra vllm.LLM keyword (JSON value or string), e.g. gpu_memory_utilization=0.9; repeatable")
+    o.add_argument("--llm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM keyword (a YAML value), e.g. gpu_memory_utilization=0.9; repeatable")
     _add_served_mask_args(o)
     o.set_defaults(func=_generate_offline)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import key_value_arg
 from ..experiment.resolve import hub_access
 from ..training.sft import PAPER_RECIPE
-from .common import UsageError, add_mask_args, add_parser, mask_from_args
+from .common import Deprecated, UsageError, add_mask_args, add_parser, key_values, mask_from_args
 
 __all__ = ["register"]
 
@@ -32,6 +31,7 @@ def _sft(args: argparse.Namespace) -> int:
     )
 
     mask = mask_from_args(args)
+    training_args = key_values(args.training_arg, "--training-arg", example="save_strategy=no")
     first_stage = int(args.stages[0])
     try:
         traces = read_jsonl(args.traces)
@@ -43,7 +43,7 @@ def _sft(args: argparse.Namespace) -> int:
     except (TraceError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     add_memento_tokens(tokenizer, model)
-    out = Path(args.output_dir)
+    out = Path(args.out)
     common = dict(mask=mask, max_length=args.max_length, overlength=args.overlength,
                   cache_dir=Path(args.tokenized_cache) if args.tokenized_cache else out / "tokenized",
                   tokenize_workers=args.tokenize_workers,
@@ -52,7 +52,7 @@ def _sft(args: argparse.Namespace) -> int:
                   per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                   global_batch_size=args.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
                   save_steps=args.save_steps, loss_on_think=args.loss_on_think, seed=args.seed,
-                  **dict(args.training_arg))
+                  **training_args)
     for stage in map(int, args.stages):
         try:
             result = train_stage(model, tokenizer, traces, stage,
@@ -70,14 +70,16 @@ def _sft(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "sft", "two-stage Memento SFT of a base or reasoning model (transformers' Trainer)",
-                   "  kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --output-dir runs/sft\n"
+                   "  kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --out runs/sft\n"
                    "  accelerate launch --config_file experiments/launch/fsdp_qwen3.yaml -m kvprobe sft "
-                   "--model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32")
+                   "--model /ckpt/Qwen3-8B --traces traces.jsonl --out runs/sft --dtype float32")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (a base or reasoning model)")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a hub id's files from the network (default: local files and the local cache only)")
     p.add_argument("--traces", required=True, help="Memento pipeline JSONL (kvprobe.data.traces.read_jsonl)")
-    p.add_argument("--output-dir", required=True)
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output directory: OUT/stage1 and OUT/stage2 (one stage: OUT itself)")
+    out.add_argument("--output-dir", dest="out", action=Deprecated, use="--out", help=argparse.SUPPRESS)
     p.add_argument("--stages", default="12", choices=("1", "2", "12"), help="which stages to run (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights dtype")
     p.add_argument("--max-length", type=int, default=PAPER_RECIPE.max_length,
@@ -86,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a trace longer than --max-length: cut to it (the paper's) or left out")
     p.add_argument("--tokenized-cache", default=None, metavar="DIR",
                    help="where the tokenised traces are cached, built once and shared by the ranks "
-                        "(default OUTPUT_DIR/tokenized)")
+                        "(default OUT/tokenized)")
     p.add_argument("--tokenize-workers", type=int, default=None, metavar="N",
                    help="processes that tokenise the traces (default: one, the tokenizer's own threads)")
     p.add_argument("--chat-template", choices=("qwen3", "none"), default="qwen3",
@@ -106,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on <think>, the assistant turn's first token (the paper's)")
     add_mask_args(p, restart=False)  # restart mode is an inference-time ablation, not a training mask
     p.add_argument("--seed", type=int, default=PAPER_RECIPE.seed)
-    p.add_argument("--training-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra TrainingArguments field (JSON value or string), repeatable")
+    p.add_argument("--training-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra TrainingArguments field (a YAML value, e.g. save_strategy=no or "
+                        "lr_scheduler_kwargs={min_lr: 1e-6}), repeatable")
     p.set_defaults(func=_sft)

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..memento.sites import SITES, site_positions
+from ..grid import SITES
+from ..memento.sites import site_positions
 from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, InjectedSample, inject_and_tokenize, inject_served
 from ..memento.layout import Layout, SpecialTokens

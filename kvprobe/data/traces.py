@@ -23,7 +23,6 @@ new embedding rows).
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
 from .chat import prompt_text
+from .memento_text import EOS_STRINGS, MARKER_RE, split_served_text
 from .quality import memento_flag, record_flag, screen
 from .tokens import RELATED_WORDS, add_memento_tokens
 from ..errors import KVProbeError
@@ -69,9 +69,6 @@ PLACEHOLDER_SUMMARIES = ("Summarization failed", "[Missing summary]")
 BS, BE = SPECIAL_TOKEN_STRINGS["block_start"], SPECIAL_TOKEN_STRINGS["block_end"]
 SS, SE = SPECIAL_TOKEN_STRINGS["summary_start"], SPECIAL_TOKEN_STRINGS["summary_end"]
 THINK, THINK_END = SPECIAL_TOKEN_STRINGS["think"], SPECIAL_TOKEN_STRINGS["think_end"]
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in SPECIAL_TOKEN_STRINGS.values()))
-# end-of-turn tokens a served model may leave at the end of its answer
-_EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|end|>", "</s>")
 
 
 class TraceError(KVProbeError, ValueError):
@@ -113,7 +110,7 @@ class Trace:
                 raise TraceError(f"{where}: expected a string, got {type(text).__name__}")
             if i is not None and not text.strip():
                 raise TraceError(f"{where} is empty")
-            m = _MARKER_RE.search(text)
+            m = MARKER_RE.search(text)
             if m:
                 raise TraceError(f"{where} contains the marker {m.group()} at character {m.start()}")
 
@@ -135,18 +132,8 @@ def _first_key(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def from_pipeline_record(record: dict[str, Any]) -> Trace:
-    """A `Trace` from one record of the Memento data pipeline (pipeline_results.jsonl).
-
-    Needs `task_id`, `sentences` (strings), `blocks` ([first, last] inclusive sentence
-    indices, in order, no gaps) and `block_summaries` (one per block). The prompt is the
-    first of `problem`/`question`/`prompt`/`original_problem`/... (PROMPT_KEYS); the answer the
-    first of `think_suffix`/`answer`. A record without any prompt key (absent or null) is
-    refused: its prompt would silently be empty. The pipeline's failure placeholders ("Summarization
-    failed", "[Missing summary]") and its one-reply-for-every-block fallback are refused.
-    Sentences before the first block join the prompt, those after the last the answer.
-    Sentences are stripped and joined with one space.
-    """
+def _pipeline_fields(record: dict[str, Any]) -> tuple[str, list[str], list[Any], list[str]]:
+    """The trace id, sentences, block pairs and summaries of a pipeline record, their types checked."""
     if not isinstance(record, dict):
         raise TraceError(f"a pipeline record must be a JSON object, got {type(record).__name__}")
     missing = [k for k in ("task_id", "sentences", "blocks", "block_summaries") if k not in record]
@@ -162,7 +149,11 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
         raise TraceError(f"trace {tid!r}: field 'blocks' must be a list of [first, last] pairs")
     if len(summaries) != len(pairs):
         raise TraceError(f"trace {tid!r}: {len(pairs)} blocks but {len(summaries)} block_summaries")
-    n = len(sents)
+    return tid, sents, pairs, summaries
+
+
+def _check_block_pairs(tid: str, pairs: list[Any], n: int) -> None:
+    """Refuse block pairs that are not [first, last] sentence ranges inside 0..n-1, in order, with no gap."""
     prev_last = None
     for i, pair in enumerate(pairs):
         ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(type(v) is int for v in pair)
@@ -176,6 +167,34 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
             raise TraceError(f"trace {tid!r}: block {i} = [{first}, {last}] {what} block {i - 1} (ends at {prev_last})")
         prev_last = last
 
+
+def _check_summaries(tid: str, summaries: list[str]) -> None:
+    """Refuse the pipeline's failure placeholders and its one-reply-for-every-block fallback."""
+    for i, summary in enumerate(summaries):
+        if summary.strip() in PLACEHOLDER_SUMMARIES:
+            raise TraceError(f"trace {tid!r}: block {i}'s summary is the pipeline's failure placeholder "
+                             f"{summary.strip()!r}, not a memento; drop the record or summarize it again")
+    if len(summaries) > 1 and len({s.strip() for s in summaries}) == 1:
+        raise TraceError(f"trace {tid!r}: all {len(summaries)} block summaries are the same text (the pipeline's "
+                         "fallback when no 'Summary N:' line parsed, the raw reply for every block); drop the record")
+
+
+def from_pipeline_record(record: dict[str, Any]) -> Trace:
+    """A `Trace` from one record of the Memento data pipeline (pipeline_results.jsonl).
+
+    Needs `task_id`, `sentences` (strings), `blocks` ([first, last] inclusive sentence
+    indices, in order, no gaps) and `block_summaries` (one per block). The prompt is the
+    first of `problem`/`question`/`prompt`/`original_problem`/... (PROMPT_KEYS); the answer the
+    first of `think_suffix`/`answer`. A record without any prompt key (absent or null) is
+    refused: its prompt would silently be empty. The pipeline's failure placeholders ("Summarization
+    failed", "[Missing summary]") and its one-reply-for-every-block fallback are refused.
+    Sentences before the first block join the prompt, those after the last the answer.
+    Sentences are stripped and joined with one space.
+    """
+    tid, sents, pairs, summaries = _pipeline_fields(record)
+    n = len(sents)
+    _check_block_pairs(tid, pairs, n)
+
     def join(idx: range) -> str:
         return " ".join(s.strip() for s in (sents[j] for j in idx) if s.strip())
 
@@ -187,13 +206,7 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
     if problem is None:
         raise TraceError(f"trace {tid!r}: no problem field (none of {', '.join(PROMPT_KEYS)} is present and not "
                          "null), so its prompt would be empty; the pipeline writes 'problem' with --include-problem")
-    for i, summary in enumerate(summaries):
-        if summary.strip() in PLACEHOLDER_SUMMARIES:
-            raise TraceError(f"trace {tid!r}: block {i}'s summary is the pipeline's failure placeholder "
-                             f"{summary.strip()!r}, not a memento; drop the record or summarize it again")
-    if len(summaries) > 1 and len({s.strip() for s in summaries}) == 1:
-        raise TraceError(f"trace {tid!r}: all {len(summaries)} block summaries are the same text (the pipeline's "
-                         "fallback when no 'Summary N:' line parsed, the raw reply for every block); drop the record")
+    _check_summaries(tid, summaries)
     pre = join(range(pairs[0][0])) if pairs else join(range(n))
     post = join(range(pairs[-1][1] + 1, n)) if pairs else ""
     prompt = "\n\n".join(t for t in (problem, pre) if t)
@@ -259,17 +272,6 @@ def read_jsonl(path: str | Path, *, summary_check: str = "refuse") -> list[Trace
     return traces
 
 
-def _strip_eos(text: str) -> str:
-    text = text.strip()
-    changed = True
-    while changed:
-        changed = False
-        for eos in _EOS_STRINGS:
-            if text.endswith(eos):
-                text, changed = text[: -len(eos)].rstrip(), True
-    return text
-
-
 def from_generated_text(text: str, trace_id: str, *, drop_unfinished: bool = False) -> Trace:
     """Parse Memento-format text as a served model emits it (``skip_special_tokens: false``).
 
@@ -280,83 +282,8 @@ def from_generated_text(text: str, trace_id: str, *, drop_unfinished: bool = Fal
     are dropped. A trailing unfinished block (a truncated generation) is an error unless
     ``drop_unfinished=True``; without </think> the answer is None.
     """
-    blocks: list[str] = []
-    summaries: list[str] = []
-    prompt: str | None = None
-    answer: str | None = None
-    state, mark = "prompt", 0  # mark: where the text of the current region starts
-    block_text = ""
-
-    def fail(pos: int, problem: str) -> TraceError:
-        line = text.count("\n", 0, pos) + 1
-        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-        return TraceError(f"trace {trace_id!r}, line {line}, column {col}: {problem}")
-
-    def only_space(stop: int, between: str) -> None:
-        gap = text[mark:stop]
-        if gap.strip():
-            raise fail(mark + len(gap) - len(gap.lstrip()), f"text {gap.strip()[:30]!r} {between}")
-
-    for m in _MARKER_RE.finditer(text):
-        tok, pos = m.group(), m.start()
-        if tok == THINK:
-            if state != "prompt":
-                raise fail(pos, "<think> after the prompt")
-            prompt, state = text[:pos], "think"
-        elif tok == BS:
-            if state == "prompt":
-                prompt = text[:pos]
-            elif state == "think":
-                only_space(pos, "between <think> and the first <|block_start|>")
-            elif state == "between":
-                only_space(pos, f"between the memento of block {len(blocks) - 1} and the next <|block_start|>")
-            else:
-                raise fail(pos, f"<|block_start|> while block {len(blocks)} is unfinished" if state != "answer"
-                           else "<|block_start|> after </think>")
-            state = "block"
-        elif tok == BE:
-            if state != "block":
-                raise fail(pos, "<|block_end|> with no open block")
-            block_text, state = text[mark:pos], "after_block"
-        elif tok == SS:
-            if state != "after_block":
-                raise fail(pos, "<|summary_start|> not preceded by <|block_end|>")
-            only_space(pos, f"between <|block_end|> and <|summary_start|> of block {len(blocks)}")
-            state = "summary"
-        elif tok == SE:
-            if state != "summary":
-                raise fail(pos, "<|summary_end|> with no open <|summary_start|>")
-            blocks.append(block_text.strip())
-            summaries.append(text[mark:pos].strip())
-            state = "between"
-        elif tok == THINK_END:
-            if state in ("block", "after_block", "summary"):
-                raise fail(pos, f"</think> while block {len(blocks)} is unfinished")
-            if state == "answer":
-                raise fail(pos, "second </think>")
-            if state == "prompt":
-                prompt = text[:pos]
-            elif state == "between":
-                only_space(pos, f"between the memento of block {len(blocks) - 1} and </think>")
-            else:
-                only_space(pos, "between <think> and </think>")
-            state = "answer"
-        mark = m.end()
-
-    if state in ("block", "after_block", "summary") and not drop_unfinished:
-        raise TraceError(
-            f"trace {trace_id!r}: block {len(blocks)} is unfinished at the end of the text "
-            "(pass drop_unfinished=True to drop it)"
-        )
-    if state == "answer":
-        answer = _strip_eos(text[mark:])
-    elif state == "between":
-        only_space(len(text), "after the last memento (no </think>)")
-    elif state == "think":
-        only_space(len(text), "after <think> (no block, no </think>)")
-    elif state == "prompt":
-        raise TraceError(f"trace {trace_id!r}: no Memento markers in the text")
-    return Trace(trace_id, (prompt or "").strip(), blocks, summaries, answer)
+    prompt, blocks, summaries, answer = split_served_text(text, trace_id, drop_unfinished, error=TraceError)
+    return Trace(trace_id, prompt, blocks, summaries, answer)
 
 
 def read_generated(path: str | Path, trace_id: str | None = None, *, summary_check: str = "refuse",
@@ -460,9 +387,9 @@ def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None =
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
     """Ids of the end-of-turn tokens a served sequence may end with: the tokenizer's eos and
-    those of `_EOS_STRINGS` it knows."""
+    those of `EOS_STRINGS` it knows."""
     vocab = tokenizer.get_vocab()
-    return {i for i in (getattr(tokenizer, "eos_token_id", None), *(vocab.get(t) for t in _EOS_STRINGS))
+    return {i for i in (getattr(tokenizer, "eos_token_id", None), *(vocab.get(t) for t in EOS_STRINGS))
             if i is not None}
 
 

@@ -17,8 +17,9 @@ from ..analysis import GridResult
 from ..causal import CausalResult, ProbeReader, causal_map, load_causal, save_causal
 from ..config import ExperimentConfig
 from ..data.passcodes import label_unique_split
+from ..grid import LINEAR
 from ..probes import fit_probes
-from ..store import Cell, KVStore
+from ..store import KVStore
 from .errors import ExperimentError
 from .resolve import make_source
 from .rundir import store_dir
@@ -32,21 +33,20 @@ def causal_path(out: Path) -> Path:
 
 def _reader(cfg: ExperimentConfig, out: Path, condition: str, grids: dict[str, GridResult]) -> ProbeReader | None:
     """A linear probe on the condition's store at the read cell, fitted on every stored
-    sample at the strength the probe stage chose for that cell (else probe.linear_l2)."""
-    k = cfg.causal
-    if k.read_offset is None:
+    sample at the strength the probe stage chose for that cell (else probe.linear.l2)."""
+    cell = cfg.causal_read_cell()
+    if cell is None:
         return None
-    cell = Cell("memento", k.read_offset, k.read_layer if k.read_layer is not None else max(cfg.capture.layers),
-                cfg.probe.pooling)
+    settings = cfg.probe_settings(LINEAR, condition)
     rows = [r for r in grids.get(condition, GridResult(condition, [], np.array([]), {})).rows
-            if r.probe == "linear" and r.cell == cell]
-    l2 = rows[0].l2 if rows and rows[0].l2 is not None else cfg.probe.linear_l2
+            if r.probe == LINEAR and r.cell == cell]
+    l2 = rows[0].l2 if rows and rows[0].l2 is not None else settings.linear.l2
     with KVStore(store_dir(out, condition)) as store:
         x = store.features(cell.layer, cell.offset, cell.site, cell.pooling)
         y = store.labels
-        val = label_unique_split(store.passcodes, cfg.probe.val_fraction, cfg.seed)  # the probe stage's split
+        val = label_unique_split(store.passcodes, settings.val_fraction, settings.split_seed)  # the probe stage's split
     x = x.reshape(len(x), -1)[None]  # (1, N, D)
-    fit = fit_probes(x[:, ~val], y[~val], x[:, val], y[val], "linear", l2=l2, device=cfg.model.device)
+    fit = fit_probes(x[:, ~val], y[~val], x[:, val], y[val], LINEAR, l2=l2, device=settings.device)
     return ProbeReader(cell, fit, cfg.capture.max_tokens)
 
 
@@ -59,7 +59,7 @@ def stage_causal(cfg: ExperimentConfig, out: Path, model: Any, grids: dict[str, 
     path = causal_path(out)
     if path.with_suffix(".json").is_file():
         return load_causal(path)
-    condition = cfg.causal.condition or next(iter(cfg.conditions))
+    condition = cfg.causal_condition()
     source = make_source(cfg, cfg.data.n_samples + spec.n_samples)
     reader = _reader(cfg, out, condition, grids)
     try:

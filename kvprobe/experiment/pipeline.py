@@ -27,7 +27,6 @@ from typing import Any
 
 from ..analysis import (
     GridResult,
-    ProbeSettings,
     apply_holm,
     compare,
     load_grid,
@@ -36,7 +35,7 @@ from ..analysis import (
     save_grid,
 )
 from ..config import ExperimentConfig
-from ..probes import LinearConfig, MLPConfig
+from ..grid import LINEAR, MEMENTO
 from ..reporting.sweep import SweepPoint
 from ..store import REPAIR, KVStore, StoreError, verify_store
 from .capture import Plans, capture_all, plan_all
@@ -54,20 +53,6 @@ from .rundir import (
 
 __all__ = ["holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep",
            "start_run"]
-
-
-def _settings(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeSettings:
-    p = cfg.probe
-    layers, offsets, sites = p.layers, p.offsets, None
-    if kind == "mlp":
-        layers, offsets, sites = p.mlp_layers or layers, p.mlp_offsets or offsets, p.mlp_sites
-    shuffled = p.shuffled_control if isinstance(p.shuffled_control, bool) else condition in p.shuffled_control
-    return ProbeSettings(kinds=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
-                         pooling=p.pooling, shuffled_control=shuffled, n_boot=p.n_boot,
-                         layers=layers, offsets=offsets, sites=sites, device=cfg.model.device,
-                         linear=LinearConfig(l2=p.linear_l2, tol=p.linear_tol),
-                         mlp=MLPConfig(max_epochs=p.mlp_max_epochs), linear_l2_grid=p.linear_l2_grid,
-                         mlp_l2_grid=p.mlp_l2_grid, inner_fraction=p.inner_fraction, extend_grid=p.extend_l2_grid)
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
@@ -90,8 +75,8 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
                 raise ExperimentError(f"{damaged[0]}; {REPAIR}")
             try:
                 label = f"probe {cond} ({i}/{len(cfg.conditions)})"
-                parts = [probe_store(store, cond, _settings(cfg, kind, cond), progress=progress, label=label)
-                         for kind in cfg.probe.kinds]
+                parts = [probe_store(store, cond, cfg.probe_settings(family, cond), progress=progress, label=label)
+                         for family in cfg.probe.families]
             except ValueError as e:
                 raise ExperimentError(f"probe: {e}") from None
         grids[cond] = merge_grids(parts)
@@ -123,16 +108,13 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
         raise ExperimentError(f"sweep.checkpoints: model kind {kind.name!r} has no checkpoint series to sweep "
                               "(the toy has: model.kind: toy)")
     from ..capture import run_capture
-    from ..capture.spec import CaptureSpec
 
     sweep_dir = out / "sweep"
     results_file = sweep_dir / "sweep.json"
     done = {p.checkpoint: p for p in map(SweepPoint.from_dict, json.loads(results_file.read_text()))} \
         if results_file.is_file() else {}
-    base = cfg.capture_spec(next(iter(cfg.conditions)))
-    layer = max(cfg.sweep.layers)  # the one layer the sweep reports: nothing else is captured or probed
-    spec = CaptureSpec(**{**base.to_dict(), "layers": [layer], "offsets": list(cfg.sweep.offsets)})
-    settings = replace(_settings(cfg, "linear"), shuffled_control=False, layers=None, offsets=None)
+    spec, settings = cfg.sweep_specs()  # the one layer the sweep reports: nothing else is captured or probed
+    layer = spec.layers[0]
     source = make_source(cfg, cfg.sweep.n_samples)  # the same samples for every checkpoint
     masked = cfg.sweep.masked_offset()
     rows = []
@@ -209,12 +191,12 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
     if causal is not None:  # the causal map beside the probe map
         from ..reporting.causal import write_causal
 
-        condition = cfg.causal.condition or next(iter(cfg.conditions))
-        paths += [p for p in write_causal(causal, rows, out / "report", condition=condition) if p not in paths]
+        paths += [p for p in write_causal(causal, rows, out / "report", condition=cfg.causal_condition())
+                  if p not in paths]
     return paths
 
 
-def leakage_table(grids: dict[str, GridResult], probe: str = "linear", site: str = "memento") -> str:
+def leakage_table(grids: dict[str, GridResult], probe: str = LINEAR, site: str = MEMENTO) -> str:
     """A compact text table: probe accuracy (%) by layer (rows) and offset (columns), per condition.
 
     `*` marks a Holm-significant cell, corrected (`holm_corrected`) over every cell of `grids`, not

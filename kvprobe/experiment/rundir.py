@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,26 @@ def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: 
         if not resume:
             raise ExperimentError(f"{out}: output directory already exists (use --resume to continue it or --overwrite)")
         elif record.is_file():
-            previous = _read_record(record).get("config")
+            previous = _as_today(_read_record(record).get("config"))
             if previous != resolved:
                 diff = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
                 raise ExperimentError(f"{out}: was run with another config (sections differ: {', '.join(diff)}); "
                                  "use a new --out or --overwrite")
         else:
             raise ExperimentError(f"{out}: exists but holds no kvprobe run (no config.json)")
+
+
+def _as_today(recorded: dict | None) -> dict | None:
+    """A run's recorded config under today's key names (a run recorded before a key was renamed still
+    resumes); as recorded where it no longer parses (the comparison then names what differs)."""
+    if recorded is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the user did not write the record
+            return parse_config(recorded).to_dict()
+    except ConfigError:
+        return recorded
 
 
 def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool, stage: str) -> Path:

@@ -238,6 +238,56 @@ def _as_id_list(ids: Sequence[int] | torch.Tensor, name: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _refuse_unmodelled(model: Any, config: MaskConfig) -> None:
+    """Refuse what the generator does not model: the fork's timing options, masks the model would ignore,
+    sliding-window attention."""
+    fork_only = [f for f in ("evict_before_summary_end", "restart_sees_kept_blocks", "keep_last_block_for_answer")
+                 if getattr(config, f)]
+    if fork_only:
+        raise ValueError(f"the reference generator compacts after <|summary_end|>'s KV is computed (kvprobe's base "
+                         f"rule); the fork's {', '.join(fork_only)} is a mask option for teacher-forced passes "
+                         "only, not modelled here")
+    attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
+    window, windowed = sliding_window_layers(model)
+    if window is not None:
+        raise ValueError(f"generate_with_compaction does not support sliding-window attention (layers {windowed}, "
+                         f"window {window})")
+
+
+def _forced_tokens(forced_ids: Sequence[int] | torch.Tensor | None,
+                   max_new_tokens: int | None) -> tuple[list[int], int]:
+    """The teacher-forced tokens (F,) and the number of new tokens, which defaults to F."""
+    forced = _as_id_list(forced_ids, "forced_ids") if forced_ids is not None else []
+    if max_new_tokens is None:
+        if forced_ids is None:
+            raise ValueError("give max_new_tokens (or forced_ids, whose length is then the default)")
+        max_new_tokens = len(forced)
+    if max_new_tokens < len(forced):
+        raise ValueError(f"max_new_tokens={max_new_tokens} is shorter than forced_ids ({len(forced)} tokens)")
+    return forced, max_new_tokens
+
+
+def _decode(run: _CompactingRun, forced: list[int], max_new_tokens: int, temperature: float,
+            generator: torch.Generator | None, stop_ids: set[int]) -> str:
+    """Step `run` through the forced tokens, then freely chosen ones; returns why it stopped."""
+    for i in range(max_new_tokens):
+        if i < len(forced):
+            try:
+                run.step(forced[i])
+            except LayoutError as e:
+                raise LayoutError(f"forced_ids[{i}] breaks Memento structure: {e}") from None
+            continue
+        assert run.last is not None
+        token = _choose(run.last, temperature, generator)
+        try:
+            run.step(token)
+        except LayoutError as e:  # the model broke the structure: stop before that token
+            return f"invalid structure: {e}"
+        if token in stop_ids:
+            return "eos"
+    return "max_new_tokens"
+
+
 def generate_with_compaction(
     model: Any,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -266,27 +316,11 @@ def generate_with_compaction(
     Memento structure (a second <|block_start|> inside a block, say): the mask is only
     defined on valid structure. A forced token that breaks it raises LayoutError.
     """
-    fork_only = [f for f in ("evict_before_summary_end", "restart_sees_kept_blocks", "keep_last_block_for_answer")
-                 if getattr(config, f)]
-    if fork_only:
-        raise ValueError(f"the reference generator compacts after <|summary_end|>'s KV is computed (kvprobe's base "
-                         f"rule); the fork's {', '.join(fork_only)} is a mask option for teacher-forced passes "
-                         "only, not modelled here")
-    attention_implementation(model, DENSE_MASK_IMPLEMENTATIONS, "generate_with_compaction builds dense float masks")
-    window, windowed = sliding_window_layers(model)
-    if window is not None:
-        raise ValueError(f"generate_with_compaction does not support sliding-window attention (layers {windowed}, "
-                         f"window {window})")
+    _refuse_unmodelled(model, config)
     prompt = _as_id_list(prompt_ids, "prompt_ids")
     if not prompt:
         raise ValueError("prompt_ids is empty: the generator needs at least one token to condition on")
-    forced = _as_id_list(forced_ids, "forced_ids") if forced_ids is not None else []
-    if max_new_tokens is None:
-        if forced_ids is None:
-            raise ValueError("give max_new_tokens (or forced_ids, whose length is then the default)")
-        max_new_tokens = len(forced)
-    if max_new_tokens < len(forced):
-        raise ValueError(f"max_new_tokens={max_new_tokens} is shorter than forced_ids ({len(forced)} tokens)")
+    forced, max_new_tokens = _forced_tokens(forced_ids, max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -294,25 +328,7 @@ def generate_with_compaction(
 
     run = _CompactingRun(model, special, config, keep_logits)
     run.prefill(prompt)
-    stop_reason = "max_new_tokens"
-    for i in range(max_new_tokens):
-        if i < len(forced):
-            try:
-                run.step(forced[i])
-            except LayoutError as e:
-                raise LayoutError(f"forced_ids[{i}] breaks Memento structure: {e}") from None
-            continue
-        assert run.last is not None
-        token = _choose(run.last, temperature, generator)
-        try:
-            run.step(token)
-        except LayoutError as e:  # the model broke the structure: stop before that token
-            stop_reason = f"invalid structure: {e}"
-            break
-        if token in stop_ids:
-            stop_reason = "eos"
-            break
-
+    stop_reason = _decode(run, forced, max_new_tokens, temperature, generator, stop_ids)
     return GenerationResult(
         ids=torch.tensor(run.ids, dtype=torch.long),
         prompt_length=len(prompt),

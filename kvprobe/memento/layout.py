@@ -166,6 +166,111 @@ class Layout:
 
 # parser states
 _PROMPT, _IN_BLOCK, _AFTER_BLOCK, _IN_SUMMARY, _BETWEEN, _ANSWER = range(6)
+_UNFINISHED = {_IN_BLOCK: "unclosed block", _AFTER_BLOCK: "block without memento", _IN_SUMMARY: "unclosed memento"}
+
+
+class _LayoutParser:
+    """The state machine of `parse_layout`: it reads one token at a time, positions relative to the sequence."""
+
+    def __init__(self, special: SpecialTokens, offset: int) -> None:
+        self.special = special
+        self.offset = offset  # added to every position recorded or named
+        self.state = _PROMPT
+        self.blocks: list[Block] = []
+        self.cur: dict[str, int | None] = {}  # the open block's fields, absolute positions
+        self.first_block: int | None = None
+        self.think_end: int | None = None
+        self.seen_think = False
+
+    def fail(self, pos: int, problem: str) -> LayoutError:
+        """The error naming position `pos` (plus the offset) and the problem."""
+        return LayoutError(f"position {pos + self.offset}: {problem}")
+
+    def close_block(self, stop: int) -> None:
+        """Record the open block, its structure reaching up to position `stop`."""
+        self.blocks.append(Block(index=len(self.blocks), stop=stop + self.offset, **self.cur))  # type: ignore[arg-type]
+
+    def read(self, pos: int, tok: int) -> None:
+        """Advance over the token `tok` at `pos`; tokens that are not markers change nothing."""
+        s = self.special
+        name = s.name_of(tok)
+        if name is None:
+            return
+        if self.state == _ANSWER:
+            raise self.fail(pos, "second </think>" if tok == s.think_end else f"{name} after </think>")
+        if tok == s.think:
+            self.think(pos)
+        elif tok == s.block_start:
+            self.block_start(pos)
+        elif tok == s.block_end:
+            if self.state != _IN_BLOCK:
+                raise self.fail(pos, "<|block_end|> with no open block")
+            self.cur["end"] = pos + self.offset
+            self.state = _AFTER_BLOCK
+        elif tok == s.summary_start:
+            self.summary_start(pos)
+        elif tok == s.summary_end:
+            if self.state != _IN_SUMMARY:
+                raise self.fail(pos, "<|summary_end|> with no open <|summary_start|>")
+            self.cur["summary_end"] = pos + self.offset
+            self.close_block(pos + 1)
+            self.state = _BETWEEN
+        elif tok == s.think_end:
+            if self.state in (_IN_BLOCK, _AFTER_BLOCK, _IN_SUMMARY):
+                raise self.fail(pos, f"</think> while block {len(self.blocks)} (opened at position "
+                                     f"{self.cur['start']}) is unfinished")
+            self.think_end = pos + self.offset
+            self.state = _ANSWER
+
+    def think(self, pos: int) -> None:
+        """<think>: only once, and only in the prompt."""
+        if self.state != _PROMPT or self.first_block is not None:
+            raise self.fail(pos, "<think> after the prompt")
+        if self.seen_think:
+            raise self.fail(pos, "second <think>")
+        self.seen_think = True
+
+    def block_start(self, pos: int) -> None:
+        """<|block_start|>: opens a block, once the previous one has its memento."""
+        if self.state == _IN_BLOCK:
+            raise self.fail(pos, f"nested <|block_start|>: block opened at position {self.cur['start']} is not closed")
+        if self.state in (_AFTER_BLOCK, _IN_SUMMARY):
+            raise self.fail(pos, f"<|block_start|> before the memento of block {len(self.blocks)} is finished")
+        if self.first_block is None:
+            self.first_block = pos
+        self.cur = {"start": pos + self.offset, "end": None, "summary_start": None, "summary_end": None}
+        self.state = _IN_BLOCK
+
+    def summary_start(self, pos: int) -> None:
+        """<|summary_start|>: opens the memento of the block just closed."""
+        if self.state == _IN_BLOCK:
+            raise self.fail(pos, f"<|summary_start|> inside block opened at position {self.cur['start']} "
+                                 "(no <|block_end|>)")
+        if self.state != _AFTER_BLOCK:
+            raise self.fail(pos, "summary with no block: <|summary_start|> not preceded by <|block_end|>")
+        self.cur["summary_start"] = pos + self.offset
+        self.state = _IN_SUMMARY
+
+    def finish(self, T: int, allow_unfinished: bool) -> Layout:
+        """The layout of the T tokens read, closing (or refusing) a trailing unfinished block."""
+        offset, think_end = self.offset, self.think_end
+        if self.state in _UNFINISHED:
+            if not allow_unfinished:
+                raise LayoutError(
+                    f"position {self.cur['start']}: {_UNFINISHED[self.state]} at the end of the sequence "
+                    "(pass allow_unfinished=True for a generation in progress)"
+                )
+            self.close_block(T)
+        first_block = self.first_block
+        prompt_stop = first_block if first_block is not None else (think_end - offset if think_end is not None else T)
+        return Layout(
+            offset=offset,
+            length=T,
+            prompt=range(offset, prompt_stop + offset),
+            blocks=tuple(self.blocks),
+            think_end=think_end,
+            answer=range(think_end + 1, T + offset) if think_end is not None else range(T + offset, T + offset),
+        )
 
 
 def parse_layout(
@@ -186,85 +291,10 @@ def parse_layout(
             raise LayoutError(f"parse_layout takes one sequence of shape (T,), got shape {tuple(ids.shape)}")
         ids = ids.tolist()
     ids = list(ids)
-    T = len(ids)
-    s = special
-    blocks: list[Block] = []
-    state = _PROMPT
-    cur: dict[str, int | None] = {}
-    first_block: int | None = None
-    think_end: int | None = None
-    seen_think = False
-
-    def fail(pos: int, problem: str) -> LayoutError:
-        return LayoutError(f"position {pos + offset}: {problem}")
-
-    def close_block(stop: int) -> None:
-        blocks.append(Block(index=len(blocks), stop=stop + offset, **cur))  # type: ignore[arg-type]
-
+    parser = _LayoutParser(special, offset)
     for pos, tok in enumerate(ids):
-        name = s.name_of(tok)
-        if name is None:
-            continue
-        p = pos + offset
-        if state == _ANSWER:
-            raise fail(pos, "second </think>" if tok == s.think_end else f"{name} after </think>")
-        if tok == s.think:
-            if state != _PROMPT or first_block is not None:
-                raise fail(pos, "<think> after the prompt")
-            if seen_think:
-                raise fail(pos, "second <think>")
-            seen_think = True
-        elif tok == s.block_start:
-            if state == _IN_BLOCK:
-                raise fail(pos, f"nested <|block_start|>: block opened at position {cur['start']} is not closed")
-            if state in (_AFTER_BLOCK, _IN_SUMMARY):
-                raise fail(pos, f"<|block_start|> before the memento of block {len(blocks)} is finished")
-            if first_block is None:
-                first_block = pos
-            cur = {"start": p, "end": None, "summary_start": None, "summary_end": None}
-            state = _IN_BLOCK
-        elif tok == s.block_end:
-            if state != _IN_BLOCK:
-                raise fail(pos, "<|block_end|> with no open block")
-            cur["end"] = p
-            state = _AFTER_BLOCK
-        elif tok == s.summary_start:
-            if state == _IN_BLOCK:
-                raise fail(pos, f"<|summary_start|> inside block opened at position {cur['start']} (no <|block_end|>)")
-            if state != _AFTER_BLOCK:
-                raise fail(pos, "summary with no block: <|summary_start|> not preceded by <|block_end|>")
-            cur["summary_start"] = p
-            state = _IN_SUMMARY
-        elif tok == s.summary_end:
-            if state != _IN_SUMMARY:
-                raise fail(pos, "<|summary_end|> with no open <|summary_start|>")
-            cur["summary_end"] = p
-            close_block(pos + 1)
-            state = _BETWEEN
-        elif tok == s.think_end:
-            if state in (_IN_BLOCK, _AFTER_BLOCK, _IN_SUMMARY):
-                raise fail(pos, f"</think> while block {len(blocks)} (opened at position {cur['start']}) is unfinished")
-            think_end = p
-            state = _ANSWER
-
-    if state in (_IN_BLOCK, _AFTER_BLOCK, _IN_SUMMARY):
-        if not allow_unfinished:
-            what = {_IN_BLOCK: "unclosed block", _AFTER_BLOCK: "block without memento", _IN_SUMMARY: "unclosed memento"}
-            raise LayoutError(
-                f"position {cur['start']}: {what[state]} at the end of the sequence "
-                "(pass allow_unfinished=True for a generation in progress)"
-            )
-        close_block(T)
-
-    prompt_stop = first_block if first_block is not None else (think_end - offset if think_end is not None else T)
-    return Layout(
-        offset=offset,
-        length=T,
-        prompt=range(offset, prompt_stop + offset),
-        blocks=tuple(blocks),
-        think_end=think_end,
-        answer=range(think_end + 1, T + offset) if think_end is not None else range(T + offset, T + offset),
-    )
+        parser.read(pos, tok)
+    return parser.finish(len(ids), allow_unfinished)
 
 
 def parse_batch(

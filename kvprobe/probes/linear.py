@@ -272,6 +272,158 @@ def preconditioner(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts)
 
 
+def _h0_of(x: torch.Tensor, strengths: Any, config: LinearConfig, h0: torch.Tensor | None) -> torch.Tensor:
+    """The preconditioner (G, D+1, D+1) on x's device and dtype: `h0` checked, or computed from x (G, N, D)."""
+    G, N, D = x.shape
+    if h0 is None:
+        group_l2 = (strengths.mean(dim=1) if isinstance(strengths, torch.Tensor)
+                    else torch.full((G,), float(strengths), dtype=x.dtype, device=x.device))
+        h0 = preconditioner(feature_gram(x, config.gram_rows), group_l2)
+    elif tuple(h0.shape) != (G, D + 1, D + 1):
+        raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {(G, D + 1, D + 1)}")
+    return h0.to(device=x.device, dtype=x.dtype)  # (G, D+1, D+1)
+
+
+def _start(x: torch.Tensor, n_classes: int, K: int, init: LinearProbes | None) -> torch.Tensor:
+    """The starting parameters theta (G, D+1, C, K): zeros, or the probes `init` with the bias as the last row."""
+    G, N, D = x.shape
+    if init is None:
+        return torch.zeros(G, D + 1, n_classes, K, dtype=x.dtype, device=x.device)
+    if tuple(init.weight.shape) != (G, D, K, n_classes):
+        raise ValueError(f"init probes have shape {tuple(init.weight.shape)}, expected {(G, D, K, n_classes)}")
+    w0 = init.weight.detach().to(device=x.device, dtype=x.dtype).permute(0, 1, 3, 2)  # (G, D, C, K)
+    b0 = init.bias.detach().to(device=x.device, dtype=x.dtype).transpose(1, 2)[:, None]  # (G, 1, C, K)
+    return torch.cat([w0, b0], dim=1).contiguous()
+
+
+def _apply_h0(precond: torch.Tensor | None, q: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """The initial inverse-Hessian applied to q (G, D+1, C, K); groups whose problems are all `done` (G, K)
+    are left as they are."""
+    if precond is None:
+        return q
+    G, D1, C, K = q.shape
+    rows = (~done).any(dim=1).nonzero().squeeze(1)  # (g,)
+    if len(rows) == G:
+        return torch.bmm(precond, q.reshape(G, D1, -1)).view_as(q)
+    if len(rows) == 0:  # every problem has converged (a warm start at its optimum): nothing moves again
+        return q
+    out = q.clone()
+    for run in _runs(rows):  # views of consecutive groups: no copy of the factors
+        out[run] = torch.bmm(precond[run], q[run].reshape(-1, D1, C * K)).view_as(q[run])
+    return out
+
+
+@dataclass
+class _LBFGSState:
+    """Where the batched L-BFGS stands: the iterate, its objective and gradient, and each problem's curvature
+    history, first-step scale and stopping state. Tensors (G, D+1, C, K) unless marked (G, K)."""
+
+    f: _Objective
+    precond: torch.Tensor | None  # (G, D+1, D+1), or None for plain L-BFGS
+    tol: Any  # a float, or (G, K)
+    theta: torch.Tensor
+    loss: torch.Tensor  # (G, K)
+    grad: torch.Tensor
+    hgrad: torch.Tensor  # H0 grad
+    gamma: torch.Tensor  # (G, K) scale of H0
+    done: torch.Tensor  # (G, K)
+    n_iter: torch.Tensor  # (G, K)
+    # (s, y, rho, H0 y): H0 is linear, so H0 of the two-loop's q is H0 grad - sum a_i H0 y_i, and each
+    # iteration needs one product with the preconditioner (for the new gradient), not two
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def start(cls, f: _Objective, theta: torch.Tensor, precond: torch.Tensor | None, tol: Any) -> "_LBFGSState":
+        """The state at theta (G, D+1, C, K), before the first step."""
+        G, _, _, K = theta.shape
+        loss, grad = f(theta)
+        if precond is None:
+            gamma = 1.0 / grad.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)  # (G, K) first step: unit length
+        else:
+            gamma = torch.ones(G, K, dtype=theta.dtype, device=theta.device)  # first step: the bound's Newton step
+        done = grad.abs().amax(dim=(1, 2)) <= tol  # (G, K)
+        n_iter = torch.zeros(G, K, dtype=torch.long, device=theta.device)
+        hgrad = _apply_h0(precond, grad, done)
+        return cls(f, precond, tol, theta, loss, grad, hgrad, gamma, done, n_iter, [])
+
+    def direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search direction -H grad (G, D+1, C, K), H from each problem's own history, and its slope (G, K);
+        finished problems get a zero direction."""
+        grad, done = self.grad, self.done
+        # two-loop recursion: direction = -H grad, H from each problem's own history
+        q, hq = grad.clone(), self.hgrad.clone()
+        alphas = []
+        for s, yv, rho, hy in reversed(self.history):
+            a = rho * _dot(s, q)
+            q -= _per_problem(a) * yv
+            if hy is not yv:
+                hq -= _per_problem(a) * hy
+            alphas.append(a)
+        r = _per_problem(self.gamma) * (hq if self.precond is not None else q)
+        for (s, yv, rho, _), a in zip(self.history, reversed(alphas)):
+            b = rho * _dot(yv, r)
+            r += _per_problem(a - b) * s
+        direction = -r
+        slope = _dot(grad, direction)  # (G, K)
+        not_descent = slope >= 0  # numerical trouble: fall back to steepest descent
+        direction = torch.where(_per_problem(not_descent), -grad, direction)
+        slope = torch.where(not_descent, -grad.pow(2).sum(dim=(1, 2)), slope)
+        direction = direction * _per_problem(~done)  # finished problems stay put
+        return direction, slope
+
+    def line_search(self, direction: torch.Tensor, slope: torch.Tensor, max_halvings: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The accepted step's (theta, loss, grad) and which problems found no acceptable step (G, K)."""
+        # backtracking line search, each problem with its own step length; only
+        # groups with a problem still searching are evaluated. A step is accepted
+        # on Armijo's sufficient decrease, or on its derivative form (Hager & Zhang's
+        # approximate Wolfe test), which stays exact where float32 loss values
+        # can no longer resolve the decrease near the optimum.
+        theta, loss, grad = self.theta, self.loss, self.grad
+        step = torch.ones(*self.done.shape, dtype=theta.dtype, device=theta.device)  # (G, K)
+        pending = ~self.done
+        new_theta, new_loss, new_grad = theta.clone(), loss.clone(), grad.clone()
+        for _ in range(max_halvings):
+            rows = pending.any(dim=1).nonzero().squeeze(1)  # (g,)
+            trial = theta[rows] + _per_problem(step[rows]) * direction[rows]
+            trial_loss, trial_grad = self.f(trial, rows)
+            f0, d0 = loss[rows], slope[rows]
+            armijo = trial_loss <= f0 + _ARMIJO * step[rows] * d0
+            trial_slope = _dot(trial_grad, direction[rows])
+            approx = (trial_loss <= f0 + 1e-6 * f0.abs()) & (trial_slope <= (2 * _ARMIJO - 1) * d0)
+            accept = pending[rows] & (armijo | approx)
+            new_theta[rows] = torch.where(_per_problem(accept), trial, new_theta[rows])
+            new_loss[rows] = torch.where(accept, trial_loss, new_loss[rows])
+            new_grad[rows] = torch.where(_per_problem(accept), trial_grad, new_grad[rows])
+            pending[rows] &= ~accept
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, step * 0.5, step)
+        return new_theta, new_loss, new_grad, pending
+
+    def advance(self, new_theta: torch.Tensor, new_loss: torch.Tensor, new_grad: torch.Tensor,
+                stalled: torch.Tensor, history: int) -> None:
+        """Move to the new iterate, add its curvature pair to the history, and update the stopping state."""
+        done, tol = self.done, self.tol
+        moved = ~done & ~stalled
+        s = new_theta - self.theta
+        yv = new_grad - self.grad
+        sy = _dot(s, yv)
+        valid = moved & (sy > 1e-10)
+        rho = torch.where(valid, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))  # rho = 0: pair is a no-op
+        new_hgrad = _apply_h0(self.precond, new_grad, done)
+        hy = new_hgrad - self.hgrad if self.precond is not None else yv
+        self.gamma = torch.where(valid, sy / _dot(yv, hy).clamp_min(1e-30), self.gamma)
+        self.history.append((s, yv, rho, hy))
+        if len(self.history) > history:
+            self.history.pop(0)
+
+        self.theta, self.loss, self.grad, self.hgrad = new_theta, new_loss, new_grad, new_hgrad
+        self.n_iter += moved.long()
+        stuck = moved & (_dot(s, s) == 0)  # the step vanished in float precision
+        self.done = done | stalled | stuck | (self.grad.abs().amax(dim=(1, 2)) <= tol)
+
+
 def fit_linear_probes(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, config: LinearConfig, *,
     l2: Any = None, init: LinearProbes | None = None, h0: torch.Tensor | None = None,
@@ -292,120 +444,18 @@ def fit_linear_probes(
     K = y.shape[2]
     strengths = config.l2 if l2 is None else _per_problem_l2(l2, G, K, x)
     f = _Objective(x, y, strengths)
-    precond = None
-    if config.precondition:
-        if h0 is None:
-            group_l2 = (strengths.mean(dim=1) if isinstance(strengths, torch.Tensor)
-                        else torch.full((G,), float(strengths), dtype=x.dtype, device=x.device))
-            h0 = preconditioner(feature_gram(x, config.gram_rows), group_l2)
-        elif tuple(h0.shape) != (G, D + 1, D + 1):
-            raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {(G, D + 1, D + 1)}")
-        precond = h0.to(device=x.device, dtype=x.dtype)  # (G, D+1, D+1)
-
-    def apply_h0(q: torch.Tensor) -> torch.Tensor:
-        """The initial inverse-Hessian applied to q (G, D+1, C, K); finished groups are left as they are."""
-        if precond is None:
-            return q
-        rows = (~done).any(dim=1).nonzero().squeeze(1)  # (g,)
-        if len(rows) == G:
-            return torch.bmm(precond, q.reshape(G, D + 1, -1)).view_as(q)
-        if len(rows) == 0:  # every problem has converged (a warm start at its optimum): nothing moves again
-            return q
-        out = q.clone()
-        for run in _runs(rows):  # views of consecutive groups: no copy of the factors
-            out[run] = torch.bmm(precond[run], q[run].reshape(-1, D + 1, q.shape[2] * K)).view_as(q[run])
-        return out
-
-    if init is None:
-        theta = torch.zeros(G, D + 1, n_classes, K, dtype=x.dtype, device=x.device)
-    else:
-        if tuple(init.weight.shape) != (G, D, K, n_classes):
-            raise ValueError(f"init probes have shape {tuple(init.weight.shape)}, expected {(G, D, K, n_classes)}")
-        w0 = init.weight.detach().to(device=x.device, dtype=x.dtype).permute(0, 1, 3, 2)  # (G, D, C, K)
-        b0 = init.bias.detach().to(device=x.device, dtype=x.dtype).transpose(1, 2)[:, None]  # (G, 1, C, K)
-        theta = torch.cat([w0, b0], dim=1).contiguous()
-    loss, grad = f(theta)
-    # (s, y, rho, H0 y): H0 is linear, so H0 of the two-loop's q is H0 grad - sum a_i H0 y_i, and each
-    # iteration needs one product with the preconditioner (for the new gradient), not two
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if precond is None:
-        gamma = 1.0 / grad.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)  # (G, K) first step: unit length
-    else:
-        gamma = torch.ones(G, K, dtype=x.dtype, device=x.device)  # first step: the bound's Newton step
-    tol = _tolerance(config, strengths)  # a float, or (G, K)
-    done = grad.abs().amax(dim=(1, 2)) <= tol  # (G, K)
-    n_iter = torch.zeros(G, K, dtype=torch.long, device=x.device)
-    hgrad = apply_h0(grad)  # H0 grad (G, D+1, C, K)
-
+    precond = _h0_of(x, strengths, config, h0) if config.precondition else None
+    state = _LBFGSState.start(f, _start(x, n_classes, K, init), precond, _tolerance(config, strengths))
     for _ in range(config.max_iter):
-        if bool(done.all()):
+        if bool(state.done.all()):
             break
-        # two-loop recursion: direction = -H grad, H from each problem's own history
-        q, hq = grad.clone(), hgrad.clone()
-        alphas = []
-        for s, yv, rho, hy in reversed(history):
-            a = rho * _dot(s, q)
-            q -= _per_problem(a) * yv
-            if hy is not yv:
-                hq -= _per_problem(a) * hy
-            alphas.append(a)
-        r = _per_problem(gamma) * (hq if precond is not None else q)
-        for (s, yv, rho, _), a in zip(history, reversed(alphas)):
-            b = rho * _dot(yv, r)
-            r += _per_problem(a - b) * s
-        direction = -r
-        slope = _dot(grad, direction)  # (G, K)
-        not_descent = slope >= 0  # numerical trouble: fall back to steepest descent
-        direction = torch.where(_per_problem(not_descent), -grad, direction)
-        slope = torch.where(not_descent, -grad.pow(2).sum(dim=(1, 2)), slope)
-        direction = direction * _per_problem(~done)  # finished problems stay put
+        direction, slope = state.direction()
+        new_theta, new_loss, new_grad, stalled = state.line_search(direction, slope, config.max_halvings)
+        # stalled: no acceptable step, float precision exhausted; stop like scipy does
+        state.advance(new_theta, new_loss, new_grad, stalled, config.history)
 
-        # backtracking line search, each problem with its own step length; only
-        # groups with a problem still searching are evaluated. A step is accepted
-        # on Armijo's sufficient decrease, or on its derivative form (Hager & Zhang's
-        # approximate Wolfe test), which stays exact where float32 loss values
-        # can no longer resolve the decrease near the optimum.
-        step = torch.ones(G, K, dtype=x.dtype, device=x.device)
-        pending = ~done
-        new_theta, new_loss, new_grad = theta.clone(), loss.clone(), grad.clone()
-        for _ in range(config.max_halvings):
-            rows = pending.any(dim=1).nonzero().squeeze(1)  # (g,)
-            trial = theta[rows] + _per_problem(step[rows]) * direction[rows]
-            trial_loss, trial_grad = f(trial, rows)
-            f0, d0 = loss[rows], slope[rows]
-            armijo = trial_loss <= f0 + _ARMIJO * step[rows] * d0
-            trial_slope = _dot(trial_grad, direction[rows])
-            approx = (trial_loss <= f0 + 1e-6 * f0.abs()) & (trial_slope <= (2 * _ARMIJO - 1) * d0)
-            accept = pending[rows] & (armijo | approx)
-            new_theta[rows] = torch.where(_per_problem(accept), trial, new_theta[rows])
-            new_loss[rows] = torch.where(accept, trial_loss, new_loss[rows])
-            new_grad[rows] = torch.where(_per_problem(accept), trial_grad, new_grad[rows])
-            pending[rows] &= ~accept
-            if not bool(pending.any()):
-                break
-            step = torch.where(pending, step * 0.5, step)
-        stalled = pending  # no acceptable step: float precision exhausted, stop like scipy does
-
-        moved = ~done & ~stalled
-        s = new_theta - theta
-        yv = new_grad - grad
-        sy = _dot(s, yv)
-        valid = moved & (sy > 1e-10)
-        rho = torch.where(valid, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))  # rho = 0: pair is a no-op
-        new_hgrad = apply_h0(new_grad)
-        hy = new_hgrad - hgrad if precond is not None else yv
-        gamma = torch.where(valid, sy / _dot(yv, hy).clamp_min(1e-30), gamma)
-        history.append((s, yv, rho, hy))
-        if len(history) > config.history:
-            history.pop(0)
-
-        theta, loss, grad, hgrad = new_theta, new_loss, new_grad, new_hgrad
-        n_iter += moved.long()
-        stuck = moved & (_dot(s, s) == 0)  # the step vanished in float precision
-        done = done | stalled | stuck | (grad.abs().amax(dim=(1, 2)) <= tol)
-
-    converged = grad.abs().amax(dim=(1, 2)) <= tol
-    weight = theta[:, :D].permute(0, 1, 3, 2).contiguous()  # (G, D, K, C)
-    bias = theta[:, D].transpose(1, 2).contiguous()  # (G, K, C)
+    converged = state.grad.abs().amax(dim=(1, 2)) <= state.tol
+    weight = state.theta[:, :D].permute(0, 1, 3, 2).contiguous()  # (G, D, K, C)
+    bias = state.theta[:, D].transpose(1, 2).contiguous()  # (G, K, C)
     probes = LinearProbes(weight, bias)
-    return probes, LBFGSInfo(n_iter=n_iter, converged=converged, loss=loss)
+    return probes, LBFGSInfo(n_iter=state.n_iter, converged=converged, loss=state.loss)

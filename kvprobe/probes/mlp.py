@@ -170,6 +170,84 @@ def _holdout_loss(model: MLPProbes, x: torch.Tensor, y: torch.Tensor, held: torc
     return (total / held.sum(dim=1).clamp_min(1)).float()
 
 
+def _replica_labels(y: torch.Tensor, R: int, G: int, N: int) -> torch.Tensor:
+    """The label set of each replica (R, G, N, K), from y (G, N, K) shared by all or (R, G, N, K)."""
+    labels = y if y.dim() == 4 else y.unsqueeze(0).expand(R, -1, -1, -1)
+    if labels.shape[0] != R or labels.shape[1:3] != (G, N):
+        raise ValueError(f"y has shape {tuple(y.shape)}, expected ({G}, {N}, K) or ({R}, {G}, {N}, K)")
+    return labels
+
+
+def _holdout_mask(labels: torch.Tensor, config: MLPConfig, gens: Sequence[torch.Generator],
+                  device: torch.device) -> torch.Tensor:
+    """Each replica's label-unique holdout (R*G, N), replica-major; all False without early stopping."""
+    R, G, N, _ = labels.shape
+    if config.holdout_fraction > 0:
+        held = torch.cat([label_unique_holdout(labels[r], config.holdout_fraction, g) for r, g in enumerate(gens)])
+        if bool((held.sum(dim=1) == 0).any() or (held.sum(dim=1) == N).any()):
+            raise ValueError(f"too few training passcodes ({N} samples) for a holdout of {config.holdout_fraction}")
+        return held
+    return torch.zeros(R * G, N, dtype=torch.bool, device=device)
+
+
+def _train_epoch(model: MLPProbes, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 fit_weight: torch.Tensor, gens: Sequence[torch.Generator], batch_size: int) -> None:
+    """One pass over x (G, N, D), each replica in its own random order, one Adam step per minibatch.
+
+    y: labels (R*G, N, K); fit_weight: (R*G, N), 1 for samples the probe trains on."""
+    G, N, _ = x.shape
+    R = len(gens)
+    rows = torch.arange(R * G, device=x.device)[:, None]  # (R*G, 1)
+    order = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(x.device)  # (R, N)
+    for start in range(0, N, batch_size):
+        idx = order[:, start:start + batch_size]  # (R, B)
+        xb = torch.cat([x[:, i] for i in idx]) if R > 1 else x[:, idx[0]]  # (R*G, B, D)
+        at = idx.repeat_interleave(G, dim=0)  # (R*G, B): each group's own samples
+        w = fit_weight[rows, at]  # (R*G, B)
+        ce = _cross_entropy(model(xb), y[rows, at])  # (R*G, B)
+        loss = ((ce * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)).sum()  # groups are independent terms
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+
+@dataclass
+class _EarlyStopping:
+    """Per group (each (R*G,)): the best holdout loss so far, its epoch and weights, and who has stopped."""
+
+    best_loss: torch.Tensor
+    best_epoch: torch.Tensor
+    since_best: torch.Tensor
+    stopped: torch.Tensor
+    best_state: list[torch.Tensor]  # a copy of each model parameter
+
+    @classmethod
+    def start(cls, model: MLPProbes, n: int, max_epochs: int, device: torch.device) -> "_EarlyStopping":
+        """No epoch measured yet: every group's best epoch is the last."""
+        return cls(best_loss=torch.full((n,), math.inf, device=device),
+                   best_epoch=torch.full((n,), max_epochs, dtype=torch.long, device=device),
+                   since_best=torch.zeros(n, dtype=torch.long, device=device),
+                   stopped=torch.zeros(n, dtype=torch.bool, device=device),
+                   best_state=[p.detach().clone() for p in model.parameters()])
+
+    def update(self, epoch: int, hold: torch.Tensor, model: MLPProbes, patience: int) -> bool:
+        """Keep the weights of the groups whose holdout loss `hold` (R*G,) improved; True once every group stopped."""
+        improved = (hold < self.best_loss) & ~self.stopped
+        self.best_loss = torch.where(improved, hold, self.best_loss)
+        self.best_epoch = torch.where(improved, torch.full_like(self.best_epoch, epoch), self.best_epoch)
+        self.since_best = torch.where(improved, torch.zeros_like(self.since_best), self.since_best + 1)
+        for kept, p in zip(self.best_state, model.parameters()):
+            kept.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p.detach(), kept))
+        self.stopped |= self.since_best >= patience
+        return bool(self.stopped.all())
+
+    @torch.no_grad()
+    def restore(self, model: MLPProbes) -> None:
+        """Put every group's best-epoch weights back into the model."""
+        for kept, p in zip(self.best_state, model.parameters()):
+            p.copy_(kept)
+
+
 def fit_mlp_probes(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, config: MLPConfig, seed: int | Sequence[int],
     on_epoch: EpochCallback | None = None,
@@ -188,67 +266,30 @@ def fit_mlp_probes(
     G, N, D = x.shape
     seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
     R = len(seeds)
-    labels = y if y.dim() == 4 else y.unsqueeze(0).expand(R, -1, -1, -1)
-    if labels.shape[0] != R or labels.shape[1:3] != (G, N):
-        raise ValueError(f"y has shape {tuple(y.shape)}, expected ({G}, {N}, K) or ({R}, {G}, {N}, K)")
+    labels = _replica_labels(y, R, G, N)  # (R, G, N, K)
     K = labels.shape[3]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model = MLPProbes.stacked([MLPProbes(G, D, K, n_classes, config.hidden, g) for g in gens]).to(x.device)
     y = labels.reshape(R * G, N, K)  # replica-major, as the model's groups
-
     early_stopping = config.holdout_fraction > 0
-    if early_stopping:
-        held = torch.cat([label_unique_holdout(labels[r], config.holdout_fraction, g) for r, g in enumerate(gens)])
-        if bool((held.sum(dim=1) == 0).any() or (held.sum(dim=1) == N).any()):
-            raise ValueError(f"too few training passcodes ({N} samples) for a holdout of {config.holdout_fraction}")
-    else:
-        held = torch.zeros(R * G, N, dtype=torch.bool, device=x.device)
+    held = _holdout_mask(labels, config, gens, x.device)  # (R*G, N)
     fit_weight = (~held).float()  # (R*G, N): 1 for samples the probe trains on
-
     optimiser = torch.optim.Adam([
         {"params": list(model.weights), "weight_decay": config.l2},  # coupled L2: grad of l2/2 ||W||^2
         {"params": list(model.biases), "weight_decay": 0.0},
     ], lr=config.lr)
-
-    n = R * G
-    best_loss = torch.full((n,), math.inf, device=x.device)
-    best_epoch = torch.full((n,), config.max_epochs, dtype=torch.long, device=x.device)
-    since_best = torch.zeros(n, dtype=torch.long, device=x.device)
-    stopped = torch.zeros(n, dtype=torch.bool, device=x.device)
-    best_state = [p.detach().clone() for p in model.parameters()]
-    rows = torch.arange(n, device=x.device)[:, None]  # (R*G, 1)
+    best = _EarlyStopping.start(model, R * G, config.max_epochs, x.device)
 
     for epoch in range(1, config.max_epochs + 1):
-        order = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(x.device)  # (R, N)
-        for start in range(0, N, config.batch_size):
-            idx = order[:, start:start + config.batch_size]  # (R, B)
-            xb = torch.cat([x[:, i] for i in idx]) if R > 1 else x[:, idx[0]]  # (R*G, B, D)
-            at = idx.repeat_interleave(G, dim=0)  # (R*G, B): each group's own samples
-            w = fit_weight[rows, at]  # (R*G, B)
-            ce = _cross_entropy(model(xb), y[rows, at])  # (R*G, B)
-            loss = ((ce * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)).sum()  # groups are independent terms
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        _train_epoch(model, optimiser, x, y, fit_weight, gens, config.batch_size)
         if on_epoch is not None:
             on_epoch(epoch, config.max_epochs)
-        if not early_stopping:
-            continue
-        hold = _holdout_loss(model, x, y, held, config.eval_batch)  # (R*G,)
-        improved = (hold < best_loss) & ~stopped
-        best_loss = torch.where(improved, hold, best_loss)
-        best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
-        since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
-        for kept, p in zip(best_state, model.parameters()):
-            kept.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p.detach(), kept))
-        stopped |= since_best >= config.patience
-        if bool(stopped.all()):
+        if early_stopping and best.update(epoch, _holdout_loss(model, x, y, held, config.eval_batch), model,
+                                          config.patience):
             break
 
     if early_stopping:
-        with torch.no_grad():
-            for kept, p in zip(best_state, model.parameters()):
-                p.copy_(kept)
+        best.restore(model)
     else:
-        best_loss = torch.full((n,), math.nan, device=x.device)
-    return model, MLPInfo(best_epoch=best_epoch, stopped_early=stopped, holdout_loss=best_loss)
+        best.best_loss = torch.full((R * G,), math.nan, device=x.device)
+    return model, MLPInfo(best_epoch=best.best_epoch, stopped_early=best.stopped, holdout_loss=best.best_loss)

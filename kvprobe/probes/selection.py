@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..grid import LINEAR, MLP
 from .linear import LinearConfig, LinearProbes
 from .mlp import MLPConfig, label_unique_holdout
 from .trainer import (
@@ -168,7 +169,7 @@ def strength_path(
     fits: dict[float, ProbeFit] = {}
     previous: LinearProbes | None = None
     for value in reversed(values):
-        fit = fit_probes(xt, yt, xv, yv, "linear", l2=value, config=config, n_classes=n_classes, device=device,
+        fit = fit_probes(xt, yt, xv, yv, LINEAR, l2=value, config=config, n_classes=n_classes, device=device,
                          init=previous, moments=moments)
         fits[value], previous = fit, linear_in_raw_units(fit.probe, fit.standardizer)
         if on_fit is not None:
@@ -218,7 +219,7 @@ class _InnerPath:
         acc = self.accuracy.setdefault(value, np.full(self.G, np.nan))
         loss = self.loss.setdefault(value, np.full(self.G, np.nan))
         acc[groups], loss[groups] = fit.accuracy, _mean_ce(fit.log_probs, fit.y_val)
-        if self.kind == "linear":
+        if self.kind == LINEAR:
             probe = linear_in_raw_units(fit.probe, fit.standardizer)
             w, b = probe.weight.detach(), probe.bias.detach()
             if value not in self.raw:
@@ -229,7 +230,7 @@ class _InnerPath:
     def base(self, values: Sequence[float]) -> None:
         """Every group at every value of the requested grid (a linear path: one warm-started solve per value)."""
         every = np.arange(self.G)
-        if self.kind == "linear":
+        if self.kind == LINEAR:
             path = strength_path(self.x_tr, self.y_tr, self.x_va, self.y_va, values, config=self.config,
                                  n_classes=self.n_classes, device=self.device, moments=self.moments,
                                  on_fit=self.on_fit)
@@ -246,7 +247,7 @@ class _InnerPath:
             return a[groups] if a.ndim == 3 else a
 
         init, moments = None, None
-        if self.kind == "linear":
+        if self.kind == LINEAR:
             index = torch.as_tensor(groups)
             init = LinearProbes(*(t[index.to(t.device)] for t in self.raw[start])) if start is not None else None
             if self.moments is not None:
@@ -285,7 +286,7 @@ class _InnerPath:
 
 
 def select_strength(
-    X_train: Any, y_train: Any, grid: Sequence[float], *, kind: str = "linear",
+    X_train: Any, y_train: Any, grid: Sequence[float], *, kind: str = LINEAR,
     inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0,
     config: LinearConfig | MLPConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
     moments: FeatureMoments | None = None, on_fit: Callable[..., None] | None = None, extend: bool = True,
@@ -308,7 +309,7 @@ def select_strength(
     if len(values) == 1:
         nan = np.full((G, 1), np.nan)
         return StrengthSelection(values, nan, nan.copy(), np.full(G, values[0]))
-    if kind not in ("linear", "mlp"):
+    if kind not in (LINEAR, MLP):
         raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
     mask = inner_split(y_train, inner_fraction, seed) if inner_val is None else np.asarray(inner_val, dtype=bool)
     if mask.shape != (xt.shape[1],) or mask.all() or not mask.any():
@@ -316,7 +317,7 @@ def select_strength(
     tr, va = np.flatnonzero(~mask), np.flatnonzero(mask)
     y = np.asarray(y_train)
     y_tr, y_va = (y[tr], y[va]) if y.ndim == 2 else (y[:, tr], y[:, va])
-    if kind == "linear" and moments is None and (config or LinearConfig()).precondition:
+    if kind == LINEAR and moments is None and (config or LinearConfig()).precondition:
         moments = FeatureMoments.of(xt[:, tr], (config or LinearConfig()).gram_rows)
     path = _InnerPath(kind, xt[:, tr], y_tr, xt[:, va], y_va, config=config, n_classes=n_classes, device=device,
                       moments=moments, seed=seed, on_fit=on_fit)
@@ -325,7 +326,7 @@ def select_strength(
     tried, accuracy, loss = path.table()
     best = _choose(tried, accuracy, loss)
     warm = None
-    if kind == "linear":
+    if kind == LINEAR:
         pick = [torch.stack([path.raw[float(v)][i] for v in tried]) for i in (0, 1)]  # (R, G, ...)
         groups, best_t = torch.arange(G, device=pick[0].device), torch.as_tensor(best, device=pick[0].device)
         warm = LinearProbes(pick[0][best_t, groups], pick[1][best_t, groups])
@@ -349,7 +350,7 @@ class _Routed(nn.Module):
 
 
 def fit_at_strengths(
-    X_train: Any, y_train: Any, X_val: Any, y_val: Any, l2: Sequence[float], *, kind: str = "linear",
+    X_train: Any, y_train: Any, X_val: Any, y_val: Any, l2: Sequence[float], *, kind: str = LINEAR,
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
     device: str | torch.device | None = None, init: LinearProbes | None = None,
     moments: FeatureMoments | None = None,
@@ -358,8 +359,8 @@ def fit_at_strengths(
     preconditioned from shared `moments`).
     MLP: one batched fit per distinct value over the groups that chose it, reassembled in group order."""
     l2 = np.asarray(l2, dtype=np.float64)
-    if kind == "linear":
-        return fit_probes(X_train, y_train, X_val, y_val, "linear", l2=l2, seed=seed, config=config,
+    if kind == LINEAR:
+        return fit_probes(X_train, y_train, X_val, y_val, LINEAR, l2=l2, seed=seed, config=config,
                           n_classes=n_classes, device=device, init=init, moments=moments)
     values = np.unique(l2)
     if len(values) == 1:
@@ -389,14 +390,14 @@ def fit_at_strengths(
 def shared_moments(X_train: Any, kind: str, config: LinearConfig | MLPConfig | None) -> FeatureMoments | None:
     """The preconditioner's moments, estimated once for every linear fit on X_train (None: not needed)."""
     config = config if isinstance(config, LinearConfig) else LinearConfig()
-    if kind != "linear" or not config.precondition:
+    if kind != LINEAR or not config.precondition:
         return None
     return FeatureMoments.of(X_train, config.gram_rows)
 
 
 def fit_selected(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, grid: Sequence[float] = DEFAULT_LINEAR_L2_GRID, *,
-    kind: str = "linear", inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
+    kind: str = LINEAR, inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
     device: str | torch.device | None = None, extend: bool = True,
 ) -> tuple[ProbeFit, StrengthSelection]:

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..grid import FAMILIES, LINEAR, MLP
 from .linear import LinearConfig, LinearProbes, fit_linear_probes, gram_rows, preconditioner
 from .mlp import EpochCallback, MLPConfig, fit_mlp_probes
 
 __all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_mlp_replicas", "fit_probes",
            "fit_sklearn", "linear_in_raw_units"]
-
-KINDS = ("linear", "mlp")
 
 
 @dataclass
@@ -223,7 +222,7 @@ def fit_probes(
     y_train: Any,
     X_val: Any,
     y_val: Any,
-    kind: str = "linear",
+    kind: str = LINEAR,
     *,
     l2: float | Any = None,
     seed: int = 0,
@@ -249,22 +248,22 @@ def fit_probes(
     moments: linear only, `FeatureMoments.of(X_train)` shared with other fits on the same features
         (the solver's preconditioner; None estimates it from X_train).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    default = LinearConfig() if kind == "linear" else MLPConfig()
+    if kind not in FAMILIES:
+        raise ValueError(f"kind must be one of {FAMILIES}, got {kind!r}")
+    default = LinearConfig() if kind == LINEAR else MLPConfig()
     config = default if config is None else config
     if type(config) is not type(default):
         raise ValueError(f"kind {kind!r} takes a {type(default).__name__}, got {type(config).__name__}")
     per_group = None
     if l2 is not None and np.ndim(l2) > 0:
-        if kind != "linear":
+        if kind != LINEAR:
             raise ValueError("one l2 per group is supported for the linear probe only")
         per_group = np.asarray(l2, dtype=np.float64)
     elif l2 is not None:
         config = replace(config, l2=float(l2))
-    if init is not None and kind != "linear":
+    if init is not None and kind != LINEAR:
         raise ValueError("init (a warm start) is supported for the linear probe only")
-    if kind == "mlp":  # one replica
+    if kind == MLP:  # one replica
         return fit_mlp_replicas(X_train, [y_train], X_val, y_val, [seed], config=config, n_classes=n_classes,
                                 device=device)[0]
     xt, yt, xv, yv = check_probe_inputs(X_train, y_train, X_val, y_val, n_classes, device)
@@ -340,7 +339,7 @@ def fit_mlp_replicas(
     fits = []
     for r, seed in enumerate(seeds):
         part = slice(r * G, (r + 1) * G)
-        fits.append(_scored("mlp", probe.select(part), scaler, xt, ys[r], xv, yv,
+        fits.append(_scored(MLP, probe.select(part), scaler, xt, ys[r], xv, yv,
                             info.best_epoch[part, None].expand(-1, K), info.stopped_early[part, None].expand(-1, K),
                             int(seed), config, np.full(G, config.l2)))
     return fits

@@ -23,7 +23,7 @@ from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from ..store import Cell
+from ..grid import LINEAR, Cell
 from .figures import save_figure
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def causal_figure(result: CausalResult, rows: Sequence[CellResult], condition: s
     axes = fig.subplots(len(sites), 4, squeeze=False)
     for row_axes, site in zip(axes, sites):
         probe = {(r.layer, r.offset): 100 * r.accuracy for r in rows
-                 if r.condition == condition and r.site == site and r.probe == "linear"}
+                 if r.condition == condition and r.site == site and r.probe == LINEAR}
         ablation = {(r.layer, r.offset): r.delta_loss_memento for r in result.rows
                     if r.intervention == "ablation" and r.site == site}
         swap = {(r.layer, r.offset): r.delta_loss_memento for r in result.rows

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
+from ..grid import BLOCK_END, MEMENTO
 from .words import (
     DIFFERENCE_MEANINGS,
     _common_chance,
@@ -26,7 +27,7 @@ from .words import (
 
 def _meaning(a: str, b: str, site: str) -> str:
     """What a - b isolates, for the masks (MaskConfig.name) a and b."""
-    if site != "memento":
+    if site != MEMENTO:
         return (f"the difference between the two modes in the `{site}` token's own KV "
                 "(probes there read the delimiter channel directly)")
     if (a, b) in DIFFERENCE_MEANINGS:
@@ -40,7 +41,7 @@ def _comparison_accuracy_table(rows: Sequence[CellResult], offset: int) -> str:
     cells = [r for r in rows if r.offset == offset]
     idx = _index(cells)
     series = comparison_series(cells)
-    header = ["probe", "layer", *(c if s == "memento" else f"{s} site ({c})" for c, s in series)]
+    header = ["probe", "layer", *(c if s == MEMENTO else f"{s} site ({c})" for c, s in series)]
     body = []
     for probe in probe_order(cells):
         for layer in sorted({r.layer for r in cells if r.probe == probe}):
@@ -56,7 +57,7 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
     out = ["## Condition comparison", ""]
     conditions = condition_order(rows)
     sites = sorted({r.site for r in rows})
-    if len(conditions) < 2 and sites == ["memento"] and not diffs:
+    if len(conditions) < 2 and sites == [MEMENTO] and not diffs:
         out.append(f"Only one condition (`{conditions[0] if conditions else '—'}`) and one site in this report: "
                    "nothing to compare. Capture restart and restart-delims-visible stores to separate the channels.")
         return "\n".join(out)
@@ -64,7 +65,7 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
     offset = masked_offsets[0] if masked_offsets else 0
     present = {_masks(d) for d in diffs} or {(a, b) for a in conditions for b in conditions}
     meanings = [f"- {a} − {b}: {DIFFERENCE_MEANINGS[(a, b)]}." for a, b in DIFFERENCE_MEANINGS if (a, b) in present]
-    if "block_end" in sites:
+    if BLOCK_END in sites:
         meanings.append("- `block_end` site: probes at the <|block_end|> token read that delimiter channel directly.")
     holm_note = ""
     if diffs and any(d.p_holm == d.p_holm for d in diffs):  # corrected (not NaN)
@@ -91,7 +92,7 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
         out += ["", "No paired differences were computed (`compare`); the intervals above are unpaired."]
         return "\n".join(out)
     shown = sorted((d for d in diffs if d.offset == offset),
-                   key=lambda d: (d.site != "memento", _pair_rank(d), d.site, d.probe, d.layer))
+                   key=lambda d: (d.site != MEMENTO, _pair_rank(d), d.site, d.probe, d.layer))
     if shown:
         body = [[f"{d.a} − {d.b}", d.site, d.probe, str(d.layer), fmt_difference(d),
                  interval_verdict(d.ci_low, d.ci_high), _holm_verdict(d)] for d in shown]
@@ -100,7 +101,7 @@ def _conditions(rows: Sequence[CellResult], diffs: Sequence[DiffResult]) -> str:
                        body)]
     out += ["", "### What the differences show", ""]
     pairs = {(d.a, d.b, d.site): _masks(d) for d in diffs}
-    for (a, b, site) in sorted(pairs, key=lambda k: (k[2] != "memento", _pair_rank_ab(*pairs[k]), k)):
+    for (a, b, site) in sorted(pairs, key=lambda k: (k[2] != MEMENTO, _pair_rank_ab(*pairs[k]), k)):
         out.append(_pair_sentence(a, b, site, [d for d in diffs if (d.a, d.b, d.site) == (a, b, site)], offset,
                                   pairs[(a, b, site)]))
     return "\n".join(out)
@@ -146,7 +147,7 @@ def _pair_sentence(a: str, b: str, site: str, diffs: Sequence[DiffResult], offse
 
 def _block_end_sentences(rows: Sequence[CellResult], offset: int) -> list[str]:
     """Where the block_end-site intervals lie relative to chance, per condition."""
-    cells = [r for r in rows if r.site == "block_end" and r.offset == offset]
+    cells = [r for r in rows if r.site == BLOCK_END and r.offset == offset]
     if not cells:
         return []
     per = []

@@ -20,6 +20,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..grid import MEMENTO
 from .plotting import (  # noqa: F401  (colours are part of this module's interface)
     CHANCE_LABEL,
     CONDITION_COLORS,
@@ -262,11 +263,11 @@ def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult]
                           key=lambda r: r.layer)
             if not mine:
                 continue
-            hollow = site != "memento"
+            hollow = site != MEMENTO
             _interval_series(ax, [r.layer for r in mine], mine, color=_condition_color(condition, conditions, masks),
                              marker="D" if hollow else "o", hollow=hollow, linestyle=":" if hollow else "-",
                              shift=_dodge(i, len(series)),
-                             label=condition if site == "memento" else f"{condition}, {site} site")
+                             label=condition if site == MEMENTO else f"{condition}, {site} site")
         _chance_line(ax)
         _accuracy_ylim(ax, [r.ci_high for r in cells])
         _integer_x(ax)
@@ -284,7 +285,7 @@ def condition_comparison(rows: Sequence[CellResult], diffs: Sequence[DiffResult]
 
 
 def _difference_row(axes: Sequence[Axes], pairs: Sequence[DiffResult], probes: Sequence[str]) -> None:
-    keys = sorted({(d.a, d.b, d.site) for d in pairs}, key=lambda k: (k[2] != "memento", k))
+    keys = sorted({(d.a, d.b, d.site) for d in pairs}, key=lambda k: (k[2] != MEMENTO, k))
     for ax, probe in zip(axes, probes):
         for i, key in enumerate(keys):
             mine = sorted((d for d in pairs if (d.a, d.b, d.site) == key and d.probe == probe), key=lambda d: d.layer)
@@ -292,8 +293,8 @@ def _difference_row(axes: Sequence[Axes], pairs: Sequence[DiffResult], probes: S
                 continue
             a, b, site = key
             _interval_series(ax, [d.layer for d in mine], mine, color=PAIR_COLORS[i % len(PAIR_COLORS)],
-                             shift=_dodge(i, len(keys)), linestyle="-" if site == "memento" else ":",
-                             label=f"{a} − {b}" + ("" if site == "memento" else f" ({site} site)"))
+                             shift=_dodge(i, len(keys)), linestyle="-" if site == MEMENTO else ":",
+                             label=f"{a} − {b}" + ("" if site == MEMENTO else f" ({site} site)"))
         ax.axhline(0, color="black", linestyle="--", linewidth=1, label="no difference (0)")
         _integer_x(ax)
         ax.set_title(f"{probe} probe — paired differences")

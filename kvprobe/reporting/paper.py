@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult
+from ..grid import MLP
 from .words import CHANCE, _index, _num, _table, fmt_accuracy, probe_order
 
 # Paper numbers (SPEC sections 3 and 4). Layers are "first", "last" or a 0-based index;
 # accuracy None means the paper gives no number ("—"); `text` overrides the display.
 PAPER_TOY: dict[str, Any] = {
     "source": "Memento paper, appendix A.4.2 (toy transformer, 4 layers)",
-    "probe": "mlp",
+    "probe": MLP,
     "cells": [
         {"quantity": "direct, first layer", "offset": 0, "layer": "first", "accuracy": None},
         {"quantity": "direct, last layer", "offset": 0, "layer": "last", "accuracy": 0.985,
@@ -32,7 +33,7 @@ PAPER_TOY: dict[str, Any] = {
 def _paper_qwen(name: str, direct: tuple[float, float], masked: tuple[float, float]) -> dict[str, Any]:
     return {
         "source": f"Memento paper, section 6.2.2 ({name}; masked = M_3, compared with offset +1)",
-        "probe": "mlp",
+        "probe": MLP,
         "cells": [
             {"quantity": "causal control, 4th layer", "offset": -1, "layer": 3, "accuracy": CHANCE,
              "text": "chance"},
@@ -67,7 +68,7 @@ def _paper_section(rows: Sequence[CellResult], paper: Mapping[str, Any], conditi
     idx = _index(cells)
     layers = sorted({r.layer for r in cells})
     probes = probe_order(cells)
-    paper_probe = paper.get("probe", "mlp")
+    paper_probe = paper.get("probe", MLP)
     check_probe = paper_probe if paper_probe in probes else (probes[-1] if probes else None)
     header = ["quantity", "layer", "paper", *(f"ours ({p})" for p in probes)]
     if check_probe:

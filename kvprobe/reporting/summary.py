@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
+from ..grid import LINEAR, MLP
 from .comparisons import _conditions
 from .paper import _paper_section
 from .sweep import Sweep, _sweep_section
@@ -112,7 +113,7 @@ def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult],
             "of the training passcodes, then refitted on the whole training split; the validation passcodes above "
             "played no part in the choice.")
     text += (" A cell whose best value is on an edge of the grid is fitted a decade further, until its best is "
-             "interior (unless `probe.extend_l2_grid` is false).")
+             "interior (unless `probe.extend_grid` is false).")
     weak = [r for r in bound if r.l2_at_weak_bound]
     if weak:
         text += (f" FLAGGED: {len(weak)} of {len(known)} cells chose the weakest value they could try "
@@ -131,7 +132,7 @@ def _probe_gap_sentence(idx: Mapping[_Key, CellResult], condition: str, site: st
     o = offsets[0]
     gaps = []
     for layer in layers:
-        lin, mlp = idx.get((condition, site, o, layer, "linear")), idx.get((condition, site, o, layer, "mlp"))
+        lin, mlp = idx.get((condition, site, o, layer, LINEAR)), idx.get((condition, site, o, layer, MLP))
         if lin and mlp:
             gaps.append(f"layer {layer}: {_pp(mlp.accuracy - lin.accuracy)} pp")
     if not gaps:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
-from ..memento.sites import offset_role
+from ..grid import offset_role
 from .summary import render_summary
 from .sweep import Sweep, sweep_points
 from .words import CHANCE, interval_verdict

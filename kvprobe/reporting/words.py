@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..memento.sites import offset_role
+from ..grid import FAMILIES, MEMENTO, offset_role
 from ..stats import wilson_interval
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
@@ -81,7 +81,7 @@ def comparison_series(cells: Sequence[CellResult]) -> list[tuple[str, str]]:
     """The (condition, site) series a comparison shows: every condition at the memento site, in
     `condition_order`, then each other site's conditions (sites alphabetically)."""
     conditions = condition_order(cells)
-    sites = ["memento"] + sorted({r.site for r in cells} - {"memento"})
+    sites = [MEMENTO] + sorted({r.site for r in cells} - {MEMENTO})
     return [(c, s) for s in sites for c in conditions if any(r.condition == c and r.site == s for r in cells)]
 
 
@@ -94,13 +94,13 @@ def primary_condition(rows: Sequence[CellResult]) -> str | None:
 def primary_site(rows: Sequence[CellResult], condition: str | None) -> str | None:
     """The memento site when the condition has it, else its first site alphabetically."""
     sites = sorted({r.site for r in rows if r.condition == condition})
-    return "memento" if "memento" in sites else (sites[0] if sites else None)
+    return MEMENTO if MEMENTO in sites else (sites[0] if sites else None)
 
 
 def probe_order(rows: Iterable[CellResult]) -> list[str]:
     """Probe kinds, linear before mlp, others alphabetically after."""
     kinds = {r.probe for r in rows}
-    known = [k for k in ("linear", "mlp") if k in kinds]
+    known = [k for k in FAMILIES if k in kinds]
     return known + sorted(kinds - set(known))
 
 

@@ -313,13 +313,97 @@ class _Endpoints:
         self.in_flight[i] += 1
         return i
 
-    def take_out(self, i: int, error: ServeError) -> None:
+    def take_out(self, i: int, error: ServeError, stacklevel: int = 3) -> None:
+        """Take endpoint i out of rotation, with a warning at `stacklevel` (generate_traces' caller)."""
         if i in self.dead:
             return
         self.dead[i] = error
         left = len(self.urls) - len(self.dead)
         warnings.warn(f"endpoint {self.urls[i]} is unreachable, taken out of rotation ({left} of {len(self.urls)} "
-                      f"left; its prompts go to the others): {error}", stacklevel=3)
+                      f"left; its prompts go to the others): {error}", stacklevel=stacklevel)
+
+
+class _Requests:
+    """The prompts of one run: those waiting, the requests in flight, and what came back."""
+
+    def __init__(self, todo: list[Prompt], endpoints: _Endpoints, writer: _Writer, bar: Any) -> None:
+        self.queue = deque(todo)
+        self.pending: dict[Future[Generation], tuple[Prompt, int]] = {}
+        self.endpoints = endpoints
+        self.writer = writer
+        self.bar = bar
+        self.failures: list[ServeError] = []
+        self.written = self.parse_errors = 0
+
+    def run(self, submit: Callable[[Prompt, str], Future[Generation]]) -> None:
+        """Keep every endpoint busy until each prompt is written or a request has failed for good."""
+        self.fill(submit)
+        while self.pending:
+            finished, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                self.collect(future)
+            self.fill(submit)
+
+    def fill(self, submit: Callable[[Prompt, str], Future[Generation]]) -> None:
+        """Send waiting prompts to endpoints with room."""
+        while self.queue and not self.failures:  # no new request once one has failed for good
+            i = self.endpoints.pick()
+            if i is None:
+                return
+            prompt = self.queue.popleft()
+            future = submit(prompt, self.endpoints.urls[i])
+            self.pending[future] = (prompt, i)
+
+    def collect(self, future: Future[Generation]) -> None:
+        """Write a finished request's generation, or record why it failed."""
+        prompt, i = self.pending.pop(future)
+        self.endpoints.in_flight[i] -= 1
+        try:
+            generation = future.result()
+        except ServeError as e:
+            self.failed(prompt, i, e)
+            return
+        except Exception as e:  # unexpected: still name the prompt
+            self.failures.append(ServeError(f"prompt {prompt.prompt_id!r}: {type(e).__name__}: {e}",
+                                            prompt.prompt_id))
+            return
+        self.writer.write(generation)
+        self.written += 1
+        self.parse_errors += generation.error is not None
+        self.bar.update(1)
+        self.bar.set_postfix(parse_errors=self.parse_errors, refresh=False)
+
+    def failed(self, prompt: Prompt, i: int, e: ServeError) -> None:
+        """A request to endpoint i failed for good: with several endpoints an unreachable one is taken out and
+        its prompt waits for a live one; otherwise the run fails."""
+        n_urls = len(self.endpoints.urls)
+        if e.unreachable and n_urls > 1:
+            # warn at generate_traces' caller: take_out <- failed <- collect <- run <- generate_traces <- caller
+            self.endpoints.take_out(i, e, stacklevel=6)
+            if len(self.endpoints.dead) < n_urls:
+                self.queue.appendleft(prompt)  # to a live endpoint
+            elif not self.failures:
+                self.failures.append(ServeError(f"no endpoint left: all {n_urls} are unreachable; last error: {e}",
+                                                prompt.prompt_id, True))
+        else:
+            self.failures.append(e)
+
+    def raise_failures(self, output: Path) -> None:
+        """ServeError naming the first failure and what was written, if any request failed for good."""
+        if self.failures:
+            first = self.failures[0]
+            more = f" ({len(self.failures) - 1} more request(s) failed too)" if len(self.failures) > 1 else ""
+            raise ServeError(f"{first}{more}; {self.written} new record(s) written to {output}, "
+                             f"run again to continue", first.prompt_id, first.unreachable)
+
+
+def _http_client(config: ClientConfig, transport: httpx.BaseTransport | None) -> httpx.Client:
+    """One client for every endpoint, with a connection for each request that may be in flight."""
+    width = config.concurrency * len(config.base_urls)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    return httpx.Client(timeout=timeout, headers=headers, limits=limits, transport=transport)
 
 
 def generate_traces(
@@ -350,63 +434,12 @@ def generate_traces(
         todo = [p for p in prompts if p.prompt_id not in done]
         skipped = len(prompts) - len(todo)
         endpoints = _Endpoints(config)
-        n_urls = len(endpoints.urls)
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
-        width = config.concurrency * n_urls
-        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         bar = tqdm(total=len(prompts), initial=skipped, unit="prompt", desc="generate", disable=not progress)
-        written = parse_errors = 0
-        failures: list[ServeError] = []
-        with bar, httpx.Client(timeout=timeout, headers=headers, limits=limits, transport=transport) as client, \
-                ThreadPoolExecutor(max_workers=width) as pool:
-            queue = deque(todo)
-            pending: dict[Future[Generation], tuple[Prompt, int]] = {}
-
-            def fill() -> None:  # no new request once one has failed for good
-                while queue and not failures:
-                    i = endpoints.pick()
-                    if i is None:
-                        return
-                    prompt = queue.popleft()
-                    future = pool.submit(_generate_one, client, prompt, config, sleep, endpoints.urls[i])
-                    pending[future] = (prompt, i)
-
-            fill()
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    prompt, i = pending.pop(future)
-                    endpoints.in_flight[i] -= 1
-                    try:
-                        generation = future.result()
-                    except ServeError as e:
-                        if e.unreachable and n_urls > 1:
-                            endpoints.take_out(i, e)
-                            if len(endpoints.dead) < n_urls:
-                                queue.appendleft(prompt)  # to a live endpoint
-                            elif not failures:
-                                failures.append(ServeError(
-                                    f"no endpoint left: all {n_urls} are unreachable; last error: {e}",
-                                    prompt.prompt_id, True))
-                        else:
-                            failures.append(e)
-                        continue
-                    except Exception as e:  # unexpected: still name the prompt
-                        failures.append(ServeError(f"prompt {prompt.prompt_id!r}: {type(e).__name__}: {e}",
-                                                   prompt.prompt_id))
-                        continue
-                    writer.write(generation)
-                    written += 1
-                    parse_errors += generation.error is not None
-                    bar.update(1)
-                    bar.set_postfix(parse_errors=parse_errors, refresh=False)
-                fill()
+        requests = _Requests(todo, endpoints, writer, bar)
+        with bar, _http_client(config, transport) as client, \
+                ThreadPoolExecutor(max_workers=config.concurrency * len(endpoints.urls)) as pool:
+            requests.run(lambda prompt, url: pool.submit(_generate_one, client, prompt, config, sleep, url))
     finally:
         writer.close()
-    if failures:
-        first = failures[0]
-        more = f" ({len(failures) - 1} more request(s) failed too)" if len(failures) > 1 else ""
-        raise ServeError(f"{first}{more}; {written} new record(s) written to {output}, "
-                         f"run again to continue", first.prompt_id, first.unreachable)
-    return GenerationRun(len(prompts), skipped, written, parse_errors)
+    requests.raise_failures(output)
+    return GenerationRun(len(prompts), skipped, requests.written, requests.parse_errors)

@@ -39,12 +39,12 @@ the fork's template by default for ChatML tokenizers).
 
 Launch (every process runs the same command; the configs are in experiments/launch/):
 
-    kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --output-dir runs/sft
+    kvprobe sft --model Qwen/Qwen3-1.7B --traces traces.jsonl --out runs/sft
     accelerate launch --config_file experiments/launch/fsdp_qwen3.yaml -m kvprobe sft \\
-        --model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32 \\
+        --model /ckpt/Qwen3-8B --traces traces.jsonl --out runs/sft --dtype float32 \\
         --training-arg use_liger_kernel=true
     accelerate launch --config_file experiments/launch/zero3.yaml -m kvprobe sft \\
-        --model /ckpt/Qwen3-8B --traces traces.jsonl --output-dir runs/sft --dtype float32 \\
+        --model /ckpt/Qwen3-8B --traces traces.jsonl --out runs/sft --dtype float32 \\
         --training-arg use_liger_kernel=true
 
 Full SFT of an 8B model needs its weights, gradients and optimiser states sharded (FSDP or
@@ -218,43 +218,107 @@ def _refuse_long_dense(impl: str, rows: TokenizedTraces, model: Any) -> None:
             f"attn_implementation='flex_attention' on a GPU, or lower max_length")
 
 
+def _stage_collator(
+    model: Any, tokenizer: Any, stage: int, attn_implementation: str | None, mask: MaskConfig, max_length: int | None,
+    prompt_template: str | None, append_eos: bool, loss_on_prompt: bool, loss_on_think: bool, overlength: Overlength,
+) -> tuple[str, MementoCollator]:
+    """The stage's attention implementation (the model switched to it) and the collator that feeds it."""
+    _check_stage(stage)
+    current = getattr(model.config, "_attn_implementation", None)
+    impl = attn_implementation or stage_attn_implementation(stage, current)
+    if stage == 2:
+        check_implementation(impl, DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS,
+                             "stage 2 needs an attention implementation that reads a 4D mask")
+    collator = MementoCollator(tokenizer, stage, mask, max_length, prompt_template, append_eos, loss_on_prompt,
+                               FLEX_TILE if stage == 2 and impl in FLEX_IMPLEMENTATIONS else None, loss_on_think,
+                               overlength)
+    if impl != current:
+        model.set_attn_implementation(impl)
+    return impl, collator
+
+
+def _training_arguments(
+    output_dir: Path, recipe: dict[str, Any], training_args: dict[str, Any], *, gradient_checkpointing: bool,
+    bf16: bool | None, save: bool, per_device_train_batch_size: int, gradient_accumulation_steps: int | None,
+    global_batch_size: int,
+) -> Any:
+    """The `TrainingArguments` of a stage: the recipe's hyperparameters, the launch's defaults, and any other
+    keyword (`training_args`, completed in place with those defaults)."""
+    from transformers import TrainingArguments
+
+    # transformers 5 renamed gradient checkpointing; use whichever name this version has
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if _fsdp_checkpoints_activations() and gradient_checkpointing:
+        log.info("FSDP checkpoints each wrapped layer's activations (launch config): the Trainer's own "
+                 "gradient checkpointing is off (the two may not both be on)")
+        gradient_checkpointing = False
+    training_args.setdefault(ckpt, gradient_checkpointing)
+    training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes a launcher started
+    # launched as several processes without CUDA, Trainer only runs distributed (DDP over
+    # gloo) when told it is on CPU; otherwise every process trains alone on all the data
+    if not torch.cuda.is_available() and world > 1:
+        training_args.setdefault("use_cpu", True)
+    # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
+    training_args.setdefault("ddp_find_unused_parameters", False)
+    if gradient_accumulation_steps is None:
+        gradient_accumulation_steps = accumulation_for(global_batch_size, per_device_train_batch_size, world)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        bf16=_bf16_default() if bf16 is None else bf16,
+        report_to=training_args.pop("report_to", "none"),
+        save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
+        remove_unused_columns=False,  # the rows carry layout columns the collator reads
+        **recipe,
+        **training_args,
+    )
+
+
+def _tokenized_rows(args: Any, traces: Sequence[Trace], collator: MementoCollator, cache: Path,
+                    tokenize_workers: int | None) -> TokenizedTraces:
+    """The traces tokenised into the table at `cache`; ValueError if none is left to train on."""
+    with args.main_process_first(desc="tokenising traces"):  # one build per node; the other ranks map it
+        rows = tokenize_traces(traces, collator.encoder, cache, num_proc=tokenize_workers)
+    if not len(rows):
+        first = next(iter(rows.dropped.values()), "")
+        raise ValueError(f"no trace left to train on ({len(rows.dropped)} dropped; the first: {first})")
+    return rows
+
+
+def _train(model: Any, tokenizer: Any, args: Any, collator: MementoCollator, rows: TokenizedTraces,
+           mask: MaskConfig, callbacks: Sequence[Any] | None) -> tuple[Any, Any]:
+    """Train with `MementoTrainer` (the model's KV cache off meanwhile): (the trainer, its train output)."""
+    from .trainer import MementoTrainer
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache while training
+    try:
+        trainer = MementoTrainer(model=model, args=args, data_collator=collator, train_dataset=rows.rows,
+                                 processing_class=tokenizer, callbacks=list(callbacks or []), memento_mask=mask)
+        train_output = trainer.train()
+    finally:
+        model.config.use_cache = use_cache
+    return trainer, train_output
+
+
 def train_stage(
-    model: Any,
-    tokenizer: Any,
-    traces: Sequence[Trace],
-    stage: Literal[1, 2],
-    output_dir: str | Path,
-    *,
-    mask: MaskConfig = MaskConfig(),
-    max_length: int | None = None,
-    overlength: Overlength = "truncate",
-    prompt_template: str | None = None,
-    append_eos: bool = True,
-    loss_on_prompt: bool = False,
-    loss_on_think: bool = PAPER_RECIPE.loss_on_think,
-    cache_dir: str | Path | None = None,
+    model: Any, tokenizer: Any, traces: Sequence[Trace], stage: Literal[1, 2], output_dir: str | Path, *,
+    mask: MaskConfig = MaskConfig(), max_length: int | None = None, overlength: Overlength = "truncate",
+    prompt_template: str | None = None, append_eos: bool = True, loss_on_prompt: bool = False,
+    loss_on_think: bool = PAPER_RECIPE.loss_on_think, cache_dir: str | Path | None = None,
     tokenize_workers: int | None = None,
-    learning_rate: float = PAPER_RECIPE.learning_rate,
-    num_train_epochs: float = PAPER_RECIPE.num_train_epochs,
-    max_steps: int = -1,
-    per_device_train_batch_size: int = 1,
-    gradient_accumulation_steps: int | None = None,
-    global_batch_size: int = PAPER_RECIPE.global_batch_size,
-    warmup_steps: float = PAPER_RECIPE.warmup_steps,
-    lr_scheduler_type: str = PAPER_RECIPE.lr_scheduler_type,
-    weight_decay: float = PAPER_RECIPE.weight_decay,
-    adam_beta1: float = PAPER_RECIPE.adam_beta1,
-    adam_beta2: float = PAPER_RECIPE.adam_beta2,
-    max_grad_norm: float = PAPER_RECIPE.max_grad_norm,
-    bf16: bool | None = None,
-    gradient_checkpointing: bool = PAPER_RECIPE.gradient_checkpointing,
-    logging_steps: int = 10,
-    save: bool = True,
-    save_steps: int = PAPER_RECIPE.save_steps,
-    seed: int = PAPER_RECIPE.seed,
-    attn_implementation: str | None = None,
-    callbacks: Sequence[Any] | None = None,
-    **training_args: Any,
+    learning_rate: float = PAPER_RECIPE.learning_rate, num_train_epochs: float = PAPER_RECIPE.num_train_epochs,
+    max_steps: int = -1, per_device_train_batch_size: int = 1, gradient_accumulation_steps: int | None = None,
+    global_batch_size: int = PAPER_RECIPE.global_batch_size, warmup_steps: float = PAPER_RECIPE.warmup_steps,
+    lr_scheduler_type: str = PAPER_RECIPE.lr_scheduler_type, weight_decay: float = PAPER_RECIPE.weight_decay,
+    adam_beta1: float = PAPER_RECIPE.adam_beta1, adam_beta2: float = PAPER_RECIPE.adam_beta2,
+    max_grad_norm: float = PAPER_RECIPE.max_grad_norm, bf16: bool | None = None,
+    gradient_checkpointing: bool = PAPER_RECIPE.gradient_checkpointing, logging_steps: int = 10,
+    save: bool = True, save_steps: int = PAPER_RECIPE.save_steps, seed: int = PAPER_RECIPE.seed,
+    attn_implementation: str | None = None, callbacks: Sequence[Any] | None = None, **training_args: Any,
 ) -> StageResult:
     """Fine-tune `model` on `traces` for one stage with `MementoTrainer`.
 
@@ -277,80 +341,22 @@ def train_stage(
     makes up `global_batch_size` over the processes (`accumulation_for`), and a checkpoint is
     saved every `save_steps` steps (``save_strategy="no"`` to save none).
     """
-    from transformers import TrainingArguments
-
-    from .trainer import MementoTrainer
-
-    _check_stage(stage)
-    current = getattr(model.config, "_attn_implementation", None)
-    impl = attn_implementation or stage_attn_implementation(stage, current)
-    if stage == 2:
-        check_implementation(impl, DENSE_MASK_IMPLEMENTATIONS + FLEX_IMPLEMENTATIONS,
-                             "stage 2 needs an attention implementation that reads a 4D mask")
-    collator = MementoCollator(tokenizer, stage, mask, max_length, prompt_template, append_eos, loss_on_prompt,
-                               FLEX_TILE if stage == 2 and impl in FLEX_IMPLEMENTATIONS else None, loss_on_think,
-                               overlength)
-    if impl != current:
-        model.set_attn_implementation(impl)
-
+    impl, collator = _stage_collator(model, tokenizer, stage, attn_implementation, mask, max_length,
+                                     prompt_template, append_eos, loss_on_prompt, loss_on_think, overlength)
     output_dir = Path(output_dir)
-    # transformers 5 renamed gradient checkpointing; use whichever name this version has
-    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    if _fsdp_checkpoints_activations() and gradient_checkpointing:
-        log.info("FSDP checkpoints each wrapped layer's activations (launch config): the Trainer's own "
-                 "gradient checkpointing is off (the two may not both be on)")
-        gradient_checkpointing = False
-    training_args.setdefault(ckpt, gradient_checkpointing)
-    training_args.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", 1))  # processes a launcher started
-    # launched as several processes without CUDA, Trainer only runs distributed (DDP over
-    # gloo) when told it is on CPU; otherwise every process trains alone on all the data
-    if not torch.cuda.is_available() and world > 1:
-        training_args.setdefault("use_cpu", True)
-    # every parameter of a causal LM gets a gradient; skip DDP's extra graph traversal
-    training_args.setdefault("ddp_find_unused_parameters", False)
-    if gradient_accumulation_steps is None:
-        gradient_accumulation_steps = accumulation_for(global_batch_size, per_device_train_batch_size, world)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        learning_rate=learning_rate,
-        num_train_epochs=num_train_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        warmup_steps=warmup_steps,
-        lr_scheduler_type=lr_scheduler_type,
-        weight_decay=weight_decay,
-        adam_beta1=adam_beta1,
-        adam_beta2=adam_beta2,
-        max_grad_norm=max_grad_norm,
-        bf16=_bf16_default() if bf16 is None else bf16,
-        logging_steps=logging_steps,
-        seed=seed,
-        report_to=training_args.pop("report_to", "none"),
-        save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
-        save_steps=save_steps,
-        remove_unused_columns=False,  # the rows carry layout columns the collator reads
-        **training_args,
-    )
+    recipe = dict(learning_rate=learning_rate, num_train_epochs=num_train_epochs, max_steps=max_steps,
+                  warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
+                  adam_beta1=adam_beta1, adam_beta2=adam_beta2, max_grad_norm=max_grad_norm,
+                  logging_steps=logging_steps, seed=seed, save_steps=save_steps)
+    args = _training_arguments(output_dir, recipe, training_args, gradient_checkpointing=gradient_checkpointing,
+                               bf16=bf16, save=save, per_device_train_batch_size=per_device_train_batch_size,
+                               gradient_accumulation_steps=gradient_accumulation_steps,
+                               global_batch_size=global_batch_size)
     cache = Path(cache_dir) if cache_dir is not None else output_dir / "tokenized"
-    with args.main_process_first(desc="tokenising traces"):  # one build per node; the other ranks map it
-        rows = tokenize_traces(traces, collator.encoder, cache, num_proc=tokenize_workers)
-    if not len(rows):
-        first = next(iter(rows.dropped.values()), "")
-        raise ValueError(f"no trace left to train on ({len(rows.dropped)} dropped; the first: {first})")
+    rows = _tokenized_rows(args, traces, collator, cache, tokenize_workers)
     if stage == 2:
         _refuse_long_dense(impl, rows, model)
-
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False  # no KV cache while training
-    try:
-        trainer = MementoTrainer(model=model, args=args, data_collator=collator, train_dataset=rows.rows,
-                                 processing_class=tokenizer, callbacks=list(callbacks or []), memento_mask=mask)
-        train_output = trainer.train()
-    finally:
-        model.config.use_cache = use_cache
+    trainer, train_output = _train(model, tokenizer, args, collator, rows, mask, callbacks)
     if save:
         trainer.save_model(str(output_dir))  # every rank joins (FSDP gathers); the main process writes
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]

@@ -8,11 +8,18 @@
     conditions:
       memento: {keep_last_n_blocks: 0}
       restart: {keep_last_n_blocks: 0, restart_mode: true}   # the fork's: delimiters evicted too
-    probe:   {kinds: [linear, mlp], seeds: 3}
+    probe:   {families: [linear, mlp], seeds: 3, mlp: {max_epochs: 30}}
 
 Every field is checked (pydantic, unknown keys refused) and errors name the field, e.g.
 `config field 'capture.layers.1': Input should be a valid integer`. Files are read
 with safe loaders only (`yaml.safe_load`, `tomllib`).
+
+The capture, mask, probe and causal sections are generated from the library's dataclasses
+(`CaptureSpec`, `MaskConfig`, `ProbeSettings` with its `LinearConfig`/`MLPConfig` as nested
+sections, `CausalSpec`): a key is the field's name and its default the field's default.
+`ExperimentConfig` translates the file once, into those dataclasses (`capture_spec`,
+`probe_settings`, `causal_spec`). Keys renamed since are read for one release
+(`RENAMED_KEYS`) with a DeprecationWarning. The generated sections are in `kvprobe.config.sections`.
 """
 
 from __future__ import annotations
@@ -21,47 +28,38 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .analysis import ProbeSettings
-from .capture.spec import BACKENDS, COMPRESSIONS, POOLINGS, STORAGE_DTYPES, CaptureSpec
-from .memento.masks import MaskConfig
-from .memento.sites import SITES
-from .errors import KVProbeError
-
-if TYPE_CHECKING:
-    from .causal import CausalSpec
+from ..analysis import ProbeSettings
+from ..capture.spec import CaptureSpec
+from ..causal import CausalSpec
+from ..errors import KVProbeError
+from ..grid import LINEAR, MEMENTO, MLP, Cell
+from ..memento.masks import MaskConfig
+from .sections import (FILLED_ELSEWHERE, RENAMED_KEYS, CaptureSection, CausalSection, MaskSection, ProbeSection,
+                       _NonEmpty, _Strict, renamed_keys, spec_from)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg", "load_config", "parse_config"]
+__all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg",
+           "load_config", "parse_config"]
 
 
-# the channel pairs a report shows when both were captured, by mask name (MaskConfig.name): (a, b) -> a - b
-STANDARD_COMPARISONS = (("memento", "restart"), ("memento", "restart-delims-visible"),
-                        ("restart-delims-visible", "restart"))
+# the channel pairs a report shows when both were captured, by mask name (MaskConfig.name, read off the masks:
+# memento, restart, restart-delims-visible): (a, b) -> a - b
+_MEMENTO, _RESTART, _VISIBLE = (MaskConfig().name, MaskConfig(restart_mode=True).name,
+                                MaskConfig(mask_delimiters=False, restart_mode=True).name)
+STANDARD_COMPARISONS = ((_MEMENTO, _RESTART), (_MEMENTO, _VISIBLE), (_VISIBLE, _RESTART))
 
 
 class ConfigError(KVProbeError, ValueError):
     """A config file is missing, unreadable, or has an invalid field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSection(_Strict):
@@ -129,84 +127,6 @@ class DataSection(_Strict):
         return self
 
 
-def section_from(spec: type, name: str, types: dict[str, Any], *, exclude: tuple[str, ...] = (),
-                 defaults: dict[str, Any] | None = None) -> type[BaseModel]:
-    """A config section declared once: the fields and defaults of the frozen dataclass `spec`.
-
-    `types` adds what pydantic checks per field, so a bad value names its config field (the
-    allowed values are the spec's own tuples); `exclude` drops fields another section fills
-    (the capture's mask and target block); `defaults` sets a default the spec does not have.
-    """
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(spec):
-        if f.name in exclude:
-            continue
-        default = (defaults or {}).get(f.name, f.default)
-        if default is dataclasses.MISSING:
-            raise TypeError(f"{spec.__name__}.{f.name} has no default: give one in `defaults`")
-        fields[f.name] = (types[f.name], default)
-    return create_model(name, __base__=_Strict, __module__=__name__, **fields)
-
-
-_Positive = Annotated[int, Field(ge=1)]
-_NonEmpty = Field(min_length=1)  # a list field that must name at least one thing
-CaptureSection = section_from(
-    CaptureSpec, "CaptureSection",
-    {"layers": Annotated[tuple[int, ...], _NonEmpty], "offsets": Annotated[tuple[int, ...], _NonEmpty],
-     "sites": Annotated[tuple[Literal[SITES], ...], _NonEmpty],  # type: ignore[valid-type]
-     "kinds": Annotated[tuple[Literal["k", "v"], ...], _NonEmpty],
-     "pooling": Annotated[tuple[Literal[POOLINGS], ...], _NonEmpty],  # type: ignore[valid-type]
-     "max_tokens": _Positive, "dtype": Literal[STORAGE_DTYPES], "batch_size": _Positive,  # type: ignore[valid-type]
-     "shard_size": _Positive, "backend": Literal[BACKENDS], "compression": Literal[COMPRESSIONS]},  # type: ignore[valid-type]
-    exclude=("target_block", "mask"),  # the source holds the target block (data.target_block); the conditions the masks
-    defaults={"layers": (0, 1, 2, 3)},  # every layer of the toy (the spec's layers depend on the model)
-)
-MaskSection = section_from(
-    MaskConfig, "MaskSection",
-    {"keep_last_n_blocks": Annotated[int, Field(ge=-1)], "mask_delimiters": bool | None, "restart_mode": bool,
-     "evict_before_summary_end": bool, "restart_sees_kept_blocks": bool, "keep_last_block_for_answer": bool},
-    exclude=("prefill_causal",))  # a mask for the generator and direct calls: capture gives no prompt lengths yet
-
-
-_PROBE = ProbeSettings()  # the probe section's defaults are the Python defaults: one set
-
-
-class ProbeSection(_Strict):
-    """How to probe, as `kvprobe.analysis.ProbeSettings` (its defaults), plus what only a config
-    says: per-condition shuffled controls and the MLP's own cell subset."""
-
-    kinds: Annotated[tuple[Literal["linear", "mlp"], ...], _NonEmpty] = _PROBE.kinds
-    seeds: int = Field(_PROBE.seeds, ge=1)  # MLP initialisations; the convex linear probe is fitted once
-    val_fraction: float = Field(_PROBE.val_fraction, gt=0, lt=1)
-    pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]  # None: capture.pooling's first
-    shuffled_control: bool | tuple[str, ...] = _PROBE.shuffled_control  # True: every condition; or the conditions
-    layers: Annotated[tuple[int, ...], _NonEmpty] | None = _PROBE.layers  # cells to probe; None: all captured
-    offsets: Annotated[tuple[int, ...], _NonEmpty] | None = _PROBE.offsets
-    mlp_layers: Annotated[tuple[int, ...], _NonEmpty] | None = None  # the MLP's cells, a subset to save time; None: same as above
-    mlp_offsets: Annotated[tuple[int, ...], _NonEmpty] | None = None
-    mlp_sites: tuple[Literal[SITES], ...] | None = None  # type: ignore[valid-type]
-    n_boot: int = Field(_PROBE.n_boot, ge=100)
-    linear_l2: float = Field(_PROBE.linear.l2, gt=0)  # L2 on weights, mean-loss scale (scikit-learn C = 1 / (l2 * N))
-    linear_tol: float = Field(_PROBE.linear.tol, gt=0)  # stop when max |gradient| <= tol (1e-4 moves accuracy < 1 pp)
-    mlp_max_epochs: int = Field(_PROBE.mlp.max_epochs, ge=1)
-    # probe strength chosen per cell on an inner label-unique split of the training passcodes;
-    # a one-value grid is a fixed strength. linear_l2 without linear_l2_grid means the grid [linear_l2].
-    linear_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] = Field(_PROBE.linear_l2_grid, min_length=1)
-    mlp_l2_grid: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(_PROBE.mlp_l2_grid, min_length=1)
-    inner_fraction: float = Field(_PROBE.inner_fraction, gt=0, lt=1)  # share of training passcodes held out
-    # where a cell's best strength is on the grid's edge, try a decade further until interior or at
-    # kvprobe.probes.L2_BOUNDS (a choice left at a bound is flagged on its row); false keeps the grid
-    extend_l2_grid: bool = _PROBE.extend_grid
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fixed_l2_is_a_one_value_grid(cls, data: Any) -> Any:
-        """linear_l2 alone fixes the strength; with linear_l2_grid present (a resolved config) the grid rules."""
-        if isinstance(data, dict) and "linear_l2" in data and "linear_l2_grid" not in data:
-            data = {**data, "linear_l2_grid": [data["linear_l2"]]}
-        return data
-
-
 class SweepSection(_Strict):
     """Leakage across training checkpoints (toy): capture + linear probe per checkpoint."""
 
@@ -235,21 +155,6 @@ class ReportSection(_Strict):
     comparisons: tuple[tuple[str, str], ...] | None = None
 
 
-class CausalSection(_Strict):
-    """Does the model use what leaks? KV interchange and channel ablation on the probe's cells
-    (kvprobe.causal); the stage runs when `layers` is given."""
-
-    layers: Annotated[tuple[int, ...], _NonEmpty] | None = None  # None: no causal stage
-    offsets: Annotated[tuple[int, ...], _NonEmpty] = (0, 1, 2)
-    sites: Annotated[tuple[Literal[SITES], ...], _NonEmpty] = ("memento",)  # type: ignore[valid-type]
-    condition: str | None = None  # the mask the model runs under and the store the reader is fit on; None: the first
-    ablate_with: MaskSection = MaskSection(keep_last_n_blocks=0, mask_delimiters=True, restart_mode=True)
-    n_samples: int = Field(500, ge=2)  # samples after the probes' (data.n_samples onward): never seen by a probe
-    batch_size: int = Field(100, ge=2)
-    read_offset: int | None = 1  # the interchange's probe reads this offset (None: no probe read-out)
-    read_layer: int | None = None  # ... at this layer (None: the last captured layer)
-
-
 class ExperimentConfig(_Strict):
     """A whole study: model, samples, capture, mask conditions, probes."""
 
@@ -258,11 +163,16 @@ class ExperimentConfig(_Strict):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     capture: CaptureSection = CaptureSection()
-    conditions: dict[str, MaskSection] = {"memento": MaskSection()}
+    conditions: dict[str, MaskSection] = {_MEMENTO: MaskSection()}
     probe: ProbeSection = ProbeSection()
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
     causal: CausalSection = CausalSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data) if isinstance(data, dict) else data
 
     @field_validator("conditions")
     @classmethod
@@ -273,7 +183,7 @@ class ExperimentConfig(_Strict):
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"condition name {name!r} must be letters, digits, '-' or '_'")
             try:
-                MaskConfig(**v[name].model_dump())
+                spec_from(MaskConfig, v[name])
             except ValueError as e:  # a combination of options the mask does not define
                 raise ValueError(f"condition {name!r}: {e}") from None
         return v
@@ -293,6 +203,7 @@ class ExperimentConfig(_Strict):
         check("probe.pooling", (p.pooling,), c.pooling, "capture.pooling")
         check("probe.layers", p.layers, c.layers, "capture.layers")
         check("probe.offsets", p.offsets, c.offsets, "capture.offsets")
+        check("probe.sites", p.sites, c.sites, "capture.sites")
         check("probe.mlp_layers", p.mlp_layers, c.layers, "capture.layers")
         check("probe.mlp_offsets", p.mlp_offsets, c.offsets, "capture.offsets")
         check("probe.mlp_sites", p.mlp_sites, c.sites, "capture.sites")
@@ -327,32 +238,57 @@ class ExperimentConfig(_Strict):
         names = tuple(self.conditions)
         by_mask: dict[str, str] = {}
         for name in names:
-            by_mask.setdefault(MaskConfig(**self.conditions[name].model_dump()).name, name)
+            by_mask.setdefault(self.mask(name).name, name)
         standard = tuple((by_mask[a], by_mask[b]) for a, b in STANDARD_COMPARISONS if a in by_mask and b in by_mask)
         return standard or tuple((names[0], b) for b in names[1:])
 
-    def causal_spec(self) -> "CausalSpec | None":
-        """The causal stage's spec (None when the config asks for none)."""
-        from .causal import CausalSpec
+    # the config translated once, here: the stages take these and never reshape the config themselves
 
-        k = self.causal
-        if k.layers is None:
-            return None
-        condition = k.condition or next(iter(self.conditions))
-        return CausalSpec(layers=k.layers, offsets=k.offsets, sites=k.sites, pooling=self.probe.pooling,
-                          mask=MaskConfig(**self.conditions[condition].model_dump()),
-                          ablate_with=MaskConfig(**k.ablate_with.model_dump()), n_samples=k.n_samples,
-                          batch_size=k.batch_size, backend=self.capture.backend, n_boot=self.probe.n_boot)
+    def mask(self, condition: str) -> MaskConfig:
+        """The mask of one condition."""
+        return spec_from(MaskConfig, self.conditions[condition])
 
     def capture_spec(self, condition: str) -> CaptureSpec:
         """The capture spec of one condition."""
-        c = self.capture
-        return CaptureSpec(
-            layers=c.layers, offsets=c.offsets, sites=c.sites, kinds=c.kinds,
-            pooling=c.pooling, max_tokens=c.max_tokens, dtype=c.dtype, batch_size=c.batch_size,
-            shard_size=c.shard_size, backend=c.backend, compression=c.compression,
-            mask=MaskConfig(**self.conditions[condition].model_dump()),
-        )
+        return spec_from(CaptureSpec, self.capture, mask=self.mask(condition))
+
+    def probe_settings(self, family: str, condition: str | None = None) -> ProbeSettings:
+        """How to fit one probe family on one condition's store: probe.*, the MLP's own cells
+        (probe.mlp_layers, mlp_offsets, mlp_sites), the condition's shuffled control, seed, model.device."""
+        p = self.probe
+        cells = {"layers": p.layers, "offsets": p.offsets, "sites": p.sites}
+        if family == MLP:
+            own = {"layers": p.mlp_layers, "offsets": p.mlp_offsets, "sites": p.mlp_sites}
+            cells = {k: v if own[k] is None else own[k] for k, v in cells.items()}
+        shuffled = p.shuffled_control if isinstance(p.shuffled_control, bool) else condition in p.shuffled_control
+        return spec_from(ProbeSettings, p, families=(family,), shuffled_control=shuffled, split_seed=self.seed,
+                         device=self.model.device, **cells)
+
+    def sweep_specs(self) -> tuple[CaptureSpec, ProbeSettings]:
+        """The sweep's capture (the first condition's, at the sweep's highest layer and offsets) and linear probe."""
+        spec = dataclasses.replace(self.capture_spec(next(iter(self.conditions))), layers=(max(self.sweep.layers),),
+                                   offsets=self.sweep.offsets)
+        return spec, dataclasses.replace(self.probe_settings(LINEAR), shuffled_control=False, layers=None, offsets=None)
+
+    def causal_condition(self) -> str:
+        """The condition the causal stage runs under and fits its reader on: causal.condition, or the first."""
+        return self.causal.condition or next(iter(self.conditions))
+
+    def causal_spec(self) -> CausalSpec | None:
+        """The causal stage's spec (None when the config asks for none)."""
+        if self.causal.layers is None:
+            return None
+        return spec_from(CausalSpec, self.causal, pooling=self.probe.pooling, mask=self.mask(self.causal_condition()),
+                         backend=self.capture.backend, n_boot=self.probe.n_boot)
+
+    def causal_read_cell(self) -> Cell | None:
+        """The cell the interchange's probe reads (None: no read-out): causal.read_offset at causal.read_layer
+        (None: the last captured layer), at the probes' pooling."""
+        k = self.causal
+        if k.read_offset is None:
+            return None
+        layer = k.read_layer if k.read_layer is not None else max(self.capture.layers)
+        return Cell(MEMENTO, k.read_offset, layer, self.probe.pooling)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
