@@ -24,7 +24,7 @@ For each series the growth exponent k of y ~ T^k is fitted by least squares on l
 the lengths from 8K on (1: linear, 2: quadratic); at 4K fixed costs (imports, compiled kernels,
 allocator pools) still dominate the small terms. The results go to `--out` (JSON, committed as
 benchmarks/results/scale_cpu.json) and `render` prints the Markdown table that
-benchmarks/RESULTS.md quotes (tests/test_published.py checks that the two agree).
+benchmarks/RESULTS.md quotes (tests/project/test_published.py checks that the two agree).
 
     python benchmarks/bench_scale.py --out benchmarks/results/scale_cpu.json     # about 15 minutes
     python benchmarks/bench_scale.py --render benchmarks/results/scale_cpu.json  # the table only
@@ -155,7 +155,7 @@ def series(result: dict[str, Any]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def quotes(result: dict[str, Any]) -> dict[str, str]:
-    """The phrases README.md and docs quote from this JSON, by name (tests/test_published.py checks
+    """The phrases README.md and docs quote from this JSON, by name (tests/project/test_published.py checks
     that each quoting file holds them verbatim)."""
     rows = result["rows"]
     at = lambda part, length, **m: next(  # noqa: E731

@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(HERE) not in sys.path:  # gpu_steps and shapes, where this file is loaded by path (tests/test_gpu_check.py)
+if str(HERE) not in sys.path:  # gpu_steps and shapes, where this file is loaded by path (tests/project/test_gpu_check.py)
     sys.path.insert(0, str(HERE))
 
 from gpu_steps import CHILD_STEPS, SIZES, last_line  # noqa: E402
@@ -222,7 +222,7 @@ def parse_pytest(output: str) -> dict[str, Any]:
 
 def gpu_test_files() -> list[str]:
     """The test files that hold gpu-marked tests: the pytest step collects these alone."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                   if "pytest.mark.gpu" in p.read_text())
 
 

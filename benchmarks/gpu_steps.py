@@ -20,7 +20,7 @@ from shapes import (BLOCKS, MEMENTO_LEN, MODELS, TINY_4_LAYERS, VLLM_MODEL, buil
 # Sizes per mode; the rehearsal keeps the logic and shrinks every number, but its long trace is still
 # longer than the dense mask's limit (8,192 tokens), so the same long-trace path runs. rel_tol bounds
 # the relative L2 difference of flex and dense features: bf16 keeps 8 mantissa bits and the two sum in
-# different orders; a wrong mask moves memento features by 30% or more (tests/test_gpu.py).
+# different orders; a wrong mask moves memento features by 30% or more (tests/project/test_gpu.py).
 SIZES = {
     "cuda": dict(device="cuda", dtype="bfloat16", model=MODELS["qwen3-8b"], model_name="qwen3-8b", long_length=32768,
                  compare_lengths=(4096, 8192), qwen3_samples={4096: 4, 8192: 2}, repeats=2, toy_samples=5_000,

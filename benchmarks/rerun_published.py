@@ -8,7 +8,7 @@ Each script of `experiments/published.SOURCES` runs in a fresh process with its 
 arguments (seed, samples, one thread) into a scratch --out directory; every JSON file it
 writes there must equal the committed file of the same name (numbers to the last digit),
 except wall-clock keys and files (IGNORED, IGNORED_FILES). The fast check of the prose against the committed
-JSON is tests/test_published.py; this is the slow half: that the committed JSON is what the
+JSON is tests/project/test_published.py; this is the slow half: that the committed JSON is what the
 code computes today. Exit status 1 when any source differs, with the first differences.
 """
 

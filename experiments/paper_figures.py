@@ -108,7 +108,7 @@ def readme_table(data: dict) -> str:
 
 
 def quotes(data: dict) -> dict[str, str]:
-    """The phrases README.md and docs/toy.md quote from cells.json (tests/test_published.py checks them)."""
+    """The phrases README.md and docs/toy.md quote from cells.json (tests/project/test_published.py checks them)."""
     cells, series = data["cells"], data["series"]
     f13 = {(c["layer"], c["offset"]): c for c in cells if c["figure"] == "fig13"}
     heat = {(c["layer"], c["offset"]): c for c in cells if c["figure"] == "heatmap"}

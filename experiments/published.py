@@ -9,7 +9,7 @@ renders, from that directory's JSON alone, what it publishes:
                                           lines <!-- marker --> and <!-- /marker --> in FILE
     quotes(data)  -> {name: phrase}       phrases the prose quotes verbatim (optional)
 
-`tests/test_published.py` checks every target and phrase against the committed JSON with
+`tests/project/test_published.py` checks every target and phrase against the committed JSON with
 tolerance zero on printed digits, so a changed result fails CI until the prose says the new
 number; `benchmarks/rerun_published.py` re-runs each script into a scratch directory at its
 stated arguments (seed, samples, one thread) and compares the JSON it writes with the committed one.
@@ -100,6 +100,8 @@ SOURCES: tuple[Source, ...] = (
            dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
            ("--run", "{scratch}/run"), minutes=45),
+    Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
+           ("--run", "{scratch}/run"), minutes=90),
 )
 
 

@@ -1,6 +1,6 @@
 """kvprobe: measure KV-cache leakage in block-masked (Memento) transformers.
 
-Pipeline, data flowing one way (tests/test_architecture.py enforces it): memento (layout,
+Pipeline, data flowing one way (tests/project/test_architecture.py enforces it): memento (layout,
 masks, forward) -> data (passcodes, traces, injection) -> store -> capture -> probes -> stats
 -> analysis -> causal -> reporting -> serving -> training -> config -> experiment -> cli; every
 room may use `errors` (KVProbeError, the base of the bad-input errors). This module

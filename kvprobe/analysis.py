@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,36 +36,12 @@ from .grid import DEFAULT_POOLING, FAMILIES, LINEAR, MLP, Cell, offset_role, poo
 from .memento.masks import MaskConfig
 from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfig, MLPConfig, fit_at_strengths,
                      fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments, strength_path)
-from .stats import (
-    binomial_pvalue,
-    bootstrap_ci,
-    constrained_pvalue,
-    digit_accuracy,
-    holm,
-    paired_bootstrap_ci,
-    paired_pvalue,
-    per_sample_accuracy,
-    per_sample_bits,
-    shuffle_labels,
-    wilson_interval,
-)
+from .stats import (binomial_pvalue, bootstrap_ci, constrained_pvalue, digit_accuracy, holm, paired_bootstrap_ci,
+                    paired_pvalue, per_sample_accuracy, per_sample_bits, shuffle_labels, wilson_interval)
 from .store import KVStore
 
-__all__ = [
-    "Cell",
-    "CellResult",
-    "DiffResult",
-    "GridResult",
-    "ProbeSettings",
-    "SensitivityCurve",
-    "apply_holm",
-    "compare",
-    "load_grid",
-    "merge_grids",
-    "probe_store",
-    "save_grid",
-    "sensitivity_curves",
-]
+__all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeSettings", "SensitivityCurve", "apply_holm",
+           "compare", "load_grid", "merge_grids", "probe_store", "save_grid", "sensitivity_curves"]
 
 
 @renamed_fields(kinds="families")
@@ -251,6 +228,101 @@ def _splits(store: KVStore, settings: ProbeSettings,
     return tr, va, inner
 
 
+def _fits_per_cell(settings: ProbeSettings, kind: str) -> int:
+    """Progress-bar fits per cell for one probe kind: each strength tried, each seed, the shuffled-label control."""
+    grid = len(settings.strength_grid(kind))
+    return (grid if grid > 1 else 0) + (settings.seeds if kind == MLP else 1) + int(settings.shuffled_control)
+
+
+def _step(bar: Any, kind: str, n: int, what: str, extra: int | None = None) -> None:
+    """One step of `n` fits, or `extra` fits beyond the plan (a grid extended past its edge)."""
+    bar.total += extra or 0
+    bar.set_postfix_str(f"{kind} {what}", refresh=False)
+    bar.update(extra or n)
+
+
+def _fit(X_tr: torch.Tensor, X_va: torch.Tensor, y_va: np.ndarray, kind: str, config: Any, device: str | None,
+         moments: Any, sel: Any, y: np.ndarray, seed: int, warm: bool = False) -> Any:
+    """One fit of a group on labels `y` at the selected strengths, scored on the validation split."""
+    if sel.fixed:  # exactly the fixed-strength fit
+        return fit_probes(X_tr, y, X_va, y_va, kind, l2=float(sel.grid[0]), seed=seed,
+                          device=device, config=config, moments=moments)
+    return fit_at_strengths(X_tr, y, X_va, y_va, sel.chosen, kind=kind, seed=seed, config=config,
+                            device=device, init=sel.warm_start if warm else None, moments=moments)
+
+
+def _fit_replicas(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np.ndarray, seeds: range, sel: Any,
+                  config: Any, settings: ProbeSettings, bar: Any, done: Callable) -> tuple[list, np.ndarray | None]:
+    """Every MLP seed and the shuffled-label control in one batched run: (fits, shuffled accuracy (G,) or None)."""
+    label_sets = [y_tr] * len(seeds) + [shuffle_labels(y_tr, seed=1000)] * settings.shuffled_control
+    run = fit_mlp_replicas(X_tr, label_sets, X_va, y_va, [*seeds, 0][:len(label_sets)],
+                           l2=float(sel.grid[0]), config=config, device=settings.device,
+                           on_epoch=lambda e, m: bar.set_postfix_str(f"mlp epoch {e}/{m}"))
+    for what in [f"seed {s}" for s in seeds] + ["shuffled labels"] * settings.shuffled_control:
+        done(what)
+    return run[:len(seeds)], run[-1].accuracy if settings.shuffled_control else None
+
+
+def _fit_in_turn(fit: Callable, y_tr: np.ndarray, seeds: range, kind: str, shuffled_control: bool,
+                 done: Callable) -> tuple[list, np.ndarray | None]:
+    """Each seed's fit, then the shuffled-label control's, one after another: (fits, shuffled accuracy (G,) or None)."""
+    fits, shuffled = [], None
+    for seed in seeds:
+        fits.append(fit(y_tr, seed, warm=True))
+        done(f"seed {seed}" if kind == MLP else "fit")
+    if shuffled_control:
+        shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
+        done("shuffled labels")
+    return fits, shuffled
+
+
+def _fit_kind(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np.ndarray, inner: np.ndarray | None,
+              kind: str, settings: ProbeSettings, bar: Any) -> tuple[Any, list, np.ndarray | None]:
+    """Choose one kind's strength per cell of a group, then fit it: (selection, fits per seed, shuffled accuracy)."""
+    done = partial(_step, bar, kind, len(X_tr))
+    seeds = range(settings.seeds) if kind == MLP else range(1)
+    config = settings.mlp if kind == MLP else settings.linear
+    moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
+    sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
+                          config=config, device=settings.device, moments=moments, extend=settings.extend_grid,
+                          on_fit=lambda v, extra=None: done(f"choosing {v}", extra))  # training split only
+    if kind == MLP and sel.fixed:  # every seed and the shuffled-label control in one batched run
+        return sel, *_fit_replicas(X_tr, y_tr, X_va, y_va, seeds, sel, config, settings, bar, done)
+    fit = partial(_fit, X_tr, X_va, y_va, kind, config, settings.device, moments, sel)
+    return sel, *_fit_in_turn(fit, y_tr, seeds, kind, settings.shuffled_control, done)
+
+
+def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndarray | None, y_va: np.ndarray,
+           codes: PasscodeSpec, n_boot: int, **common: Any) -> tuple[np.ndarray, list[CellResult]]:
+    """One kind's fits on a group scored on the validation split: per-sample accuracy (G, M), and a row per cell."""
+    # per-sample scores averaged over seeds: their mean is the mean seed accuracy
+    acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
+    bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
+    acc_ci = bootstrap_ci(acc_s, n_boot=n_boot)
+    bits_ci = bootstrap_ci(bits_s, n_boot=n_boot)
+    wilson = wilson_interval(acc_s.mean(-1), len(y_va))
+    digits = np.mean([digit_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, K)
+    # the pre-registered seed-0 probe, against the passcodes' own null
+    p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
+                else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
+    seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
+    return acc_s, [CellResult(
+        site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind, pooling=cell.pooling, **common,
+        accuracy=float(seed_acc[:, g].mean()),
+        accuracy_std=float(seed_acc[:, g].std(ddof=1)) if len(fits) > 1 else 0.0,
+        accuracy_seeds=[float(a) for a in seed_acc[:, g]], digit_accuracy=[float(a) for a in digits[g]],
+        ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
+        wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
+        bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
+        p_value=float(p_values[g]), shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
+        selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
+        train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
+        l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.tried(g)], l2_at_bound=bool(sel.at_bound[g]),
+        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]
+                                                  if not np.isnan(a)],  # the values it tried
+    ) for g, cell in enumerate(group)]
+
+
 def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True,
                 label: str | None = None) -> GridResult:
     """Fit every requested probe on every (site, offset, layer) cell of `store`.
@@ -268,92 +340,19 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     cells, D = _plan(store, settings)
     tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.families))
     y_tr, y_va = labels[tr], labels[va]
+    common = dict(condition=condition, chance=chance, mask=mask, n_train=len(tr), n_val=len(va))  # on every row
     rows: list[CellResult] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
-    def fits_per_cell(kind: str) -> int:
-        grid = len(settings.strength_grid(kind))
-        return (grid if grid > 1 else 0) + (settings.seeds if kind == MLP else 1) + int(settings.shuffled_control)
-
-    n_fits = sum(fits_per_cell(kind) for kind in settings.families)
+    n_fits = sum(_fits_per_cell(settings, kind) for kind in settings.families)
     bar = tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
                dynamic_ncols=True)
     for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X_tr, X_va = _group_features(store, group, D, tr, va)
+        X_tr, X_va = _group_features(store, group, D, tr, va)  # (G, N_tr, D), (G, N_va, D)
         for kind in settings.families:
-            def done(what: str, extra: int | None = None, kind: str = kind, n: int = len(group)) -> None:
-                """One step of `n` fits, or `extra` fits beyond the plan (a grid extended past its edge)."""
-                bar.total += extra or 0
-                bar.set_postfix_str(f"{kind} {what}", refresh=False)
-                bar.update(extra or n)
-
-            seeds = range(settings.seeds) if kind == MLP else range(1)
-            config = settings.mlp if kind == MLP else settings.linear
-            moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
-            sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
-                                  config=config, device=settings.device, moments=moments, extend=settings.extend_grid,
-                                  on_fit=lambda v, extra=None: done(f"choosing {v}", extra))  # training split only
-
-            def fit(y: np.ndarray, seed: int, warm: bool = False):
-                if sel.fixed:  # exactly the fixed-strength fit
-                    return fit_probes(X_tr, y, X_va, y_va, kind, l2=float(sel.grid[0]), seed=seed,
-                                      device=settings.device, config=config, moments=moments)
-                return fit_at_strengths(X_tr, y, X_va, y_va, sel.chosen, kind=kind, seed=seed, config=config,
-                                        device=settings.device, init=sel.warm_start if warm else None,
-                                        moments=moments)
-
-            shuffled = None
-            if kind == MLP and sel.fixed:  # every seed and the shuffled-label control in one batched run
-                label_sets = [y_tr] * len(seeds) + [shuffle_labels(y_tr, seed=1000)] * settings.shuffled_control
-                run = fit_mlp_replicas(X_tr, label_sets, X_va, y_va, [*seeds, 0][:len(label_sets)],
-                                       l2=float(sel.grid[0]), config=config, device=settings.device,
-                                       on_epoch=lambda e, m: bar.set_postfix_str(f"mlp epoch {e}/{m}"))
-                fits = run[:len(seeds)]
-                if settings.shuffled_control:
-                    shuffled = run[-1].accuracy
-                for what in [f"seed {s}" for s in seeds] + ["shuffled labels"] * settings.shuffled_control:
-                    done(what)
-            else:
-                fits = []
-                for seed in seeds:
-                    fits.append(fit(y_tr, seed, warm=True))
-                    done(f"seed {seed}" if kind == MLP else "fit")
-                if settings.shuffled_control:
-                    shuffled = fit(shuffle_labels(y_tr, seed=1000), 0).accuracy
-                    done("shuffled labels")
-            # per-sample scores averaged over seeds: their mean is the mean seed accuracy
-            acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
-            bits_s = np.mean([per_sample_bits(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
-            acc_ci = bootstrap_ci(acc_s, n_boot=settings.n_boot)
-            bits_ci = bootstrap_ci(bits_s, n_boot=settings.n_boot)
-            wilson = wilson_interval(acc_s.mean(-1), len(va))
-            digits = np.mean([digit_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, K)
-            # the pre-registered seed-0 probe, against the passcodes' own null
-            p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
-                        else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
-            seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
-            for g, cell in enumerate(group):
-                per_sample[(cell, kind)] = acc_s[g]
-                rows.append(
-                    CellResult(
-                        condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind,
-                        accuracy=float(seed_acc[:, g].mean()),
-                        accuracy_std=float(seed_acc[:, g].std(ddof=1)) if len(fits) > 1 else 0.0,
-                        accuracy_seeds=[float(a) for a in seed_acc[:, g]],
-                        digit_accuracy=[float(a) for a in digits[g]],
-                        ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
-                        wilson_low=float(wilson.low[g]), wilson_high=float(wilson.high[g]),
-                        bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
-                        p_value=float(p_values[g]), chance=chance, mask=mask, pooling=cell.pooling,
-                        shuffled_accuracy=None if shuffled is None else float(shuffled[g]),
-                        selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
-                        train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
-                        n_train=len(tr), n_val=len(va),
-                        l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.tried(g)],
-                        l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]
-                                                                  if not np.isnan(a)],  # the values it tried
-                        l2_at_bound=bool(sel.at_bound[g]),
-                    )
-                )
+            sel, fits, shuffled = _fit_kind(X_tr, y_tr, X_va, y_va, inner, kind, settings, bar)
+            acc_s, kind_rows = _score(group, kind, sel, fits, shuffled, y_va, codes, settings.n_boot, **common)
+            per_sample.update({(cell, kind): acc_s[g] for g, cell in enumerate(group)})  # (M,) per cell
+            rows += kind_rows
     bar.close()
     rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
     return GridResult(condition, rows, store.sample_ids[va], per_sample)

@@ -1,25 +1,18 @@
-"""Shared fixtures: the synthetic vocabulary's marker ids and tiny random models.
+"""Shared fixtures for every test folder: the synthetic vocabulary's marker ids and tiny random models.
 
-Helper modules live beside this file (models.py, strategies.py, reference_mask.py); test
-files import them by name, e.g. ``from models import tiny_gpt2, SPECIAL, encode``.
+Helpers are the package tests/helpers/ (tiny models, stores, CLI runs, reference masks, ...);
+tests import them as ``from tests.helpers.models import tiny_gpt2, SPECIAL, encode``. tests/ is a
+package, so pytest puts the repository root on sys.path: nothing here touches it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
 import torch
 
-_TESTS = Path(__file__).resolve().parent
-for _path in (str(_TESTS), str(_TESTS.parent)):  # `import models` and `import tests.models` both work
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from models import PAD_ID, SPECIAL, VOCAB_SIZE, encode, tiny_gpt2, tiny_qwen3  # noqa: E402
+from tests.helpers.models import PAD_ID, SPECIAL, VOCAB_SIZE, encode, tiny_gpt2, tiny_qwen3
 
 # the tests are small; more threads only contend on a shared machine. KVPROBE_THREADS pins the
 # CLI's default too (otherwise it follows the machine's load), so every in-process run uses 1.

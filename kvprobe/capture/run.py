@@ -334,6 +334,67 @@ def _layout_table(batch: SampleBatch, n_blocks: int) -> np.ndarray:
     return table[[row[lay] for lay in batch.layouts]]
 
 
+def _store_meta(model: Any, source: SampleSource, plan: CapturePlan, model_name: str | None,
+                identity: dict[str, Any] | None) -> dict[str, Any]:
+    """The store's config: the capture spec, model identity, source, dimensions, versions and expected size."""
+    spec = plan.spec
+    return {
+        "capture": spec.to_dict(),
+        "model": identity or model_identity(model, model_name),
+        "source": source.describe(),
+        "dims": {"n_layers": plan.n_layers_model, "n_kv_heads": plan.n_kv, "d_head": plan.d_head,
+                 "feature_dim": plan.feature_dim, "kinds_order": list(spec.tensors)},
+        "versions": _versions(spec.backend),
+        "expected_bytes": plan.estimate_bytes(),
+    }
+
+
+def _open_store(out: str | Path, meta: dict[str, Any], mode: str, progress: bool) -> StoreWriter:
+    """The store writer at `out`; resuming drops the shards that fail their checksum, to capture them again."""
+    writer = StoreWriter(out, meta, mode=mode)
+    if mode == "resume":
+        damaged = writer.drop_damaged()
+        if damaged and progress:
+            print(f"{out}: shard(s) {damaged} failed their checksum and are captured again")
+    return writer
+
+
+def _progress_bar(plan: CapturePlan, done: set[int], rank: int, world_size: int, progress: bool) -> tqdm:
+    """A bar over the samples of this rank's shards, those already written counted."""
+    size = plan.spec.shard_size
+    bar = tqdm(total=plan.n_samples, unit="sample", desc="capture", disable=not progress)
+    mine = [i for i in range(plan.n_shards) if i % world_size == rank]
+    bar.total = sum(min(size, plan.n_samples - i * size) for i in mine)
+    bar.update(sum(min(size, plan.n_samples - i * size) for i in done if i in mine))
+    return bar
+
+
+def _capture_shard(model: Any, wrapped: Any, backend: Any, source: SampleSource, plan: CapturePlan, shard: int,
+                   n_blocks: int, bar: tqdm) -> tuple[dict[str, np.ndarray], dict[FeatureKey, np.ndarray]]:
+    """One shard's samples, captured batch by batch: their metadata, and key -> features (n, ...)."""
+    spec = plan.spec
+    lo, hi = shard * spec.shard_size, min((shard + 1) * spec.shard_size, plan.n_samples)
+    feats: dict[FeatureKey, list[np.ndarray]] = {k: [] for k in plan.keys}
+    meta_rows: dict[str, list] = {"index": [], "passcode": [], "labels": [], "layout": []}
+    for start in range(lo, hi, spec.batch_size):
+        batch = source.samples(start, min(start + spec.batch_size, hi))
+        _check_batch(batch, spec)
+        for k, arr in _capture_batch(model, wrapped, backend.capture_kv, batch, spec, plan.keys).items():
+            feats[k].append(arr)
+        meta_rows["index"].append(batch.index)
+        meta_rows["passcode"].extend(batch.passcodes)
+        meta_rows["labels"].append(batch.labels.astype(np.int8))
+        meta_rows["layout"].append(_layout_table(batch, n_blocks))
+        bar.update(len(batch.index))
+    samples = {
+        "index": np.concatenate(meta_rows["index"]).astype(np.int64),
+        "passcode": np.array(meta_rows["passcode"], dtype=object),
+        "labels": np.concatenate(meta_rows["labels"]),
+        "layout": np.concatenate(meta_rows["layout"]),
+    }
+    return samples, {k: np.concatenate(v) for k, v in feats.items()}
+
+
 def run_capture(
     model: Any,
     source: SampleSource,
@@ -366,52 +427,17 @@ def run_capture(
     plan = plan_capture(model, source, spec)
     spec = plan.spec  # with the source's target block
     backend = get_backend(spec.backend)
-    meta = {
-        "capture": spec.to_dict(),
-        "model": identity or model_identity(model, model_name),
-        "source": source.describe(),
-        "dims": {"n_layers": plan.n_layers_model, "n_kv_heads": plan.n_kv, "d_head": plan.d_head,
-                 "feature_dim": plan.feature_dim, "kinds_order": list(spec.tensors)},
-        "versions": _versions(spec.backend),
-        "expected_bytes": plan.estimate_bytes(),
-    }
-    writer = StoreWriter(out, meta, mode=mode)
-    if mode == "resume":
-        damaged = writer.drop_damaged()
-        if damaged and progress:
-            print(f"{out}: shard(s) {damaged} failed their checksum and are captured again")
+    writer = _open_store(out, _store_meta(model, source, plan, model_name, identity), mode, progress)
     wrapped = backend.prepare(model)
     done = writer.done_shards()
     n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)
-    bar = tqdm(total=plan.n_samples, unit="sample", desc="capture", disable=not progress)
-    mine = [i for i in range(plan.n_shards) if i % world_size == rank]
-    bar.total = sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in mine)
-    bar.update(sum(min(spec.shard_size, plan.n_samples - i * spec.shard_size) for i in done if i in mine))
+    bar = _progress_bar(plan, done, rank, world_size, progress)
     with torch.inference_mode():
         for shard in range(plan.n_shards):
             if shard in done or shard % world_size != rank:
                 continue
-            lo, hi = shard * spec.shard_size, min((shard + 1) * spec.shard_size, plan.n_samples)
-            feats: dict[FeatureKey, list[np.ndarray]] = {k: [] for k in plan.keys}
-            meta_rows: dict[str, list] = {"index": [], "passcode": [], "labels": [], "layout": []}
-            for start in range(lo, hi, spec.batch_size):
-                batch = source.samples(start, min(start + spec.batch_size, hi))
-                _check_batch(batch, spec)
-                for k, arr in _capture_batch(model, wrapped, backend.capture_kv, batch, spec, plan.keys).items():
-                    feats[k].append(arr)
-                meta_rows["index"].append(batch.index)
-                meta_rows["passcode"].extend(batch.passcodes)
-                meta_rows["labels"].append(batch.labels.astype(np.int8))
-                meta_rows["layout"].append(_layout_table(batch, n_blocks))
-                bar.update(len(batch.index))
-            samples = {
-                "index": np.concatenate(meta_rows["index"]).astype(np.int64),
-                "passcode": np.array(meta_rows["passcode"], dtype=object),
-                "labels": np.concatenate(meta_rows["labels"]),
-                "layout": np.concatenate(meta_rows["layout"]),
-            }
-            writer.write_shard(shard, samples, {k: np.concatenate(v) for k, v in feats.items()},
-                               compression=spec.compression)
+            samples, feats = _capture_shard(model, wrapped, backend, source, plan, shard, n_blocks, bar)
+            writer.write_shard(shard, samples, feats, compression=spec.compression)
             if on_shard is not None:
                 on_shard(shard)
     bar.close()

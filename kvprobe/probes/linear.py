@@ -253,7 +253,7 @@ def preconditioner(gram: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     from E[x1 x1'] (G, D+1, D+1) (`feature_gram`) and one strength per group l2 (G,).
 
     LAPACK's multi-threaded Cholesky and inverse round differently with each thread count (from
-    D ~ 160 on), and the probes must not depend on it (`tests/test_bad_input.py`). So on the CPU each
+    D ~ 160 on), and the probes must not depend on it (`tests/cli/test_recovery.py`). So on the CPU each
     matrix is factored on its own, on one LAPACK thread (a batched inverse rounds differently from
     one matrix's), and torch's threads share out the matrices instead."""
     if gram.device.type != "cpu":

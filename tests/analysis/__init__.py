@@ -1,0 +1,1 @@
+"""Tests of kvprobe.analysis: probing a store, grids saved, merged and Holm-corrected."""

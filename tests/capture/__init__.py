@@ -1,0 +1,1 @@
+"""Tests of kvprobe.capture: the capture into the store and its backends."""

@@ -1,0 +1,1 @@
+"""Tests of kvprobe.cli: every command in-process, bad input and recovery."""

@@ -1,0 +1,1 @@
+"""Tests of kvprobe.config and the example configs."""

@@ -1,0 +1,1 @@
+"""Tests of kvprobe.data: traces, passcode injection, chat templates, OpenMementos, trace quality."""

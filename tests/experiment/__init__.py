@@ -1,0 +1,1 @@
+"""Tests of kvprobe.experiment: the pipeline's stages, the run directory, scale-out paths."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: tiny models, stores, CLI runs, reference masks, fake servers."""

@@ -1,0 +1,74 @@
+"""Shared helpers for the CLI tests: the tiny study, in-process `kvprobe` calls, the refusal contract."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import yaml
+
+from kvprobe.cli import main
+
+# The smallest study that still exercises every stage: 300 toy samples, two layers,
+# the causal control, the direct and one masked offset, linear probes only.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"kind": "toy", "checkpoint": "final"},
+    "data": {"kind": "toy", "n_samples": 300, "target_block": 1},
+    "capture": {"layers": [0, 3], "offsets": [-1, 0, 1], "batch_size": 150, "shard_size": 200},
+    "conditions": {"memento": {"keep_last_n_blocks": 0}},
+    "probe": {"families": ["linear"], "n_boot": 200, "shuffled_control": False},
+}
+# 300 samples x 2 layers x 3 offsets x 5 vectors x (K+V x 4 KV heads x 32 dims) x 2 bytes (float16)
+TINY_BYTES = 300 * 2 * 3 * 5 * 256 * 2  # samples x layers x offsets x (4 tail tokens + mean) x D x fp16
+# TINY with one fixed probe strength (no inner split): the same stages, a few seconds
+FAST = {**TINY, "probe": {**TINY["probe"], "linear_l2_grid": [0.001]}}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_quiet(*args) -> tuple[int, str, str]:
+    """main() with its output captured, for module-scoped fixtures (no capsys there)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]] | None:
+    """Every file under root with its size and mtime; None when root does not exist."""
+    if not root.exists():
+        return None
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    """Exit 2 and exactly one line on stderr, `kvprobe: error: ...`, naming each needle."""
+    assert code == 2, f"exit {code}, stderr: {err!r}"
+    lines = err.splitlines()  # splits on '\r' too: a progress bar is an extra line
+    assert len(lines) == 1 and err.endswith("\n"), f"expected one line on stderr, got {err!r}"
+    assert lines[0].startswith("kvprobe: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("kvprobe: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+

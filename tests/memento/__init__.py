@@ -1,0 +1,1 @@
+"""Tests of kvprobe.memento: layout, masks, the masked forward, generation with compaction."""

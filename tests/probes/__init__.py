@@ -1,0 +1,1 @@
+"""Tests of kvprobe.probes: the batched probes, the solver, the strength selection."""

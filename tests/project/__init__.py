@@ -1,0 +1,1 @@
+"""Whole-project checks: architecture, README, published numbers, notebook, GPU paths and check."""

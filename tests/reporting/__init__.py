@@ -1,0 +1,1 @@
+"""Tests of kvprobe.reporting: tables, summaries and figures."""
