@@ -29,12 +29,12 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import toy_models
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.forward import masked_forward
 from toy_models.source import ToyPasscodeSource
 
 # the paper's setting on the toy: every layer, every memento offset, K+V, mean-pooled
-SPEC = CaptureSpec(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), batch_size=256, shard_size=1024)
+SPEC = CaptureConfig(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), batch_size=256, shard_size=1024)
 
 
 def tiny_qwen3() -> Qwen3ForCausalLM:
@@ -46,7 +46,7 @@ def tiny_qwen3() -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def bare_forward(model, source, spec: CaptureSpec) -> float:
+def bare_forward(model, source, spec: CaptureConfig) -> float:
     """The same masked forward passes, batches prepared beforehand, nothing kept."""
     batches = [source.samples(s, min(s + spec.batch_size, source.n_samples))
                for s in range(0, source.n_samples, spec.batch_size)]
@@ -57,14 +57,14 @@ def bare_forward(model, source, spec: CaptureSpec) -> float:
     return time.perf_counter() - t
 
 
-def capture_time(model, source, spec: CaptureSpec) -> float:
+def capture_time(model, source, spec: CaptureConfig) -> float:
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         run_capture(model, source, spec, Path(d) / "store", progress=False)
         return time.perf_counter() - t
 
 
-def overhead(name: str, model, n: int, repeats: int, spec: CaptureSpec = SPEC) -> dict:
+def overhead(name: str, model, n: int, repeats: int, spec: CaptureConfig = SPEC) -> dict:
     source = ToyPasscodeSource(n, seed=0)
     bare_forward(model, ToyPasscodeSource(256, seed=1), spec)  # warm up
     bare, cap = [], []
@@ -79,9 +79,9 @@ MEMORY_CHILD = """
 import resource, sys, tempfile, torch
 torch.set_num_threads(2)
 import toy_models
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from toy_models.source import ToyPasscodeSource
-spec = CaptureSpec(**__import__("json").loads(sys.argv[2]))
+spec = CaptureConfig(**__import__("json").loads(sys.argv[2]))
 with tempfile.TemporaryDirectory() as d:
     run_capture(toy_models.load(), ToyPasscodeSource(int(sys.argv[1]), seed=0), spec, d + "/s", progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -50,7 +50,7 @@ def resident_bytes() -> int:
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in the subprocess: one implementation at one length."""
     import kvprobe.memento.forward as forward
-    from kvprobe.capture import CaptureSpec, run_capture
+    from kvprobe.capture import CaptureConfig, run_capture
     from kvprobe.memento.forward import masked_forward
 
     torch.set_num_threads(args.threads)
@@ -59,7 +59,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_qwen3(MODELS[args.model], args.impl, args.device, args.dtype, args.length)
     source = long_source(args.samples, args.length, args.blocks, args.memento_len, MODELS[args.model]["vocab"])
     n_layers = MODELS[args.model]["layers"]
-    spec = CaptureSpec(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), batch_size=1, shard_size=args.samples,
+    spec = CaptureConfig(layers=(0, n_layers - 1), offsets=(-1, 0, 1, 2), batch_size=1, shard_size=args.samples,
                        dtype="float32")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     tokens: list[int] = []  # what each forward runs over

@@ -40,11 +40,11 @@ def random_cells(n_cells: int, n: int, dim: int, seed: int = 0) -> tuple[np.ndar
 
 def store_cells(path: str, cells: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Features (G, N, D) of the requested LAYER:OFFSET memento cells and labels (N, K)."""
-    from kvprobe.analysis import Cell, ProbeSettings, _plan
+    from kvprobe.analysis import Cell, ProbeConfig, _plan
     from kvprobe.store import KVStore
 
     store = KVStore(path)
-    _, D = _plan(store, ProbeSettings())
+    _, D = _plan(store, ProbeConfig())
     pooling = store.keys[0].pooling
     group = [Cell("memento", int(c.split(":")[1]), int(c.split(":")[0]), pooling) for c in cells]
     x = np.stack([store.features(c.layer, c.offset, c.site, c.pooling) for c in group]).reshape(len(group), -1, D)

@@ -28,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from kvprobe.analysis import ProbeSettings, _groups, _plan, _splits
+from kvprobe.analysis import ProbeConfig, _groups, _plan, _splits
 from kvprobe.probes import FeatureMoments, fit_probes, fit_sklearn, select_strength
 from kvprobe.store import KVStore
 
@@ -42,18 +42,18 @@ def _timed(fn):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", required=True)
-    ap.add_argument("--tol", type=float, default=ProbeSettings().linear.tol)
+    ap.add_argument("--tol", type=float, default=ProbeConfig().linear.tol)
     ap.add_argument("--reference-tol", type=float, default=1e-5)
     ap.add_argument("--plain-cells", type=int, default=None,
                     help="fit plain L-BFGS at the probe tolerance on only the first N cells (default: all)")
     ap.add_argument("--plain-reference-cells", type=int, default=4)
     ap.add_argument("--sklearn-cells", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-group-bytes", type=int, default=ProbeSettings().max_group_bytes)
+    ap.add_argument("--max-group-bytes", type=int, default=ProbeConfig().max_group_bytes)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    settings = ProbeSettings(families=("linear",), max_group_bytes=args.max_group_bytes)
+    settings = ProbeConfig(families=("linear",), max_group_bytes=args.max_group_bytes)
     ours = replace(settings.linear, tol=args.tol)
     solvers = {
         "ours": ours,

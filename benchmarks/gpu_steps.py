@@ -87,10 +87,10 @@ def light_identity(model: Any) -> dict[str, Any]:
 
 
 def capture_spec(n_layers: int, samples: int) -> Any:
-    from kvprobe.capture import CaptureSpec
+    from kvprobe.capture import CaptureConfig
 
     layers = (3, n_layers - 1) if n_layers > 4 else (0, n_layers - 1)  # the paper's 4th and last on Qwen3-8B
-    return CaptureSpec(layers=layers, offsets=OFFSETS, sites=QWEN3_SITES, pooling=("mean",), batch_size=1,
+    return CaptureConfig(layers=layers, offsets=OFFSETS, sites=QWEN3_SITES, pooling=("mean",), batch_size=1,
                        shard_size=samples, dtype="float16")
 
 
@@ -278,8 +278,8 @@ def step_toy(sz: dict[str, Any], save: Callable[..., None], skip: Callable[[str]
     import torch
 
     import toy_models
-    from kvprobe.analysis import ProbeSettings, probe_store
-    from kvprobe.capture import CaptureSpec, run_capture
+    from kvprobe.analysis import ProbeConfig, probe_store
+    from kvprobe.capture import CaptureConfig, run_capture
     from kvprobe.memento.forward import masked_forward
     from kvprobe.probes.mlp import MLPConfig
     from kvprobe.store import KVStore
@@ -287,7 +287,7 @@ def step_toy(sz: dict[str, Any], save: Callable[..., None], skip: Callable[[str]
 
     device, sync, n = sz["device"], sync_for(sz["device"]), sz["toy_samples"]
     model = toy_models.load("final").to(device)
-    spec = CaptureSpec(**TOY_SPEC)
+    spec = CaptureConfig(**TOY_SPEC)
     warm = ToyPasscodeSource(256, seed=1).samples(0, 256)
     with torch.inference_mode():
         masked_forward(model, warm.input_ids.to(device), layouts=warm.layouts, config=spec.mask)
@@ -303,12 +303,12 @@ def step_toy(sz: dict[str, Any], save: Callable[..., None], skip: Callable[[str]
         save(figures=fig, checks={})
         with KVStore(path) as store:
             common = dict(n_boot=200, pooling="mean", device=device)
-            linear = ProbeSettings(families=("linear",), layers=sz["probe_layers"], offsets=sz["probe_offsets"], **common)
+            linear = ProbeConfig(families=("linear",), layers=sz["probe_layers"], offsets=sz["probe_offsets"], **common)
             t = time.perf_counter()  # the grid with its shuffled-label control; probe_layers None: all 40 cells
             grid = probe_store(store, "memento", linear, progress=False)
             fig["probe_grid_s"] = time.perf_counter() - t
             fig["probe_grid_cells"] = len(grid.rows)
-            mlp = ProbeSettings(families=("mlp",), seeds=1, shuffled_control=False, layers=(0, 3), offsets=(1,),
+            mlp = ProbeConfig(families=("mlp",), seeds=1, shuffled_control=False, layers=(0, 3), offsets=(1,),
                                 mlp=MLPConfig(max_epochs=sz["mlp_epochs"]), **common)  # the paper's 2 MLP cells
             t = time.perf_counter()
             mlp_grid = probe_store(store, "memento", mlp, progress=False)

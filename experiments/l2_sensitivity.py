@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import toy_models
-from kvprobe.analysis import ProbeSettings, SensitivityCurve, sensitivity_curves
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.analysis import ProbeConfig, SensitivityCurve, sensitivity_curves
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.reporting.figures import l2_sensitivity, save_figure
 from kvprobe.store import KVStore
 from toy_models.source import ToyPasscodeSource
@@ -31,9 +31,9 @@ L2_VALUES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # down to the weak bound of kv
 CONDITION = "memento"
 
 
-def capture_spec(samples: int) -> CaptureSpec:
+def capture_spec(samples: int) -> CaptureConfig:
     """What is captured: layer 3, offsets -1, 0, +1, the default site and pooling."""
-    return CaptureSpec(layers=(3,), offsets=(-1, 0, 1), batch_size=500, shard_size=samples)
+    return CaptureConfig(layers=(3,), offsets=(-1, 0, 1), batch_size=500, shard_size=samples)
 
 
 def measure(samples: int) -> dict:
@@ -44,7 +44,7 @@ def measure(samples: int) -> dict:
         path = run_capture(toy_models.load("final"), ToyPasscodeSource(samples, seed=0), spec, Path(tmp) / "s",
                            progress=False)
         with KVStore(path) as store:
-            curves = sensitivity_curves(store, CONDITION, ProbeSettings(families=("linear",)), l2_values=L2_VALUES)
+            curves = sensitivity_curves(store, CONDITION, ProbeConfig(families=("linear",)), l2_values=L2_VALUES)
     rows = [{"offset": c.offset, "layer": c.layer, "l2": list(c.l2), "accuracy": list(map(float, c.accuracy)),
              "ci_low": list(map(float, c.ci_low)), "ci_high": list(map(float, c.ci_high)),
              "inner_accuracy": list(map(float, c.inner_accuracy)), "chosen": c.chosen} for c in curves]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import toy_models
-from kvprobe.capture import CaptureSpec
+from kvprobe.capture import CaptureConfig
 from toy_models.leakage import MEMENTO, cell_record, measure_leakage
 from published import pct, results_json, run_toy_study
 
@@ -58,7 +58,7 @@ def measure(checkpoint: str, samples: int, seed: int) -> dict:
     model = toy_models.load(checkpoint)
     rows = []
     for name, (site, pooling, k, vectors) in VARIANTS.items():
-        spec = CaptureSpec(layers=LAYERS, sites=(site,), pooling=(pooling,), max_tokens=k, batch_size=500)
+        spec = CaptureConfig(layers=LAYERS, sites=(site,), pooling=(pooling,), max_tokens=k, batch_size=500)
         for r in measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples, seed=seed, spec=spec):
             assert (r.site, r.pooling) == (site, pooling)  # every probed cell says what it read
             rows.append({"features": name, "max_tokens": k, "vectors": vectors, "dims": vectors * 256,

@@ -23,7 +23,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from kvprobe.data.passcodes import PasscodeSpec
+from kvprobe.data.passcodes import PasscodeConfig
 from toy_models.model import build_model
 from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
@@ -64,7 +64,7 @@ RECIPES.update(CAPACITY)
 LAYERS = (0, 1, 2, 3)
 OFFSETS = (0, 1, 2, 7)  # the causal control (-1) is at chance in every toy: see the figure reproductions
 CONTROL_OFFSETS = (0, 1, 2, 7)
-TC_CHANCE = PasscodeSpec(digit_sum=22).chance()  # the text-controlled condition's exact baseline, 11.17%
+TC_CHANCE = PasscodeConfig(digit_sum=22).chance()  # the text-controlled condition's exact baseline, 11.17%
 
 
 def train_recipe(name: str, seed: int = 0, steps: int = STEPS, threads: int | None = 1, runs: Path = RUNS,

@@ -1,13 +1,13 @@
 """Leakage analysis: probe every (site, offset, layer) cell of a store, with controls.
 
-    grid = probe_store(KVStore("runs/toy/stores/memento"), "memento", ProbeSettings())
+    grid = probe_store(KVStore("runs/toy/stores/memento"), "memento", ProbeConfig())
     rows = grid.rows                        # one CellResult per (site, offset, layer, probe)
     diffs = compare(grid, restart_grid)     # paired differences on the same validation passcodes
     curves = sensitivity_curves(store, "memento", settings, cells=[Cell("memento", 1, 3)])  # accuracy vs L2
     grid.cell(Cell("memento", 1, 3), "linear")  # one row; grid.per_sample[(cell, "linear")] its scores
 
 The linear probe's L2 strength is chosen per cell on an inner label-unique split of the
-training passcodes (`ProbeSettings.linear_l2_grid`), then refitted on the whole training
+training passcodes (`ProbeConfig.linear_l2_grid`), then refitted on the whole training
 split; the validation split only scores. Each row carries the strength it used (`l2`).
 
 The split is label-unique and a pure function of the passcodes and `split_seed`, so
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .capture.spec import renamed_fields
-from .data.passcodes import PasscodeSpec, allowed_codes, label_unique_split
+from .data.passcodes import PasscodeConfig, allowed_codes, label_unique_split
 from .grid import DEFAULT_POOLING, FAMILIES, LINEAR, MLP, Cell, offset_role, pooled_vectors
 from .memento.masks import MaskConfig
 from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfig, MLPConfig, fit_at_strengths,
@@ -39,14 +38,15 @@ from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfi
 from .stats import (binomial_pvalue, bootstrap_ci, constrained_pvalue, digit_accuracy, holm, paired_bootstrap_ci,
                     paired_pvalue, per_sample_accuracy, per_sample_bits, shuffle_labels, wilson_interval)
 from .store import KVStore
+from .errors import renamed, renamed_fields
 
-__all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeSettings", "SensitivityCurve", "apply_holm",
+__all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
            "compare", "load_grid", "merge_grids", "probe_store", "save_grid", "sensitivity_curves"]
 
 
 @renamed_fields(kinds="families")
 @dataclass(frozen=True)
-class ProbeSettings:
+class ProbeConfig:
     """How to probe a store.
 
     families: probe families (formerly `kinds`); seeds: MLP initialisations (the linear probe
@@ -190,7 +190,7 @@ def _groups(cells: list[Cell], n: int, d: int, budget: int) -> Iterable[list[Cel
         yield cells[i : i + size]
 
 
-def _plan(store: KVStore, settings: ProbeSettings) -> tuple[list[Cell], int]:
+def _plan(store: KVStore, settings: ProbeConfig) -> tuple[list[Cell], int]:
     """The cells `settings` asks for (at its pooling), and their feature width D."""
     layers = list(settings.layers) if settings.layers is not None else store.layers
     keys = [k for k in store.keys if k.pooling == settings.pooling]
@@ -215,7 +215,7 @@ def _group_features(store: KVStore, group: list[Cell], D: int, tr: np.ndarray,
     return torch.from_numpy(X[:, tr]).float(), torch.from_numpy(X[:, va]).float()
 
 
-def _splits(store: KVStore, settings: ProbeSettings,
+def _splits(store: KVStore, settings: ProbeConfig,
             need_inner: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Outer train / validation indices, and the inner validation mask over the training samples
     (label-unique within the training passcodes) when a strength is to be chosen."""
@@ -228,7 +228,7 @@ def _splits(store: KVStore, settings: ProbeSettings,
     return tr, va, inner
 
 
-def _fits_per_cell(settings: ProbeSettings, kind: str) -> int:
+def _fits_per_cell(settings: ProbeConfig, kind: str) -> int:
     """Progress-bar fits per cell for one probe kind: each strength tried, each seed, the shuffled-label control."""
     grid = len(settings.strength_grid(kind))
     return (grid if grid > 1 else 0) + (settings.seeds if kind == MLP else 1) + int(settings.shuffled_control)
@@ -252,7 +252,7 @@ def _fit(X_tr: torch.Tensor, X_va: torch.Tensor, y_va: np.ndarray, kind: str, co
 
 
 def _fit_replicas(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np.ndarray, seeds: range, sel: Any,
-                  config: Any, settings: ProbeSettings, bar: Any, done: Callable) -> tuple[list, np.ndarray | None]:
+                  config: Any, settings: ProbeConfig, bar: Any, done: Callable) -> tuple[list, np.ndarray | None]:
     """Every MLP seed and the shuffled-label control in one batched run: (fits, shuffled accuracy (G,) or None)."""
     label_sets = [y_tr] * len(seeds) + [shuffle_labels(y_tr, seed=1000)] * settings.shuffled_control
     run = fit_mlp_replicas(X_tr, label_sets, X_va, y_va, [*seeds, 0][:len(label_sets)],
@@ -277,7 +277,7 @@ def _fit_in_turn(fit: Callable, y_tr: np.ndarray, seeds: range, kind: str, shuff
 
 
 def _fit_kind(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np.ndarray, inner: np.ndarray | None,
-              kind: str, settings: ProbeSettings, bar: Any) -> tuple[Any, list, np.ndarray | None]:
+              kind: str, settings: ProbeConfig, bar: Any) -> tuple[Any, list, np.ndarray | None]:
     """Choose one kind's strength per cell of a group, then fit it: (selection, fits per seed, shuffled accuracy)."""
     done = partial(_step, bar, kind, len(X_tr))
     seeds = range(settings.seeds) if kind == MLP else range(1)
@@ -293,7 +293,7 @@ def _fit_kind(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np
 
 
 def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndarray | None, y_va: np.ndarray,
-           codes: PasscodeSpec, n_boot: int, **common: Any) -> tuple[np.ndarray, list[CellResult]]:
+           codes: PasscodeConfig, n_boot: int, **common: Any) -> tuple[np.ndarray, list[CellResult]]:
     """One kind's fits on a group scored on the validation split: per-sample accuracy (G, M), and a row per cell."""
     # per-sample scores averaged over seeds: their mean is the mean seed accuracy
     acc_s = np.mean([per_sample_accuracy(f.log_probs, y_va) for f in fits], axis=0)  # (G, M)
@@ -323,7 +323,7 @@ def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndar
     ) for g, cell in enumerate(group)]
 
 
-def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *, progress: bool = True,
+def probe_store(store: KVStore, condition: str, settings: ProbeConfig = ProbeConfig(), *, progress: bool = True,
                 label: str | None = None) -> GridResult:
     """Fit every requested probe on every (site, offset, layer) cell of `store`.
 
@@ -334,7 +334,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeSettings = ProbeS
     once per strength-grid value, once per seed, and once more for the shuffled-label control.
     """
     labels = store.labels  # (N, K)
-    codes = PasscodeSpec.from_description(store.config.get("source", {}).get("passcode", {}))
+    codes = PasscodeConfig.from_description(store.config.get("source", {}).get("passcode", {}))
     chance = codes.chance()
     mask = MaskConfig(**store.config["capture"].get("mask", {})).name
     cells, D = _plan(store, settings)
@@ -386,7 +386,7 @@ class SensitivityCurve:
 
 
 def sensitivity_curves(
-    store: KVStore, condition: str, settings: ProbeSettings = ProbeSettings(), *,
+    store: KVStore, condition: str, settings: ProbeConfig = ProbeConfig(), *,
     cells: Iterable[Cell] | None = None, l2_values: Iterable[float] | None = None,
 ) -> list[SensitivityCurve]:
     """Linear-probe accuracy against L2 strength for `cells` (None: every cell
@@ -495,3 +495,6 @@ def load_grid(path: str | Path) -> GridResult:
             where.append(next((r.cell.pooling for r in rows), Cell.pooling))
         per_sample[(Cell.parse("|".join(where)), probe)] = arrays[name]
     return GridResult(data["condition"], rows, arrays["val_index"], per_sample)
+
+
+__getattr__ = renamed(__name__, {"ProbeSettings": "ProbeConfig"})  # the old names, for one release

@@ -43,8 +43,8 @@ from matplotlib.figure import Figure
 
 import toy_models
 from kvprobe.reporting import figures
-from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
-from kvprobe.capture import CaptureSpec, plan_capture, run_capture
+from kvprobe.analysis import ProbeConfig, apply_holm, compare, probe_store
+from kvprobe.capture import CaptureConfig, plan_capture, run_capture
 from kvprobe.experiment import leakage_table
 from kvprobe.memento.layout import parse_layout
 from kvprobe.memento.masks import MaskConfig, allow_matrix
@@ -270,7 +270,7 @@ target = first.layouts[0].blocks[1]
 print(f"sample 0: passcode {first.passcodes[0]}, block 1 reads",
       " ".join(VOCAB[i] for i in first.input_ids[0, target.start : target.end + 1].tolist()))
 
-spec = CaptureSpec(layers=LAYERS, offsets=OFFSETS, mask=MaskConfig(keep_last_n_blocks=0), batch_size=250)
+spec = CaptureConfig(layers=LAYERS, offsets=OFFSETS, mask=MaskConfig(keep_last_n_blocks=0), batch_size=250)
 print(plan_capture(model, source, spec).summary())  # a dry run: what will be written, how big
 t = time.perf_counter()
 store_path = run_capture(model, source, spec, OUT / "stores" / "memento", mode="overwrite", progress=False)
@@ -291,7 +291,7 @@ with KVStore(store_path) as store:
 # table marks cells that stay significant).
 
 # %%
-settings = ProbeSettings(families=("linear",), seeds=1, shuffled_control=False, n_boot=200, split_seed=0)
+settings = ProbeConfig(families=("linear",), seeds=1, shuffled_control=False, n_boot=200, split_seed=0)
 t = time.perf_counter()
 with KVStore(store_path) as store:
     grid = probe_store(store, "memento", settings, progress=False)
@@ -374,7 +374,7 @@ print(f"masked +1 minus masked +2: {100 * decay:+.1f} points")
 # cells of both tables.
 
 # %%
-restart_spec = CaptureSpec(
+restart_spec = CaptureConfig(
     layers=(last,), offsets=OFFSETS, batch_size=250,
     mask=MaskConfig(keep_last_n_blocks=0, restart_mode=True),  # delimiters hidden: the fork's restart
 )

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from kvprobe.analysis import CellResult, ProbeSettings, probe_store
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.analysis import CellResult, ProbeConfig, probe_store
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore
 
@@ -65,7 +65,7 @@ def cell_record(row: CellResult, *extra: str) -> dict:
     return {k: getattr(row, k) for k in (*RECORD_FIELDS, *extra)}
 
 
-STUDY_PROBE = ProbeSettings(families=("linear",), shuffled_control=False, n_boot=1000)
+STUDY_PROBE = ProbeConfig(families=("linear",), shuffled_control=False, n_boot=1000)
 
 
 def measure_leakage(
@@ -77,18 +77,18 @@ def measure_leakage(
     n_samples: int = 3000,
     seed: int = 0,
     target_block: int = 1,
-    probe: ProbeSettings = STUDY_PROBE,
-    spec: CaptureSpec | None = None,
+    probe: ProbeConfig = STUDY_PROBE,
+    spec: CaptureConfig | None = None,
     store_dir: str | Path | None = None,
 ) -> list[CellResult]:
     """Linear-probe accuracy of every (condition, layer, offset) cell, with intervals.
 
-    `spec` sets the features (default: kvprobe's CaptureSpec defaults); its layers,
+    `spec` sets the features (default: kvprobe's CaptureConfig defaults); its layers,
     offsets, mask and target block are taken from the arguments. Stores go to a
     temporary directory unless `store_dir` is given (then one store per condition,
     kept). Rows come back as `CellResult`s named by condition.
     """
-    base = spec or CaptureSpec(layers=tuple(layers))
+    base = spec or CaptureConfig(layers=tuple(layers))
     rows: list[CellResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(store_dir) if store_dir is not None else Path(tmp)

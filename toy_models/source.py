@@ -13,7 +13,7 @@ paper's real traces, whose mementos never mention the passcode). The other nine 
 stay random, as noise the probe must see through. With `shared_background=True` they
 hold the same digits in every sample too, so every memento text is identical across
 samples: the channel with no distractors at all. Chance is the exact majority-class
-baseline of the constrained passcodes, 11.17%, not 10% (`PasscodeSpec.chance`).
+baseline of the constrained passcodes, 11.17%, not 10% (`PasscodeConfig.chance`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvprobe.data.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from kvprobe.data.passcodes import PasscodeConfig, passcode_labels, sample_passcodes
 from kvprobe.data.samples import SampleBatch
 
 from .data import N_BLOCKS, N_DIGITS, generate, layout
@@ -37,7 +37,7 @@ CHUNK = 1024
 
 
 @lru_cache(maxsize=4)
-def _chunk(seed: int, passcode_seed: int, chunk: int, target_block: int, codes: PasscodeSpec,
+def _chunk(seed: int, passcode_seed: int, chunk: int, target_block: int, codes: PasscodeConfig,
            shared_background: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
     seeds = np.random.SeedSequence([seed, chunk]).generate_state(1)
     code_seed = np.random.SeedSequence([passcode_seed, chunk, 1]).generate_state(1)
@@ -74,7 +74,7 @@ class ToyPasscodeSource:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if not 0 <= self.target_block < N_BLOCKS:
             raise ValueError(f"target_block must be in 0..{N_BLOCKS - 1}, got {self.target_block}")
-        self.codes = PasscodeSpec(length=N_DIGITS, digit_sum=self.digit_sum)  # validates digit_sum
+        self.codes = PasscodeConfig(length=N_DIGITS, digit_sum=self.digit_sum)  # validates digit_sum
 
     @classmethod
     def text_controlled(cls, n_samples: int, seed: int = 0, digit_sum: int = 22, shared_background: bool = False,

@@ -6,11 +6,12 @@ from ..memento.sites import site_positions
 from .backends import get_backend
 from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
 from .backend_helpers import gather_positions
-from .spec import CaptureSpec
+from .spec import CaptureConfig
+from ..errors import renamed
 
 __all__ = [
     "CapturePlan",
-    "CaptureSpec",
+    "CaptureConfig",
     "SampleBatch",
     "SampleSource",
     "gather_positions",
@@ -21,3 +22,6 @@ __all__ = [
     "run_capture",
     "site_positions",
 ]
+
+
+__getattr__ = renamed(__name__, {"CaptureSpec": "CaptureConfig"})  # the old names, for one release

@@ -1,6 +1,6 @@
 """Helpers the capture backends share: position gathering, layer checks, per-architecture tables.
 
-What is read has one name everywhere (`CaptureSpec.tensors`, `kvprobe.grid.TENSORS`): "k", the keys of a layer
+What is read has one name everywhere (`CaptureConfig.tensors`, `kvprobe.grid.TENSORS`): "k", the keys of a layer
 as the KV cache holds them (after any key norm and after RoPE), and "v", its values,
 each (B, n_kv_heads, T, d_head). Each backend's per-architecture table says where
 those live in its framework (docs/backends.md); kvprobe defines no hook-point names of

@@ -29,7 +29,7 @@ from ..memento.forward import check_length, flex_for_long, flex_shapes, input_de
 from ..memento.sites import site_positions
 from ..store import StoreWriter
 from .backends import get_backend
-from .spec import DEFAULT_TARGET_BLOCK, CaptureSpec
+from .spec import DEFAULT_TARGET_BLOCK, CaptureConfig
 
 __all__ = ["CapturePlan", "PoolTables", "package_versions", "model_dims", "model_identity", "plan_capture", "pool_sites", "pool_tables", "run_capture"]
 
@@ -92,7 +92,7 @@ def _versions(backend: str) -> dict[str, str]:
 class CapturePlan:
     """A validated capture: what it writes and how big it will be."""
 
-    spec: CaptureSpec
+    spec: CaptureConfig
     n_samples: int
     n_layers_model: int
     n_kv: int
@@ -140,7 +140,7 @@ class CapturePlan:
         return "; ".join(costs) + f" (one site x offset x layer, max_tokens {self.spec.max_tokens})"
 
 
-def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
+def _check_batch(batch: SampleBatch, spec: CaptureConfig) -> None:
     first_row = {}
     for row, layout in enumerate(batch.layouts):  # rows sharing a layout are checked once
         first_row.setdefault(layout, row)
@@ -156,7 +156,7 @@ def _check_batch(batch: SampleBatch, spec: CaptureSpec) -> None:
                     ) from None
 
 
-def plan_capture(model: Any, source: SampleSource, spec: CaptureSpec) -> CapturePlan:
+def plan_capture(model: Any, source: SampleSource, spec: CaptureConfig) -> CapturePlan:
     """Validate the spec against the model and the source (first batch); no files touched.
 
     The target block is the source's: a spec without one (the default) takes it, and a spec
@@ -207,7 +207,7 @@ class PoolTables:
     tail_ok: torch.Tensor
 
 
-def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
+def pool_tables(layouts: list, spec: CaptureConfig) -> PoolTables:
     """PoolTables for a batch; built once per distinct layout, then indexed by row."""
     distinct = list(dict.fromkeys(layouts))
     segments = [[site_positions(lay, site, spec.target_block + off) for site in spec.sites for off in spec.offsets]
@@ -242,7 +242,7 @@ def pool_tables(layouts: list, spec: CaptureSpec) -> PoolTables:
 def pool_sites(
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
     tables: PoolTables,
-    spec: CaptureSpec,
+    spec: CaptureConfig,
     keys: tuple[FeatureKey, ...],
 ) -> dict[FeatureKey, np.ndarray]:
     """Pool captured states into features.
@@ -305,7 +305,7 @@ def _reads_block_mask(backend: str) -> bool:
     return bool(getattr(get_backend(backend), "READS_BLOCK_MASK", False))
 
 
-def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureSpec, keys) -> dict:
+def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBatch, spec: CaptureConfig, keys) -> dict:
     tables = pool_tables(batch.layouts, spec)
     device = input_device(model)
     T = forward_length(tables)  # the toy at offsets up to +7 skips 12% of every forward; a long trace far more
@@ -398,7 +398,7 @@ def _capture_shard(model: Any, wrapped: Any, backend: Any, source: SampleSource,
 def run_capture(
     model: Any,
     source: SampleSource,
-    spec: CaptureSpec,
+    spec: CaptureConfig,
     out: str | Path,
     *,
     mode: str = "create",

@@ -21,54 +21,20 @@ concatenated per token: D = len(tensors) * n_kv * d_head per stored vector.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any
 
+from ..errors import renamed, renamed_fields
 from ..grid import DEFAULT_POOLING, DEFAULT_SITE, POOLINGS, SITES, TENSORS
 from ..memento.masks import MaskConfig
 
-__all__ = ["BACKENDS", "CaptureSpec", "DEFAULT_TARGET_BLOCK", "renamed_fields"]
+__all__ = ["BACKENDS", "CaptureConfig", "DEFAULT_TARGET_BLOCK"]
 
 DEFAULT_TARGET_BLOCK = 1  # for a source that does not say where its passcode is: the paper's T_2
 
 BACKENDS = ("transformers", "lens", "nnsight")
 STORAGE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")  # HDF5 filters for feature datasets (with byte shuffle)
-
-_T = TypeVar("_T", bound=type)
-
-
-def renamed_fields(**renames: str) -> Callable[[_T], _T]:
-    """A dataclass decorator keeping old field names for one release (old="new"): the constructor
-    takes `old=` and reads `.old`, each with a DeprecationWarning naming both; giving both is a TypeError."""
-    def wrap(cls: _T) -> _T:
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            for old, new in renames.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{cls.__name__}: give {new}= only ({old}= is its deprecated name)")
-                    warnings.warn(f"{cls.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
-                                  stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            init(self, *args, **kwargs)
-
-        def old_name(old: str, new: str) -> property:
-            def get(self: Any) -> Any:
-                warnings.warn(f"{cls.__name__}.{old} is deprecated; use .{new}", DeprecationWarning, stacklevel=2)
-                return getattr(self, new)
-            return property(get, doc=f"Deprecated name of `{new}`.")
-
-        cls.__init__ = __init__  # type: ignore[misc]
-        for old, new in renames.items():
-            setattr(cls, old, old_name(old, new))
-        return cls
-    return wrap
-
 
 # field -> the name a store's config.json records it under ("capture"): stores keep the format they were
 # written in, so stores from before the rename open and resume, and a new store is byte for byte an old one's
@@ -77,11 +43,11 @@ STORED_NAMES = {"tensors": "kinds"}
 
 @renamed_fields(kinds="tensors")
 @dataclass(frozen=True)
-class CaptureSpec:
+class CaptureConfig:
     """Everything that decides what a capture writes. Stored in full with the data.
 
     tensors: what is read at a site, the cached keys `k` and/or values `v` (grid.TENSORS), concatenated
-    per position in this order (formerly `kinds`; `CaptureSpec(kinds=...)` works for one release).
+    per position in this order (formerly `kinds`; `CaptureConfig(kinds=...)` works for one release).
     """
 
     layers: tuple[int, ...]
@@ -127,7 +93,7 @@ class CaptureSpec:
         return {STORED_NAMES.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CaptureSpec":
+    def from_dict(cls, d: dict[str, Any]) -> "CaptureConfig":
         """A spec from `to_dict`'s form (a store's config.json) or from its field names."""
         d = dict(d)
         for name, stored in STORED_NAMES.items():
@@ -146,3 +112,4 @@ def _check(ok: Any, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"capture spec field '{name}' = {value!r}: expected {expected}")
 
 
+__getattr__ = renamed(__name__, {"CaptureSpec": "CaptureConfig"})  # the old names, for one release

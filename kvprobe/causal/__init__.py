@@ -18,18 +18,19 @@ from .effects import (
 from .run import (
     CausalResult,
     CausalRow,
-    CausalSpec,
+    CausalConfig,
     causal_map,
     load_causal,
     save_causal,
 )
+from ..errors import renamed
 
 __all__ = [
     "INTERVENTIONS",
     "BatchEffects",
     "CausalResult",
     "CausalRow",
-    "CausalSpec",
+    "CausalConfig",
     "ProbeReader",
     "batch_effects",
     "causal_map",
@@ -39,3 +40,6 @@ __all__ = [
     "pair_donors",
     "save_causal",
 ]
+
+
+__getattr__ = renamed(__name__, {"CausalSpec": "CausalConfig"})  # the old names, for one release

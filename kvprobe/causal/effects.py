@@ -29,7 +29,7 @@ import torch
 from ..capture.hf import KVPatch
 from ..capture.run import pool_sites, pool_tables
 from ..capture.backend_helpers import gather_positions
-from ..capture.spec import CaptureSpec
+from ..capture.spec import CaptureConfig
 from ..data.samples import SampleBatch
 from ..memento.forward import memento_inputs
 from ..memento.layout import Layout
@@ -101,7 +101,7 @@ class ProbeReader:
     def decode(self, cache: Any, layouts: Sequence[Layout], target_block: int) -> np.ndarray:
         """(B, K) decoded digits from the K/V a forward left in `cache`."""
         c = self.cell
-        spec = CaptureSpec(layers=(c.layer,), offsets=(c.offset,), sites=(c.site,), pooling=(c.pooling,),
+        spec = CaptureConfig(layers=(c.layer,), offsets=(c.offset,), sites=(c.site,), pooling=(c.pooling,),
                            max_tokens=self.max_tokens, target_block=target_block)
         tables = pool_tables(list(layouts), spec)
         keys, values = cache.layers[c.layer].keys, cache.layers[c.layer].values  # (B, n_kv, T, d_head)

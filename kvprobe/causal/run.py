@@ -1,6 +1,6 @@
 """The causal map: both interventions on every cell over a sample source, with intervals.
 
-    spec = CausalSpec(layers=(0, 1, 2, 3), offsets=(0, 1, 2))
+    spec = CausalConfig(layers=(0, 1, 2, 3), offsets=(0, 1, 2))
     result = causal_map(model, source, spec, start=5000)    # samples the probes never saw
     for row in result.rows: print(row.intervention, row.cell.label, row.delta_loss_memento)
     save_causal(result, "runs/x/causal/causal")
@@ -37,8 +37,9 @@ from .effects import (
     batch_effects,
     pair_donors,
 )
+from ..errors import renamed
 
-__all__ = ["CausalResult", "CausalRow", "CausalSpec", "causal_map", "load_causal", "save_causal"]
+__all__ = ["CausalResult", "CausalRow", "CausalConfig", "causal_map", "load_causal", "save_causal"]
 
 FORK_RESTART = MaskConfig(keep_last_n_blocks=0, mask_delimiters=True, restart_mode=True)
 METRICS = ("delta_loss_memento", "delta_loss_all", "delta_loss_answer", "flip_memento", "flip_all", "follow_donor",
@@ -46,7 +47,7 @@ METRICS = ("delta_loss_memento", "delta_loss_all", "delta_loss_answer", "flip_me
 
 
 @dataclass(frozen=True)
-class CausalSpec:
+class CausalConfig:
     """What to intervene on and how.
 
     layers, offsets, sites: the cells (offsets from the target block, as the probes'); pooling
@@ -141,7 +142,7 @@ def _summarise(name: str, cell: Cell, values: dict[str, np.ndarray], n_boot: int
                      text_identical=identical if name == "interchange" else None)
 
 
-def causal_map(model: Any, source: SampleSource, spec: CausalSpec, *, start: int = 0, target_block: int | None = None,
+def causal_map(model: Any, source: SampleSource, spec: CausalConfig, *, start: int = 0, target_block: int | None = None,
                reader: ProbeReader | None = None, progress: bool = True) -> CausalResult:
     """Ablation and interchange on every cell of `spec`, over samples [start, start + n_samples)."""
     forward = get_patcher(spec.backend)
@@ -203,3 +204,6 @@ def load_causal(path: str | os.PathLike) -> CausalResult:
         intervention, site, offset, layer, pooling, metric = name.split("|")
         per_sample.setdefault((intervention, Cell.parse(f"{site}|{offset}|{layer}|{pooling}")), {})[metric] = arrays[name]
     return CausalResult([CausalRow(**r) for r in data["rows"]], per_sample, data["spec"], data.get("reader"))
+
+
+__getattr__ = renamed(__name__, {"CausalSpec": "CausalConfig"})  # the old names, for one release

@@ -203,7 +203,7 @@ class Deprecated(argparse.Action):
 
 
 # the library's renames (kvprobe.config.sections.RENAMED_KEYS, the option classes' old field names)
-LIBRARY_DEPRECATIONS = r"(config key '|(CaptureSpec|ProbeSettings)\b).* is deprecated; use "
+LIBRARY_DEPRECATIONS = r"(config key '|(CaptureConfig|ProbeConfig)\b).* is deprecated; use "
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ Every field is checked (pydantic, unknown keys refused) and errors name the fiel
 with safe loaders only (`yaml.safe_load`, `tomllib`).
 
 The capture, mask, probe and causal sections are generated from the library's dataclasses
-(`CaptureSpec`, `MaskConfig`, `ProbeSettings` with its `LinearConfig`/`MLPConfig` as nested
-sections, `CausalSpec`): a key is the field's name and its default the field's default.
+(`CaptureConfig`, `MaskConfig`, `ProbeConfig` with its `LinearConfig`/`MLPConfig` as nested
+sections, `CausalConfig`): a key is the field's name and its default the field's default.
 `ExperimentConfig` translates the file once, into those dataclasses (`capture_spec`,
 `probe_settings`, `causal_spec`). Keys renamed since are read for one release
 (`RENAMED_KEYS`) with a DeprecationWarning. The generated sections are in `kvprobe.config.sections`.
@@ -33,9 +33,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..analysis import ProbeSettings
-from ..capture.spec import CaptureSpec
-from ..causal import CausalSpec
+from ..analysis import ProbeConfig
+from ..capture.spec import CaptureConfig
+from ..causal import CausalConfig
 from ..errors import KVProbeError
 from ..grid import LINEAR, MEMENTO, MLP, Cell
 from ..memento.masks import MaskConfig
@@ -248,11 +248,11 @@ class ExperimentConfig(_Strict):
         """The mask of one condition."""
         return spec_from(MaskConfig, self.conditions[condition])
 
-    def capture_spec(self, condition: str) -> CaptureSpec:
+    def capture_spec(self, condition: str) -> CaptureConfig:
         """The capture spec of one condition."""
-        return spec_from(CaptureSpec, self.capture, mask=self.mask(condition))
+        return spec_from(CaptureConfig, self.capture, mask=self.mask(condition))
 
-    def probe_settings(self, family: str, condition: str | None = None) -> ProbeSettings:
+    def probe_settings(self, family: str, condition: str | None = None) -> ProbeConfig:
         """How to fit one probe family on one condition's store: probe.*, the MLP's own cells
         (probe.mlp_layers, mlp_offsets, mlp_sites), the condition's shuffled control, seed, model.device."""
         p = self.probe
@@ -261,10 +261,10 @@ class ExperimentConfig(_Strict):
             own = {"layers": p.mlp_layers, "offsets": p.mlp_offsets, "sites": p.mlp_sites}
             cells = {k: v if own[k] is None else own[k] for k, v in cells.items()}
         shuffled = p.shuffled_control if isinstance(p.shuffled_control, bool) else condition in p.shuffled_control
-        return spec_from(ProbeSettings, p, families=(family,), shuffled_control=shuffled, split_seed=self.seed,
+        return spec_from(ProbeConfig, p, families=(family,), shuffled_control=shuffled, split_seed=self.seed,
                          device=self.model.device, **cells)
 
-    def sweep_specs(self) -> tuple[CaptureSpec, ProbeSettings]:
+    def sweep_specs(self) -> tuple[CaptureConfig, ProbeConfig]:
         """The sweep's capture (the first condition's, at the sweep's highest layer and offsets) and linear probe."""
         spec = dataclasses.replace(self.capture_spec(next(iter(self.conditions))), layers=(max(self.sweep.layers),),
                                    offsets=self.sweep.offsets)
@@ -274,11 +274,11 @@ class ExperimentConfig(_Strict):
         """The condition the causal stage runs under and fits its reader on: causal.condition, or the first."""
         return self.causal.condition or next(iter(self.conditions))
 
-    def causal_spec(self) -> CausalSpec | None:
+    def causal_spec(self) -> CausalConfig | None:
         """The causal stage's spec (None when the config asks for none)."""
         if self.causal.layers is None:
             return None
-        return spec_from(CausalSpec, self.causal, pooling=self.probe.pooling, mask=self.mask(self.causal_condition()),
+        return spec_from(CausalConfig, self.causal, pooling=self.probe.pooling, mask=self.mask(self.causal_condition()),
                          backend=self.capture.backend, n_boot=self.probe.n_boot)
 
     def causal_read_cell(self) -> Cell | None:

@@ -2,8 +2,8 @@
 
 `section_from(spec, ...)` makes a pydantic section of a dataclass: its fields under their names with
 their defaults, a nested dataclass as a nested section; `spec_from(spec, section, ...)` turns a
-section back into the dataclass. So `CaptureSpec`, `MaskConfig`, `ProbeSettings` (with `LinearConfig`
-and `MLPConfig`) and `CausalSpec` are declared once, in the library, and a config key is the field's
+section back into the dataclass. So `CaptureConfig`, `MaskConfig`, `ProbeConfig` (with `LinearConfig`
+and `MLPConfig`) and `CausalConfig` are declared once, in the library, and a config key is the field's
 name. What only a config says is declared here, once (`extra=`); the fields the config fills from
 another section are listed with their source in FILLED_ELSEWHERE; keys renamed to the library's
 names are read for one release (RENAMED_KEYS, with a DeprecationWarning).
@@ -19,9 +19,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from ..analysis import ProbeSettings
-from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureSpec
-from ..causal import CausalSpec
+from ..analysis import ProbeConfig
+from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureConfig
+from ..causal import CausalConfig
 from ..grid import FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
 from ..memento.masks import MaskConfig
 from ..probes import LinearConfig, MLPConfig
@@ -92,10 +92,10 @@ def spec_from(spec: type[_Spec], section: BaseModel, **filled: Any) -> _Spec:
 
 # the library's fields no config key sets, each with where its value comes from (`exclude` above)
 FILLED_ELSEWHERE: dict[type, dict[str, str]] = {
-    CaptureSpec: {"target_block": "data.target_block (the sample source holds it)", "mask": "conditions"},
+    CaptureConfig: {"target_block": "data.target_block (the sample source holds it)", "mask": "conditions"},
     MaskConfig: {"prefill_causal": "for the generator and direct calls: capture gives no prompt lengths yet"},
-    ProbeSettings: {"split_seed": "seed", "device": "model.device (the probes run where the model does)"},
-    CausalSpec: {"pooling": "probe.pooling", "mask": "causal.condition's entry in conditions",
+    ProbeConfig: {"split_seed": "seed", "device": "model.device (the probes run where the model does)"},
+    CausalConfig: {"pooling": "probe.pooling", "mask": "causal.condition's entry in conditions",
                  "backend": "capture.backend", "n_boot": "probe.n_boot"},
 }
 
@@ -145,13 +145,13 @@ _Strengths = Annotated[tuple[Annotated[float, Field(gt=0)], ...], _NonEmpty]
 _Layers = Annotated[tuple[int, ...], _NonEmpty]
 _Sites = Annotated[tuple[Literal[SITES], ...], _NonEmpty]  # type: ignore[valid-type]
 CaptureSection = section_from(
-    CaptureSpec, "CaptureSection",
+    CaptureConfig, "CaptureSection",
     {"layers": _Layers, "offsets": _Layers, "sites": _Sites,
      "tensors": Annotated[tuple[Literal[TENSORS], ...], _NonEmpty],  # type: ignore[valid-type]
      "pooling": Annotated[tuple[Literal[POOLINGS], ...], _NonEmpty],  # type: ignore[valid-type]
      "max_tokens": _Positive, "dtype": Literal[STORAGE_DTYPES], "batch_size": _Positive,  # type: ignore[valid-type]
      "shard_size": _Positive, "backend": Literal[BACKENDS], "compression": Literal[COMPRESSIONS]},  # type: ignore[valid-type]
-    exclude=FILLED_ELSEWHERE[CaptureSpec],
+    exclude=FILLED_ELSEWHERE[CaptureConfig],
     defaults={"layers": (0, 1, 2, 3)},  # every layer of the toy (the spec's layers depend on the model)
 )
 MaskSection = section_from(
@@ -162,7 +162,7 @@ MaskSection = section_from(
 
 
 # what pydantic checks in the probe families' own sections (probe.linear, probe.mlp); their defaults are
-# ProbeSettings' (the linear probe's tol 1e-3, LinearConfig's own 1e-4: it moves accuracy < 1 pp)
+# ProbeConfig' (the linear probe's tol 1e-3, LinearConfig's own 1e-4: it moves accuracy < 1 pp)
 LINEAR_TYPES = {"l2": Annotated[float, Field(gt=0)], "tol": Annotated[float, Field(gt=0)], "max_iter": _Positive,
                 "history": _Positive, "max_halvings": _Positive, "gram_rows": _Positive}
 MLP_TYPES = {"hidden": Annotated[tuple[_Positive, ...], _NonEmpty], "l2": Annotated[float, Field(ge=0)],
@@ -176,14 +176,14 @@ class _ProbeChecks(_Strict):
     def _fixed_l2_is_a_one_value_grid(cls, data: Any) -> Any:
         """linear.l2 alone fixes the strength (the grid [l2]); with linear_l2_grid present (a resolved
         config) the grid rules."""
-        linear = data.get(LINEAR) if isinstance(data, dict) else None  # ProbeSettings.linear: the family's config
+        linear = data.get(LINEAR) if isinstance(data, dict) else None  # ProbeConfig.linear: the family's config
         if isinstance(linear, dict) and "l2" in linear and "linear_l2_grid" not in data:
             data = {**data, "linear_l2_grid": [linear["l2"]]}
         return data
 
 
-def probe_section(spec: type = ProbeSettings, name: str = "ProbeSection") -> type[BaseModel]:
-    """The probe section generated from `spec` (ProbeSettings), plus what only a config says:
+def probe_section(spec: type = ProbeConfig, name: str = "ProbeSection") -> type[BaseModel]:
+    """The probe section generated from `spec` (ProbeConfig), plus what only a config says:
     per-condition shuffled controls and the MLP's own cell subset."""
     return section_from(
         spec, name,
@@ -197,7 +197,7 @@ def probe_section(spec: type = ProbeSettings, name: str = "ProbeSection") -> typ
          # of them); a one-value grid is a fixed strength. linear.l2 without linear_l2_grid means [linear.l2].
          "linear_l2_grid": _Strengths, "mlp_l2_grid": _Strengths | None, "inner_fraction": _Fraction,
          "extend_grid": bool},  # try a decade past a grid's edge (kvprobe.probes.L2_BOUNDS); false keeps the grid
-        exclude=FILLED_ELSEWHERE[ProbeSettings], defaults={"pooling": None},
+        exclude=FILLED_ELSEWHERE[ProbeConfig], defaults={"pooling": None},
         extra={"mlp_layers": (_Layers | None, None),  # the MLP's cells, a subset to save time; None: as above
                "mlp_offsets": (_Layers | None, None),
                "mlp_sites": (tuple[Literal[SITES], ...] | None, None)},  # type: ignore[valid-type]
@@ -207,15 +207,15 @@ def probe_section(spec: type = ProbeSettings, name: str = "ProbeSection") -> typ
 ProbeSection = probe_section()
 
 
-def causal_section(spec: type = CausalSpec, name: str = "CausalSection") -> type[BaseModel]:
+def causal_section(spec: type = CausalConfig, name: str = "CausalSection") -> type[BaseModel]:
     """Does the model use what leaks? KV interchange and channel ablation on the probe's cells
-    (kvprobe.causal), generated from `spec` (CausalSpec); the stage runs when `layers` is given."""
+    (kvprobe.causal), generated from `spec` (CausalConfig); the stage runs when `layers` is given."""
     return section_from(
         spec, name,
         {"layers": _Layers | None, "offsets": _Layers, "sites": _Sites,  # layers None: no causal stage
          "n_samples": Annotated[int, Field(ge=2)],  # samples after the probes' (data.n_samples on): never probed
          "batch_size": Annotated[int, Field(ge=2)]},
-        exclude=FILLED_ELSEWHERE[CausalSpec], defaults={"layers": None}, sections={MaskConfig: MaskSection},
+        exclude=FILLED_ELSEWHERE[CausalConfig], defaults={"layers": None}, sections={MaskConfig: MaskSection},
         extra={"condition": (str | None, None),  # the mask the model runs under, the reader's store; None: the first
                "read_offset": (int | None, 1),  # the interchange's probe reads this offset (None: no read-out)
                "read_layer": (int | None, None)},  # ... at this layer (None: the last captured layer)

@@ -4,7 +4,7 @@ A passcode is a string over an alphabet (default five decimal digits, 00000-9999
 Labels are the per-character class indices, shape (N, length). The split puts every
 occurrence of a passcode on one side, so no passcode is in both train and validation.
 
-`PasscodeSpec(digit_sum=22)` draws only the passcodes whose digits sum to 22: on the toy,
+`PasscodeConfig(digit_sum=22)` draws only the passcodes whose digits sum to 22: on the toy,
 whose mementos are running sums, every memento text is then the same whatever the
 passcode, so what a probe reads at a masked memento is the implicit KV channel alone.
 Chance is then no longer 1/10 per digit: `chance()` is the exact per-digit majority-class
@@ -19,13 +19,15 @@ from functools import lru_cache
 import numpy as np
 from sklearn.model_selection import GroupShuffleSplit
 
-__all__ = ["PasscodeSpec", "allowed_codes", "label_unique_split", "passcode_labels", "sample_passcodes"]
+from ..errors import renamed
+
+__all__ = ["PasscodeConfig", "allowed_codes", "label_unique_split", "passcode_labels", "sample_passcodes"]
 
 MAX_ENUMERATED = 10**6  # passcode spaces up to this size can be constrained to a digit sum
 
 
 @dataclass(frozen=True)
-class PasscodeSpec:
+class PasscodeConfig:
     """What a passcode looks like."""
 
     length: int = 5
@@ -64,12 +66,12 @@ class PasscodeSpec:
         return d
 
     @classmethod
-    def from_description(cls, d: dict) -> "PasscodeSpec":
+    def from_description(cls, d: dict) -> "PasscodeConfig":
         """The spec a sample source's `describe()["passcode"]` names (extra keys ignored)."""
         return cls(length=d.get("length", 5), alphabet=d.get("alphabet", "0123456789"), digit_sum=d.get("digit_sum"))
 
 
-def allowed_codes(spec: PasscodeSpec) -> np.ndarray:
+def allowed_codes(spec: PasscodeConfig) -> np.ndarray:
     """Class indices of every passcode the spec allows, in lexicographic order. (C, length)"""
     return _allowed(spec.length, spec.n_classes, spec.digit_sum).copy()
 
@@ -82,7 +84,7 @@ def _allowed(length: int, n_classes: int, digit_sum: int | None) -> np.ndarray:
     return grid if digit_sum is None else grid[grid.sum(axis=1) == digit_sum]
 
 
-def sample_passcodes(n: int, seed: int, spec: PasscodeSpec = PasscodeSpec()) -> list[str]:
+def sample_passcodes(n: int, seed: int, spec: PasscodeConfig = PasscodeConfig()) -> list[str]:
     """`n` passcodes drawn uniformly and independently (repeats allowed, as in the paper);
     with `spec.digit_sum`, uniformly among the passcodes with that digit sum."""
     rng = np.random.default_rng(seed)
@@ -95,7 +97,7 @@ def sample_passcodes(n: int, seed: int, spec: PasscodeSpec = PasscodeSpec()) -> 
     return ["".join(row) for row in alphabet[idx]]
 
 
-def passcode_labels(passcodes: list[str], spec: PasscodeSpec = PasscodeSpec()) -> np.ndarray:
+def passcode_labels(passcodes: list[str], spec: PasscodeConfig = PasscodeConfig()) -> np.ndarray:
     """Class index of each character: (N, length) int64."""
     lookup = {c: i for i, c in enumerate(spec.alphabet)}
     out = np.empty((len(passcodes), spec.length), dtype=np.int64)
@@ -118,3 +120,6 @@ def label_unique_split(passcodes: list[str], val_fraction: float, seed: int) -> 
     is_val = np.zeros(len(groups), dtype=bool)
     is_val[val_idx] = True
     return is_val
+
+
+__getattr__ = renamed(__name__, {"PasscodeSpec": "PasscodeConfig"})  # the old names, for one release

@@ -32,7 +32,7 @@ from ..memento.sites import site_positions
 from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, InjectedSample, inject_and_tokenize, inject_served
 from ..memento.layout import Layout, SpecialTokens
-from .passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from .passcodes import PasscodeConfig, passcode_labels, sample_passcodes
 from .traces import (Trace, TraceError, end_of_turn_ids, parse_trace_ids, render, served_ids_differ,
                      tokenize_trace)
 
@@ -43,7 +43,7 @@ TOKEN_IDS = ("served", "retokenize")  # what a trace with served ids is fed: tho
 
 
 @lru_cache(maxsize=16)
-def _passcode_chunk(seed: int, chunk: int, spec: PasscodeSpec) -> tuple[str, ...]:
+def _passcode_chunk(seed: int, chunk: int, spec: PasscodeConfig) -> tuple[str, ...]:
     chunk_seed = np.random.SeedSequence([seed, chunk]).generate_state(1)
     return tuple(sample_passcodes(CHUNK, seed=int(chunk_seed[0]), spec=spec))
 
@@ -63,7 +63,7 @@ class TracePasscodeSource:
     n_samples: int
     seed: int = 0
     target_block: int = 1
-    passcode_spec: PasscodeSpec = field(default_factory=PasscodeSpec)
+    passcode_spec: PasscodeConfig = field(default_factory=PasscodeConfig)
     where: str | int = "start"
     template: str = DEFAULT_TEMPLATE
     offsets: tuple[int, ...] | None = None

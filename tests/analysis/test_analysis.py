@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from kvprobe.analysis import ProbeSettings, apply_holm, load_grid, merge_grids, probe_store, save_grid
-from kvprobe.data.passcodes import PasscodeSpec
+from kvprobe.analysis import ProbeConfig, apply_holm, load_grid, merge_grids, probe_store, save_grid
+from kvprobe.data.passcodes import PasscodeConfig
 from kvprobe.experiment import holm_corrected, leakage_table
 from kvprobe.grid import Cell
 from kvprobe.memento.masks import MaskConfig
@@ -28,7 +28,7 @@ from tests.helpers.stores import write_synthetic_store
 
 N = 600
 # one fixed strength (no inner split) and few bootstraps: a few seconds per grid
-SETTINGS = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, linear_l2_grid=(1e-3,))
+SETTINGS = ProbeConfig(families=("linear",), pooling="mean", n_boot=200, linear_l2_grid=(1e-3,))
 CELLS = {(offset, layer) for offset in (-1, 0, 1) for layer in (0, 1)}
 
 
@@ -76,7 +76,7 @@ def test_constrained_passcodes_are_judged_against_their_own_chance(tmp_path):
     with KVStore(path) as store:
         rows = probe_store(store, "fixed-sum", dataclasses.replace(SETTINGS, shuffled_control=False),
                            progress=False).rows
-    chance = PasscodeSpec(digit_sum=22).chance()
+    chance = PasscodeConfig(digit_sum=22).chance()
     assert chance > 0.11 and [r.chance for r in rows] == [chance]
     assert rows[0].p_value > 0.01  # a control at its own baseline is no leak
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvprobe.capture import CaptureSpec, plan_capture, run_capture
+from kvprobe.capture import CaptureConfig, plan_capture, run_capture
 from kvprobe.memento.forward import masked_forward
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore, StoreError, StoreWriter
@@ -21,7 +21,7 @@ from toy_models.data import layout
 from toy_models.model import build_model
 from toy_models.source import ToyPasscodeSource
 
-SPEC = CaptureSpec(layers=(0, 3), offsets=(-1, 0, 1, 7), batch_size=64, shard_size=128)
+SPEC = CaptureConfig(layers=(0, 3), offsets=(-1, 0, 1, 7), batch_size=64, shard_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _store_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def test_store_holds_cache_keys_at_memento_positions(model, tmp_path):
     src = ToyPasscodeSource(200, seed=3)
-    spec = CaptureSpec(layers=(1, 3), offsets=(-1, 0, 2), pooling=("mean", "last", "tokens"), max_tokens=4,
+    spec = CaptureConfig(layers=(1, 3), offsets=(-1, 0, 2), pooling=("mean", "last", "tokens"), max_tokens=4,
                        sites=("memento_text", "memento", "block_end"), dtype="float32", batch_size=50, shard_size=80)
     run_capture(model, src, spec, tmp_path / "s", progress=False)
     store = KVStore(tmp_path / "s")
@@ -77,7 +77,7 @@ def test_store_holds_cache_keys_at_memento_positions(model, tmp_path):
 
 
 def test_causal_control_is_bit_identical_whatever_the_passcode(model, tmp_path):
-    spec = CaptureSpec(layers=(0, 1, 2, 3), offsets=(-1, 0, 1), sites=("memento", "block_end"),
+    spec = CaptureConfig(layers=(0, 1, 2, 3), offsets=(-1, 0, 1), sites=("memento", "block_end"),
                        dtype="float32", batch_size=64, shard_size=64)
     a = run_capture(model, ToyPasscodeSource(64, seed=5, passcode_seed=1), spec, tmp_path / "a", progress=False)
     b = run_capture(model, ToyPasscodeSource(64, seed=5, passcode_seed=2), spec, tmp_path / "b", progress=False)
@@ -106,10 +106,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(model, tmp_path):
     script = textwrap.dedent(
         f"""
         import json, os, signal
-        from kvprobe.capture import CaptureSpec, run_capture
+        from kvprobe.capture import CaptureConfig, run_capture
         from toy_models.model import build_model
         from toy_models.source import ToyPasscodeSource
-        spec = CaptureSpec.from_dict(json.loads({json.dumps(json.dumps(SPEC.to_dict()))}))
+        spec = CaptureConfig.from_dict(json.loads({json.dumps(json.dumps(SPEC.to_dict()))}))
         def die(shard):
             if shard == 1:
                 # leave a half-written shard behind too, as a crash mid-write would
@@ -143,7 +143,7 @@ def test_resume_refuses_another_model_or_config(model, tmp_path):
     other = build_model(seed=1).eval()
     with pytest.raises(StoreError, match="another model"):
         run_capture(other, ToyPasscodeSource(64, seed=1), SPEC, out, mode="resume", progress=False)
-    spec2 = CaptureSpec.from_dict({**SPEC.to_dict(), "layers": [0, 1]})
+    spec2 = CaptureConfig.from_dict({**SPEC.to_dict(), "layers": [0, 1]})
     with pytest.raises(StoreError, match="another capture"):
         run_capture(model, ToyPasscodeSource(64, seed=1), spec2, out, mode="resume", progress=False)
     with pytest.raises(StoreError, match="another source"):
@@ -165,14 +165,14 @@ def test_resume_refuses_another_model_or_config(model, tmp_path):
 def test_bad_input_fails_before_any_file_is_written(model, tmp_path, spec_kw, source_kw, message):
     out = tmp_path / "s"
     with pytest.raises(ValueError, match=message):
-        spec = CaptureSpec.from_dict({**SPEC.to_dict(), **spec_kw})
+        spec = CaptureConfig.from_dict({**SPEC.to_dict(), **spec_kw})
         run_capture(model, ToyPasscodeSource(64, seed=1, **source_kw), spec, out, progress=False)
     assert not out.exists()
 
 
 def test_size_estimate_matches_the_file(model, tmp_path):
     src = ToyPasscodeSource(512, seed=4)
-    spec = CaptureSpec(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), batch_size=128, shard_size=256)
+    spec = CaptureConfig(layers=(0, 1, 2, 3), offsets=tuple(range(-1, 9)), batch_size=128, shard_size=256)
     plan = plan_capture(model, src, spec)
     assert plan.estimate_bytes() == 512 * 4 * 10 * 5 * 256 * 2  # samples x layers x offsets x (4 tail + mean) x (K+V dims) x fp16
     out = run_capture(model, src, spec, tmp_path / "s", progress=False)
@@ -217,8 +217,8 @@ def test_writer_refuses_existing_paths(tmp_path):
 
 def test_restart_mode_capture_runs_and_differs_at_masked_offsets(model, tmp_path):
     src = ToyPasscodeSource(64, seed=1)
-    spec = CaptureSpec(layers=(3,), offsets=(-1, 1), batch_size=64, shard_size=64, dtype="float32")
-    restart = CaptureSpec.from_dict({**spec.to_dict(), "mask": MaskConfig(0, True, True)})
+    spec = CaptureConfig(layers=(3,), offsets=(-1, 1), batch_size=64, shard_size=64, dtype="float32")
+    restart = CaptureConfig.from_dict({**spec.to_dict(), "mask": MaskConfig(0, True, True)})
     a = KVStore(run_capture(model, src, spec, tmp_path / "m", progress=False))
     b = KVStore(run_capture(model, src, restart, tmp_path / "r", progress=False))
     assert b.config["capture"]["mask"] == {"keep_last_n_blocks": 0, "mask_delimiters": True, "restart_mode": True,
@@ -233,10 +233,10 @@ def test_backends_write_the_same_store_on_the_shipped_toy(tmp_path, backend):
     pytest.importorskip({"lens": "transformer_lens", "nnsight": "nnsight"}[backend])
     import toy_models
 
-    spec = CaptureSpec(layers=(0, 1, 3), offsets=(-1, 0, 2), sites=("memento", "block_end"),
+    spec = CaptureConfig(layers=(0, 1, 3), offsets=(-1, 0, 2), sites=("memento", "block_end"),
                        pooling=("mean", "tokens"), max_tokens=3, dtype="float32", batch_size=32, shard_size=64)
     ref = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), spec, tmp_path / "hf", progress=False))
-    other_spec = CaptureSpec.from_dict({**spec.to_dict(), "backend": backend})
+    other_spec = CaptureConfig.from_dict({**spec.to_dict(), "backend": backend})
     other = KVStore(run_capture(toy_models.load(), ToyPasscodeSource(96, seed=2), other_spec, tmp_path / backend,
                                 progress=False))
     assert other.config["capture"]["backend"] == backend
@@ -248,7 +248,7 @@ def test_backends_write_the_same_store_on_the_shipped_toy(tmp_path, backend):
 
 def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
     src = ToyPasscodeSource(300, seed=4)
-    spec = CaptureSpec(layers=(0, 2), offsets=(-1, 1), batch_size=50, shard_size=64)  # 5 shards
+    spec = CaptureConfig(layers=(0, 2), offsets=(-1, 1), batch_size=50, shard_size=64)  # 5 shards
     single = run_capture(model, src, spec, tmp_path / "one", progress=False)
     shared = tmp_path / "ranks"
     run_capture(model, src, spec, shared, progress=False, rank=1, world_size=2)  # shards 1, 3
@@ -261,7 +261,7 @@ def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
     for name in fa:
         np.testing.assert_array_equal(fa[name], fb[name])
     with pytest.raises(StoreError, match="another capture"):
-        other = CaptureSpec.from_dict({**spec.to_dict(), "layers": [0]})
+        other = CaptureConfig.from_dict({**spec.to_dict(), "layers": [0]})
         run_capture(model, src, other, shared, progress=False, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         run_capture(model, src, spec, tmp_path / "bad", progress=False, rank=2, world_size=2)
@@ -270,12 +270,12 @@ def test_sharded_capture_across_ranks_equals_one_process(model, tmp_path):
 def test_the_target_block_is_the_sources(model, tmp_path):
     """A spec without a target block reads the source's; a spec naming another is refused, nothing written."""
     source = ToyPasscodeSource(8, seed=0, target_block=3)
-    assert plan_capture(model, source, CaptureSpec(layers=(0,))).spec.target_block == 3
+    assert plan_capture(model, source, CaptureConfig(layers=(0,))).spec.target_block == 3
     with pytest.raises(ValueError, match="passcode in block 3 but the capture spec reads offsets from target block 1"):
-        run_capture(model, source, CaptureSpec(layers=(0,), target_block=1), tmp_path / "store")
+        run_capture(model, source, CaptureConfig(layers=(0,), target_block=1), tmp_path / "store")
     assert not (tmp_path / "store").exists()
-    plan_capture(model, source, CaptureSpec(layers=(0,), target_block=3))  # agreeing: accepted
-    path = run_capture(model, source, CaptureSpec(layers=(0,), offsets=(0,)), tmp_path / "s", progress=False)
+    plan_capture(model, source, CaptureConfig(layers=(0,), target_block=3))  # agreeing: accepted
+    path = run_capture(model, source, CaptureConfig(layers=(0,), offsets=(0,)), tmp_path / "s", progress=False)
     with KVStore(path) as store:
         assert store.config["capture"]["target_block"] == 3  # the store records the block it read
 
@@ -283,4 +283,4 @@ def test_the_target_block_is_the_sources(model, tmp_path):
 def test_capture_refuses_the_generators_prefill_mask():
     """prefill_causal needs per-sample prompt lengths the capture does not have: refused in the spec, not recorded."""
     with pytest.raises(ValueError, match="prefill_causal changes only prompts that hold blocks"):
-        CaptureSpec(layers=(0,), offsets=(0,), mask=MaskConfig(0, prefill_causal=True))
+        CaptureConfig(layers=(0,), offsets=(0,), mask=MaskConfig(0, prefill_causal=True))

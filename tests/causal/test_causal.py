@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvprobe.capture.hf import KVPatch, forward_patched
-from kvprobe.causal import CausalSpec, batch_effects, causal_map, cell_positions, downstream_masks, load_causal
+from kvprobe.causal import CausalConfig, batch_effects, causal_map, cell_positions, downstream_masks, load_causal
 from kvprobe.data.samples import SampleBatch
 from kvprobe.memento.forward import memento_inputs
 from kvprobe.memento.layout import parse_batch
@@ -160,7 +160,7 @@ def test_causal_map_over_a_source_and_its_files(tmp_path):
     from kvprobe.causal import save_causal
 
     source = ToyPasscodeSource.text_controlled(40, seed=3, shared_background=True)
-    spec = CausalSpec(layers=(0, 3), offsets=(-1, 0, 1), n_samples=20, batch_size=10, n_boot=200)
+    spec = CausalConfig(layers=(0, 3), offsets=(-1, 0, 1), n_samples=20, batch_size=10, n_boot=200)
     result = causal_map(toy_models.load(), source, spec, start=20, progress=False)
     assert len(result.rows) == 2 * 2 * 3 and all(r.n == 20 for r in result.rows)
     assert result.row("interchange", Cell("memento", 0, 3)).text_identical == 1.0

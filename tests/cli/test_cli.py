@@ -175,13 +175,13 @@ def test_config_defaults_are_the_python_defaults():
     """One declaration, one set of defaults: a config that says nothing captures and probes as Python does."""
     from dataclasses import replace
 
-    from kvprobe.analysis import ProbeSettings
-    from kvprobe.capture import CaptureSpec
+    from kvprobe.analysis import ProbeConfig
+    from kvprobe.capture import CaptureConfig
 
     cfg = parse_config({})
-    assert cfg.capture_spec("memento") == CaptureSpec(layers=(0, 1, 2, 3))
+    assert cfg.capture_spec("memento") == CaptureConfig(layers=(0, 1, 2, 3))
     for kind in ("linear", "mlp"):
-        assert cfg.probe_settings(kind) == replace(ProbeSettings(), families=(kind,), device=cfg.model.device)
+        assert cfg.probe_settings(kind) == replace(ProbeConfig(), families=(kind,), device=cfg.model.device)
 
 
 def test_comparisons_are_checked_and_default_sensibly():

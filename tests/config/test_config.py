@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from kvprobe.analysis import ProbeSettings
-from kvprobe.capture.spec import CaptureSpec
-from kvprobe.causal import CausalSpec
+from kvprobe.analysis import ProbeConfig
+from kvprobe.capture.spec import CaptureConfig
+from kvprobe.causal import CausalConfig
 from kvprobe.config import (FILLED_ELSEWHERE, RENAMED_KEYS, ConfigError, ExperimentConfig, load_config,
                             parse_config)
 from kvprobe.config.sections import probe_section, section_from, spec_from
@@ -45,11 +45,11 @@ def _properties(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_field_added_to_probe_settings_is_a_config_key():
-    """The probe section is generated: a new ProbeSettings field (plain or a nested dataclass) is a key of its
+    """The probe section is generated: a new ProbeConfig field (plain or a nested dataclass) is a key of its
     schema with its default, and reaches the settings, with no edit to the config code."""
 
     @dataclass(frozen=True)
-    class WiderSettings(ProbeSettings):
+    class WiderSettings(ProbeConfig):
         new_knob: int = 7
         new_solver: LinearConfig = LinearConfig(l2=0.5)
 
@@ -79,13 +79,13 @@ def test_any_dataclass_becomes_a_section_and_back():
 
 
 # each library dataclass and where its section sits in ExperimentConfig's schema
-SECTIONS = [(CaptureSpec, ("capture",)), (ProbeSettings, ("probe",)), (LinearConfig, ("probe", "linear")),
-            (MLPConfig, ("probe", "mlp")), (CausalSpec, ("causal",)), (MaskConfig, ("causal", "ablate_with"))]
+SECTIONS = [(CaptureConfig, ("capture",)), (ProbeConfig, ("probe",)), (LinearConfig, ("probe", "linear")),
+            (MLPConfig, ("probe", "mlp")), (CausalConfig, ("causal",)), (MaskConfig, ("causal", "ablate_with"))]
 
 
 @pytest.mark.parametrize("spec, where", SECTIONS, ids=lambda x: ".".join(x) if isinstance(x, tuple) else x.__name__)
 def test_every_library_field_is_a_config_key_under_its_own_name(spec, where):
-    """Every field of ProbeSettings, CausalSpec, CaptureSpec, MaskConfig, LinearConfig and MLPConfig is a key of
+    """Every field of ProbeConfig, CausalConfig, CaptureConfig, MaskConfig, LinearConfig and MLPConfig is a key of
     its config section, named as the library names it, except those FILLED_ELSEWHERE lists with their source."""
     schema = ExperimentConfig.model_json_schema()
     props = schema["properties"]
@@ -107,10 +107,10 @@ def test_the_conditions_are_mask_sections():
 
 def test_an_empty_config_hands_out_the_python_defaults():
     cfg = _quiet({"causal": {"layers": [0, 3]}})
-    assert cfg.capture_spec(MEMENTO) == CaptureSpec(layers=(0, 1, 2, 3))
+    assert cfg.capture_spec(MEMENTO) == CaptureConfig(layers=(0, 1, 2, 3))
     for family in FAMILIES:
-        assert cfg.probe_settings(family) == ProbeSettings(families=(family,), device="cpu")
-    assert cfg.causal_spec() == CausalSpec(layers=(0, 3))
+        assert cfg.probe_settings(family) == ProbeConfig(families=(family,), device="cpu")
+    assert cfg.causal_spec() == CausalConfig(layers=(0, 3))
     assert cfg.causal_read_cell() == Cell(MEMENTO, 1, 3) and cfg.causal_condition() == MEMENTO
     assert _quiet({}).causal_spec() is None
 
@@ -118,7 +118,7 @@ def test_an_empty_config_hands_out_the_python_defaults():
 def test_nested_sections_are_checked_and_named():
     cfg = _quiet({"probe": {"linear": {"max_iter": 50, "precondition": False}, "mlp": {"hidden": [64], "lr": 0.01}}})
     s = cfg.probe_settings(MLP)
-    assert s.linear == replace(ProbeSettings().linear, max_iter=50, precondition=False)
+    assert s.linear == replace(ProbeConfig().linear, max_iter=50, precondition=False)
     assert s.mlp == MLPConfig(hidden=(64,), lr=0.01)
     for bad, field in (({"linear": {"tol": 0}}, "probe.linear.tol"), ({"mlp": {"hidden": []}}, "probe.mlp.hidden"),
                        ({"linear": {"nope": 1}}, "probe.linear.nope"), ({"sites": ["block_end"]}, "probe.sites")):
@@ -191,7 +191,7 @@ def _as_before_the_rename(resolved: dict[str, Any]) -> dict[str, Any]:
     probe, capture = dict(resolved["probe"]), dict(resolved["capture"])
     linear, mlp = probe.pop(LINEAR), probe.pop(MLP)
     for new_only in ("sites", "max_group_bytes"):
-        assert probe.pop(new_only) == getattr(ProbeSettings(), new_only)
+        assert probe.pop(new_only) == getattr(ProbeConfig(), new_only)
     probe.update(kinds=probe.pop("families"), linear_l2=linear["l2"], linear_tol=linear["tol"],
                  mlp_max_epochs=mlp["max_epochs"], extend_l2_grid=probe.pop("extend_grid"))
     capture["kinds"] = capture.pop("tensors")
@@ -211,7 +211,7 @@ def test_a_run_recorded_before_the_rename_reads_back_the_same(path):
 # ----------------------------------------------------------------------------- behaviour unchanged
 
 
-def _settings_before(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeSettings:
+def _settings_before(cfg: ExperimentConfig, kind: str, condition: str | None = None) -> ProbeConfig:
     """experiment/pipeline.py's `_settings` before ExperimentConfig handed the settings out, its logic
     unchanged, reading the renamed fields (probe.linear_l2 -> probe.linear.l2, ...)."""
     p = cfg.probe
@@ -219,7 +219,7 @@ def _settings_before(cfg: ExperimentConfig, kind: str, condition: str | None = N
     if kind == MLP:
         layers, offsets, sites = p.mlp_layers or layers, p.mlp_offsets or offsets, p.mlp_sites
     shuffled = p.shuffled_control if isinstance(p.shuffled_control, bool) else condition in p.shuffled_control
-    return ProbeSettings(families=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
+    return ProbeConfig(families=(kind,), seeds=p.seeds, val_fraction=p.val_fraction, split_seed=cfg.seed,
                          pooling=p.pooling, shuffled_control=shuffled, n_boot=p.n_boot,
                          layers=layers, offsets=offsets, sites=sites, device=cfg.model.device,
                          linear=LinearConfig(l2=p.linear.l2, tol=p.linear.tol),
@@ -227,12 +227,12 @@ def _settings_before(cfg: ExperimentConfig, kind: str, condition: str | None = N
                          mlp_l2_grid=p.mlp_l2_grid, inner_fraction=p.inner_fraction, extend_grid=p.extend_grid)
 
 
-def _causal_before(cfg: ExperimentConfig) -> CausalSpec | None:
+def _causal_before(cfg: ExperimentConfig) -> CausalConfig | None:
     k = cfg.causal
     if k.layers is None:
         return None
     condition = k.condition or next(iter(cfg.conditions))
-    return CausalSpec(layers=k.layers, offsets=k.offsets, sites=k.sites, pooling=cfg.probe.pooling,
+    return CausalConfig(layers=k.layers, offsets=k.offsets, sites=k.sites, pooling=cfg.probe.pooling,
                       mask=MaskConfig(**cfg.conditions[condition].model_dump()),
                       ablate_with=MaskConfig(**k.ablate_with.model_dump()), n_samples=k.n_samples,
                       batch_size=k.batch_size, backend=cfg.capture.backend, n_boot=cfg.probe.n_boot)
@@ -240,7 +240,7 @@ def _causal_before(cfg: ExperimentConfig) -> CausalSpec | None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_the_shipped_configs_give_the_settings_they_gave_before(path):
-    """Every shipped study gets the same ProbeSettings, CaptureSpec and CausalSpec as before the change (the
+    """Every shipped study gets the same ProbeConfig, CaptureConfig and CausalConfig as before the change (the
     values were also compared as reprs against the old code on every config, 50 values, all equal)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # the shipped configs use the current names
@@ -250,7 +250,7 @@ def test_the_shipped_configs_give_the_settings_they_gave_before(path):
             assert cfg.probe_settings(family, condition) == _settings_before(cfg, family, condition)
     for condition, mask in cfg.conditions.items():
         c = cfg.capture
-        assert cfg.capture_spec(condition) == CaptureSpec(
+        assert cfg.capture_spec(condition) == CaptureConfig(
             layers=c.layers, offsets=c.offsets, sites=c.sites, tensors=c.tensors, pooling=c.pooling,
             max_tokens=c.max_tokens, dtype=c.dtype, batch_size=c.batch_size, shard_size=c.shard_size,
             backend=c.backend, compression=c.compression, mask=MaskConfig(**mask.model_dump()))
@@ -267,7 +267,7 @@ STORED_CAPTURE_KEYS = ["layers", "offsets", "target_block", "sites", "kinds", "p
 def test_a_store_records_the_capture_spec_as_before():
     """New stores are written as old ones were (the tensors under "kinds"), so stores made before the
     rename open, are checked against a run's spec and resume, and a new store is byte for byte an old one's."""
-    spec = CaptureSpec(layers=(0, 2), tensors=("v",))
+    spec = CaptureConfig(layers=(0, 2), tensors=("v",))
     assert list(spec.to_dict()) == STORED_CAPTURE_KEYS and spec.to_dict()["kinds"] == ["v"]
 
 
@@ -279,20 +279,20 @@ def test_a_store_config_with_kinds_reads_back(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"capture": record}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # a store's own record is not deprecated
-        spec = CaptureSpec.from_dict(json.loads((tmp_path / "config.json").read_text())["capture"])
+        spec = CaptureConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["capture"])
     assert spec.tensors == ("k",) and spec.layers == (0, 1) and spec.target_block == 1
-    assert CaptureSpec.from_dict(spec.to_dict()) == spec
+    assert CaptureConfig.from_dict(spec.to_dict()) == spec
     named = dict(record)
     named["tensors"] = named.pop("kinds")
-    assert CaptureSpec.from_dict(named) == spec  # the field's own name
+    assert CaptureConfig.from_dict(named) == spec  # the field's own name
     with pytest.raises(ValueError, match="both 'tensors' and 'kinds'"):
-        CaptureSpec.from_dict({**spec.to_dict(), "tensors": ["k"]})
+        CaptureConfig.from_dict({**spec.to_dict(), "tensors": ["k"]})
 
 
-@pytest.mark.parametrize("cls, old, new, value", [(CaptureSpec, "kinds", "tensors", ("k",)),
-                                                  (ProbeSettings, "kinds", "families", (LINEAR,))])
+@pytest.mark.parametrize("cls, old, new, value", [(CaptureConfig, "kinds", "tensors", ("k",)),
+                                                  (ProbeConfig, "kinds", "families", (LINEAR,))])
 def test_the_old_field_names_work_for_one_release(cls, old, new, value):
-    args = {"layers": (0,)} if cls is CaptureSpec else {}
+    args = {"layers": (0,)} if cls is CaptureConfig else {}
     with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}\({old}=\.\.\.\) is deprecated; use {new}="):
         made = cls(**args, **{old: value})
     assert made == cls(**args, **{new: value})
@@ -305,8 +305,8 @@ def test_the_old_field_names_work_for_one_release(cls, old, new, value):
 
 def test_the_tensors_are_checked_under_their_name():
     with pytest.raises(ValueError, match="capture spec field 'tensors'"):
-        CaptureSpec(layers=(0,), tensors=("q",))
-    assert CaptureSpec(layers=(0,)).tensors == TENSORS
+        CaptureConfig(layers=(0,), tensors=("q",))
+    assert CaptureConfig(layers=(0,)).tensors == TENSORS
 
 
 def test_the_config_reference_lists_the_nested_keys_and_the_renames():

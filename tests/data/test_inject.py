@@ -9,10 +9,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.data.inject import DEFAULT_TEMPLATE, inject_and_tokenize, inject_passcode, sentence_boundaries
 from kvprobe.memento.layout import SpecialTokens, parse_batch
-from kvprobe.data.passcodes import PasscodeSpec, passcode_labels, sample_passcodes
+from kvprobe.data.passcodes import PasscodeConfig, passcode_labels, sample_passcodes
 from kvprobe.store import KVStore
 from kvprobe.data.trace_source import CHUNK, TracePasscodeSource
 from kvprobe.data.traces import Trace, TraceError, read_jsonl, tokenize_trace
@@ -185,7 +185,7 @@ def test_source_samples(traces, tok, special):
     big = TracePasscodeSource(traces, tok, n_samples=3 * CHUNK, seed=5)
     assert big.passcodes(CHUNK - 2, CHUNK + 2) == big.passcodes(0, 2 * CHUNK)[CHUNK - 2 : CHUNK + 2]
     assert big.passcodes(0, 3) != TracePasscodeSource(traces, tok, n_samples=3, seed=6).passcodes(0, 3)
-    hexed = TracePasscodeSource(traces, tok, n_samples=4, passcode_spec=PasscodeSpec(4, "0123456789abcdef"))
+    hexed = TracePasscodeSource(traces, tok, n_samples=4, passcode_spec=PasscodeConfig(4, "0123456789abcdef"))
     assert all(len(c) == 4 for c in hexed.samples(0, 4).passcodes)
 
 
@@ -236,7 +236,7 @@ def test_source_padding_token(traces):
 
 def test_capture_on_real_traces_and_causal_control(traces, tok, tmp_path):
     model = tiny_qwen3(len(tok))
-    spec = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4,
+    spec = CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4,
                        shard_size=8, dtype="float32")
     stores, batches = [], []
     for seed in (0, 1):  # two sources that differ only in their passcodes

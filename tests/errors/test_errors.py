@@ -49,3 +49,18 @@ class _Fixed:
 
     def __getattr__(self, name):
         return getattr(self.parser, name)
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("kvprobe.capture", "CaptureSpec", "CaptureConfig"), ("kvprobe.capture.spec", "CaptureSpec", "CaptureConfig"),
+    ("kvprobe.causal", "CausalSpec", "CausalConfig"), ("kvprobe.analysis", "ProbeSettings", "ProbeConfig"),
+    ("kvprobe.data.passcodes", "PasscodeSpec", "PasscodeConfig")])
+def test_an_option_class_under_its_old_name_still_imports_with_a_warning(module, old, new):
+    """One suffix for option classes (`*Config`): the old names work for one release, each naming the new one."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new}"):
+        assert getattr(mod, old) is getattr(mod, new)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        getattr(mod, "NoSuchName")

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.experiment import capture as experiment_capture
 from kvprobe.cli import main
 from kvprobe.experiment import process_device
@@ -42,7 +42,7 @@ from tests.helpers.traces import PIPELINE, build_tokenizer, tiny_qwen3
 
 dispatch_model = pytest.importorskip("accelerate", reason="the device_map tests need kvprobe[train]").dispatch_model
 
-SPEC = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4, shard_size=8,
+SPEC = CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4, shard_size=8,
                    dtype="float32")
 # one decoder layer and the LM head offloaded to disk (weights on "meta", loaded per forward)
 OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",

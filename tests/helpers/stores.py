@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kvprobe.data.passcodes import PasscodeSpec, allowed_codes
+from kvprobe.data.passcodes import PasscodeConfig, allowed_codes
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import FeatureKey, KVStore, StoreWriter
 
@@ -45,7 +45,7 @@ def assert_same_store(a: str | Path, b: str | Path, *, atol: float = 0.0, rtol: 
 def synthetic_meta(*, n_layers: int = 2, offsets=tuple(SIGNAL), digit_sum: int | None = None,
                    feature_dim: int = 50, mask: MaskConfig = MaskConfig()) -> dict[str, Any]:
     """A store's config.json as a capture writes it, for a synthetic store (what KVStore and probe_store read)."""
-    codes = PasscodeSpec(digit_sum=digit_sum)
+    codes = PasscodeConfig(digit_sum=digit_sum)
     return {"model": {"name": "synthetic"}, "dims": {"feature_dim": feature_dim},
             "capture": {"layers": list(range(n_layers)), "offsets": list(offsets), "sites": ["memento"],
                         "pooling": ["mean"], "max_tokens": 1, "mask": {"keep_last_n_blocks": mask.keep_last_n_blocks,
@@ -63,7 +63,7 @@ def synthetic_shards(n: int = 600, shard_size: int = 250, *, n_layers: int = 2, 
     if digit_sum is None:
         labels = rng.integers(0, 10, (n, 5))
     else:
-        codes = allowed_codes(PasscodeSpec(digit_sum=digit_sum))
+        codes = allowed_codes(PasscodeConfig(digit_sum=digit_sum))
         labels = codes[rng.integers(0, len(codes), n)]
     onehot = np.zeros((n, 50), dtype=np.float32)
     onehot[np.arange(n)[:, None], 10 * np.arange(5) + labels] = 1.0

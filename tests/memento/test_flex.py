@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.forward import masked_forward
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.data.trace_source import TracePasscodeSource
@@ -62,7 +62,7 @@ def test_flex_model_forward_equals_the_dense_forward(cfg):
 
 def test_flex_capture_equals_the_dense_capture(tmp_path):
     tok = build_tokenizer()
-    spec = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4,
+    spec = CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4,
                        shard_size=8, dtype="float32", mask=MaskConfig(0, restart_mode=True))
     source = TracePasscodeSource(read_jsonl(PIPELINE), tok, n_samples=8, offsets=spec.offsets)
     paths = {}

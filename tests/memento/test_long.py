@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvprobe.memento.forward as forward
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.data.synthetic import LongTraceSource
 from kvprobe.memento.budget import LargestTensor
 from kvprobe.memento.forward import UnsupportedAttentionError, check_length, memento_inputs
@@ -77,8 +77,8 @@ def test_flex_for_long_switches_only_above_the_threshold_and_only_inside():
     assert model.config._attn_implementation == "sdpa"  # switched back: shorter forwards keep the dense kernel
 
 
-def _spec(**kw) -> CaptureSpec:
-    return CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), batch_size=2, shard_size=4, dtype="float32", **kw)
+def _spec(**kw) -> CaptureConfig:
+    return CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), batch_size=2, shard_size=4, dtype="float32", **kw)
 
 
 @pytest.mark.slow

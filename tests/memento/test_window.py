@@ -261,16 +261,16 @@ def test_a_model_that_cannot_take_a_mask_per_kind_is_refused_beyond_the_window(m
 
 
 def test_a_capture_on_a_windowed_model_runs_or_is_refused_before_any_file(tmp_path, monkeypatch):
-    from kvprobe.capture import CaptureSpec, run_capture
+    from kvprobe.capture import CaptureConfig, run_capture
     from toy_models.source import ToyPasscodeSource
 
     model = tiny_olmo3(window=8)  # the toy's 122-token sequences are longer than the window
-    run_capture(model, ToyPasscodeSource(4, seed=0), CaptureSpec(layers=(0, 3)), tmp_path / "ok", progress=False)
+    run_capture(model, ToyPasscodeSource(4, seed=0), CaptureConfig(layers=(0, 3)), tmp_path / "ok", progress=False)
     assert (tmp_path / "ok").exists()
     monkeypatch.setattr(fwd, "_takes_mask_per_kind", lambda model: False)
     out = tmp_path / "store"
     with pytest.raises(UnsupportedAttentionError, match="sliding-window attention"):
-        run_capture(model, ToyPasscodeSource(4, seed=0), CaptureSpec(layers=(0, 3)), out, progress=False)
+        run_capture(model, ToyPasscodeSource(4, seed=0), CaptureConfig(layers=(0, 3)), out, progress=False)
     assert not out.exists()
 
 

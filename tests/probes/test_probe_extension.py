@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvprobe.analysis import ProbeSettings, load_grid, probe_store, save_grid
+from kvprobe.analysis import ProbeConfig, load_grid, probe_store, save_grid
 from kvprobe.probes import L2_BOUNDS, LinearConfig, MLPConfig, fit_probes, select_strength
 from kvprobe.probes import selection
 from kvprobe.probes.trainer import linear_in_raw_units
@@ -108,7 +108,7 @@ def test_tolerance_follows_the_strength():
 
 def test_rows_and_report_carry_the_flag(tmp_path, monkeypatch):
     store = FakeStore()
-    settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    settings = ProbeConfig(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                              linear=LinearConfig(tol=1e-3), linear_l2_grid=(1e-1, 1.0), offsets=(-1, 0))
     monkeypatch.setattr(selection, "L2_BOUNDS", (1e-2, 1.0))
     grid = probe_store(store, "memento", settings, progress=False)
@@ -124,7 +124,7 @@ def test_rows_and_report_carry_the_flag(tmp_path, monkeypatch):
     assert (f"FLAGGED: {weak} of {len(grid.rows)} cells" in text) == bool(weak)
     assert (f"{strong} cells chose the strongest value" in text) == bool(strong)
     assert "fitted a decade further" in text
-    fixed = probe_store(store, "memento", ProbeSettings(**{**settings.__dict__, "extend_grid": False}), progress=False)
+    fixed = probe_store(store, "memento", ProbeConfig(**{**settings.__dict__, "extend_grid": False}), progress=False)
     assert all(len(r.l2_grid) == 2 for r in fixed.rows)
 
 
@@ -136,7 +136,7 @@ def test_the_printed_table_flags_a_weak_bound_choice():
     from kvprobe.experiment import leakage_table
 
     store = FakeStore()
-    settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    settings = ProbeConfig(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                              linear=LinearConfig(tol=1e-3), offsets=(0,))
     rows = probe_store(store, "memento", settings, progress=False).rows
     assert "FLAGGED" not in leakage_table({"memento": GridResult("memento", rows, np.arange(3))})

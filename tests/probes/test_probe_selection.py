@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvprobe.analysis import ProbeSettings, load_grid, probe_store, save_grid, sensitivity_curves
+from kvprobe.analysis import ProbeConfig, load_grid, probe_store, save_grid, sensitivity_curves
 from kvprobe.config import ConfigError, parse_config
 from kvprobe.reporting.figures import l2_selection, l2_sensitivity
 from kvprobe.data.passcodes import label_unique_split
@@ -149,7 +149,7 @@ def test_mlp_strength_selection_and_reassembly():
 # ----------------------------------------------------------------- store level
 
 
-SETTINGS = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, linear=LinearConfig(tol=1e-3),
+SETTINGS = ProbeConfig(families=("linear",), pooling="mean", n_boot=200, linear=LinearConfig(tol=1e-3),
                          linear_l2_grid=GRID, extend_grid=False)
 
 
@@ -182,7 +182,7 @@ def test_probe_store_choice_ignores_validation_labels(store):
 
 
 def test_probe_store_one_value_grid_is_the_old_fixed_fit(store):
-    old_settings = ProbeSettings(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
+    old_settings = ProbeConfig(families=("linear",), pooling="mean", n_boot=200, shuffled_control=False,
                                  linear=LinearConfig(l2=1e-3, tol=1e-3), linear_l2_grid=None)
     fixed = probe_store(store, "memento", old_settings, progress=False)
     is_val = label_unique_split(store.passcodes, 0.2, 0)
@@ -195,7 +195,7 @@ def test_probe_store_one_value_grid_is_the_old_fixed_fit(store):
 
 
 def test_probe_store_chooses_the_mlp_weight_decay(store):
-    settings = ProbeSettings(families=("mlp",), seeds=2, pooling="mean", n_boot=100, shuffled_control=False,
+    settings = ProbeConfig(families=("mlp",), seeds=2, pooling="mean", n_boot=100, shuffled_control=False,
                              offsets=(0,), mlp=MLPConfig(hidden=(8,), max_epochs=3, patience=2),
                              mlp_l2_grid=(1e-4, 1e-1), extend_grid=False)
     rows = probe_store(store, "memento", settings, progress=False).rows
@@ -229,8 +229,8 @@ def test_sensitivity_curves_and_figures(store, tmp_path):
 
 def test_config_grid_defaults_and_fixed_strength():
     probe = parse_config({}).probe
-    assert probe.linear_l2_grid == DEFAULT_LINEAR_L2_GRID == ProbeSettings().linear_l2_grid
-    assert probe.inner_fraction == ProbeSettings().inner_fraction and probe.mlp_l2_grid is None
+    assert probe.linear_l2_grid == DEFAULT_LINEAR_L2_GRID == ProbeConfig().linear_l2_grid
+    assert probe.inner_fraction == ProbeConfig().inner_fraction and probe.mlp_l2_grid is None
     assert parse_config({"probe": {"linear": {"l2": 0.01}}}).probe.linear_l2_grid == (0.01,)
     assert parse_config({"probe": {"linear_l2_grid": [0.1, 0.001]}}).probe.linear_l2_grid == (0.1, 0.001)
     both = parse_config({"probe": {"linear": {"l2": 0.01}, "linear_l2_grid": [0.1, 1.0]}})

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvprobe.analysis import ProbeSettings, probe_store
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.analysis import ProbeConfig, probe_store
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.forward import masked_forward
 from kvprobe.memento.generate import generate_with_compaction
 from kvprobe.memento.layout import parse_layout
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 CONFIGS = [MaskConfig(0), MaskConfig(1), MaskConfig(0, restart_mode=True),
            MaskConfig(0, mask_delimiters=True, restart_mode=True)]
-SPEC = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4, shard_size=8,
+SPEC = CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), sites=("memento", "block_end"), batch_size=4, shard_size=8,
                    dtype="float32")
 
 
@@ -155,7 +155,7 @@ def test_bf16_capture_on_cuda_matches_fp32_on_cpu_and_the_probes_read_it(tmp_pat
         assert np.corrcoef(got[key].ravel(), ref[key].ravel())[0, 1] > 0.99, key
     with KVStore(gpu) as store:
         assert store.config["model"]["dtype"] == "bfloat16"
-        grid = probe_store(store, "memento", ProbeSettings(families=("linear",), n_boot=100, device="cuda",
+        grid = probe_store(store, "memento", ProbeConfig(families=("linear",), n_boot=100, device="cuda",
                                                            shuffled_control=False), progress=False)
     assert len(grid.rows) == 2 * 2 * 3 and all(0.0 <= c.accuracy <= 1.0 for c in grid.rows)
 

@@ -15,8 +15,8 @@ import warnings
 import pytest
 import torch
 
-from kvprobe.analysis import ProbeSettings, probe_store
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.analysis import ProbeConfig, probe_store
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.config import parse_config
 from kvprobe.data.chat import MEMENTO_NOSYS, prompt_text
 from kvprobe.data.trace_source import TracePasscodeSource
@@ -103,11 +103,11 @@ def test_a_served_trace_is_captured_probed_and_reported_with_its_ids_unchanged(t
         assert ids[: start + 1] == served_ids[: start + 1]  # everything before the target block: the served ids
         assert ids[end:] == served_ids[served_end:]  # and everything after its content
 
-    spec = CaptureSpec(layers=(0, 1), offsets=(-1, 0, 1), dtype="float32", batch_size=16, shard_size=48)
+    spec = CaptureConfig(layers=(0, 1), offsets=(-1, 0, 1), dtype="float32", batch_size=16, shard_size=48)
     store_path = run_capture(model, source, spec, tmp_path / "store", progress=False)
     with KVStore(store_path) as store:
         assert store.config["source"]["traces"]["served_ids"] == 3
-        grid = probe_store(store, "memento", ProbeSettings(families=("linear",), linear_l2_grid=(1e-2,), shuffled_control=False),
+        grid = probe_store(store, "memento", ProbeConfig(families=("linear",), linear_l2_grid=(1e-2,), shuffled_control=False),
                            progress=False)
     paths = write_tables(grid.rows, [], tmp_path / "report")
     summary = paths["summary.md"].read_text()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.forward import masked_forward
-from kvprobe.data.passcodes import PasscodeSpec, allowed_codes, sample_passcodes
+from kvprobe.data.passcodes import PasscodeConfig, allowed_codes, sample_passcodes
 from kvprobe.stats import binomial_pvalue, constrained_pvalue
 from kvprobe.store import KVStore
 from toy_models.data import MEMENTO_POSITIONS, layout
@@ -110,7 +110,7 @@ def test_recipe_fields_are_validated():
 def test_span_site_and_tail_mean_pooling_read_the_kv_cache(tmp_path):
     model = build_model(0).eval()
     src = ToyPasscodeSource(64, seed=2)
-    spec = CaptureSpec(layers=(0, 2), offsets=(-1, 0, 1), sites=("memento", "memento_text"),
+    spec = CaptureConfig(layers=(0, 2), offsets=(-1, 0, 1), sites=("memento", "memento_text"),
                        pooling=("tail_mean", "tokens", "mean"), max_tokens=4, dtype="float32", batch_size=32)
     run_capture(model, src, spec, tmp_path / "s", progress=False)
     batch = src.samples(0, 64)
@@ -149,11 +149,11 @@ def test_tail_mean_of_the_toy_span_is_an_invertible_map_of_all_five_tokens():
 
 def test_fixed_sum_chance_is_the_exact_majority_baseline():
     codes = [c for c in itertools.product(range(10), repeat=5) if sum(c) == 22]  # brute force
-    assert len(allowed_codes(PasscodeSpec(digit_sum=22))) == len(codes) == 6000
+    assert len(allowed_codes(PasscodeConfig(digit_sum=22))) == len(codes) == 6000
     majority = np.mean([max(sum(c[k] == d for c in codes) for d in range(10)) / len(codes) for k in range(5)])
-    assert PasscodeSpec(digit_sum=22).chance() == pytest.approx(majority, abs=1e-12)
-    assert majority == pytest.approx(0.11167, abs=1e-4) and PasscodeSpec().chance() == 0.1
-    drawn = sample_passcodes(500, seed=0, spec=PasscodeSpec(digit_sum=22))
+    assert PasscodeConfig(digit_sum=22).chance() == pytest.approx(majority, abs=1e-12)
+    assert majority == pytest.approx(0.11167, abs=1e-4) and PasscodeConfig().chance() == 0.1
+    drawn = sample_passcodes(500, seed=0, spec=PasscodeConfig(digit_sum=22))
     assert all(sum(map(int, c)) == 22 for c in drawn) and len(set(drawn)) > 400
 
 
@@ -180,11 +180,11 @@ def test_constrained_pvalue_is_the_binomial_without_a_constraint_and_calibrated_
     rng = np.random.default_rng(1)
     lp = np.log(rng.dirichlet(np.ones(10), size=(3, 150, 5)))
     y = rng.integers(0, 10, (150, 5))
-    np.testing.assert_allclose(constrained_pvalue(lp, y, allowed_codes(PasscodeSpec())), binomial_pvalue(lp, y),
+    np.testing.assert_allclose(constrained_pvalue(lp, y, allowed_codes(PasscodeConfig())), binomial_pvalue(lp, y),
                                rtol=1e-9)
     # under the fixed-sum null, guessing the majority digit everywhere: p-values are not
     # too small (the binomial at 1/10 would call this leakage)
-    spec = PasscodeSpec(digit_sum=22)
+    spec = PasscodeConfig(digit_sum=22)
     codes = allowed_codes(spec)
     counts = np.stack([np.bincount(codes[:, k], minlength=10) for k in range(5)])
     guess = np.full((1000, 5, 10), -30.0)
@@ -254,7 +254,7 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
 @pytest.mark.parametrize("bad", [-1, 46])
 def test_a_digit_sum_no_passcode_can_have_is_refused(bad):
     with pytest.raises(ValueError, match="digit_sum must be in 0..45"):
-        PasscodeSpec(digit_sum=bad)
+        PasscodeConfig(digit_sum=bad)
 
 
 @pytest.mark.parametrize("args, message", [(["--init-linear", "xavier"], "--init-linear"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 import toy_models
-from kvprobe.analysis import ProbeSettings, apply_holm, compare, probe_store
-from kvprobe.capture import CaptureSpec, run_capture
+from kvprobe.analysis import ProbeConfig, apply_holm, compare, probe_store
+from kvprobe.capture import CaptureConfig, run_capture
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.stats import paired_bootstrap_ci, wilson_interval
 from kvprobe.grid import Cell
@@ -20,7 +20,7 @@ from toy_models.source import ToyPasscodeSource
 
 N = 3000
 # a fixed L2 keeps this module fast; selection has its own tests (tests/probes/test_probe_selection.py)
-SETTINGS = ProbeSettings(families=("linear",), n_boot=1000, linear_l2_grid=(1e-3,))
+SETTINGS = ProbeConfig(families=("linear",), n_boot=1000, linear_l2_grid=(1e-3,))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def grids(tmp_path_factory):
     source = ToyPasscodeSource(N, seed=11)
     out = {}
     for name, mask in (("memento", MaskConfig(0)), ("restart", MaskConfig(0, True, True))):
-        spec = CaptureSpec(layers=(0, 3), offsets=(-1, 0, 1, 7), mask=mask, batch_size=250, shard_size=1500)
+        spec = CaptureConfig(layers=(0, 3), offsets=(-1, 0, 1, 7), mask=mask, batch_size=250, shard_size=1500)
         with KVStore(run_capture(model, source, spec, root / name, progress=False)) as store:
             out[name] = probe_store(store, name, SETTINGS, progress=False)
     apply_holm([r for g in out.values() for r in g.rows])
@@ -87,12 +87,12 @@ def test_the_implicit_channel_carries_the_block_past_the_mask(grids):
 
 def test_per_token_features_are_probed_concatenated(tmp_path):
     """probe.pooling 'tokens': each sample's (max_tokens, D) features are flattened into one vector."""
-    spec = CaptureSpec(layers=(3,), offsets=(-1, 0), pooling=("mean", "tokens"), max_tokens=3, batch_size=500,
+    spec = CaptureConfig(layers=(3,), offsets=(-1, 0), pooling=("mean", "tokens"), max_tokens=3, batch_size=500,
                        shard_size=1000)
     path = run_capture(toy_models.load("final"), ToyPasscodeSource(1000, seed=3), spec, tmp_path / "s", progress=False)
     with KVStore(path) as store:
         assert store.features(3, 0, pooling="tokens").shape == (1000, 3, 256)
-        settings = ProbeSettings(families=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
+        settings = ProbeConfig(families=("linear",), pooling="tokens", shuffled_control=False, n_boot=200)
         grid = probe_store(store, "memento", settings, progress=False)
     direct, control = grid.cell(Cell("memento", 0, 3, "tokens"), "linear"), grid.cell(Cell("memento", -1, 3, "tokens"), "linear")
     assert direct.ci_low > 0.2  # the direct memento reads the passcode from its three digit tokens
