@@ -139,10 +139,12 @@ def _verdicts(records: dict, series: tuple[str, ...]) -> dict[str, str]:
 
 def quotes(data: dict) -> dict[str, str]:
     """The verdicts docs/toy.md quotes (the contrasts whose seeds are all in)."""
-    init, linear, capacity = (_verdicts(data["records"], CONTRASTS[c]) for c in
-                              ("initialisation scale", "linear-layer scale", "capacity (d_model 64, 128, 192)"))
+    init, linear, embed, capacity = (_verdicts(data["records"], CONTRASTS[c]) for c in
+                                     ("initialisation scale", "linear-layer scale", "embedding scale",
+                                      "capacity (d_model 64, 128, 192)"))
     return {"init_steps": init["at_steps"], "init_accuracy": init["at_accuracy"],
             "linear_steps": linear["at_steps"], "linear_accuracy": linear["at_accuracy"],
+            "embed_steps": embed["at_steps"], "embed_accuracy": embed["at_accuracy"],
             "capacity_steps": capacity["at_steps"], "capacity_accuracy": capacity["at_accuracy"]}
 
 

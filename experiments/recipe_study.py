@@ -64,6 +64,8 @@ RECIPES.update(CAPACITY)
 LAYERS = (0, 1, 2, 3)
 OFFSETS = (0, 1, 2, 7)  # the causal control (-1) is at chance in every toy: see the figure reproductions
 CONTROL_OFFSETS = (0, 1, 2, 7)
+# the initialisation recipes (finding 1 of docs/toy.md), compared at about the same task accuracy
+INIT = ("faithful", "gpt2-init", "linear-gpt2", "linear-0.1", "embed-0.02", "embed-0.1", "embed-0.3")
 TC_CHANCE = PasscodeConfig(digit_sum=22).chance()  # the text-controlled condition's exact baseline, 11.17%
 
 
@@ -203,6 +205,8 @@ def quotes(data: dict) -> dict[str, str]:
     shipped = _acc(by["faithful"], "memento", 1)  # the faithful recipe is the shipped toy at step 400
     flat = [_acc(by[n], "memento", 1) for n in ("fixed-set", "wd-0.1", "betas-999")]
     embed = ("embed-0.02", "embed-0.1", "embed-0.3", "faithful")  # embeddings N(0, 0.02 / 0.1 / 0.3 / 1)
+    text_range = [f(100 * c["accuracy"] for r in records for c in r["cells"]
+                    if (c["condition"], c["layer"], c["offset"]) == ("restart", 3, 1)) for f in (min, max)]
     return {
         # README.md
         "toys": f"What the {len(records)} toys show",
@@ -216,9 +220,7 @@ def quotes(data: dict) -> dict[str, str]:
         "readme_width": f"(d_model 64 / 128 / 192: {a('d64')} / {a('faithful')} / {a('d192')}%)",
         "readme_channel": f"text-controlled +1 lies above its {chance} chance in "
                           + (f"all {above}" if every else f"{above} of {len(records)}"),
-        "readme_text": "the text baseline at {:.1f}–{:.1f}%".format(
-            *(f(100 * c["accuracy"] for r in records for c in r["cells"]
-                if (c["condition"], c["layer"], c["offset"]) == ("restart", 3, 1)) for f in (min, max))),
+        "readme_text": "the text baseline at {:.1f}–{:.1f}%".format(*text_range),
         # docs/toy.md
         "toy_steps": f"each for the same {steps} steps",
         "toy_samples": f"({samples:,} passcodes, linear probe, default features)",
@@ -229,7 +231,13 @@ def quotes(data: dict) -> dict[str, str]:
         "toy_gpt2": f"barely more than their text ({pair('gpt2-init')}, text",
         "toy_gpt2_text": f"baseline {a('gpt2-init', 1, 'restart')}%). The linear layers' scale",
         "toy_linear_gpt2": f"alone: {pair('linear-gpt2')})",
-        "toy_embed": "and masked +1 " + ", ".join(a(n) for n in embed) + ".",
+        "toy_embed": "and masked +1 " + ", ".join(a(n) for n in embed) + ")",
+        "toy_embed_direct": "read direct " + ", ".join(a(n, 0) for n in embed),
+        "toy_d256": f"(about {_parameters({'n_embd': 256}) / 1e6:.1f}M parameters,",
+        "toy_band": "at about the same task accuracy ({:.0f}–{:.0f}%)".format(
+            *(f(100 * by[n]["task_accuracy"] for n in INIT) for f in (min, max))),
+        "toy_linear_wide": f"read\n   {pair('linear-0.1')}. The embeddings'",
+        "toy_text": "the restart text baseline stays at {:.1f}–{:.1f}%".format(*text_range),
         "toy_learned": (f"cosine decay (task {task('cosine')}) {a('cosine')}%, no clipping ({task('no-clip')}) "
                         f"{a('no-clip')}%, the shipped recipe"),
         "toy_learned_2": f"({task('faithful')}) {a('faithful')}%, untied head ({task('untied')}) {a('untied')}%.",

@@ -115,10 +115,7 @@ def readme(data: dict) -> str:
               f"running sums carry a little about the block's digits), so {100 * both / above:.0f}% of memento "
               f"mode's {100 * above:.1f} pp above chance at +1 is KV-borne: {100 * own:+.1f} pp through the "
               f"memento's own KV and {100 * delims:+.1f} pp through the `<|block_end|>` KV, which a restart that "
-              "kept the delimiters visible would still leak. The paper reports no restart-mode numbers for the toy.",
-              "", "The same study on the former (GPT-2-initialised) toy, under the former names (`restart` there is "
-              "`restart-delims-visible` here, `restart-hidden` is `restart`), read with the former probe grid, is "
-              "in `../former_toy/toy_controls/`."]
+              "kept the delimiters visible would still leak. The paper reports no restart-mode numbers for the toy."]
     return "\n".join(lines) + "\n"
 
 

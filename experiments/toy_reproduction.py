@@ -85,9 +85,7 @@ def readme(data: dict) -> str:
                      f"[{100 * p['masked_ci_low']:.1f}, {100 * p['masked_ci_high']:.1f}] |")
     lines += ["", f"From {100 * lo['task_accuracy']:.0f}% to {100 * hi['task_accuracy']:.0f}% task accuracy the "
               f"masked leak goes from {100 * lo['masked_accuracy']:.1f}% to {100 * hi['masked_accuracy']:.1f}%; the "
-              f"paper's stays at {PAPER_SWEEP} over 77% to 95%.", "",
-              "The same run on the former (GPT-2-initialised) toy, read with the former probe grid, is in "
-              "`../former_toy/toy_reproduction/`."]
+              f"paper's stays at {PAPER_SWEEP} over 77% to 95%."]
     return "\n".join(lines) + "\n"
 
 

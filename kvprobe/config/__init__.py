@@ -47,7 +47,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "ConfigError", "ExperimentConfig", "apply_overrides", "key_value_arg",
+__all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "ConfigError", "ExperimentConfig", "apply_overrides",
            "load_config", "parse_config"]
 
 
@@ -339,20 +339,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return parse_config(apply_overrides(data, overrides), str(path))
-
-
-def key_value_arg(text: str) -> tuple[str, Any]:
-    """argparse type for KEY=VALUE options passed through to a library (TrainingArguments,
-    vllm.LLM): the value is read as JSON when it parses, else kept as a string."""
-    import argparse
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
