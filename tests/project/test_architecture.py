@@ -163,3 +163,12 @@ def test_the_grid_vocabulary_is_written_in_one_module():
     """Sites, poolings and probe families are named in kvprobe/grid.py; every other module imports them."""
     found = _grid_literals()
     assert set(found) == {"grid.py"}, {k: sorted(v) for k, v in found.items() if k != "grid.py"}
+
+
+def test_functions_are_short_enough_to_hold():
+    """No library function over 80 lines, and at most 5 over 60 (from `def` to its last line, docstring included)."""
+    lengths = {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+               for path in ROOT.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert {k: v for k, v in lengths.items() if v > 80} == {}
+    assert len([k for k, v in lengths.items() if v > 60]) <= 5, sorted(k for k, v in lengths.items() if v > 60)
