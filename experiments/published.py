@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "SOURCES", "Source", "block", "pct", "problems", "results_json", "run_toy_study", "save_json",
-           "script_arguments", "start", "toy_study_arguments", "write_files"]
+__all__ = ["ROOT", "SOURCES", "Source", "against", "block", "pct", "problems", "results_json", "run_config_study",
+           "run_results", "run_toy_study", "save_json", "script_arguments", "start", "toy_study_arguments", "write_files"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,46 @@ def run_toy_study(doc: str, out: Path, measure: Callable[[str, int, int], Any], 
     data = load(args.out)
     write_files(render(data), args.out)
     return data
+
+
+def run_results(out: Path) -> dict:
+    """A `kvprobe run` study's committed results.json, with its timings.json as "timings"."""
+    return {**results_json(out), "timings": results_json(out, "timings.json")}
+
+
+def against(row: Mapping[str, Any], paper: float) -> str:
+    """'in' when the paper's value (%) lies inside the cell's 95% interval, else 'above' or 'below' it."""
+    if 100 * row["ci_low"] <= paper <= 100 * row["ci_high"]:
+        return "in"
+    return "above" if 100 * row["accuracy"] > paper else "below"
+
+
+def run_config_study(doc: str, config: Path, run: Path, out: Path, copied: tuple[str, ...],
+                     render: Callable[[Any], Mapping[str, str]]) -> int:
+    """The main of a study that is one `kvprobe --threads 1 run CONFIG` (resumed when --run exists): the
+    report's `copied` files, the run's config and timings and its figures into --out (unless --table-only),
+    then the files `render` makes from `run_results(--out)`. Returns the command's exit status."""
+    from kvprobe.cli import main as kvprobe
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=run, help="the run directory (resumed)")
+    ap.add_argument("--out", type=Path, default=out, help="where the results are copied and README.md written")
+    ap.add_argument("--table-only", action="store_true", help="re-render the files from --out's JSON")
+    args = ap.parse_args()
+    if not args.table_only:
+        argv = ["--threads", "1", "run", str(config), "--out", str(args.run)] + (["--resume"] if args.run.exists() else [])
+        code = kvprobe(argv)
+        if code:
+            return code
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in copied:
+            shutil.copyfile(args.run / "report" / name, args.out / name)
+        shutil.copyfile(args.run / "config.json", args.out / "run_config.json")
+        shutil.copyfile(args.run / "timings.json", args.out / "timings.json")
+        shutil.copytree(args.run / "report" / "figures", args.out / "figures", dirs_exist_ok=True)
+    write_files(render(run_results(args.out)), args.out)
+    print(f"results: {args.out}")
+    return 0
 
 
 def start(args: argparse.Namespace) -> None:

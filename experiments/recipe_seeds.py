@@ -23,10 +23,11 @@ import json
 import statistics
 from pathlib import Path
 
+from recipe_study import EVERY, RECIPES, RUNS, STEPS, train_recipe  # one training run per (recipe, seed), shared
+
 OUT = Path(__file__).resolve().parent / "results" / "recipe_seeds"
-RUNS = Path("runs/recipe_seeds")
 SEEDS = (0, 1, 2)
-STEPS, EVERY, TARGET, SAMPLES = 400, 50, 0.60, 3000
+TARGET, SAMPLES = 0.60, 3000
 CONTRASTS = {  # the findings docs/toy.md states, each an ordered series of recipes (recipe_study.RECIPES)
     "initialisation scale": ("gpt2-init", "faithful"),
     "linear-layer scale": ("linear-gpt2", "faithful", "linear-0.1"),
@@ -49,8 +50,6 @@ def _cells(model, samples: int) -> dict[str, dict]:
 def run_one(name: str, seed: int, out: Path = OUT, runs: Path = RUNS, samples: int = SAMPLES) -> dict:
     """Train recipe `name` from `seed` (resuming), read it at STEPS and at TARGET task accuracy; write its JSON."""
     import toy_models
-
-    from recipe_study import RECIPES, train_recipe
 
     what = RECIPES[name][0]
     run = runs / f"{name}-s{seed}"
@@ -177,7 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipe_study beside this file
-    main()
+    main()  # run as a script, its folder (with recipe_study.py) is first on sys.path

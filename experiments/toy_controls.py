@@ -12,10 +12,9 @@ timings.json alone (`render`): the cells against the paper's and the channel dif
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 from pathlib import Path
+
+from published import against, run_config_study, run_results
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "toy_controls.yaml"
@@ -33,8 +32,7 @@ CHANNELS = (("memento", "restart", "both implicit channels"),
 
 def load(out: Path = OUT) -> dict:
     """results.json and timings.json of results directory `out`."""
-    out = Path(out)
-    return {**json.loads((out / "results.json").read_text()), "timings": json.loads((out / "timings.json").read_text())}
+    return run_results(out)
 
 
 def _row(data: dict, condition: str, layer: int, offset: int, site: str = "memento") -> dict:
@@ -45,13 +43,6 @@ def _row(data: dict, condition: str, layer: int, offset: int, site: str = "memen
 def _diff(data: dict, a: str, b: str, site: str, layer: int = 3, offset: int = 1) -> dict:
     return next(d for d in data["diffs"] if (d["a"], d["b"], d["site"], d["layer"], d["offset"], d["probe"])
                 == (a, b, site, layer, offset, "linear"))
-
-
-def _against(r: dict, paper: float) -> str:
-    """'in' when the paper's value lies inside the cell's 95% interval, else 'above' or 'below' it."""
-    if 100 * r["ci_low"] <= paper <= 100 * r["ci_high"]:
-        return "in"
-    return "above" if 100 * r["accuracy"] > paper else "below"
 
 
 def _pct(r: dict) -> str:
@@ -92,7 +83,7 @@ def readme(data: dict) -> str:
         "interval.", "", "| cell | this run | paper | this run − paper | |", "|---|---|---|---|---|"]
     for label, layer, offset, paper, stated in PAPER:
         r = _row(data, "memento", layer, offset)
-        lines.append(f"| {label} | {_pct(r)} | {stated} | {100 * r['accuracy'] - paper:+.1f} | {_against(r, paper)} |")
+        lines.append(f"| {label} | {_pct(r)} | {stated} | {100 * r['accuracy'] - paper:+.1f} | {against(r, paper)} |")
     control = [100 * _row(data, "memento", layer, -1)["accuracy"] for layer in range(4)]
     at_chance = all(not _row(data, "memento", layer, -1)["significant"] for layer in range(4))
     lines.append(f"| causal control (-1), every layer | {min(control):.1f}-{max(control):.1f}%"
@@ -125,12 +116,12 @@ def readme_summary(data: dict) -> str:
     both, own, delims = (_diff(data, a, b, "memento") for a, b, _ in CHANNELS)
     n = m1["n_train"] + m1["n_val"]
 
-    def against(layer: int, offset: int, paper: float, stated: str) -> tuple[str, str]:
+    def verdict(layer: int, offset: int, paper: float, stated: str) -> tuple[str, str]:
         r = _row(data, "memento", layer, offset)
         label = "direct" if offset == 0 else f"masked {offset:+d}"
-        return _against(r, paper), f"{label} at layer {layer} ({100 * r['accuracy']:.1f}% against {stated})"
+        return against(r, paper), f"{label} at layer {layer} ({100 * r['accuracy']:.1f}% against {stated})"
 
-    verdicts = [against(layer, offset, paper, stated.split(" (")[0]) for _, layer, offset, paper, stated in PAPER]
+    verdicts = [verdict(layer, offset, paper, stated.split(" (")[0]) for _, layer, offset, paper, stated in PAPER]
     groups = {w: [text for v, text in verdicts if v == w] for w in ("in", "above", "below")}
     parts = [f"{', '.join(groups['in'])} hold the paper's value inside their intervals"] if groups["in"] else []
     parts += [f"{', '.join(groups[w])} read {w} it" for w in ("above", "below") if groups[w]]
@@ -149,27 +140,7 @@ def render(data: dict) -> dict[str, str]:
 
 
 def main() -> int:
-    from kvprobe.cli import main as kvprobe
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("runs/toy_controls"), help="the run directory (resumed)")
-    ap.add_argument("--out", type=Path, default=OUT, help="where the results are copied and README.md written")
-    ap.add_argument("--table-only", action="store_true", help="re-render README.md from --out's JSON")
-    args = ap.parse_args()
-    if not args.table_only:
-        argv = ["--threads", "1", "run", str(CONFIG), "--out", str(args.run)] + (["--resume"] if args.run.exists() else [])
-        code = kvprobe(argv)
-        if code:
-            return code
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name in COPIED:
-            shutil.copyfile(args.run / "report" / name, args.out / name)
-        shutil.copyfile(args.run / "config.json", args.out / "run_config.json")
-        shutil.copyfile(args.run / "timings.json", args.out / "timings.json")
-        shutil.copytree(args.run / "report" / "figures", args.out / "figures", dirs_exist_ok=True)
-    (args.out / "README.md").write_text(readme(load(args.out)))
-    print(f"results: {args.out}")
-    return 0
+    return run_config_study(__doc__, CONFIG, Path("runs/toy_controls"), OUT, COPIED, render)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,9 @@ there and the README's paragraph from results.json and timings.json alone (`rend
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 from pathlib import Path
 
-from published import pct, write_files
+from published import against, pct, run_config_study, run_results
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "toy_reproduction.yaml"
@@ -35,20 +32,12 @@ PAPER_SWEEP = "17-19%"  # SPEC section 4: the masked leakage across training sta
 
 def load(out: Path = OUT) -> dict:
     """results.json and timings.json of results directory `out`."""
-    out = Path(out)
-    return {**json.loads((out / "results.json").read_text()), "timings": json.loads((out / "timings.json").read_text())}
+    return run_results(out)
 
 
 def _row(data: dict, probe: str, layer: int, offset: int) -> dict:
     return next(r for r in data["rows"] if (r["condition"], r["site"], r["layer"], r["offset"], r["probe"])
                 == ("memento", "memento", layer, offset, probe))
-
-
-def _against(r: dict, paper: float) -> str:
-    """'in' when the paper's value lies inside the cell's 95% interval, else 'above' or 'below' it."""
-    if 100 * r["ci_low"] <= paper <= 100 * r["ci_high"]:
-        return "in"
-    return "above" if 100 * r["accuracy"] > paper else "below"
 
 
 def _minutes(data: dict) -> str:
@@ -78,7 +67,7 @@ def readme(data: dict) -> str:
     for label, probe, layer, offset, paper, stated in PAPER:
         r = _row(data, probe, layer, offset)
         lines.append(f"| {label} | {probe} | {pct(r)} | {stated} | {100 * r['accuracy'] - paper:+.1f} | "
-                     f"{_against(r, paper)} |")
+                     f"{against(r, paper)} |")
     lines.append(f"| masked +1, last layer (3) | linear | {pct(first)} | — | — | |")
     lo, hi = _sweep(data)
     lines += ["", "## Across training (last layer, masked +1, linear probe)", "",
@@ -116,27 +105,7 @@ def render(data: dict) -> dict[str, str]:
 
 
 def main() -> int:
-    from kvprobe.cli import main as kvprobe
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("runs/toy_reproduction"), help="the run directory (resumed)")
-    ap.add_argument("--out", type=Path, default=OUT, help="where the results are copied and README.md written")
-    ap.add_argument("--table-only", action="store_true", help="re-render the files from --out's JSON")
-    args = ap.parse_args()
-    if not args.table_only:
-        argv = ["--threads", "1", "run", str(CONFIG), "--out", str(args.run)] + (["--resume"] if args.run.exists() else [])
-        code = kvprobe(argv)
-        if code:
-            return code
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name in COPIED:
-            shutil.copyfile(args.run / "report" / name, args.out / name)
-        shutil.copyfile(args.run / "config.json", args.out / "run_config.json")
-        shutil.copyfile(args.run / "timings.json", args.out / "timings.json")
-        shutil.copytree(args.run / "report" / "figures", args.out / "figures", dirs_exist_ok=True)
-    write_files(render(load(args.out)), args.out)
-    print(f"results: {args.out}")
-    return 0
+    return run_config_study(__doc__, CONFIG, Path("runs/toy_reproduction"), OUT, COPIED, render)
 
 
 if __name__ == "__main__":
