@@ -8,7 +8,7 @@ the L2 strength per group on an inner label-unique split of the training data.
 """
 
 from .linear import LBFGSInfo, LinearConfig, LinearProbes, fit_linear_probes
-from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, label_unique_holdout
+from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, flush_denormals, label_unique_holdout
 from .selection import (
     DEFAULT_INNER_FRACTION,
     DEFAULT_LINEAR_L2_GRID,
@@ -57,6 +57,7 @@ __all__ = [
     "check_probe_inputs",
     "fit_linear_probes",
     "fit_mlp_probes",
+    "flush_denormals",
     "fit_mlp_replicas",
     "fit_probes",
     "fit_sklearn",

@@ -29,13 +29,14 @@ it idle.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["MLPConfig", "MLPProbes", "MLPInfo", "fit_mlp_probes", "label_unique_holdout"]
+__all__ = ["MLPConfig", "MLPProbes", "MLPInfo", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"]
 
 EpochCallback = Callable[[int, int], None]
 
@@ -149,6 +150,29 @@ def label_unique_holdout(y: torch.Tensor, fraction: float, generator: torch.Gene
         held[torch.randperm(len(codes), generator=generator)[:n_held]] = True
         mask[g] = held.to(y.device)[inverse]
     return mask
+
+
+def flushing_denormals() -> bool:
+    """Whether the CPU now treats subnormal floats as zero (torch has a setter, no getter: this asks the CPU)."""
+    return bool((torch.tensor([1e-39]) * 1.0 == 0).item())  # 1e-39 is subnormal in float32
+
+
+@contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU inside the block, then put the previous setting back.
+
+    Why: a probe that fits its training set (the shuffled-label control above all) drives softmax
+    probabilities below 1e-38, and CPU arithmetic on such subnormal numbers is ~100x slower: the
+    50K reproduction's MLP epochs grew from 19 s to 8 minutes. Flushed, they stay flat, and the
+    fitted probe is bit-identical (a subnormal's effect on a weight is far below float32 rounding;
+    tests/probes/test_mlp.py checks it). No effect on GPUs.
+    """
+    before = flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -280,13 +304,14 @@ def fit_mlp_probes(
     ], lr=config.lr)
     best = _EarlyStopping.start(model, R * G, config.max_epochs, x.device)
 
-    for epoch in range(1, config.max_epochs + 1):
-        _train_epoch(model, optimiser, x, y, fit_weight, gens, config.batch_size)
-        if on_epoch is not None:
-            on_epoch(epoch, config.max_epochs)
-        if early_stopping and best.update(epoch, _holdout_loss(model, x, y, held, config.eval_batch), model,
-                                          config.patience):
-            break
+    with flush_denormals():  # subnormal probabilities would slow a memorising probe ~100x (see there)
+        for epoch in range(1, config.max_epochs + 1):
+            _train_epoch(model, optimiser, x, y, fit_weight, gens, config.batch_size)
+            if on_epoch is not None:
+                on_epoch(epoch, config.max_epochs)
+            if early_stopping and best.update(epoch, _holdout_loss(model, x, y, held, config.eval_batch), model,
+                                              config.patience):
+                break
 
     if early_stopping:
         best.restore(model)
