@@ -103,6 +103,8 @@ SOURCES: tuple[Source, ...] = (
            dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
            ("--run", "{scratch}/run"), minutes=45),
+    Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
+           ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=50),
 )
 
 

@@ -4,9 +4,6 @@
     python experiments/toy_reproduction.py --run runs/x      # where the run directory goes (resumed)
     python experiments/toy_reproduction.py --table-only      # re-render the files from results.json
 
-Not yet in `published.SOURCES`: its first run with today's probe is under way (`--run` resumes it),
-and the README still quotes the 50K numbers made before issue 26, labelled so.
-
 Runs `kvprobe --threads 1 run experiments/toy_reproduction.yaml` (capture, linear probes on
 every layer x offset with a shuffled-label control, the paper's MLP on its cells, the
 training sweep, report), copies the report into --out (experiments/results/toy_reproduction/:
@@ -99,9 +96,40 @@ def readme_summary(data: dict) -> str:
             f"{PAPER_SWEEP}.")
 
 
+STAGES = (("capture", "50K passcodes x 4 layers x 10 offsets, K+V, float16"),
+          ("probe", "linear on 40 cells (strength path, refit, shuffled-label refit); the MLP on 2 cells x 3 seeds "
+                    "+ shuffled labels in one batched run"),
+          ("sweep", "6 checkpoints x (10K capture + linear probes on 3 cells)"),
+          ("report", "tables and figures"))
+
+
+def timings_table(data: dict) -> str:
+    """benchmarks/RESULTS.md's table of the run's stage times (between <!-- reproduction-timings --> markers)."""
+    t = data["timings"]
+    lines = ["| stage | wall time | what it did |", "|---|---|---|"]
+    lines += [f"| {stage} | {t[stage] / 60:.1f} min ({t[stage]:.0f} s) | {what} |" for stage, what in STAGES if stage in t]
+    lines.append(f"| **total** | **{sum(t.values()) / 60:.1f} min** | |")
+    return "\n".join(lines)
+
+
+def quotes(data: dict) -> dict[str, str]:
+    """The phrases docs/toy.md quotes from results.json."""
+    first, last = (_row(data, "mlp", layer, 1) for layer in (0, 3))
+    linear = _row(data, "linear", 3, 1)
+    lo, hi = _sweep(data)
+    return {
+        "mlp": f"masked +1 at {100 * first['accuracy']:.1f}% at the first layer and {100 * last['accuracy']:.1f}% "
+               "at the last",
+        "linear": f"the linear probe reads {100 * linear['accuracy']:.1f}% there",
+        "sweep": f"from {100 * lo['masked_accuracy']:.1f}% to {100 * hi['masked_accuracy']:.1f}% as task accuracy "
+                 f"climbs from {100 * lo['task_accuracy']:.0f}% to {100 * hi['task_accuracy']:.0f}%",
+    }
+
+
 def render(data: dict) -> dict[str, str]:
     return {"experiments/results/toy_reproduction/README.md": readme(data),
-            "README.md#reproduction-summary": readme_summary(data)}
+            "README.md#reproduction-summary": readme_summary(data),
+            "benchmarks/RESULTS.md#reproduction-timings": timings_table(data)}
 
 
 def main() -> int:

@@ -3,7 +3,8 @@
 Every source of `experiments/published.py` (the toy's results under experiments/results/)
 renders its files and the README's marked blocks from its committed JSON, and the phrases the
 prose quotes; each must equal what is committed. `benchmarks/bench_scale.py` writes `benchmarks/results/scale_cpu.json`; its `render` makes the
-tables `benchmarks/RESULTS.md` quotes and its `quotes` the phrases the README and docs quote.
+tables `benchmarks/RESULTS.md` quotes and its `quotes` the phrases the README and docs quote;
+`benchmarks/bench_startup.py` renders the CLI startup table of `benchmarks/results/startup.json` the same way.
 A rerun that changes a number changes the JSON, and this test then fails until the prose
 quotes the new one (tolerance zero on the printed digits).
 """
@@ -75,6 +76,17 @@ def test_results_md_quotes_the_scale_tables_verbatim(scale):
         "`python benchmarks/bench_scale.py --render benchmarks/results/scale_cpu.json`")
 
 
+def test_results_md_quotes_the_startup_table_verbatim():
+    """benchmarks/bench_startup.py's table for benchmarks/results/startup.json, as RESULTS.md quotes it."""
+    spec = importlib.util.spec_from_file_location("bench_startup", ROOT / "benchmarks" / "bench_startup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.render(json.loads((ROOT / "benchmarks" / "results" / "startup.json").read_text()))
+    assert table in (ROOT / "benchmarks" / "RESULTS.md").read_text(), (
+        "benchmarks/RESULTS.md does not hold bench_startup.py's table for the committed JSON; paste the output of "
+        "`python benchmarks/bench_startup.py --render benchmarks/results/startup.json`")
+
+
 @pytest.mark.parametrize("name, path", [(n, p) for n, paths in QUOTED_IN.items() for p in paths])
 def test_prose_quotes_the_scale_json(scale, name, path):
     phrase = bench_scale().quotes(scale)[name]
@@ -101,9 +113,7 @@ DERIVED = {
     f"{100 * PasscodeConfig(digit_sum=22).chance():.2f}%",  # the text-controlled passcodes' exact chance
 }
 EXTERNAL = {"1.8": "issue 26: an independent build of the toy's architecture, matched against the blog"}
-KEPT_AS_MADE = {  # number -> the committed file that holds it (made before issue 26, labelled so in the prose)
-    **dict.fromkeys(("9.6", "12.5", "24.7%", "34.1%", "37.8%", "30.7%"), "benchmarks/RESULTS.md"),
-}
+KEPT_AS_MADE: dict[str, str] = {}  # number -> the committed file that holds it (made before a change, labelled so)
 
 
 def _unsourced(text: str) -> list[str]:
