@@ -20,7 +20,6 @@ Offsets: -1 causal control (must be at chance), 0 direct, +1, +2, ... masked.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,58 +30,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.passcodes import PasscodeConfig, allowed_codes, label_unique_split
-from .grid import DEFAULT_POOLING, FAMILIES, LINEAR, MLP, Cell, offset_role, pooled_vectors
+from .grid import LINEAR, MLP, Cell, offset_role, pooled_vectors
 from .memento.masks import MaskConfig
-from .probes import (DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, LinearConfig, MLPConfig, fit_at_strengths,
-                     fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments, strength_path)
+from .probes import (fit_at_strengths, fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments,
+                     strength_path)
+from .probes.config import ProbeConfig  # how to probe, torch-free (the config reads it); re-exported here
 from .stats import (binomial_pvalue, bootstrap_ci, constrained_pvalue, digit_accuracy, holm, paired_bootstrap_ci,
                     paired_pvalue, per_sample_accuracy, per_sample_bits, shuffle_labels, wilson_interval)
+from .files import replacing, together, write_text
 from .store import KVStore
-from .errors import renamed, renamed_fields
+from .errors import renamed
 
 __all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
            "compare", "load_grid", "merge_grids", "probe_store", "save_grid", "sensitivity_curves"]
-
-
-@renamed_fields(kinds="families")
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How to probe a store.
-
-    families: probe families (formerly `kinds`); seeds: MLP initialisations (the linear probe
-    is convex and fitted once); shuffled_control: also fit each probe on permuted training labels;
-    max_group_bytes: feature memory per batched fit (cells are fitted in groups).
-    linear_l2_grid: L2 strengths the linear probe's strength is chosen from, per cell, on an inner
-    label-unique split (`inner_fraction` of the training passcodes); one value, or None
-    (= linear.l2), is a fixed strength. mlp_l2_grid: the same for the MLP's L2 (weight
-    decay); None keeps mlp.l2 (the MLP's epochs are always chosen by early stopping).
-    extend_grid: where a cell's best strength is on an edge of its grid, try it a decade further
-    until interior or at a bound of `L2_BOUNDS` (rows record `l2_at_bound`); False keeps the grid.
-    """
-
-    families: tuple[str, ...] = FAMILIES
-    seeds: int = 3
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    pooling: str = DEFAULT_POOLING
-    shuffled_control: bool = True
-    n_boot: int = 2000
-    layers: tuple[int, ...] | None = None  # None: every captured layer
-    offsets: tuple[int, ...] | None = None
-    sites: tuple[str, ...] | None = None
-    max_group_bytes: int = 1 << 30
-    device: str | None = None
-    linear: LinearConfig = LinearConfig(tol=1e-3)
-    mlp: MLPConfig = MLPConfig()
-    linear_l2_grid: tuple[float, ...] | None = DEFAULT_LINEAR_L2_GRID
-    mlp_l2_grid: tuple[float, ...] | None = None
-    inner_fraction: float = DEFAULT_INNER_FRACTION
-    extend_grid: bool = True
-
-    def strength_grid(self, kind: str) -> tuple[float, ...]:
-        """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
-        grid, config = (self.mlp_l2_grid, self.mlp) if kind == MLP else (self.linear_l2_grid, self.linear)
-        return normalise_grid(config.l2 if grid is None else grid)
 
 
 @dataclass
@@ -344,16 +304,15 @@ def probe_store(store: KVStore, condition: str, settings: ProbeConfig = ProbeCon
     rows: list[CellResult] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
     n_fits = sum(_fits_per_cell(settings, kind) for kind in settings.families)
-    bar = tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
-               dynamic_ncols=True)
-    for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X_tr, X_va = _group_features(store, group, D, tr, va)  # (G, N_tr, D), (G, N_va, D)
-        for kind in settings.families:
-            sel, fits, shuffled = _fit_kind(X_tr, y_tr, X_va, y_va, inner, kind, settings, bar)
-            acc_s, kind_rows = _score(group, kind, sel, fits, shuffled, y_va, codes, settings.n_boot, **common)
-            per_sample.update({(cell, kind): acc_s[g] for g, cell in enumerate(group)})  # (M,) per cell
-            rows += kind_rows
-    bar.close()
+    with tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
+              dynamic_ncols=True) as bar:  # closed on a failure too: the error line comes last
+        for group in _groups(cells, len(labels), D, settings.max_group_bytes):
+            X_tr, X_va = _group_features(store, group, D, tr, va)  # (G, N_tr, D), (G, N_va, D)
+            for kind in settings.families:
+                sel, fits, shuffled = _fit_kind(X_tr, y_tr, X_va, y_va, inner, kind, settings, bar)
+                acc_s, kind_rows = _score(group, kind, sel, fits, shuffled, y_va, codes, settings.n_boot, **common)
+                per_sample.update({(cell, kind): acc_s[g] for g, cell in enumerate(group)})  # (M,) per cell
+                rows += kind_rows
     rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
     return GridResult(condition, rows, store.sample_ids[va], per_sample)
 
@@ -467,17 +426,17 @@ def merge_grids(grids: list[GridResult]) -> GridResult:
 
 
 def save_grid(grid: GridResult, path: str | Path) -> None:
-    """Write a grid as path.json (rows) and path.npz (validation ids and per-sample scores)."""
+    """Write a grid as path.json (rows) and path.npz (validation ids and per-sample scores), both or
+    neither (`kvprobe.files.together`); the .json is put in place last: its presence means the grid is whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"val_index": grid.val_index}
     for (cell, probe), v in grid.per_sample.items():
         arrays[f"{cell.label}|{probe}"] = v
-    np.savez_compressed(path.with_suffix(".npz.tmp.npz"), **arrays)
-    os.replace(path.with_suffix(".npz.tmp.npz"), path.with_suffix(".npz"))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"condition": grid.condition, "rows": [asdict(r) for r in grid.rows]}, indent=1))
-    os.replace(tmp, path.with_suffix(".json"))  # written last: its presence means the grid is whole
+    with together():
+        with replacing(path.with_suffix(".npz"), "wb") as f:
+            np.savez_compressed(f, **arrays)
+        write_text(path.with_suffix(".json"),
+                   json.dumps({"condition": grid.condition, "rows": [asdict(r) for r in grid.rows]}, indent=1))
 
 
 def load_grid(path: str | Path) -> GridResult:

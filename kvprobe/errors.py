@@ -18,12 +18,17 @@ import sys
 import warnings
 from typing import Any, Callable, TypeVar
 
-__all__ = ["KVProbeError", "renamed", "renamed_fields"]
+__all__ = ["KVProbeError", "KVProbeWarning", "renamed", "renamed_fields"]
 
 
 class KVProbeError(Exception):
     """Input kvprobe refuses: a config, store, trace, layout, attention setup or length. The message is
     one line that names the problem."""
+
+
+class KVProbeWarning(UserWarning):
+    """Something kvprobe does that its user should know of, e.g. running a checkpoint's own code. The
+    command line prints it as one line, `kvprobe: warning: ...`."""
 
 
 def renamed(module: str, names: dict[str, str]) -> Callable[[str], Any]:

@@ -7,6 +7,7 @@ A store is a directory:
       shards/shard_000000.h5     one file per shard of samples, written atomically
       shards/shard_000000.json   its size and SHA-256, written just before it
       kvstore.h5                 written last: HDF5 virtual datasets over all shards
+      kvstore.json               the index's size and SHA-256, written just after it
 
 Each shard is written to a temporary name and renamed into place, so a crash (even
 kill -9) leaves only whole shards; resuming skips them, once their checksum matches
@@ -18,7 +19,8 @@ Integrity: every shard's size and SHA-256 are recorded in the index; opening a s
 checks that each shard is there, readable, of its recorded size and an HDF5 file (an
 HDF5 virtual dataset would read a missing shard as zeros), and every numeric dataset
 carries HDF5's Fletcher-32 checksum per chunk, so a damaged chunk fails when it is
-read. `verify_store` reads every byte against the SHA-256.
+read; the index is checked against its own size (on open) and SHA-256 (`verify_store`), which
+stores written before that was recorded lack. `verify_store` reads every byte against the SHA-256.
 
 The store knows nothing of probes: it holds features, labels and sample metadata.
 """
@@ -28,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ import h5py
 import numpy as np
 
 from .errors import KVProbeError
+from .files import remove_leftovers, together, write_bytes, write_text
 from .grid import DEFAULT_POOLING, DEFAULT_SITE, Cell, FeatureKey, feature_path  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
 SCHEMA_VERSION = 2  # 2: site "memento" is the whole span <|summary_start|> .. <|summary_end|>
 CONFIG_FILE = "config.json"
 INDEX_FILE = "kvstore.h5"
+INDEX_RECORD = "kvstore.json"  # the index's size and SHA-256, written just after it (older stores: none)
 SHARD_DIR = "shards"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 REPAIR = "resume the capture that wrote it (`kvprobe run CONFIG --out RUN --resume`) to capture it again"
@@ -87,7 +93,7 @@ def _check_shard(path: Path, record: dict[str, Any] | None, *, full: bool) -> st
     except OSError as e:
         return f"unreadable ({e.strerror})"
     if record is not None and size != record["bytes"]:
-        return f"{size:,} bytes, the index records {record['bytes']:,} (truncated or replaced)"
+        return f"{size:,} bytes, {record['bytes']:,} recorded (truncated or replaced)"
     if head != HDF5_SIGNATURE:
         return "not an HDF5 file (damaged header)"
     if full and record is not None and _sha256(path) != record["sha256"]:
@@ -105,9 +111,16 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _hdf5_image(fill: Callable[[h5py.File], None]) -> bytes:
+    """The bytes of an HDF5 file that `fill` builds in memory. HDF5 itself never writes to disk here:
+    `kvprobe.files` does, so a full disk is one clean error (HDF5 writing onto a full disk can crash the process)."""
+    with h5py.File(f"kvprobe-{secrets.token_hex(8)}.h5", "w", driver="core", backing_store=False) as f:
+        fill(f)
+        f.flush()
+        return f.id.get_file_image()
 
 
 class StoreWriter:
@@ -163,7 +176,12 @@ class StoreWriter:
 
     def drop_damaged(self) -> list[int]:
         """Check every written shard against its SHA-256 and delete the damaged ones (and the
-        index, which names them), so a resume captures them again. Returns their indices."""
+        index, which names them), so a resume captures them again. Returns their indices. The
+        temporary files of killed writers are deleted too (`kvprobe.files.remove_leftovers`; `shard_*.h5.tmp`
+        before)."""
+        remove_leftovers(self.path)
+        for leftover in self.shard_dir.glob("shard_*.h5.tmp"):
+            leftover.unlink(missing_ok=True)
         damaged = []
         for p in sorted(self.shard_dir.glob("shard_*.h5")):
             record = self._record(p)
@@ -205,9 +223,9 @@ class StoreWriter:
                    "shuffle": compression != "none"}
         n = len(samples["index"])
         final = self.shard_dir / _shard_name(index)
-        tmp = final.with_suffix(".h5.tmp")
         checked = {"fletcher32": True, "chunks": True}  # a per-chunk checksum HDF5 verifies on read
-        with h5py.File(tmp, "w") as f:
+
+        def fill(f: h5py.File) -> None:
             f.attrs["shard"] = index
             for name, arr in samples.items():
                 if len(arr) != n:
@@ -221,18 +239,19 @@ class StoreWriter:
                     raise ValueError(f"{key.path} has {len(arr)} rows, expected {n}")
                 chunks = (min(n, 256), 1) + arr.shape[2:]  # one layer of a few hundred samples
                 f.create_dataset(key.path, data=arr, chunks=chunks, fletcher32=True, **filters)
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
-        # the record first: a shard in place always has one (a record alone is ignored)
-        _write_json_atomic(final.with_suffix(".json"), {"bytes": tmp.stat().st_size, "sha256": _sha256(tmp), "n_samples": n})
-        os.replace(tmp, final)
+
+        image = _hdf5_image(fill)
+        record = {"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(), "n_samples": n}
+        with together():  # both or neither; the record is renamed first: a shard in place always has one
+            _write_json_atomic(final.with_suffix(".json"), record)
+            write_bytes(final, image)
         return final
 
     def finalize(self, n_shards: int, attrs: dict[str, Any] | None = None, tag: str = "") -> Path:
         """Join shards 0..n_shards-1 into the virtual-dataset index; the store is then complete.
 
-        `tag` names this process's temporary file, so processes finalizing at once never
-        write the same file; the rename into place is atomic and their indexes identical.
+        Processes finalizing at once each write their own temporary file (`tag` is no longer
+        needed for that); the rename into place is atomic and their indexes identical.
         """
         missing = sorted(set(range(n_shards)) - self.done_shards())
         if missing:
@@ -243,7 +262,6 @@ class StoreWriter:
             problem = "no checksum record" if record is None else _check_shard(shard, record, full=False)
             if problem:
                 raise StoreError(f"{shard}: {problem}; {REPAIR}")
-        index_tmp = self.path / f"{INDEX_FILE}.{tag or os.getpid()}.tmp"
         with h5py.File(shards[0], "r") as f0:
             names: list[str] = []
             f0.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -253,7 +271,8 @@ class StoreWriter:
             with h5py.File(shard, "r") as f:
                 sizes.append(len(f["samples/index"]))
         total = sum(sizes)
-        with h5py.File(index_tmp, "w") as out:
+
+        def fill(out: h5py.File) -> None:
             out.attrs["schema"] = "kvprobe.kvstore"
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["n_samples"] = total
@@ -271,7 +290,9 @@ class StoreWriter:
                     layout[start : start + size] = h5py.VirtualSource(rel, name, shape=(size,) + tail)
                     start += size
                 out.create_virtual_dataset(name, layout)
-        os.replace(index_tmp, self.path / INDEX_FILE)
+
+        write_bytes(self.path / INDEX_FILE, _hdf5_image(fill))
+        _record_index(self.path)
         return self.path / INDEX_FILE
 
 
@@ -291,7 +312,8 @@ class KVStore:
         if not index.exists():
             raise StoreError(f"{self.path}: incomplete store (no {INDEX_FILE}); resume the capture to finish it")
         self._file, self.config = _open_index(index)
-        problems = _shard_problems(self.path, self._file, full=False)
+        problems = [p for p in [_index_problem(self.path, full=False)] if p]
+        problems += _shard_problems(self.path, self._file, full=False)
         if problems:
             self._file.close()
             raise StoreError(f"{problems[0]}; {REPAIR}")
@@ -300,6 +322,11 @@ class KVStore:
     def checksummed(self) -> bool:
         """Whether the index records every shard's SHA-256 (stores written before that hold none)."""
         return "shard_checksums" in self._file.attrs
+
+    @property
+    def index_checksummed(self) -> bool:
+        """Whether the index's own size and SHA-256 are recorded beside it (stores written before that: no)."""
+        return (self.path / INDEX_RECORD).is_file()
 
     def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
         """Read a dataset of the index; a chunk that fails its checksum names its shard."""
@@ -400,9 +427,36 @@ def _shard_problems(path: Path, index: h5py.File, *, full: bool) -> list[str]:
     return problems
 
 
+def _index_problem(path: Path, *, full: bool) -> str | None:
+    """'store/kvstore.h5: ...' when the index differs from its record (kvstore.json): its size, and (full)
+    its SHA-256; None when it matches or the store predates index records."""
+    record_file = path / INDEX_RECORD
+    if not record_file.exists():
+        return None
+    record = StoreWriter._record(path / INDEX_FILE)  # kvstore.h5 -> kvstore.json, as a shard's record
+    if record is None:
+        return f"{record_file}: damaged checksum record of {INDEX_FILE}"
+    problem = _check_shard(path / INDEX_FILE, record, full=full)
+    return f"{path / INDEX_FILE}: {problem}" if problem else None
+
+
+def _record_index(path: Path) -> None:
+    """Record the index's size and SHA-256 beside it (kvstore.json), read from the file in place. Processes
+    finalizing at once may replace the index after another recorded it: each checks after writing its
+    record that the index is still the one it hashed, and records again if not."""
+    index = path / INDEX_FILE
+    while True:
+        data = index.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        _write_json_atomic(path / INDEX_RECORD, {"bytes": len(data), "sha256": digest})
+        if hashlib.sha256(index.read_bytes()).hexdigest() == digest:
+            return
+
+
 def verify_store(path: str | os.PathLike) -> list[str]:
-    """Check a store byte for byte: the index opens, and every shard it names is present and
-    matches its recorded SHA-256. Returns one line per problem ([] for a whole store)."""
+    """Check a store byte for byte: the index opens and matches its recorded SHA-256 (stores written
+    before the index was recorded: it opens), and every shard it names is present and matches its
+    recorded SHA-256. Returns one line per problem ([] for a whole store)."""
     path = Path(path)
     index = path / INDEX_FILE
     if not index.is_file():
@@ -412,4 +466,5 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     except StoreError as e:
         return [str(e)]
     with f:
-        return _shard_problems(path, f, full=True)
+        problems = _shard_problems(path, f, full=True)
+    return [p for p in [_index_problem(path, full=True)] if p] + problems

@@ -8,8 +8,7 @@
 See docs/toy.md for the task, the training run and how to reproduce it.
 """
 
-from . import data, model, task, vocab
-from .checkpoint import CHECKPOINT_DIR, checkpoint_names, load, load_tokenizer, read_meta
+from kvprobe import lazy_exports
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -22,3 +21,8 @@ __all__ = [
     "task",
     "vocab",
 ]
+
+# imported on first use (torch and transformers), so `kvprobe toy --help` answers at once
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".checkpoint": ("CHECKPOINT_DIR", "checkpoint_names", "load", "load_tokenizer", "read_meta"),
+}, modules=("data", "model", "task", "vocab"))

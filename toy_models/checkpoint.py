@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from kvprobe.experiment.kinds import refusing_damaged_weights
+
 from .vocab import build_tokenizer
 
 __all__ = ["CHECKPOINT_DIR", "checkpoint_names", "load", "load_tokenizer", "read_meta", "resolve", "save_checkpoint"]
@@ -76,8 +78,11 @@ def read_meta(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def load(name_or_path: str = "final", attn_implementation: str = "sdpa") -> GPT2LMHeadModel:
-    """Load a toy checkpoint in eval mode (on the CPU, fp32)."""
-    model = GPT2LMHeadModel.from_pretrained(resolve(name_or_path), attn_implementation=attn_implementation)
+    """Load a toy checkpoint in eval mode (on the CPU, fp32). A damaged weights file is a
+    `kvprobe.experiment.kinds.CheckpointError` naming it ("damaged checkpoint ...")."""
+    path = resolve(name_or_path)
+    with refusing_damaged_weights(path):
+        model = GPT2LMHeadModel.from_pretrained(path, attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -45,11 +45,16 @@ _NOT_OPTIONS = ("out_dir", "threads")  # --out, and the global --threads
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .train import RunDirError, TrainConfig, train
+    from .config import TrainConfig
 
     try:
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _NOT_OPTIONS}
         config = TrainConfig(**values, out_dir=args.out, threads=args.threads)
+    except ValueError as e:  # refused before torch loads
+        raise UsageError(str(e)) from None
+    from .train import RunDirError, train
+
+    try:
         command = shlex.join(["kvprobe", *sys.argv[1:]]) if sys.argv[1:2] == ["toy"] else None
         model = train(config, resume=args.resume, overwrite=args.overwrite, command=command)
     except (RunDirError, ValueError) as e:
@@ -68,7 +73,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, its default and help taken from the dataclass."""
     from dataclasses import MISSING, fields
 
-    from .train import TrainConfig
+    from .config import TrainConfig  # torch-free: --help lists the options at once
 
     for f in fields(TrainConfig):
         if f.name in _NOT_OPTIONS:
@@ -84,15 +89,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.samples <= 0:
+        raise UsageError(f"--samples must be positive, got {args.samples}")
+    if args.heldout_set < 0:
+        raise UsageError(f"--heldout-set must be >= 0, got {args.heldout_set}")
     import torch
 
     from .checkpoint import load
     from .task import heldout_seed, task_accuracy
 
-    if args.samples <= 0:
-        raise UsageError(f"--samples must be positive, got {args.samples}")
-    if args.heldout_set < 0:
-        raise UsageError(f"--heldout-set must be >= 0, got {args.heldout_set}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available")
     for name in args.checkpoints:

@@ -8,49 +8,18 @@ and runs must be deterministic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from .config import InitScheme  # torch-free, with the training options; re-exported here
 from .data import SEQ_LEN
 from .vocab import SPECIAL, VOCAB_SIZE
 
 __all__ = ["GPT2_INIT", "N_PARAMS", "PYTORCH_INIT", "InitScheme", "build_model", "init_weights", "toy_config"]
 
 N_PARAMS = 811_776
-
-
-@dataclass(frozen=True)
-class InitScheme:
-    """How the toy's weights are first drawn (LayerNorms are always 1 / 0).
-
-    embedding: token and position embeddings ~ N(0, embedding**2); "gpt2" = 0.02
-    linear:    attention and MLP weights. "gpt2": transformers' GPT-2 init, N(0, 0.02)
-               with the residual projections scaled by 1/sqrt(2 * n_layer), biases 0;
-               "pytorch": what torch.nn.Linear draws, U(+-1/sqrt(fan_in)) for weights
-               and biases; a number s: N(0, s**2), biases 0.
-
-    PyTorch's defaults (`PYTORCH_INIT`: embeddings N(0, 1), linear U(+-1/sqrt(fan_in)))
-    give the paper's toy pattern; GPT-2's (`GPT2_INIT`) give mementos that keep little
-    of their block (docs/toy.md, "What sets the leak").
-    """
-
-    embedding: float | str = 1.0
-    linear: float | str = "pytorch"
-
-    def __post_init__(self) -> None:
-        for name in ("embedding", "linear"):
-            v = getattr(self, name)
-            allowed = ("gpt2", "pytorch") if name == "linear" else ("gpt2",)
-            if isinstance(v, str) and v not in allowed or not isinstance(v, (str, int, float)) or (
-                not isinstance(v, str) and not (math.isfinite(v) and v > 0)
-            ):
-                raise ValueError(f"init {name} must be a positive number or one of {allowed}, got {v!r}")
-
-    def name(self) -> str:
-        return f"embed-{self.embedding}_linear-{self.linear}"
 
 
 GPT2_INIT = InitScheme(embedding="gpt2", linear="gpt2")

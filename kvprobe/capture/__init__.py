@@ -1,12 +1,7 @@
 """Capture: KV states of chosen positions and layers, through one interface and three
 backends (transformers, TransformerLens, nnsight), into an HDF5 store."""
 
-from ..data.samples import SampleBatch, SampleSource
-from ..memento.sites import site_positions
-from .backends import get_backend
-from .run import CapturePlan, model_dims, model_identity, plan_capture, run_capture
-from .backend_helpers import gather_positions
-from .spec import CaptureConfig
+from .. import lazy_exports
 from ..errors import renamed
 
 __all__ = [
@@ -23,5 +18,11 @@ __all__ = [
     "site_positions",
 ]
 
-
-__getattr__ = renamed(__name__, {"CaptureSpec": "CaptureConfig"})  # the old names, for one release
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "..data.samples": ("SampleBatch", "SampleSource"),
+    "..memento.sites": ("site_positions",),
+    ".backends": ("get_backend",),
+    ".run": ("CapturePlan", "model_dims", "model_identity", "plan_capture", "run_capture"),
+    ".backend_helpers": ("gather_positions",),
+    ".spec": ("CaptureConfig",),
+}, fallback=renamed(__name__, {"CaptureSpec": "CaptureConfig"}))  # the old names, for one release

@@ -431,8 +431,7 @@ def run_capture(
     wrapped = backend.prepare(model)
     done = writer.done_shards()
     n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)
-    bar = _progress_bar(plan, done, rank, world_size, progress)
-    with torch.inference_mode():
+    with _progress_bar(plan, done, rank, world_size, progress) as bar, torch.inference_mode():  # closed on failure too
         for shard in range(plan.n_shards):
             if shard in done or shard % world_size != rank:
                 continue
@@ -440,7 +439,6 @@ def run_capture(
             writer.write_shard(shard, samples, feats, compression=spec.compression)
             if on_shard is not None:
                 on_shard(shard)
-    bar.close()
     if len(writer.done_shards() & set(range(plan.n_shards))) == plan.n_shards:
         writer.finalize(plan.n_shards, tag=str(rank))
     return Path(out)

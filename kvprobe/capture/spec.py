@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import renamed, renamed_fields
 from ..grid import DEFAULT_POOLING, DEFAULT_SITE, POOLINGS, SITES, TENSORS
-from ..memento.masks import MaskConfig
+from ..memento.config import MaskConfig
 
 __all__ = ["BACKENDS", "CaptureConfig", "DEFAULT_TARGET_BLOCK"]
 

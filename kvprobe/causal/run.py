@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from ..capture.backends import get_patcher
 from ..data.samples import SampleSource
-from ..memento.masks import MaskConfig
+from ..files import replacing, together, write_text
 from ..stats import bootstrap_ci
-from ..grid import DEFAULT_POOLING, DEFAULT_SITE, Cell
+from ..grid import Cell
+from .config import FORK_RESTART, CausalConfig  # noqa: F401  (the options, torch-free; re-exported here)
 from .effects import (
     INTERVENTIONS,
     BatchEffects,
@@ -41,33 +42,8 @@ from ..errors import renamed
 
 __all__ = ["CausalResult", "CausalRow", "CausalConfig", "causal_map", "load_causal", "save_causal"]
 
-FORK_RESTART = MaskConfig(keep_last_n_blocks=0, mask_delimiters=True, restart_mode=True)
 METRICS = ("delta_loss_memento", "delta_loss_all", "delta_loss_answer", "flip_memento", "flip_all", "follow_donor",
            "follow_base")
-
-
-@dataclass(frozen=True)
-class CausalConfig:
-    """What to intervene on and how.
-
-    layers, offsets, sites: the cells (offsets from the target block, as the probes'); pooling
-    names the cells like the probe grid's. mask: the condition the model runs under;
-    ablate_with: where ablation K/V come from. n_samples, batch_size: samples and batch rows.
-    """
-
-    layers: tuple[int, ...]
-    offsets: tuple[int, ...] = (0, 1, 2)
-    sites: tuple[str, ...] = (DEFAULT_SITE,)
-    pooling: str = DEFAULT_POOLING
-    mask: MaskConfig = MaskConfig(keep_last_n_blocks=0)
-    ablate_with: MaskConfig = FORK_RESTART
-    n_samples: int = 500
-    batch_size: int = 100
-    backend: str = "transformers"
-    n_boot: int = 2000
-
-    def cells(self) -> list[Cell]:
-        return [Cell(s, o, layer, self.pooling) for s in self.sites for o in self.offsets for layer in self.layers]
 
 
 @dataclass
@@ -182,16 +158,14 @@ def causal_map(model: Any, source: SampleSource, spec: CausalConfig, *, start: i
 
 
 def save_causal(result: CausalResult, path: str | os.PathLike) -> None:
-    """path.json (rows, spec) and path.npz (per-sample effects), each written atomically."""
+    """path.json (rows, spec) and path.npz (per-sample effects), both or neither (`kvprobe.files.together`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{name}|{cell.label}|{m}": v for (name, cell), d in result.per_sample.items() for m, v in d.items()}
-    np.savez_compressed(path.with_suffix(".npz.tmp.npz"), **arrays)
-    os.replace(path.with_suffix(".npz.tmp.npz"), path.with_suffix(".npz"))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rows": [asdict(r) for r in result.rows], "spec": result.spec,
-                               "reader": result.reader}, indent=1))
-    os.replace(tmp, path.with_suffix(".json"))
+    with together():
+        with replacing(path.with_suffix(".npz"), "wb") as f:
+            np.savez_compressed(f, **arrays)
+        write_text(path.with_suffix(".json"), json.dumps({"rows": [asdict(r) for r in result.rows],
+                                                          "spec": result.spec, "reader": result.reader}, indent=1))
 
 
 def load_causal(path: str | os.PathLike) -> CausalResult:

@@ -5,17 +5,25 @@ Exit codes: 0 success, 2 bad input (one line naming the offending field or file)
 `kvprobe.errors.KVProbeError` (config, store, trace, layout, attention, length, experiment), and a file the user named that
 cannot be read or written (missing, permissions, not text) is bad input too; anything
 else is kvprobe's own bug and shows its traceback. The library never imports this package.
+
+Start-up: building the parser loads no model library (the options come from torch-free dataclasses),
+and each command imports what it needs once its input is checked, so `--help` of any command and
+a refusal that needs no model answer at once (tests/cli/test_startup.py; benchmarks/bench_startup.py
+times them). torch's threads and transformers' quiet progress bars are set as each library loads
+(`runtime.when_imported`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 from typing import Sequence
 
 from ..errors import KVProbeError
 from . import capture, common, demo, layout, plugins, run, serve, sft, toy, verify
 from .common import UsageError, one_line_deprecations
+from .runtime import keep_freed_memory, reproducible_blas, when_imported
 
 # every subcommand module defines register(subparsers); add new ones here (`toy` adds the toy
 # plugin's command); commands of other plugins (entry-point group `kvprobe.cli`) follow them
@@ -46,9 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # weight-loading bars would break one-line error output
     with one_line_deprecations():  # an old option's name: `kvprobe: warning: ...`, one line
         return _main(argv)
 
@@ -62,14 +67,14 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"kvprobe: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    import torch
-
-    from .runtime import keep_freed_memory, reproducible_blas
-
     keep_freed_memory()  # batch-sized tensors reuse freed memory instead of page-faulting it in again
     reproducible_blas()  # MKL's products independent of --threads (before torch's first product)
     try:
-        torch.set_num_threads(args.threads if args.threads is not None else common.default_threads())
+        threads = args.threads if args.threads is not None else common.default_threads()
+        # a command imports torch and transformers only if it needs them (--help and refusals answer at
+        # once); their settings take effect as they load, before either does any work
+        when_imported("torch", lambda torch: torch.set_num_threads(threads))
+        when_imported("transformers", _no_progress_bars)
         return int(args.func(args) or 0)
     except BAD_INPUT as e:
         return _refuse(str(e))
@@ -86,6 +91,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
     except Exception:  # an internal failure: show where, exit 1
         return _internal()
+
+
+def _no_progress_bars(transformers: ModuleType) -> None:
+    """Weight-loading bars would break one-line error output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _refuse(message: str) -> int:

@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-from ..experiment import capture_all, check_out_dir, plan_all, prepare_out_dir
 from .common import UsageError, add_config_args, add_parser, experiment_config
 
 __all__ = ["register"]
@@ -15,8 +14,13 @@ __all__ = ["register"]
 
 def run(args: argparse.Namespace) -> int:
     cfg = experiment_config(args)
+    from ..experiment import capture_all, check_out_dir, plan_all, prepare_out_dir  # torch: once the config is read
+
     if args.dry_run:
-        print(plan_all(cfg).summary())
+        from ..experiment.resolve import no_remote_code
+
+        with no_remote_code():  # a plan runs none of the checkpoint's own code
+            print(plan_all(cfg).summary())
         return 0
     if not args.out:
         raise UsageError("--out: an output directory is needed (or use --dry-run)")

@@ -10,13 +10,16 @@ import re
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
+from ..errors import KVProbeWarning
 from ..experiment.errors import ExperimentError
-from ..memento.masks import MaskConfig
+from ..memento.config import MaskConfig
+
+if TYPE_CHECKING:
+    from ..config import ExperimentConfig
 
 __all__ = [
     "CLIDeprecationWarning",
@@ -160,6 +163,8 @@ def add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
     """The config CONFIG names (or the built-in default) with --set overrides applied."""
+    from ..config import ConfigError, apply_overrides, load_config, parse_config  # pydantic: when a command reads one
+
     overrides = key_values(getattr(args, "set", []) or [], "--set", "FIELD=VALUE", "data.n_samples=2000")
     path = getattr(args, "config", None)
     if getattr(args, "config_option", None):
@@ -210,13 +215,13 @@ LIBRARY_DEPRECATIONS = r"(config key '|(CaptureConfig|ProbeConfig)\b).* is depre
 def one_line_deprecations() -> Iterator[None]:
     """While `kvprobe` runs, an old option's or an old config key's name is shown on stderr as one line,
     `kvprobe: warning: ...`: a CLIDeprecationWarning, or a DeprecationWarning the library raises (which
-    Python would hide outside __main__). Other warnings keep Python's format; a caller that records
+    Python would hide outside __main__); so is a `kvprobe.errors.KVProbeWarning`. Other warnings keep Python's format; a caller that records
     warnings, e.g. pytest, still gets them."""
     original = warnings.formatwarning
 
     def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       line: str | None = None) -> str:
-        if issubclass(category, CLIDeprecationWarning) or (
+        if issubclass(category, (CLIDeprecationWarning, KVProbeWarning)) or (
                 issubclass(category, DeprecationWarning) and re.match(LIBRARY_DEPRECATIONS, str(message))):
             return f"kvprobe: warning: {message}\n"
         return original(message, category, filename, lineno, line)

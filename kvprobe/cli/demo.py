@@ -8,8 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from ..config import parse_config
-from ..experiment import leakage_table, run_pipeline, start_run
 from ..grid import LINEAR, MEMENTO
 from .common import UsageError, add_parser
 
@@ -45,6 +43,9 @@ DEMO_CONFIG = {
 def _demo(args: argparse.Namespace) -> int:
     if args.samples < 500:
         raise UsageError(f"--samples: at least 500 are needed for a meaningful probe, got {args.samples}")
+    from ..config import parse_config
+    from ..experiment import leakage_table, run_pipeline, start_run
+
     data = {**DEMO_CONFIG, "data": {**DEMO_CONFIG["data"], "n_samples": args.samples}}
     cfg = parse_config(data, "demo config")
     if args.print_config:

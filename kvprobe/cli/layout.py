@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..memento.layout import LayoutError, SpecialTokens, parse_layout
-from ..memento.masks import MaskConfig, allow_matrix
 from .common import UsageError, add_mask_args, add_parser, mask_from_args
+
+if TYPE_CHECKING:
+    from ..memento.config import MaskConfig
+    from ..memento.layout import SpecialTokens
 
 # a small example in the Memento token format; specials are written as their text
 EXAMPLE = (
@@ -16,6 +19,8 @@ EXAMPLE = (
 
 
 def _tokenize(text: str) -> tuple[list[int], list[str], SpecialTokens]:
+    from ..memento.layout import SpecialTokens
+
     words = text.split()
     specials = ["<think>", "</think>", "<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"]
     vocab = {w: i for i, w in enumerate(specials)}
@@ -26,6 +31,9 @@ def _tokenize(text: str) -> tuple[list[int], list[str], SpecialTokens]:
 
 def render(text: str, config: MaskConfig) -> str:
     """The parsed layout of a whitespace-tokenized sequence and its mask as a character grid."""
+    from ..memento.layout import LayoutError, parse_layout
+    from ..memento.masks import allow_matrix  # torch: only for the command itself
+
     ids, words, special = _tokenize(text)
     try:
         lay = parse_layout(ids, special)

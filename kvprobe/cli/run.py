@@ -7,16 +7,6 @@ import os
 import time
 from pathlib import Path
 
-from ..experiment import (
-    leakage_table,
-    open_run,
-    record_timing,
-    run_pipeline,
-    stage_probe,
-    stage_report,
-    stage_sweep,
-    start_run,
-)
 from .common import UsageError, add_config_args, add_parser, experiment_config
 
 __all__ = ["register"]
@@ -34,6 +24,8 @@ def _single_process(command: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     _single_process("run")
     cfg = experiment_config(args)
+    from ..experiment import leakage_table, run_pipeline, start_run  # torch: once the config is read
+
     out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     grids = run_pipeline(cfg, out, plans, resume=args.resume)
     print(leakage_table(grids))
@@ -43,13 +35,33 @@ def _run(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     _single_process("probe")
+    from ..experiment import open_run
+
     out, cfg = open_run(args.run_dir)
-    if args.redo:
-        for cond in cfg.conditions:
-            for suffix in (".json", ".npz"):
-                (out / "probes" / cond).with_suffix(suffix).unlink(missing_ok=True)
+    from ..experiment import leakage_table, record_timing, stage_probe  # torch: once the run is found
+
+    # --redo sets a condition's old results aside (.NAME.redo) and deletes them only once the new ones are
+    # written: a store refused as damaged, or any other failure, puts them back
+    probes = out / "probes"
+    for cond in cfg.conditions:  # a --redo killed mid-way: the old results back, unless new ones are whole
+        new_whole = (probes / f"{cond}.json").is_file()  # written last
+        for old in sorted(probes.glob(f".{cond}.*.redo")):
+            if new_whole:
+                old.unlink()
+            else:
+                os.replace(old, probes / old.name[1:-len(".redo")])
+    moved = sorted(p for cond in cfg.conditions for p in probes.glob(f"{cond}.*")) if args.redo else []
+    for p in moved:
+        os.replace(p, p.with_name(f".{p.name}.redo"))
     t = time.perf_counter()
-    grids = stage_probe(cfg, out)
+    try:
+        grids = stage_probe(cfg, out)
+    except BaseException:
+        for p in moved:
+            os.replace(p.with_name(f".{p.name}.redo"), p)
+        raise
+    for p in moved:
+        p.with_name(f".{p.name}.redo").unlink()
     record_timing(out, "probe", time.perf_counter() - t)
     print(leakage_table(grids))
     return 0
@@ -57,7 +69,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     _single_process("report")
+    from ..experiment import open_run
+
     out, cfg = open_run(args.run_dir)
+    from ..experiment import leakage_table, stage_probe, stage_report, stage_sweep  # torch: once the run is found
+
     missing = [c for c in cfg.conditions if not (out / "probes" / f"{c}.json").is_file()]
     if missing:
         raise UsageError(f"{out}: no probe results for condition(s) {', '.join(missing)} (run `kvprobe probe {out}`)")

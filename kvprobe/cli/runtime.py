@@ -19,15 +19,26 @@ bits in the fourth digit. MKL's strict conditional numerical reproducibility
 (`MKL_CBWR=AUTO,STRICT`: the fastest code path, results independent of the thread count)
 removes that. MKL reads it at its first call, so the command line sets it at start-up; a
 value the user set wins. Where torch does not use MKL it changes nothing.
+
+`when_imported`: the command line loads torch and transformers only in the commands that use
+them (so `--help` and a refusal answer at once), yet their settings (torch's threads,
+transformers' progress bars off) must be in force before either does any work. It runs an
+action on the module right after the module is first imported, or at once if it already is.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.abc
+import importlib.util
 import os
+import sys
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
-__all__ = ["keep_freed_memory", "reproducible_blas"]
+__all__ = ["keep_freed_memory", "reproducible_blas", "when_imported"]
 
 _M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 1 << 30  # bytes: blocks at least this large are still mapped and unmapped
@@ -53,3 +64,46 @@ def reproducible_blas() -> str:
     """Ask MKL for results independent of the thread count (strict CNR); returns the setting in force.
     Call it before torch's first product in the process: MKL reads it once."""
     return os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+_PENDING: dict[str, Callable[[ModuleType], Any]] = {}  # module name -> what to do once it is imported
+
+
+def when_imported(name: str, action: Callable[[ModuleType], Any]) -> None:
+    """Run `action(module)` on the top-level module `name` right after its first import, or now if it is
+    imported already. A later call for the same module, before the import, replaces the action."""
+    if name in sys.modules:
+        action(sys.modules[name])
+        return
+    if name not in _PENDING:
+        sys.meta_path.insert(0, _AfterImport(name))
+    _PENDING[name] = action
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """An import hook for one module: finds it as the other finders do, and runs its pending action
+    once the module's own code has run (and only then: a bare `find_spec` imports nothing)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.finding = name, False
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != self.name or self.finding:
+            return None
+        self.finding = True  # the other finders find it
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _PENDING.pop(self.name)(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's loader only
+        return spec

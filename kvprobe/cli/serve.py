@@ -8,6 +8,7 @@ parsed traces as the pipeline JSONL that `kvprobe capture` reads.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import sys
@@ -15,30 +16,32 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from importlib.util import find_spec
-from typing import Any
 
-from ..memento.masks import MaskConfig
-from ..serving import (
-    ClientConfig,
-    ServeError,
-    export_pipeline_jsonl,
-    generate_offline,
-    generate_traces,
-    read_prompts,
-    serve_command,
-)
-from ..serving.fork import check_fork_keys
+from ..data.chat import ChatTemplateError
+from ..memento.config import MaskConfig
+from ..serving.checks import ServingError
+from ..serving.config import ClientConfig, ServeError
+from ..serving.fork import check_fork_keys, serve_command
 from .common import UsageError, add_mask_args, add_parser, key_values, mask_from_args
 
 __all__ = ["register"]
 
 
-def _bad_input(work: Callable[[], Any]) -> Any:
-    """Run `work`; a failed request, a bad file or a missing package is bad input (exit 2)."""
-    try:
-        return work()
-    except (ServeError, ValueError, OSError, ImportError) as e:
-        raise UsageError(str(e)) from None
+def _refusing_bad_input(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The one bad-input boundary of a command: every object it builds from its arguments is built inside,
+    so a setting out of range (named by its flag), a failed request, a bad file or a missing package is
+    one line and exit 2."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ServingError as e:
+            raise UsageError(e.with_flag()) from None
+        except ChatTemplateError as e:  # the library's chat_template is the flag --chat-template
+            raise UsageError("--chat-template" + str(e).removeprefix("chat_template")) from None
+        except (ServeError, ValueError, OSError, ImportError) as e:
+            raise UsageError(str(e)) from None
+    return run
 
 
 def _add_served_mask_args(p: argparse.ArgumentParser) -> None:
@@ -58,14 +61,14 @@ def _served_mask_from_args(args: argparse.Namespace) -> MaskConfig:
                    evict_before_summary_end=args.evict_before_summary_end)
 
 
+@_refusing_bad_input
 def _serve(args: argparse.Namespace) -> int:
     fork_keys = key_values(args.block_masking_arg, "--block-masking-arg", example="max_block_tokens=8192")
-    _bad_input(lambda: check_fork_keys(fork_keys))  # before they can meet serve_command's own keywords
+    check_fork_keys(fork_keys)  # before they can meet serve_command's own keywords
     with warnings.catch_warnings(record=True) as caught:  # e.g. the fork's eviction timing, one line each
         warnings.simplefilter("always")
-        argv = _bad_input(lambda: serve_command(args.model_path, _served_mask_from_args(args), port=args.port,
-                                                max_model_len=args.max_model_len,
-                                                trust_remote_code=args.trust_remote_code, **fork_keys))
+        argv = serve_command(args.model_path, _served_mask_from_args(args), port=args.port,
+                             max_model_len=args.max_model_len, trust_remote_code=args.trust_remote_code, **fork_keys)
     if not args.print and find_spec("vllm") is None:
         raise UsageError("vLLM is not installed here: install the Memento vLLM fork (pip install 'kvprobe[gpu]' "
                          "plus the overlay, docs/real_models.md) or use --print for the command")
@@ -78,16 +81,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover (execv does not return)
 
 
+@_refusing_bad_input
 def _generate(args: argparse.Namespace) -> int:
-    config = _bad_input(lambda: ClientConfig(
+    from ..serving import generate_traces, read_prompts
+
+    config = ClientConfig(
         base_url=tuple(args.base_url), dispatch=args.dispatch, model=args.model, endpoint=args.endpoint,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        concurrency=args.concurrency, max_attempts=args.max_attempts, api_key=args.api_key))
+        concurrency=args.concurrency, max_attempts=args.max_attempts, api_key=args.api_key)
     with warnings.catch_warnings(record=True) as caught:  # an endpoint taken out of rotation, one line each
         warnings.simplefilter("always")
         try:
-            run = _bad_input(lambda: generate_traces(read_prompts(args.prompts), args.out, config,
-                                                     progress=not args.no_progress))
+            run = generate_traces(read_prompts(args.prompts), args.out, config, progress=not args.no_progress)
         finally:
             for w in caught:
                 print(f"kvprobe: warning: {w.message}", file=sys.stderr)
@@ -96,23 +101,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refusing_bad_input
 def _generate_offline(args: argparse.Namespace) -> int:
+    from ..serving import generate_offline, read_prompts
+
     llm_kwargs = key_values(args.llm_arg, "--llm-arg", example="gpu_memory_utilization=0.9")
-    prompts = _bad_input(lambda: read_prompts(args.prompts))
-    new = _bad_input(lambda: generate_offline(
+    prompts = read_prompts(args.prompts)
+    new = generate_offline(
         prompts, args.model_path, args.out, mask=_served_mask_from_args(args), chat=not args.no_chat,
-        chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, max_model_len=args.max_model_len, chunk_size=args.chunk_size,
-        llm_kwargs=llm_kwargs, progress=not args.no_progress))
+        chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_model_len=args.max_model_len,
+        chunk_size=args.chunk_size, llm_kwargs=llm_kwargs, progress=not args.no_progress)
     errors = sum(g.trace is None for g in new)
     print(f"{len(new)} generated ({errors} with parse errors), {len(prompts) - len(new)} already present, "
           f"{len(prompts)} prompts; output {args.out}")
     return 0
 
 
+@_refusing_bad_input
 def _export(args: argparse.Namespace) -> int:
-    n = _bad_input(lambda: export_pipeline_jsonl(args.generations, args.out, min_blocks=args.min_blocks,
-                                                 require_answer=args.require_answer))
+    from ..serving import export_pipeline_jsonl
+
+    n = export_pipeline_jsonl(args.generations, args.out, min_blocks=args.min_blocks,
+                              require_answer=args.require_answer)
     print(f"{n} trace(s) written to {args.out}")
     return 0
 

@@ -10,11 +10,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..experiment.resolve import hub_access
-from ..training.sft import PAPER_RECIPE
+from ..training.config import PAPER_RECIPE
 from .common import Deprecated, UsageError, add_mask_args, add_parser, key_values, mask_from_args
 
 __all__ = ["register"]
+
+# train_stage's keywords and the flags that set them, so that a refusal names the flag
+_FLAGS = {"max_length": "--max-length", "tokenize_workers": "--tokenize-workers", "learning_rate": "--lr",
+          "num_train_epochs": "--epochs", "max_steps": "--max-steps", "per_device_train_batch_size": "--batch-size",
+          "global_batch_size": "--global-batch-size", "gradient_accumulation_steps": "--grad-accum",
+          "save_steps": "--save-steps", "seed": "--seed"}
+
+
+def _check_options(options: dict, training_args: dict) -> None:
+    """`check_stage_options` before anything loads, its refusal naming the flag."""
+    from ..training.sft import SFTError, check_stage_options
+
+    try:
+        check_stage_options(options, training_args)
+    except SFTError as e:
+        flag = f"--training-arg {e.option}" if e.training_arg else _FLAGS.get(e.option, e.option)
+        raise UsageError(f"{flag} {e.problem}") from None
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -22,9 +38,12 @@ def _sft(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data.traces import TraceError, add_memento_tokens, read_jsonl
+    from ..experiment.kinds import refusing_damaged_weights
+    from ..experiment.resolve import hub_access
     from ..memento.forward import UnsupportedAttentionError
     from ..training.sft import (
         QWEN3_CHAT_TEMPLATE,
+        SFTError,
         exit_if_launched,
         stage_attn_implementation,
         train_stage,
@@ -32,10 +51,20 @@ def _sft(args: argparse.Namespace) -> int:
 
     mask = mask_from_args(args)
     training_args = key_values(args.training_arg, "--training-arg", example="save_strategy=no")
+    out = Path(args.out)
+    options = dict(mask=mask, max_length=args.max_length, overlength=args.overlength,
+                   cache_dir=Path(args.tokenized_cache) if args.tokenized_cache else out / "tokenized",
+                   tokenize_workers=args.tokenize_workers,
+                   prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
+                   learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+                   per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                   global_batch_size=args.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+                   save_steps=args.save_steps, loss_on_think=args.loss_on_think, seed=args.seed)
+    _check_options(options, training_args)  # before the traces and the model load
     first_stage = int(args.stages[0])
     try:
         traces = read_jsonl(args.traces)
-        with hub_access(args.allow_download):  # offline unless asked
+        with hub_access(args.allow_download), refusing_damaged_weights(args.model):  # offline unless asked
             tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=not args.allow_download)
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                          attn_implementation=stage_attn_implementation(first_stage),
@@ -43,21 +72,11 @@ def _sft(args: argparse.Namespace) -> int:
     except (TraceError, OSError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     add_memento_tokens(tokenizer, model)
-    out = Path(args.out)
-    common = dict(mask=mask, max_length=args.max_length, overlength=args.overlength,
-                  cache_dir=Path(args.tokenized_cache) if args.tokenized_cache else out / "tokenized",
-                  tokenize_workers=args.tokenize_workers,
-                  prompt_template=QWEN3_CHAT_TEMPLATE if args.chat_template == "qwen3" else None,
-                  learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
-                  per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                  global_batch_size=args.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-                  save_steps=args.save_steps, loss_on_think=args.loss_on_think, seed=args.seed,
-                  **training_args)
     for stage in map(int, args.stages):
         try:
             result = train_stage(model, tokenizer, traces, stage,
-                                 out / f"stage{stage}" if len(args.stages) > 1 else out, **common)
-        except UnsupportedAttentionError as e:  # e.g. stage 2's dense mask refused for long rows
+                                 out / f"stage{stage}" if len(args.stages) > 1 else out, **options, **training_args)
+        except (UnsupportedAttentionError, SFTError) as e:  # e.g. stage 2's dense mask refused for long rows
             raise UsageError(str(e).splitlines()[0]) from None
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         if result.trainer.is_world_process_zero():

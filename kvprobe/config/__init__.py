@@ -12,7 +12,9 @@
 
 Every field is checked (pydantic, unknown keys refused) and errors name the field, e.g.
 `config field 'capture.layers.1': Input should be a valid integer`. Files are read
-with safe loaders only (`yaml.safe_load`, `tomllib`).
+with safe loaders only (PyYAML's SafeLoader, `tomllib`, `json`), and a key
+given twice in one mapping is refused. Types are strict: `seed: true` is not the integer 1,
+`n_samples: 300.0` not 300.
 
 The capture, mask, probe and causal sections are generated from the library's dataclasses
 (`CaptureConfig`, `MaskConfig`, `ProbeConfig` with its `LinearConfig`/`MLPConfig` as nested
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,12 +36,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..analysis import ProbeConfig
 from ..capture.spec import CaptureConfig
-from ..causal import CausalConfig
+from ..causal.config import CausalConfig
 from ..errors import KVProbeError
 from ..grid import LINEAR, MEMENTO, MLP, Cell
-from ..memento.masks import MaskConfig
+from ..memento.config import MaskConfig
+from ..probes.config import ProbeConfig
 from .sections import (FILLED_ELSEWHERE, RENAMED_KEYS, CaptureSection, CausalSection, MaskSection, ProbeSection,
                        _NonEmpty, _Strict, renamed_keys, spec_from)
 
@@ -78,6 +81,10 @@ class ModelSection(_Strict):
 
     @model_validator(mode="after")
     def _device_map_is_for_hf(self) -> "ModelSection":
+        for name in ("trust_remote_code", "allow_download"):  # read by hf loading only
+            if getattr(self, name) and self.kind != "hf":
+                raise ValueError(f"config field 'model.{name}': model.kind {self.kind!r} does not read it; it is for "
+                                 "model.kind 'hf'")
         if self.device_map is not None and self.kind != "hf":
             raise ValueError("config field 'model.device_map': only hf models can be spread over devices")
         if self.max_memory is not None and self.device_map is None:
@@ -115,16 +122,20 @@ class DataSection(_Strict):
     shared_background: bool = False  # toy only: the same digits outside the target block in every sample
 
     @model_validator(mode="after")
-    def _text_controls_are_toy_only(self) -> "DataSection":
-        if self.kind != "toy" and (self.digit_sum is not None or self.shared_background):
-            raise ValueError("config fields 'data.digit_sum' and 'data.shared_background' are for data.kind 'toy'")
-        if self.kind == "toy" and self.chat_template != "auto":
-            raise ValueError("config field 'data.chat_template': the toy has no prompt to wrap; it is for data.kind "
-                             "'traces'")
-        for name, default in (("token_ids", "served"), ("summary_check", "refuse"), ("traces_format", "auto")):
-            if self.kind == "toy" and getattr(self, name) != default:
-                raise ValueError(f"config field 'data.{name}': the toy has no traces; it is for data.kind 'traces'")
+    def _fields_of_the_kind(self) -> "DataSection":
+        """A field that only the other data.kind reads (DATA_KIND_FIELDS) is refused unless it is left at
+        its default: the toy reads no traces, traces no digit sums."""
+        for name, kind in DATA_KIND_FIELDS.items():
+            if self.kind != kind and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"config field 'data.{name}': data.kind {self.kind!r} does not read it; it is for "
+                                 f"data.kind {kind!r}")
         return self
+
+
+# the data fields only one data.kind reads, with that kind (`DataSection._fields_of_the_kind`)
+DATA_KIND_FIELDS = {"digit_sum": "toy", "shared_background": "toy", "traces": "traces", "tokenizer": "traces",
+                    "template": "traces", "where": "traces", "chat_template": "traces", "token_ids": "traces",
+                    "summary_check": "traces", "traces_format": "traces"}
 
 
 class SweepSection(_Strict):
@@ -297,10 +308,13 @@ class ExperimentConfig(_Strict):
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    if not err["loc"]:  # a check across fields names its fields itself
-        return err["msg"].removeprefix("Value error, ") + extra
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"] or msg.startswith("config field"):  # a check across fields names its fields itself
+        return msg + extra
     where = ".".join(str(p) for p in err["loc"])
-    return f"config field '{where}': {err['msg']}{extra}"
+    if err["type"].endswith("_type"):  # a value of the wrong type: say which (strict: true is no integer)
+        msg += f", got {type(err['input']).__name__} {repr(err['input'])[:40]}"
+    return f"config field '{where}': {msg}{extra}"
 
 
 def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
@@ -311,6 +325,43 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_first_error(e)}") from None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A config file gives one key twice in a mapping (the loaders would silently keep the last)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, naming it and both lines,
+    and reads 1e-3 as the number YAML 1.2 and JSON make it (YAML 1.1 wants 1.0e-3)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(f"duplicate key {key!r} at line {line} (first given at line {seen[key]})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the safe loader refuses it itself
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a mapping, refusing a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -324,16 +375,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"{path}: unknown config format {path.suffix!r} (use .yaml, .toml or .json)")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)  # refuses a key given twice itself
         elif path.suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
-            raise ConfigError(f"{path}: unknown config format {path.suffix!r} (use .yaml, .toml or .json)")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            data = yaml.load(text, Loader=_ConfigLoader) or {}  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: TOML's and JSON's errors, and a YAML date like 2024-13-01
         first = str(e).strip().splitlines()
         raise ConfigError(f"{path}: malformed {path.suffix[1:].upper()}: {' '.join(first[:2])}") from None
     if not isinstance(data, dict):

@@ -17,21 +17,34 @@ import warnings
 from collections.abc import Collection
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from ..analysis import ProbeConfig
 from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureConfig
-from ..causal import CausalConfig
+from ..causal.config import CausalConfig
 from ..grid import FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
-from ..memento.masks import MaskConfig
-from ..probes import LinearConfig, MLPConfig
+from ..memento.config import MaskConfig
+from ..probes.config import LinearConfig, MLPConfig, ProbeConfig
 
 __all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "CaptureSection", "CausalSection", "MaskSection", "ProbeSection",
            "causal_section", "probe_section", "renamed_keys", "section_from", "spec_from"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A config section: unknown keys refused, and types strict: a bool is no int (`seed: true`), a float
+    or a string no int (`n_samples: 300.0`, `"300"`), a number no bool. A list is read as the tuple
+    the fields declare (YAML, TOML and JSON have lists only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+
+def _as_tuples(value: Any) -> Any:
+    """Lists as tuples, nested lists too."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 _Spec = TypeVar("_Spec")

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .quality import memento_flag, screen
-from .traces import THINK_END, Trace, TraceError, from_generated_text, from_pipeline_record
+from . import traces
+from .traces import THINK_END, Trace, TraceError, from_generated_text, from_pipeline_record, read_lines
 
 __all__ = ["HUB_ID", "CONFIGS", "read_openmementos", "from_openmementos_row"]
 
@@ -63,6 +64,9 @@ def from_openmementos_row(row: dict[str, Any], trace_id: str, *, use: str = "res
     for name, value in (("problem", problem), ("response", response)):
         if not isinstance(value, str):
             raise TraceError(f"trace {trace_id!r}: column {name!r} must be a string, got {type(value).__name__}")
+        if len(value) > traces.MAX_LINE_BYTES:  # a Parquet row is read whole: the limit of a JSONL line
+            raise TraceError(f"trace {trace_id!r}: column {name!r} is longer than {traces.MAX_LINE_BYTES:,} "
+                             "characters (kvprobe.data.traces.MAX_LINE_BYTES)")
     parsed = from_generated_text(response, trace_id)
     if parsed.prompt:
         raise TraceError(f"trace {trace_id!r}: 'response' has text before <think> ({parsed.prompt[:30]!r}); "
@@ -100,14 +104,13 @@ def _rows_from_file(path: Path) -> Iterable[dict[str, Any]]:
         return
     if path.suffix != ".jsonl":
         raise TraceError(f"{path}: OpenMementos files are read as .parquet (as the hub ships them) or .jsonl")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, line in read_lines(path):  # a line longer than MAX_LINE_BYTES, or not UTF-8, is refused
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _rows_from_hub(config: str, limit: int | None) -> Iterable[dict[str, Any]]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit
 
 from ..errors import renamed
 
@@ -110,6 +109,8 @@ def passcode_labels(passcodes: list[str], spec: PasscodeConfig = PasscodeConfig(
 
 def label_unique_split(passcodes: list[str], val_fraction: float, seed: int) -> np.ndarray:
     """Boolean (N,) array, True for validation; no passcode appears on both sides."""
+    from sklearn.model_selection import GroupShuffleSplit  # a second to import: only where a split is made
+
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     groups = np.asarray(passcodes)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..memento.layout import SPECIAL_TOKEN_STRINGS
 
 __all__ = ["RELATED_WORDS", "add_memento_tokens"]
@@ -52,6 +50,7 @@ def add_memento_tokens(
     plus small Gaussian noise (sigma=0.01)"): the noise is absolute, not scaled to the rows.
     Other rows are not touched.
     """
+    import torch  # here, not at the top: the traces module that imports this one reads traces without torch
     from tokenizers import AddedToken
 
     if init not in ("mean", "vocab_mean"):

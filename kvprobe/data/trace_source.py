@@ -33,8 +33,8 @@ from .samples import SampleBatch
 from .inject import DEFAULT_TEMPLATE, InjectedSample, inject_and_tokenize, inject_served
 from ..memento.layout import Layout, SpecialTokens
 from .passcodes import PasscodeConfig, passcode_labels, sample_passcodes
-from .traces import (Trace, TraceError, end_of_turn_ids, parse_trace_ids, render, served_ids_differ,
-                     tokenize_trace)
+from .traces import (Trace, TraceError, check_trace_length, end_of_turn_ids, parse_trace_ids, render,
+                     served_ids_differ, tokenize_trace)
 
 __all__ = ["TOKEN_IDS", "TracePasscodeSource"]
 
@@ -120,6 +120,7 @@ class TracePasscodeSource:
         ids = list(trace.token_ids or ())
         while ids and ids[-1] in ends:
             ids.pop()
+        check_trace_length(ids, trace, "served ids")
         return torch.tensor(ids, dtype=torch.long), parse_trace_ids(ids, self.special, trace, "served ids")
 
     def _inject(self, trace: Trace, code: str, base: tuple[torch.Tensor, Layout], served: bool) -> InjectedSample:

@@ -18,6 +18,18 @@ Block and memento text touch their markers (no padding spaces). `tokenize_trace`
 trace into token ids and a parsed `Layout`; the tokenizer must already hold the six
 marker tokens (`add_memento_tokens` adds them, explicitly, and initialises the model's
 new embedding rows).
+
+Limits, so that a damaged or foreign file is refused in one line instead of filling memory
+(tokenizing a megabyte of text takes some 300 MB):
+
+    MAX_LINE_BYTES    the longest line of a trace file (a JSONL record, or a whole generated-text
+                      file): 4 MiB; a 128K-token trace with its served ids takes about 1.5 MB.
+                      Refused naming the file and line, before the line is parsed.
+    MAX_TRACE_TOKENS  the longest trace kvprobe tokenizes or feeds: 131,072 tokens (Qwen3's
+                      context; the paper's traces stay within 32,768). Refused naming the trace.
+
+Both are module constants, read at each call (set `kvprobe.data.traces.MAX_LINE_BYTES` to read
+longer records). A file that is not UTF-8 is refused naming the file and line.
 """
 
 from __future__ import annotations
@@ -25,10 +37,9 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..memento.layout import SPECIAL_TOKEN_STRINGS, Layout, LayoutError, SpecialTokens, parse_layout
 from .chat import prompt_text
@@ -37,13 +48,19 @@ from .quality import memento_flag, record_flag, screen
 from .tokens import RELATED_WORDS, add_memento_tokens
 from ..errors import KVProbeError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "ANSWER_KEYS",
+    "MAX_LINE_BYTES",
+    "MAX_TRACE_TOKENS",
     "PROMPT_KEYS",
     "RELATED_WORDS",
     "Trace",
     "TraceError",
     "add_memento_tokens",
+    "check_trace_length",
     "encode_text",
     "from_generated_text",
     "from_pipeline_record",
@@ -51,6 +68,7 @@ __all__ = [
     "prompt_head",
     "read_generated",
     "read_jsonl",
+    "read_lines",
     "render",
     "end_of_turn_ids",
     "render_with_spans",
@@ -65,6 +83,8 @@ PROMPT_KEYS = ("problem", "question", "prompt", "original_problem", "original_qu
 ANSWER_KEYS = ("think_suffix", "answer")
 # what the pipeline writes in place of a summary it could not make (summarize_iterative.py)
 PLACEHOLDER_SUMMARIES = ("Summarization failed", "[Missing summary]")
+MAX_LINE_BYTES = 4 * 2**20  # the longest line of a trace file (module docstring: Limits)
+MAX_TRACE_TOKENS = 2**17  # the longest trace in tokens, 131,072 (module docstring: Limits)
 
 BS, BE = SPECIAL_TOKEN_STRINGS["block_start"], SPECIAL_TOKEN_STRINGS["block_end"]
 SS, SE = SPECIAL_TOKEN_STRINGS["summary_start"], SPECIAL_TOKEN_STRINGS["summary_end"]
@@ -220,6 +240,25 @@ def from_pipeline_record(record: dict[str, Any]) -> Trace:
                  tuple(served) if served is not None else None)
 
 
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file, never holding more than one line. A line
+    longer than `MAX_LINE_BYTES` or not UTF-8 is a TraceError naming the file and the line."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno in count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise TraceError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes "
+                                 "(kvprobe.data.traces.MAX_LINE_BYTES); is this a trace file?")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TraceError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            yield lineno, text
+
+
 def read_jsonl(path: str | Path, *, summary_check: str = "refuse") -> list[Trace]:
     """Every pipeline record of a JSONL file as a `Trace`; errors name the line. Blank lines are skipped.
 
@@ -231,27 +270,26 @@ def read_jsonl(path: str | Path, *, summary_check: str = "refuse") -> list[Trace
     seen: dict[str, int] = {}
     flags: dict[str, str] = {}
     suffix_missing = set()  # ids of records with no think_suffix key at all (not: null)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                trace = from_pipeline_record(record)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            except TraceError as e:
-                raise TraceError(f"{path}:{lineno}: {e}") from None
-            if trace.trace_id in seen:
-                first = seen[trace.trace_id]
-                raise TraceError(f"{path}:{lineno}: trace id {trace.trace_id!r} already used on line {first}")
-            seen[trace.trace_id] = lineno
-            traces.append(trace)
-            reason = record_flag(record, trace.blocks, trace.summaries)
-            if reason is not None:
-                flags[trace.trace_id] = reason
-            if "think_suffix" not in record:
-                suffix_missing.add(trace.trace_id)
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            trace = from_pipeline_record(record)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except TraceError as e:
+            raise TraceError(f"{path}:{lineno}: {e}") from None
+        if trace.trace_id in seen:
+            first = seen[trace.trace_id]
+            raise TraceError(f"{path}:{lineno}: trace id {trace.trace_id!r} already used on line {first}")
+        seen[trace.trace_id] = lineno
+        traces.append(trace)
+        reason = record_flag(record, trace.blocks, trace.summaries)
+        if reason is not None:
+            flags[trace.trace_id] = reason
+        if "think_suffix" not in record:
+            suffix_missing.add(trace.trace_id)
     if not traces:
         raise TraceError(f"{path}: no records")
     try:
@@ -293,7 +331,14 @@ def read_generated(path: str | Path, trace_id: str | None = None, *, summary_che
     Templated or content-free mementos are flagged as in `read_jsonl`; "drop" leaves nothing,
     so it refuses too."""
     path = Path(path)
-    trace = from_generated_text(path.read_text(encoding="utf-8"), trace_id or path.stem, **kw)
+    if path.stat().st_size > MAX_LINE_BYTES:
+        raise TraceError(f"{path}: {path.stat().st_size:,} bytes, longer than one trace may be "
+                         f"({MAX_LINE_BYTES:,} bytes, kvprobe.data.traces.MAX_LINE_BYTES)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    trace = from_generated_text(text, trace_id or path.stem, **kw)
     reason = memento_flag(trace.blocks, trace.summaries)
     try:
         dropped = screen({trace.trace_id: reason} if reason else {}, 1, summary_check, str(path))
@@ -356,6 +401,13 @@ def encode_text(text: str, tokenizer: Any, *, offsets: bool = False) -> tuple[li
     return list(enc["input_ids"]), ([tuple(o) for o in enc["offset_mapping"]] if offsets else None)
 
 
+def check_trace_length(ids: Sequence[int], trace: Trace, what: str) -> None:
+    """TraceError naming the trace if its token ids are more than `MAX_TRACE_TOKENS`."""
+    if len(ids) > MAX_TRACE_TOKENS:
+        raise TraceError(f"trace {trace.trace_id!r}: {len(ids):,} {what}, more than {MAX_TRACE_TOKENS:,} "
+                         "(kvprobe.data.traces.MAX_TRACE_TOKENS)")
+
+
 def parse_trace_ids(ids: list[int], special: SpecialTokens, trace: Trace, what: str) -> Layout:
     """Parse a trace's token ids; TraceError naming the trace if the structure is invalid
     or the block count differs from the trace's (a marker split into several tokens)."""
@@ -376,11 +428,15 @@ def tokenize_trace(trace: Trace, tokenizer: Any, special: SpecialTokens | None =
     """Render, tokenize and parse one trace: input_ids (T,) int64 and its `Layout`.
 
     `special` defaults to `SpecialTokens.from_tokenizer(tokenizer)`, which raises if the
-    markers are missing (add them with `add_memento_tokens`, never silently).
+    markers are missing (add them with `add_memento_tokens`, never silently). A trace of more
+    than `MAX_TRACE_TOKENS` tokens is refused (TraceError).
     `chat_template` (Jinja text, `kvprobe.data.chat.resolve_chat_template`) wraps the prompt.
     """
+    import torch  # reading, writing and checking traces needs no torch; tokenizing one for a model does
+
     special = special or SpecialTokens.from_tokenizer(tokenizer)
     ids, _ = encode_text(render_with_spans(trace, prompt_head(trace, tokenizer, chat_template))[0], tokenizer)
+    check_trace_length(ids, trace, "rendered tokens")
     layout = parse_trace_ids(ids, special, trace, "rendered tokens")
     return torch.tensor(ids, dtype=torch.long), layout
 

@@ -7,29 +7,7 @@ condition; `pipeline` runs the stages; `rundir` keeps the experiment directory. 
 same way. Bad input raises `ExperimentError` (the command's exit code 2).
 """
 
-from .capture import Plans, capture_all, plan_all
-from .errors import ExperimentError
-from .kinds import ModelKind, model_kind
-from .pipeline import (
-    holm_corrected,
-    leakage_table,
-    run_pipeline,
-    stage_probe,
-    stage_report,
-    stage_sweep,
-    start_run,
-)
-from .resolve import load_model, make_source, process_device
-from .rundir import (
-    check_out_dir,
-    check_store,
-    open_run,
-    prepare_out_dir,
-    record_model,
-    record_timing,
-    store_dir,
-    verify_run,
-)
+from .. import lazy_exports
 
 __all__ = [
     "ExperimentError",
@@ -57,3 +35,14 @@ __all__ = [
     "store_dir",
     "verify_run",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".capture": ("Plans", "capture_all", "plan_all"),
+    ".errors": ("ExperimentError",),
+    ".kinds": ("ModelKind", "model_kind"),
+    ".pipeline": ("holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep",
+                  "start_run"),
+    ".resolve": ("load_model", "make_source", "process_device"),
+    ".rundir": ("check_out_dir", "check_store", "open_run", "prepare_out_dir", "record_model", "record_timing",
+                "store_dir", "verify_run"),
+})

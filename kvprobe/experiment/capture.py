@@ -11,10 +11,11 @@ from ..capture.run import model_identity
 from ..config import ExperimentConfig
 from ..store import StoreError, verify_store
 from .errors import ExperimentError
+from .kinds import ModelKind, model_kind
 from .resolve import load_model, make_source
 from .rundir import record_model, store_dir
 
-__all__ = ["Plans", "capture_all", "plan_all"]
+__all__ = ["Plans", "capture_all", "check_sweep", "plan_all", "sweep_kind"]
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Plans:
 
 
 def plan_all(cfg: ExperimentConfig) -> Plans:
-    """Load the model and samples and validate every condition's capture; writes nothing."""
+    """Load the model and samples, validate every condition's capture and the sweep's checkpoints
+    (`check_sweep`); writes nothing."""
     model = load_model(cfg.model)
     source = make_source(cfg)
     plans = {}
@@ -45,7 +47,30 @@ def plan_all(cfg: ExperimentConfig) -> Plans:
             plans[cond] = plan_capture(model, source, cfg.capture_spec(cond))
         except ValueError as e:
             raise ExperimentError(f"capture: {e}") from None
+    check_sweep(cfg)
     return Plans(model, source, plans)
+
+
+def sweep_kind(cfg: ExperimentConfig) -> ModelKind:
+    """The model kind of a config's sweep, refused unless it has a checkpoint series to sweep."""
+    kind = model_kind(cfg.model.kind)
+    if kind.checkpoint_step is None or kind.task_accuracy is None or kind.make_source is None:
+        raise ExperimentError(f"sweep.checkpoints: model kind {kind.name!r} has no checkpoint series to sweep "
+                              "(the toy has: model.kind: toy)")
+    return kind
+
+
+def check_sweep(cfg: ExperimentConfig) -> None:
+    """Refuse a sweep before any work: a model kind without checkpoints to sweep, or a name in
+    sweep.checkpoints that does not load as one of its checkpoints (each is loaded, then dropped)."""
+    if not cfg.sweep.checkpoints:
+        return
+    sweep_kind(cfg)
+    for name in cfg.sweep.checkpoints:
+        try:
+            load_model(cfg.model.model_copy(update={"checkpoint": name}))
+        except ExperimentError as e:
+            raise ExperimentError(f"sweep.checkpoints: {str(e).removeprefix('model.checkpoint: ')}") from None
 
 
 def capture_all(cfg: ExperimentConfig, out: Path, plans: Plans, *, mode: str, progress: bool = True,

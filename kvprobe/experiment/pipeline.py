@@ -35,18 +35,21 @@ from ..analysis import (
     save_grid,
 )
 from ..config import ExperimentConfig
+from ..files import together, write_text
 from ..grid import LINEAR, MEMENTO
 from ..reporting.sweep import SweepPoint
 from ..store import REPAIR, KVStore, StoreError, verify_store
-from .capture import Plans, capture_all, plan_all
+from .capture import Plans, capture_all, plan_all, sweep_kind
 from .causal import saved_causal, stage_causal
 from .errors import ExperimentError
-from .kinds import model_kind
 from .resolve import load_model, make_source
 from .rundir import (
+    check_fitted,
     check_out_dir,
     check_store,
+    fit_record,
     prepare_out_dir,
+    probe_fingerprint,
     record_timing,
     store_dir,
 )
@@ -56,20 +59,17 @@ __all__ = ["holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "st
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
-    """Probe every condition's store; conditions already probed are read back."""
+    """Probe every condition's store; conditions already probed are read back. Either way the store is
+    checked first (`_open_store`), and saved results must have been fitted on it with this config's
+    settings (`check_fitted`): results never outlive the store they stand on."""
     grids = {}
     for i, cond in enumerate(cfg.conditions, 1):
         path = out / "probes" / cond
-        if path.with_suffix(".json").is_file():
-            grids[cond] = _saved_grid(path)
-            continue
-        try:
-            store = KVStore(store_dir(out, cond))
-        except StoreError as e:
-            hint = " (run `kvprobe capture` first)" if not store_dir(out, cond).exists() else ""
-            raise ExperimentError(f"{e}{hint}") from None
-        with store:
-            check_store(out, cfg, cond, store)
+        with _open_store(out, cfg, cond) as store:
+            if path.with_suffix(".json").is_file():
+                check_fitted(out, cfg, cond, store.config)
+                grids[cond] = _saved_grid(path, len(store))
+                continue
             damaged = verify_store(store.path)  # every byte, before any fit (a damaged chunk would fail mid-way)
             if damaged:
                 raise ExperimentError(f"{damaged[0]}; {REPAIR}")
@@ -79,44 +79,66 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
                          for family in cfg.probe.families]
             except ValueError as e:
                 raise ExperimentError(f"probe: {e}") from None
+            fingerprint = probe_fingerprint(cfg, cond, store.config)
         grids[cond] = merge_grids(parts)
-        save_grid(grids[cond], path)
+        with together():  # the record of what they were fitted from, and the results
+            write_text(fit_record(out, cond), json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+            save_grid(grids[cond], path)
     return grids
 
 
-def _saved_grid(path: Path) -> GridResult:
-    """A condition's saved probe results; damaged or partial ones are bad input naming the file."""
+def _open_store(out: Path, cfg: ExperimentConfig, cond: str) -> KVStore:
+    """A condition's store, opened (its shards present and of their recorded sizes, its index as
+    recorded) and checked to be this run's capture (`check_store`); else bad input naming the
+    shard, index or store and the repair."""
+    where = store_dir(out, cond)
+    try:
+        store = KVStore(where)
+    except StoreError as e:
+        hint = " (run `kvprobe capture` first)" if not where.exists() else ""
+        raise ExperimentError(f"{e}{hint}") from None
+    try:
+        check_store(out, cfg, cond, store)
+    except ExperimentError:
+        store.close()
+        raise
+    return store
+
+
+def _saved_grid(path: Path, n_samples: int) -> GridResult:
+    """A condition's saved probe results, fitted on a store of `n_samples`; damaged or partial ones, or
+    ones fitted on another number of samples, are bad input naming the file."""
+    redo = f"refit them with `kvprobe probe {path.parent.parent} --redo`"
     for suffix in (".json", ".npz"):
         if not path.with_suffix(suffix).is_file():
-            raise ExperimentError(f"{path.with_suffix(suffix)}: missing probe results; refit them with "
-                                  f"`kvprobe probe {path.parent.parent} --redo`")
+            raise ExperimentError(f"{path.with_suffix(suffix)}: missing probe results; {redo}")
     import zipfile
 
     try:
-        return load_grid(path)
+        grid = load_grid(path)
     except (ValueError, KeyError, TypeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise ExperimentError(f"{path}.json/.npz: damaged probe results ({type(e).__name__}: {e}); refit them "
-                              f"with `kvprobe probe {path.parent.parent} --redo`") from None
+        raise ExperimentError(f"{path}.json/.npz: damaged probe results ({type(e).__name__}: {e}); {redo}") from None
+    fitted = {r.n_train + r.n_val for r in grid.rows}
+    if fitted - {n_samples}:
+        raise ExperimentError(f"{path}.json: fitted on {min(fitted - {n_samples})} samples, but the store holds "
+                              f"{n_samples}; {redo}")
+    return grid
 
 
 def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> list[SweepPoint]:
     """Capture and linearly probe each sweep checkpoint; finished checkpoints are read back."""
     if not cfg.sweep.checkpoints:
         return []
-    kind = model_kind(cfg.model.kind)
-    if kind.checkpoint_step is None or kind.task_accuracy is None or kind.make_source is None:
-        raise ExperimentError(f"sweep.checkpoints: model kind {kind.name!r} has no checkpoint series to sweep "
-                              "(the toy has: model.kind: toy)")
+    kind = sweep_kind(cfg)
     from ..capture import run_capture
 
     sweep_dir = out / "sweep"
     results_file = sweep_dir / "sweep.json"
-    done = {p.checkpoint: p for p in map(SweepPoint.from_dict, json.loads(results_file.read_text()))} \
-        if results_file.is_file() else {}
     spec, settings = cfg.sweep_specs()  # the one layer the sweep reports: nothing else is captured or probed
     layer = spec.layers[0]
-    source = make_source(cfg, cfg.sweep.n_samples)  # the same samples for every checkpoint
     masked = cfg.sweep.masked_offset()
+    done = _saved_sweep(results_file, layer, masked)
+    source = make_source(cfg, cfg.sweep.n_samples)  # the same samples for every checkpoint
     rows = []
     for name in cfg.sweep.checkpoints:
         if name in done:
@@ -139,9 +161,26 @@ def stage_sweep(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> l
             row[f"{tag}_ci_low"], row[f"{tag}_ci_high"] = r.ci_low, r.ci_high
         row["layer"], row["masked_offset"] = layer, masked
         rows.append(SweepPoint.from_dict(row))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps([p.to_dict() for p in rows], indent=1))
+        write_text(results_file, json.dumps([p.to_dict() for p in rows], indent=1))
     return rows
+
+
+def _saved_sweep(path: Path, layer: int, masked: int) -> dict[str, SweepPoint]:
+    """The sweep points already done, by checkpoint; damaged ones, or ones that followed another layer
+    or masked offset than the config's, are bad input naming the file."""
+    if not path.is_file():
+        return {}
+    redo = f"delete it and resume (`kvprobe run CONFIG --out {path.parent.parent} --resume`) to sweep again"
+    try:
+        points = [SweepPoint.from_dict(d) for d in json.loads(path.read_text())]
+    except (ValueError, TypeError, AttributeError) as e:  # malformed JSON, not UTF-8, not a list of points
+        raise ExperimentError(f"{path}: damaged sweep results ({e}); {redo}") from None
+    for p in points:  # a sweep written before points recorded their layer has layer None
+        if p.layer not in (None, layer) or p.masked_offset != masked:
+            raise ExperimentError(f"{path}: checkpoint {p.checkpoint!r} was swept at layer {p.layer}, offset "
+                                  f"{p.masked_offset}; this run's config follows layer {layer}, offset {masked}; "
+                                  f"{redo}")
+    return {p.checkpoint: p for p in points}
 
 
 def holm_corrected(grids: Mapping[str, GridResult]) -> dict[str, GridResult]:

@@ -7,7 +7,9 @@ plugin, so nothing here imports `toy_models`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -15,10 +17,13 @@ import torch
 
 from ..config import ExperimentConfig, ModelSection
 from ..data.samples import SampleSource
+from ..errors import KVProbeWarning
 from .errors import ExperimentError
-from .kinds import model_kind
+from .kinds import CheckpointError, model_kind, remote_code
 
-__all__ = ["hub_access", "load_model", "make_source", "process_device"]
+__all__ = ["hub_access", "load_model", "make_source", "no_remote_code", "process_device"]
+
+_RUN_REMOTE_CODE = contextvars.ContextVar("run_remote_code", default=True)  # False inside `no_remote_code`
 
 
 @contextlib.contextmanager
@@ -45,20 +50,51 @@ def process_device(device: str, env: Mapping[str, str] = os.environ) -> str:
     return device
 
 
+@contextlib.contextmanager
+def no_remote_code() -> Iterator[None]:
+    """While open, `load_model` runs none of a checkpoint's own code: ``model.trust_remote_code`` is read as
+    false (what `kvprobe capture --dry-run` plans with), so a model that needs its code is refused."""
+    token = _RUN_REMOTE_CODE.set(False)
+    try:
+        yield
+    finally:
+        _RUN_REMOTE_CODE.reset(token)
+
+
 def load_model(section: ModelSection) -> Any:
-    """The model a config names, in eval mode, on its device and dtype (or spread by its device map)."""
+    """The model a config names, in eval mode, on its device and dtype (or spread by its device map).
+
+    With ``model.trust_remote_code`` the checkpoint's own code runs, after a warning naming it; inside
+    `no_remote_code` none of it runs: the built-in architecture loads (a warning says so), and a
+    checkpoint that needs its code is refused."""
     if section.device.startswith("cuda") and not section.device_map and not torch.cuda.is_available():
         raise ExperimentError(f"model.device {section.device!r}: CUDA is not available on this machine")
     kind = model_kind(section.kind)
+    code = None  # the code the checkpoint ships, when the config trusts it
+    if section.trust_remote_code:
+        code = ", ".join(remote_code(section.checkpoint)) or f"whatever code {section.checkpoint!r} ships"
+        if _RUN_REMOTE_CODE.get():
+            warnings.warn(f"model.trust_remote_code: kvprobe runs the checkpoint's own code: {code}", KVProbeWarning,
+                          stacklevel=2)
+        else:
+            section = section.model_copy(update={"trust_remote_code": False})
     try:
         with hub_access(section.allow_download):
             model = kind.load(section)
     except FileNotFoundError as e:
         raise ExperimentError(f"model.checkpoint: {e}") from None
+    except CheckpointError as e:
+        raise ExperimentError(f"model.checkpoint: {e}") from None
     except (OSError, ValueError) as e:  # no weights, no config, not a model directory, offline
+        if code is not None and not section.trust_remote_code and "trust_remote_code" in str(e):
+            raise ExperimentError(f"model.trust_remote_code: {section.checkpoint!r} needs its own code to load "
+                                  f"({code}), which --dry-run does not run") from None
         offline = "" if section.allow_download else " (offline: set model.allow_download to fetch a hub id)"
         raise ExperimentError(f"model.checkpoint: cannot load {section.checkpoint!r}{offline}: "
                               f"{str(e).splitlines()[0]}") from None
+    if code is not None and not section.trust_remote_code:
+        warnings.warn(f"model.trust_remote_code: --dry-run ran none of the checkpoint's own code ({code}); the plan "
+                      "is of the architecture transformers knows", KVProbeWarning, stacklevel=2)
     if section.device_map:
         return model
     return model.to(device=process_device(section.device), dtype=getattr(torch, section.dtype)).eval()
@@ -80,7 +116,7 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
             raise ExperimentError(f"data: {e}") from None
     from transformers import AutoTokenizer
 
-    from ..data.chat import resolve_chat_template
+    from ..data.chat import check_template_choice, resolve_chat_template
     from ..data.trace_source import TracePasscodeSource
     from ..data.traces import read_generated, read_jsonl
 
@@ -97,6 +133,10 @@ def make_source(cfg: ExperimentConfig, n_samples: int | None = None) -> SampleSo
                               "or name a local .parquet/.jsonl file")
     if not hub and not Path(data.traces).is_file():
         raise ExperimentError(f"data.traces: no such file {data.traces!r}")
+    try:
+        check_template_choice(data.chat_template)  # a template file: there, before anything is loaded
+    except ValueError as e:
+        raise ExperimentError(f"data.{e}") from None
     name = data.tokenizer or cfg.model.checkpoint
     try:
         with hub_access(cfg.model.allow_download):

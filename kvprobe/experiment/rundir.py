@@ -5,6 +5,7 @@
     OUT/model.json             the captured model's identity (name, parameter hash)
     OUT/stores/CONDITION/      KV stores (resumable shard by shard)
     OUT/probes/CONDITION.json  probe results per cell (+ .npz per-sample scores)
+    OUT/probes/CONDITION.fit.json  what they were fitted from: the store and the probe settings
     OUT/sweep/sweep.json       leakage across training checkpoints (toy)
     OUT/report/                results.json/csv, summary.md, figures (PNG + PDF)
     OUT/timings.json           wall time of each stage
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,8 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..capture.run import package_versions
 from ..config import ConfigError, ExperimentConfig, parse_config
+from ..files import remove_leftovers, together, write_text
 from ..store import INDEX_FILE, KVStore, is_store, verify_store
 from .errors import ExperimentError
 
@@ -29,8 +31,8 @@ RUN_PACKAGES = ("kvprobe", "torch", "transformers", "h5py", "numpy", "scikit-lea
 MARKER = ".kvprobe"
 MODEL_FILE = "model.json"
 
-__all__ = ["MARKER", "check_out_dir", "check_store", "open_run", "prepare_out_dir", "record_model", "record_timing",
-           "store_dir", "verify_run"]
+__all__ = ["MARKER", "check_fitted", "check_out_dir", "check_store", "fit_record", "open_run", "prepare_out_dir",
+           "probe_fingerprint", "record_model", "record_timing", "store_dir", "verify_run"]
 
 
 def _writable_parent(out: Path) -> None:
@@ -69,6 +71,7 @@ def check_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: 
                 diff = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
                 raise ExperimentError(f"{out}: was run with another config (sections differ: {', '.join(diff)}); "
                                  "use a new --out or --overwrite")
+            _check_resumed(out, cfg)
         else:
             raise ExperimentError(f"{out}: exists but holds no kvprobe run (no config.json)")
 
@@ -89,23 +92,29 @@ def _as_today(recorded: dict | None) -> dict | None:
 def prepare_out_dir(out: Path, cfg: ExperimentConfig, *, resume: bool, overwrite: bool, stage: str) -> Path:
     """Create (or reopen with resume) an experiment directory holding the resolved config.
 
-    Checks as `check_out_dir` does; with overwrite an existing directory is deleted.
+    Checks as `check_out_dir` does; with overwrite an existing directory is deleted, with resume the
+    temporaries of writers killed mid-write are (`kvprobe.files.remove_leftovers`).
     """
     check_out_dir(out, cfg, resume=resume, overwrite=overwrite)
     resolved = cfg.to_dict()
     record = out / "config.json"
     if overwrite and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        (out / MARKER).write_text(f"kvprobe {stage} directory; `--overwrite` may delete it\n")
-    if not record.is_file():
-        import torch
+    if resume and out.exists():
+        remove_leftovers(out)  # of writers killed mid-write
+    with together():  # the directory, its marker and its record, or nothing
+        if not (out / MARKER).is_file():
+            write_text(out / MARKER, f"kvprobe {stage} directory; `--overwrite` may delete it\n")
+        if not record.is_file():
+            import torch
 
-        # threads: what torch used here; probe results do not depend on it (tested), capture neither
-        record.write_text(json.dumps({"config": resolved, "seed": cfg.seed, "versions": package_versions(RUN_PACKAGES),
-                                      "threads": torch.get_num_threads(),
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+            from ..capture.run import package_versions  # torch: only where a run starts, not where one is opened
+
+            # threads: what torch used here; probe results do not depend on it (tested), capture neither
+            write_text(record, json.dumps({"config": resolved, "seed": cfg.seed,
+                                           "versions": package_versions(RUN_PACKAGES),
+                                           "threads": torch.get_num_threads(),
+                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     return out
 
 
@@ -118,9 +127,7 @@ def record_timing(out: Path, stage: str, seconds: float) -> None:
     except ValueError:  # a damaged timings file is rewritten
         timings = {}
     timings[stage] = round(float(timings.get(stage, 0.0)) + seconds, 2)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(timings, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(timings, indent=2) + "\n")
 
 
 def store_dir(out: Path, condition: str) -> Path:
@@ -169,9 +176,7 @@ def record_model(out: Path, identity: dict[str, Any]) -> None:
                                   f"now is {_who(identity)}: use a new --out")
         if isinstance(before, dict):
             return
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
 def _who(identity: dict[str, Any]) -> str:
@@ -181,7 +186,12 @@ def _who(identity: dict[str, Any]) -> str:
 def check_store(out: Path, cfg: ExperimentConfig, condition: str, store: KVStore) -> None:
     """Refuse a store that this run did not capture: another model (name, parameter hash),
     other samples (count, seed) or another capture spec than the run's config asks for."""
-    model = store.config.get("model", {})
+    _check_captured(out, cfg, condition, store.config)
+
+
+def _check_captured(out: Path, cfg: ExperimentConfig, condition: str, config: dict[str, Any]) -> None:
+    """`check_store` on a store's recorded config (its config.json, or its index's copy)."""
+    model = config.get("model", {})
     where = store_dir(out, condition)
     fix = f"re-capture it (delete it, then `kvprobe run CONFIG --out {out} --resume`) or probe the run it came from"
     if model.get("name") != cfg.model.checkpoint:
@@ -196,13 +206,13 @@ def check_store(out: Path, cfg: ExperimentConfig, condition: str, store: KVStore
         if model.get("param_hash") != expected:
             raise ExperimentError(f"{where}: captured from model {_who(model)}, but this run captured parameter hash "
                                   f"{str(expected)[:12]}; {fix}")
-    source = store.config.get("source", {})
+    source = config.get("source", {})
     for field, expected in (("n_samples", cfg.data.n_samples), ("seed", cfg.seed)):
         if field in source and source[field] != expected:
             raise ExperimentError(f"{where}: captured from other samples than this run's ({field} {source[field]}, "
                                   f"the run's {expected}); {fix}")
     want = cfg.capture_spec(condition).to_dict()
-    have = dict(store.config.get("capture", {}))
+    have = dict(config.get("capture", {}))
     if want.get("target_block") is None:  # the run's spec follows its source; the store records the block
         have.pop("target_block", None)
         want.pop("target_block", None)
@@ -210,6 +220,76 @@ def check_store(out: Path, cfg: ExperimentConfig, condition: str, store: KVStore
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise ExperimentError(f"{where}: captured with another capture spec than this run's condition "
                               f"{condition!r} (fields differ: {', '.join(diff)}); {fix}")
+
+
+def _check_resumed(out: Path, cfg: ExperimentConfig) -> None:
+    """Before a resume writes anything: every store already there (whole, damaged or unfinished) must
+    be this run's capture (`check_store`), and saved probe results fitted on it with this config's
+    settings (`check_fitted`); a resume repairs damage, but never mixes another config's work in."""
+    for cond in cfg.conditions:
+        record = store_dir(out, cond) / "config.json"
+        if not record.is_file():
+            continue
+        config = _json_record(record, "store record", f"delete {record.parent} and resume (`kvprobe run CONFIG "
+                                                      f"--out {out} --resume`) to capture it again")
+        _check_captured(out, cfg, cond, config)
+        check_fitted(out, cfg, cond, config)
+
+
+def _json_record(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON mapping kvprobe wrote (`what`, e.g. "store record"); unreadable or damaged is bad input naming
+    the file and `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ExperimentError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except ValueError:  # malformed JSON or not UTF-8
+        data = None
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{path}: damaged {what} (malformed JSON); {fix}")
+    return data
+
+
+def fit_record(out: Path, condition: str) -> Path:
+    """Where a condition's probe results record what they were fitted from (`probe_fingerprint`)."""
+    return out / "probes" / f"{condition}.fit.json"
+
+
+def probe_fingerprint(cfg: ExperimentConfig, condition: str, store_config: dict[str, Any]) -> dict[str, Any]:
+    """What a condition's probe results are fitted from: the store (its model, capture spec and samples)
+    and each probe family's settings (the device aside), as JSON. Saved beside the results and compared
+    before they are read back (`check_fitted`)."""
+    settings = {}
+    for family in cfg.probe.families:
+        settings[family] = dataclasses.asdict(cfg.probe_settings(family, condition))
+        settings[family].pop("device", None)
+    fingerprint = {"store": {k: store_config.get(k) for k in ("model", "capture", "source")},
+                   "families": list(cfg.probe.families), "probe": settings}
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys -> leaves ({'a': {'b': 1}} -> {'a.b': 1})."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def check_fitted(out: Path, cfg: ExperimentConfig, condition: str, store_config: dict[str, Any]) -> None:
+    """Refuse saved probe results of `condition` that their record (`fit_record`) says were fitted on
+    another store or with other settings than `cfg` asks for. A field the record lacks (results from an
+    older kvprobe) is not compared."""
+    record, results = fit_record(out, condition), out / "probes" / f"{condition}.json"
+    if not (record.is_file() and results.is_file()):
+        return
+    redo = f"refit them with `kvprobe probe {out} --redo`"
+    saved = _json_record(record, "probe-fit record", redo)
+    now, missing = _flat(probe_fingerprint(cfg, condition, store_config)), object()
+    diff = sorted(k for k, v in _flat(saved).items() if now.get(k, missing) != v)
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ExperimentError(f"{results}: fitted with other settings or on another store than this run's config "
+                              f"asks for (fields differ: {', '.join(diff[:3])}{more}); {redo}")
 
 
 def verify_run(path: str | os.PathLike) -> dict[Path, list[str]]:

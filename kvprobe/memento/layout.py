@@ -17,10 +17,12 @@ Every structural error raises `LayoutError` naming the position and the problem.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from ..errors import KVProbeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SPECIAL_TOKEN_STRINGS",
@@ -286,6 +288,8 @@ def parse_layout(
     tokens before this sequence in its row). With ``allow_unfinished=True`` a trailing
     block whose memento is not finished (a generation in progress) is accepted.
     """
+    import torch  # here, not at the top: layouts and traces are read without torch (`kvprobe export-traces`)
+
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
             raise LayoutError(f"parse_layout takes one sequence of shape (T,), got shape {tuple(ids.shape)}")

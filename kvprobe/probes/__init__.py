@@ -4,34 +4,11 @@ Probes read arrays, never models or files. `fit_probes` fits a whole grid of
 groups x digits in one batched PyTorch computation; `fit_sklearn` is the slow,
 one-at-a-time scikit-learn reference for the linear probe. `fit_selected` chooses
 the L2 strength per group on an inner label-unique split of the training data.
-`fit_mlp_replicas` trains an MLP cell's seeds and its shuffled-label control in one run.
+`fit_mlp_replicas` trains an MLP cell's seeds and its shuffled-label control in one run. The
+options (`LinearConfig`, `MLPConfig`, `ProbeConfig`) are in `config`, which needs no torch.
 """
 
-from .linear import LBFGSInfo, LinearConfig, LinearProbes, fit_linear_probes
-from .mlp import MLPConfig, MLPInfo, MLPProbes, fit_mlp_probes, flush_denormals, label_unique_holdout
-from .selection import (
-    DEFAULT_INNER_FRACTION,
-    DEFAULT_LINEAR_L2_GRID,
-    L2_BOUNDS,
-    StrengthSelection,
-    fit_at_strengths,
-    fit_selected,
-    inner_split,
-    normalise_grid,
-    select_strength,
-    shared_moments,
-    strength_path,
-)
-from .trainer import (
-    FeatureMoments,
-    ProbeFit,
-    Standardizer,
-    check_probe_inputs,
-    fit_mlp_replicas,
-    fit_probes,
-    fit_sklearn,
-    linear_in_raw_units,
-)
+from .. import lazy_exports
 
 __all__ = [
     "DEFAULT_INNER_FRACTION",
@@ -64,3 +41,13 @@ __all__ = [
     "label_unique_holdout",
     "linear_in_raw_units",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".config": ("DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "normalise_grid"),
+    ".linear": ("LBFGSInfo", "LinearProbes", "fit_linear_probes"),
+    ".mlp": ("MLPInfo", "MLPProbes", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"),
+    ".selection": ("L2_BOUNDS", "StrengthSelection", "fit_at_strengths", "fit_selected", "inner_split",
+                   "select_strength", "shared_moments", "strength_path"),
+    ".trainer": ("FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_mlp_replicas", "fit_probes",
+                 "fit_sklearn", "linear_in_raw_units"),
+})

@@ -46,47 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import LinearConfig  # the options, torch-free; re-exported here
+
 __all__ = ["LinearConfig", "LinearProbes", "LBFGSInfo", "feature_gram", "fit_linear_probes", "gram_rows",
            "preconditioner"]
-
-
-@dataclass(frozen=True)
-class LinearConfig:
-    """How to fit linear probes.
-
-    l2: L2 strength on the weights of the mean-loss objective (sklearn C = 1 / (l2 * N)).
-    max_iter: L-BFGS iterations per problem.
-    tol: stop a problem when max |gradient| <= tol (sklearn's `tol`).
-    tol_follows_l2: stop at max |gradient| <= min(tol, max(10 l2, TOL_FLOOR)) instead. The solution at
-        l2 is pinned down only to |dW| ~ |gradient| / l2, so with a fixed tol a path of weaker and weaker
-        strengths stops moving (a warm start from the previous decade is already "converged"): the
-        probe is then regularised by the tolerance, not by l2, and a weaker grid value cannot win
-        however much it would. With the tolerance at 10 l2 a warm start from 10 l2, whose gradient
-        grows by about 9 l2 |W|, moves on for any weight above about 1 in standardised units
-        (on the toy, masked +1 then rose from 27.6 at 1e-4 to 32.8 at 1e-5; with tol fixed, 27.9).
-    history: L-BFGS memory (scipy's default is 10).
-    max_halvings: backtracking steps before a problem's line search gives up.
-    precondition: start each L-BFGS direction from the Gram-matrix bound on the Hessian
-        (see the module docstring); False is plain L-BFGS, scipy's algorithm.
-    gram_rows: training rows the Gram matrix is estimated from (evenly spaced; all if fewer).
-    """
-
-    l2: float = 1e-3
-    max_iter: int = 500
-    tol: float = 1e-4
-    tol_follows_l2: bool = True
-    history: int = 10
-    max_halvings: int = 30
-    precondition: bool = True
-    gram_rows: int = 16384
-
-    def __post_init__(self) -> None:
-        if not self.l2 >= 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
-        if self.max_iter < 1 or self.history < 1 or self.max_halvings < 1 or self.gram_rows < 1:
-            raise ValueError("max_iter, history, max_halvings and gram_rows must be >= 1")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol!r}")
 
 
 TOL_FLOOR = 1e-6

@@ -36,44 +36,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .config import MLPConfig  # the options, torch-free; re-exported here
+
 __all__ = ["MLPConfig", "MLPProbes", "MLPInfo", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"]
 
 EpochCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    """How to build and train MLP probes.
-
-    hidden: trunk widths; the last is the bottleneck (paper: 512, 256, 128).
-    l2: L2 strength on the weights of the mean-loss objective.
-    lr, batch_size: Adam learning rate and minibatch size.
-    max_epochs: epoch limit (the exact count when holdout_fraction == 0).
-    patience: epochs without holdout improvement before a group stops.
-    holdout_fraction: share of training passcodes held out for early stopping.
-    eval_batch: samples per chunk when evaluating (memory only).
-    """
-
-    hidden: tuple[int, ...] = (512, 256, 128)
-    l2: float = 1e-4
-    lr: float = 1e-3
-    batch_size: int = 256
-    max_epochs: int = 100
-    patience: int = 10
-    holdout_fraction: float = 0.1
-    eval_batch: int = 2048
-
-    def __post_init__(self) -> None:
-        if len(self.hidden) == 0 or min(self.hidden) < 1:
-            raise ValueError(f"hidden must be a non-empty tuple of positive widths, got {self.hidden!r}")
-        if not self.l2 >= 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.eval_batch < 1:
-            raise ValueError("batch_size, max_epochs, patience and eval_batch must be >= 1")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
 
 
 class MLPProbes(nn.Module):

@@ -36,7 +36,6 @@ weaker values.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from ..grid import LINEAR, MLP
+from .config import DEFAULT_INNER_FRACTION, DEFAULT_LINEAR_L2_GRID, normalise_grid  # torch-free, re-exported
 from .linear import LinearConfig, LinearProbes
 from .mlp import MLPConfig, label_unique_holdout
 from .trainer import (
@@ -70,18 +70,12 @@ __all__ = [
     "strength_path",
 ]
 
-DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-"""The linear probe's L2 grid (mean-loss scale; scikit-learn C = 1 / (l2 N))."""
-
 L2_BOUNDS: tuple[float, float] = (1e-6, 10.0)
 """How far a grid is extended, by decades, when a group's best strength is on its edge. At 1e-6 a probe
 is unregularised by any usual standard (scikit-learn's C = 1 / (l2 N) >= 100 for N <= 10,000) and each
 further decade costs more L-BFGS iterations than every strength above it together (the solver's
 tolerance follows l2: `LinearConfig.tol_follows_l2`); at 10 the weights are negligible against the
 bias (a constant predictor). A choice at either bound is flagged (`at_bound`)."""
-
-DEFAULT_INNER_FRACTION = 0.2
-"""Share of the training passcodes held out to choose the strength."""
 
 
 @dataclass
@@ -121,16 +115,6 @@ class StrengthSelection:
     def tried(self, g: int) -> np.ndarray:
         """The values group g tried (ascending); its inner accuracies are `inner_accuracy[g, tried]`."""
         return self.grid if self.fixed else self.grid[~np.isnan(self.inner_accuracy[g])]
-
-
-def normalise_grid(grid: Sequence[float] | float) -> tuple[float, ...]:
-    """Distinct values, ascending; each must be a finite number >= 0."""
-    values = [float(v) for v in np.atleast_1d(np.asarray(grid, dtype=np.float64))]
-    if not values:
-        raise ValueError("the strength grid is empty")
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"strength grid values must be finite and >= 0, got {values}")
-    return tuple(sorted(set(values)))
 
 
 def inner_split(y_train: Any, fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0) -> np.ndarray:

@@ -22,21 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .figures import save_all
-from .paper import PAPER_QWEN3_8B, PAPER_QWEN3_32B, PAPER_TOY
-from .summary import render_summary
-from .sweep import Sweep, SweepPoint, sweep_points, sweep_sentence
-from .tables import write_tables
-from .words import (
-    CHANCE,
-    condition_order,
-    interval_verdict,
-    offset_label,
-    primary_condition,
-)
+from .. import lazy_exports
 
 if TYPE_CHECKING:
     from ..analysis import CellResult, DiffResult
+    from .sweep import Sweep
 
 __all__ = [
     "CHANCE",
@@ -68,10 +58,25 @@ def write_report(
     condition: str | None = None,
 ) -> dict[str, Path]:
     """Tables plus figures (under out_dir/figures), with the PNGs embedded in summary.md."""
+    from ..files import together
+    from .figures import save_all
+    from .tables import write_tables
+
     out = Path(out_dir)
-    figure_paths = save_all(rows, diffs, sweep, out / "figures", condition=condition)
-    pngs = [p.relative_to(out).as_posix() for p in figure_paths if p.suffix == ".png"]
-    paths = write_tables(rows, diffs, out, sweep=sweep, paper=paper, metadata=metadata, figures=pngs,
-                         condition=condition)
+    with together():  # every file of the report, or (on a failure) none
+        figure_paths = save_all(rows, diffs, sweep, out / "figures", condition=condition)
+        pngs = [p.relative_to(out).as_posix() for p in figure_paths if p.suffix == ".png"]
+        paths = write_tables(rows, diffs, out, sweep=sweep, paper=paper, metadata=metadata, figures=pngs,
+                             condition=condition)
     paths.update({p.relative_to(out).as_posix(): p for p in figure_paths})
     return paths
+
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".figures": ("save_all",),
+    ".paper": ("PAPER_QWEN3_8B", "PAPER_QWEN3_32B", "PAPER_TOY"),
+    ".summary": ("render_summary",),
+    ".sweep": ("Sweep", "SweepPoint", "sweep_points", "sweep_sentence"),
+    ".tables": ("write_tables",),
+    ".words": ("CHANCE", "condition_order", "interval_verdict", "offset_label", "primary_condition"),
+})

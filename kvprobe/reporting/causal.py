@@ -23,6 +23,7 @@ from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from ..files import replacing, together, write_text
 from ..grid import LINEAR, Cell
 from .figures import save_figure
 
@@ -156,23 +157,21 @@ def causal_section(result: CausalResult, figure: str | None = None) -> str:
 
 def write_causal(result: CausalResult, rows: Sequence[CellResult], out_dir: str | Path, *,
                  condition: str) -> list[Path]:
-    """causal.csv, figures/causal_map.png|pdf, and the section appended to summary.md."""
+    """causal.csv, figures/causal_map.png|pdf, and the section appended to summary.md: all of them, or none."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / "causal.csv"]
     dicts = [asdict(r) for r in result.rows]
-    with open(paths[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dicts[0]) if dicts else ["intervention"])
-        writer.writeheader()
-        writer.writerows(dicts)
-    fig = causal_figure(result, rows, condition)
-    figure = None
-    if fig is not None:
-        saved = save_figure(fig, out / "figures" / "causal_map")
-        paths += saved
-        figure = "figures/causal_map.png"
     summary = out / "summary.md"
     text = summary.read_text(encoding="utf-8") if summary.is_file() else ""
-    summary.write_text(text.rstrip("\n") + "\n\n" + causal_section(result, figure), encoding="utf-8")
+    fig = causal_figure(result, rows, condition)
+    figure = None if fig is None else "figures/causal_map.png"
+    with together():
+        with replacing(paths[0], newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dicts[0]) if dicts else ["intervention"])
+            writer.writeheader()
+            writer.writerows(dicts)
+        if fig is not None:
+            paths += save_figure(fig, out / "figures" / "causal_map")
+        write_text(summary, text.rstrip("\n") + "\n\n" + causal_section(result, figure))
     paths.append(summary)
     return paths

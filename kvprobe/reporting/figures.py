@@ -20,6 +20,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..files import replacing, together
 from ..grid import MEMENTO
 from .plotting import (  # noqa: F401  (colours are part of this module's interface)
     CHANCE_LABEL,
@@ -397,12 +398,14 @@ def l2_selection(rows: Sequence[CellResult], *, condition: str | None = None, si
 # ----------------------------------------------------------------- saving
 
 def save_figure(fig: Figure, path_stem: Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
-    """Save one figure as path_stem.<format> for each format (byte-stable: no creation dates)."""
+    """Save one figure as path_stem.<format> for each format (byte-stable: no creation dates), all or none."""
     paths = []
-    for fmt in formats:
-        path = path_stem.with_suffix(f".{fmt}")
-        fig.savefig(path, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
-        paths.append(path)
+    with together():
+        for fmt in formats:
+            path = path_stem.with_suffix(f".{fmt}")
+            with replacing(path, "wb") as f:
+                fig.savefig(f, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
+            paths.append(path)
     return paths
 
 
@@ -420,9 +423,9 @@ def save_all(
 
     Files: accuracy_by_layer, accuracy_by_distance, accuracy_heatmap, condition_comparison,
     leakage_vs_training, l2_selection (each .png and .pdf). A figure with nothing to draw is skipped.
+    The files are written together: all of them, or (on a failure) none.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     figures = {
         "accuracy_by_layer": accuracy_by_layer(rows, condition=condition),
         "accuracy_by_distance": accuracy_by_distance(rows, condition=condition),
@@ -432,7 +435,8 @@ def save_all(
         "l2_selection": l2_selection(rows, condition=condition),
     }
     paths: list[Path] = []
-    for name, fig in figures.items():
-        if fig is not None:
-            paths += save_figure(fig, out / name, formats, dpi)
+    with together():
+        for name, fig in figures.items():
+            if fig is not None:
+                paths += save_figure(fig, out / name, formats, dpi)
     return paths

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # reports read results; they need neither torch nor the probes
     from ..analysis import CellResult, DiffResult
+from ..files import replacing, together, write_text
 from ..grid import offset_role
 from .summary import render_summary
 from .sweep import Sweep, sweep_points
@@ -53,7 +54,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def _write_csv(path: Path, dicts: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with replacing(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         for d in dicts:
@@ -97,10 +98,9 @@ def write_tables(
 
     Returns {file name: path}. Accuracies are fractions in the data files; `metadata` (any
     JSON-able dict: model, store paths, settings) is stored in results.json and its scalar
-    entries head summary.md.
+    entries head summary.md. The files are written together: all of them, or (on a failure) none.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     row_dicts = [r.to_dict() for r in rows]
     sweep_dicts = None if sweep is None else [p.to_dict() for p in sweep_points(sweep)]
     diff_dicts = [_diff_dict(d) for d in diffs]
@@ -115,17 +115,14 @@ def write_tables(
         "diffs": diff_dicts,
         "sweep": sweep_dicts,
     }
-    paths["results.json"].write_text(json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n",
-                                     encoding="utf-8")
-    flat = [_flatten(d) for d in row_dicts]
-    _write_csv(paths["results.csv"], flat, _row_columns(row_dicts))
     diff_columns = ["a", "b", "site", "offset", "role", "layer", "probe", "difference", "ci_low", "ci_high", "interval"]
-    _write_csv(paths["diffs.csv"], diff_dicts, diff_columns)
-    if sweep is not None:
-        paths["sweep.csv"] = out / "sweep.csv"
-        _write_csv(paths["sweep.csv"], [_flatten(s) for s in sweep_dicts], _row_columns(sweep_dicts))
-    paths["summary.md"].write_text(
-        render_summary(rows, diffs, sweep=sweep, paper=paper, metadata=metadata, figures=figures, condition=condition),
-        encoding="utf-8",
-    )
+    with together():
+        write_text(paths["results.json"], json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n")
+        _write_csv(paths["results.csv"], [_flatten(d) for d in row_dicts], _row_columns(row_dicts))
+        _write_csv(paths["diffs.csv"], diff_dicts, diff_columns)
+        if sweep is not None:
+            paths["sweep.csv"] = out / "sweep.csv"
+            _write_csv(paths["sweep.csv"], [_flatten(s) for s in sweep_dicts], _row_columns(sweep_dicts))
+        write_text(paths["summary.md"], render_summary(rows, diffs, sweep=sweep, paper=paper, metadata=metadata,
+                                                       figures=figures, condition=condition))
     return paths

@@ -59,24 +59,12 @@ Several servers
 imported only there). `kvprobe serve`, `kvprobe generate`, `kvprobe generate-offline` and
 `kvprobe export-traces` are the command line over the same functions. See docs/real_models.md.
 
-Rooms: `fork` (the fork's config and server command), `client` (requests, retries, the
-run), `generations` (the records and the resumable output file), `offline` (vLLM
+Rooms: `config` (`ClientConfig`, `ServeError`), `fork` (the fork's config and server command), `client`
+(requests, retries, the run), `generations` (the records and the resumable output file), `offline` (vLLM
 in-process).
 """
 
-from .client import ClientConfig, GenerationRun, ServeError, generate_traces, parse_generation, prompt_seed, request_body
-from .fork import block_masking_config, serve_command
-from .generations import (
-    Generation,
-    Prompt,
-    completed_ids,
-    export_pipeline_jsonl,
-    merge_generations,
-    read_generations,
-    read_prompts,
-    trace_to_pipeline_record,
-)
-from .offline import generate_offline
+from .. import lazy_exports
 
 __all__ = [
     "ClientConfig",
@@ -98,3 +86,12 @@ __all__ = [
     "serve_command",
     "trace_to_pipeline_record",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".client": ("GenerationRun", "generate_traces", "parse_generation", "prompt_seed", "request_body"),
+    ".config": ("ClientConfig", "ServeError"),
+    ".fork": ("block_masking_config", "serve_command"),
+    ".generations": ("Generation", "Prompt", "completed_ids", "export_pipeline_jsonl", "merge_generations",
+                     "read_generations", "read_prompts", "trace_to_pipeline_record"),
+    ".offline": ("generate_offline",),
+})

@@ -8,104 +8,19 @@ from collections import deque
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import httpx
 from tqdm.auto import tqdm
 
 from ..data.traces import Trace, TraceError, from_generated_text
+from .config import ClientConfig, ServeError  # the settings and the error, without httpx; re-exported here
 from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids
 
 # status codes worth another try: rate limiting and server-side failures
 _RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))
-
-
-class ServeError(RuntimeError):
-    """A request failed for good: retries exhausted, or a status that is not retried.
-
-    `prompt_id` names the prompt whose request failed; `unreachable` says the last attempt
-    got no answer at all (a connection error or timeout), so the endpoint may be down.
-    """
-
-    def __init__(self, message: str, prompt_id: str | None = None, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.prompt_id = prompt_id
-        self.unreachable = unreachable
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How to reach the server and how to sample.
-
-    base_url includes the API version prefix (OpenAI convention): ``http://host:8010/v1``.
-    Several servers (one per GPU) are a tuple of such URLs: prompts are fanned out over them,
-    `dispatch` picking the endpoint of each request ("least-loaded": the one with the fewest
-    requests in flight; "round-robin": each in turn), `concurrency` requests in flight per endpoint.
-    top_k is a vLLM extension of the OpenAI API (left out of the request when None).
-    extra_body is merged into every request body last (it may override any field, e.g.
-    ``{"stop": [...]}``; overriding ``skip_special_tokens`` defeats the purpose).
-    backoff/max_backoff are seconds; jitter adds up to that fraction of each wait at random.
-    timeout is the read timeout of one request in seconds (long generations take minutes).
-    """
-
-    base_url: str | tuple[str, ...] = "http://127.0.0.1:8010/v1"
-    model: str = "memento"
-    endpoint: Literal["chat", "completions"] = "chat"
-    max_tokens: int = 16384
-    temperature: float = 0.6
-    top_p: float | None = 0.95
-    top_k: int | None = 20
-    seed: int | None = 0
-    concurrency: int = 8
-    max_attempts: int = 5
-    backoff: float = 1.0
-    max_backoff: float = 60.0
-    jitter: float = 0.1
-    timeout: float = 3600.0
-    connect_timeout: float = 10.0
-    api_key: str | None = None
-    return_token_ids: bool = True  # ask for the prompt and generated ids (vLLM >= 0.10.2), kept with each trace
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    dispatch: Literal["least-loaded", "round-robin"] = "least-loaded"
-
-    def __post_init__(self) -> None:
-        if self.endpoint not in ("chat", "completions"):
-            raise ValueError(f"endpoint must be 'chat' or 'completions', got {self.endpoint!r}")
-        if self.dispatch not in ("least-loaded", "round-robin"):
-            raise ValueError(f"dispatch must be 'least-loaded' or 'round-robin', got {self.dispatch!r}")
-        urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
-        if not urls:
-            raise ValueError("base_url: give at least one URL")
-        for url in urls:
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
-        if len(set(u.rstrip("/") for u in urls)) < len(urls):
-            raise ValueError(f"base_url: the same URL is given twice in {list(urls)}")
-        object.__setattr__(self, "base_url", urls[0] if len(urls) == 1 else urls)
-        for name in ("max_tokens", "concurrency", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
-            raise ValueError("backoff, max_backoff and jitter must be >= 0")
-
-    @property
-    def base_urls(self) -> tuple[str, ...]:
-        """Every endpoint's base URL (one unless several servers were given)."""
-        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
-
-    def url_of(self, base_url: str) -> str:
-        """The request URL on one endpoint."""
-        path = "/chat/completions" if self.endpoint == "chat" else "/completions"
-        return base_url.rstrip("/") + path
-
-    @property
-    def url(self) -> str:
-        """The request URL on the first endpoint."""
-        return self.url_of(self.base_urls[0])
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import warnings
 from dataclasses import fields, replace
 from typing import Any, Iterable, Sequence
 
-from ..memento.masks import MaskConfig
+from ..memento.config import MaskConfig
+from .checks import ServingError, check_at_least, check_port
 
 __all__ = ["FORK_COMMIT", "FORK_CONFIG_FIELDS", "block_masking_config", "check_fork_keys", "serve_command",
            "served_mask"]
@@ -37,13 +38,13 @@ def check_fork_keys(keys: Iterable[str]) -> None:
     """
     for key in keys:
         if key in _FROM_MASK:
-            raise ValueError(f"block-masking key {key!r} comes from the mask (MaskConfig / the mask flags): "
+            raise ServingError(f"block-masking key {key!r} comes from the mask (MaskConfig / the mask flags): "
                              "set it there, not as an extra key")
         if key not in FORK_CONFIG_FIELDS:
             close = difflib.get_close_matches(key, FORK_CONFIG_FIELDS, n=1)
             hint = (f"did you mean {close[0]!r}?" if close
                     else f"the fork's keys are {', '.join(k for k in FORK_CONFIG_FIELDS if k not in _FROM_MASK)}")
-            raise ValueError(f"unknown block-masking key {key!r} (the vLLM fork would ignore it): {hint}")
+            raise ServingError(f"unknown block-masking key {key!r} (the vLLM fork would ignore it): {hint}")
 
 
 def served_mask(mask: MaskConfig) -> MaskConfig:
@@ -58,12 +59,12 @@ def served_mask(mask: MaskConfig) -> MaskConfig:
     delimiters visible).
     """
     if mask.restart_mode and mask.keep_last_n_blocks == -1:
-        raise ValueError(
+        raise ServingError(
             "restart mode with keep_last_n_blocks=-1 has no equivalent in the vLLM fork "
             "(its restart mode works on evicted blocks); use keep_last_n_blocks >= 0"
         )
     if mask.restart_mode and not mask.mask_delimiters:
-        raise ValueError("restart with the delimiters visible (restart-delims-visible) is a kvprobe-only control: "
+        raise ServingError("restart with the delimiters visible (restart-delims-visible) is a kvprobe-only control: "
                          "the vLLM fork's restart evicts <|block_start|>..<|block_end|> whatever mask_delimiters says")
     if mask.keep_last_n_blocks == -1:
         return mask  # causal: nothing is evicted
@@ -118,13 +119,13 @@ def block_masking_config(mask: MaskConfig, *, compact_on_summary_end: bool = Tru
     evicts = mask.keep_last_n_blocks != -1
     # keep_last_block_for_answer evicts on the next <|block_start|> whatever compact_on_summary_end says
     if evicts and not compact_on_summary_end and not mask.keep_last_block_for_answer:
-        raise ValueError(f"compact_on_summary_end=False: the vLLM fork then never evicts a block (it compacts only on "
+        raise ServingError(f"compact_on_summary_end=False: the vLLM fork then never evicts a block (it compacts only on "
                          f"<|summary_end|>), so it serves causal, not {mask.name}; use MaskConfig(-1) for causal")
     served = served_mask(mask)
     if served.name != mask.name:
         if mask.restart_mode:
             k = mask.keep_last_n_blocks
-            raise ValueError(f"{mask.name} is not what the vLLM fork serves: its restart with keep {k} re-prefills the "
+            raise ServingError(f"{mask.name} is not what the vLLM fork serves: its restart with keep {k} re-prefills the "
                              f"newest memento while the kept blocks are still cached, so the fork's restart with keep "
                              f"{k} is {_spelled(served)}, named {served.name}")
         warnings.warn(f"the vLLM fork evicts a block as soon as <|summary_end|> is sampled, so it serves "
@@ -163,8 +164,15 @@ def serve_command(
     checkpoint's own template). `config_extra` goes into the block-masking config (fork keys
     only, `check_fork_keys`).
     ``--trust-remote-code`` is passed only when asked for (Memento checkpoints are plain
-    Qwen3/OLMo-3/Phi-4 architectures and need none).
+    Qwen3/OLMo-3/Phi-4 architectures and need none). A port outside 1..65535, a max_model_len
+    below 1 or a gpu_memory_utilization outside (0, 1] is refused (ServingError) before the
+    server would.
     """
+    check_port(port)
+    check_at_least("max_model_len", max_model_len, 1)
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ServingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}",
+                           "gpu_memory_utilization")
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..data.traces import Trace, TraceError
+from ..data.traces import Trace, TraceError, read_lines
+from ..files import Appender, check_not_input, check_ours, replacing
+from .checks import check_at_least
+
+EXPORTED_BY = "kvprobe export-traces"  # the first field of every exported record: kvprobe knows its files by it
+_EXPORT_START = json.dumps({"exported_by": EXPORTED_BY})[:-1].encode()
+_RECORD_START = re.compile(rb'\{"prompt_id": "(?:[^"\\]|\\.)*", "text": ')  # how every generation line begins
+
+
+def _is_generations(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a generations file kvprobe wrote (a first record cut off
+    by a crash counts)."""
+    return bool(_RECORD_START.match(head)) or (b"\n" not in head and head.startswith(b'{"prompt_id": "'))
+
+
+def _is_export(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a traces file `export_pipeline_jsonl` wrote."""
+    return head.startswith(_EXPORT_START)
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,8 @@ _PROMPT_TEXT_KEYS = ("prompt", "problem", "question")
 
 
 def _repair_tail(path: Path) -> None:
-    """Drop a last line cut off by a crash (a file that does not end with a newline)."""
+    """Drop a last line cut off by a crash (a file that does not end with a newline); only for a file
+    `check_ours` found to be a generations file."""
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
@@ -110,16 +129,14 @@ def _repair_tail(path: Path) -> None:
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of every complete line; a cut-off last line is ignored."""
-    with path.open(encoding="utf-8") as f:
-        lines = f.readlines()
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in read_lines(path):  # a line too long or not UTF-8 is refused, naming the file and line
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            if lineno == len(lines) and not line.endswith("\n"):
-                return  # a write cut off by a crash: redone on the next run
+            if not line.endswith("\n"):  # the last line, its write cut off by a crash: redone on the next run
+                return
             raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg}); fix or remove it") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt_id"), str):
             raise ValueError(f"{path}:{lineno}: not a generation record (no string 'prompt_id')")
@@ -214,15 +231,22 @@ def export_pipeline_jsonl(generations: str | Path | Iterable[str | Path], out: s
     Returns the number of traces written. For the leakage
     experiment `min_blocks` must cover the target block plus the largest offset
     (target block 1 and offsets up to +2 need 4 blocks).
+
+    Each record starts with ``"exported_by": "kvprobe export-traces"`` (readers ignore it): an
+    existing `out` is replaced only if it starts so, and never if it is one of the inputs.
     """
-    kept = sorted((g.trace for g in merge_generations(generations)
+    check_at_least("min_blocks", min_blocks, 0)
+    sources = [generations] if isinstance(generations, (str, Path)) else list(generations)
+    out = Path(out)
+    check_not_input(out, sources)
+    check_ours(out, _is_export, "a traces file", "give a new --out, or delete it yourself first")
+    kept = sorted((g.trace for g in merge_generations(sources)
                    if g.trace is not None and g.trace.n_blocks >= min_blocks
                    and (g.trace.answer is not None or not require_answer)), key=lambda t: t.trace_id)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
+    with replacing(out) as f:
         for trace in kept:
-            f.write(json.dumps(trace_to_pipeline_record(trace), ensure_ascii=False) + "\n")
+            record = {"exported_by": EXPORTED_BY, **trace_to_pipeline_record(trace)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(kept)
 
 
@@ -232,21 +256,20 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     ``prompt`` becomes the recorded trace prompt."""
     path = Path(path)
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pid = next(str(record[k]) for k in _PROMPT_ID_KEYS if record.get(k) is not None)
-                key = next(k for k in _PROMPT_TEXT_KEYS if isinstance(record.get(k), str))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            except (StopIteration, AttributeError):
-                raise ValueError(f"{path}:{lineno}: needs an id ({'/'.join(_PROMPT_ID_KEYS)}) and a text "
-                                 f"({'/'.join(_PROMPT_TEXT_KEYS)})") from None
-            problem = record.get("problem") if key == "prompt" else None
-            prompts.append(Prompt(pid, record[key], problem if isinstance(problem, str) else None))
+    for lineno, line in read_lines(path):  # a line too long or not UTF-8 is refused, naming the file and line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pid = next(str(record[k]) for k in _PROMPT_ID_KEYS if record.get(k) is not None)
+            key = next(k for k in _PROMPT_TEXT_KEYS if isinstance(record.get(k), str))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        except (StopIteration, AttributeError):
+            raise ValueError(f"{path}:{lineno}: needs an id ({'/'.join(_PROMPT_ID_KEYS)}) and a text "
+                             f"({'/'.join(_PROMPT_TEXT_KEYS)})") from None
+        problem = record.get("problem") if key == "prompt" else None
+        prompts.append(Prompt(pid, record[key], problem if isinstance(problem, str) else None))
     return prompts
 
 
@@ -259,23 +282,20 @@ def _check_unique(prompts: Sequence[Prompt]) -> None:
 
 
 class _Writer:
-    """Appends generation records to the output file, one flushed line each.
+    """Appends generation records to the output file, one whole line each (`kvprobe.files.Appender`).
 
-    The file (and its folder) is created at the first record, so a run that fails before
-    any prompt finishes (an unreachable server) leaves nothing behind."""
+    A file that is not a generations file kvprobe wrote is refused before anything is touched,
+    its last line included. The file (and its folder) is created at the first record, so a run
+    that fails before any prompt finishes (an unreachable server) leaves nothing behind."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        check_ours(path, _is_generations, "a generations file",
+                   "give a new --out (kvprobe appends only to a generations file it wrote)")
         _repair_tail(path)
-        self.file: Any = None
+        self.lines = Appender(path)
 
     def write(self, generation: Generation) -> None:
-        if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = self.path.open("a", encoding="utf-8")
-        self.file.write(json.dumps(generation.to_json(), ensure_ascii=False) + "\n")
-        self.file.flush()
+        self.lines.write_line(json.dumps(generation.to_json(), ensure_ascii=False))
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self.lines.close()

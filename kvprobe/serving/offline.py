@@ -9,9 +9,24 @@ from tqdm.auto import tqdm
 
 from ..memento.masks import MaskConfig
 from .client import parse_generation, prompt_seed, warn_if_never_evicted
-from ..data.chat import prompt_text, resolve_chat_template
+from ..data.chat import check_template_choice, prompt_text, resolve_chat_template
+from .checks import check_at_least, check_sampling
 from .fork import block_masking_config
 from .generations import Generation, Prompt, _check_unique, _Writer, completed_ids
+
+
+def _vllm() -> Any:
+    """The vllm module; ImportError saying how to install the fork when it is missing."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "generate_offline needs vLLM with the Memento block-masking overlay, which is not installed: "
+            "`pip install vllm==0.13.0`, then `bash install_overlay.sh` in the vllm/ directory of "
+            "microsoft/memento (a CUDA GPU is required). Without it, serve the model elsewhere and use "
+            "generate_traces"
+        ) from e
+    return vllm
 
 
 def generate_offline(
@@ -40,18 +55,16 @@ def generate_offline(
     with the generation prompt. Prompts run in chunks of `chunk_size`; with an
     `output` file, each chunk is appended when done and prompts already there are skipped,
     as in `generate_traces`. Returns the generations of this call. Same per-prompt seeds.
+    Settings vLLM would refuse, a mask the fork does not serve and a chat template that is no
+    choice or .jinja file are refused (ServingError, ChatTemplateError) before vLLM loads.
     """
-    fork_config = block_masking_config(mask)  # a mask the fork does not serve is refused before vLLM loads
-    try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(
-            "generate_offline needs vLLM with the Memento block-masking overlay, which is not installed: "
-            "`pip install vllm==0.13.0`, then `bash install_overlay.sh` in the vllm/ directory of "
-            "microsoft/memento (a CUDA GPU is required). Without it, serve the model elsewhere and use "
-            "generate_traces"
-        ) from e
-
+    check_sampling(max_tokens, temperature, top_p, top_k)
+    check_at_least("max_model_len", max_model_len, 1)
+    check_at_least("chunk_size", chunk_size, 1)
+    if chat:
+        check_template_choice(chat_template)
+    fork_config = block_masking_config(mask)
+    vllm = _vllm()
     prompts = list(prompts)
     _check_unique(prompts)
     if not chat:  # sent verbatim, as on the completions endpoint

@@ -54,6 +54,8 @@ unless a fused loss (Liger) avoids them. See docs/real_models.md for the arithme
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import sys
@@ -65,6 +67,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from ..data.traces import Trace, add_memento_tokens
+from ..errors import KVProbeError
 from ..memento.forward import (
     DENSE_MASK_IMPLEMENTATIONS,
     DENSE_MASK_MAX_TOKENS,
@@ -75,6 +78,7 @@ from ..memento.forward import (
 )
 from ..memento.masks import MaskConfig
 from .collate import MementoCollator, _check_stage
+from .config import PAPER_RECIPE, SFTRecipe  # the hyperparameters, torch-free; re-exported here
 from .encode import IGNORE_INDEX, EncodedTrace, Overlength, OverlengthError, TraceEncoder
 from .tokenized import TokenizedTraces, tokenize_traces
 
@@ -85,11 +89,13 @@ __all__ = [
     "EncodedTrace",
     "MementoCollator",
     "OverlengthError",
+    "SFTError",
     "SFTRecipe",
     "StageResult",
     "TokenizedTraces",
     "TraceEncoder",
     "accumulation_for",
+    "check_stage_options",
     "exit_if_launched",
     "select_traces",
     "stage_attn_implementation",
@@ -107,36 +113,66 @@ FLEX_TILE = 128  # FlexAttention's BlockMask tile: stage-2 rows are padded to a 
 QWEN3_CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant"
 
 
-@dataclass(frozen=True)
-class SFTRecipe:
-    """The SFT hyperparameters, defaulting to the paper's (section 4 and appendix A.2.1, quoted
-    beside each field; "We use the same hyperparameters for all models and stages").
+class SFTError(KVProbeError, ValueError):
+    """An SFT option kvprobe refuses, in one line. `option` is the keyword of `train_stage`, or, with
+    `training_arg`, the keyword meant for transformers' `TrainingArguments`; `problem` says what is wrong."""
 
-    Not modelled: "Checkpoints are saved at regular intervals and evaluated on AIME24 to select
-    the best checkpoint for Stage 2" — kvprobe saves every `save_steps` and runs stage 2 from
-    the last stage-1 weights; to select, evaluate the saved checkpoints and start stage 2 from
-    the chosen one (`kvprobe sft --stages 2 --model CHECKPOINT`).
-    """
-
-    learning_rate: float = 8e-5  # "learning rate 8 x 10^-5"
-    lr_scheduler_type: str = "cosine"  # "with cosine schedule
-    warmup_steps: float = 0.05  # and 5% warmup" (a float below 1 is a fraction of the steps)
-    num_train_epochs: float = 5.0  # "5 epochs per stage"
-    weight_decay: float = 0.0  # "AdamW optimizer (beta1=0.9, beta2=0.999, no weight decay)"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0  # "gradient clipping at 1.0"
-    global_batch_size: int = 512  # "global batch size 512": gradient accumulation makes it up
-    gradient_checkpointing: bool = True  # "gradient checkpointing"
-    seed: int = 42  # "and seed 42"
-    save_steps: int = 50  # "Checkpoints are saved every 50 steps (100 for Qwen3-32B)"
-    max_length: int = 32768  # "Sequences are tokenized to a maximum length of 32,768 tokens"
-    # "Loss is computed on all completion tokens (prompt tokens are masked via labels=-100)"; the
-    # completion, the assistant turn, opens with <think>, so <think> is a target
-    loss_on_think: bool = True
+    def __init__(self, option: str, problem: str, training_arg: bool = False) -> None:
+        super().__init__(f"{f'training argument {option!r}' if training_arg else option} {problem}")
+        self.option, self.problem, self.training_arg = option, problem, training_arg
 
 
-PAPER_RECIPE = SFTRecipe()
+# the least value of each numeric option (None, where allowed, is not checked)
+_AT_LEAST = {"max_length": 2, "tokenize_workers": 1, "per_device_train_batch_size": 1, "global_batch_size": 1,
+             "gradient_accumulation_steps": 1, "save_steps": 1, "logging_steps": 1, "warmup_steps": 0,
+             "weight_decay": 0, "max_grad_norm": 0, "seed": 0}
+_ABOVE_ZERO = ("learning_rate", "num_train_epochs")
+_SET_BY_STAGE = ("output_dir", "remove_unused_columns")  # TrainingArguments fields train_stage fills in itself
+
+
+def _option_problem(name: str, value: Any) -> str | None:
+    """What is wrong with the value of a numeric option (None: nothing, or not a numeric option)."""
+    numeric = name in _AT_LEAST or name in _ABOVE_ZERO or name in ("max_steps", "adam_beta1", "adam_beta2")
+    if not numeric or (value is None and name in ("max_length", "tokenize_workers", "gradient_accumulation_steps")):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        return f"must be a number, got {value!r}"
+    if name in _AT_LEAST and value < _AT_LEAST[name]:
+        return f"must be >= {_AT_LEAST[name]}, got {value!r}"
+    if name in _ABOVE_ZERO and value <= 0:
+        return f"must be > 0, got {value!r}"
+    if name == "max_steps" and value != -1 and value < 1:
+        return f"must be -1 (the epochs decide) or >= 1, got {value!r}"
+    if name.startswith("adam_beta") and not 0 <= value < 1:
+        return f"must be in [0, 1), got {value!r}"
+    if name == "seed" and value >= 2**32:
+        return f"must be below 2**32, got {value!r}"
+    return None
+
+
+def check_stage_options(options: Mapping[str, Any], training_args: Mapping[str, Any] | None = None) -> None:
+    """Refuse (SFTError), before any model or trace loads, what `train_stage` would fail on later:
+    a numeric option out of range (`options`, its keywords), and an extra keyword (`training_args`)
+    that is neither a `TrainingArguments` field nor a keyword of `train_stage`, that one of
+    `options` already sets, or that train_stage fills in itself (output_dir, remove_unused_columns)."""
+    from transformers import TrainingArguments
+
+    known = set(getattr(TrainingArguments, "__dataclass_fields__", {})) | set(inspect.signature(train_stage).parameters)
+    for key, value in (training_args or {}).items():
+        if key in options:
+            raise SFTError(key, "is set already (kvprobe sft: by its own flag)", training_arg=True)
+        if key in _SET_BY_STAGE:
+            raise SFTError(key, "is train_stage's own to set (kvprobe sft: the output directory is --out)",
+                           training_arg=True)
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SFTError(key, f"is not a field of transformers' TrainingArguments{hint}", training_arg=True)
+    for extra, given in ((False, options), (True, training_args or {})):
+        for name, value in given.items():
+            problem = _option_problem(name, value)
+            if problem is not None:
+                raise SFTError(name, problem, training_arg=extra)
 
 
 def accumulation_for(global_batch_size: int, per_device: int, world_size: int) -> int:
@@ -264,17 +300,20 @@ def _training_arguments(
     training_args.setdefault("ddp_find_unused_parameters", False)
     if gradient_accumulation_steps is None:
         gradient_accumulation_steps = accumulation_for(global_batch_size, per_device_train_batch_size, world)
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        bf16=_bf16_default() if bf16 is None else bf16,
-        report_to=training_args.pop("report_to", "none"),
-        save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
-        remove_unused_columns=False,  # the rows carry layout columns the collator reads
-        **recipe,
-        **training_args,
-    )
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=per_device_train_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            bf16=_bf16_default() if bf16 is None else bf16,
+            report_to=training_args.pop("report_to", "none"),
+            save_strategy=training_args.pop("save_strategy", "steps" if save else "no"),
+            remove_unused_columns=False,  # the rows carry layout columns the collator reads
+            **recipe,
+            **training_args,
+        )
+    except ValueError as e:  # a value of a training argument that transformers refuses (lr_scheduler_type=...)
+        raise SFTError("TrainingArguments", f"refuses the options: {str(e).splitlines()[0]}") from None
 
 
 def _tokenized_rows(args: Any, traces: Sequence[Trace], collator: MementoCollator, cache: Path,
@@ -341,17 +380,19 @@ def train_stage(
     makes up `global_batch_size` over the processes (`accumulation_for`), and a checkpoint is
     saved every `save_steps` steps (``save_strategy="no"`` to save none).
     """
-    impl, collator = _stage_collator(model, tokenizer, stage, attn_implementation, mask, max_length,
-                                     prompt_template, append_eos, loss_on_prompt, loss_on_think, overlength)
-    output_dir = Path(output_dir)
     recipe = dict(learning_rate=learning_rate, num_train_epochs=num_train_epochs, max_steps=max_steps,
                   warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
                   adam_beta1=adam_beta1, adam_beta2=adam_beta2, max_grad_norm=max_grad_norm,
                   logging_steps=logging_steps, seed=seed, save_steps=save_steps)
+    batch = dict(per_device_train_batch_size=per_device_train_batch_size, global_batch_size=global_batch_size,
+                 gradient_accumulation_steps=gradient_accumulation_steps)
+    check_stage_options({**recipe, **batch, "max_length": max_length, "tokenize_workers": tokenize_workers},
+                        training_args)  # before the model is touched
+    impl, collator = _stage_collator(model, tokenizer, stage, attn_implementation, mask, max_length,
+                                     prompt_template, append_eos, loss_on_prompt, loss_on_think, overlength)
+    output_dir = Path(output_dir)
     args = _training_arguments(output_dir, recipe, training_args, gradient_checkpointing=gradient_checkpointing,
-                               bf16=bf16, save=save, per_device_train_batch_size=per_device_train_batch_size,
-                               gradient_accumulation_steps=gradient_accumulation_steps,
-                               global_batch_size=global_batch_size)
+                               bf16=bf16, save=save, **batch)
     cache = Path(cache_dir) if cache_dir is not None else output_dir / "tokenized"
     rows = _tokenized_rows(args, traces, collator, cache, tokenize_workers)
     if stage == 2:

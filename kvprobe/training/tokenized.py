@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.traces import Trace
+from ..files import write_error
 from .encode import EncodedTrace, TraceEncoder
 
 __all__ = ["TokenizedTraces", "cache_key", "tokenize_traces", "tokenizer_fingerprint"]
@@ -136,7 +137,10 @@ def _build(traces: Sequence[Trace], encoder: TraceEncoder, path: Path, num_proc:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        rows.save_to_disk(str(tmp))
+        try:
+            rows.save_to_disk(str(tmp))
+        except OSError as e:  # a full disk: one line naming the cache, not the temporary
+            raise write_error(path, e) from e
         try:
             os.rename(tmp, path)
         except OSError:

@@ -427,3 +427,16 @@ def test_docs_cover_every_subcommand_and_config_field():
     for code in ("0", "1", "2"):
         assert re.search(rf"^\|\s*{code}\s*\|", text, re.M), f"exit code {code}"
 
+
+
+def test_the_bad_input_classes_in_the_docs_cite_cases_that_exist():
+    text = (REPO / "docs" / "cli.md").read_text()
+    table = text[text.index("### Bad input, class by class"):]
+    table = table[:table.index("\n\n", table.index("| class |"))]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| class")]
+    cited = {name for row in rows for name in re.findall(r"`([a-z0-9]+(?:-[a-z0-9]+)+)`", row.rsplit("|", 2)[1])}
+    ids = set()
+    for path in (REPO / "tests" / "cli").glob("test_bad_input*.py"):  # each table's case ids, as written
+        ids |= set(re.findall(r'^\s+\("([a-z0-9-]+)"', path.read_text(), re.M))
+    assert len(rows) >= 15 and all(row.rsplit("|", 2)[1].strip() for row in rows)  # every class cites cases
+    assert cited and cited <= ids, f"cases the docs cite that no test holds: {sorted(cited - ids)}"

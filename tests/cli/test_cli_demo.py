@@ -16,8 +16,8 @@ from tests.helpers.cli_support import assert_refused, cli
 
 
 def test_demo_print_config_is_yaml_that_run_accepts(capsys, tmp_path, monkeypatch):
+    import kvprobe.experiment
     from kvprobe.cli import demo as demo_cli
-    from kvprobe.cli import run as run_cli
 
     code, printed, err = cli(capsys, "demo", "--print-config", "--samples", "600")
     assert code == 0 and err == ""
@@ -34,7 +34,7 @@ def test_demo_print_config_is_yaml_that_run_accepts(capsys, tmp_path, monkeypatc
 
     # and `kvprobe run` takes it: the pipeline (stubbed here; end to end in test_cli.py) gets the same config
     seen = []
-    monkeypatch.setattr(run_cli, "run_pipeline", lambda cfg, out, plans, **kw: seen.append((cfg, out)) or {})
+    monkeypatch.setattr(kvprobe.experiment, "run_pipeline", lambda cfg, out, plans, **kw: seen.append((cfg, out)) or {})
     code, _, err = cli(capsys, "run", config, "--out", tmp_path / "demo-run")
     assert code == 0, err
     assert seen == [(expected, tmp_path / "demo-run")]

@@ -1,0 +1,152 @@
+"""How to probe: `LinearConfig`, `MLPConfig` and `ProbeConfig` (with its two families' configs), the
+default strength grid, and `normalise_grid`, which reads a grid.
+
+Plain data, no torch: the command line and the config read them without loading torch. The
+modules that fit the probes re-export them (`kvprobe.probes.linear`, `.mlp`, `.selection`, and
+`kvprobe.analysis`, which probes a store with a `ProbeConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import renamed_fields
+from ..grid import DEFAULT_POOLING, FAMILIES, MLP
+
+__all__ = ["DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ProbeConfig",
+           "normalise_grid"]
+
+DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+"""The linear probe's L2 grid (mean-loss scale; scikit-learn C = 1 / (l2 N))."""
+
+DEFAULT_INNER_FRACTION = 0.2
+"""Share of the training passcodes held out to choose the strength."""
+
+
+def normalise_grid(grid: Sequence[float] | float) -> tuple[float, ...]:
+    """Distinct values, ascending; each must be a finite number >= 0."""
+    import numpy as np  # here, not at the top: the config reads this module without numpy
+
+    values = [float(v) for v in np.atleast_1d(np.asarray(grid, dtype=np.float64))]
+    if not values:
+        raise ValueError("the strength grid is empty")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"strength grid values must be finite and >= 0, got {values}")
+    return tuple(sorted(set(values)))
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """How to fit linear probes.
+
+    l2: L2 strength on the weights of the mean-loss objective (sklearn C = 1 / (l2 * N)).
+    max_iter: L-BFGS iterations per problem.
+    tol: stop a problem when max |gradient| <= tol (sklearn's `tol`).
+    tol_follows_l2: stop at max |gradient| <= min(tol, max(10 l2, TOL_FLOOR)) instead. The solution at
+        l2 is pinned down only to |dW| ~ |gradient| / l2, so with a fixed tol a path of weaker and weaker
+        strengths stops moving (a warm start from the previous decade is already "converged"): the
+        probe is then regularised by the tolerance, not by l2, and a weaker grid value cannot win
+        however much it would. With the tolerance at 10 l2 a warm start from 10 l2, whose gradient
+        grows by about 9 l2 |W|, moves on for any weight above about 1 in standardised units
+        (on the toy, masked +1 then rose from 27.6 at 1e-4 to 32.8 at 1e-5; with tol fixed, 27.9).
+    history: L-BFGS memory (scipy's default is 10).
+    max_halvings: backtracking steps before a problem's line search gives up.
+    precondition: start each L-BFGS direction from the Gram-matrix bound on the Hessian
+        (see the module docstring); False is plain L-BFGS, scipy's algorithm.
+    gram_rows: training rows the Gram matrix is estimated from (evenly spaced; all if fewer).
+    """
+
+    l2: float = 1e-3
+    max_iter: int = 500
+    tol: float = 1e-4
+    tol_follows_l2: bool = True
+    history: int = 10
+    max_halvings: int = 30
+    precondition: bool = True
+    gram_rows: int = 16384
+
+    def __post_init__(self) -> None:
+        if not self.l2 >= 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
+        if self.max_iter < 1 or self.history < 1 or self.max_halvings < 1 or self.gram_rows < 1:
+            raise ValueError("max_iter, history, max_halvings and gram_rows must be >= 1")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """How to build and train MLP probes.
+
+    hidden: trunk widths; the last is the bottleneck (paper: 512, 256, 128).
+    l2: L2 strength on the weights of the mean-loss objective.
+    lr, batch_size: Adam learning rate and minibatch size.
+    max_epochs: epoch limit (the exact count when holdout_fraction == 0).
+    patience: epochs without holdout improvement before a group stops.
+    holdout_fraction: share of training passcodes held out for early stopping.
+    eval_batch: samples per chunk when evaluating (memory only).
+    """
+
+    hidden: tuple[int, ...] = (512, 256, 128)
+    l2: float = 1e-4
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 10
+    holdout_fraction: float = 0.1
+    eval_batch: int = 2048
+
+    def __post_init__(self) -> None:
+        if len(self.hidden) == 0 or min(self.hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty tuple of positive widths, got {self.hidden!r}")
+        if not self.l2 >= 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.eval_batch < 1:
+            raise ValueError("batch_size, max_epochs, patience and eval_batch must be >= 1")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+
+
+@renamed_fields(kinds="families")
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How to probe a store.
+
+    families: probe families (formerly `kinds`); seeds: MLP initialisations (the linear probe
+    is convex and fitted once); shuffled_control: also fit each probe on permuted training labels;
+    max_group_bytes: feature memory per batched fit (cells are fitted in groups).
+    linear_l2_grid: L2 strengths the linear probe's strength is chosen from, per cell, on an inner
+    label-unique split (`inner_fraction` of the training passcodes); one value, or None
+    (= linear.l2), is a fixed strength. mlp_l2_grid: the same for the MLP's L2 (weight
+    decay); None keeps mlp.l2 (the MLP's epochs are always chosen by early stopping).
+    extend_grid: where a cell's best strength is on an edge of its grid, try it a decade further
+    until interior or at a bound of `L2_BOUNDS` (rows record `l2_at_bound`); False keeps the grid.
+    """
+
+    families: tuple[str, ...] = FAMILIES
+    seeds: int = 3
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    pooling: str = DEFAULT_POOLING
+    shuffled_control: bool = True
+    n_boot: int = 2000
+    layers: tuple[int, ...] | None = None  # None: every captured layer
+    offsets: tuple[int, ...] | None = None
+    sites: tuple[str, ...] | None = None
+    max_group_bytes: int = 1 << 30
+    device: str | None = None
+    linear: LinearConfig = LinearConfig(tol=1e-3)
+    mlp: MLPConfig = MLPConfig()
+    linear_l2_grid: tuple[float, ...] | None = DEFAULT_LINEAR_L2_GRID
+    mlp_l2_grid: tuple[float, ...] | None = None
+    inner_fraction: float = DEFAULT_INNER_FRACTION
+    extend_grid: bool = True
+
+    def strength_grid(self, kind: str) -> tuple[float, ...]:
+        """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
+        grid, config = (self.mlp_l2_grid, self.mlp) if kind == MLP else (self.linear_l2_grid, self.linear)
+        return normalise_grid(config.l2 if grid is None else grid)

@@ -1,0 +1,112 @@
+"""The toy's options, plain data without torch: `TrainConfig` (a training run) and `InitScheme` (the
+weights' first draw), so `kvprobe toy train --help` lists them at once. `toy_models.train` and
+`toy_models.model` use them and re-export them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["SCHEDULES", "InitScheme", "TrainConfig"]
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class InitScheme:
+    """How the toy's weights are first drawn (LayerNorms are always 1 / 0).
+
+    embedding: token and position embeddings ~ N(0, embedding**2); "gpt2" = 0.02
+    linear:    attention and MLP weights. "gpt2": transformers' GPT-2 init, N(0, 0.02)
+               with the residual projections scaled by 1/sqrt(2 * n_layer), biases 0;
+               "pytorch": what torch.nn.Linear draws, U(+-1/sqrt(fan_in)) for weights
+               and biases; a number s: N(0, s**2), biases 0.
+
+    PyTorch's defaults (`PYTORCH_INIT`: embeddings N(0, 1), linear U(+-1/sqrt(fan_in)))
+    give the paper's toy pattern; GPT-2's (`GPT2_INIT`) give mementos that keep little
+    of their block (docs/toy.md, "What sets the leak").
+    """
+
+    embedding: float | str = 1.0
+    linear: float | str = "pytorch"
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "linear"):
+            v = getattr(self, name)
+            allowed = ("gpt2", "pytorch") if name == "linear" else ("gpt2",)
+            if isinstance(v, str) and v not in allowed or not isinstance(v, (str, int, float)) or (
+                not isinstance(v, str) and not (math.isfinite(v) and v > 0)
+            ):
+                raise ValueError(f"init {name} must be a positive number or one of {allowed}, got {v!r}")
+
+    def name(self) -> str:
+        return f"embed-{self.embedding}_linear-{self.linear}"
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A TrainConfig field with the help text `kvprobe toy train` shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters and bookkeeping of one training run.
+
+    The defaults are the faithful toy's recipe (docs/toy.md, "What sets the leak"):
+    PyTorch-default initialisation, batch 64, constant learning rate 1e-3 after a short
+    warmup, no weight decay, fresh sequences every step.
+    """
+
+    steps: int = _opt(2400, "optimizer steps")
+    batch_size: int = _opt(64, "sequences per step")
+    lr: float = _opt(1e-3, "peak AdamW learning rate")
+    warmup: int = _opt(0, "linear warmup steps; then constant, or cosine decay to 0 at the last step")
+    schedule: str = _opt("constant", "learning-rate schedule after warmup: constant or cosine")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on matrices (not biases, LayerNorms, embeddings)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.98, "AdamW beta2")
+    grad_clip: float | None = _opt(1.0, "max gradient norm, or none")
+    init_embedding: float | str = _opt(1.0, "std of the embeddings' N(0, std), or gpt2 (0.02)")
+    init_linear: float | str = _opt("pytorch", "linear weights: pytorch U(+-1/sqrt(fan_in)), gpt2, or a std")
+    tied: bool = _opt(True, "tie the output head to the token embedding")
+    n_embd: int = _opt(128, "model width (heads of 32 dims, MLP 4x): the capacity study")
+    n_layer: int = _opt(4, "transformer layers: the capacity study")
+    train_set: int | None = _opt(None, "a fixed set of this many sequences seen for epochs, or none: fresh every step")
+    seed: int = _opt(0, "model init and training data seed")
+    eval_every: int = _opt(50, "log loss and task accuracy every N steps")
+    save_every: int = _opt(50, "write a checkpoint every N steps")
+    eval_samples: int = _opt(1000, "held-out sequences per logged evaluation")
+    device: str = _opt("cpu", "torch device, e.g. cpu or cuda")
+    out_dir: str = "runs/toy"
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "save_every", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("warmup and weight_decay must be >= 0 and lr > 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.train_set is not None and self.train_set < self.batch_size:
+            raise ValueError(f"train_set must hold at least one batch ({self.batch_size}), got {self.train_set}")
+        if self.n_embd < 32 or self.n_embd % 32 or self.n_layer < 1:
+            raise ValueError(f"n_embd must be a positive multiple of 32 and n_layer >= 1, got {self.n_embd}, {self.n_layer}")
+        if not 0 <= self.seed < 2**30:
+            raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
+        self.init  # validates the init fields
+
+    @property
+    def init(self) -> InitScheme:
+        """The initialisation scheme the init_* fields describe."""
+        return InitScheme(embedding=self.init_embedding, linear=self.init_linear)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that define the run's results (not where or how fast it runs)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
