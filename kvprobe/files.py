@@ -19,7 +19,8 @@ as it was. A process killed mid-write leaves its temporary behind (the target is
 
 Before replacing, appending to or repairing a file the user named, `check_ours` refuses one
 kvprobe did not write (its first bytes carry no kvprobe marker), and `check_not_input`
-refuses an output that is one of the command's inputs.
+refuses an output that is one of the command's inputs. What kvprobe reads as YAML (config files,
+`--set` values) goes through `UniqueKeyLoader`, which refuses a key given twice.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 from .errors import KVProbeError
 
-__all__ = ["Appender", "NotOursError", "WriteError", "check_not_input", "check_ours", "remove_leftovers", "replacing",
+__all__ = ["Appender", "DuplicateKeyError", "NotOursError", "UniqueKeyLoader", "WriteError", "check_not_input", "check_ours", "remove_leftovers", "replacing",
            "together", "write_bytes", "write_error", "write_text"]
 
 HEAD_BYTES = 1 << 16  # how much of a file's start `check_ours` reads for its marker
@@ -305,3 +308,26 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike],
         if same:
             raise NotOursError(f"{out}: {flag} is also an input ({source}); writing it would lose that input: "
                                "choose another output path")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives one key twice (PyYAML would silently keep the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, naming it and both lines.
+    `<<: *base` merge keys may still be overridden key by key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first given at line {seen[key]})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the safe loader refuses it itself
+                continue
+        return super().construct_mapping(node, deep=deep)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..errors import KVProbeWarning
+from ..files import UniqueKeyLoader
 from ..experiment.errors import ExperimentError
 from ..memento.config import MaskConfig
 
@@ -93,9 +94,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, examples: 
 _TAG = "tag:yaml.org,2002:"
 
 
-class _ValueLoader(yaml.SafeLoader):
-    """YAML for one command-line value, its plain words read as YAML 1.2 (and JSON) read them:
-    only true/false are booleans and numbers are JSON's, so 1e-5 is a number while no, on, 010,
+class _ValueLoader(UniqueKeyLoader):
+    """YAML for one command-line value (a key given twice is refused), its plain words read as YAML 1.2
+    (and JSON) read them: only true/false are booleans and numbers are JSON's, so 1e-5 is a number while no, on, 010,
     1:30 and 2024-01-01 stay text (PyYAML's YAML 1.1 would make them False, True, 8, 90, a date)."""
 
 

@@ -39,6 +39,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..capture.spec import CaptureConfig
 from ..causal.config import CausalConfig
 from ..errors import KVProbeError
+from ..files import DuplicateKeyError, UniqueKeyLoader
 from ..grid import LINEAR, MEMENTO, MLP, Cell
 from ..memento.config import MaskConfig
 from ..probes.config import ProbeConfig
@@ -327,27 +328,9 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{source}: {_first_error(e)}") from None
 
 
-class _DuplicateKeyError(yaml.YAMLError):
-    """A config file gives one key twice in a mapping (the loaders would silently keep the last)."""
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping, naming it and both lines,
-    and reads 1e-3 as the number YAML 1.2 and JSON make it (YAML 1.1 wants 1.0e-3)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise _DuplicateKeyError(f"duplicate key {key!r} at line {line} (first given at line {seen[key]})")
-                seen[key] = line
-            except TypeError:  # an unhashable key: the safe loader refuses it itself
-                continue
-        return super().construct_mapping(node, deep=deep)
+class _ConfigLoader(UniqueKeyLoader):
+    """The safe loader of config files: a key given twice is refused (`UniqueKeyLoader`), and 1e-3 is
+    the number YAML 1.2 and JSON make it (YAML 1.1 wants 1.0e-3)."""
 
 
 _ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
@@ -359,7 +342,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKeyError(f"duplicate key {key!r}")
+            raise DuplicateKeyError(f"duplicate key {key!r}")
         out[key] = value
     return out
 

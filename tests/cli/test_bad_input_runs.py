@@ -163,6 +163,8 @@ CASES = [
     ("duplicate-key-nested", ["run", "{dir}/dupnested.yaml", "--out", "{out}"],
      ["dupnested.yaml", "duplicate key 'layers'"]),
     ("duplicate-key-json", ["capture", "{dir}/dup.json", "--dry-run"], ["dup.json", "duplicate key 'seed'"]),
+    ("duplicate-key-in-set", ["capture", C, "--dry-run", "--set", "capture={layers: [0], layers: [1]}"],
+     ["--set", "duplicate key 'layers'"]),
     ("yaml-impossible-date", ["capture", "{dir}/date.yaml", "--dry-run"], ["date.yaml", "malformed YAML"]),
     # fields the model or data kind does not read
     ("toy-data-traces", DRY + ["--set", "data.traces={dir}/prompts.jsonl"], ["data.traces", "data.kind 'traces'"]),
