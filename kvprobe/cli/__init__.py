@@ -21,15 +21,19 @@ from types import ModuleType
 from typing import Sequence
 
 from ..errors import KVProbeError
-from . import capture, common, demo, layout, plugins, run, serve, sft, toy, verify
+from . import capture, common, demo, export, layout, plugins, run, serve, sft, toy, verify
 from .common import UsageError, one_line_deprecations
 from .runtime import keep_freed_memory, reproducible_blas, when_imported
 
 # every subcommand module defines register(subparsers); add new ones here (`toy` adds the toy
 # plugin's command); commands of other plugins (entry-point group `kvprobe.cli`) follow them
-SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, serve, sft)
+SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, export, serve, sft)
 
 BAD_INPUT = (UsageError, KVProbeError)  # every refusal of input: one line, exit 2
+# the packages of the extras (pyproject.toml), so a command that needs one names the extra to install
+EXTRA_OF = {"httpx": "serve", "accelerate": "train", "datasets": "train", "transformer_lens": "lens",
+            "nnsight": "nnsight", "vllm": "gpu", "flash_attn": "gpu", "liger_kernel": "gpu", "nbclient": "notebook",
+            "nbformat": "notebook", "jupytext": "notebook"}
 
 __all__ = ["main"]
 
@@ -84,6 +88,12 @@ def _main(argv: Sequence[str] | None) -> int:
         if e.filename is not None:
             return _refuse(f"{e.filename}: {e.strerror or e}")
         return _refuse(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except ModuleNotFoundError as e:  # a package of an extra the install left out, or kvprobe's own bug
+        extra = EXTRA_OF.get((e.name or "").partition(".")[0])
+        if extra is None:
+            return _internal()
+        return _refuse(f"kvprobe {args.command} needs {e.name}, which comes with the '{extra}' extra: "
+                       f"pip install 'kvprobe[{extra}]'")
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:

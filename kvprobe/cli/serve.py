@@ -39,6 +39,8 @@ def _refusing_bad_input(command: Callable[[argparse.Namespace], int]) -> Callabl
             raise UsageError(e.with_flag()) from None
         except ChatTemplateError as e:  # the library's chat_template is the flag --chat-template
             raise UsageError("--chat-template" + str(e).removeprefix("chat_template")) from None
+        except ModuleNotFoundError:  # a missing extra: `main` names it and how to install it
+            raise
         except (ServeError, ValueError, OSError, ImportError) as e:
             raise UsageError(str(e)) from None
     return run

@@ -1,0 +1,1 @@
+"""Tests of kvprobe.export: a store as a `datasets` dataset or safetensors files, and read back."""
