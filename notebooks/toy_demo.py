@@ -22,17 +22,46 @@
 # tokens, and a simple linear probe can read it back.
 #
 # We use the 811,776-parameter toy model shipped with kvprobe, so everything runs on a
-# laptop CPU in about a minute. The same file runs as a script,
-# `python notebooks/toy_demo.py`, which saves the figures instead of showing them.
-# Outputs go to the directory named by the environment variable `KVPROBE_NOTEBOOK_OUT`
-# (a fresh temporary directory if it is not set). `docs/teaching.md` has exercises.
+# CPU in about a minute and nothing is downloaded but kvprobe itself. The same file runs
+# as a script, `python notebooks/toy_demo.py`, which saves the figures instead of showing
+# them. `docs/teaching.md` has exercises.
+#
+# **On Colab** the first cell installs kvprobe from the copy you name: set `KVPROBE_SOURCE`
+# in that cell to your copy's git address (`git+https://...`, the repository you got
+# kvprobe from) or to the folder of a checkout you uploaded; the cell stops and says so if it is
+# empty (it never guesses an address). On your own machine,
+# install it first (`pip install -e ".[notebook]"`) and the cell only says where the
+# outputs go: the directory named by `KVPROBE_NOTEBOOK_OUT`, else `kvprobe-notebook` on
+# Colab and a fresh temporary directory elsewhere.
 
 # %%
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
+
+KVPROBE_SOURCE = os.environ.get("KVPROBE_SOURCE", "")  # on Colab: your copy's git+https://... address or folder
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:  # Colab has PyTorch; this adds kvprobe, its toy model and the rest (a local install skips it)
+    if not KVPROBE_SOURCE:
+        raise SystemExit("set KVPROBE_SOURCE in this cell to where your copy of kvprobe is (git+https://... or a folder)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", f"kvprobe @ {KVPROBE_SOURCE}"
+                    if "://" in KVPROBE_SOURCE else KVPROBE_SOURCE], check=True)
+
+default_out = "kvprobe-notebook" if IN_COLAB else tempfile.mkdtemp(prefix="kvprobe-notebook-")
+OUT = Path(os.environ.get("KVPROBE_NOTEBOOK_OUT") or default_out)
+FIGURES = OUT / "figures"
+FIGURES.mkdir(parents=True, exist_ok=True)
+print(f"outputs (KV stores, figures) in {OUT}")
+
+# %% [markdown]
+# The pieces of kvprobe this tour uses, and `toy_models`, the toy Memento model that
+# ships with it (weights included).
+
+# %%
 import time
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets; we show no bars
 
@@ -54,18 +83,22 @@ from toy_models.source import ToyPasscodeSource
 from toy_models.task import heldout_seed, memento_logits, task_accuracy
 from toy_models.vocab import SPECIAL, VOCAB
 
+# %% [markdown]
+# Fast and repeatable. Every random draw below has its own seed, so each run prints the
+# same numbers. PyTorch runs on one thread: on a busy machine, threads waiting on each
+# other made the probes many times slower (measured); raise it on an idle machine.
+
+# %%
 START = time.perf_counter()
-transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar
-# On a busy machine, PyTorch threads waiting on each other made the probes many times
-# slower (measured), so we use one; raise it on an idle machine of your own.
 torch.set_num_threads(1)
 torch.manual_seed(0)  # nothing below is random without an explicit seed; this is a safety net
+transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar
 
-OUT = Path(os.environ.get("KVPROBE_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="kvprobe-notebook-"))
-FIGURES = OUT / "figures"
-FIGURES.mkdir(parents=True, exist_ok=True)
+# %% [markdown]
+# Every figure is saved as a PNG under `OUT/figures`; inside a notebook it is also shown
+# inline, as a script it is only saved.
 
-
+# %%
 def _in_notebook() -> bool:
     """True inside a Jupyter kernel, False when run as `python toy_demo.py`."""
     try:
@@ -82,16 +115,13 @@ IN_NOTEBOOK = _in_notebook()
 def show(fig: Figure, name: str) -> None:
     """Save a figure as OUT/figures/NAME.png; in a notebook, also show that image inline."""
     path = FIGURES / f"{name}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     if IN_NOTEBOOK:
         from IPython.display import Image, display
 
         display(Image(filename=str(path)))
     else:
         print(f"figure saved: {path}")
-
-
-print(f"outputs in {OUT}")
 
 # %% [markdown]
 # ## 1. The Memento format
@@ -152,10 +182,18 @@ MASKS = {
     "restart mode": MaskConfig(keep_last_n_blocks=0, restart_mode=True),  # the fork's restart: delimiters hidden
 }
 allowed = {name: allow_matrix([layout], T, cfg)[0, 0].numpy() for name, cfg in MASKS.items()}  # (T, T) bool each
+for name, allow in allowed.items():
+    print(f"{name:<32} {allow.sum():,} of {T * T:,} query-key pairs allowed")
+
+# %% [markdown]
+# One picture per mask: dark where a query may read a key.
+
+# %%
 ALLOW_CMAP = ListedColormap(["white", "#1f4e79"])  # hidden, allowed
 
 
 def draw_mask(ax, allow, title, stop=None):
+    """Draw the allow-matrix up to position STOP, with a grey line where each block starts."""
     stop = stop or allow.shape[0]
     ax.imshow(allow[:stop, :stop], cmap=ALLOW_CMAP, vmin=0, vmax=1, interpolation="nearest")
     for block in layout.blocks:
@@ -270,8 +308,13 @@ target = first.layouts[0].blocks[1]
 print(f"sample 0: passcode {first.passcodes[0]}, block 1 reads",
       " ".join(VOCAB[i] for i in first.input_ids[0, target.start : target.end + 1].tolist()))
 
+# %% [markdown]
+# The capture plan says what will be written, and how big, before anything runs (a dry
+# run). Then one forward pass per sample, in batches of 250, into an HDF5 store.
+
+# %%
 spec = CaptureConfig(layers=LAYERS, offsets=OFFSETS, mask=MaskConfig(keep_last_n_blocks=0), batch_size=250)
-print(plan_capture(model, source, spec).summary())  # a dry run: what will be written, how big
+print(plan_capture(model, source, spec).summary())
 t = time.perf_counter()
 store_path = run_capture(model, source, spec, OUT / "stores" / "memento", mode="overwrite", progress=False)
 print(f"captured in {time.perf_counter() - t:.1f} s into {store_path}")
@@ -300,6 +343,10 @@ print(f"probed {len(grid.rows)} cells in {time.perf_counter() - t:.1f} s "
       f"({grid.rows[0].n_train} training, {grid.rows[0].n_val} validation samples)\n")
 print(leakage_table({"memento": grid}))
 
+# %% [markdown]
+# The same cells one by one, with their 95% intervals and Holm-corrected p-values.
+
+# %%
 ROLE = {-1: "causal control", 0: "direct", 1: "masked +1", 2: "masked +2"}
 print(f"{'layer':>5}  {'cell':<15} {'accuracy':>8}  {'95% interval':<13} {'Holm p':>8}")
 for r in sorted(grid.rows, key=lambda r: (r.layer, r.offset)):
@@ -349,9 +396,8 @@ print(f"masked +1 minus masked +2: {100 * decay:+.1f} points")
 #   written, so its KV states carry the digits: the strongest cell by far.
 # * **Masked (offsets +1, +2): above chance, and lower further away.** `M_3` and `M_4`
 #   never saw the passcode block, yet the probe reads some of its digits from their KV
-#   states, a little less at +2 than at +1 (with 1,500 samples the two intervals overlap;
-#   the paper's toy run, 50,000 samples, finds 26.2% at +1, 21.4% at +2, and still 1.3x
-#   chance at +7).
+#   states, clearly less at +2 than at +1 (the paper's toy run, 50,000 samples, finds
+#   26.2% at +1, 21.4% at +2, and still 1.3x chance at +7).
 # * **Layer 0 shows only a trace.** At the first layer a token's keys and values depend
 #   only on the token itself and its position, so they hold just the memento *text*. The
 #   text is a running sum that includes the passcode's digits, so it says a little about
@@ -388,11 +434,21 @@ grids = {"memento": grid, "restart": restart_grid}
 apply_holm([r for g in grids.values() for r in g.rows])
 print(leakage_table(grids))
 
+# %% [markdown]
+# Memento minus restart, cell by cell: the same validation samples under both masks, so
+# the interval comes from a paired bootstrap.
+
+# %%
 diffs = compare(grid, restart_grid, n_boot=settings.n_boot)  # memento - restart, paired
 print("memento minus restart (percentage points, 95% paired bootstrap interval):")
 for d in diffs:
     print(f"  layer {d.layer}, {ROLE[d.offset]:<15} {100 * d.difference:+5.1f}  "
           f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]")
+
+# %% [markdown]
+# Both conditions at the last layer in one figure, with their intervals.
+
+# %%
 fig = Figure(figsize=(8, 4.5), layout="constrained")
 ax = fig.subplots()
 for shift, (name, g), color in zip((-0.06, 0.06), grids.items(), ("#d62728", "#2ca02c")):
@@ -413,12 +469,16 @@ show(fig, "memento_vs_restart")
 # * **Direct:** restart mode costs the direct memento most of its signal. `M_2`'s keys and
 #   values hold far more about the passcode than its three digits of text: the hidden
 #   channel is real, and it sits exactly where the mask cannot reach it.
-# * **Masked:** memento mode reads far more than the texts carry at +1 and still more at
-#   +2: the memento *text* accounts for only a few points above chance (restart mode), the
-#   rest reached `M_3` and `M_4` through the KV states of the mementos before them. This is
-#   the implicit channel of the paper, and on this toy it is the larger part of the leak.
-#   (The toy's initialisation matters here: the same model initialised the GPT-2 way,
-#   `toy_models.load("gpt2-init/final")`, leaks far less. Try it, and see `docs/toy.md`.)
+# * **Masked +1:** memento mode reads several points more than the text carries, and the
+#   paired interval stays well above zero. The memento *text* accounts for only a few
+#   points above chance (restart mode); the rest reached `M_3` through the KV states of
+#   `M_2`. This is the implicit channel of the paper, and at +1 on this toy it is the
+#   larger part of the leak. (The toy's initialisation matters here: the same model
+#   initialised the GPT-2 way, `toy_models.load("gpt2-init/final")`, leaks far less. Try
+#   it, and see `docs/toy.md`.)
+# * **Masked +2:** the two conditions lie within a point or so of each other and the
+#   paired interval includes zero: at this scale the text alone explains what `M_4`
+#   holds. Whether a hidden part survives further away takes more samples.
 #
 # That is what the full runs are for. `kvprobe demo` runs the experiment with more
 # samples, all 4 layers, offsets up to +7 and the same text-only baseline (`restart`), and

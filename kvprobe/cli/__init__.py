@@ -33,7 +33,7 @@ BAD_INPUT = (UsageError, KVProbeError)  # every refusal of input: one line, exit
 # the packages of the extras (pyproject.toml), so a command that needs one names the extra to install
 EXTRA_OF = {"httpx": "serve", "accelerate": "train", "datasets": "train", "transformer_lens": "lens",
             "nnsight": "nnsight", "vllm": "gpu", "flash_attn": "gpu", "liger_kernel": "gpu", "nbclient": "notebook",
-            "nbformat": "notebook", "jupytext": "notebook"}
+            "nbformat": "notebook", "jupytext": "notebook", "tensorboard": "track", "wandb": "track"}
 
 __all__ = ["main"]
 

@@ -10,6 +10,7 @@ import yaml
 
 from ..grid import LINEAR, MEMENTO
 from .common import UsageError, add_parser
+from .run import add_log_to, tracking
 
 __all__ = ["DEMO_CONFIG", "register"]
 
@@ -51,22 +52,26 @@ def _demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    track = tracking(args)
     t = time.perf_counter()
     out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
-    grids = run_pipeline(cfg, out, plans, resume=args.resume, progress=not args.quiet)
+    grids = run_pipeline(cfg, out, plans, resume=args.resume, progress=not args.quiet, **track)
     print()
     print(leakage_table(grids))
     print("Offsets: -1 causal control (M_1 precedes the passcode: must be at chance), 0 direct (M_2 saw it),")
     print("+1.. masked (the passcode block was hidden from these mementos: any signal leaked through the KV cache).")
     print(f"\ndone in {time.perf_counter() - t:.0f} s; summary: {out / 'report' / 'summary.md'}")
     print(f"figures: {out / 'report' / 'figures'}")
+    if track["log_to"]:
+        print(f"tracking: {out / 'tracking'}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
         sub, "demo", "run the leakage experiment on the shipped toy checkpoint and print the leakage table",
-        "  kvprobe demo\n  kvprobe demo --out runs/demo --samples 2000\n  kvprobe demo --print-config > my_study.yaml",
+        "  kvprobe demo\n  kvprobe demo --out runs/demo --samples 2000\n  kvprobe demo --print-config > my_study.yaml\n"
+        "  kvprobe demo --log-to tensorboard && tensorboard --logdir kvprobe-demo/tracking/tensorboard",
     )
     p.add_argument("--out", default="kvprobe-demo", help="output directory (default: kvprobe-demo)")
     p.add_argument("--samples", type=int, default=DEMO_CONFIG["data"]["n_samples"], help="passcode samples")
@@ -75,4 +80,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="delete OUT first (only a directory kvprobe made)")
     p.add_argument("--print-config", action="store_true", help="print the demo's config as YAML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_to(p)
     p.set_defaults(func=_demo)

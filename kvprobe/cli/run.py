@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 from .common import UsageError, add_config_args, add_parser, experiment_config
+from .export import NETWORK_OPT_IN
 
-__all__ = ["register"]
+__all__ = ["add_log_to", "register", "tracking"]
+
+TRACKERS = ("tensorboard", "wandb")  # kvprobe.reporting.tracking.TRACKERS, named here so --help loads no library
 
 
 def _single_process(command: str) -> None:
@@ -21,13 +24,35 @@ def _single_process(command: str) -> None:
                          "`kvprobe report` once")
 
 
+def add_log_to(p: argparse.ArgumentParser) -> None:
+    """--log-to TRACKER (repeatable): where `run`, `probe` and `demo` also send the results."""
+    p.add_argument("--log-to", action="append", default=[], metavar="TRACKER",
+                   help=f"also log the config, every cell's metrics and the figures to {' or '.join(TRACKERS)} "
+                        f"(repeatable), under OUT/tracking; wandb runs offline unless {NETWORK_OPT_IN}=1 "
+                        "(needs the 'track' extra)")
+
+
+def tracking(args: argparse.Namespace) -> dict:
+    """--log-to checked before anything is written (known trackers, their packages installed): the
+    pipeline's `log_to` and `online` (W&B reaches the network only with the opt-in)."""
+    for name in args.log_to:
+        if name not in TRACKERS:
+            raise UsageError(f"--log-to: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+    log_to = tuple(dict.fromkeys(args.log_to))
+    from ..reporting.tracking import require
+
+    require(log_to)  # a missing package: one line naming the 'track' extra (cli.EXTRA_OF)
+    return {"log_to": log_to, "online": os.environ.get(NETWORK_OPT_IN, "").strip() == "1"}
+
+
 def _run(args: argparse.Namespace) -> int:
     _single_process("run")
     cfg = experiment_config(args)
+    track = tracking(args)
     from ..experiment import leakage_table, run_pipeline, start_run  # torch: once the config is read
 
     out, plans = start_run(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
-    grids = run_pipeline(cfg, out, plans, resume=args.resume)
+    grids = run_pipeline(cfg, out, plans, resume=args.resume, **track)
     print(leakage_table(grids))
     print(f"report: {out / 'report' / 'summary.md'}; figures: {out / 'report' / 'figures'}")
     return 0
@@ -35,10 +60,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     _single_process("probe")
+    track = tracking(args)
     from ..experiment import open_run
 
     out, cfg = open_run(args.run_dir)
     from ..experiment import leakage_table, record_timing, stage_probe  # torch: once the run is found
+    from ..experiment.pipeline import stage_track
 
     # --redo sets a condition's old results aside (.NAME.redo) and deletes them only once the new ones are
     # written: a store refused as damaged, or any other failure, puts them back
@@ -63,6 +90,7 @@ def _probe(args: argparse.Namespace) -> int:
     for p in moved:
         p.with_name(f".{p.name}.redo").unlink()
     record_timing(out, "probe", time.perf_counter() - t)
+    stage_track(cfg, out, grids, **track)  # the cells and config; figures come with `kvprobe report`'s report
     print(leakage_table(grids))
     return 0
 
@@ -90,18 +118,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "run", "run a whole experiment from a config: capture, probe, sweep, report (resumable)",
         "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro\n"
         "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro --resume   # after an interruption\n"
-        "  kvprobe run experiments/custom_study.toml --out runs/custom --set data.n_samples=2000",
+        "  kvprobe run experiments/custom_study.toml --out runs/custom --set data.n_samples=2000\n"
+        "  kvprobe run experiments/toy_reproduction.yaml --out runs/repro --log-to tensorboard",
     )
     add_config_args(p, required=True)
     p.add_argument("--out", required=True, help="experiment directory")
+    add_log_to(p)
     p.set_defaults(func=_run)
 
     p = add_parser(
         sub, "probe", "train probes on the stores of a run directory and print the leakage table",
-        "  kvprobe probe runs/repro\n  kvprobe probe runs/repro --redo",
+        "  kvprobe probe runs/repro\n  kvprobe probe runs/repro --redo --log-to wandb",
     )
     p.add_argument("run_dir", help="a directory made by `kvprobe capture` or `kvprobe run`")
     p.add_argument("--redo", action="store_true", help="refit probes even where results exist")
+    add_log_to(p)
     p.set_defaults(func=_probe)
 
     p = add_parser(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from .rundir import (
 )
 
 __all__ = ["holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep",
-           "start_run"]
+           "stage_track", "start_run"]
 
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
@@ -209,6 +209,21 @@ def token_ids_fed(out: Path, cfg: ExperimentConfig) -> str | None:
             f"(data.token_ids: {traces.get('token_ids', 'served')}; {traces.get('served_ids', 0)} traces carried served ids)")
 
 
+def run_record(out: Path) -> dict[str, Any]:
+    """The packages the run used (OUT/config.json) and the captured model's identity (OUT/model.json),
+    where recorded and readable, for the report's metadata."""
+    found: dict[str, Any] = {}
+    for key, name in (("versions", "config.json"), ("model identity", "model.json")):
+        try:
+            record = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        value = record.get("versions") if key == "versions" and isinstance(record, dict) else record
+        if isinstance(value, dict):
+            found[key] = value
+    return found
+
+
 def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], sweep: list[SweepPoint]) -> list[Path]:
     """Tables and figures from probe results (cells Holm-corrected by `holm_corrected`); always rewritten (cheap)."""
     from .. import reporting as report
@@ -220,13 +235,15 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
             diffs.extend(compare(grids[a], grids[b], n_boot=cfg.probe.n_boot))
     apply_holm(diffs)  # the differences are a family of their own
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
-    meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings}
+    meta = {"name": cfg.name, "config": cfg.to_dict(), "timings": timings, **run_record(out)}
     fed = token_ids_fed(out, cfg)
     if fed is not None:
         meta["token ids"] = fed
     paper = report.PAPER_TOY if cfg.report.paper == "toy" else None
-    paths = list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta).values())
     causal = saved_causal(out)
+    beside = (causal, cfg.causal_condition()) if causal is not None else None  # on index.html, by the probe map
+    paths = list(report.write_report(rows, diffs, out / "report", sweep=sweep or None, paper=paper, metadata=meta,
+                                     causal=beside).values())
     if causal is not None:  # the causal map beside the probe map
         from ..reporting.causal import write_causal
 
@@ -276,9 +293,24 @@ def start_run(cfg: ExperimentConfig, out: Path, *, resume: bool, overwrite: bool
     return prepare_out_dir(out, cfg, resume=resume, overwrite=overwrite, stage="run"), plans
 
 
-def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True) -> dict[str, GridResult]:
-    """Every stage in order: capture, probe, causal (with a `causal` section), sweep, report.
-    Returns the probe grids, Holm-corrected as the report's family (`holm_corrected`)."""
+def stage_track(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], figures: Sequence[Path] = (), *,
+                log_to: tuple[str, ...] = (), online: bool = False) -> list[Path]:
+    """Log the config, every cell (Holm-corrected) and the report's PNG figures to each tracker of `log_to`
+    (`reporting.tracking`), each into a fresh sub-run under OUT/tracking; returns where they wrote."""
+    if not log_to:
+        return []
+    from ..reporting.tracking import track_run
+
+    rows = [r for g in holm_corrected(grids).values() for r in g.rows]
+    return track_run(log_to, out / "tracking", name=cfg.name, config=cfg.to_dict(), rows=rows, figures=figures,
+                     online=online)
+
+
+def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True,
+                 log_to: tuple[str, ...] = (), online: bool = False) -> dict[str, GridResult]:
+    """Every stage in order: capture, probe, causal (with a `causal` section), sweep, report, then the
+    trackers of `log_to` (`stage_track`). Returns the probe grids, Holm-corrected as the report's family
+    (`holm_corrected`)."""
     t = time.perf_counter()
     capture_all(cfg, out, plans, mode="resume" if resume else "create", progress=progress)
     record_timing(out, "capture", time.perf_counter() - t)
@@ -294,6 +326,7 @@ def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool
     if cfg.sweep.checkpoints:
         record_timing(out, "sweep", time.perf_counter() - t)
     t = time.perf_counter()
-    stage_report(cfg, out, grids, sweep)
+    paths = stage_report(cfg, out, grids, sweep)
     record_timing(out, "report", time.perf_counter() - t)
+    stage_track(cfg, out, grids, paths, log_to=log_to, online=online)
     return grids

@@ -14,7 +14,8 @@ computed from their intervals.
 
 The rooms, data flowing one way: `words` (the shared vocabulary and number formats) ->
 `paper`, `comparisons`, `sweep` (sections) -> `summary` (the Markdown) -> `tables` (the
-data files); `plotting` -> `figures`; `write_report` here joins tables and figures.
+data files); `plotting` -> `heatmaps` -> `figures`; `webfigures` -> `html` (index.html); `write_report` here joins
+tables and figures.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .. import lazy_exports
 
 if TYPE_CHECKING:
     from ..analysis import CellResult, DiffResult
+    from ..causal import CausalResult
     from .sweep import Sweep
 
 __all__ = [
@@ -56,10 +58,13 @@ def write_report(
     paper: dict | None = None,
     metadata: dict | None = None,
     condition: str | None = None,
+    causal: tuple[CausalResult, str] | None = None,
 ) -> dict[str, Path]:
-    """Tables plus figures (under out_dir/figures), with the PNGs embedded in summary.md."""
+    """Tables plus figures (under out_dir/figures), with the PNGs embedded in summary.md, and
+    index.html: the same results as one interactive page that works offline (`reporting.html`)."""
     from ..files import together
     from .figures import save_all
+    from .html import HTML_NAME, write_html_report
     from .tables import write_tables
 
     out = Path(out_dir)
@@ -68,6 +73,8 @@ def write_report(
         pngs = [p.relative_to(out).as_posix() for p in figure_paths if p.suffix == ".png"]
         paths = write_tables(rows, diffs, out, sweep=sweep, paper=paper, metadata=metadata, figures=pngs,
                              condition=condition)
+        paths[HTML_NAME] = write_html_report(rows, diffs, out, sweep=sweep, metadata=metadata, causal=causal,
+                                             files=list(paths) + (["causal.csv"] if causal else []))
     paths.update({p.relative_to(out).as_posix(): p for p in figure_paths})
     return paths
 

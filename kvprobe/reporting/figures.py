@@ -9,16 +9,15 @@ is plotted in percent with 95% intervals and a dashed chance line at 10%.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.axes import Axes
-from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from ..files import replacing, together
 from ..grid import MEMENTO
@@ -28,6 +27,7 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     MASKED_COLOR,
     PAIR_COLORS,
     ROLE_STYLE,
+    SAVE_STYLE,
     TASK_COLOR,
     _accuracy_panel,
     _accuracy_ylim,
@@ -45,13 +45,14 @@ from .plotting import (  # noqa: F401  (colours are part of this module's interf
     _resolve,
     _select,
 )
+from .heatmaps import accuracy_heatmap
 from .sweep import Sweep, sweep_points
 from .words import (
-    CHANCE,
     comparison_series,
     condition_masks,
     condition_order,
     offset_label,
+    primary_condition,
     probe_order,
 )
 
@@ -130,67 +131,6 @@ def accuracy_by_distance(rows: Sequence[CellResult], *, condition: str | None = 
     fig.suptitle(f"Masked accuracy by distance\ncondition {condition}, {site} site (95% intervals)")
     _bottom_legend(fig, axes[0])
     return fig
-
-
-def accuracy_heatmap(rows: Sequence[CellResult], *, condition: str | None = None,
-                     site: str | None = None) -> Figure | None:
-    """Layer x offset grid of accuracy (%), cells annotated, '*' on Holm-significant cells."""
-    chosen = _resolve(rows, condition, site)
-    if chosen is None:
-        return None
-    condition, site = chosen
-    cells = _select(rows, condition, site)
-    probes = probe_order(cells)
-    layers = sorted({r.layer for r in cells})
-    offsets = sorted({r.offset for r in cells})
-    vmax = max(20.0, float(np.ceil(max(100 * r.accuracy for r in cells) / 10) * 10))
-    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=vmax)  # spreads the colours near chance, where leakage lives
-    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
-    stacked = len(layers) <= 12  # few layers: panels one above the other; many: side by side
-    cell_w, cell_h = 0.75, (0.5 if stacked else 0.32)
-    panel_w, panel_h = cell_w * len(offsets) + 1.2, cell_h * len(layers) + 1.1
-    shape = (len(probes), 1) if stacked else (1, len(probes))
-    fig = Figure(figsize=(panel_w * shape[1] + 1.6, panel_h * shape[0] + 1.0), layout="constrained")
-    axes = fig.subplots(*shape, squeeze=False).ravel()
-    font = 8 if len(offsets) <= 10 and len(layers) <= 24 else 6
-    image = None
-    for ax, probe in zip(axes, probes):
-        grid = np.full((len(layers), len(offsets)), np.nan)
-        stars = np.zeros(grid.shape, dtype=bool)
-        for r in cells:
-            if r.probe == probe:
-                grid[layers.index(r.layer), offsets.index(r.offset)] = 100 * r.accuracy
-                stars[layers.index(r.layer), offsets.index(r.offset)] = r.significant
-        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
-        for (i, j), value in np.ndenumerate(grid):
-            text = "—" if np.isnan(value) else f"{value:.1f}" + ("*" if stars[i, j] else "")
-            dark = np.isnan(value) or norm(value) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=font, color="black" if dark else "white")
-        ax.set_xticks(range(len(offsets)), [_short_offset(o) for o in offsets])
-        ax.set_yticks(range(len(layers)), [str(v) for v in layers])
-        ax.set_xlabel("offset (block distance from target)")
-        ax.set_ylabel("layer")
-        ax.set_title(f"{probe} probe")
-    assert image is not None
-    bar = fig.colorbar(image, ax=axes.tolist(), label="probe accuracy (%), square-root colour scale",
-                       shrink=0.9)
-    bar.set_ticks([t for t in (0, 10, 20, 30, 40, 60, 80, 100) if t <= vmax])
-    bar.ax.axhline(100 * CHANCE, color="white", linewidth=3)
-    bar.ax.axhline(100 * CHANCE, color="black", linestyle="--", linewidth=1.5)
-    handles = [Line2D([], [], color="black", linestyle="--", label=f"{CHANCE_LABEL} on the colour bar"),
-               Line2D([], [], color="black", linestyle="none", marker="$*$", markersize=7,
-                      label="Holm p ≤ 0.05 vs chance"),
-               Line2D([], [], color="#dddddd", linestyle="none", marker="s", markersize=9, label="not measured")]
-    fig.legend(handles=handles, loc="outside lower center", fontsize=8,
-               ncols=_fitting_columns(fig, [h.get_label() for h in handles], 3, 8))
-    fig.suptitle(f"Probe accuracy (%) by layer and offset\ncondition {condition}, {site} site")
-    return fig
-
-
-def _short_offset(offset: int) -> str:
-    if offset < 0:
-        return f"−{-offset}\ncausal"
-    return "0\ndirect" if offset == 0 else f"+{offset}"
 
 
 def leakage_vs_training(sweep: Sweep | None) -> Figure | None:
@@ -398,15 +338,35 @@ def l2_selection(rows: Sequence[CellResult], *, condition: str | None = None, si
 # ----------------------------------------------------------------- saving
 
 def save_figure(fig: Figure, path_stem: Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
-    """Save one figure as path_stem.<format> for each format (byte-stable: no creation dates), all or none."""
+    """Save one figure as path_stem.<format> for each format (byte-stable: no creation dates; TrueType
+    fonts in PDF, `SAVE_STYLE`), all or none."""
     paths = []
-    with together():
+    with together(), rc_context(SAVE_STYLE):
         for fmt in formats:
             path = path_stem.with_suffix(f".{fmt}")
             with replacing(path, "wb") as f:
                 fig.savefig(f, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
             paths.append(path)
     return paths
+
+
+def _file_part(condition: str) -> str:
+    """A condition's name as it goes into a file name: letters, digits, '-' and '_' kept, anything else '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", condition)
+
+
+def _condition_figures(rows: Sequence[CellResult], condition: str | None) -> dict[str, Figure | None]:
+    """The distance figure and heatmap of every condition: the headline one's as accuracy_by_distance and
+    accuracy_heatmap, each other's with its name after (accuracy_heatmap_restart)."""
+    headline = condition or primary_condition(rows)
+    figures: dict[str, Figure | None] = {}
+    for c in condition_order(rows):
+        suffix = "" if c == headline else f"_{_file_part(c)}"
+        if f"accuracy_heatmap{suffix}" in figures:  # two names that differ only in unsafe characters
+            suffix += f"_{condition_order(rows).index(c)}"
+        figures[f"accuracy_by_distance{suffix}"] = accuracy_by_distance(rows, condition=c)
+        figures[f"accuracy_heatmap{suffix}"] = accuracy_heatmap(rows, condition=c)
+    return figures
 
 
 def save_all(
@@ -421,15 +381,15 @@ def save_all(
 ) -> list[Path]:
     """Draw every figure the results allow and save each as PNG and PDF; returns the paths written.
 
-    Files: accuracy_by_layer, accuracy_by_distance, accuracy_heatmap, condition_comparison,
+    Files: accuracy_by_layer, accuracy_by_distance, accuracy_heatmap (the headline condition's; each
+    other condition's as accuracy_by_distance_CONDITION, accuracy_heatmap_CONDITION), condition_comparison,
     leakage_vs_training, l2_selection (each .png and .pdf). A figure with nothing to draw is skipped.
     The files are written together: all of them, or (on a failure) none.
     """
     out = Path(out_dir)
     figures = {
         "accuracy_by_layer": accuracy_by_layer(rows, condition=condition),
-        "accuracy_by_distance": accuracy_by_distance(rows, condition=condition),
-        "accuracy_heatmap": accuracy_heatmap(rows, condition=condition),
+        **_condition_figures(rows, condition),
         "condition_comparison": condition_comparison(rows, diffs),
         "leakage_vs_training": leakage_vs_training(sweep),
         "l2_selection": l2_selection(rows, condition=condition),

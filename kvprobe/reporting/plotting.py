@@ -25,7 +25,9 @@ PAIR_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 TASK_COLOR = "#1f77b4"
 MASKED_COLOR = "#d62728"
 CHANCE_LABEL = f"chance ({100 * CHANCE:.0f}%)"
-
+SAVE_STYLE = {"pdf.fonttype": 42, "ps.fonttype": 42}
+"""matplotlib settings every saved figure is written under: TrueType (Type 42) fonts in PDF and PS,
+not Type 3, which conference checks reject."""
 
 
 # ----------------------------------------------------------------- helpers
@@ -56,17 +58,27 @@ DENSE_POINTS = 12
 
 def _interval_series(ax: Axes, x: Sequence[float], items: Sequence[Any], *, label: str, color: Any,
                      marker: str = "o", linestyle: str = "-", hollow: bool = False, shift: float = 0.0) -> None:
-    """One line with its 95% intervals: error bars (x shifted by `shift`) when sparse, a band when dense."""
-    est, lo, hi = _percent(items)
+    """One line with its 95% intervals: error bars (x shifted by `shift`) when sparse, a band when dense;
+    the line breaks where x skips a position (`_broken_at_gaps`)."""
+    dense = len(x) > DENSE_POINTS
+    x, est, lo, hi = _broken_at_gaps(x, *_percent(items))
     face = "white" if hollow else color
-    if len(x) > DENSE_POINTS:
+    if dense:
         ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
         ax.plot(x, est, color=color, marker=marker, markersize=3.5, markerfacecolor=face, linestyle=linestyle,
                 label=label)
         return
     err = np.clip(np.stack([est - lo, hi - est]), 0, None)
-    ax.errorbar(np.asarray(x, dtype=float) + shift, est, yerr=err, color=color, marker=marker, markerfacecolor=face,
+    ax.errorbar(x + shift, est, yerr=err, color=color, marker=marker, markerfacecolor=face,
                 linestyle=linestyle, capsize=3, linewidth=1.5, label=label)
+
+
+def _broken_at_gaps(x: Sequence[float], *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """x and its series with a NaN put between neighbours more than 1 apart (layers or offsets not
+    measured), so that a line breaks there instead of drawing through positions that have no value."""
+    x = np.asarray(x, dtype=float)
+    gaps = np.flatnonzero(np.diff(x) > 1) + 1
+    return tuple(np.insert(np.asarray(v, dtype=float), gaps, np.nan) for v in (x, *ys))
 
 
 def _chance_line(ax: Axes, label: bool = True) -> None:

@@ -87,11 +87,23 @@ def _headline(rows: Sequence[CellResult], condition: str, site: str) -> str:
                 line.append(fmt_accuracy(r) if r else "—")
             body.append(line)
         out += ["", f"### {probe} probe", "", _table(["layer", *(offset_label(o) for o in offsets)], body)]
+        out += _layer0_note([r for r in cells if r.probe == probe])
         out += _strength_lines([r for r in cells if r.probe == probe], idx, layers, offsets)
     gap = _probe_gap_sentence(idx, condition, site, layers)
     if gap:
         out += ["", gap]
     return "\n".join(out)
+
+
+def _layer0_note(cells: Sequence[CellResult]) -> list[str]:
+    """Why a starred masked cell at layer 0 is no leak through the KV cache, under the table that stars it."""
+    starred = sorted(r.offset for r in cells if r.layer == 0 and r.offset > 0 and r.significant)
+    if not starred:
+        return []
+    return ["", f"Layer 0, starred at {', '.join(offset_label(o) for o in starred)}: not a leak through the KV "
+                "cache. Layer-0 keys and values are projections of the memento's own token and position "
+                "embeddings, before any attention has mixed other positions in, so what a probe finds there is "
+                "carried by the memento's own text, the same under every mask."]
 
 
 def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult], layers: Sequence[int],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -12,14 +13,16 @@ from tests.helpers.cli_support import assert_refused, cli, snapshot
 pytestmark = pytest.mark.usefixtures("no_network")
 
 
-def test_generate_without_httpx_names_the_serve_extra(capsys, monkeypatch, tmp_path):
+def test_generate_without_httpx_names_the_serve_extra(tmp_path):
+    """In a fresh interpreter where `import httpx` fails as if it were not installed."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt_id": "a", "prompt": "hi"}\n')
-    monkeypatch.setitem(sys.modules, "httpx", None)  # `import httpx` raises ModuleNotFoundError, as uninstalled
     before = snapshot(tmp_path)
-    code, _, err = cli(capsys, "generate", "--prompts", prompts, "--out", tmp_path / "g.jsonl",
-                       "--base-url", "http://127.0.0.1:9/v1")
-    assert_refused(code, err, "kvprobe generate needs httpx", "'serve' extra", "pip install 'kvprobe[serve]'")
+    argv = ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "g.jsonl"), "--base-url", "http://127.0.0.1:9/v1"]
+    code = f"import sys; sys.modules['httpx'] = None; from kvprobe.cli import main; sys.exit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert_refused(done.returncode, done.stderr, "kvprobe generate needs httpx", "'serve' extra",
+                   "pip install 'kvprobe[serve]'")
     assert snapshot(tmp_path) == before
 
 

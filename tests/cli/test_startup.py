@@ -24,7 +24,8 @@ from tests.helpers.cli_support import assert_refused, snapshot
 from tests.helpers.paths import ROOT
 
 # what `--help` of any command must not import
-HEAVY = ("torch", "transformers", "sklearn", "h5py", "nnsight", "transformer_lens", "matplotlib", "pandas")
+HEAVY = ("torch", "transformers", "sklearn", "h5py", "nnsight", "transformer_lens", "matplotlib", "pandas",
+         "plotly", "tensorboard", "wandb")
 MODEL_LIBRARIES = ("torch", "transformers", "sklearn")  # what no refusal of input needs
 
 _CHILD = """
