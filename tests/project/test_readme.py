@@ -58,3 +58,12 @@ def test_the_docs_reading_order_lists_every_page_once():
     order = re.findall(r"^\d+\. \[([\w.]+)\]\(\1\)", (ROOT / "docs" / "README.md").read_text(), flags=re.M)
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md")
     assert sorted(order) == pages and len(order) == len(set(order))
+
+
+def test_the_readme_lists_every_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = (ROOT / "README.md").read_text()
+    listed = text[text.index("Extras:"):text.index("`dev` is everything but `gpu`")]
+    assert [name for name in extras if name != "dev" and f"`{name}`" not in listed] == []
