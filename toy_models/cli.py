@@ -95,7 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--heldout-set must be >= 0, got {args.heldout_set}")
     import torch
 
-    from .checkpoint import load
+    from .checkpoint import load, read_meta
     from .task import heldout_seed, task_accuracy
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -105,8 +105,10 @@ def _eval(args: argparse.Namespace) -> int:
             model = load(name).to(args.device)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
-        acc = task_accuracy(model, args.samples, heldout_seed(args.heldout_set))
-        print(f"{name}\ttask accuracy {acc:.4f} ({args.samples} held-out sequences, set {args.heldout_set})")
+        keep = read_meta(name).get("config", {}).get("keep_last_n_blocks", 0)  # the mask it was trained under
+        acc = task_accuracy(model, args.samples, heldout_seed(args.heldout_set), keep_last_n_blocks=keep)
+        mask = f", keep {keep}" if keep else ""
+        print(f"{name}\ttask accuracy {acc:.4f} ({args.samples} held-out sequences, set {args.heldout_set}{mask})")
     return 0
 
 
@@ -118,7 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
         toy_sub,
         "train",
-        "train the toy model under memento attention (keep_last_n_blocks=0)",
+        "train the toy model under memento attention (keep_last_n_blocks=0 unless --keep-last-n-blocks)",
         "  kvprobe toy train --out runs/toy --device cuda\n"
         "  kvprobe toy train --out runs/toy --resume\n"
         "  kvprobe toy train --steps 20 --batch-size 8 --out /tmp/toy --overwrite",

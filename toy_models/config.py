@@ -74,6 +74,7 @@ class TrainConfig:
     n_embd: int = _opt(128, "model width (heads of 32 dims, MLP 4x): the capacity study")
     n_layer: int = _opt(4, "transformer layers: the capacity study")
     train_set: int | None = _opt(None, "a fixed set of this many sequences seen for epochs, or none: fresh every step")
+    keep_last_n_blocks: int = _opt(0, "the training mask's keep N: the last N finished blocks stay visible (0: the paper's)")
     seed: int = _opt(0, "model init and training data seed")
     eval_every: int = _opt(50, "log loss and task accuracy every N steps")
     save_every: int = _opt(50, "write a checkpoint every N steps")
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"train_set must hold at least one batch ({self.batch_size}), got {self.train_set}")
         if self.n_embd < 32 or self.n_embd % 32 or self.n_layer < 1:
             raise ValueError(f"n_embd must be a positive multiple of 32 and n_layer >= 1, got {self.n_embd}, {self.n_layer}")
+        if self.keep_last_n_blocks < 0:
+            raise ValueError(f"keep_last_n_blocks must be >= 0, got {self.keep_last_n_blocks}")
         if not 0 <= self.seed < 2**30:
             raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
         self.init  # validates the init fields
@@ -108,5 +111,9 @@ class TrainConfig:
         return InitScheme(embedding=self.init_embedding, linear=self.init_linear)
 
     def run_settings(self) -> dict[str, Any]:
-        """The settings that define the run's results (not where or how fast it runs)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
+        """The settings that define the run's results (not where or how fast it runs). keep_last_n_blocks
+        is left out at 0, what every run made before the option used, so their records still match."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
+        if settings["keep_last_n_blocks"] == 0:
+            del settings["keep_last_n_blocks"]
+        return settings

@@ -13,6 +13,8 @@ the units at the tens digit.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -54,14 +56,16 @@ def heldout_seed(k: int = 0) -> int:
     return HELDOUT_SEED_BASE + k
 
 
-def memento_attention(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def memento_attention(model: PreTrainedModel, keep_last_n_blocks: int = 0) -> dict[str, torch.Tensor]:
     """Forward kwargs for memento attention shared by every toy sequence.
 
     One (1, 1, T, T) additive mask in the model's dtype and (1, T) position ids: all
-    sequences share one layout, so both broadcast over the batch.
+    sequences share one layout, so both broadcast over the batch. keep_last_n_blocks > 0
+    leaves the last N finished blocks visible (a keep-N toy's training mask; 0 is the paper's).
     """
     ids = torch.zeros(1, SEQ_LEN, dtype=torch.long, device=model.device)
-    return memento_inputs(model, ids, [layout()], MEMENTO_MASK)
+    mask = replace(MEMENTO_MASK, keep_last_n_blocks=keep_last_n_blocks)
+    return memento_inputs(model, ids, [layout()], mask)
 
 
 def memento_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention: dict | None = None) -> torch.Tensor:
@@ -79,8 +83,10 @@ def task_loss(model: PreTrainedModel, input_ids: torch.Tensor, attention: dict |
 
 
 @torch.no_grad()
-def task_accuracy(model: PreTrainedModel, n: int = 1000, seed: int = heldout_seed(1), batch_size: int = 1000) -> float:
-    """Next-token argmax accuracy on the memento digits of `n` sequences drawn with `seed`.
+def task_accuracy(model: PreTrainedModel, n: int = 1000, seed: int = heldout_seed(1), batch_size: int = 1000,
+                  keep_last_n_blocks: int = 0) -> float:
+    """Next-token argmax accuracy on the memento digits of `n` sequences drawn with `seed`, under the
+    mask with `keep_last_n_blocks` (the one the model was trained with; 0 for the shipped toys).
 
     The default seed is a held-out set that no training run sees. The model is put in
     eval mode and left there.
@@ -88,7 +94,7 @@ def task_accuracy(model: PreTrainedModel, n: int = 1000, seed: int = heldout_see
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     model.eval()
-    attention = memento_attention(model)
+    attention = memento_attention(model, keep_last_n_blocks)
     ids = generate(n, seed).input_ids.to(model.device)  # (n, T)
     correct = 0
     for chunk in ids.split(batch_size):

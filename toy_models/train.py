@@ -1,4 +1,4 @@
-"""Train the toy Memento transformer under memento attention (keep_last_n_blocks = 0).
+"""Train the toy Memento transformer under memento attention (keep_last_n_blocks = 0 unless the config says).
 
     from toy_models.train import TrainConfig, train
     train(TrainConfig(steps=3000, out_dir="runs/toy"))
@@ -169,7 +169,7 @@ def train(
         log_path.write_text("".join(line + "\n" for line in kept))
 
     loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # summed on device: no sync per step
-    attention = memento_attention(model)  # one (1, 1, T, T) mask shared by every batch
+    attention = memento_attention(model, config.keep_last_n_blocks)  # one (1, 1, T, T) mask shared by every batch
     hardware = _hardware(device)
     t0 = time.perf_counter() - wall_before
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="toy train", unit="step")
@@ -187,7 +187,9 @@ def train(
         done = step + 1
         last = done == config.steps
         if done % config.eval_every == 0 or last:
-            accuracy, accuracy_step = round(task_accuracy(model, config.eval_samples, heldout_seed(EVAL_SET)), 6), done
+            accuracy = task_accuracy(model, config.eval_samples, heldout_seed(EVAL_SET),
+                                     keep_last_n_blocks=config.keep_last_n_blocks)
+            accuracy, accuracy_step = round(accuracy, 6), done
             model.train()
             record = {
                 "step": done,

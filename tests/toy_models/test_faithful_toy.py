@@ -86,6 +86,29 @@ def test_the_default_recipe_trains_deterministically(tmp_path):
     assert (cfg.init, cfg.batch_size, cfg.lr, cfg.schedule, cfg.weight_decay) == (PYTORCH_INIT, 64, 1e-3, "constant", 0.0)
 
 
+def test_a_keep_n_toy_trains_under_its_own_mask(tmp_path):
+    """keep_last_n_blocks is the training mask's keep N: the model sees what kvprobe's keep-N mask
+    allows, and the run records it (a keep-0 run's settings stay as before the option existed)."""
+    from tests.helpers.reference_mask import reference_allow
+    from toy_models.data import SEQ_LEN
+    from toy_models.task import MEMENTO_MASK, memento_attention
+
+    model = build_model(seed=0)
+    for keep in (0, 1):
+        mask = memento_attention(model, keep)["attention_mask"][0, 0]  # (T, T) additive
+        reference = reference_allow(layout(), SEQ_LEN, keep, MEMENTO_MASK.mask_delimiters, MEMENTO_MASK.restart_mode)
+        assert torch.equal(mask == 0, torch.tensor(reference))  # the brute-force definition of the keep-N mask
+    assert not torch.equal(memento_attention(model, 0)["attention_mask"], memento_attention(model, 1)["attention_mask"])
+    assert "keep_last_n_blocks" not in TrainConfig().run_settings()
+    assert TrainConfig(keep_last_n_blocks=1).run_settings()["keep_last_n_blocks"] == 1
+    with pytest.raises(ValueError, match="keep_last_n_blocks"):
+        TrainConfig(keep_last_n_blocks=-1)
+    kw = dict(steps=2, batch_size=8, eval_every=2, save_every=2, eval_samples=8, threads=1)
+    keep0 = train(TrainConfig(out_dir=str(tmp_path / "k0"), **kw))
+    keep1 = train(TrainConfig(out_dir=str(tmp_path / "k1"), keep_last_n_blocks=1, **kw))
+    assert not all(torch.equal(x, y) for x, y in zip(_weights(keep0), _weights(keep1)))  # another mask, other gradients
+
+
 def test_a_fixed_training_set_is_seen_once_per_epoch():
     cfg = TrainConfig(batch_size=4, train_set=12)
     epoch0 = torch.cat([training_batch(cfg, s) for s in range(3)])  # 3 batches per epoch

@@ -37,3 +37,18 @@ def test_toy_train_a_few_steps_then_eval_it(capsys, tmp_path):
     assert out.startswith(f"{ckpt}\ttask accuracy ")
 
 
+
+
+def test_a_keep_n_toy_is_evaluated_under_its_own_mask(capsys, tmp_path):
+    run_dir = tmp_path / "keep1"
+    code, _, err = cli(capsys, "toy", "train", "--steps", "2", "--batch-size", "8", "--eval-every", "2",
+                       "--save-every", "2", "--eval-samples", "8", "--keep-last-n-blocks", "1", "--out", run_dir)
+    assert code == 0, err
+    ckpt = run_dir / "step_000002"
+    assert json.loads((ckpt / "meta.json").read_text())["config"]["keep_last_n_blocks"] == 1
+    code, out, err = cli(capsys, "toy", "eval", ckpt, "--samples", "20")
+    assert code == 0, err
+    assert out.rstrip().endswith("set 1, keep 1)")
+    code, _, err = cli(capsys, "toy", "train", "--keep-last-n-blocks", "-1", "--out", tmp_path / "bad")
+    assert_refused(code, err, "keep_last_n_blocks")
+    assert not (tmp_path / "bad").exists()
