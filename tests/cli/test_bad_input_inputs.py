@@ -27,9 +27,9 @@ from kvprobe.errors import KVProbeWarning
 from kvprobe.experiment import load_model
 from kvprobe.experiment.kinds import CheckpointError, refusing_damaged_weights, remote_code
 from toy_models.checkpoint import CHECKPOINT_DIR
-from tests.helpers.cli_support import FAST, assert_refused, cli, snapshot, write_config
+from tests.helpers.cli_support import FAST, assert_refused_untouched, cli, sandbox_args, write_config
 from tests.helpers.paths import FIXTURES
-from tests.helpers.sandbox import NETWORK, truncate
+from tests.helpers.sandbox import truncate
 from tests.helpers.traces import build_tokenizer, tiny_qwen3
 
 pytestmark = pytest.mark.usefixtures("no_network")
@@ -204,20 +204,10 @@ CASES = [
 ]
 
 
-def _args(argv: list[str], root: Path) -> list[str]:
-    return [a.replace("{dir}", str(root)).replace("{out}", str(root / "out")) for a in argv]
-
-
 def _refused(capsys, root: Path, argv: list[str], *needles: str) -> None:
-    """Run `kvprobe argv` on the sandbox: refused in one line naming `needles`, the sandbox unchanged."""
-    before = snapshot(root)
-    NETWORK.clear()
-    code, _, err = cli(capsys, *_args(argv, root))
-    assert not NETWORK, f"tried to reach the network: {NETWORK}"
-    assert "Traceback" not in err, err
-    assert_refused(code, err, *needles)
-    assert not (root / "out").exists() and not (root / "RAN").exists()
-    assert snapshot(root) == before
+    """Run `kvprobe argv` on the sandbox: refused in one line naming `needles`, the sandbox unchanged
+    (RAN: the marker a checkpoint's own code would write, had it run)."""
+    assert_refused_untouched(capsys, root, sandbox_args(argv, root), *needles, absent=("out", "RAN"))
 
 
 @pytest.mark.parametrize("argv, needles", [pytest.param(c[1], c[2], id=c[0]) for c in CASES])
@@ -237,10 +227,10 @@ def test_a_trace_over_the_token_limit_is_refused_naming_it(capsys, where, monkey
 def test_a_good_template_and_a_checkpoint_with_needless_code_still_plan(capsys, where):
     """The refusals above are not everything refused: a .jinja template that keeps the prompt plans,
     and a checkpoint that ships code it does not need plans without running it, saying so."""
-    code, out, err = cli(capsys, *_args(HF + ["--set", "data.chat_template={dir}/good.jinja"], where))
+    code, out, err = cli(capsys, *sandbox_args(HF + ["--set", "data.chat_template={dir}/good.jinja"], where))
     assert code == 0 and "total expected size" in out, err
     with pytest.warns(KVProbeWarning, match=r"--dry-run ran none of the checkpoint's own code \(.*modeling_evil.py"):
-        code, out, err = cli(capsys, *_args(ckpt("code-qwen3", "--set", "model.trust_remote_code=true"), where))
+        code, out, err = cli(capsys, *sandbox_args(ckpt("code-qwen3", "--set", "model.trust_remote_code=true"), where))
     assert code == 0 and "total expected size" in out, err
     assert not (where / "RAN").exists()
 
@@ -273,7 +263,7 @@ def test_damaged_weights_name_the_file_and_other_failures_pass(where):
 def test_the_installed_command_prints_the_code_warning_as_one_line(where):
     """Outside pytest's warning capture, the note is one line, `kvprobe: warning: ...`."""
     exe = shutil.which("kvprobe", path=os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent)]))
-    proc = subprocess.run([exe, *_args(ckpt("code-qwen3", "--set", "model.trust_remote_code=true"), where)],
+    proc = subprocess.run([exe, *sandbox_args(ckpt("code-qwen3", "--set", "model.trust_remote_code=true"), where)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "KVPROBE_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if "trust_remote_code" in line]

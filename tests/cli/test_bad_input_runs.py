@@ -26,8 +26,8 @@ from typing import Callable
 
 import pytest
 
-from tests.helpers.cli_support import FAST, assert_refused, cli, snapshot
-from tests.helpers.sandbox import NETWORK, SHARD0, SHARD1, STORE, edit_json, swap_store, truncate
+from tests.helpers.cli_support import FAST, assert_refused_untouched, cli, sandbox_args
+from tests.helpers.sandbox import SHARD0, SHARD1, STORE, edit_json, swap_store, truncate
 
 pytestmark = pytest.mark.usefixtures("no_network")  # offline, from the sandbox's first run on
 
@@ -178,16 +178,6 @@ CASES = [
 ]
 
 
-def _args(argv: list[str], sandbox: Path) -> list[str]:
-    where = {"{dir}": sandbox, "{cfg}": sandbox / "tiny.yaml", "{run}": sandbox / "run", "{out}": sandbox / "out"}
-    out = []
-    for a in argv:
-        for name, path in where.items():
-            a = a.replace(name, str(path))
-        out.append(a)
-    return out
-
-
 @pytest.fixture
 def configs(sandbox) -> Path:
     """The sandbox, with configs that are wrong in ways only the file shows."""
@@ -204,14 +194,7 @@ def configs(sandbox) -> Path:
 def test_bad_runs_and_configs_are_refused_in_one_line_and_change_nothing(capsys, configs, argv, needles, damage):
     if damage:
         DAMAGE[damage](configs / "run")
-    before = snapshot(configs)
-    NETWORK.clear()
-    code, _, err = cli(capsys, *_args(argv, configs))
-    assert not NETWORK, f"tried to reach the network: {NETWORK}"
-    assert "Traceback" not in err, err
-    assert_refused(code, err, *needles)
-    assert not (configs / "out").exists(), sorted(str(p) for p in (configs / "out").rglob("*"))
-    assert snapshot(configs) == before
+    assert_refused_untouched(capsys, configs, sandbox_args(argv, configs), *needles)
 
 
 def test_the_table_is_large_and_every_damage_is_used():

@@ -28,10 +28,10 @@ from kvprobe.data.traces import Trace
 from kvprobe.files import WriteError
 from kvprobe.grid import Cell
 from kvprobe.serving import Generation
-from tests.helpers.cli_support import assert_refused, cli, cli_quiet
+from tests.helpers.cli_support import assert_refused, assert_refused_untouched, cli, cli_quiet, sandbox_args
 from tests.helpers.disk import full_disk, leftovers
 from tests.helpers.fake_server import FakeServer
-from tests.helpers.sandbox import NETWORK, SHARD0, SHARD1, STORE, edit_json, flip_feature_byte, swap_store, truncate
+from tests.helpers.sandbox import SHARD0, SHARD1, STORE, edit_json, flip_feature_byte, swap_store, truncate
 
 pytestmark = pytest.mark.usefixtures("no_network")  # offline: the one server is on 127.0.0.1
 
@@ -144,14 +144,7 @@ def url():
 
 
 def _args(argv: list[str], sandbox: Path, url: str) -> list[str]:
-    where = {"{dir}": sandbox, "{cfg}": sandbox / "tiny.yaml", "{run}": sandbox / "run", "{out}": sandbox / "out",
-             "{url}": url}
-    out = []
-    for a in argv:
-        for name, value in where.items():
-            a = a.replace(name, str(value))
-        out.append(a)
-    return out
+    return sandbox_args(argv, sandbox, url=url)
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int] | str]:
@@ -218,12 +211,7 @@ def test_a_capture_that_met_a_full_disk_resumes(capsys, monkeypatch, sandbox, pa
 def test_a_file_kvprobe_did_not_write_is_refused_untouched(capsys, sandbox, url, argv, needles, setup):
     _prepare(sandbox, setup)
     capsys.readouterr()
-    before = snapshot(sandbox)
-    NETWORK.clear()
-    code, _, err = cli(capsys, *_args(argv, sandbox, url))
-    assert not NETWORK and "Traceback" not in err, err
-    assert_refused(code, err, *needles)
-    assert snapshot(sandbox) == before and not (sandbox / "out").exists()
+    assert_refused_untouched(capsys, sandbox, _args(argv, sandbox, url), *needles, snap=snapshot)
 
 
 def test_kvprobes_own_files_are_replaced_and_appended_to(capsys, sandbox, url):

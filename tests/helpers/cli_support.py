@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from kvprobe.cli import main
+from tests.helpers.sandbox import NETWORK
 
 # The smallest study that still exercises every stage: 300 toy samples, two layers,
 # the causal control, the direct and one masked offset, linear probes only.
@@ -64,6 +66,34 @@ def assert_refused(code: int, err: str, *needles: str) -> None:
     assert lines[0].startswith("kvprobe: error: "), lines[0]
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def sandbox_args(argv: list[str], root: Path, **more: Any) -> list[str]:
+    """argv of a bad-input table with its placeholders filled: {dir} the sandbox, {cfg} its tiny config,
+    {run} its copy of a finished run, {out} an output directory, and {NAME} for each of `more` (e.g. url)."""
+    where = {"dir": root, "cfg": root / "tiny.yaml", "run": root / "run", "out": root / "out", **more}
+    out = []
+    for arg in argv:
+        for name, value in where.items():
+            arg = arg.replace(f"{{{name}}}", str(value))
+        out.append(arg)
+    return out
+
+
+def assert_refused_untouched(capsys, root: Path, args: list[str], *needles: str, absent: tuple[str, ...] = ("out",),
+                             snap: Callable[[Path], Any] = snapshot) -> None:
+    """The bad-input contract: `kvprobe args` tries no network, prints no traceback, is refused in one
+    line naming `needles`, leaves none of `absent` (under root) behind and changes nothing under root
+    (as `snap` sees it)."""
+    before = snap(root)
+    NETWORK.clear()
+    code, _, err = cli(capsys, *args)
+    assert not NETWORK, f"tried to reach the network: {NETWORK}"
+    assert "Traceback" not in err, err
+    assert_refused(code, err, *needles)
+    for name in absent:
+        assert not (root / name).exists(), sorted(str(p) for p in (root / name).rglob("*"))
+    assert snap(root) == before
 
 
 def error_line(err: str) -> str:
