@@ -48,6 +48,13 @@ def _sweep(data: dict) -> tuple[dict, dict]:
     return points[0], points[-1]
 
 
+def _headline(data: dict) -> tuple[dict, dict, dict, dict, dict]:
+    """What the prose quotes: the MLP's masked +1 at the first and last layer, the linear probe's at the
+    last, and the sweep's points of lowest and highest task accuracy."""
+    first, last = (_row(data, "mlp", layer, 1) for layer in (0, 3))
+    return (first, last, _row(data, "linear", 3, 1), *_sweep(data))
+
+
 def readme(data: dict) -> str:
     """experiments/results/toy_reproduction/README.md, from results.json and timings.json."""
     first = _row(data, "linear", 3, 1)
@@ -80,9 +87,7 @@ def readme(data: dict) -> str:
 
 def readme_summary(data: dict) -> str:
     """The README's paragraph on this run (between <!-- reproduction-summary --> markers)."""
-    first, last = (_row(data, "mlp", layer, 1) for layer in (0, 3))
-    linear = _row(data, "linear", 3, 1)
-    lo, hi = _sweep(data)
+    first, last, linear, lo, hi = _headline(data)
     n = linear["n_train"] + linear["n_val"]
     return (f"**The paper's toy figure at its scale** (`python experiments/toy_reproduction.py`, {n:,} passcodes, "
             f"MLP probes on the paper's cells, the training series; {_minutes(data)} on 1 thread; "
@@ -114,9 +119,7 @@ def timings_table(data: dict) -> str:
 
 def quotes(data: dict) -> dict[str, str]:
     """The phrases docs/toy.md quotes from results.json."""
-    first, last = (_row(data, "mlp", layer, 1) for layer in (0, 3))
-    linear = _row(data, "linear", 3, 1)
-    lo, hi = _sweep(data)
+    first, last, linear, lo, hi = _headline(data)
     return {
         "mlp": f"masked +1 at {100 * first['accuracy']:.1f}% at the first layer and {100 * last['accuracy']:.1f}% "
                "at the last",

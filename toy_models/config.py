@@ -112,7 +112,9 @@ class TrainConfig:
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that define the run's results (not where or how fast it runs). keep_last_n_blocks
-        is left out at 0, what every run made before the option used, so their records still match."""
+        is left out at 0, what every run made before the option used, so the records written from these
+        settings (a checkpoint's meta.json, recipe_study's committed JSON) stay as they were; a resume
+        reads a setting its saved run lacks as the default anyway (train._prepare_run_dir)."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
         if settings["keep_last_n_blocks"] == 0:
             del settings["keep_last_n_blocks"]

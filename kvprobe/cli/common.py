@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIDeprecationWarning",
     "Deprecated",
+    "NETWORK_OPT_IN",
     "UsageError",
     "add_config_args",
     "add_mask_args",
@@ -33,6 +34,7 @@ __all__ = [
     "experiment_config",
     "key_values",
     "mask_from_args",
+    "network_allowed",
     "one_line_deprecations",
     "parse_value",
 ]
@@ -40,6 +42,14 @@ __all__ = [
 
 UsageError = ExperimentError
 """Bad input from the user: printed as one line, exit code 2 (the experiment layer's own error)."""
+
+NETWORK_OPT_IN = "KVPROBE_ALLOW_NETWORK"  # =1: a command may reach the network where a flag asks it to
+
+
+def network_allowed() -> bool:
+    """Whether the user opted in to the network (`KVPROBE_ALLOW_NETWORK=1`): `export --push-to-hub`
+    and W&B online logging need it; everything else stays offline regardless."""
+    return os.environ.get(NETWORK_OPT_IN, "").strip() == "1"
 
 
 def _busy_cores() -> float:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from .common import UsageError, add_parser
+from .common import NETWORK_OPT_IN, UsageError, add_parser, network_allowed
 
 __all__ = ["NETWORK_OPT_IN", "register"]
 
 FORMATS = ("datasets", "safetensors")  # kvprobe.export.FORMATS, named here so --help loads no library
-NETWORK_OPT_IN = "KVPROBE_ALLOW_NETWORK"  # =1: a command may reach the network where a flag asks it to
 
 
 def _stores(path: Path, condition: str | None) -> dict[str, Path]:
@@ -38,7 +36,7 @@ def _check_push(repo: str | None) -> None:
     """--push-to-hub needs the network opt-in too; refused before anything is written."""
     if repo is None:
         return
-    if os.environ.get(NETWORK_OPT_IN, "").strip() != "1":
+    if not network_allowed():
         raise UsageError(f"--push-to-hub: pushing to the hub reaches the network; set {NETWORK_OPT_IN}=1 to allow it")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise UsageError(f"--push-to-hub: {repo!r} is not a hub repository id (OWNER/NAME)")

@@ -7,12 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from .common import UsageError, add_config_args, add_parser, experiment_config
-from .export import NETWORK_OPT_IN
+from ..reporting.tracking import TRACKERS  # the module imports nothing heavy: --help stays fast
+from .common import NETWORK_OPT_IN, UsageError, add_config_args, add_parser, experiment_config, network_allowed
 
 __all__ = ["add_log_to", "register", "tracking"]
 
-TRACKERS = ("tensorboard", "wandb")  # kvprobe.reporting.tracking.TRACKERS, named here so --help loads no library
 
 
 def _single_process(command: str) -> None:
@@ -35,14 +34,14 @@ def add_log_to(p: argparse.ArgumentParser) -> None:
 def tracking(args: argparse.Namespace) -> dict:
     """--log-to checked before anything is written (known trackers, their packages installed): the
     pipeline's `log_to` and `online` (W&B reaches the network only with the opt-in)."""
-    for name in args.log_to:
-        if name not in TRACKERS:
-            raise UsageError(f"--log-to: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
-    log_to = tuple(dict.fromkeys(args.log_to))
     from ..reporting.tracking import require
 
-    require(log_to)  # a missing package: one line naming the 'track' extra (cli.EXTRA_OF)
-    return {"log_to": log_to, "online": os.environ.get(NETWORK_OPT_IN, "").strip() == "1"}
+    log_to = tuple(dict.fromkeys(args.log_to))
+    try:
+        require(log_to)  # a missing package: ModuleNotFoundError, one line naming the 'track' extra (cli.EXTRA_OF)
+    except ValueError as e:
+        raise UsageError(f"--log-to: {e}") from None
+    return {"log_to": log_to, "online": network_allowed()}
 
 
 def _run(args: argparse.Namespace) -> int:

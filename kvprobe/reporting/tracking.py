@@ -59,10 +59,16 @@ def cell_metrics(rows: Iterable[CellResult]) -> dict[str, float]:
 def require(trackers: Sequence[str]) -> None:
     """Each tracker's package is installed (else ModuleNotFoundError naming it); nothing is imported."""
     for name in trackers:
-        if name not in TRACKERS:
-            raise ValueError(f"unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+        _known(name)
+    for name in trackers:
         if importlib.util.find_spec(name) is None:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _known(name: str) -> None:
+    """ValueError unless `name` is one of TRACKERS."""
+    if name not in TRACKERS:
+        raise ValueError(f"unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
 
 
 class Tracker(Protocol):
@@ -164,11 +170,10 @@ def _fresh_dir(root: Path) -> Path:
 
 def open_tracker(kind: str, root: Path, name: str, *, online: bool = False) -> Tracker:
     """A tracker of `kind` (one of TRACKERS) writing under `root`."""
+    _known(kind)
     if kind == "tensorboard":
         return TensorBoardTracker(root, name)
-    if kind == "wandb":
-        return WandbTracker(root, name, online=online)
-    raise ValueError(f"unknown tracker {kind!r} (known: {', '.join(TRACKERS)})")
+    return WandbTracker(root, name, online=online)
 
 
 def track_run(trackers: Sequence[str], root: Path, *, name: str, config: dict, rows: Sequence[CellResult],

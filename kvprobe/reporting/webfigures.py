@@ -62,12 +62,17 @@ def _hover(cells: Sequence[CellResult]) -> tuple[str, list[int]]:
     return "<b>%{y}, %{x}</b><br>accuracy %{z:.1f}%<br>" + "<br>".join(lines) + "<extra></extra>", per_cell
 
 
+def _on_grid(items: Sequence[Any]) -> tuple[list[int], list[int], list[list[Any]]]:
+    """The layers, the offsets, and items (anything with .layer and .offset) placed on that grid
+    (rows: layers, columns: offsets; None where no item is)."""
+    layers, offsets = sorted({r.layer for r in items}), sorted({r.offset for r in items})
+    index = {(r.layer, r.offset): r for r in items}
+    return layers, offsets, [[index.get((layer, offset)) for offset in offsets] for layer in layers]
+
+
 def heatmap(cells: Sequence[CellResult], title: str) -> dict[str, Any]:
     """One condition, site and probe kind: accuracy (%) by layer (rows) and offset (columns)."""
-    layers = sorted({r.layer for r in cells})
-    offsets = sorted({r.offset for r in cells})
-    index = {(r.layer, r.offset): r for r in cells}
-    cell = [[index.get((layer, offset)) for offset in offsets] for layer in layers]
+    layers, offsets, cell = _on_grid(cells)
     top = max([100 * r.accuracy for r in cells if not math.isnan(r.accuracy)] + [0.0])
     template, per_cell = _hover(cells)
     trace = {
@@ -79,10 +84,14 @@ def heatmap(cells: Sequence[CellResult], title: str) -> dict[str, Any]:
     }
     if len(layers) * len(offsets) <= MOST_LABELLED_CELLS:
         trace["texttemplate"] = "%{z:.0f}"
-    layout = {"title": {"text": title}, "height": 160 + 26 * len(layers),
-              "xaxis": {"type": "category", "title": {"text": "offset (blocks after the passcode's block)"}},
-              "yaxis": {"type": "category", "title": {"text": "layer"}}, "margin": {"t": 50, "b": 60}}
-    return {"data": [trace], "layout": layout}
+    return {"data": [trace], "layout": _grid_layout(title, len(layers))}
+
+
+def _grid_layout(title: str, n_layers: int) -> dict[str, Any]:
+    """The layout of a layer (rows) x offset (columns) heatmap."""
+    return {"title": {"text": title}, "height": 160 + 26 * n_layers,
+            "xaxis": {"type": "category", "title": {"text": "offset (blocks after the passcode's block)"}},
+            "yaxis": {"type": "category", "title": {"text": "layer"}}, "margin": {"t": 50, "b": 60}}
 
 
 def _series(name: str, x: Sequence[Any], items: Sequence[Any], value: str = "accuracy") -> dict[str, Any]:
@@ -199,19 +208,14 @@ def causal_figures(result: CausalResult, rows: Sequence[CellResult],
                         heatmap(probed, f"{condition} · {site} · linear probe")))
         for intervention in sorted({r.intervention for r in result.rows if r.site == site}):
             mine = [r for r in result.rows if (r.site, r.intervention) == (site, intervention)]
-            layers, offsets = sorted({r.layer for r in mine}), sorted({r.offset for r in mine})
-            index = {(r.layer, r.offset): r for r in mine}
-            cell = [[index.get((layer, offset)) for offset in offsets] for layer in layers]
+            layers, offsets, cell = _on_grid(mine)
             trace = {"type": "heatmap", "x": [offset_label(o) for o in offsets], "y": [f"layer {v}" for v in layers],
                      "z": [[None if r is None else r.delta_loss_memento for r in line] for line in cell],
                      "customdata": [[None if r is None else _causal_hover(r) for r in line] for line in cell],
                      "hovertemplate": CAUSAL_HOVER, "hoverongaps": False, "colorscale": "RdBu", "reversescale": True,
                      "zmid": 0, "texttemplate": "%{z:.2f}", "colorbar": {"title": {"text": "Δ loss (nats)"}}}
             title = f"{site} · {intervention}: what it costs the later mementos"
-            out.append((title, {"data": [trace], "layout": {
-                "title": {"text": title}, "height": 160 + 26 * len(layers), "margin": {"t": 50, "b": 60},
-                "xaxis": {"type": "category", "title": {"text": "offset (blocks after the passcode's block)"}},
-                "yaxis": {"type": "category", "title": {"text": "layer"}}}}))
+            out.append((title, {"data": [trace], "layout": _grid_layout(title, len(layers))}))
     return out
 
 
