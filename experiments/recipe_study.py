@@ -5,7 +5,8 @@
     python experiments/recipe_study.py --out DIR          # every recipe into DIR (trained runs reused)
     python experiments/recipe_study.py --table-only       # rewrite the table and figure from the JSON
 
-Each recipe is the faithful toy's recipe (`toy_models.train.TrainConfig` defaults) with
+Each recipe is the faithful toy's recipe as this study trained it (`FORMER`: `TrainConfig`'s
+defaults with the tied head and clipping at 1.0 the toy had before issue 30) with
 one factor changed. Each is trained from seed 0 for the same number of steps on fresh data
 (or, for `fixed-set`, on a fixed set for epochs) into runs/recipe_seeds/NAME-s0, the run
 `experiments/recipe_seeds.py` reads as its seed 0 (one training run per recipe and seed,
@@ -37,6 +38,10 @@ RUNS = Path("runs/recipe_seeds")  # one training run per (recipe, seed), shared 
 STEPS, EVERY = 400, 50
 SAMPLES = 3000
 
+# the faithful recipe as this study trained it: TrainConfig's defaults before issue 30 untied the head, dropped
+# clipping (experiments/recipe_speed.py) and decayed the learning rate at the end; each recipe below changes it
+# in one factor
+FORMER = {"tied": True, "grad_clip": 1.0, "decay": 0}
 # name -> (what changes, TrainConfig overrides of the faithful recipe)
 RECIPES: dict[str, tuple[str, dict]] = {
     "faithful": ("nothing (PyTorch-default init, batch 64, lr 1e-3 constant, no weight decay)", {}),
@@ -53,7 +58,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "embed-0.3": ("embeddings N(0, 0.3)", {"init_embedding": 0.3}),
     "linear-0.1": ("linear layers N(0, 0.1), embeddings N(0, 1)", {"init_linear": 0.1}),
     "batch-256": ("batch 256 (lr 1e-3)", {"batch_size": 256}),
-    "shipped-recipe": ("the former shipped recipe: GPT-2 init, batch 256, lr 1e-3, warmup 200 + cosine, wd 0.1", {"init_embedding": "gpt2", "init_linear": "gpt2", "batch_size": 256, "warmup": 200, "schedule": "cosine", "weight_decay": 0.1}),
+    "shipped-recipe": ("the first shipped recipe: GPT-2 init, batch 256, lr 1e-3, warmup 200 + cosine, wd 0.1", {"init_embedding": "gpt2", "init_linear": "gpt2", "batch_size": 256, "warmup": 200, "schedule": "cosine", "weight_decay": 0.1}),
 }
 # the capacity study (the faithful recipe at three sizes; "faithful" above is d_model 128)
 CAPACITY: dict[str, tuple[str, dict]] = {
@@ -76,7 +81,7 @@ def train_recipe(name: str, seed: int = 0, steps: int = STEPS, threads: int | No
     Returns (the model at `steps`, in eval mode; its TrainConfig). recipe_seeds.py trains through here too,
     so a recipe's seed-0 run is one run for both studies.
     """
-    overrides = RECIPES[name][1]
+    overrides = {**FORMER, **RECIPES[name][1]}
     config = replace(TrainConfig(steps=steps, eval_every=EVERY, save_every=EVERY, out_dir=str(runs / f"{name}-s{seed}"),
                                  threads=threads, seed=seed), **overrides)
     return train(config, resume=True, command=command or f"python experiments/recipe_study.py --only {name}"), config
@@ -180,7 +185,7 @@ def render(data: dict) -> dict[str, str]:
 
 def toy_table(data: dict) -> str:
     """docs/toy.md's table: the last layer without intervals, +2 included (no markers there)."""
-    lines = ["| recipe: what changes from the shipped one | task acc | direct | masked +1 | +2 | +7 | "
+    lines = ["| recipe: what changes from the faithful one (`tied-clip`'s) | task acc | direct | masked +1 | +2 | +7 | "
              "restart +1 (text) | text-controlled +1 |", "|---|---|---|---|---|---|---|---|"]
     for r in data["records"]:
         accs = [*(_acc(r, "memento", o) for o in (0, 1, 2, 7)), _acc(r, "restart", 1), _acc(r, "text-controlled", 1)]
@@ -202,7 +207,7 @@ def quotes(data: dict) -> dict[str, str]:
     above = sum(_find(r, "text-controlled", 3, 1)["ci_low"] > TC_CHANCE for r in records)  # interval above chance
     every = above == len(records)
     lowest = min(records, key=lambda r: _acc(r, "text-controlled", 1))
-    shipped = _acc(by["faithful"], "memento", 1)  # the faithful recipe is the shipped toy at step 400
+    shipped = _acc(by["faithful"], "memento", 1)  # the faithful recipe is the former shipped toy (tied-clip) at step 400
     flat = [_acc(by[n], "memento", 1) for n in ("fixed-set", "wd-0.1", "betas-999")]
     embed = ("embed-0.02", "embed-0.1", "embed-0.3", "faithful")  # embeddings N(0, 0.02 / 0.1 / 0.3 / 1)
     text_range = [f(100 * c["accuracy"] for r in records for c in r["cells"]
@@ -215,7 +220,7 @@ def quotes(data: dict) -> dict[str, str]:
         "readme_init": f"{pair('faithful')}, GPT-2's N(0, 0.02) {pair('gpt2-init')};",
         "readme_linear": f"N(0, 0.1) linear layers read {pair('linear-0.1')};",
         "readme_learned": (f"{task('cosine')}: masked +1 {a('cosine')}%; untied head, {task('untied')}: "
-                           f"{a('untied')}%; the shipped run {shipped:.0f}% at step {steps}"),
+                           f"{a('untied')}%; the former shipped run {shipped:.0f}% at step {steps}"),
         "readme_flat": f"barely move it ({min(flat):.0f}–{max(flat):.0f}%)",
         "readme_width": f"(d_model 64 / 128 / 192: {a('d64')} / {a('faithful')} / {a('d192')}%)",
         "readme_channel": f"text-controlled +1 lies above its {chance} chance in "
@@ -239,7 +244,7 @@ def quotes(data: dict) -> dict[str, str]:
         "toy_linear_wide": f"read\n   {pair('linear-0.1')}. The embeddings'",
         "toy_text": "the restart text baseline stays at {:.1f}–{:.1f}%".format(*text_range),
         "toy_learned": (f"cosine decay (task {task('cosine')}) {a('cosine')}%, no clipping ({task('no-clip')}) "
-                        f"{a('no-clip')}%, the shipped recipe"),
+                        f"{a('no-clip')}%, the faithful recipe"),
         "toy_learned_2": f"({task('faithful')}) {a('faithful')}%, untied head ({task('untied')}) {a('untied')}%.",
         "toy_flat": f"reads {a('fixed-set')}% (fresh samples {a('faithful')}%); weight decay 0.1",
         "toy_flat_2": f"{a('wd-0.1')}%; β₂ = 0.999 {a('betas-999')}%.",

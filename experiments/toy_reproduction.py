@@ -59,7 +59,7 @@ def readme(data: dict) -> str:
     """experiments/results/toy_reproduction/README.md, from results.json and timings.json."""
     first = _row(data, "linear", 3, 1)
     n = first["n_train"] + first["n_val"]
-    lines = ["# The paper's toy figure at 50,000 passcodes, on the shipped (faithful) toy", "",
+    lines = ["# The paper's toy figure at 50,000 passcodes, on the toy shipped before issue 30 (`tied-clip`)", "",
              "`python experiments/toy_reproduction.py` (`kvprobe --threads 1 run experiments/toy_reproduction.yaml`, "
              f"{_minutes(data)}, on this project's 2-core CPU machine while other jobs ran), with the probe strength "
              "extended past its grid's edge (issue 26). Memento mode, memento site, "
@@ -89,7 +89,8 @@ def readme_summary(data: dict) -> str:
     """The README's paragraph on this run (between <!-- reproduction-summary --> markers)."""
     first, last, linear, lo, hi = _headline(data)
     n = linear["n_train"] + linear["n_val"]
-    return (f"**The paper's toy figure at its scale** (`python experiments/toy_reproduction.py`, {n:,} passcodes, "
+    return (f"**The paper's toy figure at its scale** (`python experiments/toy_reproduction.py`, on `tied-clip`, the "
+            f"toy shipped before issue 30, {n:,} passcodes, "
             f"MLP probes on the paper's cells, the training series; {_minutes(data)} on 1 thread; "
             "[results](experiments/results/toy_reproduction/README.md)): the MLP, the paper's probe, reads masked +1 "
             f"at {100 * first['accuracy']:.1f}% [{100 * first['ci_low']:.1f}, {100 * first['ci_high']:.1f}] at the "

@@ -21,7 +21,7 @@
 # its *information*: some of it survives in the keys and values (KV states) of later
 # tokens, and a simple linear probe can read it back.
 #
-# We use the 811,776-parameter toy model shipped with kvprobe, so everything runs on a
+# We use the 813,824-parameter toy model shipped with kvprobe, so everything runs on a
 # CPU in about a minute and nothing is downloaded but kvprobe itself. The same file runs
 # as a script, `python notebooks/toy_demo.py`, which saves the figures instead of showing
 # them. `docs/teaching.md` has exercises.
@@ -476,9 +476,9 @@ show(fig, "memento_vs_restart")
 #   larger part of the leak. (The toy's initialisation matters here: the same model
 #   initialised the GPT-2 way, `toy_models.load("gpt2-init/final")`, leaks far less. Try
 #   it, and see `docs/toy.md`.)
-# * **Masked +2:** the two conditions lie within a point or so of each other and the
-#   paired interval includes zero: at this scale the text alone explains what `M_4`
-#   holds. Whether a hidden part survives further away takes more samples.
+# * **Masked +2:** the gap is smaller, a few points, and the paired interval only just
+#   clears zero: the hidden part fades quickly with distance, and at this sample size it
+#   is barely resolved. How far it survives takes more samples.
 #
 # That is what the full runs are for. `kvprobe demo` runs the experiment with more
 # samples, all 4 layers, offsets up to +7 and the same text-only baseline (`restart`), and

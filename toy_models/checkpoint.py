@@ -64,7 +64,8 @@ def resolve(name_or_path: str | Path) -> Path:
         if (shipped / "config.json").is_file():
             path = shipped
         else:
-            names = ", ".join(["final", *checkpoint_names()])
+            contrasts = sorted(f"{d.name}/final" for d in CHECKPOINT_DIR.iterdir() if (d / "final" / "config.json").is_file())
+            names = ", ".join(["final", *checkpoint_names(), *contrasts])
             raise FileNotFoundError(
                 f"no toy checkpoint {str(name_or_path)!r}: not a checkpoint directory and not a shipped name ({names})"
             )

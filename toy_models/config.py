@@ -9,9 +9,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["SCHEDULES", "InitScheme", "TrainConfig"]
+__all__ = ["DEFAULT_WHEN_ADDED", "SCHEDULES", "InitScheme", "TrainConfig"]
 
 SCHEDULES = ("constant", "cosine")
+# what a saved run that lacks a field used, where that differs from the field's default today (issue 30
+# untied the head and decays the learning rate at the end by default)
+DEFAULT_WHEN_ADDED = {"tied": True, "decay": 0}
 
 
 @dataclass(frozen=True)
@@ -54,23 +57,27 @@ def _opt(default: Any, help: str) -> Any:
 class TrainConfig:
     """Hyperparameters and bookkeeping of one training run.
 
-    The defaults are the faithful toy's recipe (docs/toy.md, "What sets the leak"):
-    PyTorch-default initialisation, batch 64, constant learning rate 1e-3 after a short
-    warmup, no weight decay, fresh sequences every step.
+    The defaults are the shipped toy's recipe (docs/toy.md, "What sets the leak" and "How fast
+    a recipe learns"): PyTorch-default initialisation, an untied output head, no gradient
+    clipping, batch 64, learning rate 1e-3 constant for 70% of the steps and then linearly to
+    0, no weight decay, fresh sequences every step. The toy shipped before issue 30
+    (`tied-clip`) tied its head, clipped at 1.0 and kept the learning rate constant to the end.
     """
 
-    steps: int = _opt(2400, "optimizer steps")
+    steps: int = _opt(3000, "optimizer steps")
     batch_size: int = _opt(64, "sequences per step")
     lr: float = _opt(1e-3, "peak AdamW learning rate")
     warmup: int = _opt(0, "linear warmup steps; then constant, or cosine decay to 0 at the last step")
     schedule: str = _opt("constant", "learning-rate schedule after warmup: constant or cosine")
+    decay: float = _opt(0.3, "with the constant schedule, the last fraction of the steps decays the learning rate "
+                              "linearly to 0 (0: constant to the end)")
     weight_decay: float = _opt(0.0, "AdamW weight decay on matrices (not biases, LayerNorms, embeddings)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.98, "AdamW beta2")
-    grad_clip: float | None = _opt(1.0, "max gradient norm, or none")
+    grad_clip: float | None = _opt(None, "max gradient norm, or none")
     init_embedding: float | str = _opt(1.0, "std of the embeddings' N(0, std), or gpt2 (0.02)")
     init_linear: float | str = _opt("pytorch", "linear weights: pytorch U(+-1/sqrt(fan_in)), gpt2, or a std")
-    tied: bool = _opt(True, "tie the output head to the token embedding")
+    tied: bool = _opt(False, "tie the output head to the token embedding")
     n_embd: int = _opt(128, "model width (heads of 32 dims, MLP 4x): the capacity study")
     n_layer: int = _opt(4, "transformer layers: the capacity study")
     train_set: int | None = _opt(None, "a fixed set of this many sequences seen for epochs, or none: fresh every step")
@@ -89,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("warmup and weight_decay must be >= 0 and lr > 0")
+        if not 0 <= self.decay < 1 or self.decay_steps > self.steps - self.warmup:
+            raise ValueError(f"decay must be a fraction in [0, 1) of the steps after warmup, got {self.decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -106,16 +115,22 @@ class TrainConfig:
         self.init  # validates the init fields
 
     @property
+    def decay_steps(self) -> int:
+        """How many of the last steps decay the learning rate (the constant schedule's; cosine decays them all)."""
+        return round(self.decay * self.steps) if self.schedule == "constant" else 0
+
+    @property
     def init(self) -> InitScheme:
         """The initialisation scheme the init_* fields describe."""
         return InitScheme(embedding=self.init_embedding, linear=self.init_linear)
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that define the run's results (not where or how fast it runs). keep_last_n_blocks
-        is left out at 0, what every run made before the option used, so the records written from these
+        and decay are left out at 0, what every run made before the options used, so the records written from these
         settings (a checkpoint's meta.json, recipe_study's committed JSON) stay as they were; a resume
         reads a setting its saved run lacks as the default anyway (train._prepare_run_dir)."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
-        if settings["keep_last_n_blocks"] == 0:
-            del settings["keep_last_n_blocks"]
+        for name in ("keep_last_n_blocks", "decay"):  # options added later: left out at 0, as runs before them
+            if settings[name] == 0:
+                del settings[name]
         return settings

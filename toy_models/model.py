@@ -1,4 +1,5 @@
-"""The toy Memento transformer: a 4-layer GPT-2 of 811,776 parameters (SPEC section 4).
+"""The toy Memento transformer: a 4-layer GPT-2 of 811,776 parameters with a tied output head, 813,824
+with an untied one, as shipped since issue 30 (SPEC section 4: about 810K).
 
 A plain `transformers.GPT2LMHeadModel`, so every tool that reads GPT-2 (TransformerLens,
 nnsight, kvprobe's capture) reads it unchanged. Dropout is off: the task is noiseless
@@ -19,7 +20,7 @@ from .vocab import SPECIAL, VOCAB_SIZE
 
 __all__ = ["GPT2_INIT", "N_PARAMS", "PYTORCH_INIT", "InitScheme", "build_model", "init_weights", "toy_config"]
 
-N_PARAMS = 811_776
+N_PARAMS = 811_776  # tied head; an untied head adds VOCAB_SIZE x n_embd = 2,048
 
 
 GPT2_INIT = InitScheme(embedding="gpt2", linear="gpt2")

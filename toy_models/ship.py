@@ -61,9 +61,10 @@ def _copy(src: Path, dst: Path, device: str, samples: int) -> dict:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(TRAIN_STATE))
     meta = json.loads((dst / META).read_text())
     model = load(str(dst)).to(device)
+    keep = meta.get("config", {}).get("keep_last_n_blocks", 0)  # read under the mask it was trained with
     meta["task_accuracy_during_training"] = meta.pop("task_accuracy")
-    meta["task_accuracy"] = round(task_accuracy(model, samples, heldout_seed(SHIP_HELDOUT_SET)), 6)
-    meta["task_accuracy_eval"] = {"heldout_set": SHIP_HELDOUT_SET, "samples": samples, "mask": "memento keep0"}
+    meta["task_accuracy"] = round(task_accuracy(model, samples, heldout_seed(SHIP_HELDOUT_SET), keep_last_n_blocks=keep), 6)
+    meta["task_accuracy_eval"] = {"heldout_set": SHIP_HELDOUT_SET, "samples": samples, "mask": f"memento keep{keep}"}
     meta["source"] = str(src)
     (dst / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -79,10 +80,11 @@ def ship(run_dir: str | Path, dest: str | Path = CHECKPOINT_DIR, n: int = 7, dev
     dest = Path(dest)
     if (dest / "series").exists():
         shutil.rmtree(dest / "series")
-    (dest / "series").mkdir(parents=True)
     *earlier, last = ckpts
-    metas = [_copy(ckpts[i][2], dest / "series" / ckpts[i][2].name, device, samples)
-             for i in select_series([a for _, a, _ in earlier], n)]
+    chosen = select_series([a for _, a, _ in earlier], n) if n else []
+    if chosen:
+        (dest / "series").mkdir(parents=True)
+    metas = [_copy(ckpts[i][2], dest / "series" / ckpts[i][2].name, device, samples) for i in chosen]
     metas.append(_copy(last[2], dest / "final", device, samples))
     for name in (LOG_FILE, CONFIG_FILE):
         shutil.copyfile(run / name, dest / name)
@@ -93,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--dest", default=str(CHECKPOINT_DIR))
-    parser.add_argument("-n", type=int, default=7, help="checkpoints in the series")
+    parser.add_argument("-n", type=int, default=7, help="checkpoints in the series (0: the final checkpoint alone)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=5000)
     args = parser.parse_args()

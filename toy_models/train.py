@@ -27,15 +27,16 @@ import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import GPT2LMHeadModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from transformers import (GPT2LMHeadModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                          get_wsd_schedule)
 
 from .checkpoint import TRAIN_STATE, save_checkpoint
-from .config import SCHEDULES, TrainConfig  # the options, torch-free (for `kvprobe toy train --help`); re-exported here
+from .config import DEFAULT_WHEN_ADDED, SCHEDULES, TrainConfig  # the options, torch-free (for `kvprobe toy train --help`); re-exported here
 from .data import SEQ_LEN, generate
 from .model import build_model
 from .task import heldout_seed, memento_attention, task_accuracy, task_loss, train_seed
 
-__all__ = ["RunDirError", "SCHEDULES", "TrainConfig", "latest_checkpoint", "make_optimizer", "make_scheduler", "train", "training_batch"]
+__all__ = ["RunDirError", "SCHEDULES", "TrainConfig", "latest_checkpoint", "make_optimizer", "make_scheduler", "train", "train_step", "training_batch"]
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "training_log.jsonl"
@@ -82,9 +83,13 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant or cosine decay to 0 at `config.steps`."""
+    """Linear warmup, then constant or cosine decay to 0 at `config.steps`; constant with `config.decay`:
+    constant, then linear decay to 0 over the last `decay_steps` (transformers' warmup-stable-decay)."""
     if config.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
+    if config.decay_steps:
+        return get_wsd_schedule(optimizer, config.warmup, config.decay_steps, num_training_steps=config.steps,
+                                decay_type="linear")
     return get_constant_schedule_with_warmup(optimizer, config.warmup)
 
 
@@ -110,11 +115,15 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
                 raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: not a toy training run")
             before = json.loads(saved.read_text())
             now = config.run_settings()
-            # a setting the saved run predates is taken at its default (what that run used)
-            defaults = {f.name: f.default for f in fields(TrainConfig)}
-            diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
+            # a setting the saved run predates is taken at what that run used: its default then
+            defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **DEFAULT_WHEN_ADDED}
+            diff = sorted(k for k in {*now, *before} if before.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
+            latest = latest_checkpoint(out)
+            if diff and set(diff) <= {"steps", "decay"} and _extendable(config, before, latest):
+                saved.write_text(json.dumps(now, indent=2) + "\n")  # train on: the same batches and lr so far
+                return latest
             if diff:
-                changes = ", ".join(f"{k}: {before.get(k)} -> {now[k]}" for k in diff)
+                changes = ", ".join(f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k, defaults.get(k))}" for k in diff)
                 raise RunDirError(f"cannot resume {out}: settings differ from the saved run ({changes})")
             return latest_checkpoint(out)
         else:
@@ -124,12 +133,40 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
     return None
 
 
+def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               ids: torch.Tensor, attention: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """One optimizer step on a batch `ids` (B, T) under the (1, 1, T, T) training mask `attention`: the
+    task loss, backward, optional clipping of the gradient norm, AdamW and scheduler steps. Returns the
+    batch's loss, detached (a 0-d tensor on the model's device)."""
+    loss = task_loss(model, ids, attention)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def _extendable(config: TrainConfig, saved: dict, latest: Path | None) -> bool:
+    """Whether a run saved with settings `saved` may resume as `config` (other steps or decay) and give what
+    `config` gives from the start: a constant schedule, whose batches and learning rates up to the last
+    checkpoint do not depend on where the run ends, as long as neither run's decay had begun by then
+    (a cosine schedule's learning rates depend on the end)."""
+    done = int(latest.name.removeprefix("step_")) if latest is not None else 0
+    saved_decay = round(saved.get("decay", 0) * saved["steps"])
+    stable = min(config.steps - config.decay_steps, saved["steps"] - saved_decay if saved_decay else config.steps)
+    return config.schedule == "constant" and done <= stable
+
+
 def train(
     config: TrainConfig, resume: bool = False, overwrite: bool = False, command: str | None = None
 ) -> GPT2LMHeadModel:
     """Train (or resume) a toy run into `config.out_dir`; return the final model in eval mode.
 
-    resume: continue from the run's last checkpoint (start afresh if it has none yet).
+    resume: continue from the run's last checkpoint (start afresh if it has none yet); under a constant
+    schedule a resume may also change `steps` and `decay`, so long as the learning rate so far is the
+    same, and gives the weights a run asked for them from the start gives.
     overwrite: delete an existing run directory first. Without either, an existing
     non-empty run directory is refused. `command` is recorded in each checkpoint's
     meta.json (default: this process's command line).
@@ -139,7 +176,7 @@ def train(
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} asked for but CUDA is not available")
-    command = command or shlex.join(sys.argv)
+    command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])  # kvprobe ..., not its install path
     ckpt = _prepare_run_dir(config, resume, overwrite)
     out = Path(config.out_dir)
 
@@ -175,14 +212,8 @@ def train(
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="toy train", unit="step")
     for step in bar:
         ids = training_batch(config, step).to(device, non_blocking=True)  # (B, T)
-        loss = task_loss(model, ids, attention)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach()
+        loss = train_step(model, optimizer, scheduler, ids, attention, config.grad_clip)
+        loss_sum += loss
         loss_n += 1
         done = step + 1
         last = done == config.steps

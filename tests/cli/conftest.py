@@ -51,7 +51,7 @@ def other_store(tmp_path_factory) -> Path:
     """The same capture from another training checkpoint (a store that belongs to another run)."""
     root = tmp_path_factory.mktemp("other")
     code, _, err = cli_quiet("capture", write_config(root / "tiny.yaml", FAST), "--out", root / "run",
-                             "--set", "model.checkpoint=series/step_000950")
+                             "--set", "model.checkpoint=series/step_000450")
     assert code == 0, err
     return root / "run" / STORE
 

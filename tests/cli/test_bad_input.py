@@ -120,7 +120,7 @@ CASES = [
     ("probe-shard-header", ["probe", "{run}"], ["shard_000001.h5", "not an HDF5 file"], "shard-header"),
     ("probe-index-truncated", ["probe", "{run}"], ["kvstore.h5", "damaged index", "--resume"], "index-truncated"),
     ("probe-store-deleted", ["probe", "{run}"], ["stores/memento", "kvprobe capture"], "store-deleted"),
-    ("probe-store-swapped", ["probe", "{run}"], ["stores/memento", "series/step_000950", "'final'"], "store-swapped"),
+    ("probe-store-swapped", ["probe", "{run}"], ["stores/memento", "series/step_000450", "'final'"], "store-swapped"),
     ("probe-model-record", ["probe", "{run}"], ["stores/memento", "parameter hash"], "model-record"),
     ("probe-spec-changed", ["probe", "{run}"], ["stores/memento", "capture spec", "max_tokens"], "spec-changed"),
     ("probe-samples-changed", ["probe", "{run}"], ["stores/memento", "other samples", "n_samples 300"],

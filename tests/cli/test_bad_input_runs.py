@@ -109,7 +109,7 @@ CASES = [
     ("probe-index-grown", ["probe", "{run}"], ["kvstore.h5", "13,784 recorded", "--resume"], "index-grown"),
     ("probe-index-record-malformed", ["probe", "{run}"], ["kvstore.json", "damaged checksum record", "--resume"],
      "index-record-malformed"),
-    ("report-store-swapped", ["report", "{run}"], ["stores/memento", "series/step_000950"], "store-swapped"),
+    ("report-store-swapped", ["report", "{run}"], ["stores/memento", "series/step_000450"], "store-swapped"),
     # ... and were fitted on it, with the run's settings
     ("probe-record-n-boot", ["probe", "{run}"], ["memento.json", "probe.linear.n_boot", "--redo"], "record-n-boot"),
     ("report-record-n-boot", ["report", "{run}"], ["memento.json", "probe.linear.n_boot"], "record-n-boot"),
@@ -129,7 +129,7 @@ CASES = [
      "record-max-tokens"),
     ("resume-record-n-boot", RESUME + ["--set", "probe.n_boot=300"], ["memento.json", "probe.linear.n_boot"],
      "record-n-boot"),
-    ("resume-store-swapped", RESUME, ["stores/memento", "series/step_000950"], "store-swapped"),
+    ("resume-store-swapped", RESUME, ["stores/memento", "series/step_000450"], "store-swapped"),
     ("resume-model-record", RESUME, ["stores/memento", "parameter hash"], "model-record"),
     ("resume-store-record-malformed", RESUME, ["stores/memento/config.json", "damaged store record"],
      "store-record-malformed"),

@@ -202,13 +202,13 @@ def test_sweep_without_plus_one_follows_the_first_masked_offset(capsys, tmp_path
     """A sweep over two checkpoints whose offsets skip +1 reports masked +2, not a KeyError."""
     fixed = dict(TINY["probe"], linear_l2_grid=[1e-3])  # a fixed strength keeps it quick
     config = write_config(tmp_path / "sweep.yaml", dict(TINY, probe=fixed, sweep={
-        "checkpoints": ["series/step_000950", "final"], "n_samples": 300, "layers": [0, 3], "offsets": [0, 2],
+        "checkpoints": ["series/step_000450", "final"], "n_samples": 300, "layers": [0, 3], "offsets": [0, 2],
         "task_samples": 100}))
     out = tmp_path / "run"
     code, _, err = cli(capsys, "run", config, "--out", out)
     assert code == 0, err
     points = json.loads((out / "sweep" / "sweep.json").read_text())
-    assert [p["checkpoint"] for p in points] == ["series/step_000950", "final"]
+    assert [p["checkpoint"] for p in points] == ["series/step_000450", "final"]
     assert all(p["masked_offset"] == 2 and 0.1 < p["masked_accuracy"] < p["direct_accuracy"] for p in points)
     assert all(p["layer"] == 3 for p in points)
     from kvprobe.store import KVStore

@@ -42,7 +42,7 @@ PATHS = _paths(BASE) + [tuple(p.split(".")) for p in (
     "data.chat_template", "probe.linear.l2", "probe.mlp.hidden", "probe.pooling", "probe.mlp_layers",
     "conditions.memento.restart_mode", "conditions.other", "causal.layers", "report.paper", "report.comparisons",
     "capture.max_tokens", "capture.sites", "capture.dtype", "bogus", "capture.bogus", "probe.linear.bogus")]
-NAMES = st.sampled_from(["final", "series/step_000950", "", ".", "no_such", "memento", "linear", "tail_mean",
+NAMES = st.sampled_from(["final", "series/step_000450", "", ".", "no_such", "memento", "linear", "tail_mean",
                          "toy", "traces", "hf", "cuda", "float16", "none", "start"])
 LEAVES = st.one_of(
     st.integers(-3, 3000), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(), NAMES,

@@ -84,6 +84,7 @@ def test_the_default_recipe_trains_deterministically(tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(c)))
     cfg = TrainConfig()
     assert (cfg.init, cfg.batch_size, cfg.lr, cfg.schedule, cfg.weight_decay) == (PYTORCH_INIT, 64, 1e-3, "constant", 0.0)
+    assert (cfg.tied, cfg.grad_clip) == (False, None)  # the independent build's: it learns fastest per step (issue 30)
 
 
 def test_a_keep_n_toy_trains_under_its_own_mask(tmp_path):
@@ -244,6 +245,23 @@ def test_the_former_toy_is_kept_as_a_named_contrast():
     contrast = toy_models.load("gpt2-init/final")
     assert sum(p.numel() for p in contrast.parameters()) == 811_776
     assert toy_models.read_meta("gpt2-init/final")["config"]["weight_decay"] == 0.1
+    former = toy_models.read_meta("tied-clip/final")["config"]  # the toy shipped before issue 30
+    assert (former["tied"], former["grad_clip"], former["steps"]) == (True, 1.0, 2400)
+    assert sum(p.numel() for p in toy_models.load("tied-clip/final").parameters()) == 811_776
+    assert sum(p.numel() for p in toy_models.load("final").parameters()) == 811_776 + 16 * 128  # its own head
+
+
+def test_the_keep1_toy_is_shipped_and_read_under_its_training_mask():
+    import toy_models
+    from toy_models.task import heldout_seed, task_accuracy
+
+    meta = toy_models.read_meta("keep1/final")
+    assert meta["config"]["keep_last_n_blocks"] == 1 and meta["task_accuracy_eval"]["mask"] == "memento keep1"
+    shipped = {k: v for k, v in toy_models.read_meta("final")["config"].items() if k not in ("out_dir", "keep_last_n_blocks")}
+    assert {k: v for k, v in meta["config"].items() if k not in ("out_dir", "keep_last_n_blocks")} == shipped  # same recipe
+    model = toy_models.load("keep1/final")
+    under_keep1 = task_accuracy(model, 200, heldout_seed(3), keep_last_n_blocks=1)
+    assert under_keep1 > 0.9 and under_keep1 > task_accuracy(model, 200, heldout_seed(3)) + 0.05
 
 
 def test_config_fields_make_the_text_controlled_source():
@@ -290,3 +308,16 @@ def test_toy_train_bad_recipe_options_exit_2_and_write_nothing(tmp_path, capsys,
     assert main(["toy", "train", "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_docs_list_every_shipped_checkpoint_as_its_meta_says():
+    """docs/toy.md's table of shipped checkpoints: step, task accuracy and the accuracy logged during training."""
+    import toy_models
+    from toy_models.checkpoint import CHECKPOINT_DIR
+
+    text = (CHECKPOINT_DIR.parents[1] / "docs" / "toy.md").read_text()
+    for name in [*toy_models.checkpoint_names(), "final", "keep1/final", "tied-clip/final"]:
+        meta = toy_models.read_meta(name)
+        row = (f"| `{name}` | {meta['step']} | {100 * meta['task_accuracy']:.1f}% | "
+               f"{100 * meta['task_accuracy_during_training']:.1f}% |")
+        assert row in text, f"docs/toy.md should list {row}"
