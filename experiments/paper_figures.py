@@ -70,29 +70,25 @@ def _read(model, figure: str, name: str, condition, layers, offsets, samples: in
 def measure(samples: int, seed: int) -> dict:
     """Every cell both figures need, linear and MLP: the shipped final (Fig. 13 with keep 0, the heatmap with
     keep 1), the keep-1 toy's and the former toy's heatmaps (the keep-1 question), and the series' masked +1."""
-    final, keep1 = toy_models.load("final"), toy_models.load(KEEP1_TOY)
+    final, keep1, former = (toy_models.load(name) for name in ("final", KEEP1_TOY, FORMER))
     cells = _read(final, "fig13", "final", MEMENTO, (0, 1, 2, 3), tuple(range(-1, 8)), samples, seed)
     heat = dict(layers=(0, 1, 2, 3), offsets=tuple(range(-2, 8)), samples=samples, seed=seed, target_block=2)
     cells += _read(final, "heatmap", "final", KEEP1, **heat)
     cells += _read(keep1, "heatmap-keep1-toy", KEEP1_TOY, KEEP1, **{**heat, "layers": HEATMAP_LAYERS})
-    cells += _read(toy_models.load(FORMER), "heatmap-former-toy", FORMER, KEEP1, **{**heat, "layers": (3,)})
+    cells += _read(former, "heatmap-former-toy", FORMER, KEEP1, **{**heat, "layers": (3,)})
     series = []
     for name in [*toy_models.checkpoint_names(), "final"]:
         ck = toy_models.load(name)
         accuracy = task_accuracy(ck, 2000, heldout_seed(2))
         series += [{"checkpoint": name, "task_accuracy": accuracy, **c}
                    for c in _read(ck, "series", name, MEMENTO, (3,), (1,), samples, seed)]
-    models = {name: task_accuracy(toy_models.load(name), 2000, heldout_seed(2), keep_last_n_blocks=keep)
-              for name, keep in (("final", 0), (KEEP1_TOY, 1), (FORMER, 0))}
+    models = {name: task_accuracy(model, 2000, heldout_seed(2), keep_last_n_blocks=keep)
+              for name, model, keep in (("final", final, 0), (KEEP1_TOY, keep1, 1), (FORMER, former, 0))}
     return {"samples": samples, "seed": seed, "task_accuracy": models, "cells": cells, "series": series}
 
 
 def _find(cells: list[dict], figure: str, layer: int, offset: int, probe: str = "mlp") -> dict:
     return next(c for c in cells if (c["figure"], c["layer"], c["offset"], c["probe"]) == (figure, layer, offset, probe))
-
-
-def _fig13_paper(layer: int, offset: int) -> tuple[float, str] | None:
-    return next((v for (_, l, o), v in FIG13.items() if (l, o) == (layer, offset)), None)
 
 
 def in_band(cell: dict, paper: float, band: float = BAND) -> bool:

@@ -68,8 +68,6 @@ def train_one(name: str, seed: int, runs: Path = RUNS) -> list[tuple[int, float]
 
 def seconds_per_step(names: list[str]) -> dict[str, list[float]]:
     """Each recipe's seconds per training step, ROUNDS measurements of TIMED steps, the recipes taking turns."""
-    import torch
-
     from toy_models.model import build_model
     from toy_models.task import memento_attention
     from toy_models.train import make_optimizer, make_scheduler, train_step, training_batch
@@ -89,7 +87,6 @@ def seconds_per_step(names: list[str]) -> dict[str, list[float]]:
         for _ in range(n):
             train_step(model, optimizer, scheduler, training_batch(config, step[name]), attention, config.grad_clip)
             step[name] += 1
-        torch.tensor(0.0).item()
         return (time.perf_counter() - t0) / n
 
     for name in names:
@@ -118,7 +115,8 @@ def summary(data: dict) -> dict[str, dict]:
     out = {}
     for name, curves in data["curves"].items():
         sps = statistics.median(data["seconds_per_step"][name])
-        at = {s: [100 * dict(c)[s] for c in curves.values() if s in dict(c)] for s in AT_STEPS}
+        logged = [dict(c) for c in curves.values()]  # per seed: step -> task accuracy
+        at = {s: [100 * acc[s] for acc in logged if s in acc] for s in AT_STEPS}
         reach = {t: [first_at(c, t) for c in curves.values()] for t in TARGETS}
         out[name] = {"at": at, "reach": reach, "s_per_step": sps, "seeds": len(curves)}
     return out

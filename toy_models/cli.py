@@ -128,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_options(p)
     p.add_argument("--out", required=True, help="run directory")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (under a constant schedule, also to more --steps)")
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (under a constant schedule, also to more --steps or a final --decay)")
     mode.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.set_defaults(func=_train)
 

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -125,7 +125,7 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
             if diff:
                 changes = ", ".join(f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k, defaults.get(k))}" for k in diff)
                 raise RunDirError(f"cannot resume {out}: settings differ from the saved run ({changes})")
-            return latest_checkpoint(out)
+            return latest
         else:
             raise RunDirError(f"{out} already holds a run; resume it or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +154,8 @@ def _extendable(config: TrainConfig, saved: dict, latest: Path | None) -> bool:
     checkpoint do not depend on where the run ends, as long as neither run's decay had begun by then
     (a cosine schedule's learning rates depend on the end)."""
     done = int(latest.name.removeprefix("step_")) if latest is not None else 0
-    saved_decay = round(saved.get("decay", 0) * saved["steps"])
-    stable = min(config.steps - config.decay_steps, saved["steps"] - saved_decay if saved_decay else config.steps)
+    before = replace(config, steps=saved["steps"], decay=saved.get("decay", 0))
+    stable = min(config.steps - config.decay_steps, before.steps - before.decay_steps if before.decay_steps else config.steps)
     return config.schedule == "constant" and done <= stable
 
 
