@@ -24,6 +24,7 @@ Results: experiments/results/recipe_speed/ (results.json, results.md, recipe_spe
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -129,7 +130,8 @@ def results_table(data: dict) -> str:
              "Task accuracy (%, 1,000 held-out sequences, logged every 50 steps): mean ± standard deviation over "
              "seeds. 'Steps to' a target: the first logged step at or above it, per seed ('—': not within "
              f"{STEPS:,} steps). Seconds per step: the median of {ROUNDS} timings of {TIMED} steps, the recipes "
-             "taking turns in one process on 1 thread; minutes to a target = mean steps × seconds per step. "
+             f"taking turns in one process on 1 thread (1-minute load average {_load(data)} before and after the "
+             "timing, on 2 cores); minutes to a target = mean steps × seconds per step. "
              "Remade by `python experiments/recipe_speed.py`.", "",
              f"| recipe | what | {steps_head} | s/step |", "|---|---|" + "---|" * (len(AT_STEPS) + 1)]
     for name, row in s.items():
@@ -143,6 +145,10 @@ def results_table(data: dict) -> str:
         lines.append(f"| {name} | {steps} | {minutes} |")
     lines += ["", f"- {quotes(data)['verdict']}", ""]
     return "\n".join(lines)
+
+
+def _load(data: dict) -> str:
+    return " and ".join(f"{v:.2f}" for v in data["load_average"])
 
 
 def _minutes(row: dict, target: float) -> str:
@@ -213,8 +219,11 @@ def main() -> None:
         names = args.only or list(RECIPES)
         curves = {name: {str(seed): train_one(name, seed, args.runs) for seed in SEEDS} for name in names}
         if set(names) == set(RECIPES):
+            load_before = os.getloadavg()[0]
+            timings = seconds_per_step(list(RECIPES))
             save_json({"steps": STEPS, "seeds": list(SEEDS), "recipes": {n: RECIPES[n][1] for n in RECIPES},
-                       "curves": curves, "seconds_per_step": seconds_per_step(list(RECIPES))}, args.out)
+                       "curves": curves, "seconds_per_step": timings,
+                       "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}, args.out)
     data = load(args.out)
     write_files(render(data), args.out)
     figure(data, args.out / "recipe_speed.png")

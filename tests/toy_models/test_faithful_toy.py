@@ -300,7 +300,8 @@ def test_a_digit_sum_no_passcode_can_have_is_refused(bad):
 
 @pytest.mark.parametrize("args, message", [(["--init-linear", "xavier"], "--init-linear"),
                                            (["--schedule", "linear"], "schedule must be one of"),
-                                           (["--grad-clip", "0"], "grad_clip must be positive")])
+                                           (["--grad-clip", "0"], "grad_clip must be positive"),
+                                           (["--decay", "1.5"], "decay must be a fraction")])
 def test_toy_train_bad_recipe_options_exit_2_and_write_nothing(tmp_path, capsys, args, message):
     from kvprobe.cli import main
 
