@@ -176,6 +176,43 @@ def test_mlp_fixed_epochs_without_holdout():
     assert (fit.n_steps == 3).all() and not fit.converged.any()
 
 
+def test_batched_mlp_trains_as_plain_torch_nn_does():
+    """Independent reference: each group of the batched MLP is an nn.Sequential of nn.Linear and ReLU
+    trained with torch.optim.Adam (coupled L2 as weight_decay on the weights, none on the biases) on the
+    same minibatches, with F.cross_entropy's mean over samples and digits as the loss."""
+    xt, yt, xv, yv = linear_data(9, strengths=(0.4, 1.0), n_train=300, n_val=50)
+    cfg = MLPConfig(hidden=(24, 16, 8), max_epochs=5, batch_size=64, lr=3e-3, l2=1e-2, holdout_fraction=0.0)
+    x = ((torch.from_numpy(xt) - torch.from_numpy(xt).mean(1, keepdim=True))
+         / torch.from_numpy(xt).std(1, keepdim=True, correction=0))  # (G, N, D), as fit_probes standardises
+    y = torch.from_numpy(yt)  # (N, K)
+    batched, _ = fit_mlp_probes(x, y.expand(2, -1, -1), 10, cfg, seed=4)
+    gen = torch.Generator().manual_seed(4)  # the batched run's draws: its initial weights, then each epoch's order
+    start = MLPProbes(2, 16, 3, 10, cfg.hidden, gen)
+    orders = [torch.randperm(300, generator=gen) for _ in range(cfg.max_epochs)]
+    for g in range(2):
+        layers = []
+        for w, b in zip(start.weights, start.biases):
+            linear = torch.nn.Linear(w.shape[1], w.shape[2])
+            with torch.no_grad():
+                linear.weight.copy_(w[g].T)  # nn.Linear stores (out, in)
+                linear.bias.copy_(b[g, 0])
+            layers += [linear, torch.nn.ReLU()]
+        net = torch.nn.Sequential(*layers[:-1])
+        adam = torch.optim.Adam([{"params": [m.weight for m in net if isinstance(m, torch.nn.Linear)],
+                                  "weight_decay": cfg.l2},
+                                 {"params": [m.bias for m in net if isinstance(m, torch.nn.Linear)]}], lr=cfg.lr)
+        for order in orders:
+            for i in range(0, 300, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                loss = torch.nn.functional.cross_entropy(net(x[g, idx]).view(-1, 10), y[idx].reshape(-1))
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+        with torch.no_grad():
+            ours = batched.select(slice(g, g + 1))(x[g:g + 1])[0]  # (N, K, C)
+            torch.testing.assert_close(ours, net(x[g]).view(300, 3, 10), atol=2e-4, rtol=1e-4)
+
+
 def test_mlp_default_architecture_is_the_papers():
     model = MLPProbes(2, 40, 5, 10, MLPConfig().hidden, torch.Generator().manual_seed(0))
     assert [tuple(w.shape) for w in model.weights] == [(2, 40, 512), (2, 512, 256), (2, 256, 128), (2, 128, 50)]
