@@ -59,7 +59,7 @@ def readme(data: dict) -> str:
     """experiments/results/toy_reproduction/README.md, from results.json and timings.json."""
     first = _row(data, "linear", 3, 1)
     n = first["n_train"] + first["n_val"]
-    lines = ["# The paper's toy figure at 50,000 passcodes, on the toy shipped before issue 30 (`tied-clip`)", "",
+    lines = ["# The paper's toy figure at 50,000 passcodes, on the shipped toy (`final`)", "",
              "`python experiments/toy_reproduction.py` (`kvprobe --threads 1 run experiments/toy_reproduction.yaml`, "
              f"{_minutes(data)}, on this project's 2-core CPU machine while other jobs ran), with the probe strength "
              "extended past its grid's edge (issue 26). Memento mode, memento site, "
@@ -89,8 +89,8 @@ def readme_summary(data: dict) -> str:
     """The README's paragraph on this run (between <!-- reproduction-summary --> markers)."""
     first, last, linear, lo, hi = _headline(data)
     n = linear["n_train"] + linear["n_val"]
-    return (f"**The paper's toy figure at its scale** (`python experiments/toy_reproduction.py`, on `tied-clip`, the "
-            f"toy shipped before issue 30, {n:,} passcodes, "
+    return (f"**The paper's toy figure at its scale** (`python experiments/toy_reproduction.py`, on the "
+            f"shipped `final`, {n:,} passcodes, "
             f"MLP probes on the paper's cells, the training series; {_minutes(data)} on 1 thread; "
             "[results](experiments/results/toy_reproduction/README.md)): the MLP, the paper's probe, reads masked +1 "
             f"at {100 * first['accuracy']:.1f}% [{100 * first['ci_low']:.1f}, {100 * first['ci_high']:.1f}] at the "
@@ -105,7 +105,7 @@ def readme_summary(data: dict) -> str:
 STAGES = (("capture", "50K passcodes x 4 layers x 10 offsets, K+V, float16"),
           ("probe", "linear on 40 cells (strength path, refit, shuffled-label refit); the MLP on 2 cells x 3 seeds "
                     "+ shuffled labels in one batched run"),
-          ("sweep", "6 checkpoints x (10K capture + linear probes on 3 cells)"),
+          ("sweep", "{n_sweep} checkpoints x (10K capture + linear probes on 3 cells)"),
           ("report", "tables and figures"))
 
 
@@ -113,7 +113,8 @@ def timings_table(data: dict) -> str:
     """benchmarks/RESULTS.md's table of the run's stage times (between <!-- reproduction-timings --> markers)."""
     t = data["timings"]
     lines = ["| stage | wall time | what it did |", "|---|---|---|"]
-    lines += [f"| {stage} | {t[stage] / 60:.1f} min ({t[stage]:.0f} s) | {what} |" for stage, what in STAGES if stage in t]
+    lines += [f"| {stage} | {t[stage] / 60:.1f} min ({t[stage]:.0f} s) | {what.format(n_sweep=len(data['sweep']))} |"
+              for stage, what in STAGES if stage in t]
     lines.append(f"| **total** | **{sum(t.values()) / 60:.1f} min** | |")
     return "\n".join(lines)
 

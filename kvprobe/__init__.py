@@ -2,7 +2,7 @@
 
 Pipeline, data flowing one way (tests/project/test_architecture.py enforces it): memento (layout,
 masks, forward) -> data (passcodes, traces, injection) -> store -> capture -> probes -> stats
--> analysis -> causal -> reporting -> serving -> training -> config -> experiment -> cli; every
+-> analysis -> reconstruction -> causal -> reporting -> serving -> training -> config -> experiment -> cli; every
 room may use `errors` (KVProbeError, the base of the bad-input errors). This module
 re-exports the small public core.
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ from .store import KVStore
 from .errors import renamed
 
 __all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
-           "compare", "load_grid", "merge_grids", "probe_store", "save_grid", "sensitivity_curves"]
+           "compare", "feature_groups", "load_grid", "merge_grids", "planned_cells", "probe_store", "save_grid",
+           "sensitivity_curves"]
 
 
 @dataclass
@@ -175,6 +176,20 @@ def _group_features(store: KVStore, group: list[Cell], D: int, tr: np.ndarray,
     return torch.from_numpy(X[:, tr]).float(), torch.from_numpy(X[:, va]).float()
 
 
+def planned_cells(store: KVStore, settings: ProbeConfig) -> list[Cell]:
+    """The cells of `store` that `settings` asks for (its pooling, offsets, sites and layers)."""
+    return _plan(store, settings)[0]
+
+
+def feature_groups(store: KVStore, settings: ProbeConfig, tr: np.ndarray, va: np.ndarray,
+                   cells: list[Cell] | None = None) -> Iterator[tuple[list[Cell], torch.Tensor, torch.Tensor]]:
+    """The cells `settings` asks for (or `cells`, a subset), in groups that fit `settings.max_group_bytes`,
+    each with its features on training rows `tr` and validation rows `va`: (G, N_tr, D), (G, N_va, D)."""
+    planned, D = _plan(store, settings)
+    for group in _groups(planned if cells is None else cells, len(tr) + len(va), D, settings.max_group_bytes):
+        yield (group, *_group_features(store, group, D, tr, va))
+
+
 def _splits(store: KVStore, settings: ProbeConfig,
             need_inner: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Outer train / validation indices, and the inner validation mask over the training samples
@@ -297,7 +312,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeConfig = ProbeCon
     codes = PasscodeConfig.from_description(store.config.get("source", {}).get("passcode", {}))
     chance = codes.chance()
     mask = MaskConfig(**store.config["capture"].get("mask", {})).name
-    cells, D = _plan(store, settings)
+    cells = planned_cells(store, settings)
     tr, va, inner = _splits(store, settings, any(len(settings.strength_grid(k)) > 1 for k in settings.families))
     y_tr, y_va = labels[tr], labels[va]
     common = dict(condition=condition, chance=chance, mask=mask, n_train=len(tr), n_val=len(va))  # on every row
@@ -306,8 +321,7 @@ def probe_store(store: KVStore, condition: str, settings: ProbeConfig = ProbeCon
     n_fits = sum(_fits_per_cell(settings, kind) for kind in settings.families)
     with tqdm(total=len(cells) * n_fits, desc=label or f"probe {condition}", unit="fit", disable=not progress,
               dynamic_ncols=True) as bar:  # closed on a failure too: the error line comes last
-        for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-            X_tr, X_va = _group_features(store, group, D, tr, va)  # (G, N_tr, D), (G, N_va, D)
+        for group, X_tr, X_va in feature_groups(store, settings, tr, va):  # (G, N_tr, D), (G, N_va, D)
             for kind in settings.families:
                 sel, fits, shuffled = _fit_kind(X_tr, y_tr, X_va, y_va, inner, kind, settings, bar)
                 acc_s, kind_rows = _score(group, kind, sel, fits, shuffled, y_va, codes, settings.n_boot, **common)
@@ -354,7 +368,7 @@ def sensitivity_curves(
     cells: one on the inner split (the selection criterion), one on the whole training split."""
     values = normalise_grid(settings.strength_grid(LINEAR) if l2_values is None else tuple(l2_values))
     labels = store.labels
-    planned, D = _plan(store, settings)
+    planned = planned_cells(store, settings)
     cells = planned if cells is None else list(cells)
     missing = [c for c in cells if c not in planned]
     if missing:
@@ -362,8 +376,7 @@ def sensitivity_curves(
     tr, va, inner = _splits(store, settings, len(values) > 1)
     y_tr, y_va = labels[tr], labels[va]
     curves = []
-    for group in _groups(cells, len(labels), D, settings.max_group_bytes):
-        X_tr, X_va = _group_features(store, group, D, tr, va)
+    for group, X_tr, X_va in feature_groups(store, settings, tr, va, cells):
         moments = shared_moments(X_tr, LINEAR, settings.linear)
         sel = select_strength(X_tr, y_tr, values, inner_val=inner, config=settings.linear, device=settings.device,
                               moments=moments, extend=False)  # the curve's own values

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "BLOCK_END", "DEFAULT_POOLING", "DEFAULT_SITE", "FAMILIES", "LAST", "LINEAR", "MEAN", "MEMENTO", "MEMENTO_TEXT",
+    "BLOCK_END", "CONTENT_TOKENS", "DEFAULT_POOLING", "DEFAULT_SITE", "FAMILIES", "LAST", "LINEAR", "MEAN", "MEMENTO", "MEMENTO_TEXT",
     "MLP", "POOLINGS", "SITES", "TAIL_MEAN", "TENSORS", "TOKENS", "Cell", "FeatureKey", "feature_path", "offset_role",
     "pooled_vectors",
 ]
@@ -44,6 +44,10 @@ DEFAULT_POOLING = TAIL_MEAN
 
 # what is read: the KV cache's keys and values, each (B, n_kv_heads, T, d_head)
 TENSORS = ("k", "v")
+
+# the block text a store keeps for the reconstruction probes: the target block's tokens between its
+# delimiters, its first and last CONTENT_TOKENS // 2 when longer
+CONTENT_TOKENS = 64
 
 # probe families: multinomial logistic regression, and the paper's 512-256-128 MLP
 LINEAR, MLP = "linear", "mlp"

@@ -41,9 +41,11 @@ import numpy as np
 
 from .errors import KVProbeError
 from .files import remove_leftovers, together, write_bytes, write_text
-from .grid import DEFAULT_POOLING, DEFAULT_SITE, Cell, FeatureKey, feature_path  # noqa: F401  (re-exported)
+from .grid import (CONTENT_TOKENS, DEFAULT_POOLING, DEFAULT_SITE, Cell, FeatureKey,  # noqa: F401  (re-exported)
+                   feature_path)
 
 __all__ = [
+    "CONTENT_TOKENS",
     "SCHEMA_VERSION",
     "Cell",
     "FeatureKey",
@@ -375,6 +377,15 @@ class KVStore:
     def labels(self) -> np.ndarray:
         """(N, passcode length) class indices."""
         return self._read("samples/labels").astype(np.int64)
+
+    @property
+    def content(self) -> tuple[np.ndarray, np.ndarray]:
+        """The target block's text between its delimiters: token ids (N, CONTENT_TOKENS), -1 after its end
+        (a block longer than CONTENT_TOKENS keeps its first and last half), and its true lengths (N,)."""
+        if "samples/content" not in self._file:
+            raise StoreError(f"{self.path}: no block content (captured before kvprobe stored it); capture the "
+                             "store again to reconstruct from it")
+        return self._read("samples/content").astype(np.int64), self._read("samples/content_length").astype(np.int64)
 
     @property
     def layouts(self) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..data.samples import SampleBatch, SampleSource
 from ..grid import LAST, MEAN, POOLINGS, TAIL_MEAN, TOKENS, FeatureKey, pooled_vectors
 from ..memento.forward import check_length, flex_for_long, flex_shapes, input_device, memento_inputs
 from ..memento.sites import site_positions
-from ..store import StoreWriter
+from ..store import CONTENT_TOKENS, StoreWriter
 from .backends import get_backend
 from .spec import DEFAULT_TARGET_BLOCK, CaptureConfig
 
@@ -322,6 +322,23 @@ def _capture_batch(model: Any, wrapped: Any, capture: Callable, batch: SampleBat
     return pool_sites(kv, tables, spec, keys)
 
 
+def _content_table(batch: SampleBatch, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of block `block` between its delimiters, for the reconstruction probes: (n, CONTENT_TOKENS)
+    int32, -1 after the end (a longer block keeps its first and last CONTENT_TOKENS // 2), and the true
+    lengths (n,)."""
+    half = CONTENT_TOKENS // 2
+    table = np.full((len(batch.layouts), CONTENT_TOKENS), -1, dtype=np.int32)
+    lengths = np.zeros(len(batch.layouts), dtype=np.int32)
+    ids = batch.input_ids
+    for i, lay in enumerate(batch.layouts):
+        b = lay.blocks[block]
+        row = ids[i, b.start + 1:b.end].numpy()  # (L,) the block's text, its delimiters left out
+        lengths[i] = len(row)
+        kept = row if len(row) <= CONTENT_TOKENS else np.concatenate([row[:half], row[-half:]])
+        table[i, :len(kept)] = kept
+    return table, lengths
+
+
 def _layout_table(batch: SampleBatch, n_blocks: int) -> np.ndarray:
     """(n, n_blocks, 5) block positions per row; built once per distinct layout."""
     distinct = list(dict.fromkeys(batch.layouts))
@@ -375,7 +392,8 @@ def _capture_shard(model: Any, wrapped: Any, backend: Any, source: SampleSource,
     spec = plan.spec
     lo, hi = shard * spec.shard_size, min((shard + 1) * spec.shard_size, plan.n_samples)
     feats: dict[FeatureKey, list[np.ndarray]] = {k: [] for k in plan.keys}
-    meta_rows: dict[str, list] = {"index": [], "passcode": [], "labels": [], "layout": []}
+    meta_rows: dict[str, list] = {"index": [], "passcode": [], "labels": [], "layout": [], "content": [],
+                                  "content_length": []}
     for start in range(lo, hi, spec.batch_size):
         batch = source.samples(start, min(start + spec.batch_size, hi))
         _check_batch(batch, spec)
@@ -385,12 +403,17 @@ def _capture_shard(model: Any, wrapped: Any, backend: Any, source: SampleSource,
         meta_rows["passcode"].extend(batch.passcodes)
         meta_rows["labels"].append(batch.labels.astype(np.int8))
         meta_rows["layout"].append(_layout_table(batch, n_blocks))
+        content, lengths = _content_table(batch, spec.target_block)
+        meta_rows["content"].append(content)
+        meta_rows["content_length"].append(lengths)
         bar.update(len(batch.index))
     samples = {
         "index": np.concatenate(meta_rows["index"]).astype(np.int64),
         "passcode": np.array(meta_rows["passcode"], dtype=object),
         "labels": np.concatenate(meta_rows["labels"]),
         "layout": np.concatenate(meta_rows["layout"]),
+        "content": np.concatenate(meta_rows["content"]),
+        "content_length": np.concatenate(meta_rows["content_length"]),
     }
     return samples, {k: np.concatenate(v) for k, v in feats.items()}
 

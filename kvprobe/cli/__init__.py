@@ -21,13 +21,13 @@ from types import ModuleType
 from typing import Sequence
 
 from ..errors import KVProbeError
-from . import capture, common, demo, export, layout, plugins, run, serve, sft, toy, verify
+from . import capture, common, demo, export, layout, plugins, reconstruct, run, serve, sft, toy, verify
 from .common import UsageError, one_line_deprecations
 from .runtime import keep_freed_memory, reproducible_blas, when_imported
 
 # every subcommand module defines register(subparsers); add new ones here (`toy` adds the toy
 # plugin's command); commands of other plugins (entry-point group `kvprobe.cli`) follow them
-SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, verify, export, serve, sft)
+SUBCOMMAND_MODULES = (demo, layout, toy, capture, run, reconstruct, verify, export, serve, sft)
 
 BAD_INPUT = (UsageError, KVProbeError)  # every refusal of input: one line, exit 2
 # the packages of the extras (pyproject.toml), so a command that needs one names the extra to install

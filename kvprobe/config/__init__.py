@@ -42,9 +42,9 @@ from ..errors import KVProbeError
 from ..files import DuplicateKeyError, UniqueKeyLoader
 from ..grid import LINEAR, MEMENTO, MLP, Cell
 from ..memento.config import MaskConfig
-from ..probes.config import ProbeConfig
+from ..probes.config import ProbeConfig, ReconstructionConfig
 from .sections import (FILLED_ELSEWHERE, RENAMED_KEYS, CaptureSection, CausalSection, MaskSection, ProbeSection,
-                       _NonEmpty, _Strict, renamed_keys, spec_from)
+                       ReconstructSection, _NonEmpty, _Strict, renamed_keys, spec_from)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,6 +180,7 @@ class ExperimentConfig(_Strict):
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
     causal: CausalSection = CausalSection()
+    reconstruct: ReconstructSection = ReconstructSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -231,6 +232,8 @@ class ExperimentConfig(_Strict):
                   "capture.offsets")
             check("causal.read_layer", (k.read_layer,) if k.read_layer is not None else None, c.layers,
                   "capture.layers")
+        check("reconstruct.layers", self.reconstruct.layers, c.layers, "capture.layers")
+        check("reconstruct.offsets", self.reconstruct.offsets, c.offsets, "capture.offsets")
         for a, b in self.report.comparisons or ():
             check("report.comparisons", (a, b), tuple(self.conditions), "conditions")
             if a == b:
@@ -281,6 +284,16 @@ class ExperimentConfig(_Strict):
         spec = dataclasses.replace(self.capture_spec(next(iter(self.conditions))), layers=(max(self.sweep.layers),),
                                    offsets=self.sweep.offsets)
         return spec, dataclasses.replace(self.probe_settings(LINEAR), shuffled_control=False, layers=None, offsets=None)
+
+    def reconstruction_spec(self, condition: str | None = None) -> ReconstructionConfig:
+        """The reconstruction probes on one condition's store: reconstruct.*, with the probe section's split,
+        strength grid and pooling, one seed of each of reconstruct.families, at reconstruct.layers and offsets
+        (None: the probe section's cells)."""
+        r = self.reconstruct
+        probe = dataclasses.replace(self.probe_settings(LINEAR, condition), families=r.families, seeds=1,
+                                    shuffled_control=False, layers=r.layers or self.probe.layers,
+                                    offsets=r.offsets or self.probe.offsets)
+        return spec_from(ReconstructionConfig, r, probe=probe)
 
     def causal_condition(self) -> str:
         """The condition the causal stage runs under and fits its reader on: causal.condition, or the first."""

@@ -23,10 +23,11 @@ from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureConfig
 from ..causal.config import CausalConfig
 from ..grid import FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
 from ..memento.config import MaskConfig
-from ..probes.config import LinearConfig, MLPConfig, ProbeConfig
+from ..probes.config import TARGETS, LinearConfig, MLPConfig, ProbeConfig, ReconstructionConfig
 
 __all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "CaptureSection", "CausalSection", "MaskSection", "ProbeSection",
-           "causal_section", "probe_section", "renamed_keys", "section_from", "spec_from"]
+           "ReconstructSection", "causal_section", "probe_section", "reconstruct_section", "renamed_keys",
+           "section_from", "spec_from"]
 
 
 class _Strict(BaseModel):
@@ -110,6 +111,8 @@ FILLED_ELSEWHERE: dict[type, dict[str, str]] = {
     ProbeConfig: {"split_seed": "seed", "device": "model.device (the probes run where the model does)"},
     CausalConfig: {"pooling": "probe.pooling", "mask": "causal.condition's entry in conditions",
                  "backend": "capture.backend", "n_boot": "probe.n_boot"},
+    ReconstructionConfig: {"probe": "probe.* (split, pooling, linear and mlp settings), with reconstruct.families, "
+                                    "layers and offsets"},
 }
 
 # keys renamed to the library's names, read for one release with a DeprecationWarning: section ->
@@ -236,3 +239,21 @@ def causal_section(spec: type = CausalConfig, name: str = "CausalSection") -> ty
 
 
 CausalSection = causal_section()
+
+
+def reconstruct_section(spec: type = ReconstructionConfig, name: str = "ReconstructSection") -> type[BaseModel]:
+    """What survives an erased block (kvprobe.reconstruction), generated from `spec` (ReconstructionConfig):
+    the target, the vocabulary cut and the baseline's smoothing; the probes are the probe section's, on
+    `families` (one seed) at `layers` and `offsets` (None: the probe section's). `kvprobe run` runs the
+    stage when `layers` is given; `kvprobe reconstruct RUN` runs it on any run."""
+    return section_from(
+        spec, name,
+        {"target": Literal[TARGETS], "positions": _Positive, "k": _Positive, "vocab": _Positive,  # type: ignore[valid-type]
+         "smoothing": Annotated[float, Field(gt=0)], "l2_grid": _Strengths},
+        exclude=FILLED_ELSEWHERE[ReconstructionConfig],
+        extra={"families": (Annotated[tuple[Literal[FAMILIES], ...], _NonEmpty], (LINEAR,)),  # type: ignore[valid-type]
+               "layers": (_Layers | None, None), "offsets": (_Layers | None, None)},
+        doc=reconstruct_section.__doc__)
+
+
+ReconstructSection = reconstruct_section()

@@ -1,4 +1,4 @@
-"""The experiment layer: one config run through capture -> probe -> sweep -> report.
+"""The experiment layer: one config run through capture -> probe -> (causal, reconstruct) -> sweep -> report.
 
 `config` (in `kvprobe.config`) declares a study; `resolve` turns it into a model and
 samples through the model-kind table (`kinds`); `capture` plans and captures every
@@ -28,7 +28,9 @@ __all__ = [
     "record_model",
     "record_timing",
     "run_pipeline",
+    "saved_reconstruction",
     "stage_probe",
+    "stage_reconstruct",
     "stage_report",
     "stage_sweep",
     "start_run",
@@ -42,6 +44,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     ".kinds": ("ModelKind", "model_kind"),
     ".pipeline": ("holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "stage_report", "stage_sweep",
                   "start_run"),
+    ".reconstruct": ("saved_reconstruction", "stage_reconstruct"),
     ".resolve": ("load_model", "make_source", "process_device"),
     ".rundir": ("check_out_dir", "check_store", "open_run", "prepare_out_dir", "record_model", "record_timing",
                 "store_dir", "verify_run"),

@@ -38,16 +38,17 @@ from ..config import ExperimentConfig
 from ..files import together, write_text
 from ..grid import LINEAR, MEMENTO
 from ..reporting.sweep import SweepPoint
-from ..store import REPAIR, KVStore, StoreError, verify_store
+from ..store import REPAIR, KVStore, verify_store
 from .capture import Plans, capture_all, plan_all, sweep_kind
 from .causal import saved_causal, stage_causal
+from .reconstruct import saved_reconstruction, stage_reconstruct
 from .errors import ExperimentError
 from .resolve import load_model, make_source
 from .rundir import (
     check_fitted,
     check_out_dir,
-    check_store,
     fit_record,
+    open_run_store,
     prepare_out_dir,
     probe_fingerprint,
     record_timing,
@@ -60,12 +61,12 @@ __all__ = ["holm_corrected", "leakage_table", "run_pipeline", "stage_probe", "st
 
 def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, GridResult]:
     """Probe every condition's store; conditions already probed are read back. Either way the store is
-    checked first (`_open_store`), and saved results must have been fitted on it with this config's
+    checked first (`open_run_store`), and saved results must have been fitted on it with this config's
     settings (`check_fitted`): results never outlive the store they stand on."""
     grids = {}
     for i, cond in enumerate(cfg.conditions, 1):
         path = out / "probes" / cond
-        with _open_store(out, cfg, cond) as store:
+        with open_run_store(out, cfg, cond) as store:
             if path.with_suffix(".json").is_file():
                 check_fitted(out, cfg, cond, store.config)
                 grids[cond] = _saved_grid(path, len(store))
@@ -85,24 +86,6 @@ def stage_probe(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> d
             write_text(fit_record(out, cond), json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
             save_grid(grids[cond], path)
     return grids
-
-
-def _open_store(out: Path, cfg: ExperimentConfig, cond: str) -> KVStore:
-    """A condition's store, opened (its shards present and of their recorded sizes, its index as
-    recorded) and checked to be this run's capture (`check_store`); else bad input naming the
-    shard, index or store and the repair."""
-    where = store_dir(out, cond)
-    try:
-        store = KVStore(where)
-    except StoreError as e:
-        hint = " (run `kvprobe capture` first)" if not where.exists() else ""
-        raise ExperimentError(f"{e}{hint}") from None
-    try:
-        check_store(out, cfg, cond, store)
-    except ExperimentError:
-        store.close()
-        raise
-    return store
 
 
 def _saved_grid(path: Path, n_samples: int) -> GridResult:
@@ -249,6 +232,11 @@ def stage_report(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult],
 
         paths += [p for p in write_causal(causal, rows, out / "report", condition=cfg.causal_condition())
                   if p not in paths]
+    reconstruction = saved_reconstruction(out)
+    if reconstruction is not None:  # what survives an erased block, in bits
+        from ..reporting.reconstruction import write_reconstruction
+
+        paths += [p for p in write_reconstruction(reconstruction, out / "report") if p not in paths]
     return paths
 
 
@@ -308,7 +296,8 @@ def stage_track(cfg: ExperimentConfig, out: Path, grids: dict[str, GridResult], 
 
 def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool, progress: bool = True,
                  log_to: tuple[str, ...] = (), online: bool = False) -> dict[str, GridResult]:
-    """Every stage in order: capture, probe, causal (with a `causal` section), sweep, report, then the
+    """Every stage in order: capture, probe, causal (with a `causal` section), reconstruct (with
+    `reconstruct.layers`), sweep, report, then the
     trackers of `log_to` (`stage_track`). Returns the probe grids, Holm-corrected as the report's family
     (`holm_corrected`)."""
     t = time.perf_counter()
@@ -321,6 +310,10 @@ def run_pipeline(cfg: ExperimentConfig, out: Path, plans: Plans, *, resume: bool
         t = time.perf_counter()
         stage_causal(cfg, out, plans.model, grids, progress=progress)
         record_timing(out, "causal", time.perf_counter() - t)
+    if cfg.reconstruct.layers is not None:
+        t = time.perf_counter()
+        stage_reconstruct(cfg, out, progress=progress)
+        record_timing(out, "reconstruct", time.perf_counter() - t)
     t = time.perf_counter()
     sweep = stage_sweep(cfg, out, progress=progress)
     if cfg.sweep.checkpoints:

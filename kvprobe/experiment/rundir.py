@@ -24,15 +24,15 @@ from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, parse_config
 from ..files import remove_leftovers, together, write_text
-from ..store import INDEX_FILE, KVStore, is_store, verify_store
+from ..store import INDEX_FILE, KVStore, StoreError, is_store, verify_store
 from .errors import ExperimentError
 
 RUN_PACKAGES = ("kvprobe", "torch", "transformers", "h5py", "numpy", "scikit-learn")
 MARKER = ".kvprobe"
 MODEL_FILE = "model.json"
 
-__all__ = ["MARKER", "check_fitted", "check_out_dir", "check_store", "fit_record", "open_run", "prepare_out_dir",
-           "probe_fingerprint", "record_model", "record_timing", "store_dir", "verify_run"]
+__all__ = ["MARKER", "check_fitted", "check_out_dir", "check_store", "fit_record", "open_run", "open_run_store",
+           "prepare_out_dir", "probe_fingerprint", "record_model", "record_timing", "store_dir", "verify_run"]
 
 
 def _writable_parent(out: Path) -> None:
@@ -307,3 +307,21 @@ def verify_run(path: str | os.PathLike) -> dict[Path, list[str]]:
     if not stores:
         raise ExperimentError(f"{path}: holds no KV store (neither a store nor a run directory with stores/)")
     return {s: verify_store(s) for s in stores}
+
+
+def open_run_store(out: Path, cfg: ExperimentConfig, cond: str) -> KVStore:
+    """A condition's store, opened (its shards present and of their recorded sizes, its index as
+    recorded) and checked to be this run's capture (`check_store`); else bad input naming the
+    shard, index or store and the repair."""
+    where = store_dir(out, cond)
+    try:
+        store = KVStore(where)
+    except StoreError as e:
+        hint = " (run `kvprobe capture` first)" if not where.exists() else ""
+        raise ExperimentError(f"{e}{hint}") from None
+    try:
+        check_store(out, cfg, cond, store)
+    except ExperimentError:
+        store.close()
+        raise
+    return store

@@ -5,7 +5,8 @@ groups x digits in one batched PyTorch computation; `fit_sklearn` is the slow,
 one-at-a-time scikit-learn reference for the linear probe. `fit_selected` chooses
 the L2 strength per group on an inner label-unique split of the training data.
 `fit_mlp_replicas` trains an MLP cell's seeds and its shuffled-label control in one run. The
-options (`LinearConfig`, `MLPConfig`, `ProbeConfig`) are in `config`, which needs no torch.
+options (`LinearConfig`, `MLPConfig`, `ProbeConfig`, and the reconstruction probes' `ReconstructionConfig`)
+are in `config`, which needs no torch.
 """
 
 from .. import lazy_exports
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_INNER_FRACTION",
     "DEFAULT_LINEAR_L2_GRID",
     "L2_BOUNDS",
+    "ReconstructionConfig",
     "StrengthSelection",
     "fit_at_strengths",
     "fit_selected",
@@ -43,7 +45,8 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    ".config": ("DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "normalise_grid"),
+    ".config": ("DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ReconstructionConfig",
+                "normalise_grid"),
     ".linear": ("LBFGSInfo", "LinearProbes", "fit_linear_probes"),
     ".mlp": ("MLPInfo", "MLPProbes", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"),
     ".selection": ("L2_BOUNDS", "StrengthSelection", "fit_at_strengths", "fit_selected", "inner_split",

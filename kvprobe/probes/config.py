@@ -1,5 +1,6 @@
 """How to probe: `LinearConfig`, `MLPConfig` and `ProbeConfig` (with its two families' configs), the
-default strength grid, and `normalise_grid`, which reads a grid.
+default strength grid, `normalise_grid`, which reads a grid, and `ReconstructionConfig`, what the
+reconstruction probes (`kvprobe.reconstruction`) read back of a block.
 
 Plain data, no torch: the command line and the config read them without loading torch. The
 modules that fit the probes re-export them (`kvprobe.probes.linear`, `.mlp`, `.selection`, and
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import renamed_fields
-from ..grid import DEFAULT_POOLING, FAMILIES, MLP
+from ..grid import CONTENT_TOKENS, DEFAULT_POOLING, FAMILIES, LINEAR, MLP
 
-__all__ = ["DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ProbeConfig",
+__all__ = ["DEFAULT_INNER_FRACTION", "ENDS", "POSITIONS", "TARGETS", "ReconstructionConfig", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ProbeConfig",
            "normalise_grid"]
 
 DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -150,3 +151,41 @@ class ProbeConfig:
         """The L2 values a probe kind is chosen from (ascending); one value means fixed."""
         grid, config = (self.mlp_l2_grid, self.mlp) if kind == MLP else (self.linear_l2_grid, self.linear)
         return normalise_grid(config.l2 if grid is None else grid)
+
+
+# reconstruction targets: the block's first tokens by position, or its first and last k
+POSITIONS, ENDS = "positions", "ends"
+TARGETS = (POSITIONS, ENDS)
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """What to reconstruct and how to probe for it.
+
+    target: "positions" (the first `positions` tokens) or "ends" (the first and last `k`).
+    vocab: classes kept per the vocabulary cut (most frequent training tokens at the target positions).
+    smoothing: add-alpha counts of the unigram baseline.
+    l2_grid: the linear probe's L2 strengths, chosen per cell by the lowest inner cross-entropy (bits
+        need a calibrated probe; the passcode probes choose theirs by accuracy) and always extended past
+        an edge it lands on, towards `L2_BOUNDS`.
+    probe: the probe families, split and pooling (its seeds, shuffled control and linear strength grid
+        are not used: one seed per MLP is fitted, and the linear grid is `l2_grid`).
+    """
+
+    target: str = POSITIONS
+    positions: int = 8
+    k: int = 4
+    vocab: int = 64
+    smoothing: float = 1.0
+    l2_grid: tuple[float, ...] = DEFAULT_LINEAR_L2_GRID
+    probe: ProbeConfig = ProbeConfig(families=(LINEAR,), seeds=1, shuffled_control=False)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not 1 <= self.positions <= CONTENT_TOKENS or not 1 <= self.k <= CONTENT_TOKENS // 2:
+            raise ValueError(f"positions must be in 1..{CONTENT_TOKENS} and k in 1..{CONTENT_TOKENS // 2}, "
+                             f"got {self.positions} and {self.k}")
+        object.__setattr__(self, "l2_grid", normalise_grid(self.l2_grid))
+        if self.vocab < 1 or not self.smoothing > 0:
+            raise ValueError(f"vocab must be >= 1 and smoothing > 0, got {self.vocab} and {self.smoothing}")

@@ -167,13 +167,19 @@ def _mean_ce(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -picked.mean(axis=(1, 2))
 
 
-def _choose(grid: np.ndarray, accuracy: np.ndarray, loss: np.ndarray) -> np.ndarray:
+CRITERIA = ("accuracy", "loss")
+
+
+def _choose(grid: np.ndarray, accuracy: np.ndarray, loss: np.ndarray, criterion: str = "accuracy") -> np.ndarray:
     """Per group, among the values it tried (accuracy not NaN): highest accuracy, then lowest loss, then
-    the largest (strongest) value. Returns indices (G,)."""
+    the largest (strongest) value; with criterion "loss", lowest loss, then the strongest. Returns indices (G,)."""
     out = np.empty(accuracy.shape[0], dtype=np.int64)
     for g in range(accuracy.shape[0]):
         tried = [r for r in range(len(grid)) if not np.isnan(accuracy[g, r])]
-        out[g] = min(tried, key=lambda r: (-accuracy[g, r], loss[g, r], -grid[r]))
+        if criterion == "loss":
+            out[g] = min(tried, key=lambda r: (loss[g, r], -grid[r]))
+        else:
+            out[g] = min(tried, key=lambda r: (-accuracy[g, r], loss[g, r], -grid[r]))
     return out
 
 
@@ -191,10 +197,10 @@ class _InnerPath:
 
     def __init__(self, kind: str, x_tr: Any, y_tr: np.ndarray, x_va: Any, y_va: np.ndarray, *, config: Any,
                  n_classes: int, device: Any, moments: FeatureMoments | None, seed: int,
-                 on_fit: Callable[..., None] | None):
+                 on_fit: Callable[..., None] | None, criterion: str = "accuracy"):
         self.kind, self.x_tr, self.y_tr, self.x_va, self.y_va = kind, x_tr, y_tr, x_va, y_va
         self.config, self.n_classes, self.device, self.moments, self.seed = config, n_classes, device, moments, seed
-        self.on_fit, self.G = on_fit, x_tr.shape[0]
+        self.on_fit, self.G, self.criterion = on_fit, x_tr.shape[0], criterion
         self.accuracy: dict[float, np.ndarray] = {}
         self.loss: dict[float, np.ndarray] = {}
         self.raw: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # weight (G, D, K, C), bias (G, K, C)
@@ -254,7 +260,7 @@ class _InnerPath:
         its best is interior or `bounds` stop it. Returns at_bound (G,)."""
         while True:
             grid, accuracy, loss = self.table()
-            best = _choose(grid, accuracy, loss)
+            best = _choose(grid, accuracy, loss, self.criterion)
             tried = ~np.isnan(accuracy)
             low, high = tried.argmax(axis=1), len(grid) - 1 - tried[:, ::-1].argmax(axis=1)
             moved = False
@@ -274,6 +280,7 @@ def select_strength(
     inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0,
     config: LinearConfig | MLPConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
     moments: FeatureMoments | None = None, on_fit: Callable[..., None] | None = None, extend: bool = True,
+    criterion: str = "accuracy",
 ) -> StrengthSelection:
     """Choose each group's L2 strength from `grid` on an inner label-unique split of the training data.
 
@@ -286,7 +293,12 @@ def select_strength(
     edge calls on_fit(label, n_groups) with the number of groups it fitted.
     extend: where a group's best value is on an edge of the grid, fit it a decade further, until
     interior or at a bound of `L2_BOUNDS` (False: the grid as given; an edge choice is flagged).
+    criterion: "accuracy" (the module docstring's rule) or "loss": the lowest inner cross-entropy, for
+    a probe whose log-probabilities are the measurement (bits), which an overfitted strength would
+    make worse than no features at all.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     values = np.asarray(normalise_grid(grid))
     xt = torch.as_tensor(X_train) if isinstance(X_train, torch.Tensor) else np.asarray(X_train)
     G = xt.shape[0]
@@ -304,11 +316,11 @@ def select_strength(
     if kind == LINEAR and moments is None and (config or LinearConfig()).precondition:
         moments = FeatureMoments.of(xt[:, tr], (config or LinearConfig()).gram_rows)
     path = _InnerPath(kind, xt[:, tr], y_tr, xt[:, va], y_va, config=config, n_classes=n_classes, device=device,
-                      moments=moments, seed=seed, on_fit=on_fit)
+                      moments=moments, seed=seed, on_fit=on_fit, criterion=criterion)
     path.base([float(v) for v in values])
     at_bound = path.widen(L2_BOUNDS if extend else None)
     tried, accuracy, loss = path.table()
-    best = _choose(tried, accuracy, loss)
+    best = _choose(tried, accuracy, loss, criterion)
     warm = None
     if kind == LINEAR:
         pick = [torch.stack([path.raw[float(v)][i] for v in tried]) for i in (0, 1)]  # (R, G, ...)
@@ -383,7 +395,7 @@ def fit_selected(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, grid: Sequence[float] = DEFAULT_LINEAR_L2_GRID, *,
     kind: str = LINEAR, inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
-    device: str | torch.device | None = None, extend: bool = True,
+    device: str | torch.device | None = None, extend: bool = True, criterion: str = "accuracy",
 ) -> tuple[ProbeFit, StrengthSelection]:
     """Choose the strength per group on an inner split of the training data (extending the grid past an
     edge the choice lands on, see `select_strength`), refit on the whole training split at the chosen
@@ -396,7 +408,7 @@ def fit_selected(
     moments = shared_moments(X_train, kind, config)
     sel = select_strength(X_train, y_train, values, kind=kind, inner_val=inner_val, inner_fraction=inner_fraction,
                           seed=seed, config=config, n_classes=n_classes, device=device, moments=moments,
-                          extend=extend)
+                          extend=extend, criterion=criterion)
     fit = fit_at_strengths(X_train, y_train, X_val, y_val, sel.chosen, kind=kind, seed=seed, config=config,
                            n_classes=n_classes, device=device, init=sel.warm_start, moments=moments)
     return fit, sel

@@ -13,7 +13,7 @@ import numpy as np
 
 from kvprobe.data.passcodes import PasscodeConfig, allowed_codes
 from kvprobe.memento.masks import MaskConfig
-from kvprobe.store import FeatureKey, KVStore, StoreWriter
+from kvprobe.store import CONTENT_TOKENS, FeatureKey, KVStore, StoreWriter
 
 __all__ = ["assert_same_store", "store_features", "synthetic_meta", "synthetic_shards", "write_synthetic_store"]
 
@@ -54,11 +54,13 @@ def synthetic_meta(*, n_layers: int = 2, offsets=tuple(SIGNAL), digit_sum: int |
 
 
 def synthetic_shards(n: int = 600, shard_size: int = 250, *, n_layers: int = 2, offsets=tuple(SIGNAL),
-                     digit_sum: int | None = None, seed: int = 0):
+                     digit_sum: int | None = None, seed: int = 0, signal: dict[int, float] | None = None):
     """Shards of a synthetic store: [(samples, features)], features keyed FeatureKey(memento, offset, mean),
     each (rows, n_layers, 50) float16: a one-hot code of the five digits scaled by SIGNAL[offset] (x1.5 at
     the last layer) plus unit noise, so a linear probe reads the direct offset almost perfectly, +1 a little
-    and the control not at all. With digit_sum, only passcodes whose digits sum to it."""
+    and the control not at all. With digit_sum, only passcodes whose digits sum to it. `signal` replaces SIGNAL
+    (the same seed draws the same passcodes and noise whatever the scales). The target block's text
+    (`samples/content`) is its five digits, token ids 0..9, as on the toy."""
     rng = np.random.default_rng(seed)
     if digit_sum is None:
         labels = rng.integers(0, 10, (n, 5))
@@ -69,26 +71,30 @@ def synthetic_shards(n: int = 600, shard_size: int = 250, *, n_layers: int = 2, 
     onehot[np.arange(n)[:, None], 10 * np.arange(5) + labels] = 1.0
     features = {}
     for offset in offsets:
-        scale = SIGNAL.get(offset, 0.0)
+        scale = (SIGNAL if signal is None else signal).get(offset, 0.0)
         x = np.stack([scale * (1.0 + 0.5 * layer) * onehot + rng.normal(size=(n, 50)) for layer in range(n_layers)],
                      axis=1)
         features[FeatureKey("memento", offset, "mean")] = x.astype(np.float16)
+    content = np.full((n, CONTENT_TOKENS), -1, dtype=np.int32)
+    content[:, :5] = labels
     layouts = np.tile(np.arange(15).reshape(3, 5), (n, 1, 1)).astype(np.int64)  # 3 blocks, 5 positions each
     shards = []
     for start in range(0, n, shard_size):
         rows = slice(start, min(n, start + shard_size))
         samples = {"index": np.arange(n)[rows], "passcode": ["".join(map(str, code)) for code in labels[rows]],
-                   "labels": labels[rows], "layout": layouts[rows]}
+                   "labels": labels[rows], "layout": layouts[rows], "content": content[rows],
+                   "content_length": np.full(len(labels[rows]), 5, dtype=np.int32)}
         shards.append((samples, {k: v[rows] for k, v in features.items()}))
     return shards
 
 
 def write_synthetic_store(path: str | Path, n: int = 600, shard_size: int = 250, *, n_layers: int = 2,
                           offsets=tuple(SIGNAL), digit_sum: int | None = None, seed: int = 0,
-                          mask: MaskConfig = MaskConfig()) -> Path:
+                          mask: MaskConfig = MaskConfig(), signal: dict[int, float] | None = None) -> Path:
     """A complete store of `synthetic_shards`, written with StoreWriter in a fraction of a second."""
     writer = StoreWriter(path, synthetic_meta(n_layers=n_layers, offsets=offsets, digit_sum=digit_sum, mask=mask))
-    shards = synthetic_shards(n, shard_size, n_layers=n_layers, offsets=offsets, digit_sum=digit_sum, seed=seed)
+    shards = synthetic_shards(n, shard_size, n_layers=n_layers, offsets=offsets, digit_sum=digit_sum, seed=seed,
+                              signal=signal)
     for i, (samples, features) in enumerate(shards):
         writer.write_shard(i, samples, features)
     writer.finalize(len(shards))

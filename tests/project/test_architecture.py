@@ -100,7 +100,7 @@ def test_no_library_file_over_500_lines():
 
 
 # the pipeline, left to right: a module may import its own room and rooms to its left only
-PIPELINE = ("errors", "files", "grid", "memento", "data", "store", "export", "capture", "probes", "stats", "analysis", "causal", "reporting", "serving",
+PIPELINE = ("errors", "files", "grid", "memento", "data", "store", "export", "capture", "probes", "stats", "analysis", "reconstruction", "causal", "reporting", "serving",
             "training", "config", "experiment", "cli")
 
 

@@ -1,0 +1,248 @@
+"""Reconstruction probes: how much of an erased block's text a memento's K/V still hold, in bits.
+
+A passcode probe answers one planted question (can 5 digits be read back?). A reconstruction
+probe reads the target block's own text, as the store records it (`KVStore.content`), so it
+needs no injection: each target position of the block is a classification over a vocabulary
+cut (the `vocab` most frequent training tokens there, one class for any other token, one for
+"past the block's end"), fitted on a cell's features with the probe families' solvers.
+
+    target "positions"  the block's first `positions` tokens, by position (the toy's block: its 5 digits)
+    target "ends"       its first k and last k tokens (a real trace's blocks differ in length)
+
+Metrics, per (site, offset, layer) cell, on the validation split:
+- accuracy per position, and its mean over a block's real positions (those inside the block);
+- bits per token: log2 p_probe(y) - log2 p_unigram(y), averaged over a block's real positions, where
+  p_unigram is the training split's class frequency at that position (add-`smoothing` counts). 0 is
+  what the position's frequencies alone give; a probe that reads the block scores above 0. It is a
+  lower bound on the information the features hold about the token (a variational bound). The
+  probe's L2 is chosen per cell by the lowest inner cross-entropy (not accuracy, as the passcode
+  probes do), extending the grid as far as `L2_BOUNDS`, so a cell without signal is regularised
+  towards the baseline rather than overfitted below it;
+- a 95% bootstrap interval over validation blocks for both.
+The split is label-unique over blocks: no block text is on both sides. Scored on the restart
+condition (the memento text alone) with the same source and seed, the same blocks are validated,
+so `compare_bits(memento, restart)` gives the implicit channel, memento - restart in bits, with
+paired intervals. The passcode probe is the special case of a 5-token block whose text is the label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .analysis import feature_groups, planned_cells  # the passcode probes' feature reading, shared
+from .data.passcodes import label_unique_split
+from .grid import MLP, Cell
+from .probes.config import POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
+from .probes.selection import fit_selected
+from .stats import bootstrap_ci, paired_bootstrap_ci, paired_pvalue
+from .store import CONTENT_TOKENS, KVStore
+
+__all__ = ["TARGETS", "BitsDiff", "ReconstructionConfig", "ReconstructionResult", "ReconstructionRow", "Targets",
+           "block_targets", "compare_bits", "reconstruct_store", "token_bits", "unigram_log2", "with_probe"]
+
+@dataclass(frozen=True)
+class Targets:
+    """The target classes of N blocks at P positions.
+
+    labels (N, P): class ids; vocab (V,) the token id of classes 0..V-1, class V any other token,
+    class V+1 past the block's end. real (N, P): the position lies inside the block (only those are scored).
+    names (P,): 't1', 't2', ... or 'first 1' .. 'last 1'.
+    """
+
+    labels: np.ndarray
+    real: np.ndarray
+    vocab: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.vocab) + 2
+
+
+def _target_tokens(content: np.ndarray, lengths: np.ndarray, config: ReconstructionConfig) -> tuple[np.ndarray,
+                                                                                                    tuple[str, ...]]:
+    """Token ids (N, P) at the target positions, -1 past a block's end, and the positions' names."""
+    N = len(content)
+    if config.target == POSITIONS:
+        P = int(min(config.positions, max(int(lengths.max()), 1)))
+        return content[:, :P], tuple(f"t{p + 1}" for p in range(P))
+    k = config.k
+    first = np.where(np.arange(k)[None] < lengths[:, None], content[:, :k], -1)  # (N, k)
+    stored = np.minimum(lengths, CONTENT_TOKENS)  # the stored row ends at the block's last token either way
+    at = stored[:, None] - k + np.arange(k)[None]  # (N, k): positions of the last k tokens in the row
+    last = np.where(at >= 0, content[np.arange(N)[:, None], np.clip(at, 0, None)], -1)
+    return np.concatenate([first, last], axis=1), (*(f"first {i + 1}" for i in range(k)),
+                                                     *(f"last {k - i}" for i in range(k)))
+
+
+def block_targets(content: np.ndarray, lengths: np.ndarray, config: ReconstructionConfig,
+                  train: np.ndarray) -> Targets:
+    """Targets of blocks `content` (N, CONTENT_TOKENS) of true `lengths` (N,), the vocabulary cut made on the
+    `train` rows (indices) only."""
+    tokens, names = _target_tokens(content, lengths, config)  # (N, P)
+    seen = tokens[train][tokens[train] >= 0]
+    ids, counts = np.unique(seen, return_counts=True)
+    vocab = ids[np.lexsort((ids, -counts))][:config.vocab]  # most frequent first, ties by id
+    lookup = {int(t): c for c, t in enumerate(vocab)}
+    other, past = len(vocab), len(vocab) + 1
+    labels = np.array([[past if t < 0 else lookup.get(int(t), other) for t in row] for row in tokens], dtype=np.int64)
+    return Targets(labels=labels.reshape(tokens.shape), real=tokens >= 0, vocab=vocab, names=names)
+
+
+def unigram_log2(labels: np.ndarray, n_classes: int, smoothing: float = 1.0) -> np.ndarray:
+    """log2 of each class's training frequency at each position, (P, C), from labels (N, P), add-`smoothing`."""
+    counts = np.stack([np.bincount(labels[:, p], minlength=n_classes) for p in range(labels.shape[1])])
+    counts = counts + smoothing
+    return np.log2(counts / counts.sum(axis=1, keepdims=True))
+
+
+def token_bits(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Bits per token of each block, (..., M): log2 p_probe(y) - log2 p_unigram(y) over its real positions.
+
+    log_probs (..., M, P, C) natural-log probabilities; labels, real (M, P); base (P, C) from `unigram_log2`."""
+    ln_p = np.take_along_axis(log_probs, np.broadcast_to(labels[..., None], log_probs.shape[:-1] + (1,)), -1)[..., 0]
+    gain = ln_p / np.log(2) - base[np.arange(labels.shape[1])[None], labels]  # (..., M, P)
+    return (gain * real).sum(axis=-1) / np.maximum(real.sum(axis=-1), 1)
+
+
+def _token_accuracy(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Fraction of each block's real positions predicted right, (..., M)."""
+    right = (log_probs.argmax(axis=-1) == labels) & real
+    return right.sum(axis=-1) / np.maximum(real.sum(axis=-1), 1)
+
+
+@dataclass
+class ReconstructionRow:
+    """One probe on one cell. Accuracies are fractions, bits per token; intervals are 95% bootstrap."""
+
+    condition: str
+    site: str
+    offset: int
+    layer: int
+    probe: str
+    pooling: str
+    bits: float
+    bits_low: float
+    bits_high: float
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    baseline_accuracy: float  # the unigram's most frequent class at each position
+    position_accuracy: list[float]  # per target position, over the blocks it lies inside
+    position_bits: list[float]
+    l2: float
+    n_train: int
+    n_val: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BitsDiff:
+    """Paired difference a - b in bits per token on the same validation blocks (e.g. memento - restart)."""
+
+    a: str
+    b: str
+    site: str
+    offset: int
+    layer: int
+    probe: str
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReconstructionResult:
+    """A condition's rows, the validation sample ids, the position names, and per-block bits for pairing."""
+
+    condition: str
+    rows: list[ReconstructionRow]
+    val_index: np.ndarray
+    names: tuple[str, ...]
+    per_sample: dict[tuple[Cell, str], np.ndarray]  # (cell, probe) -> bits (M,)
+
+
+def _split(content: np.ndarray, lengths: np.ndarray, probe: ProbeConfig) -> tuple[np.ndarray, ...]:
+    """Outer train / validation indices and the inner validation mask, label-unique over block texts."""
+    keys = [" ".join(map(str, row[row >= 0].tolist())) + f"|{n}" for row, n in zip(content, lengths)]
+    is_val = label_unique_split(keys, probe.val_fraction, probe.split_seed)
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    inner = label_unique_split([keys[i] for i in tr], probe.inner_fraction, probe.split_seed)
+    return tr, va, inner
+
+
+def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConfig = ReconstructionConfig(), *,
+                      progress: bool = False, label: str | None = None) -> ReconstructionResult:
+    """Fit reconstruction probes on every requested cell of `store` and score them in bits per token.
+    With `progress`, a bar (`label`, default "reconstruct CONDITION") counts the cells fitted."""
+    content, lengths = store.content  # (N, CONTENT_TOKENS), (N,)
+    settings = replace(config.probe, linear_l2_grid=config.l2_grid, extend_grid=True)
+    tr, va, inner = _split(content, lengths, settings)
+    targets = block_targets(content, lengths, config, tr)
+    y_tr, y_va, real_va = targets.labels[tr], targets.labels[va], targets.real[va]
+    base = unigram_log2(y_tr, targets.n_classes, config.smoothing)  # (P, C)
+    base_acc = _token_accuracy(np.broadcast_to(base, y_va.shape + base.shape[-1:]), y_va, real_va).mean()
+    rows: list[ReconstructionRow] = []
+    per_sample: dict[tuple[Cell, str], np.ndarray] = {}
+    bar = tqdm(total=len(planned_cells(store, settings)) * len(settings.families), unit="cell", disable=not progress,
+               desc=label or f"reconstruct {condition}", dynamic_ncols=True)
+    for group, X_tr, X_va in feature_groups(store, settings, tr, va):  # (G, N_tr, D), (G, N_va, D)
+        for kind in settings.families:
+            config_k = settings.mlp if kind == MLP else settings.linear
+            fit, sel = fit_selected(X_tr, y_tr, X_va, y_va, settings.strength_grid(kind), kind=kind, inner_val=inner,
+                                    config=config_k, n_classes=targets.n_classes, device=settings.device,
+                                    extend=settings.extend_grid, criterion="loss")
+            bits_s = token_bits(fit.log_probs, y_va, real_va, base)  # (G, M)
+            acc_s = _token_accuracy(fit.log_probs, y_va, real_va)  # (G, M)
+            bits_ci, acc_ci = (bootstrap_ci(s, n_boot=settings.n_boot) for s in (bits_s, acc_s))
+            hit = (fit.log_probs.argmax(-1) == y_va) & real_va  # (G, M, P)
+            gain = (np.take_along_axis(fit.log_probs, y_va[None, ..., None], -1)[..., 0] / np.log(2)
+                    - base[np.arange(base.shape[0])[None], y_va]) * real_va  # (G, M, P)
+            n_real = np.maximum(real_va.sum(axis=0), 1)  # (P,)
+            for g, cell in enumerate(group):
+                per_sample[(cell, kind)] = bits_s[g]
+                rows.append(ReconstructionRow(
+                    condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind,
+                    pooling=cell.pooling, bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]),
+                    bits_high=float(bits_ci.high[g]), accuracy=float(acc_ci.estimate[g]),
+                    ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]), baseline_accuracy=float(base_acc),
+                    position_accuracy=(hit[g].sum(axis=0) / n_real).tolist(),
+                    position_bits=(gain[g].sum(axis=0) / n_real).tolist(), l2=float(sel.chosen[g]),
+                    n_train=len(tr), n_val=len(va)))
+            bar.update(len(group))
+    bar.close()
+    rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
+    return ReconstructionResult(condition, rows, store.sample_ids[va], targets.names, per_sample)
+
+
+def compare_bits(a: ReconstructionResult, b: ReconstructionResult, n_boot: int = 2000) -> list[BitsDiff]:
+    """Paired differences a - b in bits per token for every cell both results have (e.g. memento - restart:
+    what the K/V carry beyond the memento text)."""
+    if not np.array_equal(a.val_index, b.val_index):
+        raise ValueError(f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation "
+                         "blocks (capture both from the same source and seed)")
+    out = []
+    for key, sa in a.per_sample.items():
+        if key in b.per_sample:
+            ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
+            cell, probe = key
+            out.append(BitsDiff(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
+                                float(ci.estimate), float(ci.low), float(ci.high),
+                                paired_pvalue(sa, b.per_sample[key])))
+    out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
+    return out
+
+
+def with_probe(config: ReconstructionConfig, **changes: Any) -> ReconstructionConfig:
+    """`config` with its probe settings changed (e.g. layers, offsets, families)."""
+    return replace(config, probe=replace(config.probe, **changes))
