@@ -8,11 +8,15 @@ cut (the `vocab` most frequent training tokens there, one class for any other to
 
     target "positions"  the block's first `positions` tokens, by position (the toy's block: its 5 digits)
     target "ends"       its first k and last k tokens (a real trace's blocks differ in length)
+    target "bag"        its token set: for each of the `vocab` tokens in the most training blocks,
+                        does the block hold it (a present/absent question per token; a block longer
+                        than CONTENT_TOKENS is its first and last half)
 
 Metrics, per (site, offset, layer) cell, on the validation split:
 - accuracy per position, and its mean over a block's real positions (those inside the block);
 - bits per token: log2 p_probe(y) - log2 p_unigram(y), averaged over a block's real positions, where
-  p_unigram is the training split's class frequency at that position (add-`smoothing` counts). 0 is
+  p_unigram is the training split's class frequency at that position (add-`smoothing` counts); with
+  "bag", bits per vocabulary item over the token's training rate of presence. 0 is
   what the position's frequencies alone give; a probe that reads the block scores above 0. It is a
   lower bound on the information the features hold about the token (a variational bound). The
   probe's L2 is chosen per cell by the lowest inner cross-entropy (not accuracy, as the passcode
@@ -35,67 +39,94 @@ from tqdm.auto import tqdm
 
 from .analysis import feature_groups, planned_cells  # the passcode probes' feature reading, shared
 from .data.passcodes import label_unique_split
+from .errors import KVProbeError
 from .grid import MLP, Cell
-from .probes.config import POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
+from .probes.config import BAG, POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
 from .probes.selection import fit_selected
 from .stats import bootstrap_ci, paired_bootstrap_ci, paired_pvalue
 from .store import CONTENT_TOKENS, KVStore
 
-__all__ = ["TARGETS", "BitsDiff", "ReconstructionConfig", "ReconstructionResult", "ReconstructionRow", "Targets",
-           "block_targets", "compare_bits", "reconstruct_store", "token_bits", "unigram_log2", "with_probe"]
+__all__ = ["TARGETS", "BitsDiff", "ReconstructionConfig", "ReconstructionError", "ReconstructionResult",
+           "ReconstructionRow", "Targets", "block_targets", "compare_bits", "reconstruct_store", "token_bits",
+           "unigram_log2", "with_probe"]
+
+class ReconstructionError(KVProbeError, ValueError):
+    """A store that cannot be reconstructed from (too few blocks with text); bad input, one line."""
+
 
 @dataclass(frozen=True)
 class Targets:
-    """The target classes of N blocks at P positions.
+    """The target classes of N blocks at P positions, each position a question with n_classes answers.
 
-    labels (N, P): class ids; vocab (V,) the token id of classes 0..V-1, class V any other token,
-    class V+1 past the block's end. real (N, P): the position lies inside the block (only those are scored).
-    names (P,): 't1', 't2', ... or 'first 1' .. 'last 1'.
+    By position ("positions", "ends"): labels (N, P) class ids; vocab (V,) the token id of classes 0..V-1,
+    class V any other token, class V+1 past the block's end; n_classes V + 2. real (N, P): the position
+    lies inside the block (only those are scored). names (P,): 't1', 't2', ... or 'first 1' .. 'last 1'.
+    Bag of tokens ("bag"): P = V positions, one per kept token (names 'id 123'), labels 1 where the block
+    holds it, 0 where not; n_classes 2, every position real.
     """
 
     labels: np.ndarray
     real: np.ndarray
     vocab: np.ndarray
     names: tuple[str, ...]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.vocab) + 2
+    n_classes: int
 
 
-def _target_tokens(content: np.ndarray, lengths: np.ndarray, config: ReconstructionConfig) -> tuple[np.ndarray,
-                                                                                                    tuple[str, ...]]:
-    """Token ids (N, P) at the target positions, -1 past a block's end, and the positions' names."""
+def _target_tokens(content: np.ndarray, lengths: np.ndarray,
+                   config: ReconstructionConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Token ids (N, P) at the target positions (-1 past a block's end), which of them are scored (N, P):
+    inside the block, and with "ends" not already among its first k (a block shorter than 2k is scored
+    once per token), and the positions' names."""
     N = len(content)
     if config.target == POSITIONS:
         P = int(min(config.positions, max(int(lengths.max()), 1)))
-        return content[:, :P], tuple(f"t{p + 1}" for p in range(P))
+        tokens = content[:, :P]
+        return tokens, tokens >= 0, tuple(f"t{p + 1}" for p in range(P))
     k = config.k
     first = np.where(np.arange(k)[None] < lengths[:, None], content[:, :k], -1)  # (N, k)
     stored = np.minimum(lengths, CONTENT_TOKENS)  # the stored row ends at the block's last token either way
     at = stored[:, None] - k + np.arange(k)[None]  # (N, k): positions of the last k tokens in the row
     last = np.where(at >= 0, content[np.arange(N)[:, None], np.clip(at, 0, None)], -1)
-    return np.concatenate([first, last], axis=1), (*(f"first {i + 1}" for i in range(k)),
-                                                     *(f"last {k - i}" for i in range(k)))
+    in_block = lengths[:, None] - k + np.arange(k)[None]  # (N, k): the last k tokens' positions in the block
+    tokens = np.concatenate([first, last], axis=1)
+    scored = np.concatenate([first >= 0, (last >= 0) & (in_block >= k)], axis=1)
+    return tokens, scored, (*(f"first {i + 1}" for i in range(k)), *(f"last {k - i}" for i in range(k)))
+
+
+def _bag_targets(content: np.ndarray, config: ReconstructionConfig, train: np.ndarray) -> Targets:
+    """Which of the `vocab` tokens in the most training blocks each block holds: labels (N, V) of 0/1."""
+    sets = [np.unique(row[row >= 0]) for row in content]  # each block's distinct tokens
+    seen, blocks = np.unique(np.concatenate([sets[i] for i in train] or [np.zeros(0, np.int64)]), return_counts=True)
+    vocab = seen[np.lexsort((seen, -blocks))][:config.vocab]  # in most training blocks first, ties by id
+    labels = np.stack([np.isin(vocab, tokens) for tokens in sets]).astype(np.int64)  # (N, V)
+    return Targets(labels=labels, real=np.ones_like(labels, dtype=bool), vocab=vocab,
+                   names=tuple(f"id {t}" for t in vocab), n_classes=2)
 
 
 def block_targets(content: np.ndarray, lengths: np.ndarray, config: ReconstructionConfig,
                   train: np.ndarray) -> Targets:
     """Targets of blocks `content` (N, CONTENT_TOKENS) of true `lengths` (N,), the vocabulary cut made on the
     `train` rows (indices) only."""
-    tokens, names = _target_tokens(content, lengths, config)  # (N, P)
+    if config.target == BAG:
+        return _bag_targets(content, config, train)
+    tokens, scored, names = _target_tokens(content, lengths, config)  # (N, P) each
     seen = tokens[train][tokens[train] >= 0]
     ids, counts = np.unique(seen, return_counts=True)
     vocab = ids[np.lexsort((ids, -counts))][:config.vocab]  # most frequent first, ties by id
     lookup = {int(t): c for c, t in enumerate(vocab)}
     other, past = len(vocab), len(vocab) + 1
     labels = np.array([[past if t < 0 else lookup.get(int(t), other) for t in row] for row in tokens], dtype=np.int64)
-    return Targets(labels=labels.reshape(tokens.shape), real=tokens >= 0, vocab=vocab, names=names)
+    return Targets(labels=labels.reshape(tokens.shape), real=scored, vocab=vocab, names=names,
+                   n_classes=len(vocab) + 2)
 
 
-def unigram_log2(labels: np.ndarray, n_classes: int, smoothing: float = 1.0) -> np.ndarray:
-    """log2 of each class's training frequency at each position, (P, C), from labels (N, P), add-`smoothing`."""
-    counts = np.stack([np.bincount(labels[:, p], minlength=n_classes) for p in range(labels.shape[1])])
+def unigram_log2(labels: np.ndarray, n_classes: int, smoothing: float = 1.0,
+                 real: np.ndarray | None = None) -> np.ndarray:
+    """log2 of each class's training frequency at each position, (P, C), from labels (N, P), add-`smoothing`;
+    counted over the rows where `real` (N, P) holds (the scored ones), so a probe that only knows a block's
+    length gains nothing over it."""
+    real = np.ones_like(labels, dtype=bool) if real is None else real
+    counts = np.stack([np.bincount(labels[real[:, p], p], minlength=n_classes) for p in range(labels.shape[1])])
     counts = counts + smoothing
     return np.log2(counts / counts.sum(axis=1, keepdims=True))
 
@@ -189,8 +220,12 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
     settings = replace(config.probe, linear_l2_grid=config.l2_grid, extend_grid=True)
     tr, va, inner = _split(content, lengths, settings)
     targets = block_targets(content, lengths, config, tr)
+    va = va[targets.real[va].any(axis=1)]  # a block with nothing to score (empty) is not averaged in
+    if len(va) < 2 or len(targets.vocab) == 0:
+        raise ReconstructionError(f"{store.path}: too few blocks with text to reconstruct ({len(va)} to validate, "
+                                  f"{len(targets.vocab)} token(s) seen in training)")
     y_tr, y_va, real_va = targets.labels[tr], targets.labels[va], targets.real[va]
-    base = unigram_log2(y_tr, targets.n_classes, config.smoothing)  # (P, C)
+    base = unigram_log2(y_tr, targets.n_classes, config.smoothing, targets.real[tr])  # (P, C)
     base_acc = _token_accuracy(np.broadcast_to(base, y_va.shape + base.shape[-1:]), y_va, real_va).mean()
     rows: list[ReconstructionRow] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}

@@ -49,11 +49,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
         except ConfigError as e:
             raise UsageError(str(e)) from None
     from ..experiment import stage_reconstruct  # torch: once the run and the settings are found
-    from ..experiment.reconstruct import reconstruction_path
+    from ..experiment.reconstruct import reconstruction_path, saved_reconstruction
 
     if overrides and reconstruction_path(out).is_file() and not args.redo:
         raise UsageError(f"{reconstruction_path(out)} exists: add --redo to refit it with the --set fields")
-    data = stage_reconstruct(cfg, out, redo=args.redo)
+    if reconstruction_path(out).is_file() and not args.redo:  # read back, with the settings it was fitted with
+        data = saved_reconstruction(out)
+    else:
+        data = stage_reconstruct(cfg, out, redo=args.redo)
     print(_table(data))
     print(f"results: {reconstruction_path(out)} (`kvprobe report {out}` draws them)")
     return 0

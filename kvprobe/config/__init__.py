@@ -286,9 +286,9 @@ class ExperimentConfig(_Strict):
         return spec, dataclasses.replace(self.probe_settings(LINEAR), shuffled_control=False, layers=None, offsets=None)
 
     def reconstruction_spec(self, condition: str | None = None) -> ReconstructionConfig:
-        """The reconstruction probes on one condition's store: reconstruct.*, with the probe section's split,
-        strength grid and pooling, one seed of each of reconstruct.families, at reconstruct.layers and offsets
-        (None: the probe section's cells)."""
+        """The reconstruction probes on one condition's store: reconstruct.* (its own linear strength grid,
+        `l2_grid`), with the probe section's split, pooling and family settings, one seed of each of
+        reconstruct.families, at reconstruct.layers and offsets (None: the probe section's cells)."""
         r = self.reconstruct
         probe = dataclasses.replace(self.probe_settings(LINEAR, condition), families=r.families, seeds=1,
                                     shuffled_control=False, layers=r.layers or self.probe.layers,

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureConfig
 from ..causal.config import CausalConfig
-from ..grid import FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
+from ..grid import CONTENT_TOKENS, FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
 from ..memento.config import MaskConfig
 from ..probes.config import TARGETS, LinearConfig, MLPConfig, ProbeConfig, ReconstructionConfig
 
@@ -241,6 +241,9 @@ def causal_section(spec: type = CausalConfig, name: str = "CausalSection") -> ty
 CausalSection = causal_section()
 
 
+_HalfContent = Annotated[int, Field(ge=1, le=CONTENT_TOKENS // 2)]  # a longer block is stored as its two halves
+
+
 def reconstruct_section(spec: type = ReconstructionConfig, name: str = "ReconstructSection") -> type[BaseModel]:
     """What survives an erased block (kvprobe.reconstruction), generated from `spec` (ReconstructionConfig):
     the target, the vocabulary cut and the baseline's smoothing; the probes are the probe section's, on
@@ -248,7 +251,7 @@ def reconstruct_section(spec: type = ReconstructionConfig, name: str = "Reconstr
     stage when `layers` is given; `kvprobe reconstruct RUN` runs it on any run."""
     return section_from(
         spec, name,
-        {"target": Literal[TARGETS], "positions": _Positive, "k": _Positive, "vocab": _Positive,  # type: ignore[valid-type]
+        {"target": Literal[TARGETS], "positions": _HalfContent, "k": _HalfContent, "vocab": _Positive,  # type: ignore[valid-type]
          "smoothing": Annotated[float, Field(gt=0)], "l2_grid": _Strengths},
         exclude=FILLED_ELSEWHERE[ReconstructionConfig],
         extra={"families": (Annotated[tuple[Literal[FAMILIES], ...], _NonEmpty], (LINEAR,)),  # type: ignore[valid-type]

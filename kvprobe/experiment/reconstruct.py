@@ -30,9 +30,17 @@ def stage_reconstruct(cfg: ExperimentConfig, out: Path, *, redo: bool = False, p
     """Reconstruction probes on every condition's store; the saved results unless `redo`."""
     from ..reconstruction import compare_bits, reconstruct_store
 
+    from ..reconstruction import ReconstructionError
+
     path = reconstruction_path(out)
+    settings = cfg.reconstruct.model_dump(mode="json")  # the section the results are fitted with
     if path.is_file() and not redo:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
+        if saved.get("settings") != settings:
+            raise ExperimentError(f"{path} was fitted with other reconstruct settings ({saved.get('settings')}) than "
+                                  f"the run's ({settings}): `kvprobe reconstruct {out} --redo`, with the same --set "
+                                  "fields to keep them")
+        return saved
     results = {}
     for i, cond in enumerate(cfg.conditions, 1):
         spec = cfg.reconstruction_spec(cond)
@@ -40,13 +48,14 @@ def stage_reconstruct(cfg: ExperimentConfig, out: Path, *, redo: bool = False, p
             try:
                 results[cond] = reconstruct_store(store, cond, spec, progress=progress,
                                                   label=f"reconstruct {cond} ({i}/{len(cfg.conditions)})")
-            except (StoreError, ValueError) as e:
+            except (StoreError, ReconstructionError) as e:  # a store without block text, too few blocks
                 raise ExperimentError(f"reconstruct: {e}") from None
     pairs = [(a, b) for a, b in cfg.comparisons() if a in results and b in results]
     first = next(iter(results.values()))
-    data = {"positions": list(first.names), "conditions": list(results), "pairs": [list(p) for p in pairs],
+    data = {"settings": settings, "positions": list(first.names), "conditions": list(results),
+            "pairs": [list(p) for p in pairs],
             "config": {"target": spec.target, "positions": spec.positions, "k": spec.k, "vocab": spec.vocab,
-                       "smoothing": spec.smoothing, "families": list(spec.probe.families),
+                       "smoothing": spec.smoothing, "l2_grid": list(spec.l2_grid), "families": list(spec.probe.families),
                        "pooling": spec.probe.pooling},
             "rows": [r.to_dict() for res in results.values() for r in res.rows],
             "diffs": [d.to_dict() for a, b in pairs for d in compare_bits(results[a], results[b], cfg.probe.n_boot)]}

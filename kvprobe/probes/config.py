@@ -16,8 +16,8 @@ from typing import Sequence
 from ..errors import renamed_fields
 from ..grid import CONTENT_TOKENS, DEFAULT_POOLING, FAMILIES, LINEAR, MLP
 
-__all__ = ["DEFAULT_INNER_FRACTION", "ENDS", "POSITIONS", "TARGETS", "ReconstructionConfig", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ProbeConfig",
-           "normalise_grid"]
+__all__ = ["BAG", "DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "ENDS", "POSITIONS", "TARGETS", "LinearConfig",
+           "MLPConfig", "ProbeConfig", "ReconstructionConfig", "normalise_grid"]
 
 DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 """The linear probe's L2 grid (mean-loss scale; scikit-learn C = 1 / (l2 N))."""
@@ -153,21 +153,23 @@ class ProbeConfig:
         return normalise_grid(config.l2 if grid is None else grid)
 
 
-# reconstruction targets: the block's first tokens by position, or its first and last k
-POSITIONS, ENDS = "positions", "ends"
-TARGETS = (POSITIONS, ENDS)
+# reconstruction targets: the block's first tokens by position, its first and last k, or its bag of tokens
+POSITIONS, ENDS, BAG = "positions", "ends", "bag"
+TARGETS = (POSITIONS, ENDS, BAG)
 
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """What to reconstruct and how to probe for it.
 
-    target: "positions" (the first `positions` tokens) or "ends" (the first and last `k`).
-    vocab: classes kept per the vocabulary cut (most frequent training tokens at the target positions).
+    target: "positions" (the first `positions` tokens), "ends" (the first and last `k`) or "bag" (which of
+        the `vocab` tokens the block holds: its token set, one present/absent question per token).
+    vocab: classes kept per the vocabulary cut (most frequent training tokens at the target positions;
+        with "bag", the tokens in the most training blocks).
     smoothing: add-alpha counts of the unigram baseline.
     l2_grid: the linear probe's L2 strengths, chosen per cell by the lowest inner cross-entropy (bits
-        need a calibrated probe; the passcode probes choose theirs by accuracy) and always extended past
-        an edge it lands on, towards `L2_BOUNDS`.
+        need a calibrated probe; the passcode probes choose theirs by accuracy) and extended past an
+        edge it lands on, towards `L2_BOUNDS`; one value is a fixed strength.
     probe: the probe families, split and pooling (its seeds, shuffled control and linear strength grid
         are not used: one seed per MLP is fitted, and the linear grid is `l2_grid`).
     """
@@ -183,9 +185,9 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if not 1 <= self.positions <= CONTENT_TOKENS or not 1 <= self.k <= CONTENT_TOKENS // 2:
-            raise ValueError(f"positions must be in 1..{CONTENT_TOKENS} and k in 1..{CONTENT_TOKENS // 2}, "
-                             f"got {self.positions} and {self.k}")
+        half = CONTENT_TOKENS // 2  # a longer block is stored as its first and last half: t33 on is not its own
+        if not 1 <= self.positions <= half or not 1 <= self.k <= half:
+            raise ValueError(f"positions and k must be in 1..{half}, got {self.positions} and {self.k}")
         object.__setattr__(self, "l2_grid", normalise_grid(self.l2_grid))
         if self.vocab < 1 or not self.smoothing > 0:
             raise ValueError(f"vocab must be >= 1 and smoothing > 0, got {self.vocab} and {self.smoothing}")

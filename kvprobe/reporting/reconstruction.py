@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from ..files import together, write_text
 from ..grid import LINEAR, MEMENTO
+from ..probes.config import BAG, ENDS, POSITIONS
 from .figures import save_figure
 
 __all__ = ["reconstruction_figure", "reconstruction_section", "write_reconstruction"]
@@ -59,6 +60,10 @@ def reconstruction_figure(data: dict[str, Any], probe: str = LINEAR) -> Figure:
         ax.legend(fontsize=6, ncol=2)
     ax, first = axes[-1], data["conditions"][0]
     cells = _rows(data, first, probe)
+    if not cells:
+        ax.set_axis_off()
+        fig.tight_layout()
+        return fig
     for offset in offsets:
         if (layers[-1], offset) in cells:
             ax.plot(data["positions"], [100 * a for a in cells[(layers[-1], offset)]["position_accuracy"]], "o-",
@@ -81,10 +86,13 @@ def reconstruction_section(data: dict[str, Any], figure: str | None = None, prob
     """summary.md's section: bits per token by layer and offset per condition, and the pairs' differences."""
     layers, offsets = _axes(data)
     c = data["config"]
-    target = (f"its first {len(data['positions'])} tokens by position" if c["target"] == "positions"
-              else f"its first and last {c['k']} tokens")
+    target = {POSITIONS: f"its first {len(data['positions'])} tokens by position",
+              ENDS: f"its first and last {c['k']} tokens",
+              BAG: f"its token set: which of {len(data['positions'])} frequent tokens it holds"}[c["target"]]
+    if c["target"] != BAG:
+        target += f"; {c['vocab']} most frequent training tokens as classes"
     lines = ["## What survives an erased block (reconstruction, bits per token)", "",
-             f"The target block's text ({target}; {c['vocab']} most frequent training tokens as classes) read back "
+             f"The target block's text ({target}) read back "
              f"from the memento span's K/V by a {probe} probe. Bits per token: the validation cross-entropy's gain "
              "over each position's training frequencies (0: nothing read), 95% bootstrap interval over held-out "
              "blocks.", ""]
@@ -115,7 +123,9 @@ def write_reconstruction(data: dict[str, Any], out_dir: str | Path) -> list[Path
     out = Path(out_dir)
     summary = out / "summary.md"
     text = summary.read_text(encoding="utf-8") if summary.is_file() else ""
+    family = data["config"]["families"][0]  # the first family fitted: linear unless only the MLP was
     with together():
-        paths = save_figure(reconstruction_figure(data), out / "figures" / "reconstruction")
-        write_text(summary, text.rstrip("\n") + "\n\n" + reconstruction_section(data, "figures/reconstruction.png"))
+        paths = save_figure(reconstruction_figure(data, family), out / "figures" / "reconstruction")
+        write_text(summary, text.rstrip("\n") + "\n\n" + reconstruction_section(data, "figures/reconstruction.png",
+                                                                                family))
     return [*paths, summary]

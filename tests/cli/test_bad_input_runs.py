@@ -106,7 +106,7 @@ CASES = [
     ("report-shard-header", ["report", "{run}"], ["shard_000001.h5", "not an HDF5 file"], "shard-header"),
     ("report-store-deleted", ["report", "{run}"], ["stores/memento", "kvprobe capture"], "store-deleted"),
     ("report-index-truncated", ["report", "{run}"], ["kvstore.h5", "damaged index", "--resume"], "index-truncated"),
-    ("probe-index-grown", ["probe", "{run}"], ["kvstore.h5", "13,784 recorded", "--resume"], "index-grown"),
+    ("probe-index-grown", ["probe", "{run}"], ["kvstore.h5", "14,328 recorded", "--resume"], "index-grown"),
     ("probe-index-record-malformed", ["probe", "{run}"], ["kvstore.json", "damaged checksum record", "--resume"],
      "index-record-malformed"),
     ("report-store-swapped", ["report", "{run}"], ["stores/memento", "series/step_000450"], "store-swapped"),

@@ -48,7 +48,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -
 
 ALL_SUBCOMMANDS = [("demo",), ("layout",), ("toy",), ("toy", "train"), ("toy", "eval"), ("capture",), ("run",),
                    ("probe",), ("report",), ("serve",), ("generate",), ("generate-offline",), ("export-traces",),
-                   ("sft",), ("verify",), ("export",)]
+                   ("sft",), ("verify",), ("export",), ("reconstruct",)]
 
 
 def test_every_subcommand_is_covered():

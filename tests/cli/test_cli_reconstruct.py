@@ -33,13 +33,21 @@ def test_run_reconstructs_reports_and_the_command_redoes_with_new_fields(tmp_pat
     assert code == 2 and "add --redo" in err
     code, _, err = cli(capsys, "reconstruct", out, "--set", "probe.n_boot=300")
     assert code == 2 and "only reconstruct.* fields" in err
-    code, _, err = cli(capsys, "reconstruct", out, "--redo", "--set", "reconstruct.target=bag")
+    code, _, err = cli(capsys, "reconstruct", out, "--redo", "--set", "reconstruct.target=set")
     assert code == 2 and "reconstruct.target" in err and err.count("\n") == 1
+    code, _, err = cli(capsys, "reconstruct", out, "--redo", "--set", "reconstruct.k=40")
+    assert code == 2 and "reconstruct.k" in err and err.count("\n") == 1
     code, printed, err = cli(capsys, "reconstruct", out, "--redo", "--set", "reconstruct.target=ends",
-                             "--set", "reconstruct.k=2")
+                             "--set", "reconstruct.k=2", "--set", "reconstruct.families=[mlp]")
     assert code == 0, err
     data = json.loads((out / "reconstruction" / "results.json").read_text())
     assert data["positions"] == ["first 1", "first 2", "last 2", "last 1"] and data["config"]["k"] == 2
+    assert {r["probe"] for r in data["rows"]} == {"mlp"} and "(mlp probe)" in printed
+    code, _, err = cli(capsys, "report", out)  # drawn with the family that was fitted
+    assert code == 0, err
+    assert "by a mlp probe" in (out / "report" / "summary.md").read_text()
+    code, _, err = cli(capsys, "reconstruct", out)  # read back as fitted, whatever the run's config says
+    assert code == 0, err
 
 
 def test_reconstruct_names_a_cell_the_capture_lacks(tmp_path, capsys):

@@ -51,6 +51,18 @@ def test_targets_by_position_and_by_ends_with_a_vocabulary_cut():
     np.testing.assert_array_equal(tokens[2], [100, 101, 168, 169])  # the true last tokens of the long block
     np.testing.assert_array_equal(tokens[1], [7, 9, 7, 9])
     np.testing.assert_array_equal(tokens[0], [7, 7, 7, 8])
+    short, n = _content([[5], [1, 2, 3]])  # shorter than 2k: each token scored once
+    raw = block_targets(short, n, ReconstructionConfig(target="ends", k=3, vocab=10), train=np.arange(2))
+    np.testing.assert_array_equal(raw.vocab, [1, 2, 3, 5])
+    past = 5
+    np.testing.assert_array_equal(raw.labels, [[3, past, past, past, past, 3], [0, 1, 2, 0, 1, 2]])
+    np.testing.assert_array_equal(raw.real, [[1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    base = unigram_log2(raw.labels, raw.n_classes, real=raw.real)  # in-block rows only: "past" gets no count
+    np.testing.assert_allclose(2 ** base[1], np.array([1, 2, 1, 1, 1, 1]) / 7)  # the one in-block token, +1 each
+    bag = block_targets(content, lengths, ReconstructionConfig(target="bag", vocab=2), train=np.arange(3))
+    np.testing.assert_array_equal(bag.vocab, [7, 8])  # 7 in two blocks; then the lowest id among the ones in one
+    np.testing.assert_array_equal(bag.labels, [[1, 1], [1, 0], [0, 0]])
+    assert bag.n_classes == 2 and bag.real.all() and bag.names == ("id 7", "id 8")
     only_train = block_targets(content, lengths, ReconstructionConfig(positions=2), train=np.array([0]))
     np.testing.assert_array_equal(only_train.vocab, [7])  # the cut sees the training rows only
 
@@ -91,6 +103,19 @@ def test_known_answers_copied_block_unseen_block_and_the_implicit_channel(tmp_pa
     assert cell[("memento", 1, 1)].bits > cell[("restart", 1, 1)].bits
 
 
+def test_the_bag_of_tokens_of_a_copied_block_is_read_and_of_an_unseen_one_is_not(tmp_path):
+    path = write_synthetic_store(tmp_path / "s", n=1500, offsets=(-1, 0), signal={0: 3.0})
+    with KVStore(path) as store:
+        result = reconstruct_store(store, "memento", ReconstructionConfig(target="bag", probe=PROBE))
+    assert sorted(result.names) == sorted(f"id {d}" for d in range(10))  # every digit is in some block
+    cell = {(r.offset, r.layer): r for r in result.rows}
+    # a digit is in 41% of blocks (1 - 0.9^5): at most H(0.41) = 0.98 bits an item, 59% for the baseline. "Holds
+    # digit d" is an OR over positions, which a linear read of the copied one-hot code gets mostly, not wholly
+    copied = cell[(0, 1)]
+    assert copied.bits > 0.4 and copied.accuracy > copied.baseline_accuracy + 0.2
+    assert abs(cell[(-1, 1)].bits) < 0.01  # nothing of a block it never saw
+
+
 def test_conditions_must_share_their_validation_blocks(tmp_path):
     a = write_synthetic_store(tmp_path / "a", n=400, offsets=(0,), seed=0)
     b = write_synthetic_store(tmp_path / "b", n=400, offsets=(0,), seed=1)
@@ -112,9 +137,10 @@ def test_a_store_without_block_content_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(target="bag"), "target must be one of"),
-    (dict(positions=0), "positions must be in 1..64"),
-    (dict(k=40), "k in 1..32"),
+    (dict(target="set"), "target must be one of"),
+    (dict(positions=0), "positions and k must be in 1..32"),
+    (dict(positions=33), "positions and k must be in 1..32"),
+    (dict(k=40), "positions and k must be in 1..32"),
     (dict(vocab=0), "vocab must be >= 1"),
 ])
 def test_bad_config_is_named(bad, match):
@@ -149,6 +175,9 @@ def test_the_real_trace_path_on_a_tiny_qwen3_with_qwen3s_tokenizer(tmp_path):
         result = reconstruct_store(store, "memento", config)
         ends = reconstruct_store(store, "memento", replace(config, target="ends", k=4))
     assert ends.names == ("first 1", "first 2", "first 3", "first 4", "last 4", "last 3", "last 2", "last 1")
+    with KVStore(path) as store:
+        bag = reconstruct_store(store, "memento", replace(config, target="bag", vocab=16))
+    assert len(bag.names) == 16 and all(np.isfinite(r.bits) for r in bag.rows)
     pieces = [tok.decode([t]) for t in content[0, :12]]
     digits = [p for p, piece in enumerate(pieces) if piece.isdigit()]  # Qwen3 writes a digit per token
     assert "".join(pieces[p] for p in digits) == batch.passcodes[0]
