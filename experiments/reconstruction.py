@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import toy_models
 from kvprobe.capture.run import run_capture
 from kvprobe.capture.spec import CaptureConfig
+from kvprobe.probes.config import DECODER
 from kvprobe.reconstruction import ReconstructionConfig, compare_bits, reconstruct_store, with_probe
 from kvprobe.reporting.figures import save_figure
 from kvprobe.reporting.reconstruction import reconstruction_figure, reconstruction_section
@@ -40,6 +42,9 @@ TC_RESTART = Condition("text-controlled restart", RESTART.mask, text_controlled=
 PAIRS = ((MEMENTO, RESTART), (TEXT_CONTROLLED, TC_RESTART))  # (K/V and text, text alone)
 LAYERS, OFFSETS = (0, 1, 2, 3), (-1, 0, 1, 2, 3, 5, 7)
 CONFIG = with_probe(ReconstructionConfig(), n_boot=1000)
+# the span decoder against the linear probe where the block is read at all: last layer, direct, +1, +2
+DECODER_CELLS = ((3,), (0, 1, 2))
+DECODER_CONFIG = with_probe(replace(CONFIG, span_decoder=True), layers=DECODER_CELLS[0], offsets=DECODER_CELLS[1])
 
 
 def _stores(checkpoint: str, samples: int, seed: int, root: Path) -> dict[str, Path]:
@@ -59,18 +64,20 @@ def measure(checkpoint: str, samples: int, seed: int) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         stores = _stores(checkpoint, samples, seed, Path(tmp))
-        results = {}
+        results, decoded = {}, {}
         for name, path in stores.items():
             with KVStore(path) as store:
                 results[name] = reconstruct_store(store, name, CONFIG, progress=True)
+                decoded[name] = reconstruct_store(store, name, DECODER_CONFIG, progress=True)
     diffs = [d.to_dict() for a, b in PAIRS for d in compare_bits(results[a.name], results[b.name], CONFIG.probe.n_boot)]
+    decoder = [r.to_dict() for res in decoded.values() for r in res.rows if r.probe == DECODER]
     first = next(iter(results.values()))
     return {"checkpoint": checkpoint, "samples": samples, "seed": seed, "positions": list(first.names),
             "conditions": list(results), "pairs": [[a.name, b.name] for a, b in PAIRS],
             "config": {"target": CONFIG.target, "positions": CONFIG.positions, "k": CONFIG.k, "vocab": CONFIG.vocab,
                        "smoothing": CONFIG.smoothing, "l2_grid": list(CONFIG.l2_grid),
                        "families": list(CONFIG.probe.families), "pooling": CONFIG.probe.pooling},
-            "rows": [r.to_dict() for res in results.values() for r in res.rows], "diffs": diffs,
+            "rows": [r.to_dict() for res in results.values() for r in res.rows], "diffs": diffs, "decoder": decoder,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -105,7 +112,26 @@ def results_md(data: dict) -> str:
     for offset in OFFSETS:
         r = _row(data, MEMENTO.name, LAYERS[-1], offset)
         lines.append(f"| {offset:+d} | " + " | ".join(f"{100 * a:.1f}" for a in r["position_accuracy"]) + " |")
+    lines += ["", "## The span decoder against the linear probe (bits per token)", "",
+              "The decoder reads the span's 5 vectors (the last 4 tokens and their mean) as a sequence with one "
+              "cross-attention query per position (`kvprobe.probes.decoder`); the linear probe reads them as one "
+              "flat vector. Which reads more: the one whose interval lies above the other's.", "",
+              "| condition | layer | offset | linear | decoder | reads more |", "|---|---|---|---|---|---|"]
+    for lin, dec in _decoder_pairs(data):
+        lines.append(f"| {lin['condition']} | {lin['layer']} | {lin['offset']:+d} | {_bits(lin)} | {_bits(dec)} | "
+                     f"{_more(lin, dec)} |")
     return "\n".join(lines) + "\n"
+
+
+def _decoder_pairs(data: dict) -> list[tuple[dict, dict]]:
+    """(linear row, decoder row) of every cell the decoder read."""
+    return [(_row(data, d["condition"], d["layer"], d["offset"]), d) for d in data["decoder"]]
+
+
+def _more(lin: dict, dec: dict) -> str:
+    if dec["bits_low"] > lin["bits_high"]:
+        return "decoder"
+    return "linear" if lin["bits_low"] > dec["bits_high"] else "neither (intervals overlap)"
 
 
 def _best_masked(data: dict, condition: str) -> dict:
@@ -138,7 +164,18 @@ def findings(data: dict) -> str:
                if all(d["diff"] == 0 for d in data["diffs"] if d["layer"] == 0) else "")
             + f"The causal control stays within {control:.3f} bits of 0 in every condition and layer. Token accuracy at +1 "
             f"({100 * m1['accuracy']:.1f}%, layer {last}) is below the passcode probe's, whose strength is chosen "
-            "for accuracy; here it is chosen for cross-entropy, so the bits are calibrated.")
+            "for accuracy; here it is chosen for cross-entropy, so the bits are calibrated. "
+            + _decoder_finding(data))
+
+
+def _decoder_finding(data: dict) -> str:
+    """Which readout reads more, over the cells the span decoder read."""
+    verdicts = [_more(lin, dec) for lin, dec in _decoder_pairs(data)]
+    counts = {v: verdicts.count(v) for v in ("linear", "decoder")}
+    m1 = next(dec for lin, dec in _decoder_pairs(data) if (dec["condition"], dec["offset"]) == ("memento", 1))
+    return (f"A small cross-attention decoder over the span's token vectors reads more than the linear probe in "
+            f"{counts['decoder']} of {len(verdicts)} cells at layer {LAYERS[-1]} and less in {counts['linear']} "
+            f"({_bits(m1)} bits at masked +1, memento): the linear probe is the readout these numbers use.")
 
 
 def quotes(data: dict) -> dict[str, str]:

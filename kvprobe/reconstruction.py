@@ -35,13 +35,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .analysis import feature_groups, planned_cells  # the passcode probes' feature reading, shared
 from .data.passcodes import label_unique_split
 from .errors import KVProbeError
-from .grid import MLP, Cell
-from .probes.config import BAG, POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
+from .grid import MLP, Cell, pooled_vectors
+from .probes.config import BAG, DECODER, POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
+from .probes.decoder import fit_span_decoder
 from .probes.selection import fit_selected
 from .stats import bootstrap_ci, paired_bootstrap_ci, paired_pvalue
 from .store import CONTENT_TOKENS, KVStore
@@ -165,7 +167,7 @@ class ReconstructionRow:
     baseline_accuracy: float  # the unigram's most frequent class at each position
     position_accuracy: list[float]  # per target position, over the blocks it lies inside
     position_bits: list[float]
-    l2: float
+    l2: float  # the chosen L2 strength (the span decoder: its weight decay)
     n_train: int
     n_val: int
 
@@ -229,32 +231,44 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
     base_acc = _token_accuracy(np.broadcast_to(base, y_va.shape + base.shape[-1:]), y_va, real_va).mean()
     rows: list[ReconstructionRow] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
-    bar = tqdm(total=len(planned_cells(store, settings)) * len(settings.families), unit="cell", disable=not progress,
+    families = (*settings.families, *((DECODER,) if config.span_decoder else ()))
+    bar = tqdm(total=len(planned_cells(store, settings)) * len(families), unit="cell", disable=not progress,
                desc=label or f"reconstruct {condition}", dynamic_ncols=True)
+    common = dict(condition=condition, baseline_accuracy=float(base_acc), n_train=len(tr), n_val=len(va))
+
+    def score(group: list[Cell], kind: str, log_probs: np.ndarray, l2: list[float]) -> None:
+        """Rows of one family's fits on a group: log_probs (G, M, P, C)."""
+        bits_s = token_bits(log_probs, y_va, real_va, base)  # (G, M)
+        acc_s = _token_accuracy(log_probs, y_va, real_va)  # (G, M)
+        bits_ci, acc_ci = (bootstrap_ci(s, n_boot=settings.n_boot) for s in (bits_s, acc_s))
+        hit = (log_probs.argmax(-1) == y_va) & real_va  # (G, M, P)
+        gain = (np.take_along_axis(log_probs, np.broadcast_to(y_va[..., None], log_probs.shape[:-1] + (1,)), -1)[..., 0]
+                / np.log(2) - base[np.arange(base.shape[0])[None], y_va]) * real_va  # (G, M, P)
+        n_real = np.maximum(real_va.sum(axis=0), 1)  # (P,)
+        for g, cell in enumerate(group):
+            per_sample[(cell, kind)] = bits_s[g]
+            rows.append(ReconstructionRow(
+                site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind, pooling=cell.pooling,
+                bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]), bits_high=float(bits_ci.high[g]),
+                accuracy=float(acc_ci.estimate[g]), ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]),
+                position_accuracy=(hit[g].sum(axis=0) / n_real).tolist(),
+                position_bits=(gain[g].sum(axis=0) / n_real).tolist(), l2=l2[g], **common))
+        bar.update(len(group))
+
     for group, X_tr, X_va in feature_groups(store, settings, tr, va):  # (G, N_tr, D), (G, N_va, D)
         for kind in settings.families:
             config_k = settings.mlp if kind == MLP else settings.linear
             fit, sel = fit_selected(X_tr, y_tr, X_va, y_va, settings.strength_grid(kind), kind=kind, inner_val=inner,
                                     config=config_k, n_classes=targets.n_classes, device=settings.device,
                                     extend=settings.extend_grid, criterion="loss")
-            bits_s = token_bits(fit.log_probs, y_va, real_va, base)  # (G, M)
-            acc_s = _token_accuracy(fit.log_probs, y_va, real_va)  # (G, M)
-            bits_ci, acc_ci = (bootstrap_ci(s, n_boot=settings.n_boot) for s in (bits_s, acc_s))
-            hit = (fit.log_probs.argmax(-1) == y_va) & real_va  # (G, M, P)
-            gain = (np.take_along_axis(fit.log_probs, y_va[None, ..., None], -1)[..., 0] / np.log(2)
-                    - base[np.arange(base.shape[0])[None], y_va]) * real_va  # (G, M, P)
-            n_real = np.maximum(real_va.sum(axis=0), 1)  # (P,)
-            for g, cell in enumerate(group):
-                per_sample[(cell, kind)] = bits_s[g]
-                rows.append(ReconstructionRow(
-                    condition=condition, site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind,
-                    pooling=cell.pooling, bits=float(bits_ci.estimate[g]), bits_low=float(bits_ci.low[g]),
-                    bits_high=float(bits_ci.high[g]), accuracy=float(acc_ci.estimate[g]),
-                    ci_low=float(acc_ci.low[g]), ci_high=float(acc_ci.high[g]), baseline_accuracy=float(base_acc),
-                    position_accuracy=(hit[g].sum(axis=0) / n_real).tolist(),
-                    position_bits=(gain[g].sum(axis=0) / n_real).tolist(), l2=float(sel.chosen[g]),
-                    n_train=len(tr), n_val=len(va)))
-            bar.update(len(group))
+            score(group, kind, fit.log_probs, [float(v) for v in sel.chosen])
+        if config.span_decoder:  # the span's vectors as a sequence: (N, V, d)
+            V = pooled_vectors(settings.pooling, int(store.config["capture"].get("max_tokens", 1)))
+            fits = [fit_span_decoder(X_tr[g].reshape(len(tr), V, -1), torch.as_tensor(y_tr),
+                                     torch.as_tensor(targets.real[tr]), torch.as_tensor(inner),
+                                     X_va[g].reshape(len(va), V, -1), targets.n_classes, config.decoder)[0]
+                    for g in range(len(group))]
+            score(group, DECODER, torch.stack(fits).numpy(), [config.decoder.weight_decay] * len(group))
     bar.close()
     rows.sort(key=lambda r: (r.probe, r.site, r.offset, r.layer))
     return ReconstructionResult(condition, rows, store.sample_ids[va], targets.names, per_sample)

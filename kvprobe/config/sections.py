@@ -23,7 +23,7 @@ from ..capture.spec import BACKENDS, COMPRESSIONS, STORAGE_DTYPES, CaptureConfig
 from ..causal.config import CausalConfig
 from ..grid import CONTENT_TOKENS, FAMILIES, LINEAR, POOLINGS, SITES, TENSORS
 from ..memento.config import MaskConfig
-from ..probes.config import TARGETS, LinearConfig, MLPConfig, ProbeConfig, ReconstructionConfig
+from ..probes.config import TARGETS, DecoderConfig, LinearConfig, MLPConfig, ProbeConfig, ReconstructionConfig
 
 __all__ = ["FILLED_ELSEWHERE", "RENAMED_KEYS", "CaptureSection", "CausalSection", "MaskSection", "ProbeSection",
            "ReconstructSection", "causal_section", "probe_section", "reconstruct_section", "renamed_keys",
@@ -242,6 +242,9 @@ CausalSection = causal_section()
 
 
 _HalfContent = Annotated[int, Field(ge=1, le=CONTENT_TOKENS // 2)]  # a longer block is stored as its two halves
+DECODER_TYPES = {"width": _Positive, "heads": _Positive, "lr": Annotated[float, Field(gt=0)],
+                 "weight_decay": Annotated[float, Field(ge=0)], "batch_size": _Positive, "max_epochs": _Positive,
+                 "patience": _Positive}
 
 
 def reconstruct_section(spec: type = ReconstructionConfig, name: str = "ReconstructSection") -> type[BaseModel]:
@@ -253,7 +256,7 @@ def reconstruct_section(spec: type = ReconstructionConfig, name: str = "Reconstr
         spec, name,
         {"target": Literal[TARGETS], "positions": _HalfContent, "k": _HalfContent, "vocab": _Positive,  # type: ignore[valid-type]
          "smoothing": Annotated[float, Field(gt=0)], "l2_grid": _Strengths},
-        exclude=FILLED_ELSEWHERE[ReconstructionConfig],
+        exclude=FILLED_ELSEWHERE[ReconstructionConfig], sections={DecoderConfig: DECODER_TYPES},
         extra={"families": (Annotated[tuple[Literal[FAMILIES], ...], _NonEmpty], (LINEAR,)),  # type: ignore[valid-type]
                "layers": (_Layers | None, None), "offsets": (_Layers | None, None)},
         doc=reconstruct_section.__doc__)

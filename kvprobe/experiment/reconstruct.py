@@ -43,7 +43,10 @@ def stage_reconstruct(cfg: ExperimentConfig, out: Path, *, redo: bool = False, p
         return saved
     results = {}
     for i, cond in enumerate(cfg.conditions, 1):
-        spec = cfg.reconstruction_spec(cond)
+        try:
+            spec = cfg.reconstruction_spec(cond)
+        except ValueError as e:  # what the section's types cannot say alone (decoder width a multiple of heads)
+            raise ExperimentError(f"config field 'reconstruct': {e}") from None
         with open_run_store(out, cfg, cond) as store:
             try:
                 results[cond] = reconstruct_store(store, cond, spec, progress=progress,

@@ -15,7 +15,10 @@ __all__ = [
     "DEFAULT_INNER_FRACTION",
     "DEFAULT_LINEAR_L2_GRID",
     "L2_BOUNDS",
+    "DecoderConfig",
     "ReconstructionConfig",
+    "SpanDecoder",
+    "fit_span_decoder",
     "StrengthSelection",
     "fit_at_strengths",
     "fit_selected",
@@ -45,8 +48,9 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    ".config": ("DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "LinearConfig", "MLPConfig", "ReconstructionConfig",
-                "normalise_grid"),
+    ".config": ("DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "DecoderConfig", "LinearConfig", "MLPConfig",
+                "ReconstructionConfig", "normalise_grid"),
+    ".decoder": ("SpanDecoder", "fit_span_decoder"),
     ".linear": ("LBFGSInfo", "LinearProbes", "fit_linear_probes"),
     ".mlp": ("MLPInfo", "MLPProbes", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"),
     ".selection": ("L2_BOUNDS", "StrengthSelection", "fit_at_strengths", "fit_selected", "inner_split",

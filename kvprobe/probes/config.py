@@ -16,8 +16,8 @@ from typing import Sequence
 from ..errors import renamed_fields
 from ..grid import CONTENT_TOKENS, DEFAULT_POOLING, FAMILIES, LINEAR, MLP
 
-__all__ = ["BAG", "DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "ENDS", "POSITIONS", "TARGETS", "LinearConfig",
-           "MLPConfig", "ProbeConfig", "ReconstructionConfig", "normalise_grid"]
+__all__ = ["BAG", "DECODER", "DEFAULT_INNER_FRACTION", "DEFAULT_LINEAR_L2_GRID", "ENDS", "POSITIONS", "TARGETS", "DecoderConfig",
+           "LinearConfig", "MLPConfig", "ProbeConfig", "ReconstructionConfig", "normalise_grid"]
 
 DEFAULT_LINEAR_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 """The linear probe's L2 grid (mean-loss scale; scikit-learn C = 1 / (l2 N))."""
@@ -153,9 +153,35 @@ class ProbeConfig:
         return normalise_grid(config.l2 if grid is None else grid)
 
 
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The reconstruction probes' span decoder (`kvprobe.probes.decoder`): one learned query per target
+    position cross-attends over the span's token vectors, then a feed-forward block and a classifier.
+
+    width, heads: the attention's width and heads. lr, weight_decay, batch_size: AdamW. max_epochs,
+    patience: early stopping on the inner label-unique split's cross-entropy (the best epoch is kept).
+    """
+
+    width: int = 64
+    heads: int = 4
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 40
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.heads, self.batch_size, self.max_epochs, self.patience) < 1 or self.width % self.heads:
+            raise ValueError(f"width, heads, batch_size, max_epochs and patience must be >= 1, and width a multiple "
+                             f"of heads, got {self}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+
+
 # reconstruction targets: the block's first tokens by position, its first and last k, or its bag of tokens
 POSITIONS, ENDS, BAG = "positions", "ends", "bag"
 TARGETS = (POSITIONS, ENDS, BAG)
+DECODER = "decoder"  # the span decoder's rows, beside the probe families' ("linear", "mlp")
 
 
 @dataclass(frozen=True)
@@ -172,6 +198,8 @@ class ReconstructionConfig:
         edge it lands on, towards `L2_BOUNDS`; one value is a fixed strength.
     probe: the probe families, split and pooling (its seeds, shuffled control and linear strength grid
         are not used: one seed per MLP is fitted, and the linear grid is `l2_grid`).
+    span_decoder: also fit the span decoder (`decoder`) on every cell: it reads the span's token vectors
+        (the pooling's, e.g. tail_mean's last 4 tokens and their mean) as a sequence, not one flat vector.
     """
 
     target: str = POSITIONS
@@ -180,6 +208,8 @@ class ReconstructionConfig:
     vocab: int = 64
     smoothing: float = 1.0
     l2_grid: tuple[float, ...] = DEFAULT_LINEAR_L2_GRID
+    span_decoder: bool = False
+    decoder: DecoderConfig = DecoderConfig()
     probe: ProbeConfig = ProbeConfig(families=(LINEAR,), seeds=1, shuffled_control=False)
 
     def __post_init__(self) -> None:

@@ -14,9 +14,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from kvprobe.memento.masks import MaskConfig
-from kvprobe.probes.config import ProbeConfig
+from kvprobe.probes.config import DecoderConfig, ProbeConfig
+from kvprobe.probes.decoder import fit_span_decoder
 from kvprobe.reconstruction import (ReconstructionConfig, block_targets, compare_bits, reconstruct_store, token_bits,
                                     unigram_log2)
 from kvprobe.store import CONTENT_TOKENS, KVStore, StoreError
@@ -187,3 +189,26 @@ def test_the_real_trace_path_on_a_tiny_qwen3_with_qwen3s_tokenizer(tmp_path):
         if row.offset == -1:  # the passcode is drawn independently of all that precedes the block
             assert max(row.position_bits[p] for p in digits) < 0.05
             assert max(abs(row.position_accuracy[p] - 0.1) for p in digits) < 0.1
+
+
+def test_the_span_decoder_reads_a_copied_block_and_nothing_of_an_unseen_one(tmp_path):
+    """The decoder's known answers: much of a copied block, nothing of a block before it."""
+    path = write_synthetic_store(tmp_path / "s", n=1200, n_layers=1, offsets=(-1, 0), signal={0: 3.0})
+    config = ReconstructionConfig(probe=PROBE, span_decoder=True, decoder=DecoderConfig(max_epochs=25))
+    with KVStore(path) as store:
+        result = reconstruct_store(store, "memento", config)
+    cell = {(r.probe, r.offset): r for r in result.rows}
+    assert set(cell) == {(p, o) for p in ("linear", "decoder") for o in (-1, 0)}
+    # data-hungrier than the linear probe: from ~770 training blocks it reads most, not all, of the copy
+    assert cell[("decoder", 0)].bits > 1.4 and cell[("decoder", 0)].accuracy > 0.6
+    assert abs(cell[("decoder", -1)].bits) < 0.06 and cell[("decoder", -1)].bits_low < 0.01
+
+
+def test_the_span_decoder_is_seeded_and_refuses_an_empty_holdout():
+    x = torch.randn(60, 3, 8)
+    y, real = torch.randint(0, 4, (60, 2)), torch.ones(60, 2, dtype=torch.bool)
+    held = torch.arange(60) % 5 == 0
+    runs = [fit_span_decoder(x, y, real, held, x[:7], 4, DecoderConfig(max_epochs=3), seed=s)[0] for s in (1, 1, 2)]
+    assert runs[0].shape == (7, 2, 4) and torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with pytest.raises(ValueError, match="holdout must hold some training rows"):
+        fit_span_decoder(x, y, real, torch.zeros(60, dtype=torch.bool), x, 4)
