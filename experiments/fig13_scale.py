@@ -29,6 +29,7 @@ from published import pct, results_json, save_json, start, toy_study_arguments, 
 OUT = Path(__file__).resolve().parent / "results" / "fig13_scale"
 PROBE = replace(STUDY_PROBE, families=("mlp",), seeds=1, mlp=MLPConfig(max_epochs=30))  # as paper_figures' MLP
 LAYERS, OFFSETS = (0, 1, 2, 3), tuple(range(-1, 8))
+SHARD = 5000  # samples captured in memory at once: 50K in one shard would take about 18 GB
 
 
 def measure(checkpoint: str, samples: int, seed: int, store_dir: Path | None = None) -> dict:
@@ -40,7 +41,8 @@ def measure(checkpoint: str, samples: int, seed: int, store_dir: Path | None = N
         root = store_dir or Path(tmp)  # one store: captured by the first read, reused by the second
         for layers, offsets in (((0, 1, 2, 3), (-1, 0, 1)), ((3,), (2, 3, 4, 5, 6, 7))):  # Fig. 13's 18 cells
             rows += measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples, seed=seed,
-                                    probe=replace(PROBE, layers=layers, offsets=offsets), store_dir=root)
+                                    probe=replace(PROBE, layers=layers, offsets=offsets), store_dir=root,
+                                    shard_size=SHARD)
     return {"checkpoint": checkpoint, "samples": samples, "seed": seed,
             "cells": [cell_record(r, "n_train") for r in rows], "seconds": round(time.perf_counter() - t0, 1)}
 

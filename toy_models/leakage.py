@@ -80,13 +80,15 @@ def measure_leakage(
     probe: ProbeConfig = STUDY_PROBE,
     spec: CaptureConfig | None = None,
     store_dir: str | Path | None = None,
+    shard_size: int | None = None,
 ) -> list[CellResult]:
     """Linear-probe accuracy of every (condition, layer, offset) cell, with intervals.
 
     `spec` sets the features (default: kvprobe's CaptureConfig defaults); its layers,
     offsets, mask and target block are taken from the arguments. Stores go to a
     temporary directory unless `store_dir` is given (then one store per condition,
-    kept). Rows come back as `CellResult`s named by condition.
+    kept). Rows come back as `CellResult`s named by condition. `shard_size`: samples a shard holds in
+    memory while it is captured (default: all of them in one shard; give e.g. 5,000 at 50K samples).
     """
     base = spec or CaptureConfig(layers=tuple(layers))
     rows: list[CellResult] = []
@@ -94,7 +96,7 @@ def measure_leakage(
         root = Path(store_dir) if store_dir is not None else Path(tmp)
         for cond in conditions:
             cspec = replace(base, layers=tuple(layers), offsets=tuple(offsets), mask=cond.mask,
-                            target_block=target_block, shard_size=max(n_samples, 1), compression="none")
+                            target_block=target_block, shard_size=shard_size or max(n_samples, 1), compression="none")
             path = root / cond.name
             if not (path / "kvstore.h5").is_file():
                 run_capture(model, cond.source(n_samples, seed, target_block), cspec, path, progress=False)
