@@ -103,7 +103,7 @@ SOURCES: tuple[Source, ...] = (
             "linear_accuracy": (TOY,), "embed_steps": (TOY,), "embed_accuracy": (README, TOY),
             "capacity_steps": (README, TOY), "capacity_accuracy": (TOY,)}, minutes=230),
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",
-           ("--samples", "5000", "--seed", "0", "--threads", "1"), {"readme": (README,)}, minutes=10),
+           ("--samples", "5000", "--seed", "0", "--threads", "1"), {"readme": (README,)}, minutes=13),
     Source("causal_map", "experiments/causal_map.py", "experiments/results/causal_map", ("--run", "{scratch}/run"),
            dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
