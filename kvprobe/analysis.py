@@ -42,7 +42,8 @@ from .store import KVStore
 from .errors import renamed
 
 __all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
-           "compare", "feature_groups", "load_grid", "merge_grids", "planned_cells", "probe_store", "save_grid",
+           "compare", "feature_groups", "load_grid", "merge_grids", "paired_cells", "planned_cells", "probe_store",
+           "save_grid",
            "sensitivity_curves"]
 
 
@@ -405,25 +406,31 @@ def apply_holm(rows: list[CellResult] | list[DiffResult], alpha: float = 0.05) -
         r.significant = bool(p <= alpha)
 
 
-def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult]:
-    """Paired differences a - b of accuracy for every cell both grids have."""
+def paired_cells(a: Any, b: Any, n_boot: int = 2000, unit: str = "samples") -> list[tuple[Cell, str, Any, float]]:
+    """Every (cell, probe) that both results score per sample, with the paired bootstrap interval of a - b
+    and its paired p-value, in (probe, site, offset, layer) order.
+
+    a, b: results with `condition`, `val_index` (M,) and `per_sample` {(cell, probe): (M,)}: a `GridResult`
+    (accuracy) or a reconstruction result (bits); both must have scored the same validation `unit`.
+    """
     if not np.array_equal(a.val_index, b.val_index):
         raise ValueError(
-            f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation samples "
+            f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation {unit} "
             "(capture both from the same source and seed)"
         )
-    out = []
-    for key, sa in a.per_sample.items():
-        if key not in b.per_sample:
-            continue
-        ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
-        cell, probe = key
-        out.append(DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
-                              float(ci.estimate), float(ci.low), float(ci.high),
-                              a_mask=a.rows[0].mask if a.rows else None, b_mask=b.rows[0].mask if b.rows else None,
-                              pooling=cell.pooling, p_value=paired_pvalue(sa, b.per_sample[key])))
-    out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
+    out = [(cell, probe, paired_bootstrap_ci(sa, b.per_sample[(cell, probe)], n_boot=n_boot),
+            paired_pvalue(sa, b.per_sample[(cell, probe)]))
+           for (cell, probe), sa in a.per_sample.items() if (cell, probe) in b.per_sample]
+    out.sort(key=lambda d: (d[1], d[0].site, d[0].offset, d[0].layer))
     return out
+
+
+def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult]:
+    """Paired differences a - b of accuracy for every cell both grids have."""
+    a_mask, b_mask = (g.rows[0].mask if g.rows else None for g in (a, b))
+    return [DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
+                       float(ci.low), float(ci.high), a_mask=a_mask, b_mask=b_mask, pooling=cell.pooling, p_value=p)
+            for cell, probe, ci, p in paired_cells(a, b, n_boot)]
 
 
 def merge_grids(grids: list[GridResult]) -> GridResult:

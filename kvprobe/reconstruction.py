@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import feature_groups, planned_cells  # the passcode probes' feature reading, shared
+from .analysis import feature_groups, paired_cells, planned_cells  # the passcode probes' feature reading, shared
 from .data.passcodes import label_unique_split
 from .errors import KVProbeError
 from .grid import MLP, Cell, pooled_vectors
 from .probes.config import BAG, DECODER, POSITIONS, TARGETS, ProbeConfig, ReconstructionConfig  # torch-free: the config reads them
 from .probes.decoder import fit_span_decoder
 from .probes.selection import fit_selected
-from .stats import bootstrap_ci, paired_bootstrap_ci, paired_pvalue
+from .stats import bootstrap_ci
 from .store import CONTENT_TOKENS, KVStore
 
 __all__ = ["TARGETS", "BitsDiff", "ReconstructionConfig", "ReconstructionError", "ReconstructionResult",
@@ -133,19 +133,29 @@ def unigram_log2(labels: np.ndarray, n_classes: int, smoothing: float = 1.0,
     return np.log2(counts / counts.sum(axis=1, keepdims=True))
 
 
+def _position_gains(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """log2 p_probe(y) - log2 p_unigram(y) at each scored position, 0 at the others: (..., M, P).
+
+    log_probs (..., M, P, C) natural-log probabilities; labels, real (M, P); base (P, C) from `unigram_log2`."""
+    ln_p = np.take_along_axis(log_probs, np.broadcast_to(labels[..., None], log_probs.shape[:-1] + (1,)), -1)[..., 0]
+    return (ln_p / np.log(2) - base[np.arange(labels.shape[1])[None], labels]) * real
+
+
+def _hits(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Scored positions predicted right, (..., M, P)."""
+    return (log_probs.argmax(axis=-1) == labels) & real
+
+
+def _per_block(values: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """The mean of per-position values (..., M, P) over each block's scored positions, (..., M)."""
+    return values.sum(axis=-1) / np.maximum(real.sum(axis=-1), 1)
+
+
 def token_bits(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray, base: np.ndarray) -> np.ndarray:
     """Bits per token of each block, (..., M): log2 p_probe(y) - log2 p_unigram(y) over its real positions.
 
     log_probs (..., M, P, C) natural-log probabilities; labels, real (M, P); base (P, C) from `unigram_log2`."""
-    ln_p = np.take_along_axis(log_probs, np.broadcast_to(labels[..., None], log_probs.shape[:-1] + (1,)), -1)[..., 0]
-    gain = ln_p / np.log(2) - base[np.arange(labels.shape[1])[None], labels]  # (..., M, P)
-    return (gain * real).sum(axis=-1) / np.maximum(real.sum(axis=-1), 1)
-
-
-def _token_accuracy(log_probs: np.ndarray, labels: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Fraction of each block's real positions predicted right, (..., M)."""
-    right = (log_probs.argmax(axis=-1) == labels) & real
-    return right.sum(axis=-1) / np.maximum(real.sum(axis=-1), 1)
+    return _per_block(_position_gains(log_probs, labels, real, base), real)
 
 
 @dataclass
@@ -228,7 +238,7 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
                                   f"{len(targets.vocab)} token(s) seen in training)")
     y_tr, y_va, real_va = targets.labels[tr], targets.labels[va], targets.real[va]
     base = unigram_log2(y_tr, targets.n_classes, config.smoothing, targets.real[tr])  # (P, C)
-    base_acc = _token_accuracy(np.broadcast_to(base, y_va.shape + base.shape[-1:]), y_va, real_va).mean()
+    base_acc = _per_block(_hits(np.broadcast_to(base, y_va.shape + base.shape[-1:]), y_va, real_va), real_va).mean()
     rows: list[ReconstructionRow] = []
     per_sample: dict[tuple[Cell, str], np.ndarray] = {}
     families = (*settings.families, *((DECODER,) if config.span_decoder else ()))
@@ -238,12 +248,9 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
 
     def score(group: list[Cell], kind: str, log_probs: np.ndarray, l2: list[float]) -> None:
         """Rows of one family's fits on a group: log_probs (G, M, P, C)."""
-        bits_s = token_bits(log_probs, y_va, real_va, base)  # (G, M)
-        acc_s = _token_accuracy(log_probs, y_va, real_va)  # (G, M)
+        gain, hit = _position_gains(log_probs, y_va, real_va, base), _hits(log_probs, y_va, real_va)  # (G, M, P)
+        bits_s, acc_s = _per_block(gain, real_va), _per_block(hit, real_va)  # (G, M)
         bits_ci, acc_ci = (bootstrap_ci(s, n_boot=settings.n_boot) for s in (bits_s, acc_s))
-        hit = (log_probs.argmax(-1) == y_va) & real_va  # (G, M, P)
-        gain = (np.take_along_axis(log_probs, np.broadcast_to(y_va[..., None], log_probs.shape[:-1] + (1,)), -1)[..., 0]
-                / np.log(2) - base[np.arange(base.shape[0])[None], y_va]) * real_va  # (G, M, P)
         n_real = np.maximum(real_va.sum(axis=0), 1)  # (P,)
         for g, cell in enumerate(group):
             per_sample[(cell, kind)] = bits_s[g]
@@ -277,19 +284,8 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
 def compare_bits(a: ReconstructionResult, b: ReconstructionResult, n_boot: int = 2000) -> list[BitsDiff]:
     """Paired differences a - b in bits per token for every cell both results have (e.g. memento - restart:
     what the K/V carry beyond the memento text)."""
-    if not np.array_equal(a.val_index, b.val_index):
-        raise ValueError(f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation "
-                         "blocks (capture both from the same source and seed)")
-    out = []
-    for key, sa in a.per_sample.items():
-        if key in b.per_sample:
-            ci = paired_bootstrap_ci(sa, b.per_sample[key], n_boot=n_boot)
-            cell, probe = key
-            out.append(BitsDiff(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
-                                float(ci.estimate), float(ci.low), float(ci.high),
-                                paired_pvalue(sa, b.per_sample[key])))
-    out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
-    return out
+    return [BitsDiff(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
+                     float(ci.low), float(ci.high), p) for cell, probe, ci, p in paired_cells(a, b, n_boot, "blocks")]
 
 
 def with_probe(config: ReconstructionConfig, **changes: Any) -> ReconstructionConfig:
