@@ -215,12 +215,17 @@ class ReconstructionResult:
     per_sample: dict[tuple[Cell, str], np.ndarray]  # (cell, probe) -> bits (M,)
 
 
-def _split(content: np.ndarray, lengths: np.ndarray, probe: ProbeConfig) -> tuple[np.ndarray, ...]:
-    """Outer train / validation indices and the inner validation mask, label-unique over block texts."""
+def _split(content: np.ndarray, lengths: np.ndarray, probe: ProbeConfig, where: Any) -> tuple[np.ndarray, ...]:
+    """Outer train / validation indices and the inner validation mask, label-unique over block texts;
+    too few distinct blocks to split is bad input about the store at `where`."""
     keys = [" ".join(map(str, row[row >= 0].tolist())) + f"|{n}" for row, n in zip(content, lengths)]
-    is_val = label_unique_split(keys, probe.val_fraction, probe.split_seed)
-    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    inner = label_unique_split([keys[i] for i in tr], probe.inner_fraction, probe.split_seed)
+    try:
+        is_val = label_unique_split(keys, probe.val_fraction, probe.split_seed)
+        tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        inner = label_unique_split([keys[i] for i in tr], probe.inner_fraction, probe.split_seed)
+    except ValueError as e:  # e.g. every block the same text: nothing to hold out
+        raise ReconstructionError(f"{where}: too few blocks with text to reconstruct ({len(set(keys))} distinct "
+                                  f"block text(s) in {len(keys)} samples): {e}") from None
     return tr, va, inner
 
 
@@ -230,7 +235,7 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
     With `progress`, a bar (`label`, default "reconstruct CONDITION") counts the cells fitted."""
     content, lengths = store.content  # (N, CONTENT_TOKENS), (N,)
     settings = replace(config.probe, linear_l2_grid=config.l2_grid, extend_grid=True)
-    tr, va, inner = _split(content, lengths, settings)
+    tr, va, inner = _split(content, lengths, settings, store.path)
     targets = block_targets(content, lengths, config, tr)
     va = va[targets.real[va].any(axis=1)]  # a block with nothing to score (empty) is not averaged in
     if len(va) < 2 or len(targets.vocab) == 0:

@@ -48,6 +48,10 @@ def test_run_reconstructs_reports_and_the_command_redoes_with_new_fields(tmp_pat
     assert "by a mlp probe" in (out / "report" / "summary.md").read_text()
     code, _, err = cli(capsys, "reconstruct", out)  # read back as fitted, whatever the run's config says
     assert code == 0, err
+    saved = (out / "reconstruction" / "results.json").read_bytes()
+    code, _, err = cli(capsys, "run", tmp_path / "c.yaml", "--out", out, "--resume")  # the run's own settings
+    assert code == 2 and "fitted with other reconstruct settings" in err and "--redo" in err
+    assert err.count("\n") == 1 and (out / "reconstruction" / "results.json").read_bytes() == saved
 
 
 def test_reconstruct_names_a_cell_the_capture_lacks(tmp_path, capsys):

@@ -19,8 +19,8 @@ import torch
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.probes.config import DecoderConfig, ProbeConfig
 from kvprobe.probes.decoder import fit_span_decoder
-from kvprobe.reconstruction import (ReconstructionConfig, block_targets, compare_bits, reconstruct_store, token_bits,
-                                    unigram_log2)
+from kvprobe.reconstruction import (ReconstructionConfig, ReconstructionError, block_targets, compare_bits,
+                                    reconstruct_store, token_bits, unigram_log2)
 from kvprobe.store import CONTENT_TOKENS, KVStore, StoreError
 from tests.helpers.stores import write_synthetic_store
 
@@ -212,3 +212,13 @@ def test_the_span_decoder_is_seeded_and_refuses_an_empty_holdout():
     assert runs[0].shape == (7, 2, 4) and torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     with pytest.raises(ValueError, match="holdout must hold some training rows"):
         fit_span_decoder(x, y, real, torch.zeros(60, dtype=torch.bool), x, 4)
+
+
+def test_a_store_of_empty_blocks_is_refused_in_one_line():
+    class EmptyBlocks:  # what reconstruct_store reads before any feature: the block text, and the path
+        path = "runs/x/stores/memento"
+        content = (np.full((40, CONTENT_TOKENS), -1), np.zeros(40, dtype=np.int64))
+
+    with pytest.raises(ReconstructionError, match=r"runs/x/stores/memento: too few blocks with text to reconstruct "
+                                                  r"\(1 distinct block text\(s\) in 40 samples\)"):
+        reconstruct_store(EmptyBlocks(), "memento", CONFIG)
