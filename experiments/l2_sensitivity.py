@@ -1,4 +1,4 @@
-"""How much the headline cells depend on the linear probe's L2 strength, on the toy shipped before issue 30.
+"""How much the headline cells depend on the linear probe's L2 strength, on the shipped toy.
 
     python experiments/l2_sensitivity.py                  # 3,000 passcodes (1 thread)
     python experiments/l2_sensitivity.py --out DIR        # the same run into DIR
@@ -25,7 +25,7 @@ from kvprobe.store import KVStore
 from toy_models.source import ToyPasscodeSource
 from published import results_json, script_arguments, start, write_files
 
-CHECKPOINT = "tied-clip/final"  # the toy it was measured on (the shipped one until issue 30; not rerun since)
+CHECKPOINT = "final"  # the shipped toy
 OUT = Path(__file__).resolve().parent / "results" / "l2_sensitivity"
 SUMMARY = "experiments/results/l2_sensitivity/summary.md"  # render() key: the committed file
 L2_VALUES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # down to the weak bound of kvprobe.probes.L2_BOUNDS
@@ -60,7 +60,7 @@ def load(out: Path) -> dict:
 def summary(data: dict) -> str:
     """summary.md: one row per cell, accuracy [95%] at each L2, and the chosen value."""
     l2 = data["curves"][0]["l2"]
-    lines = [f"# Linear probe accuracy against L2 on `{CHECKPOINT}`, the toy shipped before issue 30 ({data['samples']} passcodes, layer 3)", "",
+    lines = [f"# Linear probe accuracy against L2 on the toy `{CHECKPOINT}` ({data['samples']} passcodes, layer 3)", "",
              "| cell | " + " | ".join(f"L2 {v:g}" for v in l2) + " | chosen |", "|---|" + "---|" * (len(l2) + 1)]
     for r in data["curves"]:
         cells = [f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"

@@ -60,7 +60,7 @@ def readme(data: dict) -> str:
     first = next(r for r in data["rows"] if r["condition"] == "memento")
     total = sum(t.values())
     lines = [
-        "# Which channel carries the leak, on the toy shipped before issue 30 (`tied-clip`)", "",
+        "# Which channel carries the leak, on the shipped toy (`final`)", "",
         "`python experiments/toy_controls.py` (`kvprobe --threads 1 run experiments/toy_controls.yaml`) on this "
         f"project's 2-core CPU machine ({total / 60:.0f} min: capture {t['capture']:.0f} s, probes "
         f"{t['probe']:.0f} s, report {t['report']:.0f} s), with the probe strength extended past its grid's edge "
@@ -123,10 +123,12 @@ def readme_summary(data: dict) -> str:
 
     verdicts = [verdict(layer, offset, paper, stated.split(" (")[0]) for _, layer, offset, paper, stated in PAPER]
     groups = {w: [text for v, text in verdicts if v == w] for w in ("in", "above", "below")}
-    parts = [f"{', '.join(groups['in'])} hold the paper's value inside their intervals"] if groups["in"] else []
+    one = len(groups["in"]) == 1
+    held = f"hold{'s' if one else ''} the paper's value inside {'its interval' if one else 'their intervals'}"
+    parts = [f"{', '.join(groups['in'])} {held}"] if groups["in"] else []
     parts += [f"{', '.join(groups[w])} read {w} it" for w in ("above", "below") if groups[w]]
-    return (f"**Which channel carries the leak** (`python experiments/toy_controls.py`, on `tied-clip`, the toy "
-            f"shipped before issue 30, {n:,} passcodes; "
+    return (f"**Which channel carries the leak** (`python experiments/toy_controls.py`, on the shipped "
+            f"`final`, {n:,} passcodes; "
             "[results](experiments/results/toy_controls/README.md)): at the first masked memento, last layer, "
             f"memento mode reads {_pct(m1)}, the fork's restart (`restart`, text only) {100 * r1['accuracy']:.1f}%, "
             f"and restart with the delimiters visible (`restart-delims-visible`) {100 * v1['accuracy']:.1f}%: the "

@@ -79,6 +79,8 @@ class CellResult:
     l2_grid: list[float] | None = None  # the values it was chosen from (one value: fixed)
     l2_inner_accuracy: list[float] | None = None  # inner-validation accuracy at each l2_grid value
     l2_at_bound: bool = False  # the chosen l2 is on an edge of l2_grid that the extension could not pass
+    epochs: int | None = None  # MLP: the epoch whose weights were kept (the latest over seeds)
+    epochs_at_cap: bool = False  # MLP: a fit still improved within `patience` epochs of its limit: more may read more
     chance: float = 0.1  # accuracy without features: 1/10, or the majority baseline of constrained passcodes
     mask: str | None = None  # the canonical name of the store's mask (MaskConfig.name): what the condition is
     pooling: str | None = None  # how the cell's tokens were pooled into features
@@ -282,6 +284,10 @@ def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndar
     p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
                 else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
     seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
+    # MLP with early stopping: n_steps is each problem's best epoch, converged whether its patience ran out
+    stops = kind == MLP and fits[0].config.holdout_fraction > 0
+    epochs = np.max([f.n_steps for f in fits], axis=(0, 2)) if kind == MLP else None  # (G,)
+    at_cap = np.any([~f.converged for f in fits], axis=(0, 2)) & stops  # (G,)
     return acc_s, [CellResult(
         site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind, pooling=cell.pooling, **common,
         accuracy=float(seed_acc[:, g].mean()),
@@ -294,6 +300,7 @@ def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndar
         selectivity=None if shuffled is None else float(seed_acc[:, g].mean() - shuffled[g]),
         train_accuracy=float(np.mean([f.train_accuracy[g] for f in fits])),
         l2=float(sel.chosen[g]), l2_grid=[float(v) for v in sel.tried(g)], l2_at_bound=bool(sel.at_bound[g]),
+        epochs=None if epochs is None else int(epochs[g]), epochs_at_cap=bool(at_cap[g]),
         l2_inner_accuracy=None if sel.fixed else [float(a) for a in sel.inner_accuracy[g]
                                                   if not np.isnan(a)],  # the values it tried
     ) for g, cell in enumerate(group)]

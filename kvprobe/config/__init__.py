@@ -8,7 +8,7 @@
     conditions:
       memento: {keep_last_n_blocks: 0}
       restart: {keep_last_n_blocks: 0, restart_mode: true}   # the fork's: delimiters evicted too
-    probe:   {families: [linear, mlp], seeds: 3, mlp: {max_epochs: 30}}
+    probe:   {families: [linear, mlp], seeds: 3, mlp: {max_epochs: 300}}
 
 Every field is checked (pydantic, unknown keys refused) and errors name the field, e.g.
 `config field 'capture.layers.1': Input should be a valid integer`. Files are read

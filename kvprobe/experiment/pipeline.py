@@ -38,6 +38,7 @@ from ..config import ExperimentConfig
 from ..files import together, write_text
 from ..grid import LINEAR, MEMENTO
 from ..reporting.sweep import SweepPoint
+from ..reporting.words import epoch_limit_flag
 from ..store import REPAIR, KVStore, verify_store
 from .capture import Plans, capture_all, plan_all, sweep_kind
 from .causal import saved_causal, stage_causal
@@ -270,7 +271,8 @@ def leakage_table(grids: dict[str, GridResult], probe: str = LINEAR, site: str =
             lines.append(f"FLAGGED: the probe chose the weakest strength it could try ({min(r.l2 for r in weak):g}) "
                          f"at {where}: the leak there may be higher")
         lines.append("")
-    return "\n".join(lines)
+    flag = epoch_limit_flag(r for g in grids.values() for r in g.rows)  # MLP cells, whichever table is shown
+    return "\n".join(lines + ([flag, ""] if flag else []))
 
 
 def start_run(cfg: ExperimentConfig, out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Plans]:

@@ -26,6 +26,7 @@ from .words import (
     chance_verdict,
     condition_masks,
     condition_order,
+    epoch_limit_flag,
     eviction_timing,
     fmt_accuracy,
     fmt_l2,
@@ -89,6 +90,8 @@ def _headline(rows: Sequence[CellResult], condition: str, site: str) -> str:
         out += ["", f"### {probe} probe", "", _table(["layer", *(offset_label(o) for o in offsets)], body)]
         out += _layer0_note([r for r in cells if r.probe == probe])
         out += _strength_lines([r for r in cells if r.probe == probe], idx, layers, offsets)
+        flag = epoch_limit_flag(r for r in rows if r.probe == probe)  # every condition and site
+        out += ["", flag] if flag else []
     gap = _probe_gap_sentence(idx, condition, site, layers)
     if gap:
         out += ["", gap]

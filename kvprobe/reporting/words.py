@@ -210,3 +210,15 @@ def _wilson(p: float, n: int) -> tuple[float, float]:
     """Wilson 95% interval of a proportion p on n units (`kvprobe.stats.wilson_interval`)."""
     ci = wilson_interval(p, n)
     return float(ci.low), float(ci.high)
+
+
+def epoch_limit_flag(rows: Iterable["CellResult"]) -> str | None:
+    """One FLAGGED sentence naming the MLP cells whose fit was still improving at its epoch limit (any
+    condition or site), each with its kept epoch; None when no cell was."""
+    capped = sorted((r for r in rows if r.epochs_at_cap), key=lambda r: (r.condition, r.site, r.layer, r.offset))
+    if not capped:
+        return None
+    where = ", ".join(f"{r.condition} {r.site} layer {r.layer} {r.offset:+d} (kept epoch {r.epochs})" for r in capped)
+    return (f"FLAGGED: the MLP was still improving at its epoch limit in {len(capped)} "
+            f"cell{'s' if len(capped) > 1 else ''}: {where}. A longer fit might read more (`probe.mlp.max_epochs`).")
+
