@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["EDGE", "web_figures"]
 
 EDGE = " (at the grid's edge)"
+EPOCH_LIMIT = " (MLP still improving at its epoch limit)"
 """Appended to a cell's strength when the chosen L2 is on an edge of its grid the extension could not pass."""
 
 HOVER_FIELDS = ("95% interval", "strength (L2)", "n", "chance", "p (Holm)")
@@ -46,9 +47,10 @@ def _interval(low: float | None, high: float | None) -> str:
 
 
 def _cell_hover(r: CellResult) -> list[Any]:
-    """What a heatmap cell's hover shows beyond its accuracy: interval, strength, n, chance, Holm p."""
-    return [_interval(r.ci_low, r.ci_high), fmt_l2(r.l2) + (EDGE if r.l2_at_bound else ""), r.n_val,
-            _pct(r.chance), _fmt_p(r.p_holm)]
+    """What a heatmap cell's hover shows beyond its accuracy: interval, strength (with its flags: the L2 grid's
+    edge, the MLP's epoch limit), n, chance, Holm p."""
+    strength = fmt_l2(r.l2) + (EDGE if r.l2_at_bound else "") + (EPOCH_LIMIT if r.epochs_at_cap else "")
+    return [_interval(r.ci_low, r.ci_high), strength, r.n_val, _pct(r.chance), _fmt_p(r.p_holm)]
 
 
 def _hover(cells: Sequence[CellResult]) -> tuple[str, list[int]]:

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from kvprobe.errors import KVProbeError
-from kvprobe.grid import LINEAR, MEMENTO
+from kvprobe.grid import LINEAR, MEMENTO, MLP
 from kvprobe.reporting import PAPER_TOY, write_report
 from kvprobe.reporting.html import LINKED_FILES, render_html
-from kvprobe.reporting.webfigures import EDGE
+from kvprobe.reporting.webfigures import EDGE, EPOCH_LIMIT
 from tests.helpers.grids import make_diffs, make_grid, make_sweep
 
 SIZE_LIMIT = 5 * 2**20  # the "at most 5 MB"
@@ -109,6 +109,16 @@ def test_a_strength_at_the_edge_and_a_cell_of_its_own_n_are_shown_per_cell(grid,
     trace = _heatmap(render_html(rows, diffs), f"memento · {MEMENTO} · {LINEAR} probe")
     assert f"strength (L2) 1e-04{EDGE}<br>n 333" in _hover_of(trace, 2, "masked +1")
     assert "strength (L2) —<br>n 1000" in _hover_of(trace, 1, "masked +1")
+
+
+def test_an_mlp_cell_still_improving_at_its_epoch_limit_says_so_on_hover(grid, diffs):
+    target = ("memento", MEMENTO, MLP, 3, 1)
+    assert any((r.condition, r.site, r.probe, r.layer, r.offset) == target for r in grid)
+    rows = [dataclasses.replace(r, epochs=30, epochs_at_cap=True)
+            if (r.condition, r.site, r.probe, r.layer, r.offset) == target else r for r in grid]
+    trace = _heatmap(render_html(rows, diffs), f"memento · {MEMENTO} · {MLP} probe")
+    assert EPOCH_LIMIT in _hover_of(trace, 3, "masked +1")
+    assert EPOCH_LIMIT not in _hover_of(trace, 2, "masked +1")
 
 
 def test_curves_differences_and_sweep_are_drawn(page):
