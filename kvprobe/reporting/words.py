@@ -221,4 +221,3 @@ def epoch_limit_flag(rows: Iterable["CellResult"]) -> str | None:
     where = ", ".join(f"{r.condition} {r.site} layer {r.layer} {r.offset:+d} (kept epoch {r.epochs})" for r in capped)
     return (f"FLAGGED: the MLP was still improving at its epoch limit in {len(capped)} "
             f"cell{'s' if len(capped) > 1 else ''}: {where}. A longer fit might read more (`probe.mlp.max_epochs`).")
-
