@@ -80,7 +80,8 @@ class CellResult:
     l2_inner_accuracy: list[float] | None = None  # inner-validation accuracy at each l2_grid value
     l2_at_bound: bool = False  # the chosen l2 is on an edge of l2_grid that the extension could not pass
     epochs: int | None = None  # MLP: the epoch whose weights were kept (the latest over seeds)
-    epochs_at_cap: bool = False  # MLP: a fit still improved within `patience` epochs of its limit: more may read more
+    epochs_at_cap: bool = False  # MLP: a fit (or an inner fit choosing its l2) still improved within `patience`
+    #                               epochs of its limit: more may read more
     chance: float = 0.1  # accuracy without features: 1/10, or the majority baseline of constrained passcodes
     mask: str | None = None  # the canonical name of the store's mask (MaskConfig.name): what the condition is
     pooling: str | None = None  # how the cell's tokens were pooled into features
@@ -287,7 +288,8 @@ def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndar
     # MLP with early stopping: n_steps is each problem's best epoch, converged whether its patience ran out
     stops = kind == MLP and fits[0].config.holdout_fraction > 0
     epochs = np.max([f.n_steps for f in fits], axis=(0, 2)) if kind == MLP else None  # (G,)
-    at_cap = np.any([~f.converged for f in fits], axis=(0, 2)) & stops  # (G,)
+    # ... and so is each inner-split fit that chose its strength, where one was chosen (mlp_l2_grid)
+    at_cap = (np.any([~f.converged for f in fits], axis=(0, 2)) | sel.inner_at_cap) & stops  # (G,)
     return acc_s, [CellResult(
         site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind, pooling=cell.pooling, **common,
         accuracy=float(seed_acc[:, g].mean()),

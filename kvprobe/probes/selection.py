@@ -88,7 +88,9 @@ class StrengthSelection:
     one-value grid, where nothing is fitted. chosen: the chosen value (G,). at_bound: (G,)
     True where the chosen value is on an edge of the values its group tried that the
     extension could not pass. warm_start: linear probes at the chosen values, on the raw
-    features (the refit's starting point: `fit_probes(..., init=warm_start)`).
+    features (the refit's starting point: `fit_probes(..., init=warm_start)`). inner_at_cap: (G,)
+    True where an MLP inner fit of the group, at any value it tried, reached `max_epochs` with its
+    early stopping's patience not run out (a comparison of strengths whose fits were cut short).
     """
 
     grid: np.ndarray
@@ -99,10 +101,13 @@ class StrengthSelection:
     n_inner_val: int = 0
     warm_start: LinearProbes | None = None
     at_bound: np.ndarray | None = None
+    inner_at_cap: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.at_bound is None:
             self.at_bound = np.zeros(len(self.chosen), dtype=bool)
+        if self.inner_at_cap is None:
+            self.inner_at_cap = np.zeros(len(self.chosen), dtype=bool)
 
     @property
     def fixed(self) -> bool:
@@ -204,11 +209,14 @@ class _InnerPath:
         self.accuracy: dict[float, np.ndarray] = {}
         self.loss: dict[float, np.ndarray] = {}
         self.raw: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # weight (G, D, K, C), bias (G, K, C)
+        self.at_cap = np.zeros(self.G, dtype=bool)  # an MLP fit still improving at its epoch limit
 
     def _store(self, value: float, groups: np.ndarray, fit: ProbeFit) -> None:
         acc = self.accuracy.setdefault(value, np.full(self.G, np.nan))
         loss = self.loss.setdefault(value, np.full(self.G, np.nan))
         acc[groups], loss[groups] = fit.accuracy, _mean_ce(fit.log_probs, fit.y_val)
+        if self.kind == MLP and (self.config or MLPConfig()).holdout_fraction > 0:
+            self.at_cap[groups] |= ~fit.converged.all(axis=1)  # converged (g, K): patience ran out
         if self.kind == LINEAR:
             probe = linear_in_raw_units(fit.probe, fit.standardizer)
             w, b = probe.weight.detach(), probe.bias.detach()
@@ -326,7 +334,7 @@ def select_strength(
         pick = [torch.stack([path.raw[float(v)][i] for v in tried]) for i in (0, 1)]  # (R, G, ...)
         groups, best_t = torch.arange(G, device=pick[0].device), torch.as_tensor(best, device=pick[0].device)
         warm = LinearProbes(pick[0][best_t, groups], pick[1][best_t, groups])
-    return StrengthSelection(tried, accuracy, loss, tried[best], len(tr), len(va), warm, at_bound)
+    return StrengthSelection(tried, accuracy, loss, tried[best], len(tr), len(va), warm, at_bound, path.at_cap)
 
 
 class _Routed(nn.Module):

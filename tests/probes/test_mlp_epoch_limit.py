@@ -3,7 +3,8 @@
 The epoch limit is a hyperparameter's edge like the L2 grid's: on the toy at 50,000 passcodes the
 last layer's masked +1 cell was still improving at 30 epochs. Rows record the epoch whose weights
 were kept and whether a fit reached the limit with its patience not run out; the summary and the
-printed table name those cells, in any condition and site.
+printed table name those cells, in any condition and site. Where the MLP's L2 is chosen per cell, the
+inner-split fits that chose it are checked as well.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kvprobe.analysis import Cell, GridResult, ProbeConfig, _score, load_grid, p
 from kvprobe.data.passcodes import PasscodeConfig
 from kvprobe.experiment import leakage_table
 from kvprobe.probes import MLPConfig
+from kvprobe.probes.selection import select_strength
 from kvprobe.reporting.summary import render_summary
 from tests.helpers.probe_problems import FakeStore
 
@@ -72,8 +74,44 @@ def test_seeds_combine_to_the_latest_epoch_and_any_fit_at_the_limit():
     seed0 = fit([[5, 9, 5, 5, 5], [30, 30, 30, 30, 30]], [[True] * 5, [True] * 5])
     seed1 = fit([[7, 7, 7, 7, 7], [12, 12, 12, 12, 12]], [[True] * 5, [True, True, False, True, True]])
     sel = SimpleNamespace(chosen=np.full(2, 1e-4), tried=lambda g: np.array([1e-4]), at_bound=np.zeros(2, bool),
-                          fixed=True, inner_accuracy=None)
+                          fixed=True, inner_accuracy=None, inner_at_cap=np.zeros(2, bool))
     cells = [Cell("memento", 1, layer, "mean") for layer in (0, 3)]
     _, rows = _score(cells, "mlp", sel, [seed0, seed1], None, y_va, PasscodeConfig(), 100,
                      condition="memento", chance=0.1, mask="memento", n_train=100, n_val=40)
     assert [(r.epochs, r.epochs_at_cap) for r in rows] == [(9, False), (30, True)]
+
+
+def _one_cell_fits(stopped: bool):
+    """A fake MLP fit of one cell (G = 1, five digits) whose early stopping did or did not run out."""
+    return SimpleNamespace(log_probs=np.log(np.full((1, 40, 5, 10), 0.1)), accuracy=np.full(1, 0.1),
+                           train_accuracy=np.full(1, 0.1), n_steps=np.full((1, 5), 8),
+                           converged=np.full((1, 5), stopped), config=MLPConfig())
+
+
+def test_an_inner_fit_at_the_limit_flags_its_cell():
+    """Where the MLP's L2 is chosen per cell (mlp_l2_grid), the inner-split fits that chose it are checked too:
+    a strength picked among fits cut short is flagged even when the refit stopped by itself."""
+    y_va = np.random.default_rng(0).integers(0, 10, (40, 5))
+    cell = [Cell("memento", 1, 3, "mean")]
+    for inner, refit_stopped, flagged in ((True, True, True), (False, True, False), (False, False, True)):
+        sel = SimpleNamespace(chosen=np.full(1, 1e-4), tried=lambda g: np.array([1e-4, 1e-2]),
+                              at_bound=np.zeros(1, bool), fixed=False, inner_accuracy=np.full((1, 2), 0.1),
+                              inner_at_cap=np.array([inner]))
+        _, rows = _score(cell, "mlp", sel, [_one_cell_fits(refit_stopped)], None, y_va, PasscodeConfig(), 100,
+                         condition="memento", chance=0.1, mask="memento", n_train=100, n_val=40)
+        assert rows[0].epochs_at_cap is flagged, (inner, refit_stopped)
+
+
+def test_strength_selection_records_inner_fits_at_their_limit():
+    store = FakeStore()
+    x = np.stack([store.features(0, 0), store.features(0, -1)]).astype(np.float32)  # (2, N, D): signal, noise
+    grid = (1e-4, 1e-2)
+    short = select_strength(x, store.labels, grid, kind="mlp", extend=False,
+                            config=MLPConfig(hidden=(16,), max_epochs=2, patience=5))
+    assert short.inner_at_cap.tolist() == [True, True]  # two epochs: neither has run out of patience
+    free = select_strength(x, store.labels, grid, kind="mlp", extend=False,
+                           config=MLPConfig(hidden=(16,), max_epochs=400, patience=2))
+    assert free.inner_at_cap.tolist() == [False, False]
+    fixed = select_strength(x, store.labels, grid, kind="mlp", extend=False,
+                            config=MLPConfig(hidden=(16,), max_epochs=2, holdout_fraction=0.0))
+    assert fixed.inner_at_cap.tolist() == [False, False]  # an exact epoch count by request
