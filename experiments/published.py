@@ -112,7 +112,7 @@ SOURCES: tuple[Source, ...] = (
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
            ("--run", "{scratch}/run"), minutes=29),
     Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
-           ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=50),
+           ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=80),
 )
 
 

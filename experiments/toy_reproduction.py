@@ -73,6 +73,12 @@ def readme(data: dict) -> str:
         lines.append(f"| {label} | {probe} | {pct(r)} | {stated} | {100 * r['accuracy'] - paper:+.1f} | "
                      f"{against(r, paper)} |")
     lines.append(f"| masked +1, last layer (3) | linear | {pct(first)} | — | — | |")
+    mlp = [_row(data, "mlp", layer, offset) for _, probe, layer, offset, _, _ in PAPER if probe == "mlp"]
+    capped = ", ".join(f"layer {r['layer']}" for r in mlp if r["epochs_at_cap"])
+    lines += ["", "The MLP's kept epoch (the latest of its seeds; early stopping with patience 10, the limit in "
+              "`run_config.json`): " + ", ".join(f"layer {r['layer']} {r['epochs']}" for r in mlp)
+              + (f"; FLAGGED, still improving at the limit: {capped}." if capped
+                 else "; every fit stopped on its holdout before the limit.")]
     lo, hi = _sweep(data)
     lines += ["", "## Across training (last layer, masked +1, linear probe)", "",
               "| checkpoint | task accuracy | masked +1 |", "|---|---|---|"]
