@@ -25,11 +25,12 @@ if TYPE_CHECKING:
     from ..analysis import CellResult, DiffResult
     from ..causal import CausalResult, CausalRow
 
-__all__ = ["EDGE", "web_figures"]
+__all__ = ["EDGE", "EPOCH_LIMIT", "web_figures"]
 
 EDGE = " (at the grid's edge)"
-EPOCH_LIMIT = " (MLP still improving at its epoch limit)"
 """Appended to a cell's strength when the chosen L2 is on an edge of its grid the extension could not pass."""
+EPOCH_LIMIT = " (MLP still improving at its epoch limit)"
+"""Appended to a cell's strength when an MLP fit of it reached its epoch limit still improving (`epochs_at_cap`)."""
 
 HOVER_FIELDS = ("95% interval", "strength (L2)", "n", "chance", "p (Holm)")
 """What a heatmap cell's hover shows below its accuracy, in the order of `_cell_hover`."""
