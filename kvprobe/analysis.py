@@ -33,7 +33,7 @@ from .data.passcodes import PasscodeConfig, allowed_codes, label_unique_split
 from .grid import LINEAR, MLP, Cell, offset_role, pooled_vectors
 from .memento.masks import MaskConfig
 from .probes import (fit_at_strengths, fit_mlp_replicas, fit_probes, normalise_grid, select_strength, shared_moments,
-                     strength_path)
+                     still_improving_at_limit, strength_path)
 from .probes.config import ProbeConfig  # how to probe, torch-free (the config reads it); re-exported here
 from .stats import (binomial_pvalue, bootstrap_ci, constrained_pvalue, digit_accuracy, holm, paired_bootstrap_ci,
                     paired_pvalue, per_sample_accuracy, per_sample_bits, shuffle_labels, wilson_interval)
@@ -285,11 +285,9 @@ def _score(group: list[Cell], kind: str, sel: Any, fits: list, shuffled: np.ndar
     p_values = (binomial_pvalue(fits[0].log_probs, y_va) if codes.digit_sum is None
                 else constrained_pvalue(fits[0].log_probs, y_va, allowed_codes(codes)))
     seed_acc = np.stack([f.accuracy for f in fits])  # (S, G)
-    # MLP with early stopping: n_steps is each problem's best epoch, converged whether its patience ran out
-    stops = kind == MLP and fits[0].config.holdout_fraction > 0
-    epochs = np.max([f.n_steps for f in fits], axis=(0, 2)) if kind == MLP else None  # (G,)
-    # ... and so is each inner-split fit that chose its strength, where one was chosen (mlp_l2_grid)
-    at_cap = (np.any([~f.converged for f in fits], axis=(0, 2)) | sel.inner_at_cap) & stops  # (G,)
+    epochs = np.max([f.n_steps for f in fits], axis=(0, 2)) if kind == MLP else None  # (G,): MLP n_steps = best epoch
+    # any seed's fit, or an inner-split fit that chose its strength (mlp_l2_grid), still improving at its limit
+    at_cap = np.any([still_improving_at_limit(f) for f in fits], axis=0) | sel.inner_at_cap  # (G,)
     return acc_s, [CellResult(
         site=cell.site, offset=cell.offset, layer=cell.layer, probe=kind, pooling=cell.pooling, **common,
         accuracy=float(seed_acc[:, g].mean()),

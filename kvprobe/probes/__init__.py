@@ -45,6 +45,7 @@ __all__ = [
     "fit_sklearn",
     "label_unique_holdout",
     "linear_in_raw_units",
+    "still_improving_at_limit",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
@@ -56,5 +57,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     ".selection": ("L2_BOUNDS", "StrengthSelection", "fit_at_strengths", "fit_selected", "inner_split",
                    "select_strength", "shared_moments", "strength_path"),
     ".trainer": ("FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_mlp_replicas", "fit_probes",
-                 "fit_sklearn", "linear_in_raw_units"),
+                 "fit_sklearn", "linear_in_raw_units", "still_improving_at_limit"),
 })

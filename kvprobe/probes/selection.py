@@ -54,6 +54,7 @@ from .trainer import (
     check_probe_inputs,
     fit_probes,
     linear_in_raw_units,
+    still_improving_at_limit,
 )
 
 __all__ = [
@@ -215,8 +216,7 @@ class _InnerPath:
         acc = self.accuracy.setdefault(value, np.full(self.G, np.nan))
         loss = self.loss.setdefault(value, np.full(self.G, np.nan))
         acc[groups], loss[groups] = fit.accuracy, _mean_ce(fit.log_probs, fit.y_val)
-        if self.kind == MLP and (self.config or MLPConfig()).holdout_fraction > 0:
-            self.at_cap[groups] |= ~fit.converged.all(axis=1)  # converged (g, K): patience ran out
+        self.at_cap[groups] |= still_improving_at_limit(fit)
         if self.kind == LINEAR:
             probe = linear_in_raw_units(fit.probe, fit.standardizer)
             w, b = probe.weight.detach(), probe.bias.detach()

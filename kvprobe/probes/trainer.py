@@ -27,7 +27,7 @@ from .linear import LinearConfig, LinearProbes, fit_linear_probes, gram_rows, pr
 from .mlp import EpochCallback, MLPConfig, fit_mlp_probes
 
 __all__ = ["FeatureMoments", "ProbeFit", "Standardizer", "check_probe_inputs", "fit_mlp_replicas", "fit_probes",
-           "fit_sklearn", "linear_in_raw_units"]
+           "fit_sklearn", "linear_in_raw_units", "still_improving_at_limit"]
 
 
 @dataclass
@@ -150,6 +150,15 @@ class ProbeFit:
         if x.shape[0] != ref.shape[0] or x.shape[2] != ref.shape[2]:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected ({ref.shape[0]}, B, {ref.shape[2]})")
         return torch.log_softmax(self.probe(self.standardizer(x)), dim=-1).cpu().numpy()
+
+
+def still_improving_at_limit(fit: ProbeFit) -> np.ndarray:
+    """(G,) True where an MLP fit with early stopping reached `max_epochs` before its patience ran out
+    (more epochs might read more); False for linear probes and for an exact epoch count (no holdout)."""
+    config = fit.config
+    if not isinstance(config, MLPConfig) or config.holdout_fraction <= 0:
+        return np.zeros(len(fit.converged), dtype=bool)
+    return ~np.asarray(fit.converged).all(axis=1)  # converged (G, K): the patience ran out
 
 
 def _as_features(x: Any, name: str, device: torch.device) -> torch.Tensor:
