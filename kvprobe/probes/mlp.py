@@ -17,18 +17,26 @@ gain; training ends when every group has stopped or at `max_epochs`. With
 Summed over groups, the loss gives each group exactly its own gradient, and Adam
 is per-coordinate, so batching changes nothing about any single probe.
 
+Seeding: a group's initial weights and its holdout come from a generator of its own,
+seeded by the run's seed and a checksum of the group's features (`group_generators`), and
+the minibatch order from the seed alone (every group of a replica walks its samples in the
+same order). So a group's probe is the same whichever other groups share the run, and in
+whatever position: a cell fitted alone, in a sweep, or beside other cells reads the same
+(to float rounding), and the same cell under another seed draws afresh.
+
 Replicas: several seeds (and label sets, e.g. the shuffled-label control) train in the
-same run, as more groups of the same batched matrix products. Replica r draws its
-initialisation, holdout and minibatch order from its own generator exactly as a run with
-that seed alone would, so it is that run (to float rounding); only the matrix products
-are shared, which on 2 CPU cores makes the paper's 3 seeds and a control about 1.4x
+same run, as more groups of the same batched matrix products. Replica r draws exactly as
+a run with that seed alone would, so it is that run (to float rounding); only the matrix
+products are shared, which on 2 CPU cores makes the paper's 3 seeds and a control about 1.4x
 faster than 4 runs, and far more on a GPU, where one group of 256 samples leaves most of
 it idle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -38,7 +46,8 @@ from torch import nn
 
 from .config import MLPConfig  # the options, torch-free; re-exported here
 
-__all__ = ["MLPConfig", "MLPProbes", "MLPInfo", "fit_mlp_probes", "flush_denormals", "label_unique_holdout"]
+__all__ = ["MLPConfig", "MLPProbes", "MLPInfo", "fit_mlp_probes", "flush_denormals", "group_generators",
+           "label_unique_holdout"]
 
 EpochCallback = Callable[[int, int], None]
 
@@ -119,6 +128,23 @@ def label_unique_holdout(y: torch.Tensor, fraction: float, generator: torch.Gene
     return mask
 
 
+def group_generators(x: torch.Tensor, seeds: Sequence[int]) -> list[list[torch.Generator]]:
+    """One generator per (replica, group), gens[r][g], for group g's initial weights and holdout.
+
+    x: the groups' standardised training features (G, N, D). Each generator is seeded by a hash
+    of seeds[r] and the CRC32 of x[g]'s bytes: it depends on the group's own data and the seed,
+    never on how many other groups share the run or where g sits among them.
+    """
+    digests = [zlib.crc32(x[g].detach().cpu().contiguous().numpy().tobytes()) for g in range(x.shape[0])]
+    return [[torch.Generator().manual_seed(_mix(seed, digest)) for digest in digests] for seed in seeds]
+
+
+def _mix(seed: int, digest: int) -> int:
+    """A 63-bit seed from a run's seed and a group's checksum (blake2b: nearby inputs give unrelated seeds)."""
+    h = hashlib.blake2b(f"{seed}:{digest}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
 def flushing_denormals() -> bool:
     """Whether the CPU now treats subnormal floats as zero (torch has a setter, no getter: this asks the CPU)."""
     return bool((torch.tensor([1e-39]) * 1.0 == 0).item())  # 1e-39 is subnormal in float32
@@ -169,12 +195,14 @@ def _replica_labels(y: torch.Tensor, R: int, G: int, N: int) -> torch.Tensor:
     return labels
 
 
-def _holdout_mask(labels: torch.Tensor, config: MLPConfig, gens: Sequence[torch.Generator],
+def _holdout_mask(labels: torch.Tensor, config: MLPConfig, gens: Sequence[Sequence[torch.Generator]],
                   device: torch.device) -> torch.Tensor:
-    """Each replica's label-unique holdout (R*G, N), replica-major; all False without early stopping."""
+    """Each group's label-unique holdout (R*G, N), replica-major, drawn from gens[r][g]; all False
+    without early stopping."""
     R, G, N, _ = labels.shape
     if config.holdout_fraction > 0:
-        held = torch.cat([label_unique_holdout(labels[r], config.holdout_fraction, g) for r, g in enumerate(gens)])
+        held = torch.cat([label_unique_holdout(labels[r, g:g + 1], config.holdout_fraction, gen)
+                          for r in range(R) for g, gen in enumerate(gens[r])])
         if bool((held.sum(dim=1) == 0).any() or (held.sum(dim=1) == N).any()):
             raise ValueError(f"too few training passcodes ({N} samples) for a holdout of {config.holdout_fraction}")
         return held
@@ -247,9 +275,9 @@ def fit_mlp_probes(
 
     x: standardised training features (G, N, D), float32.
     y: integer labels (G, N, K) in [0, n_classes), or (R, G, N, K): one label set per replica.
-    seed: fixes initialisation, the holdout split and minibatch order; a sequence of R seeds
-        trains R replicas in one batched run (see the module docstring), replica r with y[r]
-        (or y for all) and seed[r].
+    seed: fixes initialisation, the holdout split and minibatch order (with each group's own
+        features, see `group_generators`); a sequence of R seeds trains R replicas in one batched
+        run (see the module docstring), replica r with y[r] (or y for all) and seed[r].
     on_epoch(epoch, max_epochs): called after each epoch (progress reporting).
     Returns the trained probes, R*G groups replica by replica (replica r is groups
     r*G .. r*G+G-1, the best-epoch weights of each), and training info (R*G,).
@@ -259,11 +287,13 @@ def fit_mlp_probes(
     R = len(seeds)
     labels = _replica_labels(y, R, G, N)  # (R, G, N, K)
     K = labels.shape[3]
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    model = MLPProbes.stacked([MLPProbes(G, D, K, n_classes, config.hidden, g) for g in gens]).to(x.device)
+    per_group = group_generators(x, seeds)  # [r][g]: initial weights, then holdout
+    model = MLPProbes.stacked([MLPProbes(1, D, K, n_classes, config.hidden, gen)
+                               for gens_r in per_group for gen in gens_r]).to(x.device)  # R*G groups
     y = labels.reshape(R * G, N, K)  # replica-major, as the model's groups
     early_stopping = config.holdout_fraction > 0
-    held = _holdout_mask(labels, config, gens, x.device)  # (R*G, N)
+    held = _holdout_mask(labels, config, per_group, x.device)  # (R*G, N)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # each replica's minibatch order
     fit_weight = (~held).float()  # (R*G, N): 1 for samples the probe trains on
     optimiser = torch.optim.Adam([
         {"params": list(model.weights), "weight_decay": config.l2},  # coupled L2: grad of l2/2 ||W||^2

@@ -14,6 +14,7 @@ from kvprobe.probes import (
     fit_mlp_replicas,
     fit_probes,
     fit_sklearn,
+    group_generators,
     label_unique_holdout,
 )
 from kvprobe.stats import binomial_pvalue, shuffle_labels
@@ -186,8 +187,9 @@ def test_batched_mlp_trains_as_plain_torch_nn_does():
          / torch.from_numpy(xt).std(1, keepdim=True, correction=0))  # (G, N, D), as fit_probes standardises
     y = torch.from_numpy(yt)  # (N, K)
     batched, _ = fit_mlp_probes(x, y.expand(2, -1, -1), 10, cfg, seed=4)
-    gen = torch.Generator().manual_seed(4)  # the batched run's draws: its initial weights, then each epoch's order
-    start = MLPProbes(2, 16, 3, 10, cfg.hidden, gen)
+    # the batched run's draws: each group's initial weights from its own generator, each epoch's order from the seed
+    start = MLPProbes.stacked([MLPProbes(1, 16, 3, 10, cfg.hidden, gen) for gen in group_generators(x, [4])[0]])
+    gen = torch.Generator().manual_seed(4)
     orders = [torch.randperm(300, generator=gen) for _ in range(cfg.max_epochs)]
     for g in range(2):
         layers = []
@@ -211,6 +213,29 @@ def test_batched_mlp_trains_as_plain_torch_nn_does():
         with torch.no_grad():
             ours = batched.select(slice(g, g + 1))(x[g:g + 1])[0]  # (N, K, C)
             torch.testing.assert_close(ours, net(x[g]).view(300, 3, 10), atol=2e-4, rtol=1e-4)
+
+
+def test_a_groups_mlp_fit_does_not_depend_on_the_other_groups():
+    """A cell's probe is the same alone, beside other cells, or in another position of the run:
+    its initial weights and holdout come from its own features and the seed, not from its companions."""
+    xt, yt, xv, yv = linear_data(11, strengths=(0.3, 0.6, 1.0), n_train=400, n_val=50)
+    x = torch.from_numpy(xt)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True, correction=0)  # (3, N, D)
+    y = torch.from_numpy(yt).expand(3, -1, -1)  # (3, N, K)
+    cfg = MLPConfig(hidden=(16, 8), max_epochs=6, patience=2, batch_size=64, holdout_fraction=0.2)
+    alone, alone_info = fit_mlp_probes(x[1:2], y[1:2], 10, cfg, seed=3)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        run, info = fit_mlp_probes(x[order], y[order], 10, cfg, seed=[3, 5])
+        at = order.index(1)
+        for w_alone, w_run in zip(alone.weights, run.weights):
+            torch.testing.assert_close(w_run[at:at + 1], w_alone, atol=1e-5, rtol=1e-4)
+        assert info.best_epoch[at] == alone_info.best_epoch[0]
+        torch.testing.assert_close(info.holdout_loss[at:at + 1], alone_info.holdout_loss, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(run.weights[0][at], run.weights[0][3 + at])  # the second seed draws afresh
+    other_seed, _ = fit_mlp_probes(x[1:2], y[1:2], 10, cfg, seed=4)
+    assert not torch.allclose(other_seed.weights[0], alone.weights[0])
+    gens = group_generators(x, [3])[0]
+    assert torch.rand(1, generator=gens[0]) != torch.rand(1, generator=gens[1])  # groups differ from each other
 
 
 def test_mlp_default_architecture_is_the_papers():
