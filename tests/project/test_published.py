@@ -97,6 +97,20 @@ def test_every_quoted_phrase_is_checked_somewhere(scale):
     assert set(bench_scale().quotes(scale)) == set(QUOTED_IN)
 
 
+def test_an_mlp_cell_reads_the_same_whichever_cells_share_its_run():
+    """fig13_scale fits seed 0 on 18 cells at once; toy_reproduction fits 2 of them with 3 seeds and a
+    shuffled-label control, on a store of the same passcodes. The README says seed 0 reads the same in both
+    (kvprobe.probes.mlp.group_generators): rerun both on one machine if this fails after a rerun of one."""
+    sources = {s.name: s for s in PUBLISHED.SOURCES}
+    fig13, repro = sources["fig13_scale"].data(), sources["toy_reproduction"].data()
+    for layer in (0, 3):
+        cell = next(c for c in fig13["cells"] if (c["layer"], c["offset"]) == (layer, 1))
+        row = next(r for r in repro["rows"] if (r["condition"], r["site"], r["probe"], r["layer"], r["offset"])
+                   == ("memento", "memento", "mlp", layer, 1))
+        assert cell["n_train"] == row["n_train"] and fig13["seed"] == 0
+        assert cell["accuracy"] == row["accuracy_seeds"][0], f"layer {layer}: {cell['accuracy']} vs {row}"
+
+
 # Numbers the swept prose may state without a JSON of ours behind them, each with where it comes from:
 # the paper (SPEC section 4 and the blog figures), what a recipe or study sets, what follows from the
 # model's shape or the passcodes by arithmetic (computed here), or an external measurement cited by issue.
