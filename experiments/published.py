@@ -73,7 +73,7 @@ SOURCES: tuple[Source, ...] = (
            {**dict.fromkeys(("fig13_band", "fig13_masked1", "fig13_direct", "fig13_fade", "heatmap_gap", "keep1",
                              "series"), (README, TOY)),
             **dict.fromkeys(("fig13_misses", "heatmap_misses", "keep1_gap"), (TOY,)), "series_end": (README,)},
-           minutes=50),
+           minutes=73),
     Source("recipe_speed", "experiments/recipe_speed.py", "experiments/results/recipe_speed", ("--runs", "{scratch}/runs"),
            {"verdict": (README, TOY), "speed_table": (TOY,)}, minutes=110),
     Source("l2_sensitivity", "experiments/l2_sensitivity.py", "experiments/results/l2_sensitivity",

@@ -62,6 +62,10 @@ _MEMENTO, _RESTART, _VISIBLE = (MaskConfig().name, MaskConfig(restart_mode=True)
 STANDARD_COMPARISONS = ((_MEMENTO, _RESTART), (_MEMENTO, _VISIBLE), (_VISIBLE, _RESTART))
 
 
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hip|hpu|mtia|xla|meta|privateuseone)(:\d+)?")
+"""The device strings `model.device` takes: torch's device types a model is placed on, with an optional index."""
+
+
 class ConfigError(KVProbeError, ValueError):
     """A config file is missing, unreadable, or has an invalid field."""
 
@@ -79,6 +83,14 @@ class ModelSection(_Strict):
     # `device` then places only the probes. max_memory caps each device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
     max_memory: dict[str, str] | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, v: str) -> str:
+        """A torch device string ('cpu', 'cuda', 'cuda:1', 'mps', ...), checked here without importing torch."""
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"not a device: {v!r} (e.g. cpu, cuda, cuda:1, mps)")
+        return v
 
     @model_validator(mode="after")
     def _device_map_is_for_hf(self) -> "ModelSection":

@@ -126,6 +126,14 @@ def test_nested_sections_are_checked_and_named():
             parse_config({"probe": bad})
 
 
+def test_model_device_is_checked_before_anything_loads():
+    for device in ("cpu", "cuda", "cuda:1", "mps"):
+        assert _quiet({"model": {"device": device}}).model.device == device
+    for bad in ("final", "gpu", "cuda:", "cuda:x", ""):
+        with pytest.raises(ConfigError, match=r"'model\.device': not a device"):
+            parse_config({"model": {"device": bad}})
+
+
 def test_probe_settings_per_family_and_condition():
     cfg = _quiet({"capture": {"sites": ["memento", "block_end"]}, "conditions": {"a": {}, "b": {"restart_mode": True}},
                   "probe": {"layers": [1, 2], "mlp_layers": [2], "mlp_sites": ["block_end"],
