@@ -73,7 +73,7 @@ SOURCES: tuple[Source, ...] = (
            {**dict.fromkeys(("fig13_band", "fig13_masked1", "fig13_direct", "fig13_fade", "heatmap_gap", "keep1",
                              "series"), (README, TOY)),
             **dict.fromkeys(("fig13_misses", "heatmap_misses", "keep1_gap"), (TOY,)), "series_end": (README,)},
-           minutes=73),
+           minutes=73),  # measured 2026-12-07 beside toy_reproduction, the test suite and CI
     Source("recipe_speed", "experiments/recipe_speed.py", "experiments/results/recipe_speed", ("--runs", "{scratch}/runs"),
            {"verdict": (README, TOY), "speed_table": (TOY,)}, minutes=110),
     Source("l2_sensitivity", "experiments/l2_sensitivity.py", "experiments/results/l2_sensitivity",
@@ -104,13 +104,14 @@ SOURCES: tuple[Source, ...] = (
             "capacity_steps": (README, TOY), "capacity_accuracy": (TOY,)}, minutes=230),
     Source("fig13_scale", "experiments/fig13_scale.py", "experiments/results/fig13_scale",
            ("--samples", "50000", "--seed", "0", "--threads", "1"), {"band": (README, TOY), "direct": (TOY,)},
-           minutes=56),
+           minutes=56),  # measured 2026-12-07 beside toy_reproduction (one core each)
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",
            ("--samples", "5000", "--seed", "0", "--threads", "1"), {"readme": (README,)}, minutes=13),
     Source("causal_map", "experiments/causal_map.py", "experiments/results/causal_map", ("--run", "{scratch}/run"),
            dict.fromkeys(("probe", "hurt", "top", "second", "swap", "follow"), ("docs/causal.md",)), minutes=8),
     Source("toy_controls", "experiments/toy_controls.py", "experiments/results/toy_controls",
            ("--run", "{scratch}/run"), minutes=29),
+    # minutes: measured 2026-12-07 beside fig13_scale, then paper_figures (one core each)
     Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
            ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=85),
 )
