@@ -264,6 +264,7 @@ def _fit_kind(X_tr: torch.Tensor, y_tr: np.ndarray, X_va: torch.Tensor, y_va: np
     moments = shared_moments(X_tr, kind, config)  # one preconditioner for every linear fit below
     sel = select_strength(X_tr, y_tr, settings.strength_grid(kind), kind=kind, inner_val=inner, seed=0,
                           config=config, device=settings.device, moments=moments, extend=settings.extend_grid,
+                          extend_ties=settings.extend_ties,
                           on_fit=lambda v, extra=None: done(f"choosing {v}", extra))  # training split only
     if kind == MLP and sel.fixed:  # every seed and the shuffled-label control in one batched run
         return sel, *_fit_replicas(X_tr, y_tr, X_va, y_va, seeds, sel, config, settings, bar, done)

@@ -272,7 +272,8 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
             config_k = settings.mlp if kind == MLP else settings.linear
             fit, sel = fit_selected(X_tr, y_tr, X_va, y_va, settings.strength_grid(kind), kind=kind, inner_val=inner,
                                     config=config_k, n_classes=targets.n_classes, device=settings.device,
-                                    extend=settings.extend_grid, criterion="loss")
+                                    extend=settings.extend_grid, criterion="loss",
+                                    extend_ties=settings.extend_ties)
             score(group, kind, fit.log_probs, [float(v) for v in sel.chosen])
         if config.span_decoder:  # the span's vectors as a sequence: (N, V, d)
             V = pooled_vectors(settings.pooling, int(store.config["capture"].get("max_tokens", 1)))

@@ -212,7 +212,8 @@ def probe_section(spec: type = ProbeConfig, name: str = "ProbeSection") -> type[
          # strength chosen per cell on an inner label-unique split of the training passcodes (inner_fraction
          # of them); a one-value grid is a fixed strength. linear.l2 without linear_l2_grid means [linear.l2].
          "linear_l2_grid": _Strengths, "mlp_l2_grid": _Strengths | None, "inner_fraction": _Fraction,
-         "extend_grid": bool},  # try a decade past a grid's edge (kvprobe.probes.L2_BOUNDS); false keeps the grid
+         "extend_grid": bool,  # try a decade past a grid's edge (kvprobe.probes.L2_BOUNDS); false keeps the grid
+         "extend_ties": bool},  # an edge tied with the best is extended too; false: only an edge that is chosen
         exclude=FILLED_ELSEWHERE[ProbeConfig], defaults={"pooling": None},
         extra={"mlp_layers": (_Layers | None, None),  # the MLP's cells, a subset to save time; None: as above
                "mlp_offsets": (_Layers | None, None),

@@ -126,6 +126,8 @@ class ProbeConfig:
     decay); None keeps mlp.l2 (the MLP's epochs are always chosen by early stopping).
     extend_grid: where a cell's best strength is on an edge of its grid, try it a decade further
     until interior or at a bound of `L2_BOUNDS` (rows record `l2_at_bound`); False keeps the grid.
+    extend_ties: an edge with the same inner accuracy as the best is extended too (a tie the inner
+    split cannot break must not stop the extension); False: only an edge that is the choice itself.
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -146,6 +148,7 @@ class ProbeConfig:
     mlp_l2_grid: tuple[float, ...] | None = None
     inner_fraction: float = DEFAULT_INNER_FRACTION
     extend_grid: bool = True
+    extend_ties: bool = True
 
     def strength_grid(self, kind: str) -> tuple[float, ...]:
         """The L2 values a probe kind is chosen from (ascending); one value means fixed."""

@@ -25,8 +25,9 @@ The criterion is inner-validation accuracy (mean over digits), ties broken by th
 lower inner cross-entropy, then by the stronger regularisation.
 
 A grid's edge never caps the choice silently: where a group's best value is the weakest
-(or strongest) it tried, that group alone is fitted one decade further in that direction,
-warm-started from its edge solution, until its best is interior or a hard bound of
+(or strongest) it tried, or scores the same as it (a tie the inner split cannot break),
+that group alone is fitted one decade further in that direction, warm-started from its
+edge solution, until its best is interior and beats both edges, or a hard bound of
 `L2_BOUNDS` is reached. The values each group tried are on its row of `inner_accuracy`
 (NaN where it did not try one), and `at_bound` flags a choice that still sits on an edge
 it could not pass (a hard bound, or `extend=False`). Without the extension the shipped
@@ -189,6 +190,26 @@ def _choose(grid: np.ndarray, accuracy: np.ndarray, loss: np.ndarray, criterion:
     return out
 
 
+LOSS_TIE_RTOL = 1e-6
+"""Inner losses this close (relative) are one value to criterion "loss": float32 rounding of the same probe."""
+
+
+def _ties_best(accuracy: np.ndarray, loss: np.ndarray, best: np.ndarray, edge: np.ndarray,
+               criterion: str = "accuracy") -> np.ndarray:
+    """(G,) True where the value at column `edge` scores the same as the chosen column `best` (G,) on the
+    criterion: the same inner accuracy, or with "loss" an inner loss within LOSS_TIE_RTOL. The inner split
+    cannot tell the two apart, so the grid's edge has not been shown to lie past the best value.
+
+    The case this catches: a weak value's warm-started linear fit that stopped where it started (its
+    gradient tolerance, 10 l2, already met by the stronger value's solution where every weight is
+    small) is the stronger value's probe again; its tie with that value was broken by float rounding
+    of the inner loss, so whether weaker values were ever tried depended on rounding, not on data."""
+    g = np.arange(len(best))
+    if criterion == "loss":
+        return np.abs(loss[g, edge] - loss[g, best]) <= LOSS_TIE_RTOL * np.abs(loss[g, best])
+    return accuracy[g, edge] == accuracy[g, best]
+
+
 def _decade(value: float, direction: int) -> float:
     """One decade weaker (direction -1) or stronger (+1), rounded so repeated steps stay on 1e-k."""
     return float(f"{value * 10.0 ** direction:.12g}")
@@ -263,9 +284,10 @@ class _InnerPath:
         return (grid, np.stack([self.accuracy[v] for v in grid], axis=1),
                 np.stack([self.loss[v] for v in grid], axis=1))
 
-    def widen(self, bounds: tuple[float, float] | None) -> np.ndarray:
+    def widen(self, bounds: tuple[float, float] | None, ties: bool = True) -> np.ndarray:
         """Extend each group whose best value is on an edge of what it tried, one decade at a time, until
-        its best is interior or `bounds` stop it. Returns at_bound (G,)."""
+        its best is interior or `bounds` stop it; with `ties`, an edge that scores the same as the best
+        (`_ties_best`) is extended as if it were the best. Returns at_bound (G,)."""
         while True:
             grid, accuracy, loss = self.table()
             best = _choose(grid, accuracy, loss, self.criterion)
@@ -273,7 +295,7 @@ class _InnerPath:
             low, high = tried.argmax(axis=1), len(grid) - 1 - tried[:, ::-1].argmax(axis=1)
             moved = False
             for direction, edge in ((-1, low), (+1, high)):
-                on_edge = best == edge
+                on_edge = (best == edge) | (ties & _ties_best(accuracy, loss, best, edge, self.criterion))
                 for start in np.unique(grid[edge[on_edge]]) if bounds is not None else ():
                     value = _decade(float(start), direction)
                     if bounds[0] * (1 - 1e-9) <= value <= bounds[1] * (1 + 1e-9):
@@ -288,7 +310,7 @@ def select_strength(
     inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION, seed: int = 0,
     config: LinearConfig | MLPConfig | None = None, n_classes: int = 10, device: str | torch.device | None = None,
     moments: FeatureMoments | None = None, on_fit: Callable[..., None] | None = None, extend: bool = True,
-    criterion: str = "accuracy",
+    criterion: str = "accuracy", extend_ties: bool = True,
 ) -> StrengthSelection:
     """Choose each group's L2 strength from `grid` on an inner label-unique split of the training data.
 
@@ -301,6 +323,9 @@ def select_strength(
     edge calls on_fit(label, n_groups) with the number of groups it fitted.
     extend: where a group's best value is on an edge of the grid, fit it a decade further, until
     interior or at a bound of `L2_BOUNDS` (False: the grid as given; an edge choice is flagged).
+    extend_ties: an edge that ties the best (the same inner accuracy; with "loss", the same loss to
+    float rounding) is extended too, so a tie broken by rounding cannot decide whether weaker values are
+    tried (False: the rule before 2026-12-07, an edge is extended only when it is the choice itself).
     criterion: "accuracy" (the module docstring's rule) or "loss": the lowest inner cross-entropy, for
     a probe whose log-probabilities are the measurement (bits), which an overfitted strength would
     make worse than no features at all.
@@ -326,7 +351,7 @@ def select_strength(
     path = _InnerPath(kind, xt[:, tr], y_tr, xt[:, va], y_va, config=config, n_classes=n_classes, device=device,
                       moments=moments, seed=seed, on_fit=on_fit, criterion=criterion)
     path.base([float(v) for v in values])
-    at_bound = path.widen(L2_BOUNDS if extend else None)
+    at_bound = path.widen(L2_BOUNDS if extend else None, extend_ties)
     tried, accuracy, loss = path.table()
     best = _choose(tried, accuracy, loss, criterion)
     warm = None
@@ -404,6 +429,7 @@ def fit_selected(
     kind: str = LINEAR, inner_val: np.ndarray | None = None, inner_fraction: float = DEFAULT_INNER_FRACTION,
     seed: int = 0, config: LinearConfig | MLPConfig | None = None, n_classes: int = 10,
     device: str | torch.device | None = None, extend: bool = True, criterion: str = "accuracy",
+    extend_ties: bool = True,
 ) -> tuple[ProbeFit, StrengthSelection]:
     """Choose the strength per group on an inner split of the training data (extending the grid past an
     edge the choice lands on, see `select_strength`), refit on the whole training split at the chosen
@@ -416,7 +442,7 @@ def fit_selected(
     moments = shared_moments(X_train, kind, config)
     sel = select_strength(X_train, y_train, values, kind=kind, inner_val=inner_val, inner_fraction=inner_fraction,
                           seed=seed, config=config, n_classes=n_classes, device=device, moments=moments,
-                          extend=extend, criterion=criterion)
+                          extend=extend, criterion=criterion, extend_ties=extend_ties)
     fit = fit_at_strengths(X_train, y_train, X_val, y_val, sel.chosen, kind=kind, seed=seed, config=config,
                            n_classes=n_classes, device=device, init=sel.warm_start, moments=moments)
     return fit, sel

@@ -145,3 +145,46 @@ def test_the_printed_table_flags_a_weak_bound_choice():
     assert f"FLAGGED: the probe chose the weakest strength it could try ({min(bound[-1].l2_grid):g}) at layer 1 +0" \
         in table
 
+
+
+def _faint_means(n: int, seed: int, d: int = 20, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class means too faint for any weight to reach 1: a fit at 1e-4 warm-started from 1e-3 already meets
+    its tolerance (10 l2) where it starts, so the two values are the same probe (the same inner accuracy)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, (n, 5))
+    means = np.random.default_rng(99).normal(size=(5, 10, d)) * scale / np.sqrt(d)
+    return (means[np.arange(5), y].sum(axis=1) + rng.normal(size=(n, d)))[None].astype(np.float32), y
+
+
+def test_a_weak_edge_that_ties_the_best_is_extended():
+    """The stalled fit at 1e-4 ties 1e-3 on inner accuracy; its inner loss differs from 1e-3's only by float
+    rounding. Before, the rounding decided whether 1e-5 was ever tried; now the tie itself extends the grid,
+    until the weak edge reads less than the choice or the bound is reached."""
+    x, y = _faint_means(2000, seed=0)
+    old = select_strength(x, y, (1e-4, 1e-3), config=LinearConfig(tol=1e-3), extend_ties=False)
+    assert old.inner_accuracy[0, 0] == old.inner_accuracy[0, 1] and old.chosen[0] == 1e-3  # the stall, unseen
+    assert old.tried(0).min() == 1e-4  # ... so the weaker values were never tried
+    new = select_strength(x, y, (1e-4, 1e-3), config=LinearConfig(tol=1e-3))
+    weakest = new.tried(0).min()
+    best = new.inner_accuracy[0, np.searchsorted(new.grid, new.chosen[0])]
+    assert weakest < 1e-4
+    assert weakest == L2_BOUNDS[0] or new.inner_accuracy[0, np.searchsorted(new.grid, weakest)] < best
+
+
+def test_the_tie_rule_can_change_the_choice():
+    """Where the values past the stalled tie read more, the tie rule finds them: the choice moves from 1e-2
+    to a weaker value with a higher inner accuracy (on this problem, without the rule 1e-5 is never tried)."""
+    x, y = _faint_means(6000, seed=0, scale=0.5)
+    old = select_strength(x, y, (1e-4, 1e-3), config=LinearConfig(tol=1e-3), extend_ties=False)
+    new = select_strength(x, y, (1e-4, 1e-3), config=LinearConfig(tol=1e-3))
+    assert old.tried(0).min() == 1e-4 and new.chosen[0] < 1e-4
+    best = lambda s: s.inner_accuracy[0, np.searchsorted(s.grid, s.chosen[0])]  # noqa: E731
+    assert best(new) > best(old)
+
+
+def test_ties_best_reads_the_criterion():
+    accuracy = np.array([[0.5, 0.5, 0.4], [0.3, 0.5, 0.4]])
+    loss = np.array([[2.0, 2.0000001, 2.1], [2.0, 2.0 + 1e-3, 2.1]])
+    best, low = np.array([1, 1]), np.array([0, 0])
+    assert selection._ties_best(accuracy, loss, best, low).tolist() == [True, False]
+    assert selection._ties_best(accuracy, loss, best, low, "loss").tolist() == [True, False]
