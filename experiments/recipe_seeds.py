@@ -23,7 +23,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_study import EVERY, RECIPES, RUNS, STEPS, train_recipe  # one training run per (recipe, seed), shared
+from recipe_study import EVERY, PROBE, RECIPES, RUNS, STEPS, train_recipe  # one training run per (recipe, seed), shared
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_seeds"
 SEEDS = (0, 1, 2)
@@ -43,7 +43,7 @@ def recipes() -> list[str]:
 def _cells(model, samples: int) -> dict[str, dict]:
     from toy_models.leakage import MEMENTO, cell_record, measure_leakage
 
-    rows = measure_leakage(model, (MEMENTO,), (3,), (0, 1), n_samples=samples)
+    rows = measure_leakage(model, (MEMENTO,), (3,), (0, 1), n_samples=samples, probe=PROBE)
     return {("direct" if r.offset == 0 else "masked +1"): cell_record(r) for r in rows}
 
 

@@ -26,10 +26,14 @@ from pathlib import Path
 
 from kvprobe.data.passcodes import PasscodeConfig
 from toy_models.model import build_model
-from toy_models.leakage import MEMENTO, RESTART, TEXT_CONTROLLED, cell_record, measure_leakage
+from toy_models.leakage import MEMENTO, RESTART, STUDY_PROBE, TEXT_CONTROLLED, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
 from toy_models.train import TrainConfig, train
 from published import script_arguments, start, write_files
+
+# Measured before the tie rule of 2026-12-07 (docs/probes.md, "an edge that ties the best"): these results keep
+# the old rule until the recipe studies are rerun (recipe_study 60 min, recipe_seeds 230 min: published.PRE_TIE_RULE)
+PROBE = replace(STUDY_PROBE, extend_ties=False)
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 RESULTS = "experiments/results/recipe_study/results.md"  # render() keys: the committed file
@@ -92,9 +96,10 @@ def run_one(name: str, steps: int, samples: int, threads: int | None, out: Path 
     what = RECIPES[name][0]
     model, config = train_recipe(name, 0, steps, threads)
     accuracy = task_accuracy(model, 2000, heldout_seed(2))
-    rows = measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples)
+    rows = measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples, probe=PROBE)
     last = max(LAYERS)
-    rows += measure_leakage(model, (RESTART, TEXT_CONTROLLED), (last,), CONTROL_OFFSETS, n_samples=samples)
+    rows += measure_leakage(model, (RESTART, TEXT_CONTROLLED), (last,), CONTROL_OFFSETS, n_samples=samples,
+                            probe=PROBE)
     record = {
         "recipe": name,
         "changes": what,

@@ -30,7 +30,7 @@ import toy_models
 from kvprobe.capture.run import run_capture
 from kvprobe.capture.spec import CaptureConfig
 from kvprobe.probes.config import DECODER
-from kvprobe.reconstruction import ReconstructionConfig, compare_bits, reconstruct_store, with_probe
+from kvprobe.reconstruction import ReconstructionConfig, compare_pairs, reconstruct_store, with_probe
 from kvprobe.reporting.figures import save_figure
 from kvprobe.reporting.reconstruction import reconstruction_figure, reconstruction_section
 from kvprobe.store import KVStore
@@ -69,7 +69,7 @@ def measure(checkpoint: str, samples: int, seed: int) -> dict:
             with KVStore(path) as store:
                 results[name] = reconstruct_store(store, name, CONFIG, progress=True)
                 decoded[name] = reconstruct_store(store, name, DECODER_CONFIG, progress=True)
-    diffs = [d.to_dict() for a, b in PAIRS for d in compare_bits(results[a.name], results[b.name], CONFIG.probe.n_boot)]
+    diffs = [d.to_dict() for d in compare_pairs(results, [(a.name, b.name) for a, b in PAIRS], CONFIG.probe.n_boot)]
     decoder = [r.to_dict() for res in decoded.values() for r in res.rows if r.probe == DECODER]
     first = next(iter(results.values()))
     return {"checkpoint": checkpoint, "samples": samples, "seed": seed, "positions": list(first.names),
@@ -141,7 +141,7 @@ def _best_masked(data: dict, condition: str) -> dict:
 
 
 def _pm(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    return f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
 def findings(data: dict) -> str:
@@ -161,7 +161,7 @@ def findings(data: dict) -> str:
             f"{text_only:.3f} bits of 0 at every cell) and the channel alone carries {_pm(tc)} bits per token at +1 "
             f"(layer {tc['layer']}). "
             + ("At layer 0 memento and restart read the same (their K/V there come from the tokens alone). "
-               if all(d["diff"] == 0 for d in data["diffs"] if d["layer"] == 0) else "")
+               if all(d["difference"] == 0 for d in data["diffs"] if d["layer"] == 0) else "")
             + f"The causal control stays within {control:.3f} bits of 0 in every condition and layer. Token accuracy at +1 "
             f"({100 * m1['accuracy']:.1f}%, layer {last}) is below the passcode probe's, whose strength is chosen "
             "for accuracy; here it is chosen for cross-entropy, so the bits are calibrated. "

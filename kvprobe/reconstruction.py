@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import feature_groups, paired_cells, planned_cells  # the passcode probes' feature reading, shared
+from .analysis import DiffResult, apply_holm, feature_groups, paired_cells, planned_cells  # shared with the passcode probes
 from .data.passcodes import label_unique_split
 from .errors import KVProbeError
 from .grid import MLP, Cell, pooled_vectors
@@ -48,8 +48,8 @@ from .probes.selection import fit_selected
 from .stats import bootstrap_ci
 from .store import CONTENT_TOKENS, KVStore
 
-__all__ = ["TARGETS", "BitsDiff", "ReconstructionConfig", "ReconstructionError", "ReconstructionResult",
-           "ReconstructionRow", "Targets", "block_targets", "compare_bits", "reconstruct_store", "token_bits",
+__all__ = ["TARGETS", "ReconstructionConfig", "ReconstructionError", "ReconstructionResult",
+           "ReconstructionRow", "Targets", "block_targets", "compare_bits", "compare_pairs", "reconstruct_store", "token_bits",
            "unigram_log2", "with_probe"]
 
 class ReconstructionError(KVProbeError, ValueError):
@@ -186,25 +186,6 @@ class ReconstructionRow:
 
 
 @dataclass
-class BitsDiff:
-    """Paired difference a - b in bits per token on the same validation blocks (e.g. memento - restart)."""
-
-    a: str
-    b: str
-    site: str
-    offset: int
-    layer: int
-    probe: str
-    diff: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class ReconstructionResult:
     """A condition's rows, the validation sample ids, the position names, and per-block bits for pairing."""
 
@@ -287,11 +268,19 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
     return ReconstructionResult(condition, rows, store.sample_ids[va], targets.names, per_sample)
 
 
-def compare_bits(a: ReconstructionResult, b: ReconstructionResult, n_boot: int = 2000) -> list[BitsDiff]:
+def compare_bits(a: ReconstructionResult, b: ReconstructionResult, n_boot: int = 2000) -> list[DiffResult]:
     """Paired differences a - b in bits per token for every cell both results have (e.g. memento - restart:
-    what the K/V carry beyond the memento text)."""
-    return [BitsDiff(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
-                     float(ci.low), float(ci.high), p) for cell, probe, ci, p in paired_cells(a, b, n_boot, "blocks")]
+    what the K/V carry beyond the memento text); `DiffResult.difference` is in bits per token."""
+    return [DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
+                       float(ci.low), float(ci.high), pooling=cell.pooling, p_value=p)
+            for cell, probe, ci, p in paired_cells(a, b, n_boot, "blocks")]
+
+
+def compare_pairs(results: dict[str, ReconstructionResult], pairs: Any, n_boot: int = 2000) -> list[DiffResult]:
+    """`compare_bits` for every (a, b) condition pair, Holm-corrected together as one family."""
+    diffs = [d for a, b in pairs for d in compare_bits(results[a], results[b], n_boot)]
+    apply_holm(diffs)
+    return diffs
 
 
 def with_probe(config: ReconstructionConfig, **changes: Any) -> ReconstructionConfig:

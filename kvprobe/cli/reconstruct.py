@@ -28,7 +28,7 @@ def _table(data: dict) -> str:
         cells = {(d["layer"], d["offset"]): d for d in data["diffs"] if (d["a"], d["b"], d["probe"]) == (a, b, family)}
         lines += [f"{a} - {b}: bits per token (* interval above 0)", head]
         lines += [f"{layer:>5} " + "".join(
-            f"{d['diff']:>+8.3f}{'*' if d['ci_low'] > 0 else ' '}" if (d := cells.get((layer, o))) else " " * 9
+            f"{d['difference']:>+8.3f}{'*' if d['ci_low'] > 0 else ' '}" if (d := cells.get((layer, o))) else " " * 9
             for o in offsets) for layer in layers]
     return "\n".join(lines)
 

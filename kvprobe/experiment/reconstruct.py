@@ -28,7 +28,7 @@ def reconstruction_path(out: Path) -> Path:
 
 def stage_reconstruct(cfg: ExperimentConfig, out: Path, *, redo: bool = False, progress: bool = True) -> dict[str, Any]:
     """Reconstruction probes on every condition's store; the saved results unless `redo`."""
-    from ..reconstruction import compare_bits, reconstruct_store
+    from ..reconstruction import compare_pairs, reconstruct_store
 
     from ..reconstruction import ReconstructionError
 
@@ -61,13 +61,20 @@ def stage_reconstruct(cfg: ExperimentConfig, out: Path, *, redo: bool = False, p
                        "smoothing": spec.smoothing, "l2_grid": list(spec.l2_grid), "families": list(spec.probe.families),
                        "pooling": spec.probe.pooling},
             "rows": [r.to_dict() for res in results.values() for r in res.rows],
-            "diffs": [d.to_dict() for a, b in pairs for d in compare_bits(results[a], results[b], cfg.probe.n_boot)]}
+            "diffs": [d.to_dict() for d in compare_pairs(results, pairs, cfg.probe.n_boot)]}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(data, indent=1) + "\n")  # atomic: a half-written result is never read back
     return data
 
 
 def saved_reconstruction(out: Path) -> dict[str, Any] | None:
-    """The reconstruction results a run saved, if any."""
+    """The reconstruction results a run saved, if any. A run saved before 2026-12-07 named a difference
+    `diff` (kvprobe's former BitsDiff); it is read under today's name, `difference` (`DiffResult`)."""
     path = reconstruction_path(out)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    for d in data.get("diffs", []):
+        if "diff" in d:
+            d["difference"] = d.pop("diff")
+    return data

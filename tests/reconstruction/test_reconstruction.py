@@ -10,6 +10,8 @@ Known answers on synthetic stores whose target block is five digits (as on the t
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +22,7 @@ from kvprobe.memento.masks import MaskConfig
 from kvprobe.probes.config import DecoderConfig, ProbeConfig
 from kvprobe.probes.decoder import fit_span_decoder
 from kvprobe.reconstruction import (ReconstructionConfig, ReconstructionError, block_targets, compare_bits,
-                                    reconstruct_store, token_bits, unigram_log2)
+                                    compare_pairs, reconstruct_store, token_bits, unigram_log2)
 from kvprobe.store import CONTENT_TOKENS, KVStore, StoreError
 from tests.helpers.stores import write_synthetic_store
 
@@ -100,9 +102,13 @@ def test_known_answers_copied_block_unseen_block_and_the_implicit_channel(tmp_pa
         assert abs(unseen.bits) < 0.01 and unseen.bits_high < 0.02  # the unigram baseline: 0 bits, to 0.01
         assert abs(unseen.accuracy - unseen.baseline_accuracy) < 0.04
     diffs = {(d.offset, d.layer): d for d in compare_bits(ra, rb, n_boot=500)}
-    assert diffs[(0, 1)].ci_low < 0.1 and abs(diffs[(0, 1)].diff) < 0.1  # the text carries the copy alike
+    assert diffs[(0, 1)].ci_low < 0.1 and abs(diffs[(0, 1)].difference) < 0.1  # the text carries the copy alike
     assert diffs[(1, 1)].ci_low > 0.1  # only the memento condition's K/V carry +1
     assert cell[("memento", 1, 1)].bits > cell[("restart", 1, 1)].bits
+    family = compare_pairs({"memento": ra, "restart": rb}, [("memento", "restart")], n_boot=500)
+    assert [d.difference for d in family] == [d.difference for d in diffs.values()]
+    assert all(d.p_holm >= d.p_value for d in family)  # Holm-corrected together, as one family
+    assert {(d.offset, d.layer) for d in family if d.significant} >= {(1, 1)}
 
 
 def test_the_bag_of_tokens_of_a_copied_block_is_read_and_of_an_unseen_one_is_not(tmp_path):
@@ -222,3 +228,16 @@ def test_a_store_of_empty_blocks_is_refused_in_one_line():
     with pytest.raises(ReconstructionError, match=r"runs/x/stores/memento: too few blocks with text to reconstruct "
                                                   r"\(1 distinct block text\(s\) in 40 samples\)"):
         reconstruct_store(EmptyBlocks(), "memento", CONFIG)
+
+
+def test_a_run_saved_before_the_difference_was_renamed_reads_under_todays_name(tmp_path):
+    """Runs before 2026-12-07 saved a paired difference as `diff` (the former BitsDiff); `kvprobe reconstruct
+    --show` and the report read it as `difference`, like every other paired difference."""
+    from kvprobe.experiment.reconstruct import reconstruction_path, saved_reconstruction
+
+    path = reconstruction_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"diffs": [{"a": "memento", "b": "restart", "diff": 0.25, "ci_low": 0.1}]}))
+    assert saved_reconstruction(tmp_path)["diffs"] == [{"a": "memento", "b": "restart", "ci_low": 0.1,
+                                                       "difference": 0.25}]
+    assert saved_reconstruction(tmp_path / "none") is None
