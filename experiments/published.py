@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["PRE_TIE_RULE", "ROOT", "SOURCES", "Source", "against", "block", "pct", "problems", "results_json", "run_config_study",
-           "run_results", "run_toy_study", "save_json", "script_arguments", "start", "toy_study_arguments", "write_files"]
+__all__ = ["PRE_TIE_RULE", "ROOT", "SOURCES", "Source", "against", "block", "pct", "problems", "results_json",
+           "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments", "start", "toy_study_arguments", "write_files"]
 
 
 @dataclass(frozen=True)

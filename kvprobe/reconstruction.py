@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import DiffResult, apply_holm, feature_groups, paired_cells, planned_cells  # shared with the passcode probes
+from .analysis import (DiffResult, apply_holm, feature_groups, paired_cells,  # shared with the passcode probes
+                       planned_cells)
 from .data.passcodes import label_unique_split
 from .errors import KVProbeError
 from .grid import MLP, Cell, pooled_vectors
@@ -49,8 +50,8 @@ from .stats import bootstrap_ci
 from .store import CONTENT_TOKENS, KVStore
 
 __all__ = ["TARGETS", "ReconstructionConfig", "ReconstructionError", "ReconstructionResult",
-           "ReconstructionRow", "Targets", "block_targets", "compare_bits", "compare_pairs", "reconstruct_store", "token_bits",
-           "unigram_log2", "with_probe"]
+           "ReconstructionRow", "Targets", "block_targets", "compare_bits", "compare_pairs", "reconstruct_store",
+           "token_bits", "unigram_log2", "with_probe"]
 
 class ReconstructionError(KVProbeError, ValueError):
     """A store that cannot be reconstructed from (too few blocks with text); bad input, one line."""

@@ -112,7 +112,8 @@ def reconstruction_section(data: dict[str, Any], figure: str | None = None, prob
                   "| layer | " + " | ".join(f"{o:+d}" for o in offsets) + " |", "|---|" + "---|" * len(offsets)]
         for layer in layers:
             lines.append(f"| {layer} | " + " | ".join(
-                f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if (d := diffs.get((layer, o))) else ""
+                f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if (d := diffs.get((layer, o)))
+                else ""
                 for o in offsets) + " |")
         lines.append("")
     return "\n".join(lines)

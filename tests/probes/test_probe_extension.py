@@ -146,7 +146,6 @@ def test_the_printed_table_flags_a_weak_bound_choice():
         in table
 
 
-
 def _faint_means(n: int, seed: int, d: int = 20, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Class means too faint for any weight to reach 1: a fit at 1e-4 warm-started from 1e-3 already meets
     its tolerance (10 l2) where it starts, so the two values are the same probe (the same inner accuracy)."""

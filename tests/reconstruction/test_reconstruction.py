@@ -11,7 +11,6 @@ Known answers on synthetic stores whose target block is five digits (as on the t
 from __future__ import annotations
 
 import json
-
 from dataclasses import replace
 
 import numpy as np
