@@ -42,7 +42,7 @@ from .store import KVStore
 from .errors import renamed
 
 __all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
-           "compare", "feature_groups", "load_grid", "merge_grids", "paired_cells", "planned_cells", "probe_store",
+           "compare", "feature_groups", "load_grid", "merge_grids", "paired_differences", "planned_cells", "probe_store",
            "save_grid",
            "sensitivity_curves"]
 
@@ -414,31 +414,37 @@ def apply_holm(rows: list[CellResult] | list[DiffResult], alpha: float = 0.05) -
         r.significant = bool(p <= alpha)
 
 
-def paired_cells(a: Any, b: Any, n_boot: int = 2000, unit: str = "samples") -> list[tuple[Cell, str, Any, float]]:
-    """Every (cell, probe) that both results score per sample, with the paired bootstrap interval of a - b
-    and its paired p-value, in (probe, site, offset, layer) order.
+def paired_differences(a: Any, b: Any, n_boot: int = 2000, unit: str = "samples",
+                       masks: tuple[Any, Any] = (None, None)) -> list[DiffResult]:
+    """Paired differences a - b for every (cell, probe) that both results score per sample: the paired
+    bootstrap interval of the difference and its paired p-value, in (probe, site, offset, layer) order.
 
     a, b: results with `condition`, `val_index` (M,) and `per_sample` {(cell, probe): (M,)}: a `GridResult`
-    (accuracy) or a reconstruction result (bits); both must have scored the same validation `unit`.
+    (accuracy) or a reconstruction result (bits per token); both must have scored the same validation `unit`.
+    masks: the two conditions' mask names, where they have them.
     """
     if not np.array_equal(a.val_index, b.val_index):
         raise ValueError(
             f"conditions {a.condition!r} and {b.condition!r} were not scored on the same validation {unit} "
             "(capture both from the same source and seed)"
         )
-    out = [(cell, probe, paired_bootstrap_ci(sa, b.per_sample[(cell, probe)], n_boot=n_boot),
-            paired_pvalue(sa, b.per_sample[(cell, probe)]))
-           for (cell, probe), sa in a.per_sample.items() if (cell, probe) in b.per_sample]
-    out.sort(key=lambda d: (d[1], d[0].site, d[0].offset, d[0].layer))
+    out = []
+    for (cell, probe), sa in a.per_sample.items():
+        if (cell, probe) not in b.per_sample:
+            continue
+        sb = b.per_sample[(cell, probe)]
+        ci = paired_bootstrap_ci(sa, sb, n_boot=n_boot)
+        out.append(DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe,
+                              float(ci.estimate), float(ci.low), float(ci.high), a_mask=masks[0], b_mask=masks[1],
+                              pooling=cell.pooling, p_value=paired_pvalue(sa, sb)))
+    out.sort(key=lambda d: (d.probe, d.site, d.offset, d.layer))
     return out
 
 
 def compare(a: GridResult, b: GridResult, n_boot: int = 2000) -> list[DiffResult]:
     """Paired differences a - b of accuracy for every cell both grids have."""
-    a_mask, b_mask = (g.rows[0].mask if g.rows else None for g in (a, b))
-    return [DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
-                       float(ci.low), float(ci.high), a_mask=a_mask, b_mask=b_mask, pooling=cell.pooling, p_value=p)
-            for cell, probe, ci, p in paired_cells(a, b, n_boot)]
+    masks = tuple(g.rows[0].mask if g.rows else None for g in (a, b))
+    return paired_differences(a, b, n_boot, masks=masks)
 
 
 def merge_grids(grids: list[GridResult]) -> GridResult:

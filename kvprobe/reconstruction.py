@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import (DiffResult, apply_holm, feature_groups, paired_cells,  # shared with the passcode probes
+from .analysis import (DiffResult, apply_holm, feature_groups, paired_differences,  # shared with the passcode probes
                        planned_cells)
 from .data.passcodes import label_unique_split
 from .errors import KVProbeError
@@ -272,9 +272,7 @@ def reconstruct_store(store: KVStore, condition: str, config: ReconstructionConf
 def compare_bits(a: ReconstructionResult, b: ReconstructionResult, n_boot: int = 2000) -> list[DiffResult]:
     """Paired differences a - b in bits per token for every cell both results have (e.g. memento - restart:
     what the K/V carry beyond the memento text); `DiffResult.difference` is in bits per token."""
-    return [DiffResult(a.condition, b.condition, cell.site, cell.offset, cell.layer, probe, float(ci.estimate),
-                       float(ci.low), float(ci.high), pooling=cell.pooling, p_value=p)
-            for cell, probe, ci, p in paired_cells(a, b, n_boot, "blocks")]
+    return paired_differences(a, b, n_boot, "blocks")
 
 
 def compare_pairs(results: dict[str, ReconstructionResult], pairs: Any, n_boot: int = 2000) -> list[DiffResult]:
