@@ -127,8 +127,9 @@ def _strength_lines(cells: Sequence[CellResult], idx: Mapping[_Key, CellResult],
     text = (f"L2 strength chosen per cell from {{{', '.join(fmt_l2(v) for v in grid)}}} on an inner label-unique split "
             "of the training passcodes, then refitted on the whole training split; the validation passcodes above "
             "played no part in the choice.")
-    text += (" A cell whose best value is on an edge of the grid is fitted a decade further, until its best is "
-             "interior (unless `probe.extend_grid` is false).")
+    text += (" A cell whose best value, or a value whose inner score ties it, is on an edge of the grid is fitted a "
+             "decade further, until that edge scores less than the best (unless `probe.extend_grid` is false; "
+             "with `probe.extend_ties` false a tie on the edge is not extended).")
     weak = [r for r in bound if r.l2_at_weak_bound]
     if weak:
         text += (f" FLAGGED: {len(weak)} of {len(known)} cells chose the weakest value they could try "
