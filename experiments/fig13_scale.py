@@ -24,8 +24,8 @@ from pathlib import Path
 import toy_models
 from toy_models.leakage import MEMENTO, STUDY_PROBE, cell_record, measure_leakage
 from kvprobe.probes.config import MLPConfig
-from paper_figures import BAND, EPOCH_LIMIT, FIG13, epoch_sentence, in_band
-from published import pct, results_json, save_json, start, toy_study_arguments, write_files
+from paper_figures import BAND, EPOCH_LIMIT, FIG13, in_band
+from published import epoch_sentence, pct, results_json, save_json, start, toy_study_arguments, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "fig13_scale"
 PROBE = replace(STUDY_PROBE, families=("mlp",), seeds=1, mlp=MLPConfig(max_epochs=EPOCH_LIMIT))  # as paper_figures' MLP

@@ -30,7 +30,7 @@ from kvprobe.memento.masks import MaskConfig
 from kvprobe.probes.config import MLPConfig
 from toy_models.leakage import MEMENTO, STUDY_PROBE, Condition, cell_record, measure_leakage
 from toy_models.task import heldout_seed, task_accuracy
-from published import against, pct, results_json, script_arguments, start, write_files
+from published import against, epoch_sentence, pct, results_json, script_arguments, start, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "paper_figures"
 KEEP1 = Condition("memento-keep1", MaskConfig(keep_last_n_blocks=1))
@@ -109,17 +109,6 @@ def heatmap_gaps(cells: list[dict], figure: str = "heatmap", probe: str = "mlp",
                  layers: tuple[int, ...] = HEATMAP_LAYERS) -> dict[tuple[int, int], float]:
     """Ours − paper (points) of every heatmap cell at `layers`."""
     return {(l, d): 100 * _find(cells, figure, l, d, probe)["accuracy"] - p for (l, d), p in HEATMAP.items() if l in layers}
-
-
-def epoch_sentence(cells: list[dict], limit: int) -> str:
-    """How the MLP cells' training ended: every one on its holdout, or which were still improving at `limit`."""
-    mlp = [c for c in cells if c.get("probe", "mlp") == "mlp"]
-    capped = [c for c in mlp if c["epochs_at_cap"]]
-    if not capped:
-        latest = max(c["epochs"] for c in mlp)
-        return f"every MLP cell stopped on its holdout before the limit of {limit} epochs (the latest at epoch {latest})"
-    where = ", ".join(f"{c.get('figure', 'fig13')} layer {c['layer']} {c['offset']:+d}" for c in capped)
-    return f"FLAGGED: {len(capped)} of {len(mlp)} MLP cells were still improving at the limit of {limit} epochs ({where})"
 
 
 def _mean_abs(gaps: dict) -> float:

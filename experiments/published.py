@@ -29,8 +29,9 @@ from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["PRE_TIE_RULE", "ROOT", "SOURCES", "Source", "against", "block", "pct", "problems", "results_json",
-           "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments", "start", "toy_study_arguments", "write_files"]
+__all__ = ["PRE_TIE_RULE", "ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "pct", "problems",
+           "results_json", "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments",
+           "start", "toy_study_arguments", "write_files"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,18 @@ def pct(row: Mapping[str, Any]) -> str:
     return f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
 
 
+def epoch_sentence(cells: list[Mapping[str, Any]], limit: int) -> str:
+    """How MLP cells' early-stopped training ended (cells: result rows with "epochs" and "epochs_at_cap"; rows
+    with a "probe" other than "mlp" are skipped): every one on its holdout, or which still improved at `limit`."""
+    mlp = [c for c in cells if c.get("probe", "mlp") == "mlp"]
+    capped = [c for c in mlp if c["epochs_at_cap"]]
+    if not capped:
+        latest = max(c["epochs"] for c in mlp)
+        return f"every MLP cell stopped on its holdout before the limit of {limit} epochs (the latest at epoch {latest})"
+    where = ", ".join(f"{c['figure'] + ' ' if 'figure' in c else ''}layer {c['layer']} {c['offset']:+d}" for c in capped)
+    return f"FLAGGED: {len(capped)} of {len(mlp)} MLP cells were still improving at the limit of {limit} epochs ({where})"
+
+
 def script_arguments(doc: str, out: Path) -> argparse.ArgumentParser:
     """The arguments every published script takes (add its own to the parser it returns): --out (the
     results directory), --threads (1: what the committed JSON was made with), --table-only."""
@@ -209,8 +222,10 @@ def run_toy_study(doc: str, out: Path, measure: Callable[[str, int, int], Any], 
 
 
 def run_results(out: Path) -> dict:
-    """A `kvprobe run` study's committed results.json, with its timings.json as "timings"."""
-    return {**results_json(out), "timings": results_json(out, "timings.json")}
+    """A `kvprobe run` study's committed results.json, with its timings.json as "timings" and its
+    run_config.json (the run's config, as `kvprobe run` wrote it) as "run_config"."""
+    return {**results_json(out), "timings": results_json(out, "timings.json"),
+            "run_config": results_json(out, "run_config.json")}
 
 
 def against(row: Mapping[str, Any], paper: float) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from published import against, pct, run_config_study, run_results
+from published import against, epoch_sentence, pct, run_config_study, run_results
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "toy_reproduction.yaml"
@@ -28,7 +28,7 @@ PAPER_SWEEP = "17-19%"  # SPEC section 4: the masked leakage across training sta
 
 
 def load(out: Path = OUT) -> dict:
-    """results.json and timings.json of results directory `out`."""
+    """results.json, timings.json and run_config.json of results directory `out`."""
     return run_results(out)
 
 
@@ -74,11 +74,8 @@ def readme(data: dict) -> str:
                      f"{against(r, paper)} |")
     lines.append(f"| masked +1, last layer (3) | linear | {pct(first)} | — | — | |")
     mlp = [_row(data, "mlp", layer, offset) for _, probe, layer, offset, _, _ in PAPER if probe == "mlp"]
-    capped = ", ".join(f"layer {r['layer']}" for r in mlp if r["epochs_at_cap"])
-    lines += ["", "The MLP's kept epoch (the latest of its seeds; early stopping with patience 10, the limit in "
-              "`run_config.json`): " + ", ".join(f"layer {r['layer']} {r['epochs']}" for r in mlp)
-              + (f"; FLAGGED, still improving at the limit: {capped}." if capped
-                 else "; every fit stopped on its holdout before the limit.")]
+    limit = data["run_config"]["config"]["probe"]["mlp"]["max_epochs"]
+    lines += ["", f"The MLP (early stopping with patience 10, the latest of its seeds): {epoch_sentence(mlp, limit)}."]
     lo, hi = _sweep(data)
     lines += ["", "## Across training (last layer, masked +1, linear probe)", "",
               "| checkpoint | task accuracy | masked +1 |", "|---|---|---|"]
