@@ -106,6 +106,8 @@ SOURCES: tuple[Source, ...] = (
     Source("fig13_scale", "experiments/fig13_scale.py", "experiments/results/fig13_scale",
            ("--samples", "50000", "--seed", "0", "--threads", "1"), {"band": (README, TOY), "direct": (TOY,)},
            minutes=56),  # measured 2026-12-07 beside toy_reproduction (one core each)
+    Source("retrain_check", "experiments/retrain_check.py", "experiments/results/retrain_check",
+           ("--run", "{scratch}/run"), {"verdict": (TOY,)}, minutes=9),  # 2026-12-07, beside two other jobs
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",
            ("--samples", "5000", "--seed", "0", "--threads", "1"), {"readme": (README,)}, minutes=13),
     Source("causal_map", "experiments/causal_map.py", "experiments/results/causal_map", ("--run", "{scratch}/run"),

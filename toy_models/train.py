@@ -14,6 +14,7 @@ weights as a run that never stopped (on the same device).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -93,10 +94,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> tor
     return get_constant_schedule_with_warmup(optimizer, config.warmup)
 
 
-def _hardware(device: torch.device) -> str:
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device: torch.device) -> str:
+    """What a run's last bits depend on, for meta.json: on CPU the model, the kernels torch dispatched to
+    (e.g. AVX512), MKL's reproducibility setting and the thread count; a run is bit for bit only where these match."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"CPU {_cpu_model()} ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"MKL_CBWR={os.environ.get('MKL_CBWR', 'unset')}), {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__})")
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
@@ -207,7 +223,7 @@ def train(
 
     loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # summed on device: no sync per step
     attention = memento_attention(model, config.keep_last_n_blocks)  # one (1, 1, T, T) mask shared by every batch
-    hardware = _hardware(device)
+    hardware = describe_hardware(device)
     t0 = time.perf_counter() - wall_before
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="toy train", unit="step")
     for step in bar:
