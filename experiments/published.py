@@ -176,14 +176,20 @@ def pct(row: Mapping[str, Any]) -> str:
 
 def epoch_sentence(cells: list[Mapping[str, Any]], limit: int) -> str:
     """How MLP cells' early-stopped training ended (cells: result rows with "epochs" and "epochs_at_cap"; rows
-    with a "probe" other than "mlp" are skipped): every one on its holdout, or which still improved at `limit`."""
+    with a "probe" other than "mlp" are skipped): every one on its holdout, or which still improved at `limit`.
+    A capped cell is named by its "figure" (where it has one), layer and offset."""
     mlp = [c for c in cells if c.get("probe", "mlp") == "mlp"]
+    if not mlp:
+        raise ValueError("epoch_sentence: no MLP cells among the rows")
     capped = [c for c in mlp if c["epochs_at_cap"]]
     if not capped:
         latest = max(c["epochs"] for c in mlp)
-        return f"every MLP cell stopped on its holdout before the limit of {limit} epochs (the latest at epoch {latest})"
-    where = ", ".join(f"{c['figure'] + ' ' if 'figure' in c else ''}layer {c['layer']} {c['offset']:+d}" for c in capped)
-    return f"FLAGGED: {len(capped)} of {len(mlp)} MLP cells were still improving at the limit of {limit} epochs ({where})"
+        return (f"every MLP cell stopped on its holdout before the limit of {limit} epochs "
+                f"(the latest at epoch {latest})")
+    where = ", ".join(f"{c['figure'] + ' ' if 'figure' in c else ''}layer {c['layer']} {c['offset']:+d}"
+                      for c in capped)
+    return (f"FLAGGED: {len(capped)} of {len(mlp)} MLP cells were still improving at the limit of {limit} epochs "
+            f"({where})")
 
 
 def script_arguments(doc: str, out: Path) -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from toy_models.checkpoint import checkpoint_names, read_meta, resolve
-from toy_models.config import TrainConfig
+from toy_models.config import DEFAULT_WHEN_ADDED, TrainConfig
 from toy_models.train import describe_hardware, train
 from published import results_json, save_json, script_arguments, start, write_files
 
@@ -34,12 +34,19 @@ SHIPPED = resolve("final").parent  # toy_models/checkpoints: train_config.json, 
 
 
 def shipped_config(steps: int, run: Path) -> TrainConfig:
-    """The shipped run's TrainConfig, cut at `steps` with a constant rate (its schedule up to the decay)."""
+    """The shipped run's TrainConfig, cut at `steps` with a constant rate (its schedule up to the decay).
+
+    A field the saved config lacks takes what runs used before it was added (`DEFAULT_WHEN_ADDED`), as
+    `kvprobe toy train --resume` reads a saved run."""
     saved = json.loads((SHIPPED / "train_config.json").read_text())
-    config = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-    if steps > config.steps - config.decay_steps:
-        raise SystemExit(f"--steps {steps} is past the shipped run's constant rate (its decay starts at step "
-                         f"{config.steps - config.decay_steps})")
+    defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **DEFAULT_WHEN_ADDED}
+    config = TrainConfig(**{f.name: saved.get(f.name, defaults[f.name]) for f in fields(TrainConfig)
+                            if f.name in saved or f.name in DEFAULT_WHEN_ADDED})
+    if config.schedule != "constant":
+        raise ValueError(f"the shipped run's schedule is {config.schedule!r}: only a constant rate can be cut short")
+    if not 0 < steps <= config.steps - config.decay_steps:
+        raise ValueError(f"--steps must be in 1..{config.steps - config.decay_steps} (the shipped run's "
+                         f"constant rate; its decay starts there), got {steps}")
     return replace(config, steps=steps, decay=0.0, out_dir=str(run), threads=1)
 
 
@@ -47,15 +54,23 @@ def _log(path: Path) -> dict[int, dict]:
     return {e["step"]: e for e in map(json.loads, path.read_text().splitlines())}
 
 
-def measure(steps: int, run: Path) -> dict:
-    """Retrain (resuming in `run`), then compare the log and the weights at `steps` with what ships."""
+def check_steps(steps: int) -> str:
+    """The shipped series checkpoint at `steps` (ValueError if there is none, or the rate was not constant)."""
     name = f"series/step_{steps:06d}"
     if name not in checkpoint_names():
-        raise SystemExit(f"no shipped checkpoint {name}; the series has {', '.join(checkpoint_names())}")
-    train(shipped_config(steps, run), resume=True, command=f"python experiments/retrain_check.py --steps {steps}")
+        raise ValueError(f"no shipped checkpoint {name}; the series has {', '.join(checkpoint_names())}")
+    shipped_config(steps, Path("."))
+    return name
+
+
+def measure(steps: int, run: Path) -> dict:
+    """Retrain (resuming in `run`), then compare the log and the weights at `steps` with what ships."""
+    name, config = check_steps(steps), shipped_config(steps, run)
+    if not (run / f"step_{steps:06d}" / "model.safetensors").is_file():  # a longer run already has it
+        train(config, resume=True, command=f"python experiments/retrain_check.py --steps {steps}")
     ours, shipped = _log(run / "training_log.jsonl"), _log(SHIPPED / "training_log.jsonl")
     log = [[s, shipped[s]["loss"], ours[s]["loss"], shipped[s]["task_accuracy"], ours[s]["task_accuracy"]]
-           for s in sorted(ours) if s in shipped]
+           for s in sorted(ours) if s in shipped and s <= steps]
     a = load_file(resolve(name) / "model.safetensors")
     b = load_file(run / f"step_{steps:06d}" / "model.safetensors")
     differing = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
@@ -67,19 +82,20 @@ def measure(steps: int, run: Path) -> dict:
 
 
 def verdict(data: dict) -> str:
-    """One sentence: bit for bit, or where the retrain left the shipped run."""
-    if not data["tensors_differing"]:
-        return (f"the retrain is bit for bit: every one of the {data['tensors']} weight "
-                f"tensors at step {data['steps']} is identical")
-    first, last = data["first_step_differing"], data["log"][-1]
+    """One sentence: bit for bit (the weights at `steps` and every logged number equal), or where it parted."""
+    first = data["first_step_differing"]
+    if not data["tensors_differing"] and first is None:
+        return (f"the retrain is bit for bit: every one of the {data['tensors']} weight tensors at step "
+                f"{data['steps']} is identical, and so is every logged loss and task accuracy")
     before = [row[0] for row in data["log"] if first is not None and row[0] < first]
     agree = ("agree to the last logged digit at every logged step" if first is None else
-             f"agree to the last logged digit up to step {before[-1]} and differ from step {first} on" if before else
-             f"differ from step {first} on")
+             f"agree to the last logged digit up to step {before[-1]} and first differ at step {first}" if before
+             else f"first differ at step {first}")
+    ours, shipped = data["log"][-1][4], data["log"][-1][3]
     return (f"the retrain is not bit for bit: the logged loss and task accuracy {agree}, and at step "
             f"{data['steps']}, {data['tensors_differing']} of {data['tensors']} weight tensors differ (largest "
-            f"difference {data['max_abs_difference']:.3f}); task accuracy {100 * last[4]:.1f}% against the shipped "
-            f"{100 * last[3]:.1f}%")
+            f"difference {data['max_abs_difference']:.3f}); task accuracy {100 * ours:.1f}% against the shipped "
+            f"{100 * shipped:.1f}%")
 
 
 def quotes(data: dict) -> dict[str, str]:
@@ -100,19 +116,28 @@ def render(data: dict) -> dict[str, str]:
 
 
 def load(out: Path = OUT) -> dict:
+    """The committed measurement (results.json of results directory `out`)."""
     return results_json(out)
 
 
-def main() -> None:
+def main() -> int:
     parser = script_arguments(__doc__, OUT)
     parser.add_argument("--steps", type=int, default=450, help="a shipped series checkpoint's step (default 450)")
     parser.add_argument("--run", type=Path, default=Path("runs/retrain_check"), help="the training run (resumed)")
     args = parser.parse_args()
+    if args.threads != 1:
+        parser.error("the shipped run was trained at 1 thread; --threads must be 1")
+    if not args.table_only:
+        try:
+            check_steps(args.steps)
+        except ValueError as e:  # bad --steps: one line, exit 2, nothing written
+            parser.error(str(e))
     start(args)
     if not args.table_only:
         save_json(measure(args.steps, args.run), args.out)
     write_files(render(load(args.out)), args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

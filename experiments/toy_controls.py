@@ -31,7 +31,7 @@ CHANNELS = (("memento", "restart", "both implicit channels"),
 
 
 def load(out: Path = OUT) -> dict:
-    """results.json and timings.json of results directory `out`."""
+    """results.json, timings.json and run_config.json of results directory `out` (`published.run_results`)."""
     return run_results(out)
 
 

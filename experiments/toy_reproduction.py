@@ -8,7 +8,7 @@ Runs `kvprobe --threads 1 run experiments/toy_reproduction.yaml` (capture, linea
 every layer x offset with a shuffled-label control, the paper's MLP on its cells, the
 training sweep, report), copies the report into --out (experiments/results/toy_reproduction/:
 summary.md, results.json/csv, figures/, run_config.json, timings.json) and renders README.md
-there and the README's paragraph from results.json and timings.json alone (`render`).
+there and the README's paragraph from results.json, timings.json and run_config.json alone (`render`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _headline(data: dict) -> tuple[dict, dict, dict, dict, dict]:
 
 
 def readme(data: dict) -> str:
-    """experiments/results/toy_reproduction/README.md, from results.json and timings.json."""
+    """experiments/results/toy_reproduction/README.md, from results.json, timings.json and run_config.json."""
     first = _row(data, "linear", 3, 1)
     n = first["n_train"] + first["n_val"]
     lines = ["# The paper's toy figure at 50,000 passcodes, on the shipped toy (`final`)", "",
@@ -74,8 +74,9 @@ def readme(data: dict) -> str:
                      f"{against(r, paper)} |")
     lines.append(f"| masked +1, last layer (3) | linear | {pct(first)} | — | — | |")
     mlp = [_row(data, "mlp", layer, offset) for _, probe, layer, offset, _, _ in PAPER if probe == "mlp"]
-    limit = data["run_config"]["config"]["probe"]["mlp"]["max_epochs"]
-    lines += ["", f"The MLP (early stopping with patience 10, the latest of its seeds): {epoch_sentence(mlp, limit)}."]
+    stop = data["run_config"]["config"]["probe"]["mlp"]  # the run's own MLP settings
+    lines += ["", f"The MLP (early stopping with patience {stop['patience']}, the latest of its seeds): "
+                  f"{epoch_sentence(mlp, stop['max_epochs'])}."]
     lo, hi = _sweep(data)
     lines += ["", "## Across training (last layer, masked +1, linear probe)", "",
               "| checkpoint | task accuracy | masked +1 |", "|---|---|---|"]

@@ -42,9 +42,8 @@ from .store import KVStore
 from .errors import renamed
 
 __all__ = ["Cell", "CellResult", "DiffResult", "GridResult", "ProbeConfig", "SensitivityCurve", "apply_holm",
-           "compare", "feature_groups", "load_grid", "merge_grids", "paired_differences", "planned_cells", "probe_store",
-           "save_grid",
-           "sensitivity_curves"]
+           "compare", "feature_groups", "load_grid", "merge_grids", "paired_differences", "planned_cells",
+           "probe_store", "save_grid", "sensitivity_curves"]
 
 
 @dataclass

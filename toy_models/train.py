@@ -107,7 +107,9 @@ def _cpu_model() -> str:
 
 def describe_hardware(device: torch.device) -> str:
     """What a run's last bits depend on, for meta.json: on CPU the model, the kernels torch dispatched to
-    (e.g. AVX512), MKL's reproducibility setting and the thread count; a run is bit for bit only where these match."""
+    (e.g. AVX512), MKL's reproducibility setting and the thread count; a run is bit for bit only where these match.
+    MKL_CBWR is the environment variable as this process sees it (MKL reads it once, before its first product:
+    `kvprobe.cli.runtime.reproducible_blas` sets it first thing)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     return (f"CPU {_cpu_model()} ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
