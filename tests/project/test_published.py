@@ -15,12 +15,12 @@ import importlib.util
 import json
 import math
 import re
-import sys
 
 import pytest
 
 from kvprobe.data.passcodes import PasscodeConfig
 from tests.helpers.paths import ROOT
+from tests.helpers.published import PUBLISHED
 
 SCALE_JSON = ROOT / "benchmarks" / "results" / "scale_cpu.json"
 # which file quotes which phrase of `bench_scale.quotes`
@@ -34,17 +34,6 @@ QUOTED_IN = {
     "dense_memory_exponent": [RESULTS],
     "collator_longest": ["docs/real_models.md", RESULTS],
 }
-
-
-def _registry():
-    spec = importlib.util.spec_from_file_location("published", ROOT / "experiments" / "published.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["published"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-PUBLISHED = _registry()
 
 
 @pytest.mark.parametrize("source", PUBLISHED.SOURCES, ids=lambda s: s.name)

@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.paths import ROOT
+from tests.helpers.published import PUBLISHED
+
 
 
 @pytest.fixture(scope="module")
 def check():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "experiments"))  # the script imports `published` by name
-    from published import SOURCES
-
-    return next(s for s in SOURCES if s.name == "retrain_check").module()
+    return next(s for s in PUBLISHED.SOURCES if s.name == "retrain_check").module()
 
 
 def test_the_cut_run_has_the_shipped_learning_rate_at_every_step(check):
