@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["PRE_TIE_RULE", "ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "pct", "problems",
+__all__ = ["ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "pct", "problems",
            "results_json", "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments",
            "start", "toy_study_arguments", "write_files"]
 
@@ -118,12 +118,6 @@ SOURCES: tuple[Source, ...] = (
     Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
            ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=85),
 )
-
-
-PRE_TIE_RULE: tuple[str, ...] = ("recipe_study", "recipe_seeds")
-"""Sources still measured with the strength choice before 2026-12-07 (`ProbeConfig.extend_ties=False`: an edge
-of the grid tied with the best was not extended; docs/probes.md). Their scripts say so in their PROBE, and a
-rerun under the default rule (recipe_study 60 min, recipe_seeds 230 min) takes a name off this list."""
 
 
 def block(text: str, marker: str) -> str:

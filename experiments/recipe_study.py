@@ -31,9 +31,7 @@ from toy_models.task import heldout_seed, task_accuracy
 from toy_models.train import TrainConfig, train
 from published import script_arguments, start, write_files
 
-# Measured before the tie rule of 2026-12-07 (docs/probes.md, "an edge that ties the best"): these results keep
-# the old rule until the recipe studies are rerun (recipe_study 60 min, recipe_seeds 230 min: published.PRE_TIE_RULE)
-PROBE = replace(STUDY_PROBE, extend_ties=False)
+PROBE = STUDY_PROBE  # kvprobe's default probe, as every published study reads it (recipe_seeds too)
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 RESULTS = "experiments/results/recipe_study/results.md"  # render() keys: the committed file

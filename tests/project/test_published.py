@@ -100,16 +100,14 @@ def test_an_mlp_cell_reads_the_same_whichever_cells_share_its_run():
         assert cell["accuracy"] == row["accuracy_seeds"][0], f"layer {layer}: {cell['accuracy']} vs {row}"
 
 
-def test_the_sources_measured_before_the_tie_rule_are_the_ones_named():
-    """A script keeps the old strength choice only by a PROBE with extend_ties=False; published.PRE_TIE_RULE
-    names exactly those scripts, and docs/probes.md names each of them to its readers."""
+def test_every_published_source_chooses_the_strength_by_todays_rule():
+    """No published script keeps the strength choice from before the tie rule (a PROBE with
+    extend_ties=False), and no experiment config turns it off: their numbers are read as docs/probes.md says."""
     pinned = {s.name for s in PUBLISHED.SOURCES if getattr(getattr(s.module(), "PROBE", None), "extend_ties", True)
               is False}
-    assert pinned == set(PUBLISHED.PRE_TIE_RULE)
+    assert not pinned
     configs = [p for p in (ROOT / "experiments").glob("*.y*ml")] + [p for p in (ROOT / "experiments").glob("*.toml")]
     assert not [p.name for p in configs if "extend_ties" in p.read_text()]  # a config run keeps the default
-    doc = (ROOT / "docs" / "probes.md").read_text()
-    assert all(f"`{name}`" in doc for name in PUBLISHED.PRE_TIE_RULE)
 
 
 # Numbers the swept prose may state without a JSON of ours behind them, each with where it comes from:
