@@ -17,14 +17,14 @@ what a run's last bits depend on. Results go to experiments/results/retrain_chec
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from toy_models.checkpoint import checkpoint_names, read_meta, resolve
-from toy_models.config import DEFAULT_WHEN_ADDED, TrainConfig
+from toy_models.config import TrainConfig
 from toy_models.train import describe_hardware, train
 from published import results_json, save_json, script_arguments, start, write_files
 
@@ -36,12 +36,8 @@ SHIPPED = resolve("final").parent  # toy_models/checkpoints: train_config.json, 
 def shipped_config(steps: int, run: Path) -> TrainConfig:
     """The shipped run's TrainConfig, cut at `steps` with a constant rate (its schedule up to the decay).
 
-    A field the saved config lacks takes what runs used before it was added (`DEFAULT_WHEN_ADDED`), as
-    `kvprobe toy train --resume` reads a saved run."""
-    saved = json.loads((SHIPPED / "train_config.json").read_text())
-    defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **DEFAULT_WHEN_ADDED}
-    config = TrainConfig(**{f.name: saved.get(f.name, defaults[f.name]) for f in fields(TrainConfig)
-                            if f.name in saved or f.name in DEFAULT_WHEN_ADDED})
+    A setting the saved config lacks takes what runs used before it was added (`TrainConfig.from_run_settings`)."""
+    config = TrainConfig.from_run_settings(json.loads((SHIPPED / "train_config.json").read_text()))
     if config.schedule != "constant":
         raise ValueError(f"the shipped run's schedule is {config.schedule!r}: only a constant rate can be cut short")
     if not 0 < steps <= config.steps - config.decay_steps:

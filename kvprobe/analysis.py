@@ -414,7 +414,7 @@ def apply_holm(rows: list[CellResult] | list[DiffResult], alpha: float = 0.05) -
 
 
 def paired_differences(a: Any, b: Any, n_boot: int = 2000, unit: str = "samples",
-                       masks: tuple[Any, Any] = (None, None)) -> list[DiffResult]:
+                       masks: tuple[str | None, str | None] = (None, None)) -> list[DiffResult]:
     """Paired differences a - b for every (cell, probe) that both results score per sample: the paired
     bootstrap interval of the difference and its paired p-value, in (probe, site, offset, layer) order.
 

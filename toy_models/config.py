@@ -6,8 +6,8 @@ weights' first draw), so `kvprobe toy train --help` lists them at once. `toy_mod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
 
 __all__ = ["DEFAULT_WHEN_ADDED", "SCHEDULES", "InitScheme", "TrainConfig"]
 
@@ -123,6 +123,13 @@ class TrainConfig:
     def init(self) -> InitScheme:
         """The initialisation scheme the init_* fields describe."""
         return InitScheme(embedding=self.init_embedding, linear=self.init_linear)
+
+    @classmethod
+    def from_run_settings(cls, saved: Mapping[str, Any]) -> TrainConfig:
+        """The config a saved run's settings (its train_config.json, written from `run_settings`) describe: a
+        setting the run predates takes what runs used then (`DEFAULT_WHEN_ADDED`), as a resume reads it."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**DEFAULT_WHEN_ADDED, **{k: v for k, v in saved.items() if k in names}})
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that define the run's results (not where or how fast it runs). keep_last_n_blocks

@@ -14,7 +14,6 @@ import torch
 from tests.helpers.published import PUBLISHED
 
 
-
 @pytest.fixture(scope="module")
 def check():
     return next(s for s in PUBLISHED.SOURCES if s.name == "retrain_check").module()

@@ -322,3 +322,13 @@ def test_docs_list_every_shipped_checkpoint_as_its_meta_says():
         row = (f"| `{name}` | {meta['step']} | {100 * meta['task_accuracy']:.1f}% | "
                f"{100 * meta['task_accuracy_during_training']:.1f}% |")
         assert row in text, f"docs/toy.md should list {row}"
+
+
+def test_a_saved_runs_settings_give_back_its_config():
+    """`TrainConfig.from_run_settings` reads train_config.json as a resume does: what `run_settings` wrote comes
+    back as the same config, and a run saved before `tied` and `decay` existed gets what it used then."""
+    cfg = TrainConfig(steps=120, decay=0.3, tied=False, grad_clip=None, seed=3)
+    assert TrainConfig.from_run_settings(cfg.run_settings()) == cfg
+    old = {k: v for k, v in cfg.run_settings().items() if k not in ("tied", "decay")}
+    back = TrainConfig.from_run_settings(old)
+    assert (back.tied, back.decay, back.seed, back.steps) == (True, 0, 3, 120)
