@@ -58,3 +58,16 @@ def test_the_verdict_says_what_differs(check):
     assert "agree to the last logged digit at every logged step" in check.verdict(hidden)
     at_once = {**data, "first_step_differing": data["log"][0][0]}
     assert f"first differ at step {data['log'][0][0]}," in check.verdict(at_once)
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "500"], "no shipped checkpoint series/step_000500"),
+                                           (["--steps", "2200"], "--steps must be in 1..2100"),
+                                           (["--threads", "2"], "--threads must be 1")])
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(check, tmp_path, monkeypatch, capsys, argv,
+                                                                      message):
+    out, run = tmp_path / "out", tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["retrain_check.py", "--out", str(out), "--run", str(run), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        check.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists() and not run.exists()
