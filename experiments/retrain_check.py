@@ -50,18 +50,18 @@ def _log(path: Path) -> dict[int, dict]:
     return {e["step"]: e for e in map(json.loads, path.read_text().splitlines())}
 
 
-def check_steps(steps: int) -> str:
-    """The shipped series checkpoint at `steps` (ValueError if there is none, or the rate was not constant)."""
+def check_steps(steps: int, run: Path) -> tuple[str, TrainConfig]:
+    """The shipped series checkpoint at `steps` and the cut config that retrains it into `run`
+    (ValueError if there is no such checkpoint, or the rate was not constant up to it)."""
     name = f"series/step_{steps:06d}"
     if name not in checkpoint_names():
         raise ValueError(f"no shipped checkpoint {name}; the series has {', '.join(checkpoint_names())}")
-    shipped_config(steps, Path("."))
-    return name
+    return name, shipped_config(steps, run)
 
 
 def measure(steps: int, run: Path) -> dict:
     """Retrain (resuming in `run`), then compare the log and the weights at `steps` with what ships."""
-    name, config = check_steps(steps), shipped_config(steps, run)
+    name, config = check_steps(steps, run)
     if not (run / f"step_{steps:06d}" / "model.safetensors").is_file():  # a longer run already has it
         train(config, resume=True, command=f"python experiments/retrain_check.py --steps {steps}")
     ours, shipped = _log(run / "training_log.jsonl"), _log(SHIPPED / "training_log.jsonl")
@@ -125,7 +125,7 @@ def main() -> int:
         parser.error("the shipped run was trained at 1 thread; --threads must be 1")
     if not args.table_only:
         try:
-            check_steps(args.steps)
+            check_steps(args.steps, args.run)
         except ValueError as e:  # bad --steps: one line, exit 2, nothing written
             parser.error(str(e))
     start(args)

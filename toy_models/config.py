@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "cosine")
 # what a saved run that lacks a field used, where that differs from the field's default today (issue 30
 # untied the head and decays the learning rate at the end by default)
 DEFAULT_WHEN_ADDED = {"tied": True, "decay": 0}
+RUNTIME = ("device", "out_dir", "threads")  # where and how fast a run goes: not among its settings
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,16 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{**DEFAULT_WHEN_ADDED, **{k: v for k, v in saved.items() if k in names}})
 
+    def differing_settings(self, other: TrainConfig) -> list[str]:
+        """The settings (fields but `RUNTIME`) on which `other` differs from this config, sorted."""
+        return sorted(f.name for f in fields(self) if f.name not in RUNTIME and getattr(self, f.name) != getattr(other, f.name))
+
     def run_settings(self) -> dict[str, Any]:
         """The settings that define the run's results (not where or how fast it runs). keep_last_n_blocks
         and decay are left out at 0, what every run made before the options used, so the records written from these
         settings (a checkpoint's meta.json, recipe_study's committed JSON) stay as they were; a resume
         reads a setting its saved run lacks as the default anyway (train._prepare_run_dir)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("device", "out_dir", "threads")}
+        settings = {k: v for k, v in asdict(self).items() if k not in RUNTIME}
         for name in ("keep_last_n_blocks", "decay"):  # options added later: left out at 0, as runs before them
             if settings[name] == 0:
                 del settings[name]

@@ -32,7 +32,7 @@ from transformers import (GPT2LMHeadModel, get_constant_schedule_with_warmup, ge
                           get_wsd_schedule)
 
 from .checkpoint import TRAIN_STATE, save_checkpoint
-from .config import DEFAULT_WHEN_ADDED, SCHEDULES, TrainConfig  # the options, torch-free (for `kvprobe toy train --help`); re-exported here
+from .config import SCHEDULES, TrainConfig  # the options, torch-free (for `kvprobe toy train --help`); re-exported here
 from .data import SEQ_LEN, generate
 from .model import build_model
 from .task import heldout_seed, memento_attention, task_accuracy, task_loss, train_seed
@@ -131,17 +131,18 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
         elif resume:
             if not saved.is_file():
                 raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: not a toy training run")
-            before = json.loads(saved.read_text())
-            now = config.run_settings()
-            # a setting the saved run predates is taken at what that run used: its default then
-            defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **DEFAULT_WHEN_ADDED}
-            diff = sorted(k for k in {*now, *before} if before.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
+            settings = json.loads(saved.read_text())
+            unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+            if unknown:
+                raise RunDirError(f"cannot resume {out}: its {CONFIG_FILE} has settings this version lacks ({', '.join(unknown)})")
+            before = TrainConfig.from_run_settings(settings)  # a setting the run predates: what runs used then
+            diff = before.differing_settings(config)
             latest = latest_checkpoint(out)
             if diff and set(diff) <= {"steps", "decay"} and _extendable(config, before, latest):
-                saved.write_text(json.dumps(now, indent=2) + "\n")  # train on: the same batches and lr so far
+                saved.write_text(json.dumps(config.run_settings(), indent=2) + "\n")  # train on: same batches and lr so far
                 return latest
             if diff:
-                changes = ", ".join(f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k, defaults.get(k))}" for k in diff)
+                changes = ", ".join(f"{k}: {getattr(before, k)} -> {getattr(config, k)}" for k in diff)
                 raise RunDirError(f"cannot resume {out}: settings differ from the saved run ({changes})")
             return latest
         else:
@@ -166,13 +167,13 @@ def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, schedul
     return loss.detach()
 
 
-def _extendable(config: TrainConfig, saved: dict, latest: Path | None) -> bool:
-    """Whether a run saved with settings `saved` may resume as `config` (other steps or decay) and give what
+def _extendable(config: TrainConfig, saved: TrainConfig, latest: Path | None) -> bool:
+    """Whether a run saved as `saved` may resume as `config` (other steps or decay) and give what
     `config` gives from the start: a constant schedule, whose batches and learning rates up to the last
     checkpoint do not depend on where the run ends, as long as neither run's decay had begun by then
     (a cosine schedule's learning rates depend on the end)."""
     done = int(latest.name.removeprefix("step_")) if latest is not None else 0
-    before = replace(config, steps=saved["steps"], decay=saved.get("decay", 0))
+    before = replace(config, steps=saved.steps, decay=saved.decay)
     stable = min(config.steps - config.decay_steps, before.steps - before.decay_steps if before.decay_steps else config.steps)
     return config.schedule == "constant" and done <= stable
 

@@ -110,6 +110,16 @@ def test_every_published_source_chooses_the_strength_by_todays_rule():
     assert not [p.name for p in configs if "extend_ties" in p.read_text()]  # a config run keeps the default
 
 
+def test_a_default_recipe_study_run_makes_exactly_the_published_recipes():
+    """`python experiments/recipe_study.py` (no --only) trains and measures the recipes whose JSON is
+    committed, no more: a recipe configured for the asking (ON_REQUEST) is not published, and every
+    published one is in the default run (a rerun cannot publish 17 toys where the prose describes 15)."""
+    study = next(s for s in PUBLISHED.SOURCES if s.name == "recipe_study").module()
+    committed = {p.stem for p in (ROOT / study.OUT.relative_to(ROOT)).glob("*.json")}
+    assert set(study.default_recipes()) == committed
+    assert set(study.ON_REQUEST) <= set(study.RECIPES) and not set(study.ON_REQUEST) & committed
+
+
 # Numbers the swept prose may state without a JSON of ours behind them, each with where it comes from:
 # the paper (SPEC section 4 and the blog figures), what a recipe or study sets, what follows from the
 # model's shape or the passcodes by arithmetic (computed here), or an external measurement cited by issue.

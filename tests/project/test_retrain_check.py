@@ -42,8 +42,8 @@ def test_steps_past_the_constant_rate_or_off_the_series_are_refused(check):
     with pytest.raises(ValueError, match="--steps must be in 1..2100"):
         check.shipped_config(2200, Path("unused"))
     with pytest.raises(ValueError, match="no shipped checkpoint series/step_000500"):
-        check.check_steps(500)
-    assert check.check_steps(450) == "series/step_000450"
+        check.check_steps(500, Path("unused"))
+    assert check.check_steps(450, Path("unused")) == ("series/step_000450", check.shipped_config(450, Path("unused")))
 
 
 def test_the_verdict_says_what_differs(check):

@@ -288,8 +288,12 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
     del settings["n_layer"]  # a run written before the capacity fields existed
     saved.write_text(json.dumps(settings))
     train(cfg, resume=True)  # the missing setting is its default: the same run
-    with pytest.raises(RunDirError, match="n_layer"):
+    with pytest.raises(RunDirError, match="n_layer: 4 -> 2"):
         train(TrainConfig(**{**cfg.__dict__, "n_layer": 2}), resume=True)
+    settings["rope"] = True  # a run from a later version, with a setting this one cannot honour
+    saved.write_text(json.dumps(settings))
+    with pytest.raises(RunDirError, match=r"settings this version lacks \(rope\)"):
+        train(cfg, resume=True)
 
 
 @pytest.mark.parametrize("bad", [-1, 46])
