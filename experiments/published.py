@@ -104,8 +104,9 @@ SOURCES: tuple[Source, ...] = (
             "linear_accuracy": (TOY,), "embed_steps": (TOY,), "embed_accuracy": (README, TOY),
             "capacity_steps": (README, TOY), "capacity_accuracy": (TOY,)}, minutes=230),
     Source("fig13_scale", "experiments/fig13_scale.py", "experiments/results/fig13_scale",
-           ("--samples", "50000", "--seed", "0", "--threads", "1"), {"band": (README, TOY), "direct": (TOY,)},
-           minutes=56),  # measured 2026-12-07 beside toy_reproduction (one core each)
+           ("--samples", "50000", "--seed", "0", "--threads", "1"),
+           {"band": (README, TOY), "direct": (TOY,), "matched": (README, TOY), "matched_direct": (TOY,)},
+           minutes=125),  # final 56 (2026-12-07, beside toy_reproduction), step_002400 69 (2026-12-07, beside tests)
     Source("retrain_check", "experiments/retrain_check.py", "experiments/results/retrain_check",
            ("--run", "{scratch}/run"), {"verdict": (TOY,)}, minutes=9),  # 2026-12-07, beside two other jobs
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",

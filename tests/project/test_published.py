@@ -91,7 +91,7 @@ def test_an_mlp_cell_reads_the_same_whichever_cells_share_its_run():
     shuffled-label control, on a store of the same passcodes. The README says seed 0 reads the same in both
     (kvprobe.probes.mlp.group_generators): rerun both on one machine if this fails after a rerun of one."""
     sources = {s.name: s for s in PUBLISHED.SOURCES}
-    fig13, repro = sources["fig13_scale"].data(), sources["toy_reproduction"].data()
+    fig13, repro = sources["fig13_scale"].data()["final"], sources["toy_reproduction"].data()
     for layer in (0, 3):
         cell = next(c for c in fig13["cells"] if (c["layer"], c["offset"]) == (layer, 1))
         row = next(r for r in repro["rows"] if (r["condition"], r["site"], r["probe"], r["layer"], r["offset"])
@@ -108,6 +108,19 @@ def test_every_published_source_chooses_the_strength_by_todays_rule():
     assert not pinned
     configs = [p for p in (ROOT / "experiments").glob("*.y*ml")] + [p for p in (ROOT / "experiments").glob("*.toml")]
     assert not [p.name for p in configs if "extend_ties" in p.read_text()]  # a config run keeps the default
+
+
+def test_fig13_scale_publishes_final_and_the_checkpoint_at_the_papers_task_accuracy():
+    """The default run reads `final` and the shipped checkpoint nearest the paper's toy's last task accuracy
+    (94.7%): both are committed, nothing else, and every record is the same read (samples, seed, limit)."""
+    from toy_models.checkpoint import read_meta
+
+    module = next(s for s in PUBLISHED.SOURCES if s.name == "fig13_scale").module()
+    data = module.load()
+    matched = module.matched_checkpoint()
+    assert list(data) == ["final", matched] and matched.startswith("series/")
+    assert abs(100 * read_meta(matched)["task_accuracy"] - 94.7) < 1  # the series has a checkpoint that close
+    assert len({(r["samples"], r["seed"], r["epoch_limit"]) for r in data.values()}) == 1
 
 
 def test_a_default_recipe_study_run_makes_exactly_the_published_recipes():

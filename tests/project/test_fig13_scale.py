@@ -1,0 +1,31 @@
+"""experiments/fig13_scale.py refuses what it cannot read in one line (exit 2) before it writes anything."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.helpers.published import PUBLISHED
+
+
+@pytest.fixture(scope="module")
+def fig13():
+    return next(s for s in PUBLISHED.SOURCES if s.name == "fig13_scale").module()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "final", "series/step_999999"], "no toy checkpoint 'series/step_999999'"),
+    (["--table-only"], "no fig13_scale results in"),
+])
+def test_bad_input_is_refused_before_anything_is_written(fig13, tmp_path, monkeypatch, capsys, argv, message):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["fig13_scale.py", "--out", str(out), *argv])
+    with pytest.raises(SystemExit) as e:
+        fig13.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_each_checkpoint_has_its_own_results_file(fig13):
+    assert fig13.json_name("final") == "final.json"
+    assert fig13.json_name("series/step_002400") == "series_step_002400.json"
