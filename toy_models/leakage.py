@@ -20,15 +20,16 @@ label-unique split. Conditions:
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from kvprobe.analysis import CellResult, ProbeConfig, probe_store
-from kvprobe.capture import CaptureConfig, run_capture
+from kvprobe.capture import CaptureConfig, model_identity, plan_capture, run_capture
 from kvprobe.memento.masks import MaskConfig
-from kvprobe.store import KVStore
+from kvprobe.store import KVStore, StoreError
 
 from .source import ToyPasscodeSource
 
@@ -68,6 +69,22 @@ def cell_record(row: CellResult, *extra: str) -> dict:
 STUDY_PROBE = ProbeConfig(families=("linear",), shuffled_control=False, n_boot=1000)
 
 
+def check_kept(store: KVStore, model, source: ToyPasscodeSource, spec: CaptureConfig) -> None:
+    """Refuse (`StoreError`, one line) a store kept in a `store_dir` that these weights, passcodes and capture
+    config did not make: reusing it would read another checkpoint's or another capture's features. The
+    weights are compared by their parameter hash, not their path, so a store moves with its checkpoint."""
+    canonical = lambda x: json.loads(json.dumps(x))  # noqa: E731 - JSON types, as the store records them
+    expected = {"model": model_identity(model)["param_hash"], "source": canonical(source.describe()),
+                "capture": canonical(plan_capture(model, source, spec).spec.to_dict())}
+    recorded = {"model": store.config["model"].get("param_hash"), "source": store.config["source"],
+                "capture": store.config["capture"]}
+    for what in ("model", "source", "capture"):
+        if recorded[what] != expected[what]:
+            name = store.config["model"].get("name", "?") if what == "model" else what
+            raise StoreError(f"{store.path}: kept store made by another {what} ({name}); "
+                             "give a store_dir of its own or delete it")
+
+
 def measure_leakage(
     model,
     conditions: Sequence[Condition] = (MEMENTO,),
@@ -87,7 +104,8 @@ def measure_leakage(
     `spec` sets the features (default: kvprobe's CaptureConfig defaults); its layers,
     offsets, mask and target block are taken from the arguments. Stores go to a
     temporary directory unless `store_dir` is given (then one store per condition,
-    kept). Rows come back as `CellResult`s named by condition. `shard_size`: samples a shard holds in
+    kept, and reused by a later call only if these weights, passcodes and capture config
+    made it: `check_kept`). Rows come back as `CellResult`s named by condition. `shard_size`: samples a shard holds in
     memory while it is captured (default: all of them in one shard; give e.g. 5,000 at 50K samples).
     """
     base = spec or CaptureConfig(layers=tuple(layers))
@@ -97,10 +115,11 @@ def measure_leakage(
         for cond in conditions:
             cspec = replace(base, layers=tuple(layers), offsets=tuple(offsets), mask=cond.mask,
                             target_block=target_block, shard_size=shard_size or max(n_samples, 1), compression="none")
-            path = root / cond.name
+            path, source = root / cond.name, cond.source(n_samples, seed, target_block)
             if not (path / "kvstore.h5").is_file():
-                run_capture(model, cond.source(n_samples, seed, target_block), cspec, path, progress=False)
+                run_capture(model, source, cspec, path, progress=False)
             with KVStore(path) as store:
+                check_kept(store, model, source, cspec)
                 grid = probe_store(store, cond.name, replace(probe, pooling=cspec.pooling[0]), progress=False)
             rows.extend(grid.rows)
     return rows

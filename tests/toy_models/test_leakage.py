@@ -102,3 +102,26 @@ def test_per_token_features_are_probed_concatenated(tmp_path):
     # at chance within 3 standard errors (about 1 point at 1,000 samples); a 95% interval alone misses
     # chance one time in twenty, and did for the current toy here (8.4%, its interval's top 9.8%)
     assert abs(control.accuracy - 0.10) < 0.03
+
+
+def test_a_kept_store_is_reused_only_by_the_weights_and_passcodes_that_made_it(tmp_path):
+    """measure_leakage(store_dir=...) reuses a kept store; a store another checkpoint or another passcode seed
+    made is refused in one line instead of read as if it were this one's."""
+    from kvprobe.store import StoreError
+    from toy_models.leakage import MEMENTO, measure_leakage
+    from toy_models.model import build_model
+
+    probe = ProbeConfig(families=("linear",), linear_l2_grid=(1e-2,), extend_grid=False, shuffled_control=False)
+    kw = dict(layers=(3,), offsets=(0,), n_samples=60, probe=probe, store_dir=tmp_path)
+    final = toy_models.load("final")
+    first = measure_leakage(final, (MEMENTO,), **kw)
+    store = tmp_path / MEMENTO.name / "kvstore.h5"
+    written = store.stat().st_mtime_ns
+    again = measure_leakage(final, (MEMENTO,), **kw)  # reused, not captured again
+    assert store.stat().st_mtime_ns == written and [r.accuracy for r in again] == [r.accuracy for r in first]
+    with pytest.raises(StoreError, match=r"kept store made by another model \(.*final"):
+        measure_leakage(build_model(seed=1), (MEMENTO,), **kw)
+    with pytest.raises(StoreError, match="kept store made by another source"):
+        measure_leakage(final, (MEMENTO,), **{**kw, "seed": 1})
+    with pytest.raises(StoreError, match="kept store made by another capture"):
+        measure_leakage(final, (MEMENTO,), **{**kw, "layers": (2, 3)})
