@@ -1,4 +1,4 @@
-"""experiments/fig13_scale.py refuses what it cannot read in one line (exit 2) before it writes anything."""
+"""experiments/fig13_scale.py and fig13_seeds.py refuse what they cannot read in one line (exit 2) before they write anything."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def test_bad_input_is_refused_before_anything_is_written(fig13, tmp_path, monkey
 def test_each_checkpoint_has_its_own_results_file(fig13):
     assert fig13.json_name("final") == "final.json"
     assert fig13.json_name("series/step_002400") == "series_step_002400.json"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "series/step_000450"], "fig13_scale publishes no reading of 'series/step_000450'"),
+    (["--table-only"], "no fig13_seeds results in"),
+])
+def test_fig13_seeds_refuses_what_fig13_scale_did_not_read(tmp_path, monkeypatch, capsys, argv, message):
+    seeds = next(s for s in PUBLISHED.SOURCES if s.name == "fig13_seeds").module()
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["fig13_seeds.py", "--out", str(out), *argv])
+    with pytest.raises(SystemExit) as e:
+        seeds.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()

@@ -123,6 +123,20 @@ def test_fig13_scale_publishes_final_and_the_checkpoint_at_the_papers_task_accur
     assert len({(r["samples"], r["seed"], r["epoch_limit"]) for r in data.values()}) == 1
 
 
+def test_fig13_seeds_refits_exactly_fig13_scales_misses_and_its_seed_0_reads_the_same():
+    """fig13_seeds takes the cells fig13_scale's committed reading puts outside the band (all of them, no
+    other), and its seed 0 is fig13_scale's fit to the last bit (a cell's MLP reading does not depend on
+    the seeds fitted beside it): rerun both on one machine if this fails after a rerun of one."""
+    sources = {s.name: s for s in PUBLISHED.SOURCES}
+    module, scale, seeds = sources["fig13_seeds"].module(), sources["fig13_scale"].data(), sources["fig13_seeds"].data()
+    assert list(seeds) == list(scale)
+    for checkpoint, record in seeds.items():
+        assert [(c["layer"], c["offset"]) for c in record["cells"]] == module.missed_cells(scale[checkpoint])
+        for c in record["cells"]:
+            one = next(x for x in scale[checkpoint]["cells"] if (x["layer"], x["offset"]) == (c["layer"], c["offset"]))
+            assert len(c["accuracy_seeds"]) == 3 and c["accuracy_seeds"][0] == one["accuracy"], (checkpoint, c)
+
+
 def test_a_default_recipe_study_run_makes_exactly_the_published_recipes():
     """`python experiments/recipe_study.py` (no --only) trains and measures the recipes whose JSON is
     committed, no more: a recipe configured for the asking (ON_REQUEST) is not published, and every
