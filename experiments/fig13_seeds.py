@@ -16,6 +16,7 @@ whether the paper's value is within the seeds' range. Results: experiments/resul
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,12 +45,13 @@ def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
     t0 = time.perf_counter()
     record = fig13_scale.load()[checkpoint]
     model = toy_models.load(checkpoint)
-    store = store_dir / fig13_scale.json_name(checkpoint).removesuffix(".json") if store_dir else None
     rows = []
-    for layer, offset in missed_cells(record):  # the store fig13_scale captures: every layer and offset
-        rows += measure_leakage(model, (MEMENTO,), fig13_scale.LAYERS, fig13_scale.OFFSETS, n_samples=record["samples"],
-                                seed=record["seed"], probe=replace(PROBE, layers=(layer,), offsets=(offset,)),
-                                store_dir=store, shard_size=fig13_scale.SHARD)
+    with tempfile.TemporaryDirectory() as tmp:  # one store for every cell: captured by the first, reused after
+        store = store_dir / fig13_scale.json_name(checkpoint).removesuffix(".json") if store_dir else Path(tmp)
+        for layer, offset in missed_cells(record):  # the store fig13_scale captures: every layer and offset
+            rows += measure_leakage(model, (MEMENTO,), fig13_scale.LAYERS, fig13_scale.OFFSETS,
+                                    n_samples=record["samples"], seed=record["seed"], store_dir=store,
+                                    probe=replace(PROBE, layers=(layer,), offsets=(offset,)), shard_size=fig13_scale.SHARD)
     return {"checkpoint": checkpoint, "samples": record["samples"], "seed": record["seed"], "seeds": SEEDS,
             "cells": [cell_record(r, "accuracy_seeds", "n_train", "epochs", "epochs_at_cap") for r in rows],
             "seconds": round(time.perf_counter() - t0, 1)}

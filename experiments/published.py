@@ -108,7 +108,7 @@ SOURCES: tuple[Source, ...] = (
            {"band": (README, TOY), "direct": (TOY,), "matched": (README, TOY), "matched_direct": (TOY,)},
            minutes=125),  # final 56 (2026-12-07, beside toy_reproduction), step_002400 69 (2026-12-07, beside tests)
     Source("fig13_seeds", "experiments/fig13_seeds.py", "experiments/results/fig13_seeds", ("--threads", "1"),
-           {"seeds": (TOY,)}, minutes=30),  # 2026-12-07, the two checkpoints side by side (one core each)
+           {"seeds": (TOY,)}, minutes=72),  # 2026-12-07: 28 + 30 min from kept stores (side by side, one core each) + two captures
     Source("retrain_check", "experiments/retrain_check.py", "experiments/results/retrain_check",
            ("--run", "{scratch}/run"), {"verdict": (TOY,)}, minutes=9),  # 2026-12-07, beside two other jobs
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",

@@ -42,3 +42,19 @@ def test_fig13_seeds_refuses_what_fig13_scale_did_not_read(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         seeds.main()
     assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkeypatch):
+    """Without --store-dir the missed cells of a checkpoint share one temporary store (one capture, not one
+    per cell); here on 60 passcodes of `final`, whose committed reading misses two cells."""
+    import toy_models.leakage
+
+    seeds = next(s for s in PUBLISHED.SOURCES if s.name == "fig13_seeds").module()
+    small = {**seeds.fig13_scale.load()["final"], "samples": 60}
+    monkeypatch.setattr(seeds.fig13_scale, "load", lambda: {"final": small})
+    calls = []
+    capture = toy_models.leakage.run_capture
+    monkeypatch.setattr(toy_models.leakage, "run_capture", lambda *a, **k: calls.append(1) or capture(*a, **k))
+    record = seeds.measure("final")
+    assert len(calls) == 1 and len(record["cells"]) == len(seeds.missed_cells(small)) == 2
+    assert all(len(c["accuracy_seeds"]) == 3 for c in record["cells"])
