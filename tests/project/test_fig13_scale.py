@@ -9,39 +9,28 @@ import pytest
 from tests.helpers.published import PUBLISHED
 
 
-@pytest.fixture(scope="module")
-def fig13():
-    return next(s for s in PUBLISHED.SOURCES if s.name == "fig13_scale").module()
+def _script(name: str):
+    return next(s for s in PUBLISHED.SOURCES if s.name == name).module()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "final", "series/step_999999"], "no toy checkpoint 'series/step_999999'"),
-    (["--table-only"], "no fig13_scale results in"),
+@pytest.mark.parametrize("name, argv, message", [
+    ("fig13_scale", ["--checkpoint", "final", "series/step_999999"], "no toy checkpoint 'series/step_999999'"),
+    ("fig13_scale", ["--table-only"], "no fig13_scale results in"),
+    ("fig13_seeds", ["--checkpoint", "series/step_000450"], "fig13_scale publishes no reading of 'series/step_000450'"),
+    ("fig13_seeds", ["--table-only"], "no fig13_seeds results in"),
 ])
-def test_bad_input_is_refused_before_anything_is_written(fig13, tmp_path, monkeypatch, capsys, argv, message):
+def test_bad_input_is_refused_before_anything_is_written(name, argv, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["fig13_scale.py", "--out", str(out), *argv])
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(out), *argv])
     with pytest.raises(SystemExit) as e:
-        fig13.main()
+        _script(name).main()
     assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
-def test_each_checkpoint_has_its_own_results_file(fig13):
+def test_each_checkpoint_has_its_own_results_file():
+    fig13 = _script("fig13_scale")
     assert fig13.json_name("final") == "final.json"
     assert fig13.json_name("series/step_002400") == "series_step_002400.json"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "series/step_000450"], "fig13_scale publishes no reading of 'series/step_000450'"),
-    (["--table-only"], "no fig13_seeds results in"),
-])
-def test_fig13_seeds_refuses_what_fig13_scale_did_not_read(tmp_path, monkeypatch, capsys, argv, message):
-    seeds = next(s for s in PUBLISHED.SOURCES if s.name == "fig13_seeds").module()
-    out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["fig13_seeds.py", "--out", str(out), *argv])
-    with pytest.raises(SystemExit) as e:
-        seeds.main()
-    assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
 def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkeypatch):
@@ -49,7 +38,7 @@ def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkey
     per cell); here on 60 passcodes of `final`, whose committed reading misses two cells."""
     import toy_models.leakage
 
-    seeds = next(s for s in PUBLISHED.SOURCES if s.name == "fig13_seeds").module()
+    seeds = _script("fig13_seeds")
     small = {**seeds.fig13_scale.load()["final"], "samples": 60}
     monkeypatch.setattr(seeds.fig13_scale, "load", lambda: {"final": small})
     calls = []
