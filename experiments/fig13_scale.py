@@ -73,7 +73,8 @@ def load(out: Path = OUT) -> dict[str, dict]:
     return {r["checkpoint"]: r for r in sorted(records, key=lambda r: (r["checkpoint"] != "final", r["checkpoint"]))}
 
 
-def _cell(record: dict, layer: int, offset: int) -> dict:
+def cell(record: dict, layer: int, offset: int) -> dict:
+    """One cell (layer, offset) of a checkpoint's record."""
     return next(c for c in record["cells"] if (c["layer"], c["offset"]) == (layer, offset))
 
 
@@ -81,9 +82,15 @@ def _task(record: dict) -> str:
     return f"{100 * read_meta(record['checkpoint'])['task_accuracy']:.1f}% task accuracy"
 
 
+def missed_cells(record: dict) -> list[tuple[int, int]]:
+    """(layer, offset) of the Fig. 13 cells `record` reads outside issue 30's band, in Fig. 13's order."""
+    return [(l, o) for (_, l, o), (p, _) in FIG13.items() if not in_band(cell(record, l, o), p)]
+
+
 def misses(record: dict) -> list[str]:
-    return [f"{panel}, layer {l}, {o:+d}: {100 * _cell(record, l, o)['accuracy']:.1f} vs {p:.1f}"
-            for (panel, l, o), (p, _) in FIG13.items() if not in_band(_cell(record, l, o), p)]
+    missed = missed_cells(record)
+    return [f"{panel}, layer {l}, {o:+d}: {100 * cell(record, l, o)['accuracy']:.1f} vs {p:.1f}"
+            for (panel, l, o), (p, _) in FIG13.items() if (l, o) in missed]
 
 
 def band_sentence(record: dict) -> str:
@@ -112,7 +119,7 @@ def results_md(data: dict[str, dict]) -> str:
     for (panel, layer, offset), (paper, source) in FIG13.items():
         cells = []
         for r in records:
-            c = _cell(r, layer, offset)
+            c = cell(r, layer, offset)
             cells.append(f"{pct(c)} | {100 * c['accuracy'] - paper:+.1f} | {'yes' if in_band(c, paper) else 'no'} | "
                          f"{c['epochs']}{' (limit: FLAGGED)' if c['epochs_at_cap'] else ''}")
         lines.append(f"| {panel}, layer {layer}, {offset:+d} | {paper:.1f} ({source}) | " + " | ".join(cells) + " |")
@@ -123,9 +130,9 @@ def results_md(data: dict[str, dict]) -> str:
 def quotes(data: dict[str, dict]) -> dict[str, str]:
     final, matched = data["final"], data[matched_checkpoint()]
     return {"band": band_sentence(final), "matched": band_sentence(matched),
-            "direct": f"direct {100 * _cell(final, 3, 0)['accuracy']:.1f} at the last layer (paper 93.6)",
-            "matched_direct": f"direct {100 * _cell(matched, 3, 0)['accuracy']:.1f} and masked +2 "
-                              f"{100 * _cell(matched, 3, 2)['accuracy']:.1f} at the last layer (paper 93.6 and 21.4)"}
+            "direct": f"direct {100 * cell(final, 3, 0)['accuracy']:.1f} at the last layer (paper 93.6)",
+            "matched_direct": f"direct {100 * cell(matched, 3, 0)['accuracy']:.1f} and masked +2 "
+                              f"{100 * cell(matched, 3, 2)['accuracy']:.1f} at the last layer (paper 93.6 and 21.4)"}
 
 
 def render(data: dict[str, dict]) -> dict[str, str]:

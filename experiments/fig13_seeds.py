@@ -34,12 +34,6 @@ PROBE = replace(fig13_scale.PROBE, seeds=SEEDS)
 PAPER = {(layer, offset): (panel, paper) for (panel, layer, offset), (paper, _) in FIG13.items()}
 
 
-def missed_cells(record: dict) -> list[tuple[int, int]]:
-    """(layer, offset) of the Fig. 13 cells one fig13_scale record puts outside the band, in Fig. 13's order."""
-    return [(layer, offset) for (_, layer, offset), (paper, _) in FIG13.items()
-            if not in_band(fig13_scale._cell(record, layer, offset), paper)]
-
-
 def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
     """The missed cells of `checkpoint` (from fig13_scale's committed record), each fitted with `SEEDS` seeds."""
     t0 = time.perf_counter()
@@ -48,7 +42,7 @@ def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:  # one store for every cell: captured by the first, reused after
         store = store_dir / fig13_scale.json_name(checkpoint).removesuffix(".json") if store_dir else Path(tmp)
-        for layer, offset in missed_cells(record):  # the store fig13_scale captures: every layer and offset
+        for layer, offset in fig13_scale.missed_cells(record):  # the store fig13_scale captures: every layer and offset
             rows += measure_leakage(model, (MEMENTO,), fig13_scale.LAYERS, fig13_scale.OFFSETS,
                                     n_samples=record["samples"], seed=record["seed"], store_dir=store,
                                     probe=replace(PROBE, layers=(layer,), offsets=(offset,)), shard_size=fig13_scale.SHARD)

@@ -45,5 +45,5 @@ def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkey
     capture = toy_models.leakage.run_capture
     monkeypatch.setattr(toy_models.leakage, "run_capture", lambda *a, **k: calls.append(1) or capture(*a, **k))
     record = seeds.measure("final")
-    assert len(calls) == 1 and len(record["cells"]) == len(seeds.missed_cells(small)) == 2
+    assert len(calls) == 1 and len(record["cells"]) == len(seeds.fig13_scale.missed_cells(small)) == 2
     assert all(len(c["accuracy_seeds"]) == 3 for c in record["cells"])

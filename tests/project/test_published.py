@@ -128,7 +128,7 @@ def test_fig13_seeds_refits_exactly_fig13_scales_misses_and_its_seed_0_reads_the
     other), and its seed 0 is fig13_scale's fit to the last bit (a cell's MLP reading does not depend on
     the seeds fitted beside it): rerun both on one machine if this fails after a rerun of one."""
     sources = {s.name: s for s in PUBLISHED.SOURCES}
-    module, scale, seeds = sources["fig13_seeds"].module(), sources["fig13_scale"].data(), sources["fig13_seeds"].data()
+    module, scale, seeds = sources["fig13_scale"].module(), sources["fig13_scale"].data(), sources["fig13_seeds"].data()
     assert list(seeds) == list(scale)
     for checkpoint, record in seeds.items():
         assert [(c["layer"], c["offset"]) for c in record["cells"]] == module.missed_cells(scale[checkpoint])
