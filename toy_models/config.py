@@ -128,9 +128,12 @@ class TrainConfig:
     @classmethod
     def from_run_settings(cls, saved: Mapping[str, Any]) -> TrainConfig:
         """The config a saved run's settings (its train_config.json, written from `run_settings`) describe: a
-        setting the run predates takes what runs used then (`DEFAULT_WHEN_ADDED`), as a resume reads it."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{**DEFAULT_WHEN_ADDED, **{k: v for k, v in saved.items() if k in names}})
+        setting the run predates takes what runs used then (`DEFAULT_WHEN_ADDED`), as a resume reads it; a
+        setting this version lacks (a run from a later one) is a ValueError, not dropped."""
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"settings this version lacks ({', '.join(unknown)})")
+        return cls(**{**DEFAULT_WHEN_ADDED, **saved})
 
     def differing_settings(self, other: TrainConfig) -> list[str]:
         """The settings (fields but `RUNTIME`) on which `other` differs from this config, sorted."""

@@ -116,10 +116,12 @@ def measure_leakage(
             cspec = replace(base, layers=tuple(layers), offsets=tuple(offsets), mask=cond.mask,
                             target_block=target_block, shard_size=shard_size or max(n_samples, 1), compression="none")
             path, source = root / cond.name, cond.source(n_samples, seed, target_block)
-            if not (path / "kvstore.h5").is_file():
+            kept = (path / "kvstore.h5").is_file()
+            if not kept:
                 run_capture(model, source, cspec, path, progress=False)
             with KVStore(path) as store:
-                check_kept(store, model, source, cspec)
+                if kept:  # a store this call did not capture
+                    check_kept(store, model, source, cspec)
                 grid = probe_store(store, cond.name, replace(probe, pooling=cspec.pooling[0]), progress=False)
             rows.extend(grid.rows)
     return rows

@@ -20,7 +20,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -131,11 +131,10 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path
         elif resume:
             if not saved.is_file():
                 raise RunDirError(f"{out} is not empty and holds no {CONFIG_FILE}: not a toy training run")
-            settings = json.loads(saved.read_text())
-            unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
-            if unknown:
-                raise RunDirError(f"cannot resume {out}: its {CONFIG_FILE} has settings this version lacks ({', '.join(unknown)})")
-            before = TrainConfig.from_run_settings(settings)  # a setting the run predates: what runs used then
+            try:  # a setting the run predates: what runs used then
+                before = TrainConfig.from_run_settings(json.loads(saved.read_text()))
+            except ValueError as e:
+                raise RunDirError(f"cannot resume {out}: its {CONFIG_FILE} has {e}") from None
             diff = before.differing_settings(config)
             latest = latest_checkpoint(out)
             if diff and set(diff) <= {"steps", "decay"} and _extendable(config, before, latest):
@@ -173,8 +172,7 @@ def _extendable(config: TrainConfig, saved: TrainConfig, latest: Path | None) ->
     checkpoint do not depend on where the run ends, as long as neither run's decay had begun by then
     (a cosine schedule's learning rates depend on the end)."""
     done = int(latest.name.removeprefix("step_")) if latest is not None else 0
-    before = replace(config, steps=saved.steps, decay=saved.decay)
-    stable = min(config.steps - config.decay_steps, before.steps - before.decay_steps if before.decay_steps else config.steps)
+    stable = min(config.steps - config.decay_steps, saved.steps - saved.decay_steps if saved.decay_steps else config.steps)
     return config.schedule == "constant" and done <= stable
 
 

@@ -336,3 +336,5 @@ def test_a_saved_runs_settings_give_back_its_config():
     old = {k: v for k, v in cfg.run_settings().items() if k not in ("tied", "decay")}
     back = TrainConfig.from_run_settings(old)
     assert (back.tied, back.decay, back.seed, back.steps) == (True, 0, 3, 120)
+    with pytest.raises(ValueError, match=r"settings this version lacks \(rope\)"):  # a later version's run
+        TrainConfig.from_run_settings({**cfg.run_settings(), "rope": True})
