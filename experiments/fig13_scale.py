@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import toy_models
 from toy_models.checkpoint import checkpoint_names, read_meta, resolve
@@ -38,6 +40,7 @@ PROBE = replace(STUDY_PROBE, families=("mlp",), seeds=1, mlp=MLPConfig(max_epoch
 LAYERS, OFFSETS = (0, 1, 2, 3), tuple(range(-1, 8))
 SHARD = 5000  # samples captured in memory at once: 50K in one shard would take about 18 GB
 PAPER_TASK = TRAINING[-1][2]  # the paper's toy's task accuracy (%) at its last training point, read off Fig. 13
+PAPER = {(layer, offset): (panel, paper) for (panel, layer, offset), (paper, _) in FIG13.items()}  # (l, o) -> (panel, %)
 
 
 def matched_checkpoint() -> str:
@@ -51,13 +54,31 @@ def json_name(checkpoint: str) -> str:
     return checkpoint.replace("/", "_") + ".json"
 
 
+@contextmanager
+def checkpoint_store(store_dir: Path | None, checkpoint: str) -> Iterator[Path]:
+    """Where a checkpoint's 50K store lives while it is read: store_dir/<its JSON's stem> (kept, reused by a
+    later run: fig13_seeds reads fig13_scale's), or a temporary folder deleted afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield store_dir / Path(json_name(checkpoint)).stem if store_dir else Path(tmp)
+
+
+def measure_each(checkpoints: Iterable[str], named: bool, out: Path, measure_one: Callable[[str], dict]) -> None:
+    """Measure each checkpoint into out/json_name(checkpoint); unless they were `named` (--checkpoint), one whose
+    JSON is already there is kept as it is."""
+    for checkpoint in checkpoints:
+        path = out / json_name(checkpoint)
+        if not named and path.is_file():
+            print(f"{checkpoint}: kept ({path})", flush=True)
+            continue
+        save_json(measure_one(checkpoint), out, path.name)
+
+
 def measure(checkpoint: str, samples: int, seed: int, store_dir: Path | None = None) -> dict:
-    """Every Fig. 13 cell of `checkpoint` with the MLP on `samples` passcodes (the store kept in `store_dir` if given)."""
+    """Every Fig. 13 cell of `checkpoint` with the MLP on `samples` passcodes (the store kept under `store_dir` if given)."""
     t0 = time.perf_counter()
     model = toy_models.load(checkpoint)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = store_dir or Path(tmp)  # one store: captured by the first read, reused by the second
+    with checkpoint_store(store_dir, checkpoint) as root:  # one store: captured by the first read, reused by the second
         for layers, offsets in (((0, 1, 2, 3), (-1, 0, 1)), ((3,), (2, 3, 4, 5, 6, 7))):  # Fig. 13's 18 cells
             rows += measure_leakage(model, (MEMENTO,), LAYERS, OFFSETS, n_samples=samples, seed=seed,
                                     probe=replace(PROBE, layers=layers, offsets=offsets), store_dir=root,
@@ -130,9 +151,10 @@ def results_md(data: dict[str, dict]) -> str:
 def quotes(data: dict[str, dict]) -> dict[str, str]:
     final, matched = data["final"], data[matched_checkpoint()]
     return {"band": band_sentence(final), "matched": band_sentence(matched),
-            "direct": f"direct {100 * cell(final, 3, 0)['accuracy']:.1f} at the last layer (paper 93.6)",
+            "direct": f"direct {100 * cell(final, 3, 0)['accuracy']:.1f} at the last layer (paper {PAPER[3, 0][1]:.1f})",
             "matched_direct": f"direct {100 * cell(matched, 3, 0)['accuracy']:.1f} and masked +2 "
-                              f"{100 * cell(matched, 3, 2)['accuracy']:.1f} at the last layer (paper 93.6 and 21.4)"}
+                              f"{100 * cell(matched, 3, 2)['accuracy']:.1f} at the last layer "
+                              f"(paper {PAPER[3, 0][1]:.1f} and {PAPER[3, 2][1]:.1f})"}
 
 
 def render(data: dict[str, dict]) -> dict[str, str]:
@@ -156,12 +178,8 @@ def main() -> None:
         ap.error(f"no fig13_scale results in {args.out}")
     start(args)
     if not args.table_only:
-        for checkpoint in args.checkpoint or ("final", matched_checkpoint()):
-            if args.checkpoint is None and (args.out / json_name(checkpoint)).is_file():
-                print(f"{checkpoint}: kept ({args.out / json_name(checkpoint)})", flush=True)
-                continue
-            store = args.store_dir / json_name(checkpoint).removesuffix(".json") if args.store_dir else None
-            save_json(measure(checkpoint, args.samples, args.seed, store), args.out, json_name(checkpoint))
+        measure_each(args.checkpoint or ("final", matched_checkpoint()), args.checkpoint is not None, args.out,
+                     lambda checkpoint: measure(checkpoint, args.samples, args.seed, args.store_dir))
     data = load(args.out)
     write_files(render(data), args.out)
     print(results_md(data), end="")

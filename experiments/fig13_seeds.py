@@ -16,7 +16,6 @@ whether the paper's value is within the seeds' range. Results: experiments/resul
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +24,12 @@ import toy_models
 from toy_models.checkpoint import resolve
 from toy_models.leakage import MEMENTO, cell_record, measure_leakage
 import fig13_scale
-from paper_figures import FIG13, in_band
-from published import pct, results_json, save_json, script_arguments, start, write_files
+from paper_figures import in_band
+from published import pct, script_arguments, start, write_files
 
 OUT = Path(__file__).resolve().parent / "results" / "fig13_seeds"
 SEEDS = 3
 PROBE = replace(fig13_scale.PROBE, seeds=SEEDS)
-PAPER = {(layer, offset): (panel, paper) for (panel, layer, offset), (paper, _) in FIG13.items()}
 
 
 def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
@@ -40,8 +38,7 @@ def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
     record = fig13_scale.load()[checkpoint]
     model = toy_models.load(checkpoint)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:  # one store for every cell: captured by the first, reused after
-        store = store_dir / fig13_scale.json_name(checkpoint).removesuffix(".json") if store_dir else Path(tmp)
+    with fig13_scale.checkpoint_store(store_dir, checkpoint) as store:  # one store: captured by the first cell
         for layer, offset in fig13_scale.missed_cells(record):  # the store fig13_scale captures: every layer and offset
             rows += measure_leakage(model, (MEMENTO,), fig13_scale.LAYERS, fig13_scale.OFFSETS,
                                     n_samples=record["samples"], seed=record["seed"], store_dir=store,
@@ -53,12 +50,11 @@ def measure(checkpoint: str, store_dir: Path | None = None) -> dict:
 
 def load(out: Path = OUT) -> dict[str, dict]:
     """checkpoint -> its measurement, in fig13_scale's order (`final` first)."""
-    records = {r["checkpoint"]: r for r in (results_json(out, p.name) for p in Path(out).glob("*.json"))}
-    return {c: records[c] for c in sorted(records, key=lambda c: (c != "final", c))}
+    return fig13_scale.load(out)
 
 
 def cell_sentence(record: dict, cell: dict) -> str:
-    panel, paper = PAPER[cell["layer"], cell["offset"]]
+    panel, paper = fig13_scale.PAPER[cell["layer"], cell["offset"]]
     seeds = ", ".join(f"{100 * a:.1f}" for a in cell["accuracy_seeds"])
     inside = min(cell["accuracy_seeds"]) <= paper / 100 <= max(cell["accuracy_seeds"])
     return (f"`{record['checkpoint']}`, {panel}, layer {cell['layer']}, {cell['offset']:+d}: seeds {seeds} "
@@ -75,7 +71,7 @@ def results_md(data: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in data.values():
         for c in r["cells"]:
-            panel, paper = PAPER[c["layer"], c["offset"]]
+            panel, paper = fig13_scale.PAPER[c["layer"], c["offset"]]
             lines.append(f"| `{r['checkpoint']}` | {panel}, layer {c['layer']}, {c['offset']:+d} | {paper:.1f} | "
                          + ", ".join(f"{100 * a:.1f}" for a in c["accuracy_seeds"]) + f" | {pct(c)} | "
                          f"{100 * c['accuracy'] - paper:+.1f} | {'yes' if in_band(c, paper) else 'no'} | "
@@ -107,11 +103,8 @@ def main() -> None:
         ap.error(f"no fig13_seeds results in {args.out}")
     start(args)
     if not args.table_only:
-        for checkpoint in args.checkpoint or published:
-            if args.checkpoint is None and (args.out / fig13_scale.json_name(checkpoint)).is_file():
-                print(f"{checkpoint}: kept", flush=True)
-                continue
-            save_json(measure(checkpoint, args.store_dir), args.out, fig13_scale.json_name(checkpoint))
+        fig13_scale.measure_each(args.checkpoint or published, args.checkpoint is not None, args.out,
+                                 lambda checkpoint: measure(checkpoint, args.store_dir))
     data = load(args.out)
     write_files(render(data), args.out)
     print(results_md(data), end="")

@@ -47,3 +47,14 @@ def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkey
     record = seeds.measure("final")
     assert len(calls) == 1 and len(record["cells"]) == len(seeds.fig13_scale.missed_cells(small)) == 2
     assert all(len(c["accuracy_seeds"]) == 3 for c in record["cells"])
+
+
+def test_a_published_checkpoint_is_kept_unless_named(tmp_path):
+    """Without --checkpoint a checkpoint whose JSON is already in --out is kept; named, it is measured again."""
+    fig13, seen = _script("fig13_scale"), []
+    (tmp_path / "final.json").write_text('{"checkpoint": "final", "old": true}\n')
+    measure_one = lambda checkpoint: seen.append(checkpoint) or {"checkpoint": checkpoint}  # noqa: E731
+    fig13.measure_each(["final", "series/step_002400"], False, tmp_path, measure_one)
+    assert seen == ["series/step_002400"] and "old" in (tmp_path / "final.json").read_text()
+    fig13.measure_each(["final"], True, tmp_path, measure_one)
+    assert seen[-1] == "final" and "old" not in (tmp_path / "final.json").read_text()
