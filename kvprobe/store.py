@@ -112,6 +112,25 @@ def is_store(path: str | os.PathLike) -> bool:
         return False
 
 
+MODEL_WEIGHTS = ("class", "n_params", "param_hash")
+"""What of a recorded model identity (`kvprobe.capture.run.model_identity`) says which weights made a store: not
+its name, which is a path or a hub id, so the same weights loaded from another folder are the same model."""
+
+
+def differs(recorded: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """Which of "model", "capture", "source" a store's recorded config (its config.json) and the meta of a
+    capture (`StoreWriter`'s) disagree on, the first in that order, or None: the model by its weights
+    (`MODEL_WEIGHTS`, where both identities carry a parameter hash; else as a whole), the capture config and
+    the sample source as a whole. Both are JSON-canonical dicts."""
+    for key in ("model", "capture", "source"):
+        before, now = recorded.get(key), meta.get(key)
+        if key == "model" and all(isinstance(d, dict) and "param_hash" in d for d in (before, now)):
+            before, now = ({k: d.get(k) for k in MODEL_WEIGHTS} for d in (before, now))
+        if before != now:
+            return key
+    return None
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
@@ -160,12 +179,12 @@ class StoreWriter:
             self._check_same(json.loads(config_file.read_text()))
 
     def _check_same(self, existing: dict[str, Any]) -> None:
-        for key in ("model", "capture", "source"):
-            if existing.get(key) != self.meta.get(key):
-                raise StoreError(
-                    f"{self.path} was written by another {key} "
-                    f"({json.dumps(existing.get(key), sort_keys=True)[:120]}); use a new output path or overwrite"
-                )
+        key = differs(existing, self.meta)
+        if key is not None:
+            raise StoreError(
+                f"{self.path} was written by another {key} "
+                f"({json.dumps(existing.get(key), sort_keys=True)[:120]}); use a new output path or overwrite"
+            )
 
     @property
     def shard_dir(self) -> Path:

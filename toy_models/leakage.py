@@ -29,7 +29,7 @@ from typing import Sequence
 from kvprobe.analysis import CellResult, ProbeConfig, probe_store
 from kvprobe.capture import CaptureConfig, model_identity, plan_capture, run_capture
 from kvprobe.memento.masks import MaskConfig
-from kvprobe.store import KVStore, StoreError
+from kvprobe.store import KVStore, StoreError, differs
 
 from .source import ToyPasscodeSource
 
@@ -72,17 +72,15 @@ STUDY_PROBE = ProbeConfig(families=("linear",), shuffled_control=False, n_boot=1
 def check_kept(store: KVStore, model, source: ToyPasscodeSource, spec: CaptureConfig) -> None:
     """Refuse (`StoreError`, one line) a store kept in a `store_dir` that these weights, passcodes and capture
     config did not make: reusing it would read another checkpoint's or another capture's features. The
-    weights are compared by their parameter hash, not their path, so a store moves with its checkpoint."""
-    canonical = lambda x: json.loads(json.dumps(x))  # noqa: E731 - JSON types, as the store records them
-    expected = {"model": model_identity(model)["param_hash"], "source": canonical(source.describe()),
-                "capture": canonical(plan_capture(model, source, spec).spec.to_dict())}
-    recorded = {"model": store.config["model"].get("param_hash"), "source": store.config["source"],
-                "capture": store.config["capture"]}
-    for what in ("model", "source", "capture"):
-        if recorded[what] != expected[what]:
-            name = store.config["model"].get("name", "?") if what == "model" else what
-            raise StoreError(f"{store.path}: kept store made by another {what} ({name}); "
-                             "give a store_dir of its own or delete it")
+    comparison is the store's own (`kvprobe.store.differs`): the weights by their parameter hash, not their
+    path, so a store moves with its checkpoint."""
+    expected = json.loads(json.dumps({"model": model_identity(model), "source": source.describe(),
+                                      "capture": plan_capture(model, source, spec).spec.to_dict()}))  # JSON types
+    what = differs(store.config, expected)  # the store's own rule: the model by its weights, not its path
+    if what is not None:
+        name = store.config["model"].get("name", "?") if what == "model" else what
+        raise StoreError(f"{store.path}: kept store made by another {what} ({name}); "
+                         "give a store_dir of its own or delete it")
 
 
 def measure_leakage(

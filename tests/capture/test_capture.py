@@ -137,9 +137,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(model, tmp_path):
     assert len(KVStore(crashed)) == 400
 
 
-def test_resume_refuses_another_model_or_config(model, tmp_path):
+def test_resume_refuses_another_model_or_config(model, tmp_path, monkeypatch):
     out = tmp_path / "s"
     run_capture(model, ToyPasscodeSource(64, seed=1), SPEC, out, progress=False)
+    monkeypatch.setattr(model.config, "_name_or_path", "/elsewhere/the-same-weights")  # a moved checkpoint
+    run_capture(model, ToyPasscodeSource(64, seed=1), SPEC, out, mode="resume", progress=False)  # the same model
+    monkeypatch.undo()
     other = build_model(seed=1).eval()
     with pytest.raises(StoreError, match="another model"):
         run_capture(other, ToyPasscodeSource(64, seed=1), SPEC, out, mode="resume", progress=False)

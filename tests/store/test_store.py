@@ -127,6 +127,8 @@ def test_an_existing_store_is_not_overwritten_unless_asked(tmp_path, shards):
         StoreWriter(path, other, mode="resume")
     with pytest.raises(StoreError, match="was written by another capture"):
         StoreWriter(path, other, mode="join")
+    with pytest.raises(StoreError, match="was written by another model"):  # an identity without weights: whole
+        StoreWriter(path, {**synthetic_meta(), "model": {"name": "another"}}, mode="resume")
     with pytest.raises(StoreError, match="nothing to resume"):
         StoreWriter(tmp_path / "nowhere", synthetic_meta(), mode="resume")
     assert sorted(p.name for p in (path / "shards").iterdir()) == before  # every refusal left it alone
