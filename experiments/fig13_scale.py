@@ -21,12 +21,13 @@ kept as it is. Results: experiments/results/fig13_scale/ (one JSON per checkpoin
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import toy_models
 from toy_models.checkpoint import checkpoint_names, read_meta, resolve
@@ -71,6 +72,22 @@ def measure_each(checkpoints: Iterable[str], named: bool, out: Path, measure_one
             print(f"{checkpoint}: kept ({path})", flush=True)
             continue
         save_json(measure_one(checkpoint), out, path.name)
+
+
+def run_each(ap: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str], named: bool,
+             measure_one: Callable[[str], dict], load: Callable[[Path], Any],
+             render: Callable[[Any], dict[str, str]]) -> None:
+    """The main of a script that measures several things into one JSON each in --out (`measure_each`; fig13_scale,
+    fig13_seeds, toy_seeds): --table-only with nothing measured is refused (exit 2), then each is measured, and
+    every file is rendered from --out's JSON; the first (the results table) is printed."""
+    if args.table_only and not any(Path(args.out).glob("*.json")):
+        ap.error(f"no {Path(ap.prog).stem} results in {args.out}")
+    start(args)
+    if not args.table_only:
+        measure_each(names, named, args.out, measure_one)
+    rendered = render(load(args.out))
+    write_files(rendered, args.out)
+    print(next(iter(rendered.values())), end="")
 
 
 def measure(checkpoint: str, samples: int, seed: int, store_dir: Path | None = None) -> dict:
@@ -174,15 +191,8 @@ def main() -> None:
             resolve(name)
         except FileNotFoundError as e:  # one line, exit 2, nothing written
             ap.error(str(e))
-    if args.table_only and not any(Path(args.out).glob("*.json")):
-        ap.error(f"no fig13_scale results in {args.out}")
-    start(args)
-    if not args.table_only:
-        measure_each(args.checkpoint or ("final", matched_checkpoint()), args.checkpoint is not None, args.out,
-                     lambda checkpoint: measure(checkpoint, args.samples, args.seed, args.store_dir))
-    data = load(args.out)
-    write_files(render(data), args.out)
-    print(results_md(data), end="")
+    run_each(ap, args, args.checkpoint or ("final", matched_checkpoint()), args.checkpoint is not None,
+             lambda checkpoint: measure(checkpoint, args.samples, args.seed, args.store_dir), load, render)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ SOURCES: tuple[Source, ...] = (
            minutes=125),  # final 56 (2026-12-07, beside toy_reproduction), step_002400 69 (2026-12-07, beside tests)
     Source("fig13_seeds", "experiments/fig13_seeds.py", "experiments/results/fig13_seeds", ("--threads", "1"),
            {"seeds": (TOY,)}, minutes=72),  # 2026-12-07: 28 + 30 min from kept stores (side by side, one core each) + two captures
+    Source("toy_seeds", "experiments/toy_seeds.py", "experiments/results/toy_seeds", ("--runs", "{scratch}/runs"),
+           {"toys": (README, TOY), "spread": (README, TOY), "readme": (README, TOY)},
+           minutes=230),  # 2026-12-07: trainings 42 + 42, readings 68 + 76, README example 1.5; two side by side, one core each
     Source("retrain_check", "experiments/retrain_check.py", "experiments/results/retrain_check",
            ("--run", "{scratch}/run"), {"verdict": (TOY,)}, minutes=9),  # 2026-12-07, beside two other jobs
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",

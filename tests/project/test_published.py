@@ -137,6 +137,32 @@ def test_fig13_seeds_refits_exactly_fig13_scales_misses_and_its_seed_0_reads_the
             assert len(c["accuracy_seeds"]) == 3 and c["accuracy_seeds"][0] == one["accuracy"], (checkpoint, c)
 
 
+def test_toy_seeds_reads_each_toy_as_fig13_scale_reads_final_and_its_seed_0_is_the_readme_example():
+    """Every toy of toy_seeds is the shipped recipe with its seed (the committed config), read on the 18 Fig. 13
+    cells with fig13_scale's settings; its seed 0 is fig13_scale's `final`, and the README example it read
+    there prints what the README quotes (to test_readme's tolerance between machines)."""
+    from tests.helpers.readme import MACHINE_TOLERANCE, parsed as _parsed, quoted_output as _quoted_output
+
+    sources = {s.name: s for s in PUBLISHED.SOURCES}
+    module, data, final = (sources["toy_seeds"].module(), sources["toy_seeds"].data(),
+                           sources["fig13_scale"].data()["final"])
+    assert list(data) == list(module.SEEDS) and data[0]["cells"] == final["cells"]
+    for seed, record in data.items():
+        assert (record["samples"], record["seed"], record["epoch_limit"]) == (final["samples"], final["seed"],
+                                                                                final["epoch_limit"])
+        assert len(record["cells"]) == len(module.FIG13)
+        if seed:
+            assert record["train_config"] == module.recipe(seed).run_settings()
+    quoted = {cell: (numbers, significant) for cell, numbers, significant in map(_parsed, _quoted_output())}
+    read = data[0]["readme_example"]
+    assert list(read) == list(quoted)
+    for cell, (numbers, significant) in quoted.items():
+        mine = read[cell]
+        assert mine["significant"] == significant, cell
+        assert all(abs(a - b) <= MACHINE_TOLERANCE
+                   for a, b in zip((mine["accuracy"], mine["ci_low"], mine["ci_high"]), numbers)), cell
+
+
 def test_a_default_recipe_study_run_makes_exactly_the_published_recipes():
     """`python experiments/recipe_study.py` (no --only) trains and measures the recipes whose JSON is
     committed, no more: a recipe configured for the asking (ON_REQUEST) is not published, and every

@@ -5,29 +5,13 @@ from __future__ import annotations
 import re
 
 from tests.helpers.paths import ROOT
+from tests.helpers.readme import MACHINE_TOLERANCE, parsed as _parsed, quoted_output as _quoted_output
 
 README = (ROOT / "README.md").read_text()
 
 
 def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
-
-
-def _quoted_output() -> list[str]:
-    """The lines the README says the example prints (the text block after its output marker)."""
-    marker = README.index("<!-- readme-example-output -->")
-    return re.search(r"```text\n(.*?)```", README[marker:], flags=re.S).group(1).strip().splitlines()
-
-
-MACHINE_TOLERANCE = 0.3
-"""Percentage points a printed number may move by between machines: float rounding differs between
-machines (the same code, packages and seed read the direct cell 99.8 on one, 99.6 on another)."""
-
-
-def _parsed(line: str) -> tuple[str, list[float], bool]:
-    """'layer 3 offset +1: 46.5% [45.1, 48.0] significant=True' -> ('layer 3 offset +1', [46.5, 45.1, 48.0], True)."""
-    cell, rest = line.split(": ", 1)
-    return cell, [float(x) for x in re.findall(r"\d+\.\d", rest)], rest.endswith("significant=True")
 
 
 def test_library_example_prints_what_the_readme_quotes(tmp_path, monkeypatch, capsys):
