@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "pct", "problems",
-           "results_json", "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments",
+           "readme_example_code", "results_json", "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments",
            "start", "toy_study_arguments", "write_files"]
 
 
@@ -124,6 +125,13 @@ SOURCES: tuple[Source, ...] = (
     Source("toy_reproduction", "experiments/toy_reproduction.py", "experiments/results/toy_reproduction",
            ("--run", "{scratch}/run"), dict.fromkeys(("mlp", "linear", "sweep"), (TOY,)), minutes=85),
 )
+
+
+def readme_example_code() -> str:
+    """The README's library example: the python block after its `<!-- readme-example` marker (what
+    tests/project/test_readme.py runs and toy_seeds.py runs on other toys)."""
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", readme[readme.index("<!-- readme-example"):], flags=re.S).group(1)
 
 
 def block(text: str, marker: str) -> str:

@@ -35,7 +35,7 @@ from toy_models.config import TrainConfig
 from toy_models.train import train
 import fig13_scale
 from paper_figures import BAND, FIG13, in_band
-from published import ROOT, results_json, script_arguments
+from published import readme_example_code, results_json, script_arguments
 
 OUT = Path(__file__).resolve().parent / "results" / "toy_seeds"
 RUNS = Path("runs/toy_seeds")  # one training run per seed: RUNS/seed_N
@@ -53,8 +53,7 @@ def readme_example(model) -> dict[str, dict]:
     """What the README's library example (its code block, run as tests/project/test_readme.py runs it) prints
     with `model` in place of the shipped `final`: printed cell ('layer 3 offset +1') -> accuracy, interval (%,
     as printed) and significance. It runs in a temporary folder (it writes study/memento)."""
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme[readme.index("<!-- readme-example"):], flags=re.S).group(1)
+    code = readme_example_code()
     printed = io.StringIO()
     with (tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), contextlib.redirect_stdout(printed),
           mock.patch.object(toy_models, "load", lambda *a, **k: model)):
@@ -72,8 +71,8 @@ def measure(seed: int, runs: Path, samples: int, passcode_seed: int) -> dict:
     """Train the shipped recipe from `seed` (resuming a run in runs/seed_N; a finished one is reused), then read
     its last checkpoint on every Fig. 13 cell as fig13_scale reads `final`, and with the README example.
     Seed 0 is the shipped `final`: only its README example is read (fig13_scale reads its Fig. 13)."""
-    t0 = time.perf_counter()
     if seed == 0:
+        t0 = time.perf_counter()
         return {"checkpoint": "seed 0 (`final`)", "train_seed": 0,
                 "readme_example": readme_example(toy_models.load("final")), "seconds": round(time.perf_counter() - t0, 1)}
     config = recipe(seed, runs)
@@ -103,12 +102,6 @@ def _value(record: dict, layer: int, offset: int) -> float:
     return 100 * fig13_scale.cell(record, layer, offset)["accuracy"]
 
 
-def within_range(data: dict[int, dict], layer: int, offset: int, paper: float) -> bool:
-    """Whether the paper's value lies within the range the toys read at (layer, offset)."""
-    values = [_value(r, layer, offset) for r in data.values()]
-    return min(values) <= paper <= max(values)
-
-
 def spreads(data: dict[int, dict]) -> dict[tuple[str, int, int], tuple[float, float]]:
     """(panel, layer, offset) of each Fig. 13 cell -> (lowest, highest) reading over the toys, in %."""
     return {(panel, l, o): (min(v), max(v)) for (panel, l, o) in FIG13
@@ -136,13 +129,13 @@ def results_md(data: dict[int, dict]) -> str:
     lines += ["", "| cell | paper | " + " | ".join(r["checkpoint"] for r in records)
               + " | toys' range | spread | paper within the range |",
               "|---|---|" + "---|" * len(records) + "---|---|---|"]
+    ranges = spreads(data)
     for (panel, layer, offset), (paper, _) in FIG13.items():
         cells = [f"{_value(r, layer, offset):.1f}{'' if in_band(fig13_scale.cell(r, layer, offset), paper) else ' (out)'}"
                  for r in records]
-        values = [_value(r, layer, offset) for r in records]
+        low, high = ranges[panel, layer, offset]
         lines.append(f"| {panel}, layer {layer}, {offset:+d} | {paper:.1f} | " + " | ".join(cells)
-                     + f" | {min(values):.1f}–{max(values):.1f} | {max(values) - min(values):.1f} | "
-                     f"{'yes' if within_range(data, layer, offset, paper) else 'no'} |")
+                     + f" | {low:.1f}–{high:.1f} | {high - low:.1f} | {'yes' if low <= paper <= high else 'no'} |")
     lines += ["", "(out): outside the band for that toy.", "",
               "## The README example on each toy", "",
               "The README's library example (linear probe, 5,000 passcodes, its code as written) with each toy in "
@@ -164,7 +157,7 @@ def _readme_row(data: dict[int, dict], name: str) -> str:
 
 def quotes(data: dict[int, dict]) -> dict[str, str]:
     records = list(data.values())
-    within = sum(within_range(data, l, o, p) for (_, l, o), (p, _) in FIG13.items())
+    within = sum(low <= paper <= high for (low, high), (paper, _) in zip(spreads(data).values(), FIG13.values()))
 
     def row(layer: int, offset: int) -> str:
         return ", ".join(f"{_value(r, layer, offset):.1f}" for r in records)

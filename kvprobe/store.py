@@ -118,10 +118,10 @@ its name, which is a path or a hub id, so the same weights loaded from another f
 
 
 def differs(recorded: dict[str, Any], meta: dict[str, Any]) -> str | None:
-    """Which of "model", "capture", "source" a store's recorded config (its config.json) and the meta of a
-    capture (`StoreWriter`'s) disagree on, the first in that order, or None: the model by its weights
-    (`MODEL_WEIGHTS`, where both identities carry a parameter hash; else as a whole), the capture config and
-    the sample source as a whole. Both are JSON-canonical dicts."""
+    """The first of "model", "capture", "source" on which a store's config.json and a capture's meta
+    (`kvprobe.capture.store_meta`, compared as the JSON the store records) disagree, or None: the model by
+    its weights (`MODEL_WEIGHTS`, where both carry a parameter hash; else whole), the others whole."""
+    meta = json.loads(json.dumps(meta))  # tuples as lists: what config.json holds
     for key in ("model", "capture", "source"):
         before, now = recorded.get(key), meta.get(key)
         if key == "model" and all(isinstance(d, dict) and "param_hash" in d for d in (before, now)):

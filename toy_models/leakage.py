@@ -20,14 +20,13 @@ label-unique split. Conditions:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from kvprobe.analysis import CellResult, ProbeConfig, probe_store
-from kvprobe.capture import CaptureConfig, model_identity, plan_capture, run_capture
+from kvprobe.capture import CaptureConfig, plan_capture, run_capture, store_meta
 from kvprobe.memento.masks import MaskConfig
 from kvprobe.store import KVStore, StoreError, differs
 
@@ -74,9 +73,7 @@ def check_kept(store: KVStore, model, source: ToyPasscodeSource, spec: CaptureCo
     config did not make: reusing it would read another checkpoint's or another capture's features. The
     comparison is the store's own (`kvprobe.store.differs`): the weights by their parameter hash, not their
     path, so a store moves with its checkpoint."""
-    expected = json.loads(json.dumps({"model": model_identity(model), "source": source.describe(),
-                                      "capture": plan_capture(model, source, spec).spec.to_dict()}))  # JSON types
-    what = differs(store.config, expected)  # the store's own rule: the model by its weights, not its path
+    what = differs(store.config, store_meta(model, source, plan_capture(model, source, spec)))
     if what is not None:
         name = store.config["model"].get("name", "?") if what == "model" else what
         raise StoreError(f"{store.path}: kept store made by another {what} ({name}); "

@@ -16,13 +16,14 @@ __all__ = [
     "plan_capture",
     "run_capture",
     "site_positions",
+    "store_meta",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "..data.samples": ("SampleBatch", "SampleSource"),
     "..memento.sites": ("site_positions",),
     ".backends": ("get_backend",),
-    ".run": ("CapturePlan", "model_dims", "model_identity", "plan_capture", "run_capture"),
+    ".run": ("CapturePlan", "model_dims", "model_identity", "plan_capture", "run_capture", "store_meta"),
     ".backend_helpers": ("gather_positions",),
     ".spec": ("CaptureConfig",),
 }, fallback=renamed(__name__, {"CaptureSpec": "CaptureConfig"}))  # the old names, for one release

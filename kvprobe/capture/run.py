@@ -351,9 +351,11 @@ def _layout_table(batch: SampleBatch, n_blocks: int) -> np.ndarray:
     return table[[row[lay] for lay in batch.layouts]]
 
 
-def _store_meta(model: Any, source: SampleSource, plan: CapturePlan, model_name: str | None,
-                identity: dict[str, Any] | None) -> dict[str, Any]:
-    """The store's config: the capture spec, model identity, source, dimensions, versions and expected size."""
+def store_meta(model: Any, source: SampleSource, plan: CapturePlan, model_name: str | None = None,
+               identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The store's config a capture of `source` through `model` as `plan` writes (its config.json): the capture
+    spec, model identity, source, dimensions, versions and expected size. `kvprobe.store.differs` compares one
+    with a store's recorded config."""
     spec = plan.spec
     return {
         "capture": spec.to_dict(),
@@ -450,7 +452,7 @@ def run_capture(
     plan = plan_capture(model, source, spec)
     spec = plan.spec  # with the source's target block
     backend = get_backend(spec.backend)
-    writer = _open_store(out, _store_meta(model, source, plan, model_name, identity), mode, progress)
+    writer = _open_store(out, store_meta(model, source, plan, model_name, identity), mode, progress)
     wrapped = backend.prepare(model)
     done = writer.done_shards()
     n_blocks = max(lay.n_blocks for lay in source.samples(0, 1).layouts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.helpers.paths import ROOT
+from tests.helpers.published import PUBLISHED
 from tests.helpers.readme import MACHINE_TOLERANCE, parsed as _parsed, quoted_output as _quoted_output
 
 README = (ROOT / "README.md").read_text()
@@ -15,8 +16,7 @@ def _blocks(lang: str) -> list[str]:
 
 
 def test_library_example_prints_what_the_readme_quotes(tmp_path, monkeypatch, capsys):
-    marker = README.index("<!-- readme-example")
-    code = re.search(r"```python\n(.*?)```", README[marker:], flags=re.S).group(1)
+    code = PUBLISHED.readme_example_code()
     assert len(code.strip().splitlines()) < 30  # the promise: a custom study in under 30 lines
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
