@@ -112,7 +112,7 @@ SOURCES: tuple[Source, ...] = (
            {"seeds": (TOY,)}, minutes=72),  # 2026-12-07: 28 + 30 min from kept stores (side by side, one core each) + two captures
     Source("toy_seeds", "experiments/toy_seeds.py", "experiments/results/toy_seeds", ("--runs", "{scratch}/runs"),
            {"toys": (README, TOY), "spread": (README, TOY), "readme": (README, TOY)},
-           minutes=230),  # 2026-12-07: trainings 42 + 42, readings 68 + 76, README example 1.5; two side by side, one core each
+           minutes=230),  # 2026-12-07: trainings 42 + 42, readings 68 + 76, README example 1.5; two side by side, one core each (seed 2's reading beside a one-worker test run for its last 10 min)
     Source("retrain_check", "experiments/retrain_check.py", "experiments/results/retrain_check",
            ("--run", "{scratch}/run"), {"verdict": (TOY,)}, minutes=9),  # 2026-12-07, beside two other jobs
     Source("reconstruction", "experiments/reconstruction.py", "experiments/results/reconstruction",
