@@ -80,7 +80,7 @@ SOURCES: tuple[Source, ...] = (
            {"verdict": (README, TOY), "speed_table": (TOY,)}, minutes=110),
     Source("l2_sensitivity", "experiments/l2_sensitivity.py", "experiments/results/l2_sensitivity",
            ("--samples", "3000", "--threads", "1"),
-           {"strength": (DECISIONS,), "control": (DECISIONS,)}, minutes=1),
+           {"strength": (DECISIONS, README), "control": (DECISIONS,)}, minutes=1),
     Source("pooling", "experiments/pooling_study.py", "experiments/results/pooling",
            ("--samples", "3000", "--seed", "0", "--threads", "1"),
            {**dict.fromkeys(("text_mean", "span_last", "default", "tokens"), (README,)),
