@@ -21,20 +21,19 @@ kept as it is. Results: experiments/results/fig13_scale/ (one JSON per checkpoin
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterator
 
 import toy_models
 from toy_models.checkpoint import checkpoint_names, read_meta, resolve
 from toy_models.leakage import MEMENTO, STUDY_PROBE, cell_record, measure_leakage
 from kvprobe.probes.config import MLPConfig
 from paper_figures import BAND, EPOCH_LIMIT, FIG13, TRAINING, in_band
-from published import epoch_sentence, pct, results_json, save_json, script_arguments, start, write_files
+from published import epoch_sentence, json_name, pct, results_json, run_each, script_arguments
 
 OUT = Path(__file__).resolve().parent / "results" / "fig13_scale"
 PROBE = replace(STUDY_PROBE, families=("mlp",), seeds=1, mlp=MLPConfig(max_epochs=EPOCH_LIMIT))  # as paper_figures' MLP
@@ -50,44 +49,12 @@ def matched_checkpoint() -> str:
     return min(["final", *checkpoint_names()], key=lambda n: abs(100 * read_meta(n)["task_accuracy"] - PAPER_TASK))
 
 
-def json_name(checkpoint: str) -> str:
-    """The results file of one checkpoint: final.json, series_step_002400.json."""
-    return checkpoint.replace("/", "_") + ".json"
-
-
 @contextmanager
 def checkpoint_store(store_dir: Path | None, checkpoint: str) -> Iterator[Path]:
     """Where a checkpoint's 50K store lives while it is read: store_dir/<its JSON's stem> (kept, reused by a
     later run: fig13_seeds reads fig13_scale's), or a temporary folder deleted afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
         yield store_dir / Path(json_name(checkpoint)).stem if store_dir else Path(tmp)
-
-
-def measure_each(checkpoints: Iterable[str], named: bool, out: Path, measure_one: Callable[[str], dict]) -> None:
-    """Measure each checkpoint into out/json_name(checkpoint); unless they were `named` (--checkpoint), one whose
-    JSON is already there is kept as it is."""
-    for checkpoint in checkpoints:
-        path = out / json_name(checkpoint)
-        if not named and path.is_file():
-            print(f"{checkpoint}: kept ({path})", flush=True)
-            continue
-        save_json(measure_one(checkpoint), out, path.name)
-
-
-def run_each(ap: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str], named: bool,
-             measure_one: Callable[[str], dict], load: Callable[[Path], Any],
-             render: Callable[[Any], dict[str, str]]) -> None:
-    """The main of a script that measures several things into one JSON each in --out (`measure_each`; fig13_scale,
-    fig13_seeds, toy_seeds): --table-only with nothing measured is refused (exit 2), then each is measured, and
-    every file is rendered from --out's JSON; the first (the results table) is printed."""
-    if args.table_only and not any(Path(args.out).glob("*.json")):
-        ap.error(f"no {Path(ap.prog).stem} results in {args.out}")
-    start(args)
-    if not args.table_only:
-        measure_each(names, named, args.out, measure_one)
-    rendered = render(load(args.out))
-    write_files(rendered, args.out)
-    print(next(iter(rendered.values())), end="")
 
 
 def measure(checkpoint: str, samples: int, seed: int, store_dir: Path | None = None) -> dict:
@@ -126,9 +93,8 @@ def missed_cells(record: dict) -> list[tuple[int, int]]:
 
 
 def misses(record: dict) -> list[str]:
-    missed = missed_cells(record)
-    return [f"{panel}, layer {l}, {o:+d}: {100 * cell(record, l, o)['accuracy']:.1f} vs {p:.1f}"
-            for (panel, l, o), (p, _) in FIG13.items() if (l, o) in missed]
+    return [f"{PAPER[l, o][0]}, layer {l}, {o:+d}: {100 * cell(record, l, o)['accuracy']:.1f} vs {PAPER[l, o][1]:.1f}"
+            for l, o in missed_cells(record)]
 
 
 def band_sentence(record: dict) -> str:

@@ -25,7 +25,7 @@ from toy_models.checkpoint import resolve
 from toy_models.leakage import MEMENTO, cell_record, measure_leakage
 import fig13_scale
 from paper_figures import in_band
-from published import pct, script_arguments
+from published import pct, run_each, script_arguments
 
 OUT = Path(__file__).resolve().parent / "results" / "fig13_seeds"
 SEEDS = 3
@@ -99,8 +99,8 @@ def main() -> None:
         if name not in published:
             ap.error(f"fig13_scale publishes no reading of {name!r} ({', '.join(published)})")
         resolve(name)
-    fig13_scale.run_each(ap, args, args.checkpoint or published, args.checkpoint is not None,
-                         lambda checkpoint: measure(checkpoint, args.store_dir), load, render)
+    run_each(ap, args, args.checkpoint or published, args.checkpoint is not None,
+             lambda checkpoint: measure(checkpoint, args.store_dir), load, render)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "pct", "problems",
-           "readme_example_code", "results_json", "run_config_study", "run_results", "run_toy_study", "save_json", "script_arguments",
-           "start", "toy_study_arguments", "write_files"]
+__all__ = ["ROOT", "SOURCES", "Source", "against", "block", "epoch_sentence", "json_name", "measure_each", "pct",
+           "printed_cell", "problems", "readme_example_code", "readme_example_output", "results_json", "run_config_study",
+           "run_each", "run_results", "run_toy_study", "save_json", "script_arguments", "start", "toy_study_arguments",
+           "write_files"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,27 @@ SOURCES: tuple[Source, ...] = (
 )
 
 
+def _readme_block(marker: str, lang: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(rf"```{lang}\n(.*?)```", readme[readme.index(marker):], flags=re.S).group(1)
+
+
 def readme_example_code() -> str:
     """The README's library example: the python block after its `<!-- readme-example` marker (what
     tests/project/test_readme.py runs and toy_seeds.py runs on other toys)."""
-    readme = (ROOT / "README.md").read_text()
-    return re.search(r"```python\n(.*?)```", readme[readme.index("<!-- readme-example"):], flags=re.S).group(1)
+    return _readme_block("<!-- readme-example", "python")
+
+
+def readme_example_output() -> list[str]:
+    """The lines the README says its library example prints (the text block after its output marker)."""
+    return _readme_block("<!-- readme-example-output -->", "text").strip().splitlines()
+
+
+def printed_cell(line: str) -> tuple[str, list[float], bool]:
+    """One line the README example prints, read back: 'layer 3 offset +1: 46.5% [45.1, 48.0] significant=True'
+    -> ('layer 3 offset +1', [46.5, 45.1, 48.0], True)."""
+    cell, rest = line.split(": ", 1)
+    return cell, [float(x) for x in re.findall(r"\d+\.\d", rest)], rest.endswith("significant=True")
 
 
 def block(text: str, marker: str) -> str:
@@ -235,6 +252,38 @@ def run_toy_study(doc: str, out: Path, measure: Callable[[str, int, int], Any], 
     data = load(args.out)
     write_files(render(data), args.out)
     return data
+
+
+def json_name(name: str) -> str:
+    """The results file of one thing a script measures: 'series/step_002400' -> 'series_step_002400.json'."""
+    return name.replace("/", "_") + ".json"
+
+
+def measure_each(names: Iterable[str], named: bool, out: Path, measure_one: Callable[[str], dict]) -> None:
+    """Measure each name into out/json_name(name); unless they were `named` on the command line, one whose
+    JSON is already there is kept as it is."""
+    for name in names:
+        path = Path(out) / json_name(name)
+        if not named and path.is_file():
+            print(f"{name}: kept ({path})", flush=True)
+            continue
+        save_json(measure_one(name), out, path.name)
+
+
+def run_each(ap: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str], named: bool,
+             measure_one: Callable[[str], dict], load: Callable[[Path], Any],
+             render: Callable[[Any], Mapping[str, str]]) -> None:
+    """The main of a script that measures several things into one JSON each in --out (`measure_each`; fig13_scale,
+    fig13_seeds, toy_seeds): --table-only with nothing measured is refused (exit 2), then each is measured, and
+    every file is rendered from --out's JSON; the first (the results table) is printed."""
+    if args.table_only and not any(Path(args.out).glob("*.json")):
+        ap.error(f"no {Path(ap.prog).stem} results in {args.out}")
+    start(args)
+    if not args.table_only:
+        measure_each(names, named, args.out, measure_one)
+    rendered = render(load(args.out))
+    write_files(rendered, args.out)
+    print(next(iter(rendered.values())), end="")
 
 
 def run_results(out: Path) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import tempfile
 import time
 from dataclasses import replace
@@ -35,7 +34,7 @@ from toy_models.config import TrainConfig
 from toy_models.train import train
 import fig13_scale
 from paper_figures import BAND, FIG13, in_band
-from published import readme_example_code, results_json, script_arguments
+from published import printed_cell, readme_example_code, results_json, run_each, script_arguments
 
 OUT = Path(__file__).resolve().parent / "results" / "toy_seeds"
 RUNS = Path("runs/toy_seeds")  # one training run per seed: RUNS/seed_N
@@ -59,11 +58,9 @@ def readme_example(model) -> dict[str, dict]:
           mock.patch.object(toy_models, "load", lambda *a, **k: model)):
         exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     cells = {}
-    for line in printed.getvalue().splitlines():
-        if match := re.fullmatch(r"(layer \d+ offset [+-]\d+): ([\d.]+)% \[([\d.]+), ([\d.]+)\] significant=(\w+)", line):
-            cell, accuracy, low, high, significant = match.groups()
-            cells[cell] = {"accuracy": float(accuracy), "ci_low": float(low), "ci_high": float(high),
-                           "significant": significant == "True"}
+    lines = [line for line in printed.getvalue().splitlines() if line.startswith("layer ")]  # as test_readme reads it
+    for cell, (accuracy, low, high), significant in map(printed_cell, lines):
+        cells[cell] = {"accuracy": accuracy, "ci_low": low, "ci_high": high, "significant": significant}
     return cells
 
 
@@ -201,9 +198,9 @@ def main() -> None:
             recipe(seed, args.runs)
         except ValueError as e:  # one line, exit 2, nothing written
             ap.error(str(e))
-    fig13_scale.run_each(ap, args, [f"seed_{s}" for s in args.seed or SEEDS], args.seed is not None,
-                         lambda name: measure(int(name.removeprefix("seed_")), args.runs, args.samples,
-                                              args.passcode_seed), load, render)
+    run_each(ap, args, [f"seed_{s}" for s in args.seed or SEEDS], args.seed is not None,
+             lambda name: measure(int(name.removeprefix("seed_")), args.runs, args.samples, args.passcode_seed),
+             load, render)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ def test_bad_input_is_refused_before_anything_is_written(name, argv, message, tm
 
 
 def test_each_checkpoint_has_its_own_results_file():
-    fig13 = _script("fig13_scale")
-    assert fig13.json_name("final") == "final.json"
-    assert fig13.json_name("series/step_002400") == "series_step_002400.json"
+    assert PUBLISHED.json_name("final") == "final.json"
+    assert PUBLISHED.json_name("series/step_002400") == "series_step_002400.json"
 
 
 def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkeypatch):
@@ -53,12 +52,12 @@ def test_fig13_seeds_captures_one_store_for_all_the_cells_of_a_checkpoint(monkey
 
 def test_a_published_checkpoint_is_kept_unless_named(tmp_path):
     """Without --checkpoint a checkpoint whose JSON is already in --out is kept; named, it is measured again."""
-    fig13, seen = _script("fig13_scale"), []
+    seen = []
     (tmp_path / "final.json").write_text('{"checkpoint": "final", "old": true}\n')
     measure_one = lambda checkpoint: seen.append(checkpoint) or {"checkpoint": checkpoint}  # noqa: E731
-    fig13.measure_each(["final", "series/step_002400"], False, tmp_path, measure_one)
+    PUBLISHED.measure_each(["final", "series/step_002400"], False, tmp_path, measure_one)
     assert seen == ["series/step_002400"] and "old" in (tmp_path / "final.json").read_text()
-    fig13.measure_each(["final"], True, tmp_path, measure_one)
+    PUBLISHED.measure_each(["final"], True, tmp_path, measure_one)
     assert seen[-1] == "final" and "old" not in (tmp_path / "final.json").read_text()
 
 
